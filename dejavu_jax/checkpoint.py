@@ -1,0 +1,158 @@
+"""Model directories: write a converted one (orbax), and open any model a user names.
+
+A converted model directory holds `config.json` (HF format), `dejavu_jax.json` (what this library wrote),
+`params/` (an orbax checkpoint of the parameter tree) and the tokenizer files. `load_model` accepts that, a
+Hugging Face checkpoint directory (converted in memory), or a hub id such as `facebook/opt-1.3b` (fetched
+through huggingface_hub where a network exists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dejavu_jax.config import OPTConfig
+from dejavu_jax.convert import convert_hf_params, numpy_dtype, read_hf_config
+from dejavu_jax.hf_checkpoint import CheckpointError, HFTensorReader, is_hf_checkpoint
+from dejavu_jax.tokenizer import load_tokenizer
+
+MANIFEST = "dejavu_jax.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: OPTConfig
+    params: Any  # nested dict of jax arrays
+    tokenizer: Any  # a transformers tokenizer, or None
+    dtype: str
+    path: Path
+
+
+def is_converted_model(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / MANIFEST).exists()
+
+
+def _atomic_output_dir(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path):
+    """Replace `out` by the finished `tmp` (a crash before this leaves `out` untouched)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def save_params(directory: Path, params) -> None:
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory.absolute() / PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+
+
+def restore_params(directory: Path, config: OPTConfig, dtype: str):
+    import orbax.checkpoint as ocp
+    from dejavu_jax.model import abstract_params
+    manifest = json.loads((directory / MANIFEST).read_text())
+    stored = jnp.dtype(numpy_dtype(manifest["dtype"]))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, stored, sharding=sharding),
+                          abstract_params(config))
+    params = ocp.StandardCheckpointer().restore(directory.absolute() / PARAMS_DIR, target)
+    want = jnp.dtype(numpy_dtype(dtype))
+    return params if want == stored else jax.tree.map(lambda x: x.astype(want), params)
+
+
+def convert_to_directory(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float16",
+                         force: bool = False) -> dict:
+    """Convert an HF OPT checkpoint into a model directory, atomically (temp dir + rename)."""
+    start = time.perf_counter()
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir} is not a directory")
+    if out.resolve() == hf_dir.resolve():
+        raise ValueError(f"--out must differ from --hf. Got {out} for both")
+    config = read_hf_config(hf_dir)
+    reader = HFTensorReader(hf_dir)
+    numpy_dtype(dtype)
+    tokenizer = load_tokenizer(hf_dir, required=False)
+    tmp = _atomic_output_dir(out, force)
+    try:
+        params = convert_hf_params(reader, config, dtype, progress=True)
+        save_params(tmp, params)
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = {"format": FORMAT_VERSION, "dtype": dtype, "source": str(hf_dir),
+                    "num_params": config.num_params}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"source": str(hf_dir), "out": str(out), "dtype": dtype, "num_params": config.num_params,
+            "seconds": time.perf_counter() - start}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory for `model`: the directory itself, or a hub snapshot."""
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"--model {model} is a file; expected a model directory")
+        return path
+    if _HUB_ID.match(model):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+        except Exception as e:
+            raise CheckpointError(f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                                  f"download it elsewhere and pass its directory") from e
+    raise CheckpointError(f"model {model!r} is neither a directory nor a hub id like 'facebook/opt-1.3b'")
+
+
+def load_model(model: str | os.PathLike, dtype: str = "float16") -> LoadedModel:
+    """Open a converted model directory, an HF checkpoint directory, or a hub id."""
+    numpy_dtype(dtype)
+    path = resolve_model_dir(str(model))
+    if is_converted_model(path):
+        config = OPTConfig.from_json_file(path / "config.json")
+        params = restore_params(path, config, dtype)
+    elif is_hf_checkpoint(path):
+        config = read_hf_config(path)
+        host_params = convert_hf_params(HFTensorReader(path), config, dtype)
+        params = jax.tree.map(jnp.asarray, host_params)
+    elif (path / "config.json").exists():
+        read_hf_config(path)  # a non-OPT config gets its own message
+        raise CheckpointError(f"{path} has a config.json but no weights (model.safetensors, pytorch_model.bin, ...)")
+    else:
+        raise CheckpointError(f"{path} holds neither a converted model ({MANIFEST}) nor an HF checkpoint "
+                              f"(config.json + weights)")
+    return LoadedModel(config, params, load_tokenizer(path, required=False), dtype, path)
+
+
+def params_nbytes(params) -> int:
+    return sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -1,0 +1,60 @@
+"""CLI: generate continuations for one or more prompts.
+
+    python -m dejavu_jax.generate --model DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
+        [--greedy | --temperature T --top-k K --top-p P --seed S] [--dtype ...] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dejavu_jax.convert import DTYPES
+from dejavu_jax.hf_checkpoint import CheckpointError
+from dejavu_jax.sampling import SamplingConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dejavu_jax.generate",
+        description="Generate text with an OPT model. Prefill and decoding run as one compiled XLA program; "
+                    "prompts of different lengths are left-padded into one batch.")
+    p.add_argument("--model", required=True,
+                   help="a converted model directory, an HF OPT checkpoint directory, or a hub id (facebook/opt-1.3b)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature > 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="compute dtype (default float16)")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per prompt per line: {"prompt", "text" (continuation), "token_ids"}')
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dejavu_jax.checkpoint import load_model
+    from dejavu_jax.generation import generate_text
+    try:
+        sampling = SamplingConfig(greedy=args.greedy or args.temperature == 0, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p)
+        model = load_model(args.model, args.dtype)
+        results = generate_text(model, args.prompt, args.max_new_tokens, sampling, args.seed)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['prompt']}\033[1m{r['text']}\033[0m" if sys.stdout.isatty() else r["prompt"] + r["text"])
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

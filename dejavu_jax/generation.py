@@ -1,0 +1,150 @@
+"""Generation: prefill and the decode loop in one jitted XLA program.
+
+Static under jit: the config, the prompt bucket P and the number of cache slots (P + a bucket of new tokens).
+Traced: `max_new_tokens`, the sampling settings and the PRNG key, so changing them within a bucket reuses the
+compiled program. Every sequence stops at its own EOS; the loop ends when all have or the budget is spent.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dejavu_jax.config import OPTConfig
+from dejavu_jax.kv_cache import KVCache
+from dejavu_jax.model import OPTForCausalLM
+from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
+
+
+@struct.dataclass
+class DecodeState:
+    step: jax.Array  # [] int32: tokens generated so far (the same for every sequence)
+    cache: KVCache
+    last_token: jax.Array  # [B] int32
+    done: jax.Array  # [B] bool: the sequence has emitted EOS
+    num_generated: jax.Array  # [B] int32: tokens generated up to and including EOS
+    tokens: jax.Array  # [B, capacity] int32, padding after each sequence's end
+    rng: jax.Array
+
+
+def _model_for(config: OPTConfig, params) -> OPTForCausalLM:
+    return OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
+def generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, sampling: SamplingParams, *,
+                    config: OPTConfig, num_slots: int):
+    """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B])."""
+    batch, prompt_len = input_ids.shape
+    capacity = num_slots - prompt_len
+    model = _model_for(config, params)
+    dtype = params["embed_tokens"]["embedding"].dtype
+
+    with jax.named_scope("prefill"):
+        cache = KVCache.create(config, batch, num_slots, dtype)
+        logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
+    rng, key = jax.random.split(rng)
+    first = sample_tokens(logits[:, -1], key, sampling)
+    state = DecodeState(
+        step=jnp.int32(1), cache=cache, last_token=first, done=first == config.eos_token_id,
+        num_generated=jnp.ones((batch,), jnp.int32),
+        tokens=jnp.full((batch, capacity), config.pad_token_id, jnp.int32).at[:, 0].set(first), rng=rng)
+
+    def keep_going(s: DecodeState):
+        return (s.step < jnp.minimum(max_new_tokens, capacity)) & ~jnp.all(s.done)
+
+    def decode_one(s: DecodeState) -> DecodeState:
+        with jax.named_scope("decode_step"):
+            logits, cache = model.apply({"params": params}, s.last_token[:, None], jnp.ones((batch, 1), jnp.int32),
+                                        s.cache)
+        rng, key = jax.random.split(s.rng)
+        token = jnp.where(s.done, config.pad_token_id, sample_tokens(logits[:, -1], key, sampling))
+        return DecodeState(
+            step=s.step + 1, cache=cache, last_token=token, done=s.done | (token == config.eos_token_id),
+            num_generated=s.num_generated + (~s.done).astype(jnp.int32),
+            tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)), rng=rng)
+
+    final = jax.lax.while_loop(keep_going, decode_one, state)
+    return final.tokens, final.num_generated
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
+def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: int):
+    """Step-by-step API: a fresh cache holding the prompt, and the last position's logits [B, V]."""
+    model = _model_for(config, params)
+    cache = KVCache.create(config, input_ids.shape[0], num_slots, params["embed_tokens"]["embedding"].dtype)
+    logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
+    return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def decode_step(params, cache: KVCache, tokens, *, config: OPTConfig):
+    """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache."""
+    model = _model_for(config, params)
+    logits, cache = model.apply({"params": params}, tokens[:, None], jnp.ones((tokens.shape[0], 1), jnp.int32),
+                                cache)
+    return logits[:, -1], cache
+
+
+def bucket(n: int, minimum: int) -> int:
+    """Round up to a power of two (at least `minimum`) so nearby sizes share one compiled program."""
+    return max(minimum, 1 << max(0, (n - 1)).bit_length())
+
+
+def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, length - len(seq):] = seq
+            mask[row, length - len(seq):] = 1
+    return ids, mask
+
+
+def check_lengths(config: OPTConfig, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int. Got {max_new_tokens!r}")
+    limit = config.max_position_embeddings
+    for i, n in enumerate(prompt_lengths):
+        if n == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token")
+        if n > limit:
+            raise ValueError(f"prompt {i} has {n} tokens, more than the model's {limit} positions")
+        if n + max_new_tokens > limit:
+            raise ValueError(f"prompt {i} ({n} tokens) + max_new_tokens ({max_new_tokens}) runs past the model's "
+                             f"{limit} positions. Lower max_new_tokens to at most {limit - n}")
+
+
+def generate_ids(params, config: OPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[list[int]]:
+    """Token-level generation for a batch of prompts of any lengths; returns the generated ids only."""
+    check_lengths(config, [len(p) for p in prompts], max_new_tokens)
+    prompt_len = bucket(max(len(p) for p in prompts), 8)
+    ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)
+    num_slots = prompt_len + bucket(max_new_tokens, 16)
+    tokens, counts = generate_tokens(params, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
+                                     jax.random.PRNGKey(seed), sampling.to_device(), config=config,
+                                     num_slots=num_slots)
+    tokens, counts = np.asarray(tokens), np.asarray(counts)
+    return [tokens[i, :counts[i]].tolist() for i in range(len(prompts))]
+
+
+def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
+                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[dict]:
+    """`model` is a `LoadedModel`. One dict per prompt: prompt, text (continuation only), token_ids."""
+    if model.tokenizer is None:
+        raise ValueError(f"the model at {model.path} has no tokenizer files; pass token ids to generate_ids")
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt {i} is empty; give some text")
+    encoded = [model.tokenizer(p)["input_ids"] for p in prompts]
+    generated = generate_ids(model.params, model.config, encoded, max_new_tokens, sampling, seed)
+    return [{"prompt": p, "text": model.tokenizer.decode(g, skip_special_tokens=True), "token_ids": g}
+            for p, g in zip(prompts, generated)]

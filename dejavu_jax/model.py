@@ -1,0 +1,261 @@
+"""The Flax OPT model: HF `OPTForCausalLM` semantics for every OPT variant, with seams for sparse blocks.
+
+Parameter layout (what `convert` writes), chosen for sparse decoding:
+- attention `qkv_w` [d, 3, heads, head_dim]: one fused projection, a head is a slice of axis 2, so the chosen heads
+  are gathered with one index; `out_w` [heads, head_dim, d] likewise.
+- MLP `fc1_w` [ffn, d] and `fc2_w_t` [ffn, d]: both neuron-major, so a neuron's weights are two contiguous rows.
+
+The seams: `OPTAttention` takes `head_idx` (the heads to compute; None = all) and `OPTMLP` takes
+`mlp_active_idx` (the neurons to compute; None = dense). A `LayerSparsity` per layer carries them.
+
+Activations for predictor training are `sow`n into the `intermediates` collection (free unless requested with
+`mutable=["intermediates"]`): per layer the attention block's input (the residual before its LayerNorm), the MLP
+block's input, the post-ReLU fc1 output and each head's output norm before out_proj.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from dejavu_jax.config import OPTConfig
+from dejavu_jax.kv_cache import KVCache
+from dejavu_jax.sparse_mlp import mlp_dense, mlp_sparse_or_dense
+
+
+@struct.dataclass
+class LayerSparsity:
+    """What one layer computes at this step; None means dense."""
+    head_idx: Optional[jax.Array] = None  # [num_heads_kept] int32
+    mlp_active_idx: Optional[jax.Array] = None  # [K] int32
+
+
+def layer_norm(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    config: OPTConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
+        return layer_norm(x, scale, bias, self.config.layer_norm_eps)
+
+
+def _init(std=0.02):
+    return nn.initializers.normal(std)
+
+
+class OPTAttention(nn.Module):
+    config: OPTConfig
+    dtype: jnp.dtype
+
+    def setup(self):
+        c = self.config
+        H, hd, d = c.num_attention_heads, c.head_dim, c.hidden_size
+        self.qkv_w = self.param("qkv_w", _init(), (d, 3, H, hd), self.dtype)
+        self.qkv_b = self.param("qkv_b", nn.initializers.zeros, (3, H, hd), self.dtype)
+        self.out_w = self.param("out_w", _init(), (H, hd, d), self.dtype)
+        self.out_b = self.param("out_b", nn.initializers.zeros, (d,), self.dtype)
+
+    def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None):
+        """x [B, T, d] (after the LayerNorm); allowed [B, T, S] bool: query t may read key slot s.
+
+        layer_kv: (keys, values) each [B, heads, S, head_dim], the chunk is written at slot `cursor`;
+        None: S == T and the keys are the chunk's own. head_idx: heads to compute, None = all.
+        Returns (out [B, T, d], new layer_kv or None).
+        """
+        c = self.config
+        qkv_w, qkv_b, out_w = self.qkv_w, self.qkv_b, self.out_w
+        if head_idx is not None:
+            qkv_w, qkv_b, out_w = qkv_w[:, :, head_idx], qkv_b[:, head_idx], out_w[head_idx]
+        with jax.named_scope("qkv_proj"):
+            qkv = jnp.einsum("btd,dzhk->zbhtk", x, qkv_w, preferred_element_type=jnp.float32)
+            qkv = (qkv + qkv_b[:, None, :, None, :].astype(jnp.float32)).astype(x.dtype)
+        # HF scales the query after q_proj, bias included.
+        q = (qkv[0] * (c.head_dim ** -0.5)).astype(x.dtype)  # [B, h, T, hd]
+        k_new, v_new = qkv[1], qkv[2]
+        if layer_kv is None:
+            keys, values, new_kv = k_new, v_new, None
+        else:
+            keys, values = layer_kv
+            if head_idx is None:
+                keys = jax.lax.dynamic_update_slice(keys, k_new.astype(keys.dtype), (0, 0, cursor, 0))
+                values = jax.lax.dynamic_update_slice(values, v_new.astype(values.dtype), (0, 0, cursor, 0))
+            else:
+                # Only the chosen heads get K/V for these slots; the others keep holes (sparse attention fills them).
+                slots = cursor + jnp.arange(x.shape[1])
+                keys = keys.at[:, head_idx[:, None], slots[None, :]].set(k_new.astype(keys.dtype))
+                values = values.at[:, head_idx[:, None], slots[None, :]].set(v_new.astype(values.dtype))
+            new_kv = (keys, values)
+            if head_idx is not None:
+                keys, values = keys[:, head_idx], values[:, head_idx]
+        with jax.named_scope("attention"):
+            scores = jnp.einsum("bhtk,bhsk->bhts", q, keys, preferred_element_type=jnp.float32)
+            scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+            heads_out = jnp.einsum("bhts,bhsk->bthk", probs, values, preferred_element_type=jnp.float32)
+        self.sow("intermediates", "head_norm", jnp.linalg.norm(heads_out, axis=-1))  # [B, T, h]
+        with jax.named_scope("out_proj"):
+            out = jnp.einsum("bthk,hkd->btd", heads_out.astype(x.dtype), out_w, preferred_element_type=jnp.float32)
+            out = (out + self.out_b.astype(jnp.float32)).astype(x.dtype)
+        return out, new_kv
+
+
+class OPTMLP(nn.Module):
+    config: OPTConfig
+    dtype: jnp.dtype
+
+    def setup(self):
+        c = self.config
+        self.fc1_w = self.param("fc1_w", _init(), (c.ffn_dim, c.hidden_size), self.dtype)
+        self.fc1_b = self.param("fc1_b", nn.initializers.zeros, (c.ffn_dim,), self.dtype)
+        self.fc2_w_t = self.param("fc2_w_t", _init(), (c.ffn_dim, c.hidden_size), self.dtype)
+        self.fc2_b = self.param("fc2_b", nn.initializers.zeros, (c.hidden_size,), self.dtype)
+
+    def __call__(self, x, mlp_active_idx=None, interpret=False):
+        """x [B, T, d] (after the LayerNorm). mlp_active_idx [K]: neurons to compute for the whole chunk."""
+        B, T, d = x.shape
+        if self.is_mutable_collection("intermediates"):
+            h = jax.nn.relu(jnp.einsum("btd,fd->btf", x, self.fc1_w, preferred_element_type=jnp.float32)
+                            + self.fc1_b.astype(jnp.float32))
+            self.sow("intermediates", "fc1_active", h > 0)  # [B, T, ffn]
+        flat = x.reshape(B * T, d)
+        if mlp_active_idx is None:
+            out = mlp_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b)
+        else:
+            out = mlp_sparse_or_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b, mlp_active_idx,
+                                      interpret=interpret)
+        return out.reshape(B, T, d)
+
+
+class OPTDecoderLayer(nn.Module):
+    config: OPTConfig
+    dtype: jnp.dtype
+
+    def setup(self):
+        self.self_attn_layer_norm = LayerNorm(self.config, self.dtype)
+        self.self_attn = OPTAttention(self.config, self.dtype)
+        self.final_layer_norm = LayerNorm(self.config, self.dtype)
+        self.mlp = OPTMLP(self.config, self.dtype)
+
+    def __call__(self, h, allowed, layer_kv=None, cursor=None, sparsity: LayerSparsity = LayerSparsity(),
+                 interpret=False):
+        pre_ln = self.config.do_layer_norm_before
+        self.sow("intermediates", "attn_input", h)
+        with jax.named_scope("attention_block"):
+            x = self.self_attn_layer_norm(h) if pre_ln else h
+            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, sparsity.head_idx)
+            h = h + attn_out
+            if not pre_ln:
+                h = self.self_attn_layer_norm(h)
+        self.sow("intermediates", "mlp_input", h)
+        with jax.named_scope("mlp_block"):
+            x = self.final_layer_norm(h) if pre_ln else h
+            h = h + self.mlp(x, sparsity.mlp_active_idx, interpret)
+            if not pre_ln:
+                h = self.final_layer_norm(h)
+        return h, new_kv
+
+
+def chunk_positions(chunk_mask, next_position):
+    """HF's `cumsum(mask) * mask - 1` continued from `next_position`; padding gets -1 (embedding row 1)."""
+    chunk_mask = chunk_mask.astype(jnp.int32)
+    return (next_position[:, None] + jnp.cumsum(chunk_mask, axis=1)) * chunk_mask - 1
+
+
+class OPTForCausalLM(nn.Module):
+    """`__call__(input_ids [B,T], attention_mask [B,T], cache=None, sparsity=None)` -> (logits, cache).
+
+    With a cache the chunk is appended at `cache.cursor` and attends to everything before it; without one it is
+    the whole sequence. `logits_for="last"` computes the LM head for the last position only (prefill).
+    """
+    config: OPTConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.word_embed_proj_dim, dtype=self.dtype,
+                                     param_dtype=self.dtype, embedding_init=_init())
+        self.embed_positions = nn.Embed(c.max_position_embeddings + c.POSITION_OFFSET, c.hidden_size,
+                                        dtype=self.dtype, param_dtype=self.dtype, embedding_init=_init())
+        if c.has_projections:
+            self.project_in = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
+            self.project_out = nn.Dense(c.word_embed_proj_dim, use_bias=False, dtype=self.dtype,
+                                        param_dtype=self.dtype)
+        if c.has_final_layer_norm:
+            self.final_layer_norm = LayerNorm(c, self.dtype)
+        self.layers = [OPTDecoderLayer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+
+    def __call__(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None,
+                 sparsity: Optional[Sequence[LayerSparsity]] = None, logits_for: str = "all",
+                 interpret: bool = False):
+        c = self.config
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        chunk_mask = attention_mask.astype(bool)
+        start = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_position
+        positions = chunk_positions(chunk_mask, start)
+
+        if cache is None:
+            causal = jnp.tril(jnp.ones((T, T), bool))
+            allowed = causal[None] & chunk_mask[:, None, :]
+        else:
+            slot_mask = jax.lax.dynamic_update_slice(cache.slot_mask, chunk_mask, (0, cache.cursor))
+            slot = jnp.arange(cache.num_slots)
+            query_slot = cache.cursor + jnp.arange(T)
+            allowed = (slot[None, :] <= query_slot[:, None])[None] & slot_mask[:, None, :]
+
+        h = self.embed_tokens(input_ids)
+        if c.has_projections:
+            h = self.project_in(h)
+        h = h + self.embed_positions(positions + c.POSITION_OFFSET)
+
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
+            layer_sparsity = LayerSparsity() if sparsity is None else sparsity[i]
+            with jax.named_scope(f"layer_{i}"):
+                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, layer_sparsity,
+                              interpret)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+
+        if logits_for == "last":
+            h = h[:, -1:]
+        if c.has_final_layer_norm:
+            h = self.final_layer_norm(h)
+        if c.has_projections:
+            h = self.project_out(h)
+        # Tied LM head, accumulated and returned in fp32.
+        logits = jnp.einsum("btp,vp->btv", h.astype(self.dtype), self.embed_tokens.embedding,
+                            preferred_element_type=jnp.float32)
+        if cache is not None:
+            cache = cache.replace(keys=tuple(new_keys), values=tuple(new_values)).advance(chunk_mask)
+        return logits, cache
+
+
+def init_params(config: OPTConfig, rng, dtype=jnp.float32):
+    """Random parameters of the right shapes (tests, benchmarks)."""
+    model = OPTForCausalLM(config, dtype)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return model.init(rng, ids)["params"]
+
+
+def abstract_params(config: OPTConfig, dtype=jnp.float32):
+    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), dtype))

@@ -1,0 +1,64 @@
+"""python -m eval SUBCOMMAND ...  (see --help)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dejavu_jax.convert import DTYPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description="Evaluate an OPT model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ppl = sub.add_parser(
+        "ppl", help="perplexity over non-overlapping windows",
+        description="Perplexity over non-overlapping windows of --seq-len tokens. A .txt file is tokenized once "
+                    "(with BOS); a .jsonl/.jsonl.xz file has each line's \"text\" tokenized with BOS and "
+                    "concatenated in file order. Each window scores its tokens 2..L; a short final window is "
+                    "dropped.")
+    ppl.add_argument("--model", required=True, help="converted model dir, HF OPT checkpoint dir, or hub id")
+    ppl.add_argument("--data", required=True, help=".txt, .jsonl or .jsonl.xz file")
+    ppl.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
+    ppl.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    ppl.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
+    ppl.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...}')
+    return parser
+
+
+def run_ppl(args) -> dict:
+    from dejavu_jax.checkpoint import load_model
+    from dejavu_jax.corpus import token_stream
+    from dejavu_jax.perplexity import make_windows, perplexity
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError(f"--max-windows must be >= 1. Got {args.max_windows}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1. Got {args.batch_size}")
+    model = load_model(args.model, args.dtype)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files")
+    max_tokens = None if args.max_windows is None else args.max_windows * args.seq_len
+    windows = make_windows(token_stream(model.tokenizer, args.data, max_tokens), args.seq_len, args.max_windows)
+    return perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dejavu_jax.corpus import CorpusError
+    from dejavu_jax.hf_checkpoint import CheckpointError
+    try:
+        result = run_ppl(args)
+    except (CheckpointError, CorpusError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"]}))
+    else:
+        print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens ({result['windows']} windows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
