@@ -148,3 +148,14 @@ def shape_config(name: str) -> OPTConfig:
     if name not in OPT_SHAPES:
         raise ConfigError(f"unknown OPT shape {name!r}. Known: {', '.join(OPT_SHAPES)}")
     return OPT_SHAPES[name]
+
+
+def tiny_config(**overrides) -> OPTConfig:
+    """A small random-weight shape for smoke tests of benchmarks and pipelines."""
+    base = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
+                max_position_embeddings=256, word_embed_proj_dim=64)
+    base.update(overrides)
+    return OPTConfig(**base)
+
+
+OPT_SHAPES["tiny"] = tiny_config()

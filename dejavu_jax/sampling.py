@@ -39,9 +39,13 @@ class SamplingParams:
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> jax.Array:
-    """logits [B, V] float32 -> tokens [B] int32."""
+    """logits [B, V] float32 -> tokens [B] int32. Greedy skips the sort (a cond, not a select)."""
+    return jax.lax.cond(params.temperature > 0, _sample, lambda l, r, p: jnp.argmax(l, axis=-1).astype(jnp.int32),
+                        logits, rng, params)
+
+
+def _sample(logits, rng, params: SamplingParams):
     vocab = logits.shape[-1]
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(params.temperature, 1e-6)
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
     # top-k: keep logits >= the k-th largest.
@@ -54,5 +58,4 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> 
     keep_sorted = (mass_before < params.top_p) & jnp.isfinite(sorted_logits)
     threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     masked = jnp.where((scaled >= kth) & (scaled >= threshold), scaled, -jnp.inf)
-    sampled = jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
-    return jnp.where(params.temperature > 0, sampled, greedy_tokens)
+    return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)

@@ -1,0 +1,1 @@
+"""`python -m bench`: kernel and end-to-end generation benchmarks (scripts, not tests)."""

@@ -1,0 +1,42 @@
+"""python -m bench {generate,kernels} ...  (each has --help)"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m bench {generate,kernels} [options]
+
+  generate            dense decode latency: JAX vs HF transformers eager vs the bandwidth floor
+  kernels --op mlp    the sparse-MLP Pallas kernel vs dense XLA, an XLA gather, and the floor
+
+Run `python -m bench COMMAND --help` for a command's options. Results go to bench/results/.
+"""
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "generate":
+        from bench.generate import main as run
+        return run(rest)
+    if command == "kernels":
+        if "--op" in rest:
+            i = rest.index("--op")
+            op = rest[i + 1] if i + 1 < len(rest) else ""
+            rest = rest[:i] + rest[i + 2:]
+        else:
+            op = "mlp"
+        if op != "mlp":
+            print(f"error: unknown --op {op!r}; available: mlp", file=sys.stderr)
+            return 2
+        from bench.kernels_mlp import main as run
+        return run(rest) or 0
+    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""What every benchmark needs: the card, the run's provenance, copy bandwidth, a median timer, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def card_name() -> str:
+    device = jax.devices()[0]
+    return getattr(device, "device_kind", device.platform)
+
+
+def git_commit() -> str:
+    """The commit under test; the GPU machine's copy has no .git, so the caller may pass it in DEJAVU_COMMIT."""
+    if os.environ.get("DEJAVU_COMMIT"):
+        return os.environ["DEJAVU_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance() -> dict:
+    return {"card": card_name(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+            "command": "python -m bench " + " ".join(sys.argv[1:]) if sys.argv else "",
+            "jax": jax.__version__}
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of `fn()` (which must block until its device work is done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), times
+
+
+def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> dict:
+    """Device copy bandwidth in bytes/s, counting bytes read plus written (the floor's denominator).
+
+    Measured with torch's device copy where torch sees the GPU (a plain memcpy), else with an XLA copy.
+    """
+    if nbytes is None:  # large enough to defeat the cache on a GPU; small on a CPU, where it is only a smoke test
+        nbytes = (2 << 30) if jax.default_backend() == "gpu" else (64 << 20)
+    result = {}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
+            dst = torch.empty_like(src)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for i in range(repeats + 2):
+                start.record()
+                dst.copy_(src)
+                end.record()
+                torch.cuda.synchronize()
+                if i >= 2:
+                    times.append(start.elapsed_time(end) / 1e3)
+            result["torch_copy"] = 2 * nbytes / float(np.median(times))
+            del src, dst
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    x = jax.random.normal(jax.random.PRNGKey(0), (nbytes // 2,), jnp.float16)
+    copy = jax.jit(lambda a: a * jnp.float16(1.0001))  # an elementwise pass XLA cannot elide
+    t, _ = median_seconds(lambda: copy(x).block_until_ready(), repeats, warmup=2)
+    result["xla_elementwise"] = 2 * nbytes / t
+    result["floor_bandwidth"] = max(result.values())
+    return result
+
+
+def write_results(stem: str, markdown: str, data: dict, out: str | None = None) -> Path:
+    """Markdown table + JSON numbers under bench/results/ (or `out`), and a copy under $OUT when set."""
+    path = Path(out) if out else RESULTS_DIR / f"{stem}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown)
+    path.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    if os.environ.get("OUT"):
+        for p in (path, path.with_suffix(".json")):
+            (Path(os.environ["OUT"]) / p.name).write_text(p.read_text())
+    return path

@@ -1,0 +1,158 @@
+"""Dense decode latency: JAX (one compiled prefill + decode program) vs HF transformers eager, vs the floor.
+
+    python -m bench generate --shape opt-6.7b --shape opt-13b [--batch 1] [--prompt-len 128] [--new-tokens 128]
+
+A random-weight fp16 OPT of the real shape. Decode time per token is (T(N) - T(1)) / (N - 1) where T(n) is the
+median time of one full generation call of n tokens: the same compiled program (n is traced), so compile and
+prefill cancel; T(1) is reported as the prefill (+ first token). EOS is disabled so every run makes N tokens.
+The floor is (weight bytes + mean KV-cache bytes read per decode step) / the device copy bandwidth measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import copy_bandwidth, median_seconds, provenance, write_results
+from dejavu_jax.config import OPT_SHAPES, shape_config
+from dejavu_jax.generation import generate_tokens
+from dejavu_jax.model import OPTForCausalLM
+from dejavu_jax.sampling import SamplingConfig
+
+
+def random_params(config, dtype):
+    model = OPTForCausalLM(config, dtype)
+    return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def bytes_read_per_token(config, batch, prompt_len, new_tokens, itemsize=2) -> dict:
+    """What one decode step must read: every weight once (one row of the position table), and the KV cache."""
+    c = config
+    weights = c.num_params - (c.max_position_embeddings + 2 - 1) * c.hidden_size
+    kv_per_token = 2 * c.num_hidden_layers * c.hidden_size * itemsize * batch
+    mean_context = prompt_len + (new_tokens - 1) / 2
+    return {"weights": weights * itemsize, "kv": kv_per_token * mean_context}
+
+
+def time_jax(config, batch, prompt_len, new_tokens, repeats) -> dict:
+    params = random_params(config, jnp.float16)
+    jax.block_until_ready(params)
+    no_eos = dataclasses.replace(config, eos_token_id=-1)  # fixed token count
+    ids = jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 3, config.vocab_size)
+    mask = jnp.ones_like(ids)
+    sampling = SamplingConfig().to_device()
+    num_slots = prompt_len + new_tokens
+
+    def run(n):
+        tokens, counts = generate_tokens(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling,
+                                         config=no_eos, num_slots=num_slots)
+        tokens.block_until_ready()
+        return counts
+
+    start = time.perf_counter()
+    generate_tokens.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, config=no_eos,
+                          num_slots=num_slots).compile()
+    compile_s = time.perf_counter() - start
+    counts = run(new_tokens)
+    assert int(np.min(counts)) == new_tokens, f"generated {counts}, wanted {new_tokens}"
+    t_full, _ = median_seconds(lambda: run(new_tokens), repeats)
+    t_one, _ = median_seconds(lambda: run(1), repeats)
+    del params
+    gc.collect()
+    return {"compile_s": compile_s, "prefill_ms": t_one * 1e3,
+            "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3, "total_ms": t_full * 1e3}
+
+
+def time_hf(config, batch, prompt_len, new_tokens, repeats) -> dict | None:
+    try:
+        import torch
+        from transformers import OPTConfig as HFConfig, OPTForCausalLM as HFModel
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    hf_config = HFConfig(**{k: v for k, v in config.to_hf_dict().items() if k not in ("model_type", "architectures")})
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = HFModel(hf_config).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.randint(3, config.vocab_size, (batch, prompt_len), device="cuda")
+
+    def run(n):
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=config.pad_token_id)
+        torch.cuda.synchronize()
+        assert out.shape[1] == prompt_len + n
+
+    hf_repeats = max(3, repeats // 3)
+    t_full, _ = median_seconds(lambda: run(new_tokens), hf_repeats)
+    t_one, _ = median_seconds(lambda: run(1), hf_repeats)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"prefill_ms": t_one * 1e3, "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", action="append", choices=sorted(OPT_SHAPES), help="OPT shape; repeat for several")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers eager")
+    p.add_argument("--out", default=None, help="markdown path (default bench/results/generate_<card>_<date>.md)")
+    args = p.parse_args(argv)
+    shapes = args.shape or ["opt-6.7b", "opt-13b"]
+    if args.new_tokens < 2 or args.batch < 1 or args.prompt_len < 1:
+        p.error("need --new-tokens >= 2, --batch >= 1, --prompt-len >= 1")
+
+    info = provenance()
+    bandwidth = copy_bandwidth()
+    bw = bandwidth["floor_bandwidth"]
+    print(f"{info['card']}: copy bandwidth {bw / 1e12:.2f} TB/s ({bandwidth})", flush=True)
+    rows = []
+    for name in shapes:
+        config = shape_config(name)
+        read = bytes_read_per_token(config, args.batch, args.prompt_len, args.new_tokens)
+        floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
+        hf = None if args.no_hf else time_hf(config, args.batch, args.prompt_len, args.new_tokens, args.repeats)
+        jx = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats)
+        row = {"shape": name, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "floor_ms": floor_ms, "bytes_per_token": read, "jax": jx, "hf": hf,
+               "jax_gbs": (read["weights"] + read["kv"]) / jx["decode_ms_per_token"] / 1e6}
+        rows.append(row)
+        hf_ms = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
+        print(f"{name}: JAX {jx['decode_ms_per_token']:.2f} ms/token ({jx['decode_ms_per_token'] / floor_ms:.2f}x "
+              f"floor {floor_ms:.2f}), HF eager {hf_ms} ms/token, compile {jx['compile_s']:.1f} s", flush=True)
+
+    lines = [f"# Dense decode latency, {info['card']}", "",
+             f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
+             f"- command: `{info['command']}`",
+             f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled", "",
+             "| shape | batch | prompt | new | JAX ms/token | tokens/s | GB/s | floor ms | JAX / floor | "
+             "HF eager ms/token | HF / JAX | JAX prefill ms | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        jx, hf = r["jax"], r["hf"]
+        ms = jx["decode_ms_per_token"]
+        hf_cells = f"{hf['decode_ms_per_token']:.2f} | {hf['decode_ms_per_token'] / ms:.2f}x" if hf else "- | -"
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {ms:.2f} | "
+                     f"{1e3 * r['batch'] / ms:.1f} | {r['jax_gbs']:.0f} | {r['floor_ms']:.2f} | "
+                     f"{ms / r['floor_ms']:.2f} | {hf_cells} | {jx['prefill_ms']:.1f} | {jx['compile_s']:.1f} |")
+    markdown = "\n".join(lines) + "\n"
+    card = info["card"].replace(" ", "-")
+    path = write_results(f"generate_{card}_{info['date']}", markdown, {**info, "bandwidth": bandwidth, "rows": rows},
+                         args.out)
+    print(markdown)
+    print(f"wrote {path}")
+    return 0

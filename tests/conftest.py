@@ -1,0 +1,65 @@
+"""Shared fixtures. Tests run on the CPU unless a GPU test asks otherwise; torch is the fp32 reference."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE_MODEL = SHARED / "models" / "opt-21m-wiki"
+OPT_TOKENIZER = SHARED / "tokenizers" / "opt"
+
+
+@pytest.fixture(scope="session")
+def reference_model_dir():
+    if not REFERENCE_MODEL.exists():
+        pytest.fail(f"the reference model is missing at {REFERENCE_MODEL}; ../shared must sit beside the checkout")
+    return REFERENCE_MODEL
+
+
+def tiny_hf_config(**overrides):
+    from transformers import OPTConfig as HFConfig
+    kw = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+              max_position_embeddings=48, word_embed_proj_dim=None, pad_token_id=1, bos_token_id=2,
+              eos_token_id=2)
+    kw.update(overrides)
+    if kw["word_embed_proj_dim"] is None:
+        kw["word_embed_proj_dim"] = kw["hidden_size"]
+    return HFConfig(**kw)
+
+
+def random_hf_model(hf_config, seed=0, std=0.2):
+    """A random-weight HF OPT; weights larger than HF's init so that every block matters to the logits."""
+    import torch
+    from transformers import OPTForCausalLM
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+@pytest.fixture
+def save_hf(tmp_path):
+    """save_hf(model, **save_kwargs) -> directory holding the HF checkpoint."""
+    counter = iter(range(1000))
+
+    def save(model, **kwargs):
+        out = tmp_path / f"hf{next(counter)}"
+        model.save_pretrained(out, **kwargs)
+        return out
+
+    return save
+
+
+def rel_max_err(out, ref, where=None):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if where is not None:
+        out, ref = out[where], ref[where]
+    return np.abs(out - ref).max() / np.abs(ref).max()
