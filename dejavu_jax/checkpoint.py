@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax.config import OPTConfig
-from dejavu_jax.convert import convert_hf_params, numpy_dtype, read_hf_config
+from dejavu_jax.convert import convert_hf_params, iter_converted_groups, numpy_dtype, read_hf_config
 from dejavu_jax.hf_checkpoint import CheckpointError, HFTensorReader, is_hf_checkpoint
 from dejavu_jax.tokenizer import load_tokenizer
 
@@ -63,11 +63,15 @@ def _publish(tmp: Path, out: Path):
         tmp.rename(out)
 
 
-def save_params(directory: Path, params) -> None:
+def save_param_groups(directory: Path, groups) -> None:
+    """One orbax checkpoint per top-level group (`params/embed_tokens`, `params/layers_0`, ...): written and
+    dropped one at a time, so converting never holds the whole model."""
     import orbax.checkpoint as ocp
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory.absolute() / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
+    for name, subtree in groups:
+        checkpointer.save(directory.absolute() / PARAMS_DIR / name, subtree)
+        checkpointer.wait_until_finished()
+        del subtree
 
 
 def restore_params(directory: Path, config: OPTConfig, dtype: str):
@@ -75,12 +79,17 @@ def restore_params(directory: Path, config: OPTConfig, dtype: str):
     from dejavu_jax.model import abstract_params
     manifest = json.loads((directory / MANIFEST).read_text())
     stored = jnp.dtype(numpy_dtype(manifest["dtype"]))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, stored, sharding=sharding),
-                          abstract_params(config))
-    params = ocp.StandardCheckpointer().restore(directory.absolute() / PARAMS_DIR, target)
     want = jnp.dtype(numpy_dtype(dtype))
-    return params if want == stored else jax.tree.map(lambda x: x.astype(want), params)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    checkpointer = ocp.StandardCheckpointer()
+    params = {}
+    for name, group in abstract_params(config).items():
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, stored, sharding=sharding), group)
+        if not (directory / PARAMS_DIR / name).exists():
+            raise CheckpointError(f"{directory} is missing params/{name}; reconvert the model")
+        restored = checkpointer.restore(directory.absolute() / PARAMS_DIR / name, target)
+        params[name] = restored if want == stored else jax.tree.map(lambda x: x.astype(want), restored)
+    return params
 
 
 def convert_to_directory(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float16",
@@ -98,8 +107,7 @@ def convert_to_directory(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     tokenizer = load_tokenizer(hf_dir, required=False)
     tmp = _atomic_output_dir(out, force)
     try:
-        params = convert_hf_params(reader, config, dtype, progress=True)
-        save_params(tmp, params)
+        save_param_groups(tmp, iter_converted_groups(reader, config, dtype, progress=True))
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -97,37 +97,50 @@ def _layer_norm_rules(config: OPTConfig, dst: tuple[str, ...], src: str) -> list
 _IGNORED_KEYS = ("lm_head.weight",)  # tied to embed_tokens (checked equal when present)
 
 
-def convert_hf_params(reader: HFTensorReader, config: OPTConfig, dtype: str = "float16",
-                      progress: bool = False) -> dict:
-    """The param tree (nested dict of numpy arrays in `dtype`) for the checkpoint behind `reader`."""
+def iter_converted_groups(reader: HFTensorReader, config: OPTConfig, dtype: str = "float16",
+                          progress: bool = False) -> Iterator[tuple[str, dict]]:
+    """(top-level name, subtree) one group at a time (embeddings, each layer, ...), so a caller can write each
+    group out and drop it: the peak is one group, not the model. Strict: raises on any unmapped source key."""
     from dejavu_jax.model import abstract_params
     target_dtype = numpy_dtype(dtype)
     expected = abstract_params(config)
-    rules = conversion_rules(config)
-    used = set()
-    params: dict = {}
-    iterator = rules
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(rules, desc="convert", unit="tensor")
-    for path, keys, fn in iterator:
-        for key in keys:
-            if key not in reader:
-                raise CheckpointError(f"tensor {key!r} is missing from {reader.directory}")
-        leaf = fn(*(reader.get(k) for k in keys))
-        used.update(keys)
-        want = _lookup(expected, path).shape
-        if leaf.shape != want:
-            raise CheckpointError(f"tensor for {'/'.join(path)} from {list(keys)} has shape {leaf.shape}; "
-                                  f"the config wants {want}")
-        _insert(params, path, np.ascontiguousarray(leaf.astype(target_dtype)))
-    unused = [k for k in reader.keys() if k not in used and k not in _IGNORED_KEYS]
-    if unused:
-        raise CheckpointError(f"{len(unused)} tensors in {reader.directory} map to nothing: {unused[:5]}")
+    groups: dict[str, list[Rule]] = {}
+    for rule in conversion_rules(config):
+        groups.setdefault(rule[0][0], []).append(rule)
     if "lm_head.weight" in reader and not np.array_equal(reader.get("lm_head.weight"),
                                                          reader.get("decoder.embed_tokens.weight")):
         raise CheckpointError("lm_head.weight differs from embed_tokens: untied OPT heads are not supported")
-    return params
+    all_sources = {k for rules in groups.values() for _, keys, _ in rules for k in keys}
+    unused = [k for k in reader.keys() if k not in all_sources and k not in _IGNORED_KEYS]
+    if unused:
+        raise CheckpointError(f"{len(unused)} tensors in {reader.directory} map to nothing: {unused[:5]}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(len(r) for r in groups.values()), desc="convert", unit="tensor")
+    for name, rules in groups.items():
+        subtree: dict = {}
+        for path, keys, fn in rules:
+            for key in keys:
+                if key not in reader:
+                    raise CheckpointError(f"tensor {key!r} is missing from {reader.directory}")
+            leaf = fn(*(reader.get(k) for k in keys))
+            want = _lookup(expected, path).shape
+            if leaf.shape != want:
+                raise CheckpointError(f"tensor for {'/'.join(path)} from {list(keys)} has shape {leaf.shape}; "
+                                      f"the config wants {want}")
+            _insert(subtree, path[1:], np.ascontiguousarray(leaf.astype(target_dtype)))
+            if bar is not None:
+                bar.update()
+        yield name, subtree
+    if bar is not None:
+        bar.close()
+
+
+def convert_hf_params(reader: HFTensorReader, config: OPTConfig, dtype: str = "float16",
+                      progress: bool = False) -> dict:
+    """The whole param tree (nested dict of numpy arrays in `dtype`) for the checkpoint behind `reader`."""
+    return dict(iter_converted_groups(reader, config, dtype, progress))
 
 
 def _lookup(tree, path):
