@@ -1,13 +1,14 @@
-"""python -m bench {generate,kernels,convert-memory} ...  (each has --help)"""
+"""python -m bench {generate,kernels,profile,convert-memory} ...  (each has --help)"""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bench {generate,kernels,convert-memory} [options]
+USAGE = """usage: python -m bench {generate,kernels,profile,convert-memory} [options]
 
   generate            dense decode latency: JAX vs HF transformers eager vs the bandwidth floor
   kernels --op mlp    the sparse-MLP Pallas kernel vs dense XLA, an XLA gather, and the floor
+  profile             kernel-by-kernel time of the compiled decode program (GPU, from a profiler trace)
   convert-memory      peak host memory of converting a random-weight HF checkpoint of a real shape
 
 Run `python -m bench COMMAND --help` for a command's options. Results go to bench/results/.
@@ -22,6 +23,9 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "generate":
         from bench.generate import main as run
+        return run(rest)
+    if command == "profile":
+        from bench.profile_decode import main as run
         return run(rest)
     if command == "convert-memory":
         from bench.convert_memory import main as run

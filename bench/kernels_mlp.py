@@ -1,0 +1,531 @@
+"""Sparse-MLP kernel benchmark: the Pallas variants vs dense XLA vs an XLA gather, against the floor.
+
+    python -m bench kernels --op mlp [--quick] [--shapes opt-13b,opt-66b] [--densities 0.05,0.1]
+                                     [--batches 1,16] [--variants fused,two_pass] [--repeats 10]
+    python -m bench kernels --op mlp --interpret     # tiny CPU smoke test (Pallas interpreter)
+
+For each OPT layer shape (d, ffn = 4d), batch and density (K = density * ffn, rounded to 64), in one run:
+every Pallas variant of kernels/sparse_mlp.py, the dense XLA MLP (dejavu_jax.sparse_mlp.mlp_dense), and
+`sparse_mlp_reference` (jnp.take of the active rows + two matmuls), all on random fp16 weights. The
+floor is the bytes the op must read (the K active rows of fc1_w and fc2_w_t, x, both biases' used
+entries) / the device copy bandwidth measured in the same run (bench.common.copy_bandwidth).
+
+Timing: one call is a few microseconds, far below host dispatch, so each implementation runs as one
+jitted program that chains calls (`lax.fori_loop` with a static trip count; each call's output is the
+next call's x) and the median program time over --repeats runs is divided by the number of calls.
+Compile time is measured apart. So that the chain does not read its weights from the 50 MB L2, each
+loop step cycles through several disjoint random index sets (and, for small K, two weight copies)
+until the bytes touched per cycle exceed 2x L2. Before timing, the first call's output of every Pallas
+variant is compared with the reference (max per-row relative error, printed and stored).
+
+Per (shape, batch) it reports the crossover: the smallest density at which the best Pallas variant is
+no faster than dense, and a linear interpolation of where the speedup crosses 1 - the numbers that
+go into dejavu_jax.sparse_mlp.SPARSE_CROSSOVER_DENSITY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import zlib
+
+# Torch (the copy-bandwidth probe) shares the GPU with JAX in this process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from bench.common import copy_bandwidth, median_seconds, provenance, write_results  # noqa: E402
+from dejavu_jax.sparse_mlp import mlp_dense  # noqa: E402
+from kernels.sparse_mlp import plan_sparse_mlp, sparse_mlp, sparse_mlp_reference  # noqa: E402
+
+# OPT layer shapes: (d, ffn). Run in this order (the acceptance shapes first) so that a run cut short by
+# --max-minutes still has them.
+SHAPES = {"opt-13b": (5120, 20480), "opt-66b": (9216, 36864), "opt-6.7b": (4096, 16384),
+          "opt-30b": (7168, 28672)}
+DENSITIES = (0.025, 0.05, 0.1, 0.25, 0.5)
+BATCHES = (1, 4, 16, 64)
+QUICK = dict(shapes=("opt-13b", "opt-66b"), densities=(0.05, 0.1, 0.5), batches=(1, 16))
+INTERPRET = dict(shapes=("tiny-256x1024",), densities=(0.05, 0.25), batches=(1, 3, 16))
+
+# Pallas variants: name -> sparse_mlp knobs. Two with the same resolved plan are timed once.
+PALLAS_VARIANTS = {
+    "fused": dict(variant="fused"),
+    "fused_bk16": dict(variant="fused", block_k=16),   # fewer programs, 4x fewer atomics at small K
+    "two_pass": dict(variant="two_pass"),
+}
+BASELINES = ("dense", "take")
+
+L2_BYTES = 50e6
+K_MULTIPLE = 64
+MAX_CALLS_PER_STEP = 16
+MIN_CALLS_PER_STEP = 8
+CORRECT_TOL = 2e-2  # fp16, per-row relative error vs the reference
+
+
+def parse_shape(name: str) -> tuple[str, int, int]:
+    if name in SHAPES:
+        return (name, *SHAPES[name])
+    if "opt-" + name in SHAPES:
+        return ("opt-" + name, *SHAPES["opt-" + name])
+    tail = name.split("-")[-1]
+    try:
+        d, ffn = (int(v) for v in tail.split("x"))
+    except ValueError:
+        raise ValueError(f"--shapes takes {sorted(SHAPES)} or DxFFN (e.g. 4096x16384). Got {name!r}") from None
+    return name, d, ffn
+
+
+def k_for(density: float, ffn: int) -> int:
+    k = int(round(density * ffn / K_MULTIPLE)) * K_MULTIPLE
+    return min(ffn, max(K_MULTIPLE if ffn >= K_MULTIPLE else 1, k))
+
+
+def floor_bytes(batch: int, k: int, d: int, itemsize: int) -> int:
+    """Bytes the sparse MLP must read: K rows of each matrix, their fc1 biases, fc2's bias, x."""
+    return (2 * k * d + k + d + batch * d) * itemsize
+
+
+def dense_bytes(batch: int, ffn: int, d: int, itemsize: int) -> int:
+    return (2 * ffn * d + ffn + d + batch * d) * itemsize
+
+
+@dataclasses.dataclass
+class Rotation:
+    """How one loop step cycles through weights and index sets to defeat L2 reuse."""
+    n_weight_sets: int
+    n_idx_sets: int
+    calls: tuple[tuple[int, int], ...]  # (weight set, index set) per call in one loop step
+
+
+def plan_rotation(k: int, d: int, ffn: int, itemsize: int, interpret: bool) -> Rotation:
+    if interpret:
+        return Rotation(1, 1, ((0, 0),))
+    active = 2 * k * d * itemsize
+    n_idx = max(1, min(ffn // k, math.ceil(2 * L2_BYTES / active), MAX_CALLS_PER_STEP))
+    n_w = max(1, min(2, math.ceil(2 * L2_BYTES / (n_idx * active))))
+    cycle = [(w, i) for w in range(n_w) for i in range(n_idx)][:MAX_CALLS_PER_STEP]
+    calls = list(cycle)
+    while len(calls) < MIN_CALLS_PER_STEP:
+        calls += cycle
+    return Rotation(n_w, n_idx, tuple(calls))
+
+
+def make_weights(key, d, ffn, dtype, n_sets):
+    sets = []
+    for i in range(n_sets):
+        k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, i), 4)
+        fc1_w = (jax.random.normal(k1, (ffn, d), jnp.float32) / math.sqrt(d)).astype(dtype)
+        fc1_b = (0.1 * jax.random.normal(k2, (ffn,), jnp.float32)).astype(dtype)
+        fc2_w_t = (jax.random.normal(k3, (ffn, d), jnp.float32) / math.sqrt(ffn)).astype(dtype)
+        fc2_b = (0.1 * jax.random.normal(k4, (d,), jnp.float32)).astype(dtype)
+        sets.append((fc1_w, fc1_b, fc2_w_t, fc2_b))
+    return jax.block_until_ready(sets)
+
+
+def make_idx_sets(key, ffn, k, n_sets):
+    """n_sets disjoint random (unsorted) index sets of k neurons."""
+    perm = jax.random.permutation(key, ffn).astype(jnp.int32)
+    return [perm[i * k:(i + 1) * k] for i in range(n_sets)]
+
+
+def step_fn(impl: str, knobs: dict, interpret: bool):
+    """(x, weights, idx) -> out, the op under test."""
+    if impl == "dense":
+        return lambda x, w, idx: mlp_dense(x, *w)
+    if impl == "take":
+        def take(x, w, idx):
+            # A data dependency XLA cannot prove zero, so the gather is not hoisted out of the loop.
+            idx = idx + (x[0, 0] != x[0, 0]).astype(idx.dtype)
+            return sparse_mlp_reference(x, *w, idx)
+        return take
+    return lambda x, w, idx: sparse_mlp(x, *w, idx, interpret=interpret, **knobs)
+
+
+def chained(step, rotation: Rotation, n_steps: int):
+    """One program: out0 = step(x0), then n_steps loop steps of len(rotation.calls) chained calls."""
+
+    def run(x0, weight_sets, idx_sets):
+        out0 = step(x0, weight_sets[0], idx_sets[0])
+
+        def body(_, x):
+            for w, i in rotation.calls:
+                x = step(x, weight_sets[w], idx_sets[i])
+            return x
+
+        return out0, lax.fori_loop(0, n_steps, body, out0)
+
+    return jax.jit(run)
+
+
+def time_impl(impl, knobs, x0, weight_sets, idx_sets, rotation, est_us, args) -> dict:
+    step = step_fn(impl, knobs, args.interpret)
+    calls_per_step = len(rotation.calls)
+    n_steps = 1 if args.interpret else int(np.clip(round(args.chain_us / (est_us * calls_per_step)), 2, 4000))
+    fn = chained(step, rotation, n_steps)
+    start = time.perf_counter()
+    compiled = fn.lower(x0, weight_sets, idx_sets).compile()
+    compile_s = time.perf_counter() - start
+    out0, last = compiled(x0, weight_sets, idx_sets)
+    last.block_until_ready()
+    t, _ = median_seconds(lambda: compiled(x0, weight_sets, idx_sets)[1].block_until_ready(), args.repeats)
+    n_calls = 1 + n_steps * calls_per_step
+    return {"us": t / n_calls * 1e6, "compile_s": compile_s, "calls": n_calls, "out0": out0}
+
+
+def row_rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float((np.linalg.norm(out - ref, axis=-1) / np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)).max())
+
+
+def plan_summary(plan) -> str:
+    grids = "+".join("x".join(map(str, g)) for g in plan.grid)
+    return (f"bk{plan.block_k} bd{plan.block_d} grid {grids} w{plan.num_warps} s{plan.num_stages}"
+            f"{' dot' if plan.use_dot else ''}")
+
+
+def bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log) -> dict:
+    dtype, itemsize = jnp.float16, 2
+    k = k_for(density, ffn)
+    rotation = plan_rotation(k, d, ffn, itemsize, args.interpret)
+    weight_sets = weights_all[:rotation.n_weight_sets]
+    key = jax.random.key(zlib.crc32(repr((shape, batch, density)).encode()))
+    idx_sets = make_idx_sets(jax.random.fold_in(key, 1), ffn, k, rotation.n_idx_sets)
+    x0 = jax.random.normal(jax.random.fold_in(key, 2), (batch, d), jnp.float32).astype(dtype)
+    fbytes = floor_bytes(batch, k, d, itemsize)
+    row = {"shape": shape, "d": d, "ffn": ffn, "batch": batch, "density": density, "k": k,
+           "floor_bytes": fbytes, "floor_us": fbytes / bw * 1e6, "rotation": dataclasses.asdict(rotation),
+           "impls": {}}
+    est_sparse = max(3.0, fbytes / 2.5e6)
+    est = {"dense": max(3.0, dense_bytes(batch, ffn, d, itemsize) / 2.5e6), "take": 3 * est_sparse}
+
+    plans_seen = {}
+    ref = None
+    for impl in ("take", *args.variants):  # The reference first; dense is timed per (shape, batch).
+        knobs = PALLAS_VARIANTS.get(impl, {})
+        entry: dict = {}
+        try:
+            if impl in PALLAS_VARIANTS:
+                plan = plan_sparse_mlp(batch, k, d, dtype, **knobs)
+                entry["plan"] = plan_summary(plan)
+                if plan in plans_seen:
+                    entry.update({kk: v for kk, v in row["impls"][plans_seen[plan]].items()
+                                  if kk in ("us", "compile_s", "max_rel_err", "error")})
+                    entry["same_as"] = plans_seen[plan]
+                    row["impls"][impl] = entry
+                    continue
+                plans_seen[plan] = impl
+            res = time_impl(impl, knobs, x0, weight_sets, idx_sets, rotation,
+                            est.get(impl, est_sparse), args)
+            out0 = res.pop("out0")
+            if impl == "take":
+                ref = out0
+            elif ref is not None:
+                res["max_rel_err"] = row_rel_err(out0, ref)
+            entry.update(res)
+        except Exception as e:  # noqa: BLE001 - one variant failing must not end the run
+            print(f"[{shape} b{batch} {density:g} {impl}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["impls"][impl] = entry
+        gc.collect()
+    if ref is None and not args.interpret:
+        log(f"  warning: no reference for {shape} b{batch} {density:g}; Pallas outputs unchecked")
+    return row
+
+
+def time_dense(shape, d, ffn, batch, weights_all, args) -> dict:
+    x0 = jax.random.normal(jax.random.key(batch), (batch, d), jnp.float32).astype(jnp.float16)
+    rotation = Rotation(1, 1, ((0, 0),) * (1 if args.interpret else 4))
+    est = max(3.0, dense_bytes(batch, ffn, d, 2) / 2.5e6)
+    try:
+        res = time_impl("dense", {}, x0, weights_all[:1], [jnp.zeros((1,), jnp.int32)], rotation, est, args)
+        res.pop("out0")
+        return res
+    except Exception as e:  # noqa: BLE001
+        print(f"[{shape} b{batch} dense] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def pallas_names(args):
+    return [v for v in args.variants if v in PALLAS_VARIANTS]
+
+
+def best_pallas(row, args):
+    times = {n: row["impls"][n]["us"] for n in pallas_names(args)
+             if "us" in row["impls"].get(n, {}) and row["impls"][n].get("max_rel_err", 0.0) <= CORRECT_TOL}
+    if not times:
+        return None, None
+    name = min(times, key=times.get)
+    return name, times[name]
+
+
+def crossovers(rows, args) -> list[dict]:
+    """Per (shape, batch): the smallest density where the best Pallas variant is no faster than dense."""
+    out = []
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["shape"], row["batch"]), []).append(row)
+    for (shape, batch), group in groups.items():
+        points = []
+        for row in sorted(group, key=lambda r: r["density"]):
+            _, best = best_pallas(row, args)
+            dense = row["impls"].get("dense", {}).get("us")
+            if best is not None and dense is not None:
+                points.append((row["density"], dense / best))
+        first_loss = next((dens for dens, s in points if s <= 1.0), None)
+        interp = None
+        for (d0, s0), (d1, s1) in zip(points, points[1:]):
+            if s0 > 1.0 >= s1:
+                interp = d0 + (s0 - 1.0) * (d1 - d0) / (s0 - s1)
+                break
+        if points and interp is None:
+            interp = (0.0 if points[0][1] <= 1.0 else None) if first_loss is not None else None
+        out.append({"shape": shape, "batch": batch, "first_density_not_faster": first_loss,
+                    "interpolated_crossover": interp,
+                    "max_density_measured": points[-1][0] if points else None})
+    return out
+
+
+def suggested_table(cross) -> dict:
+    """Per batch, the most conservative (smallest) crossover across shapes, for SPARSE_CROSSOVER_DENSITY."""
+    table = {}
+    for c in cross:
+        value = c["interpolated_crossover"]
+        if value is None:  # Sparse faster at every measured density: the largest one is safe.
+            value = c["max_density_measured"] if c["first_density_not_faster"] is None else 0.0
+        if value is None:
+            continue
+        table[c["batch"]] = min(table.get(c["batch"], 1.0), round(value, 3))
+    return dict(sorted(table.items()))
+
+
+def acceptance(rows, args) -> list[str]:
+    """The issue's targets: b1 10% speedup >= 4x (13B) / 6x (66B); every b1 best time <= 1.5x floor."""
+    lines, floor_ok, batch1 = [], True, False
+    targets = {"opt-13b": 4.0, "opt-66b": 6.0}
+    for row in rows:
+        if row["batch"] != 1:
+            continue
+        batch1 = True
+        name, best = best_pallas(row, args)
+        if best is None:
+            lines.append(f"FAIL {row['shape']} b1 {row['density']:g}: no correct Pallas timing")
+            floor_ok = False
+            continue
+        ratio = best / row["floor_us"]
+        if ratio > 1.5:
+            lines.append(f"FAIL {row['shape']} b1 {row['density']:g}: {name} {best:.1f} us = "
+                         f"{ratio:.2f}x floor (> 1.5x)")
+            floor_ok = False
+        dense = row["impls"].get("dense", {}).get("us")
+        if row["shape"] in targets and abs(row["density"] - 0.1) < 1e-9 and dense:
+            speedup = dense / best
+            verdict = "PASS" if speedup >= targets[row["shape"]] else "FAIL"
+            lines.append(f"{verdict} {row['shape']} b1 10%: {name} {speedup:.2f}x faster than dense "
+                         f"(target >= {targets[row['shape']]:g}x)")
+    if not batch1:
+        lines.append("(no batch-1 rows measured)")
+    elif floor_ok:
+        lines.append("PASS every batch-1 best Pallas time is within 1.5x its floor")
+    return lines
+
+
+def fmt_us(entry: dict) -> str:
+    if "us" in entry:
+        bad = entry.get("max_rel_err", 0.0) > CORRECT_TOL
+        return f"{entry['us']:.1f}{'!' if bad else ''}"
+    return "err" if "error" in entry else "-"
+
+
+def table_rows(rows, args):
+    impls = pallas_names(args) + list(BASELINES)
+    header = (["shape", "B", "density", "K"] + [f"{n} us" for n in impls]
+              + ["best", "speedup vs dense", "GB/s (best)", "time/floor", "max rel err"])
+    body = []
+    for row in rows:
+        name, best = best_pallas(row, args)
+        dense = row["impls"].get("dense", {}).get("us")
+        errs = [row["impls"].get(n, {}).get("max_rel_err") for n in pallas_names(args)]
+        errs = [e for e in errs if e is not None]
+        body.append([row["shape"], str(row["batch"]), f"{row['density']:g}", str(row["k"])]
+                    + [fmt_us(row["impls"].get(n, {})) for n in impls]
+                    + [name or "-",
+                       f"{dense / best:.2f}x" if best and dense else "-",
+                       f"{row['floor_bytes'] / (best * 1e-6) / 1e9:.0f}" if best else "-",
+                       f"{best / row['floor_us']:.2f}" if best else "-",
+                       f"{max(errs):.1e}" if errs else "-"])
+    return header, body
+
+
+def to_text(header, body) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def to_markdown(header, body) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench kernels --op mlp", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda f: (lambda s: tuple(f(v) for v in s.split(",") if v))  # noqa: E731
+    p.add_argument("--shapes", type=csv(str), default=None, help=f"comma list of {sorted(SHAPES)} or DxFFN")
+    p.add_argument("--densities", type=csv(float), default=None, help=f"comma list (default {DENSITIES})")
+    p.add_argument("--batches", type=csv(int), default=None, help=f"comma list (default {BATCHES})")
+    p.add_argument("--variants", type=csv(str), default=tuple(PALLAS_VARIANTS),
+                   help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)}")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (median; default 10)")
+    p.add_argument("--chain-us", type=float, default=3000.0,
+                   help="target length of one chained program in microseconds (default 3000)")
+    p.add_argument("--quick", action="store_true", help=f"a quick subset: {QUICK}")
+    p.add_argument("--interpret", action="store_true",
+                   help="tiny shapes, Pallas interpreter, CPU-friendly: a smoke test, timings meaningless")
+    p.add_argument("--max-minutes", type=float, default=8.0,
+                   help="stop starting new configurations after this long and write what was measured "
+                        "(default 8, under the GPU machine's 10-minute command limit; 0 = no limit)")
+    p.add_argument("--out", default=None, help="markdown path (JSON beside it); default "
+                   "bench/results/kernels_mlp_<card>_<date>.md (interpret: nothing written unless given)")
+    p.add_argument("--json", action="store_true", help="also print all numbers as JSON on stdout")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    preset = INTERPRET if args.interpret else (QUICK if args.quick else {})
+    shapes = [parse_shape(s) for s in (args.shapes or preset.get("shapes") or SHAPES)]
+    densities = sorted(args.densities or preset.get("densities") or DENSITIES)
+    batches = sorted(args.batches or preset.get("batches") or BATCHES)
+    unknown = [v for v in args.variants if v not in PALLAS_VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown --variants {unknown}; choose from {list(PALLAS_VARIANTS)}")
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be >= 1. Got {args.repeats}")
+    if not args.interpret and jax.default_backend() != "gpu":
+        print(f"warning: backend is {jax.default_backend()!r}, not gpu; compiled Pallas GPU kernels will fail "
+              "(use --interpret for a CPU smoke test)", file=sys.stderr)
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    meta = provenance()
+    meta["command"] = "python -m bench kernels --op mlp " + " ".join(sys.argv[1:] if argv is None else argv)
+    bw_probe = copy_bandwidth(nbytes=(8 << 20) if args.interpret else (2 << 30))
+    bw = bw_probe["floor_bandwidth"]
+    log(f"{meta['card']}  jax {meta['jax']}  commit {meta['commit']}  copy bandwidth "
+        + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bw_probe.items()))
+
+    start = time.perf_counter()
+    rows, stopped_early = [], False
+
+    def out_of_time() -> bool:
+        if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
+            log(f"stopping early: --max-minutes {args.max_minutes:g} reached")
+            return True
+        return False
+
+    for shape, d, ffn in shapes:
+        if stopped_early:
+            break
+        max_k = k_for(min(densities), ffn)
+        n_w = max(plan_rotation(max_k, d, ffn, 2, args.interpret).n_weight_sets, 1)
+        try:
+            weights_all = make_weights(jax.random.key(0), d, ffn, jnp.float16, n_w)
+        except Exception as e:  # noqa: BLE001
+            print(f"[{shape}] weights FAILED: {e}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            continue
+        for batch in batches:
+            if stopped_early or out_of_time():
+                stopped_early = True
+                break
+            dense = time_dense(shape, d, ffn, batch, weights_all, args)
+            log(f"{shape} b{batch} dense: " + (f"{dense['us']:.1f} us (compile {dense['compile_s']:.1f} s)"
+                                                 if "us" in dense else dense["error"]))
+            for density in densities:
+                if out_of_time():
+                    stopped_early = True
+                    break
+                row = bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log)
+                row["impls"]["dense"] = dense
+                rows.append(row)
+                parts = [f"{n} {fmt_us(e)}" + (f" ({e['max_rel_err']:.0e})" if "max_rel_err" in e else "")
+                         for n, e in row["impls"].items() if n != "dense"]
+                log(f"  {shape} b{batch} {density:g} K={row['k']} floor {row['floor_us']:.1f} us: "
+                    + ", ".join(parts))
+        del weights_all
+        gc.collect()
+    elapsed = time.perf_counter() - start
+
+    header, body = table_rows(rows, args)
+    cross = crossovers(rows, args)
+    suggestion = suggested_table(cross)
+    accept = acceptance(rows, args) if not args.interpret else ["(interpret mode: no acceptance check)"]
+    compile_total = sum(e.get("compile_s", 0.0) for r in rows for n, e in r["impls"].items()
+                        if n != "dense" and "same_as" not in e)
+    compile_total += sum({(r["shape"], r["batch"]): r["impls"]["dense"].get("compile_s", 0.0)
+                          for r in rows}.values())
+
+    cross_lines = [f"{c['shape']} b{c['batch']}: first density not faster = "
+                   f"{c['first_density_not_faster'] if c['first_density_not_faster'] is not None else 'none'}"
+                   f", interpolated crossover = "
+                   f"{'%.3f' % c['interpolated_crossover'] if c['interpolated_crossover'] is not None else '-'}"
+                   for c in cross]
+    plans = sorted({(r["shape"], r["batch"], r["density"], n, e["plan"]) for r in rows
+                    for n, e in r["impls"].items() if "plan" in e})
+
+    print()
+    print(to_text(header, body))
+    print("\nCrossover (best Pallas variant vs dense):")
+    print("\n".join("  " + line for line in cross_lines))
+    print(f"\nSuggested SPARSE_CROSSOVER_DENSITY = {suggestion}")
+    print("\nAcceptance:")
+    print("\n".join("  " + line for line in accept))
+    print(f"\n{len(rows)} configurations in {elapsed:.0f} s (compile {compile_total:.0f} s)"
+          f"{' - stopped early' if stopped_early else ''}")
+
+    data = {**meta, "copy_bandwidth": bw_probe, "interpret": args.interpret, "elapsed_s": elapsed,
+            "compile_s": compile_total, "stopped_early": stopped_early, "variants": {
+                n: PALLAS_VARIANTS[n] for n in args.variants}, "rows": rows, "crossovers": cross,
+            "suggested_crossover_density": suggestion, "acceptance": accept}
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    if args.interpret and args.out is None:
+        return 0
+    card_slug = "".join(c if c.isalnum() else "-" for c in meta["card"].lower()).strip("-")
+    md = "\n".join([
+        f"# Sparse MLP kernel vs dense - {meta['card']}", "",
+        f"- date: {meta['date']}", f"- command: `{meta['command']}`", f"- commit: {meta['commit']}",
+        f"- jax: {meta['jax']}", "- copy bandwidth: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s"
+                                                                   for k, v in bw_probe.items()),
+        f"- fp16 random weights; K = density x ffn rounded to {K_MULTIPLE}; times are per call, from "
+        "chained calls in one jitted program (median of "
+        f"{args.repeats}); `!` marks an output off the reference by > {CORRECT_TOL:g} (excluded from best)",
+        f"- {len(rows)} configurations in {elapsed:.0f} s, compile {compile_total:.0f} s"
+        + (" (stopped early by --max-minutes)" if stopped_early else ""), "",
+        to_markdown(header, body), "", "## Crossover (best Pallas variant vs dense)", "",
+        *[f"- {line}" for line in cross_lines], "",
+        f"Suggested `SPARSE_CROSSOVER_DENSITY = {suggestion}`", "", "## Acceptance", "",
+        *[f"- {line}" for line in accept], "", "## Launch plans", "",
+        *[f"- {s} b{b} {dens:g} {n}: {p}" for s, b, dens, n, p in plans], ""])
+    stem = f"kernels_mlp_{card_slug}_{meta['date']}"
+    path = write_results(stem, md, json.loads(json.dumps(data, default=str)), args.out)
+    print(f"wrote {path} and {path.with_suffix('.json').name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Where a decode step's time goes: GPU kernels of the compiled generation program, from a JAX profiler trace.
+
+    python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--hlo FILE]
+
+Runs one generation of random fp16 weights under `jax.profiler.trace(create_perfetto_trace=True)`, reads the
+perfetto JSON it writes, and prints per kernel name: count per decode step, total and mean time; then kernel time
+vs wall time (the gaps are launch and host overhead). `--hlo` also writes the optimized HLO of the program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from bench.generate import random_params
+from dejavu_jax.config import OPT_SHAPES, shape_config
+from dejavu_jax.generation import generate_tokens
+from dejavu_jax.sampling import SamplingConfig
+
+
+def device_kernel_events(trace_dir: str) -> list[dict]:
+    path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and "device" in e["args"]["name"].lower() and "gpu" in e["args"]["name"].lower()}
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="opt-6.7b", choices=sorted(OPT_SHAPES))
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
+    args = p.parse_args(argv)
+
+    config = dataclasses.replace(shape_config(args.shape), eos_token_id=-1)
+    params = random_params(config, jnp.float16)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (1, args.prompt_len), 3, config.vocab_size)
+    sampling = SamplingConfig().to_device()
+    num_slots = args.prompt_len + args.new_tokens
+
+    def run(n):
+        out = generate_tokens(params, ids, jnp.ones_like(ids), jnp.int32(n), jax.random.PRNGKey(2), sampling,
+                              config=config, num_slots=num_slots)
+        jax.block_until_ready(out)
+
+    if args.hlo:
+        text = generate_tokens.lower(params, ids, jnp.ones_like(ids), jnp.int32(1), jax.random.PRNGKey(2), sampling,
+                                     config=config, num_slots=num_slots).compile().as_text()
+        with open(args.hlo, "w") as f:
+            f.write(text)
+    run(args.new_tokens)
+    run(args.new_tokens)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            start = time.perf_counter()
+            run(args.new_tokens)
+            wall = time.perf_counter() - start
+        kernels = device_kernel_events(trace_dir)
+    if not kernels:
+        print("no device kernel events in the trace")
+        return 1
+    steps = args.new_tokens - 1
+    by_name = collections.defaultdict(list)
+    for e in kernels:
+        by_name[e["name"]].append(float(e["dur"]))
+    busy = sum(sum(v) for v in by_name.values())
+    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels))
+    print(f"{args.shape}: {len(kernels)} kernel events, {len(kernels) / steps:.0f} per decode step (approx.); "
+          f"kernel time {busy / 1e3:.2f} ms, device span {span / 1e3:.2f} ms, host wall {wall * 1e3:.2f} ms "
+          f"for {args.new_tokens} tokens + prefill")
+    print(f"{'total us':>10} {'share':>6} {'count':>6} {'mean us':>8}  kernel")
+    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
+        print(f"{sum(durs):10.0f} {sum(durs) / busy:6.1%} {len(durs):6d} {sum(durs) / len(durs):8.1f}  {name[:110]}")
+    return 0

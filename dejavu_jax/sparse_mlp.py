@@ -1,0 +1,100 @@
+"""The OPT MLP as the model calls it: dense XLA, or the sparse-neuron kernel when it is faster.
+
+Weights use one layout for both paths: `fc1_w` [ffn, d] (Hugging Face fc1.weight), `fc1_b` [ffn],
+`fc2_w_t` [ffn, d] (fc2.weight transposed, neuron-major so a neuron's weights are contiguous rows),
+`fc2_b` [d]. Both paths accumulate in fp32 and round the hidden activation to x.dtype, so with every
+neuron selected the sparse path equals the dense one to accumulation-order rounding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from kernels.sparse_mlp import MAX_BATCH, plan_sparse_mlp, sparse_mlp
+
+# Density K / ffn above which the dense MLP is at least as fast as the sparse kernel, by batch size
+# (batch sizes between keys interpolate linearly in log2(batch); outside, the nearest key).
+# CONSERVATIVE GUESSES, NOT MEASURED: the lead replaces them with the crossovers printed by the GPU
+# bench (`python -m bench kernels --op mlp`, tables in bench/results/kernels_mlp_*.md).
+SPARSE_CROSSOVER_DENSITY: dict[int, float] = {1: 0.30, 4: 0.25, 16: 0.15, 64: 0.08}
+
+
+def crossover_density(batch: int) -> float:
+    """The largest density at which the sparse kernel still beats dense, for `batch` rows."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1. Got {batch}")
+    keys = sorted(SPARSE_CROSSOVER_DENSITY)
+    if batch <= keys[0]:
+        return SPARSE_CROSSOVER_DENSITY[keys[0]]
+    if batch >= keys[-1]:
+        return SPARSE_CROSSOVER_DENSITY[keys[-1]]
+    hi = bisect.bisect_left(keys, batch)
+    lo_key, hi_key = keys[hi - 1], keys[hi]
+    t = (math.log2(batch) - math.log2(lo_key)) / (math.log2(hi_key) - math.log2(lo_key))
+    lo_val, hi_val = SPARSE_CROSSOVER_DENSITY[lo_key], SPARSE_CROSSOVER_DENSITY[hi_key]
+    return lo_val + t * (hi_val - lo_val)
+
+
+def use_sparse_mlp(batch: int, k: int, ffn: int) -> bool:
+    """Whether `k` active neurons of `ffn` at this batch size should run the sparse kernel."""
+    return batch <= MAX_BATCH and k / ffn <= crossover_density(batch)
+
+
+def round_k_to_block(k: int, *, ffn: int, d: int, batch: int = 1, dtype=jnp.float16,
+                     variant: str | None = None) -> int:
+    """K rounded up to the sparse kernel's block_k (padding is free of effect but not of cost), <= ffn.
+
+    Use it when calibrating K per layer, so the kernel reads no padded rows.
+    """
+    if not 0 <= k <= ffn:
+        raise ValueError(f"k must be in [0, ffn={ffn}]. Got {k}")
+    if k == 0:
+        return 0
+    kwargs = {} if variant is None else {"variant": variant}
+    rounded = k
+    for _ in range(8):  # block_k depends on K (small K, smaller blocks); settles in a step or two.
+        block_k = plan_sparse_mlp(batch, rounded, d, dtype, **kwargs).block_k
+        nxt = min(ffn, -(-rounded // block_k) * block_k)
+        if nxt == rounded:
+            break
+        rounded = nxt
+    return rounded
+
+
+def _precision(dtype):
+    # fp32 is the test / reference dtype: keep it full precision rather than TF32 on GPU.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def mlp_dense(x, fc1_w, fc1_b, fc2_w_t, fc2_b):
+    """relu(x @ fc1_w.T + fc1_b) @ fc2_w_t + fc2_b for x [..., d], fp32 accumulation, x.dtype out."""
+    precision = _precision(x.dtype)
+    pre = jnp.einsum("...d,fd->...f", x, fc1_w, preferred_element_type=jnp.float32,
+                     precision=precision)
+    h = jnp.maximum(pre + fc1_b.astype(jnp.float32), 0.0).astype(x.dtype)    # [..., ffn]
+    out = jnp.einsum("...f,fd->...d", h, fc2_w_t, preferred_element_type=jnp.float32,
+                     precision=precision)
+    return (out + fc2_b.astype(jnp.float32)).astype(x.dtype)
+
+
+def mlp_sparse_or_dense(x, fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx, *, interpret: bool = False,
+                        variant: str | None = None):
+    """The MLP over the neurons in `active_idx` [K] for x [..., d]; dense when K/ffn is too high.
+
+    The choice is static (K and the row count are shapes). Dense computes every neuron, i.e. it is
+    the exact MLP rather than the sparse approximation: past the crossover it is both faster and
+    at least as accurate.
+    """
+    ffn, d = fc1_w.shape
+    rows = math.prod(x.shape[:-1])
+    k = active_idx.shape[0]
+    if rows == 0 or not use_sparse_mlp(rows, k, ffn):
+        return mlp_dense(x, fc1_w, fc1_b, fc2_w_t, fc2_b)
+    kwargs = {} if variant is None else {"variant": variant}
+    out = sparse_mlp(x.reshape(rows, d), fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx,
+                     interpret=interpret, **kwargs)
+    return out.reshape(x.shape)

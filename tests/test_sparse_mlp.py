@@ -1,0 +1,261 @@
+"""Sparse MLP kernel (kernels/sparse_mlp.py) and its model-facing wrapper (dejavu_jax/sparse_mlp.py).
+
+`TestSparseMLP` runs the kernels compiled for the GPU and skips elsewhere; `TestSparseMLPInterpret`
+re-runs every case in the Pallas interpreter on CPU. Outputs are compared with a float64 numpy
+reference by per-row relative error ||out - ref|| / ||ref||.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dejavu_jax.sparse_mlp import (SPARSE_CROSSOVER_DENSITY, crossover_density, mlp_dense,
+                                   mlp_sparse_or_dense, round_k_to_block)
+from kernels.sparse_mlp import (check_active_idx, plan_sparse_mlp, sparse_mlp,
+                                sparse_mlp_reference)
+
+# Per-row relative error bounds against float64. bf16/fp16 round h and the output to 8/11 bits.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+def _key(*parts):
+    return jax.random.key(zlib.crc32(repr(parts).encode()))
+
+
+def _mlp_inputs(key, batch, d, ffn, dtype):
+    ks = jax.random.split(key, 5)
+    x = jax.random.normal(ks[0], (batch, d), jnp.float32)
+    fc1_w = jax.random.normal(ks[1], (ffn, d), jnp.float32) / np.sqrt(d)
+    fc1_b = 0.3 * jax.random.normal(ks[2], (ffn,), jnp.float32)
+    fc2_w_t = jax.random.normal(ks[3], (ffn, d), jnp.float32) / np.sqrt(ffn / 4)
+    fc2_b = 0.3 * jax.random.normal(ks[4], (d,), jnp.float32)
+    return tuple(a.astype(dtype) for a in (x, fc1_w, fc1_b, fc2_w_t, fc2_b))
+
+
+def _random_idx(key, ffn, k):
+    """k distinct neurons in random (unsorted) order."""
+    return jax.random.permutation(key, ffn)[:k].astype(jnp.int32)
+
+
+def _reference_f64(x, fc1_w, fc1_b, fc2_w_t, fc2_b, idx):
+    f64 = lambda a: np.asarray(a).astype(np.float64)
+    idx = np.asarray(idx)
+    h = np.maximum(f64(x) @ f64(fc1_w)[idx].T + f64(fc1_b)[idx], 0.0)
+    return h @ f64(fc2_w_t)[idx] + f64(fc2_b)
+
+
+def _row_rel_err(out, ref):
+    out = np.asarray(out).astype(np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    return np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+
+
+# (batch, d, ffn, k): d not a power of two, K = 1 / odd / not a block multiple / = ffn,
+# batch 1, > 1 and >= 16 (the tensor-core path), and d = 100 (ragged last column block).
+SHAPES = [
+    (1, 384, 512, 1),
+    (1, 384, 512, 37),
+    (3, 384, 256, 256),
+    (16, 384, 512, 48),
+    (1, 2560, 256, 100),
+    (3, 2560, 256, 17),
+    (2, 100, 256, 5),
+]
+VARIANTS = ["fused", "two_pass"]
+
+
+class TestSparseMLP:
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _needs_gpu(self):
+        if not self.INTERPRET and jax.default_backend() != "gpu":
+            pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret subclass covers CPU")
+
+    def _check(self, batch, d, ffn, idx_or_k, dtype, variant, **knobs):
+        key = _key(batch, d, ffn, idx_or_k if isinstance(idx_or_k, int) else tuple(idx_or_k),
+                   str(dtype), variant, knobs)
+        params = _mlp_inputs(key, batch, d, ffn, dtype)
+        if isinstance(idx_or_k, int):
+            idx = _random_idx(jax.random.fold_in(key, 1), ffn, idx_or_k)
+        else:
+            idx = jnp.asarray(idx_or_k, jnp.int32)
+        out = sparse_mlp(*params, idx, variant=variant, interpret=self.INTERPRET, **knobs)
+        assert out.shape == (batch, d) and out.dtype == dtype
+        err = _row_rel_err(out, _reference_f64(*params, idx))
+        assert err.max() < TOLERANCE[dtype], (err, plan_sparse_mlp(batch, idx.shape[0], d, dtype,
+                                                                   variant=variant, **knobs))
+        return params, idx, out
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("batch,d,ffn,k", SHAPES)
+    def test_fp32_matches_float64(self, batch, d, ffn, k, variant):
+        self._check(batch, d, ffn, k, jnp.float32, variant)
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    @pytest.mark.parametrize("batch,d,ffn,k", [(1, 2560, 256, 100), (3, 384, 512, 37),
+                                               (16, 384, 512, 48)])
+    def test_half_precision_matches_float64(self, batch, d, ffn, k, dtype, variant):
+        self._check(batch, d, ffn, k, dtype, variant)
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_reference_twin_agrees(self, variant):
+        params, idx, out = self._check(3, 384, 512, 37, jnp.float32, variant)
+        ref = sparse_mlp_reference(*params, idx)
+        assert _row_rel_err(out, np.asarray(ref, np.float64)).max() < 1e-5
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("batch", [1, 3])
+    def test_all_neurons_equals_dense(self, batch, variant):
+        ffn, d = 256, 384
+        key = _key("dense", batch, variant)
+        params = _mlp_inputs(key, batch, d, ffn, jnp.float32)
+        idx = _random_idx(jax.random.fold_in(key, 1), ffn, ffn)
+        out = sparse_mlp(*params, idx, variant=variant, interpret=self.INTERPRET)
+        dense = np.asarray(mlp_dense(*params), np.float64)
+        assert _row_rel_err(out, dense).max() < 1e-5
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_duplicates_count_twice(self, variant):
+        batch, d, ffn = 2, 384, 512
+        x, fc1_w, fc1_b, fc2_w_t, fc2_b = _mlp_inputs(_key("dup", variant), batch, d, ffn, jnp.float32)
+        fc1_b = fc1_b.at[jnp.array([7, 3])].set(5.0)  # Repeated neurons active in every row.
+        params = (x, fc1_w, fc1_b, fc2_w_t, fc2_b)
+        idx = jnp.asarray([7, 200, 7, 3, 511, 3, 3], jnp.int32)
+        out = sparse_mlp(*params, idx, variant=variant, interpret=self.INTERPRET)
+        assert _row_rel_err(out, _reference_f64(*params, idx)).max() < 1e-5
+        once = _reference_f64(*params, np.array([7, 200, 3, 511]))
+        assert _row_rel_err(out, once).min() > 1e-2  # The repeats really changed every row.
+
+    @pytest.mark.parametrize(
+        "variant,knobs",
+        [("fused", dict(block_k=8, block_d=128)),
+         ("fused", dict(block_k=16, block_d=64, use_dot=True)),
+         ("two_pass", dict(block_k=8, block_d=128, split_d=2, split_k=3)),
+         ("two_pass", dict(block_k=16, block_d=128, split_d=1, split_k=1, use_dot=True)),
+         ("two_pass", dict(block_k=4, block_d=256, split_d=3, split_k=5, num_warps=4,
+                           num_stages=1))])
+    def test_block_knobs(self, variant, knobs):
+        # K = 37 is not a multiple of any block; d = 384 is ragged for block_d = 256.
+        self._check(3, 384, 512, 37, jnp.float32, variant, **knobs)
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_k_zero_gives_fc2_bias(self, variant):
+        params = _mlp_inputs(_key("k0"), 2, 384, 256, jnp.float32)
+        out = sparse_mlp(*params, jnp.zeros((0,), jnp.int32), variant=variant,
+                         interpret=self.INTERPRET)
+        np.testing.assert_array_equal(out, np.broadcast_to(np.asarray(params[4]), (2, 384)))
+
+
+class TestSparseMLPInterpret(TestSparseMLP):
+    INTERPRET = True
+
+
+# --- Bad inputs: rejected at trace time with a message naming the problem. ---
+
+
+def _good_args(batch=2, d=128, ffn=256, k=8, dtype=jnp.float32):
+    params = _mlp_inputs(_key("args"), batch, d, ffn, dtype)
+    return list(params) + [jnp.arange(k, dtype=jnp.int32)]
+
+
+def _replace(i, value):
+    args = _good_args()
+    args[i] = value
+    return args
+
+
+BAD_INPUTS = [
+    ("x rank", _replace(0, jnp.zeros((2, 1, 128))), "x must be rank 2"),
+    ("x dtype", _replace(0, jnp.zeros((2, 128), jnp.int32)), "x dtype must be"),
+    ("fc1_w d", _replace(1, jnp.zeros((256, 64))), "fc1_w must be"),
+    ("fc2_w_t shape", _replace(3, jnp.zeros((128, 256))), "fc2_w_t must be"),
+    ("fc1_b shape", _replace(2, jnp.zeros((255,))), "fc1_b must be"),
+    ("fc2_b shape", _replace(4, jnp.zeros((256,))), "fc2_b must be"),
+    ("weight dtype", _replace(1, jnp.zeros((256, 128), jnp.bfloat16)), "must have x's dtype"),
+    ("idx rank", _replace(5, jnp.zeros((2, 4), jnp.int32)), "active_idx must be rank 1"),
+    ("idx dtype", _replace(5, jnp.zeros((4,), jnp.float32)), "active_idx must be an integer"),
+    ("batch too big", _replace(0, jnp.zeros((1000, 128))), "batch must be in"),
+]
+
+
+@pytest.mark.parametrize("name,args,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_raise(name, args, match):
+    with pytest.raises(ValueError, match=match) as info:
+        sparse_mlp(*args, interpret=True)
+    assert "Got" in str(info.value)
+
+
+@pytest.mark.parametrize("knobs,match", [
+    (dict(variant="sparse"), "variant must be one of"),
+    (dict(block_k=12), "block_k must be a positive power of two"),
+    (dict(block_d=0), "block_d must be a positive power of two"),
+    (dict(split_k=0), "split_k must be a positive int"),
+    (dict(use_dot=True, block_k=8), "use_dot needs block_k >= 16"),
+])
+def test_bad_knobs_raise(knobs, match):
+    with pytest.raises(ValueError, match=match):
+        sparse_mlp(*_good_args(), interpret=True, **knobs)
+
+
+def test_check_active_idx():
+    check_active_idx(np.array([5, 0, 255]), 256)
+    check_active_idx(np.array([3, 3]), 256)
+    with pytest.raises(ValueError, match=r"\[0, ffn=256\). Got 256 at position 1"):
+        check_active_idx(np.array([0, 256, 4]), 256)
+    with pytest.raises(ValueError, match="Got -1"):
+        check_active_idx(np.array([-1]), 256)
+    with pytest.raises(ValueError, match="must not repeat a neuron. Got 3 2 times"):
+        check_active_idx(np.array([3, 1, 3]), 256, allow_duplicates=False)
+    with pytest.raises(ValueError, match="integer"):
+        check_active_idx(np.array([1.0]), 256)
+    with pytest.raises(ValueError, match="outside jit"):
+        jax.jit(lambda i: check_active_idx(i, 256))(jnp.arange(3))
+
+
+# --- Model-facing wrapper (dejavu_jax/sparse_mlp.py). ---
+
+
+def test_crossover_density_interpolates():
+    keys = sorted(SPARSE_CROSSOVER_DENSITY)
+    for b in keys:
+        assert crossover_density(b) == SPARSE_CROSSOVER_DENSITY[b]
+    assert crossover_density(10_000) == SPARSE_CROSSOVER_DENSITY[keys[-1]]
+    lo, hi = SPARSE_CROSSOVER_DENSITY[keys[0]], SPARSE_CROSSOVER_DENSITY[keys[1]]
+    mid = crossover_density(2 if keys[:2] == [1, 4] else (keys[0] + keys[1]) // 2)
+    assert min(lo, hi) <= mid <= max(lo, hi)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("k", [1, 37, 300, 1024])
+def test_round_k_to_block(batch, k):
+    ffn, d = 1024, 384
+    rounded = round_k_to_block(k, ffn=ffn, d=d, batch=batch)
+    assert k <= rounded <= ffn
+    block_k = plan_sparse_mlp(batch, rounded, d, jnp.float16).block_k
+    assert rounded % block_k == 0 or rounded == ffn
+
+
+def test_mlp_sparse_or_dense_picks_by_density():
+    batch, d, ffn = 1, 384, 512
+    key = _key("wrapper")
+    params = _mlp_inputs(key, batch, d, ffn, jnp.float32)
+    dense = np.asarray(mlp_dense(*params), np.float64)
+
+    k_sparse = int(crossover_density(batch) * ffn) // 2
+    idx = _random_idx(jax.random.fold_in(key, 1), ffn, k_sparse)
+    out = mlp_sparse_or_dense(params[0][:, None, :], *params[1:], idx, interpret=True)
+    assert out.shape == (batch, 1, d)
+    ref = _reference_f64(*params, idx)
+    assert _row_rel_err(out[:, 0], ref).max() < 1e-5
+    assert _row_rel_err(out[:, 0], dense).min() > 1e-3  # Really the subset, not the full MLP.
+
+    # Past the crossover the wrapper computes every neuron: the exact dense MLP.
+    k_dense = min(ffn, int(crossover_density(batch) * ffn) + 64)
+    idx = _random_idx(jax.random.fold_in(key, 2), ffn, k_dense)
+    out = mlp_sparse_or_dense(*params, idx, interpret=True)
+    assert _row_rel_err(out, dense).max() < 1e-6
