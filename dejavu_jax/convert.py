@@ -52,8 +52,8 @@ def conversion_rules(config: OPTConfig) -> list[Rule]:
     if config.has_final_layer_norm:
         rules += _layer_norm_rules(config, ("final_layer_norm",), "decoder.final_layer_norm")
 
-    def qkv_w(q, k, v):  # three [d_out, d_in] -> [d_in, 3, heads, head_dim]
-        return np.stack([q.T, k.T, v.T], axis=1).reshape(d, 3, H, hd)
+    def qkv_w(q, k, v):  # three [d_out, d_in] -> [3, heads, head_dim, d_in]
+        return np.stack([q, k, v]).reshape(3, H, hd, d)
 
     def qkv_b(q, k, v):
         return np.stack([q, k, v]).reshape(3, H, hd)
