@@ -2,6 +2,7 @@
 
     python -m bench kernels --op mlp [--quick] [--shapes opt-13b,opt-66b] [--densities 0.05,0.1]
                                      [--batches 1,16] [--variants fused,two_pass] [--repeats 10]
+                                     [--max-minutes 5.5]
     python -m bench kernels --op mlp --interpret     # tiny CPU smoke test (Pallas interpreter)
 
 For each OPT layer shape (d, ffn = 4d), batch and density (K = density * ffn, rounded to 64), in one run:
@@ -17,6 +18,12 @@ Compile time is measured apart. So that the chain does not read its weights from
 loop step cycles through several disjoint random index sets (and, for small K, two weight copies)
 until the bytes touched per cycle exceed 2x L2. Before timing, the first call's output of every Pallas
 variant is compared with the reference (max per-row relative error, printed and stored).
+
+Budget: the full default grid (4 shapes x 5 densities x 4 batches = 80 configurations, 4 Pallas
+variants + take + dense) is sized for ~5 minutes on an H100, dominated by ~0.5 s of compile per timed
+implementation (the quick run: 26 s of compile for 12 configurations); chains are 2 ms, identical
+plans are timed once, and --max-minutes (default 5.5) stops starting configurations and still writes
+the table. Shapes run 13B and 66B first, so a cut-short run keeps the acceptance shapes.
 
 Per (shape, batch) it reports the crossover: the smallest density at which the best Pallas variant is
 no faster than dense, and a linear interpolation of where the speedup crosses 1 - the numbers that
@@ -62,7 +69,15 @@ PALLAS_VARIANTS = {
     "fused": dict(variant="fused"),
     "fused_bk16": dict(variant="fused", block_k=16),   # fewer programs, 4x fewer atomics at small K
     "two_pass": dict(variant="two_pass"),
+    # Two launches, no JAX glue: fc1 full rows (split_d 1), fc2 narrow columns over all of K.
+    "two_pass_v2": dict(variant="two_pass_v2"),
+    # The v2 kernels with fc2 on 256-byte row segments and 4 K-splits summed in JAX (one more
+    # small launch, 2-4x more fc2 programs): tells whether v2's narrow columns or its launch
+    # count decides.
+    "two_pass_v2_sk": dict(variant="two_pass_v2", fc2_block_d=128, split_k=4),
 }
+# Timed by default; fused_bk16 only on request (--variants), to save compile time.
+DEFAULT_VARIANTS = ("fused", "two_pass", "two_pass_v2", "two_pass_v2_sk")
 BASELINES = ("dense", "take")
 
 L2_BYTES = 50e6
@@ -189,8 +204,12 @@ def row_rel_err(out, ref) -> float:
 
 def plan_summary(plan) -> str:
     grids = "+".join("x".join(map(str, g)) for g in plan.grid)
+    fc2 = ""
+    if (plan.fc2_block_k, plan.fc2_block_d, plan.fc2_num_warps) != (plan.block_k, plan.block_d,
+                                                                   plan.num_warps):
+        fc2 = f" | fc2 bk{plan.fc2_block_k} bd{plan.fc2_block_d} w{plan.fc2_num_warps}"
     return (f"bk{plan.block_k} bd{plan.block_d} grid {grids} w{plan.num_warps} s{plan.num_stages}"
-            f"{' dot' if plan.use_dot else ''}")
+            f"{fc2}{f' pf{plan.prefetch}' if plan.prefetch else ''}{' dot' if plan.use_dot else ''}")
 
 
 def bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log) -> dict:
@@ -237,7 +256,7 @@ def bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log) -> d
             traceback.print_exc(file=sys.stderr)
             entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         row["impls"][impl] = entry
-        gc.collect()
+    gc.collect()  # Once per configuration: a full collection costs ~0.1 s in this process.
     if ref is None and not args.interpret:
         log(f"  warning: no reference for {shape} b{batch} {density:g}; Pallas outputs unchecked")
     return row
@@ -388,17 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=csv(str), default=None, help=f"comma list of {sorted(SHAPES)} or DxFFN")
     p.add_argument("--densities", type=csv(float), default=None, help=f"comma list (default {DENSITIES})")
     p.add_argument("--batches", type=csv(int), default=None, help=f"comma list (default {BATCHES})")
-    p.add_argument("--variants", type=csv(str), default=tuple(PALLAS_VARIANTS),
-                   help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)}")
+    p.add_argument("--variants", type=csv(str), default=DEFAULT_VARIANTS,
+                   help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)} (default "
+                        f"{','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (median; default 10)")
-    p.add_argument("--chain-us", type=float, default=3000.0,
-                   help="target length of one chained program in microseconds (default 3000)")
+    p.add_argument("--chain-us", type=float, default=2000.0,
+                   help="target length of one chained program in microseconds (default 2000)")
     p.add_argument("--quick", action="store_true", help=f"a quick subset: {QUICK}")
     p.add_argument("--interpret", action="store_true",
                    help="tiny shapes, Pallas interpreter, CPU-friendly: a smoke test, timings meaningless")
-    p.add_argument("--max-minutes", type=float, default=8.0,
+    p.add_argument("--max-minutes", type=float, default=5.5,
                    help="stop starting new configurations after this long and write what was measured "
-                        "(default 8, under the GPU machine's 10-minute command limit; 0 = no limit)")
+                        "(default 5.5, under the GPU machine's 10-minute command limit; 0 = no limit)")
     p.add_argument("--out", default=None, help="markdown path (JSON beside it); default "
                    "bench/results/kernels_mlp_<card>_<date>.md (interpret: nothing written unless given)")
     p.add_argument("--json", action="store_true", help="also print all numbers as JSON on stdout")

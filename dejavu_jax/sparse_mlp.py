@@ -18,9 +18,11 @@ from kernels.sparse_mlp import MAX_BATCH, plan_sparse_mlp, sparse_mlp
 
 # Density K / ffn above which the dense MLP is at least as fast as the sparse kernel, by batch size
 # (batch sizes between keys interpolate linearly in log2(batch); outside, the nearest key).
-# CONSERVATIVE GUESSES, NOT MEASURED: the lead replaces them with the crossovers printed by the GPU
-# bench (`python -m bench kernels --op mlp`, tables in bench/results/kernels_mlp_*.md).
-SPARSE_CROSSOVER_DENSITY: dict[int, float] = {1: 0.30, 4: 0.25, 16: 0.15, 64: 0.08}
+# From the quick H100 run (bench/results/kernels_mlp_quick_NVIDIA-H100-80GB-HBM3_2026-11-25.md:
+# sparse faster than dense at every measured density up to 50% at batch 1 and 16, opt-13b and
+# opt-66b; 4 interpolated, 64 unmeasured and kept conservative); the full grid
+# (`python -m bench kernels --op mlp`) refines it.
+SPARSE_CROSSOVER_DENSITY: dict[int, float] = {1: 0.5, 4: 0.5, 16: 0.5, 64: 0.25}
 
 
 def crossover_density(batch: int) -> float:
@@ -46,7 +48,7 @@ def use_sparse_mlp(batch: int, k: int, ffn: int) -> bool:
 
 def round_k_to_block(k: int, *, ffn: int, d: int, batch: int = 1, dtype=jnp.float16,
                      variant: str | None = None) -> int:
-    """K rounded up to the sparse kernel's block_k (padding is free of effect but not of cost), <= ffn.
+    """K rounded up to the sparse kernel's K multiple (padding is free of effect but not of cost), <= ffn.
 
     Use it when calibrating K per layer, so the kernel reads no padded rows.
     """
@@ -56,9 +58,9 @@ def round_k_to_block(k: int, *, ffn: int, d: int, batch: int = 1, dtype=jnp.floa
         return 0
     kwargs = {} if variant is None else {"variant": variant}
     rounded = k
-    for _ in range(8):  # block_k depends on K (small K, smaller blocks); settles in a step or two.
-        block_k = plan_sparse_mlp(batch, rounded, d, dtype, **kwargs).block_k
-        nxt = min(ffn, -(-rounded // block_k) * block_k)
+    for _ in range(8):  # Blocks depend on K (small K, smaller blocks); settles in a step or two.
+        multiple = plan_sparse_mlp(batch, rounded, d, dtype, **kwargs).k_multiple
+        nxt = min(ffn, -(-rounded // multiple) * multiple)
         if nxt == rounded:
             break
         rounded = nxt

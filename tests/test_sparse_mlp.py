@@ -64,7 +64,7 @@ SHAPES = [
     (3, 2560, 256, 17),
     (2, 100, 256, 5),
 ]
-VARIANTS = ["fused", "two_pass"]
+VARIANTS = ["fused", "two_pass", "two_pass_v2"]
 
 
 class TestSparseMLP:
@@ -138,10 +138,24 @@ class TestSparseMLP:
          ("two_pass", dict(block_k=8, block_d=128, split_d=2, split_k=3)),
          ("two_pass", dict(block_k=16, block_d=128, split_d=1, split_k=1, use_dot=True)),
          ("two_pass", dict(block_k=4, block_d=256, split_d=3, split_k=5, num_warps=4,
-                           num_stages=1))])
+                           num_stages=1)),
+         # v2: fc1 split_d > 1 (fc2 finishes h in its loop), split_k > 1, fc1 blocks that do not
+         # cover fc2's padded K, ragged fc2 column blocks, each prefetch depth.
+         ("two_pass_v2", dict(block_k=2, block_d=128, split_d=2, split_k=3, fc2_block_k=8,
+                              fc2_block_d=256, prefetch=1)),
+         ("two_pass_v2", dict(block_k=16, block_d=64, split_d=4, fc2_block_k=32,
+                              fc2_block_d=128, use_dot=True, prefetch=3)),
+         ("two_pass_v2", dict(block_k=1, fc2_block_k=64, fc2_block_d=32, prefetch=0)),
+         ("two_pass_v2", dict(fc2_block_k=16, fc2_block_d=256, split_k=2, prefetch=4))])
     def test_block_knobs(self, variant, knobs):
         # K = 37 is not a multiple of any block; d = 384 is ragged for block_d = 256.
         self._check(3, 384, 512, 37, jnp.float32, variant, **knobs)
+
+    @pytest.mark.parametrize("batch,k", [(1, 37), (1, 300)])
+    def test_v2_batch1_knobs(self, batch, k):
+        # Batch 1 (elementwise accumulators): split_d > 1 and padded K in fc2, ragged d = 384.
+        self._check(batch, 384, 512, k, jnp.float32, "two_pass_v2", block_k=4, split_d=3,
+                    fc2_block_d=256, fc2_block_k=32)
 
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_k_zero_gives_fc2_bias(self, variant):
@@ -153,6 +167,26 @@ class TestSparseMLP:
 
 class TestSparseMLPInterpret(TestSparseMLP):
     INTERPRET = True
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch,d,ffn,k,dtype", [
+    (1, 5120, 20480, 1024, jnp.float16), (4, 2560, 10240, 999, jnp.bfloat16),
+    (16, 384, 512, 48, jnp.float16), (64, 9216, 36864, 1856, jnp.float16),
+    (3, 100, 256, 5, jnp.float32)])
+def test_lowers_for_gpu(variant, batch, d, ffn, k, dtype):
+    """The Pallas -> Triton lowering (not Triton's own compile) runs on any host, for CUDA."""
+    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
+        ((batch, d), dtype), ((ffn, d), dtype), ((ffn,), dtype), ((ffn, d), dtype), ((d,), dtype),
+        ((k,), jnp.int32))]
+    fn = jax.jit(lambda *a: sparse_mlp(*a, variant=variant))
+    try:
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except (NotImplementedError, RuntimeError) as e:  # No cross-platform lowering in this jaxlib.
+        if "cuda" in str(e).lower() and "platform" in str(e).lower():
+            pytest.skip(f"cannot lower for cuda here: {e}")
+        raise
+    assert "triton" in text.lower()
 
 
 # --- Bad inputs: rejected at trace time with a message naming the problem. ---
@@ -196,6 +230,8 @@ def test_bad_inputs_raise(name, args, match):
     (dict(block_d=0), "block_d must be a positive power of two"),
     (dict(split_k=0), "split_k must be a positive int"),
     (dict(use_dot=True, block_k=8), "use_dot needs block_k >= 16"),
+    (dict(variant="two_pass_v2", fc2_block_d=48), "fc2_block_d must be a positive power of two"),
+    (dict(variant="two_pass_v2", prefetch=5), "prefetch must be an int in"),
 ])
 def test_bad_knobs_raise(knobs, match):
     with pytest.raises(ValueError, match=match):
@@ -236,8 +272,11 @@ def test_round_k_to_block(batch, k):
     ffn, d = 1024, 384
     rounded = round_k_to_block(k, ffn=ffn, d=d, batch=batch)
     assert k <= rounded <= ffn
-    block_k = plan_sparse_mlp(batch, rounded, d, jnp.float16).block_k
-    assert rounded % block_k == 0 or rounded == ffn
+    multiple = plan_sparse_mlp(batch, rounded, d, jnp.float16).k_multiple
+    assert rounded % multiple == 0 or rounded == ffn
+    rounded = round_k_to_block(k, ffn=ffn, d=d, batch=batch, variant="two_pass_v2")
+    plan = plan_sparse_mlp(batch, rounded, d, jnp.float16, variant="two_pass_v2")
+    assert k <= rounded <= ffn and (rounded == plan.k_padded or rounded == ffn)
 
 
 def test_mlp_sparse_or_dense_picks_by_density():
