@@ -15,18 +15,19 @@ from dejavu_jax.config import OPTConfig
 
 @struct.dataclass
 class KVCache:
-    # Per layer [2 (key, value), batch, heads, slots, head_dim]: one array, so a decode step writes a layer's new
-    # K and V with one in-place update (one kernel instead of two; measured on H100 at ~1.5 us per kernel).
-    kv: tuple[jax.Array, ...]
+    keys: tuple[jax.Array, ...]  # per layer [batch, heads, slots, head_dim]
+    values: tuple[jax.Array, ...]  # per layer [batch, heads, slots, head_dim]
     slot_mask: jax.Array  # [batch, slots] bool: the slot holds a real (non-padding) token
     next_position: jax.Array  # [batch] int32: position id of the sequence's next real token
     cursor: jax.Array  # [] int32: slots written so far; the next chunk is written from here
 
     @classmethod
     def create(cls, config: OPTConfig, batch: int, num_slots: int, dtype) -> "KVCache":
-        shape = (2, batch, config.num_attention_heads, num_slots, config.head_dim)
+        shape = (batch, config.num_attention_heads, num_slots, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(
-            kv=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+            keys=zeros,
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
             slot_mask=jnp.zeros((batch, num_slots), bool),
             next_position=jnp.zeros((batch,), jnp.int32),
             cursor=jnp.zeros((), jnp.int32),

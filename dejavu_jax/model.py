@@ -75,7 +75,7 @@ class OPTAttention(nn.Module):
     def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None):
         """x [B, T, d] (after the LayerNorm); allowed [B, T, S] bool: query t may read key slot s.
 
-        layer_kv: [2, B, heads, S, head_dim] (keys, values); the chunk is written at slot `cursor`;
+        layer_kv: (keys, values) each [B, heads, S, head_dim], the chunk is written at slot `cursor`;
         None: S == T and the keys are the chunk's own. head_idx: heads to compute, None = all.
         Returns (out [B, T, d], new layer_kv or None).
         """
@@ -88,21 +88,22 @@ class OPTAttention(nn.Module):
             qkv = (qkv + qkv_b[:, None, :, None, :].astype(jnp.float32)).astype(x.dtype)
         # HF scales the query after q_proj, bias included.
         q = (qkv[0] * (c.head_dim ** -0.5)).astype(x.dtype)  # [B, h, T, hd]
-        kv_new = qkv[1:]  # [2, B, h, T, hd]
+        k_new, v_new = qkv[1], qkv[2]
         if layer_kv is None:
-            kv, new_kv = kv_new, None
+            keys, values, new_kv = k_new, v_new, None
         else:
-            kv_new = kv_new.astype(layer_kv.dtype)
+            keys, values = layer_kv
             if head_idx is None:
-                kv = jax.lax.dynamic_update_slice(layer_kv, kv_new, (0, 0, 0, cursor, 0))
+                keys = jax.lax.dynamic_update_slice(keys, k_new.astype(keys.dtype), (0, 0, cursor, 0))
+                values = jax.lax.dynamic_update_slice(values, v_new.astype(values.dtype), (0, 0, cursor, 0))
             else:
                 # Only the chosen heads get K/V for these slots; the others keep holes (sparse attention fills them).
                 slots = cursor + jnp.arange(x.shape[1])
-                kv = layer_kv.at[:, :, head_idx[:, None], slots[None, :]].set(kv_new)
-            new_kv = kv
+                keys = keys.at[:, head_idx[:, None], slots[None, :]].set(k_new.astype(keys.dtype))
+                values = values.at[:, head_idx[:, None], slots[None, :]].set(v_new.astype(values.dtype))
+            new_kv = (keys, values)
             if head_idx is not None:
-                kv = kv[:, :, head_idx]
-        keys, values = kv[0], kv[1]
+                keys, values = keys[:, head_idx], values[:, head_idx]
         with jax.named_scope("attention"):
             scores = jnp.einsum("bhtk,bhsk->bhts", q, keys, preferred_element_type=jnp.float32)
             scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
@@ -225,14 +226,16 @@ class OPTForCausalLM(nn.Module):
             h = self.project_in(h)
         h = h + self.embed_positions(positions + c.POSITION_OFFSET)
 
-        new_kv = []
+        new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
-            layer_kv = None if cache is None else cache.kv[i]
+            layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
             layer_sparsity = LayerSparsity() if sparsity is None else sparsity[i]
             with jax.named_scope(f"layer_{i}"):
                 h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, layer_sparsity,
                               interpret)
-            new_kv.append(kv)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
 
         if logits_for == "last":
             h = h[:, -1:]
@@ -244,7 +247,7 @@ class OPTForCausalLM(nn.Module):
         logits = jnp.einsum("btp,vp->btv", h.astype(self.dtype), self.embed_tokens.embedding,
                             preferred_element_type=jnp.float32)
         if cache is not None:
-            cache = cache.replace(kv=tuple(new_kv)).advance(chunk_mask)
+            cache = cache.replace(keys=tuple(new_keys), values=tuple(new_values)).advance(chunk_mask)
         return logits, cache
 
 

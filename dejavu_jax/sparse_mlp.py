@@ -18,11 +18,11 @@ from kernels.sparse_mlp import MAX_BATCH, plan_sparse_mlp, sparse_mlp
 
 # Density K / ffn above which the dense MLP is at least as fast as the sparse kernel, by batch size
 # (batch sizes between keys interpolate linearly in log2(batch); outside, the nearest key).
-# From the quick H100 run (bench/results/kernels_mlp_quick_NVIDIA-H100-80GB-HBM3_2026-11-25.md:
-# sparse faster than dense at every measured density up to 50% at batch 1 and 16, opt-13b and
-# opt-66b; 4 interpolated, 64 unmeasured and kept conservative); the full grid
-# (`python -m bench kernels --op mlp`) refines it.
-SPARSE_CROSSOVER_DENSITY: dict[int, float] = {1: 0.5, 4: 0.5, 16: 0.5, 64: 0.25}
+# Measured on an H100 (bench/results/kernels_mlp_NVIDIA-H100-80GB-HBM3_2026-11-25.md, opt-6.7b/13b/66b,
+# densities 2.5-50%): sparse beats dense at every measured density up to 50% at batch 1, 16 and 64
+# (1.4-1.9x at 50%); at batch 4 (multiply-and-sum path, no tensor cores) dense wins from ~38% (opt-66b)
+# to ~43% (opt-13b).
+SPARSE_CROSSOVER_DENSITY: dict[int, float] = {1: 0.5, 4: 0.38, 16: 0.5, 64: 0.5}
 
 
 def crossover_density(batch: int) -> float:

@@ -49,8 +49,11 @@ us vs fused 42.4 / 43.7 / 120.2 (fused with block_k=16: 39.7 / 44.8 / 122.0); B=
 129.3 vs 152.3 / 172.6 / 294.4; opt-66b B=1 38.3 / 69.7 / 297.3 vs 69.5 / 91.8 / 387.8; B=16 49.8 /
 83.6 / 359.1 vs 304.6 / 371.6 / 608.5 - fused's fp32 atomics ((Kp / block_k)·B·d of them) cost more
 than the h round trip and extra launches even at batch 1. Outputs agreed with the reference to
-~3e-4 (fp16) everywhere. "two_pass_v2" is not yet measured; it becomes AUTO_VARIANT only if the
-full bench run shows it faster.
+~3e-4 (fp16) everywhere. The full grid (bench/results/kernels_mlp_NVIDIA-H100-80GB-HBM3_2026-11-25.md,
+53 of 80 configurations before its time cap) confirmed it: two_pass or "two_pass_v2_sk" (v2 kernels,
+split_k=4) were best everywhere and within ~5% of each other at batch 1 (opt-13b 10%: 27.7 vs 26.6 us),
+while "two_pass_v2" with split_k=1 was slower (33.4 us) and collapsed at batch 64 (1.2-12 ms: its fc2
+loop does not scale with the batch). So two_pass stays AUTO_VARIANT; v2 is kept as a variant for study.
 
 Padding: K is static; it is padded up to a multiple of block_k with index 0 and the padded h columns are
 zeroed, so padding never changes the result (it costs reading < block_k extra rows). d need not be a
