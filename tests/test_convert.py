@@ -168,3 +168,9 @@ def test_bad_dtype(save_hf, tmp_path):
     with pytest.raises(ValueError, match="dtype must be one of"):
         convert_to_directory(hf_dir, tmp_path / "out", dtype="int8")
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="could not fetch 'facebook/opt-125m'.*pass its directory"):
+        load_model("facebook/opt-125m")
