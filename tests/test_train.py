@@ -1,0 +1,310 @@
+"""`python -m train`: collection (rows, batching, resume), metrics on hand-made labels, the CLI end to end."""
+
+import json
+import lzma
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SHARED
+from train.__main__ import main as train_main
+from train.activations import ActivationStore
+from train.collect import CollectOptions, collect
+from train.metrics import BinaryCounts, TopKCurve, head_labels, smallest_k
+
+VALIDATION = SHARED / "data" / "wiki2015" / "validation.jsonl.xz"
+
+
+# ---- fixtures -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def converted_model(reference_model_dir, tmp_path_factory):
+    """The reference model converted once (fp32, so the tests compare against exact params)."""
+    from dejavu_jax.checkpoint import convert_to_directory
+    out = tmp_path_factory.mktemp("model") / "opt-21m-wiki"
+    convert_to_directory(reference_model_dir, out, dtype="float32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """14 short documents (~60-120 tokens each): windows cross document boundaries and the stream ends mid-window."""
+    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    with lzma.open(VALIDATION, "rt") as f, open(path, "w") as out:
+        for i, line in enumerate(f):
+            if i == 14:
+                break
+            text = json.loads(line)["text"]
+            out.write(json.dumps({"text": text[:250 + 40 * i]}) + "\n")
+    return path
+
+
+def _rows(directory):
+    store = ActivationStore(directory)
+    fields = {"tokens": store.read(0, "tokens")}
+    for layer in range(store.config.num_hidden_layers):
+        for field in ("attn_input", "mlp_input", "mlp_active", "head_norm"):
+            fields[f"{layer}.{field}"] = store.read(layer, field)
+    return store, fields
+
+
+def _assert_same_rows(a, b, exact=True):
+    assert a.keys() == b.keys()
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    for key in a:
+        if key.endswith("mlp_active") and not exact:
+            assert np.mean(np.unpackbits(a[key]) != np.unpackbits(b[key])) < 1e-4, key
+        elif exact:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            x, y = a[key].astype(np.float32), b[key].astype(np.float32)
+            assert np.abs(x - y).max() <= 1e-3 * max(np.abs(y).max(), 1.0), key
+
+
+# ---- metrics on hand-made labels ----------------------------------------------------------------------------------
+
+def test_binary_metrics_by_hand():
+    label = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], bool)
+    pred = np.array([[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]], bool)
+    counts = BinaryCounts()
+    counts.update(pred[:2], label[:2])  # accumulation over chunks must equal one pass
+    counts.update(pred[2:], label[2:])
+    r = counts.result()
+    # TP = 2 ((0,0), (1,3)); label positives 3; predicted positives 4; 12 entries.
+    assert r == {"recall": 2 / 3, "precision": 2 / 4, "true_density": 3 / 12, "predicted_density": 4 / 12}
+
+
+def test_topk_curve_by_hand():
+    scores = np.array([[0.9, 0.1, 0.5, 0.3],   # order 0, 2, 3, 1
+                       [0.2, 0.8, 0.4, 0.6],   # order 1, 3, 2, 0
+                       [0.1, 0.2, 0.3, 0.4]])  # order 3, 2, 1, 0
+    labels = np.array([[1, 1, 0, 0],           # hits by K: 1, 1, 1, 2 of 2
+                       [0, 0, 1, 0],           # 0, 0, 1, 1 of 1
+                       [0, 0, 0, 0]], bool)    # nothing active: recall 1 at every K
+    curve = TopKCurve(4)
+    curve.update(scores, labels)
+    want_recall = np.array([(0.5 + 0 + 1) / 3, (0.5 + 0 + 1) / 3, (0.5 + 1 + 1) / 3, (1 + 1 + 1) / 3])
+    np.testing.assert_allclose(curve.recall(), want_recall)
+    at2 = curve.at(2)
+    assert at2["k"] == 2 and at2["predicted_density"] == 2 / 4 and at2["true_density"] == 3 / 12
+    assert at2["precision"] == pytest.approx((1 + 0 + 0) / (3 * 2))
+    assert at2["label_recall"] == pytest.approx(1 / 3)
+    assert smallest_k(curve.recall(), 0.8, 1) == (3, 3)
+    assert smallest_k(curve.recall(), 0.8, 2) == (3, 4)
+    assert smallest_k(curve.recall(), 0.5, 16) == (1, 4)  # rounded up, capped at the width
+    assert smallest_k(curve.recall(), 1.0, 1) == (4, 4)
+
+
+def test_head_labels_and_mass_recall_by_hand():
+    norms = np.array([[4.0, 3.0, 2.0, 1.0],    # total 10: top-0.6 mass = heads 0, 1 (4 < 6, 7 >= 6)
+                      [1.0, 1.0, 6.0, 2.0]])   # total 10: head 2 alone reaches 0.6
+    labels = head_labels(norms, 0.6)
+    np.testing.assert_array_equal(labels, [[1, 1, 0, 0], [0, 0, 1, 0]])
+    np.testing.assert_array_equal(head_labels(norms, 1.0), np.ones((2, 4), bool))
+    scores = np.array([[0.0, 1.0, 2.0, 3.0],   # keeps heads 3, 2, 1, 0: mass 1, 3, 6, 10 of 10
+                       [0.0, 0.0, 5.0, 1.0]])  # keeps 2, 3, then 0 (tie broken by index), 1: 6, 8, 9, 10
+    curve = TopKCurve(4)
+    curve.update_mass(scores, norms, labels)
+    np.testing.assert_allclose(curve.recall(), [(0.1 + 0.6) / 2, (0.3 + 0.8) / 2, (0.6 + 0.9) / 2, 1.0])
+    # label hits at K=2: token 0 keeps heads 3, 2 (no labeled head), token 1 keeps 2, 3 (one).
+    assert curve.at(2)["precision"] == pytest.approx((0 + 1) / (2 * 2))
+
+
+# ---- collection ---------------------------------------------------------------------------------------------------
+
+def test_collect_rows_match_the_model_and_exclude_padding(converted_model, small_corpus, tmp_path):
+    from dejavu_jax.checkpoint import load_model
+    from dejavu_jax.corpus import token_stream
+    model = load_model(converted_model, "float32")
+    stream = token_stream(model.tokenizer, small_corpus)
+    assert len(stream) < 2000 and len(stream) % 64, "the corpus must end mid-window for this test"
+    summary = collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "a", max_tokens=2000,
+                                     seq_len=64, batch_size=8, shard_tokens=200), progress=False)
+    assert summary["exhausted"] and summary["rows"] == len(stream)
+    store = ActivationStore(tmp_path / "a")
+    np.testing.assert_array_equal(store.read(0, "tokens"), stream)  # every token once, in order, no pads
+    # Labels recomputed independently from the stored MLP input and the layer's own weights.
+    c = model.config
+    for layer in (0, 5):
+        p = model.params[f"layers_{layer}"]
+        h = store.read(layer, "mlp_input").astype(np.float64)
+        x = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + c.layer_norm_eps)
+        x = x * np.asarray(p["final_layer_norm"]["scale"]) + np.asarray(p["final_layer_norm"]["bias"])
+        pre = x @ np.asarray(p["mlp"]["fc1_w"], np.float64).T + np.asarray(p["mlp"]["fc1_b"])
+        labels = store.read_labels(layer)
+        confident = np.abs(pre) > 1e-2  # fp16 storage of the input moves values near 0
+        assert np.array_equal(labels[confident], pre[confident] > 0)
+    # The first window's layer-0 input is the token + position embedding, computed here by hand.
+    emb = np.asarray(model.params["embed_tokens"]["embedding"])[stream[:64]]
+    pos = np.asarray(model.params["embed_positions"]["embedding"])[np.arange(64) + 2]
+    np.testing.assert_allclose(store.read(0, "attn_input", 0, 64).astype(np.float32), emb + pos, rtol=2e-3,
+                               atol=2e-3)
+
+
+def test_batch_sizes_1_and_8_collect_the_same_rows(converted_model, small_corpus, tmp_path):
+    for b in (1, 8):
+        collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / f"b{b}", max_tokens=1000,
+                               seq_len=64, batch_size=b, shard_tokens=300), progress=False)
+    s1, rows1 = _rows(tmp_path / "b1")
+    s8, rows8 = _rows(tmp_path / "b8")
+    assert s1.num_rows == s8.num_rows == 1000
+    assert [s["rows"] for s in s1.shards] == [300, 300, 300, 100]
+    _assert_same_rows(rows1, rows8, exact=False)
+
+
+def test_interrupted_collection_resumes_without_loss_or_duplicates(converted_model, small_corpus, tmp_path):
+    opts = dict(max_tokens=1100, seq_len=64, batch_size=4, shard_tokens=150)  # shards end mid-window
+    collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "full", **opts), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_third(index, rows):
+        if index == 2:
+            raise Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        collect(CollectOptions(str(converted_model), str(small_corpus), out, **opts), progress=False,
+                on_shard=stop_after_third)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows_done"] == 450 and not manifest["complete"]
+    assert manifest["position"]["skip_rows"] > 0 and manifest["documents_consumed"] > 0
+    # A crash between a shard's rename and the manifest update leaves an uncounted shard; a temp dir too.
+    shutil.copytree(out / "shard_00002", out / "shard_00003")
+    (out / ".shard_00004.tmp-123").mkdir()
+    summary = collect(CollectOptions(str(converted_model), str(small_corpus), out, **opts), progress=False)
+    assert summary["resumed"] and summary["new_rows"] == 1100 - 450 and summary["rows"] == 1100
+    _, full = _rows(tmp_path / "full")
+    _, resumed = _rows(out)
+    _assert_same_rows(full, resumed, exact=True)
+    assert not (out / ".shard_00004.tmp-123").exists()
+    # Finished: a rerun does nothing; a larger budget continues where it ended.
+    assert collect(CollectOptions(str(converted_model), str(small_corpus), out, **opts), progress=False)["new_rows"] == 0
+    more = dict(opts, max_tokens=1300)
+    collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "full2", **more), progress=False)
+    collect(CollectOptions(str(converted_model), str(small_corpus), out, **more), progress=False)
+    _assert_same_rows(_rows(tmp_path / "full2")[1], _rows(out)[1], exact=True)
+
+
+def test_collect_reads_txt_and_datasets_dirs(converted_model, small_corpus, tmp_path):
+    import datasets
+    texts = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "one.txt").write_text(texts[0])
+    opts = dict(max_tokens=300, seq_len=64, batch_size=8, shard_tokens=200)
+    for name, data in (("jsonl", small_corpus), ("ds", tmp_path / "ds"), ("txt", tmp_path / "one.txt")):
+        collect(CollectOptions(str(converted_model), str(data), tmp_path / f"out-{name}", **opts), progress=False)
+    jsonl, ds = ActivationStore(tmp_path / "out-jsonl"), ActivationStore(tmp_path / "out-ds")
+    np.testing.assert_array_equal(jsonl.read(0, "tokens"), ds.read(0, "tokens"))
+    np.testing.assert_array_equal(jsonl.read(2, "mlp_active"), ds.read(2, "mlp_active"))
+    txt = ActivationStore(tmp_path / "out-txt")
+    assert txt.manifest["exhausted"] and txt.num_rows < 300  # one short document: the stream ends early
+    np.testing.assert_array_equal(txt.read(0, "tokens"), jsonl.read(0, "tokens")[:txt.num_rows])
+
+
+def test_collect_refuses_other_settings(converted_model, small_corpus, tmp_path):
+    opts = dict(max_tokens=300, seq_len=64, batch_size=8, shard_tokens=200)
+    collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "a", **opts), progress=False)
+    with pytest.raises(ValueError, match="other settings.*seq_len"):
+        collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "a", **dict(opts, seq_len=32)),
+                progress=False)
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------------
+
+def test_cli_end_to_end(converted_model, tmp_path, capsys):
+    from dejavu_jax.predictors import load_predictors, predictor_metadata
+    from dejavu_jax.config import OPTConfig
+    work = tmp_path / "work"
+    rc = train_main(["--model", str(converted_model), "--data", str(VALIDATION), "--work-dir", str(work),
+                     "--max-tokens", "4096", "--seq-len", "128", "--shard-tokens", "1024", "--epochs", "2",
+                     "--train-batch-size", "512", "--save-to", str(converted_model), "--quiet", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out)
+    config = OPTConfig.from_json_file(converted_model / "config.json")
+    assert summary["collect"]["rows"] == 4096
+    assert summary["fit"]["rank"] == min(1000, config.hidden_size // 2)
+    for name in ("report.json", "report.md", "report.png"):
+        assert (work / name).stat().st_size > 0
+    report = json.loads((work / "report.json").read_text())
+    assert len(report["layers"]) == config.num_hidden_layers
+    for entry in report["layers"]:
+        mlp, heads = entry["mlp"], entry["heads"]
+        assert mlp["k"] % 16 == 0 or mlp["k"] == config.ffn_dim
+        assert mlp["k_raw"] <= mlp["k"] <= config.ffn_dim and 1 <= heads["k"] <= config.num_attention_heads
+        assert mlp["calibration"]["recall"] >= 0.99 and heads["calibration"]["recall"] >= 0.99
+    # The predictors sit next to the converted model and in the work dir, with K and metadata.
+    for where in (converted_model, work / "predictors"):
+        predictors = load_predictors(where, config)
+        assert list(predictors.mlp_k) == summary["calibrate"]["mlp_k"]
+        assert list(predictors.head_k) == summary["calibrate"]["head_k"]
+    meta = predictor_metadata(converted_model)
+    assert meta["recall_target"] == 0.99 and meta["mlp_input"] == "attn_input"
+    assert meta["training_tokens"] == int(4096 * 0.9) and meta["stage"] == "calibrated"
+    assert len(meta["calibration"]["layers"]) == config.num_hidden_layers
+    # The stored predictor reproduces the calibrated recall: recompute layer 3's test recall by hand.
+    store = ActivationStore(work / "activations")
+    from train.calibrate import holdout_split
+    n_train, _, test = holdout_split(store, 0.1)
+    x = store.read(3, "attn_input", n_train)[test]
+    labels = store.read_labels(3, n_train)[test]
+    from dejavu_jax.predictors import mlp_scores, select_top_k
+    top = select_top_k(mlp_scores(predictors.mlp[3], jnp.asarray(x)), predictors.mlp[3].keep)
+    kept = np.zeros_like(labels)
+    np.put_along_axis(kept, np.asarray(top.indices), True, axis=1)
+    n_active = labels.sum(1)
+    recall = np.where(n_active > 0, (kept & labels).sum(1) / np.maximum(n_active, 1), 1.0).mean()
+    assert recall == pytest.approx(report["layers"][3]["mlp"]["test"]["recall"], abs=1e-6)
+
+    # Rerunning calibrate alone with another target rewrites K (fit and collect are not repeated).
+    rc = train_main(["calibrate", "--work-dir", str(work), "--recall-target", "0.5", "--quiet"])
+    assert rc == 0
+    assert sum(load_predictors(work / "predictors").mlp_k) < sum(summary["calibrate"]["mlp_k"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--rank", "0"], "--rank must be a positive integer"),
+    (["--rank", "-3"], "--rank must be a positive integer"),
+    (["--recall-target", "0"], "--recall-target must be in (0, 1]"),
+    (["--recall-target", "1.5"], "--recall-target must be in (0, 1]"),
+    (["--head-recall-target", "-0.1"], "--head-recall-target must be in (0, 1]"),
+    (["--block", "0"], "--block must be a positive integer"),
+    (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
+    (["--mlp-input", "attn_input", "--holdout", "1.0"], "--holdout must be in (0, 1)"),
+])
+def test_cli_rejects_bad_options_before_any_work(reference_model_dir, tmp_path, capsys, extra, message):
+    work = tmp_path / "work"
+    rc = train_main(["--model", str(reference_model_dir), "--data", str(VALIDATION), "--work-dir", str(work),
+                     *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err
+    assert not work.exists()
+
+
+def test_cli_bad_paths(reference_model_dir, tmp_path, capsys):
+    work = tmp_path / "work"
+    rc = train_main(["--model", str(reference_model_dir), "--data", str(tmp_path / "missing.jsonl"),
+                     "--work-dir", str(work)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: corpus" in err and "does not exist" in err and not work.exists()
+
+    rc = train_main(["--model", str(tmp_path / "no-such-model"), "--data", str(VALIDATION), "--work-dir", str(work)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "no-such-model" in err and not work.exists()
+
+    rc = train_main(["--model", str(reference_model_dir), "--data", str(VALIDATION), "--work-dir", str(work),
+                     "--save-to", str(reference_model_dir)])  # an HF dir, not a converted one
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a converted model directory" in err and not work.exists()
+
+    rc = train_main(["fit", "--work-dir", str(work)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no activations" in err and not (work / "predictors").exists()
+
+    with pytest.raises(SystemExit) as exc:  # argparse: unknown choice
+        train_main(["fit", "--work-dir", str(work), "--mlp-input", "fc1"])
+    assert exc.value.code == 2

@@ -1,0 +1,149 @@
+"""calibrate: choose K per layer on held-out tokens for a recall target, and store it with the predictors.
+
+The held-out rows (the last `holdout` fraction of the collection, later documents than any training row) are
+split by window: even windows calibrate, odd windows test. Per layer, K is the smallest count of top-scored
+outputs whose mean recall over the calibration tokens reaches the target (MLP: of the truly active neurons; heads:
+of the head-norm mass), rounded up to a multiple of the kernel's block (`block`, `head_block`) and capped at the
+layer's width. Test-half metrics at that K are what the report shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from dejavu_jax.predictors import load_predictors, predictor_metadata, save_predictors
+from train.activations import ActivationStore
+from train.fit import score_rows, split_rows
+from train.metrics import TopKCurve, head_labels, smallest_k
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateOptions:
+    recall_target: float = 0.99  # MLP: mean fraction of the truly active neurons kept
+    head_recall_target: float = 0.99  # heads: mean fraction of the head-norm mass kept
+    block: int = 16  # MLP K is a multiple of this (the sparse-MLP kernel's block)
+    head_block: int = 1  # head K is a multiple of this
+
+    def validate(self) -> None:
+        for name in ("recall_target", "head_recall_target"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1]. Got {value!r}")
+        for name in ("block", "head_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer. Got {value!r}")
+
+
+def holdout_split(store: ActivationStore, holdout: float) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n_train, calibration mask, test mask) over the held-out rows [n_train, num_rows), split by window."""
+    n_train, _ = split_rows(store.num_rows, holdout)
+    window = np.arange(n_train, store.num_rows) // int(store.manifest["seq_len"])
+    calib = window % 2 == 0
+    if calib.all() or not calib.any():  # the held-out rows lie in one window: split it in halves instead
+        calib = np.arange(store.num_rows - n_train) < (store.num_rows - n_train) // 2
+    return n_train, calib, ~calib
+
+
+def _curves(predictor, x, targets, calib, test, num_outputs, mass_norms=None):
+    curves = {"calibration": TopKCurve(num_outputs), "test": TopKCurve(num_outputs)}
+    for start, scores in score_rows(predictor, x):
+        rows = slice(start, start + len(scores))
+        for name, mask in (("calibration", calib[rows]), ("test", test[rows])):
+            if not mask.any():
+                continue
+            if mass_norms is None:
+                curves[name].update(scores[mask], targets[rows][mask])
+            else:
+                curves[name].update_mass(scores[mask], mass_norms[rows][mask], targets[rows][mask])
+    return curves
+
+
+def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptions,
+              save_to: Optional[Path] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Calibrate K per layer; rewrite `predictors_dir` (and `save_to`, a predictors dir) with K and metrics."""
+    opts.validate()
+    start_time = time.perf_counter()
+    config = store.config
+    predictors = load_predictors(predictors_dir, config)
+    meta = predictor_metadata(predictors_dir)
+    fit_options = meta.get("fit_options", {})
+    holdout = float(fit_options.get("holdout", 0.1))
+    label_mass = float(fit_options.get("head_label_mass", 0.9))
+    n_train, calib, test = holdout_split(store, holdout)
+    if meta.get("training_tokens") is not None and int(meta["training_tokens"]) != n_train:
+        raise ValueError(f"the predictors in {predictors_dir} were fit on {meta['training_tokens']} rows, but the "
+                         f"activation store now splits at {n_train} (it holds {store.num_rows}); run fit again")
+    L = config.num_hidden_layers
+    layers = []
+    for layer in range(L):
+        x_mlp = store.read(layer, predictors.mlp_input, n_train)
+        labels = store.read_labels(layer, n_train)
+        curves = _curves(predictors.mlp[layer], x_mlp, labels, calib, test, config.ffn_dim)
+        del x_mlp, labels
+        mlp_raw, mlp_k = smallest_k(curves["calibration"].recall(), opts.recall_target, opts.block)
+
+        x_head = store.read(max(layer - 1, 0), "attn_input", n_train)
+        norms = store.read(layer, "head_norm", n_train)
+        head_curves = _curves(predictors.heads[layer], x_head, head_labels(norms, label_mass), calib, test,
+                              config.num_attention_heads, mass_norms=norms)
+        del x_head
+        oracle = TopKCurve(config.num_attention_heads)  # the heads with the largest true norms
+        test_norms = norms[test]
+        oracle.update_mass(test_norms, test_norms, head_labels(test_norms, label_mass))
+        head_raw, head_k = smallest_k(head_curves["calibration"].recall(), opts.head_recall_target,
+                                      opts.head_block)
+        entry = {
+            "layer": layer,
+            "mlp": {"k_raw": mlp_raw, "k": mlp_k, "calibration": curves["calibration"].at(mlp_k),
+                    "test": curves["test"].at(mlp_k),
+                    "recall_curve": [round(float(v), 5) for v in curves["test"].recall()]},
+            "heads": {"k_raw": head_raw, "k": head_k, "calibration": head_curves["calibration"].at(head_k),
+                      "test": head_curves["test"].at(head_k),
+                      "mass_recall_curve": [round(float(v), 5) for v in head_curves["test"].recall()],
+                      "oracle_mass_recall_curve": [round(float(v), 5) for v in oracle.recall()]},
+        }
+        layers.append(entry)
+        if log:
+            m, h = entry["mlp"]["test"], entry["heads"]["test"]
+            log(f"  layer {layer}: MLP K {mlp_k:5d}/{config.ffn_dim} ({m['predicted_density']:.1%}, true "
+                f"{m['true_density']:.1%}) recall {m['recall']:.4f} | heads K {head_k}/{config.num_attention_heads}"
+                f" mass recall {h['recall']:.4f}")
+
+    calibrated = predictors.with_k([e["mlp"]["k"] for e in layers], [e["heads"]["k"] for e in layers])
+    calibration = {
+        "recall_target": opts.recall_target,
+        "head_recall_target": opts.head_recall_target,
+        "block": opts.block,
+        "head_block": opts.head_block,
+        "calibration_tokens": int(calib.sum()),
+        "test_tokens": int(test.sum()),
+        "split": "held-out rows (after the training rows), even windows calibrate, odd windows test",
+        "seconds": time.perf_counter() - start_time,
+        "layers": [{k: v for k, v in e.items()} for e in layers],
+    }
+    metadata = {k: v for k, v in meta.items() if k not in ("calibration",)}
+    metadata.update({"stage": "calibrated", "recall_target": opts.recall_target,
+                     "head_recall_target": opts.head_recall_target, "calibration": _without_curves(calibration)})
+    save_predictors(calibrated, predictors_dir, metadata)
+    if save_to is not None:
+        save_predictors(calibrated, save_to, metadata)
+    return {"predictors": str(predictors_dir), "saved_to": None if save_to is None else str(save_to),
+            "mlp_k": list(calibrated.mlp_k), "head_k": list(calibrated.head_k), **calibration,
+            "fit": meta.get("fit_metrics"), "fit_options": fit_options,
+            "training_tokens": meta.get("training_tokens"), "mlp_input": predictors.mlp_input,
+            "model": meta.get("model"), "activations": meta.get("activations")}
+
+
+def _without_curves(calibration: dict) -> dict:
+    out = dict(calibration)
+    out["layers"] = [{"layer": e["layer"],
+                      "mlp": {k: v for k, v in e["mlp"].items() if k != "recall_curve"},
+                      "heads": {k: v for k, v in e["heads"].items() if not k.endswith("_curve")}}
+                     for e in calibration["layers"]]
+    return out

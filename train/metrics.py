@@ -1,0 +1,109 @@
+"""Predictor quality metrics, accumulated over chunks of held-out tokens (numpy, exact counts).
+
+Definitions (the report and the tests use these):
+- threshold metrics (a predictor's own decision, score > 0 i.e. sigmoid > 0.5), pooled over tokens and outputs:
+  recall = TP / (TP + FN), precision = TP / (TP + FP), true density = mean(label), predicted density = mean(pred).
+- top-K metrics (what the sparse model computes: the K best-scored outputs per token):
+  recall@K = mean over tokens of |topK ∩ active| / |active| (a token with nothing active has recall 1),
+  precision@K = mean over tokens of |topK ∩ active| / K, predicted density = K / outputs.
+- head mass recall@K = mean over tokens of (sum of the norms of the K best-scored heads) / (sum of all head norms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def head_labels(norms: np.ndarray, mass: float) -> np.ndarray:
+    """[N, H] norms -> [N, H] bool: the fewest heads, taken by decreasing norm, whose norms reach `mass` of the
+    token's total (a head is in when the mass of the heads before it is still short of the target)."""
+    norms = np.asarray(norms, np.float64)
+    order = np.argsort(-norms, axis=1, kind="stable")
+    sorted_norms = np.take_along_axis(norms, order, axis=1)
+    before = np.cumsum(sorted_norms, axis=1) - sorted_norms
+    total = sorted_norms.sum(axis=1, keepdims=True)
+    active_sorted = before < mass * total
+    labels = np.zeros_like(active_sorted)
+    np.put_along_axis(labels, order, active_sorted, axis=1)
+    return labels
+
+
+class BinaryCounts:
+    """Threshold metrics pooled over every (token, output) pair."""
+
+    def __init__(self):
+        self.tp = self.n_label = self.n_pred = self.n = 0
+
+    def update(self, pred: np.ndarray, label: np.ndarray) -> None:
+        pred, label = np.asarray(pred, bool), np.asarray(label, bool)
+        assert pred.shape == label.shape, (pred.shape, label.shape)
+        self.tp += int(np.count_nonzero(pred & label))
+        self.n_label += int(np.count_nonzero(label))
+        self.n_pred += int(np.count_nonzero(pred))
+        self.n += label.size
+
+    def result(self) -> dict:
+        return {"recall": self.tp / self.n_label if self.n_label else 1.0,
+                "precision": self.tp / self.n_pred if self.n_pred else 1.0,
+                "true_density": self.n_label / self.n if self.n else 0.0,
+                "predicted_density": self.n_pred / self.n if self.n else 0.0}
+
+
+class TopKCurve:
+    """Per-K sums over tokens, for every K = 1..M at once: recall (label or mass) and hits."""
+
+    def __init__(self, num_outputs: int):
+        self.m = num_outputs
+        self.recall_sum = np.zeros(num_outputs, np.float64)  # sum over tokens of recall@K
+        self.hits_sum = np.zeros(num_outputs, np.float64)  # sum over tokens of |topK ∩ active|
+        self.n_tokens = 0
+        self.n_active = 0
+
+    def _order(self, scores):
+        # Ties broken by index, so the curve is deterministic.
+        return np.argsort(-np.asarray(scores, np.float32), axis=1, kind="stable")
+
+    def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        """Label recall: labels [N, M] bool."""
+        labels = np.asarray(labels, bool)
+        assert scores.shape == labels.shape and labels.shape[1] == self.m, (scores.shape, labels.shape)
+        hits = np.cumsum(np.take_along_axis(labels, self._order(scores), axis=1), axis=1, dtype=np.int32)
+        n_pos = labels.sum(axis=1, keepdims=True)
+        recall = np.where(n_pos > 0, hits / np.maximum(n_pos, 1), 1.0)
+        self.recall_sum += recall.sum(axis=0)
+        self.hits_sum += hits.sum(axis=0)
+        self.n_tokens += labels.shape[0]
+        self.n_active += int(n_pos.sum())
+
+    def update_mass(self, scores: np.ndarray, norms: np.ndarray, labels: np.ndarray) -> None:
+        """Mass recall from norms [N, M] (hits counted against `labels`, e.g. head_labels(norms, mass))."""
+        norms = np.asarray(norms, np.float64)
+        order = self._order(scores)
+        kept_mass = np.cumsum(np.take_along_axis(norms, order, axis=1), axis=1)
+        total = norms.sum(axis=1, keepdims=True)
+        self.recall_sum += np.where(total > 0, kept_mass / np.where(total > 0, total, 1), 1.0).sum(axis=0)
+        labels = np.asarray(labels, bool)
+        self.hits_sum += np.cumsum(np.take_along_axis(labels, order, axis=1), axis=1).sum(axis=0)
+        self.n_tokens += norms.shape[0]
+        self.n_active += int(labels.sum())
+
+    def recall(self) -> np.ndarray:
+        """[M]: mean recall at K = 1..M."""
+        return self.recall_sum / max(self.n_tokens, 1)
+
+    def at(self, k: int) -> dict:
+        assert 1 <= k <= self.m, k
+        n = max(self.n_tokens, 1)
+        return {"k": int(k), "recall": float(self.recall_sum[k - 1] / n),
+                "precision": float(self.hits_sum[k - 1] / (n * k)),
+                "label_recall": float(self.hits_sum[k - 1] / self.n_active) if self.n_active else 1.0,
+                "true_density": self.n_active / (n * self.m),
+                "predicted_density": k / self.m}
+
+
+def smallest_k(recall_curve: np.ndarray, target: float, block: int) -> tuple[int, int]:
+    """(raw K, K rounded up to a multiple of `block` and capped at the output count) for a mean-recall target."""
+    m = len(recall_curve)
+    reached = np.nonzero(recall_curve >= target - 1e-12)[0]
+    raw = int(reached[0]) + 1 if len(reached) else m
+    return raw, min(-(-raw // block) * block, m)
