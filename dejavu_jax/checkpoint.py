@@ -12,8 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dejavu_jax.atomic import atomic_directory
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.convert import convert_hf_params, iter_converted_groups, numpy_dtype, read_hf_config
 from dejavu_jax.hf_checkpoint import CheckpointError, HFTensorReader, is_hf_checkpoint
@@ -43,24 +42,6 @@ class LoadedModel:
 
 def is_converted_model(directory: str | os.PathLike) -> bool:
     return (Path(directory) / MANIFEST).exists()
-
-
-def _atomic_output_dir(out: Path, force: bool) -> Path:
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _publish(tmp: Path, out: Path):
-    """Replace `out` by the finished `tmp` (a crash before this leaves `out` untouched)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
 
 
 def save_param_groups(directory: Path, groups) -> None:
@@ -105,8 +86,7 @@ def convert_to_directory(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     reader = HFTensorReader(hf_dir)
     numpy_dtype(dtype)
     tokenizer = load_tokenizer(hf_dir, required=False)
-    tmp = _atomic_output_dir(out, force)
-    try:
+    with atomic_directory(out, replace=force) as tmp:
         save_param_groups(tmp, iter_converted_groups(reader, config, dtype, progress=True))
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
         if tokenizer is not None:
@@ -114,10 +94,6 @@ def convert_to_directory(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         manifest = {"format": FORMAT_VERSION, "dtype": dtype, "source": str(hf_dir),
                     "num_params": config.num_params}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"source": str(hf_dir), "out": str(out), "dtype": dtype, "num_params": config.num_params,
             "seconds": time.perf_counter() - start}
 
@@ -137,8 +113,9 @@ def resolve_model_dir(model: str) -> Path:
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
         except Exception as e:
-            raise CheckpointError(f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                                  f"download it elsewhere and pass its directory") from e
+            reason = " ".join(str(e).split())  # hub errors span lines; the CLI prints one
+            raise CheckpointError(f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: "
+                                  f"{reason}); download it elsewhere and pass its directory") from e
     raise CheckpointError(f"model {model!r} is neither a directory nor a hub id like 'facebook/opt-1.3b'")
 
 

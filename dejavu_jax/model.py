@@ -130,13 +130,10 @@ class OPTMLP(nn.Module):
     def __call__(self, x, mlp_active_idx=None, interpret=False):
         """x [B, T, d] (after the LayerNorm). mlp_active_idx [K]: neurons to compute for the whole chunk."""
         B, T, d = x.shape
-        if self.is_mutable_collection("intermediates"):
-            h = jax.nn.relu(jnp.einsum("btd,fd->btf", x, self.fc1_w, preferred_element_type=jnp.float32)
-                            + self.fc1_b.astype(jnp.float32))
-            self.sow("intermediates", "fc1_active", h > 0)  # [B, T, ffn]
         flat = x.reshape(B * T, d)
         if mlp_active_idx is None:
-            out = mlp_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b)
+            out, hidden = mlp_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b, return_hidden=True)
+            self.sow("intermediates", "fc1_active", (hidden > 0).reshape(B, T, -1))  # [B, T, ffn]
         else:
             out = mlp_sparse_or_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b, mlp_active_idx,
                                       interpret=interpret)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from dejavu_jax.atomic import atomic_directory
 
 PREDICTORS_DIR = "predictors"
 METADATA_FILE = "predictors.json"
@@ -234,27 +234,12 @@ def save_predictors(predictors: Predictors, out_dir: str | os.PathLike, metadata
     meta = dict(metadata or {})
     meta.update(_structure_metadata(predictors))
     text = json.dumps(meta, indent=2)  # fails here, before anything is written, if metadata is not JSON
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published directory should not be
+    with atomic_directory(out) as tmp:
         tree = jax.tree.map(lambda a: np.asarray(a), _tree(predictors))
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp.absolute() / PARAMS_DIR, tree)
             checkpointer.wait_until_finished()
         (tmp / METADATA_FILE).write_text(text)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -345,7 +345,6 @@ def _plan_v2(batch, batch_rows, k, d, use_dot, *, block_k, block_d, split_d, spl
             bk2 //= 2
     bk2 = max(bk2, bk1)  # fc1's blocks must fit inside fc2's padded K.
     k_padded = _cdiv(max(k, 1), bk2) * bk2
-    n_k1 = _cdiv(max(k, 1), bk1)
     n_db1 = _cdiv(d, bd1)
     # split_d > 1 (knob only) makes every fc2 program re-finish h from fp32 partials (L2 reads of
     # split_d x batch_rows x Kp x 4 B per program), too costly at batch >= 16 to be the default.
