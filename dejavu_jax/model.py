@@ -25,14 +25,26 @@ from flax import struct
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
-from dejavu_jax.sparse_mlp import mlp_dense, mlp_sparse_or_dense
+from dejavu_jax.predictors import LowRankPredictor, Predictors, predictor_scores
+from dejavu_jax.sparse_mlp import mlp_dense, mlp_sparse_or_dense, mlp_sparse_per_token
 
 
 @struct.dataclass
 class LayerSparsity:
-    """What one layer computes at this step; None means dense."""
+    """What one layer computes; None means dense.
+
+    Either fixed indices (`mlp_active_idx` [K] shared by the chunk, or [B, T, K] per token), or a predictor that
+    chooses each token's K neurons from the layer's residual inside the forward pass.
+    """
     head_idx: Optional[jax.Array] = None  # [num_heads_kept] int32
-    mlp_active_idx: Optional[jax.Array] = None  # [K] int32
+    mlp_active_idx: Optional[jax.Array] = None  # [K] or [B, T, K] int32
+    mlp_predictor: Optional[LowRankPredictor] = None
+    mlp_predictor_input: str = struct.field(pytree_node=False, default="attn_input")  # or "mlp_input"
+
+
+def sparsity_from_predictors(predictors: Predictors) -> list[LayerSparsity]:
+    """Per-token MLP sparsity driven by trained predictors (each layer keeps its calibrated K per token)."""
+    return [LayerSparsity(mlp_predictor=p, mlp_predictor_input=predictors.mlp_input) for p in predictors.mlp]
 
 
 def layer_norm(x, scale, bias, eps):
@@ -128,10 +140,14 @@ class OPTMLP(nn.Module):
         self.fc2_b = self.param("fc2_b", nn.initializers.zeros, (c.hidden_size,), self.dtype)
 
     def __call__(self, x, mlp_active_idx=None, interpret=False):
-        """x [B, T, d] (after the LayerNorm). mlp_active_idx [K]: neurons to compute for the whole chunk."""
+        """x [B, T, d] (after the LayerNorm). mlp_active_idx: [K] neurons for the whole chunk, or [B, T, K]
+        each token's own."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
-        if mlp_active_idx is None:
+        if mlp_active_idx is not None and mlp_active_idx.ndim == 3:
+            out = mlp_sparse_per_token(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b,
+                                       mlp_active_idx.reshape(B * T, -1))
+        elif mlp_active_idx is None:
             out, hidden = mlp_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b, return_hidden=True)
             self.sow("intermediates", "fc1_active", (hidden > 0).reshape(B, T, -1))  # [B, T, ffn]
         else:
@@ -154,6 +170,7 @@ class OPTDecoderLayer(nn.Module):
                  interpret=False):
         pre_ln = self.config.do_layer_norm_before
         self.sow("intermediates", "attn_input", h)
+        attn_input = h
         with jax.named_scope("attention_block"):
             x = self.self_attn_layer_norm(h) if pre_ln else h
             attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, sparsity.head_idx)
@@ -161,9 +178,14 @@ class OPTDecoderLayer(nn.Module):
             if not pre_ln:
                 h = self.self_attn_layer_norm(h)
         self.sow("intermediates", "mlp_input", h)
+        mlp_idx = sparsity.mlp_active_idx
+        if sparsity.mlp_predictor is not None:
+            source = attn_input if sparsity.mlp_predictor_input == "attn_input" else h
+            scores = predictor_scores(sparsity.mlp_predictor, source)  # [B, T, ffn]
+            mlp_idx = jax.lax.top_k(scores, sparsity.mlp_predictor.keep)[1].astype(jnp.int32)
         with jax.named_scope("mlp_block"):
             x = self.final_layer_norm(h) if pre_ln else h
-            h = h + self.mlp(x, sparsity.mlp_active_idx, interpret)
+            h = h + self.mlp(x, mlp_idx, interpret)
             if not pre_ln:
                 h = self.final_layer_norm(h)
         return h, new_kv

@@ -19,10 +19,13 @@ from dejavu_jax.model import OPTForCausalLM
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def window_nll(params, windows, *, config: OPTConfig):
-    """windows [B, L] -> summed negative log-likelihood of tokens 1..L-1 given their prefixes (fp32)."""
+def window_nll(params, windows, sparsity=None, *, config: OPTConfig):
+    """windows [B, L] -> summed negative log-likelihood of tokens 1..L-1 given their prefixes (fp32).
+
+    `sparsity`: a list of `LayerSparsity` (e.g. `sparsity_from_predictors`), None for the dense model.
+    """
     model = OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
-    logits, _ = model.apply({"params": params}, windows)
+    logits, _ = model.apply({"params": params}, windows, sparsity=sparsity)
     log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     targets = windows[:, 1:]
     return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).sum()
@@ -39,12 +42,13 @@ def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = Non
     return tokens[: n * seq_len].reshape(n, seq_len)
 
 
-def perplexity(params, config: OPTConfig, windows: np.ndarray, batch_size: int = 4, progress: bool = True) -> dict:
+def perplexity(params, config: OPTConfig, windows: np.ndarray, batch_size: int = 4, progress: bool = True,
+               sparsity=None, desc: str = "perplexity") -> dict:
     if windows.shape[1] > config.max_position_embeddings:
         raise ValueError(f"seq_len {windows.shape[1]} exceeds the model's {config.max_position_embeddings} positions")
     total = 0.0
     batches = range(0, len(windows), batch_size)
-    for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        total += float(window_nll(params, jnp.asarray(windows[start:start + batch_size]), config=config))
+    for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        total += float(window_nll(params, jnp.asarray(windows[start:start + batch_size]), sparsity, config=config))
     scored = windows.shape[0] * (windows.shape[1] - 1)
     return {"ppl": math.exp(total / scored), "tokens": int(scored), "windows": int(windows.shape[0])}

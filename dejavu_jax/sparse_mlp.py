@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -104,3 +105,28 @@ def mlp_sparse_or_dense(x, fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx, *, interpre
     out = sparse_mlp(x.reshape(rows, d), fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx,
                      interpret=interpret, **kwargs)
     return out.reshape(x.shape)
+
+
+def mlp_sparse_per_token(x, fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx, *, chunk: int = 64):
+    """Each token's own neurons: x [N, d], active_idx [N, K] -> [N, d], reading only the chosen rows.
+
+    For whole-sequence forwards (perplexity, tasks), where every token has its own prediction and the union over
+    a window would be nearly dense. Rows are gathered per token (the kernel's reference semantics, one token at a
+    time), in chunks of `chunk` tokens to bound the [chunk, K, d] gathers.
+    """
+    n, d = x.shape
+    if active_idx.ndim != 2 or active_idx.shape[0] != n:
+        raise ValueError(f"active_idx must be [tokens, K] for x [tokens, d]. Got {active_idx.shape} and {x.shape}")
+    precision = _precision(x.dtype)
+    pad = (-n) % chunk
+    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    idxs = jnp.pad(active_idx, ((0, pad), (0, 0))).reshape(-1, chunk, active_idx.shape[1])
+
+    def one_chunk(args):
+        xc, ic = args  # [chunk, d], [chunk, K]
+        pre = jnp.einsum("cd,ckd->ck", xc, fc1_w[ic], preferred_element_type=jnp.float32, precision=precision)
+        h = jnp.maximum(pre + fc1_b[ic].astype(jnp.float32), 0.0).astype(x.dtype)
+        out = jnp.einsum("ck,ckd->cd", h, fc2_w_t[ic], preferred_element_type=jnp.float32, precision=precision)
+        return (out + fc2_b.astype(jnp.float32)).astype(x.dtype)
+
+    return jax.lax.map(one_chunk, (xs, idxs)).reshape(-1, d)[:n]

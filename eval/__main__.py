@@ -24,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     ppl.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
-    ppl.add_argument("--json", action="store_true", help='print {"ppl": ..., "tokens": ...}')
+    ppl.add_argument("--predictors", default=None,
+                     help="trained predictors (a predictors dir, or a model dir holding predictors/): also score the "
+                          "same windows with each token's MLP computed over the K neurons its predictor picks "
+                          "(K per layer as calibrated), and report dense and sparse side by side")
+    ppl.add_argument("--json", action="store_true",
+                     help='print {"ppl": ..., "tokens": ...} (+ "sparse_ppl", "ppl_change" with --predictors)')
     return parser
 
 
@@ -39,24 +44,40 @@ def run_ppl(args) -> dict:
     model = load_model(args.model, args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files")
+    sparsity = None
+    if args.predictors is not None:
+        from dejavu_jax.model import sparsity_from_predictors
+        from dejavu_jax.predictors import load_predictors
+        sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config))
     max_tokens = None if args.max_windows is None else args.max_windows * args.seq_len
     windows = make_windows(token_stream(model.tokenizer, args.data, max_tokens), args.seq_len, args.max_windows)
-    return perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json)
+    result = perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json)
+    if sparsity is not None:
+        sparse = perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json,
+                            sparsity=sparsity, desc="sparse perplexity")
+        result.update(sparse_ppl=sparse["ppl"], ppl_change=sparse["ppl"] / result["ppl"] - 1,
+                      mlp_k=[p.mlp_predictor.keep for p in sparsity])
+    return result
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dejavu_jax.corpus import CorpusError
     from dejavu_jax.hf_checkpoint import CheckpointError
+    from dejavu_jax.predictors import PredictorError
     try:
         result = run_ppl(args)
-    except (CheckpointError, CorpusError, ValueError) as e:
+    except (CheckpointError, CorpusError, PredictorError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"ppl": result["ppl"], "tokens": result["tokens"]}))
+        keys = ("ppl", "tokens", "sparse_ppl", "ppl_change", "mlp_k")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
     else:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens ({result['windows']} windows)")
+        if "sparse_ppl" in result:
+            print(f"sparse MLP (K per layer {result['mlp_k']}): perplexity {result['sparse_ppl']:.3f} "
+                  f"({result['ppl_change']:+.2%} vs dense)")
     return 0
 
 
