@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (default)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    p.add_argument("--predictors", default=None,
+                   help="trained predictors (from python -m train): decode steps compute only the MLP neurons the "
+                        "predictors choose (the union over the batch), with the sparse-MLP kernel")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="compute dtype (default float16)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per prompt per line: {"prompt", "text" (continuation), "token_ids"}')
@@ -43,7 +46,12 @@ def main(argv=None) -> int:
         sampling = SamplingConfig(greedy=args.greedy or args.temperature == 0, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p)
         model = load_model(args.model, args.dtype)
-        results = generate_text(model, args.prompt, args.max_new_tokens, sampling, args.seed)
+        sparsity = None
+        if args.predictors is not None:
+            from dejavu_jax.model import sparsity_from_predictors
+            from dejavu_jax.predictors import load_predictors
+            sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config), "batch_union")
+        results = generate_text(model, args.prompt, args.max_new_tokens, sampling, args.seed, sparsity)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

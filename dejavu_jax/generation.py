@@ -36,10 +36,14 @@ def _model_for(config: OPTConfig, params) -> OPTForCausalLM:
     return OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
-def generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, sampling: SamplingParams, *,
-                    config: OPTConfig, num_slots: int):
-    """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B])."""
+@functools.partial(jax.jit, static_argnames=("config", "num_slots", "interpret"))
+def generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, sampling: SamplingParams,
+                    sparsity=None, *, config: OPTConfig, num_slots: int, interpret: bool = False):
+    """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B]).
+
+    `sparsity` (per-layer `LayerSparsity`, e.g. `sparsity_from_predictors(p, "batch_union")`) applies to the decode
+    steps; the prefill is dense. `interpret` runs the Pallas kernels in interpret mode (CPU).
+    """
     batch, prompt_len = input_ids.shape
     capacity = num_slots - prompt_len
     model = _model_for(config, params)
@@ -61,7 +65,7 @@ def generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, samp
     def decode_one(s: DecodeState) -> DecodeState:
         with jax.named_scope("decode_step"):
             logits, cache = model.apply({"params": params}, s.last_token[:, None], jnp.ones((batch, 1), jnp.int32),
-                                        s.cache)
+                                        s.cache, sparsity=sparsity, interpret=interpret)
         rng, key = jax.random.split(s.rng)
         token = jnp.where(s.done, config.pad_token_id, sample_tokens(logits[:, -1], key, sampling))
         return DecodeState(
@@ -82,12 +86,12 @@ def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: 
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def decode_step(params, cache: KVCache, tokens, *, config: OPTConfig):
+@functools.partial(jax.jit, static_argnames=("config", "interpret"), donate_argnames=("cache",))
+def decode_step(params, cache: KVCache, tokens, sparsity=None, *, config: OPTConfig, interpret: bool = False):
     """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache."""
     model = _model_for(config, params)
     logits, cache = model.apply({"params": params}, tokens[:, None], jnp.ones((tokens.shape[0], 1), jnp.int32),
-                                cache)
+                                cache, sparsity=sparsity, interpret=interpret)
     return logits[:, -1], cache
 
 
@@ -120,22 +124,27 @@ def check_lengths(config: OPTConfig, prompt_lengths: Sequence[int], max_new_toke
                              f"{limit} positions. Lower max_new_tokens to at most {limit - n}")
 
 
+def kernels_need_interpret() -> bool:
+    """Pallas GPU kernels run compiled on a GPU and in interpret mode anywhere else."""
+    return jax.default_backend() != "gpu"
+
+
 def generate_ids(params, config: OPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[list[int]]:
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, sparsity=None) -> list[list[int]]:
     """Token-level generation for a batch of prompts of any lengths; returns the generated ids only."""
     check_lengths(config, [len(p) for p in prompts], max_new_tokens)
     prompt_len = bucket(max(len(p) for p in prompts), 8)
     ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)
     num_slots = prompt_len + bucket(max_new_tokens, 16)
     tokens, counts = generate_tokens(params, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
-                                     jax.random.PRNGKey(seed), sampling.to_device(), config=config,
-                                     num_slots=num_slots)
+                                     jax.random.PRNGKey(seed), sampling.to_device(), sparsity, config=config,
+                                     num_slots=num_slots, interpret=sparsity is not None and kernels_need_interpret())
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[i, :counts[i]].tolist() for i in range(len(prompts))]
 
 
 def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
-                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[dict]:
+                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, sparsity=None) -> list[dict]:
     """`model` is a `LoadedModel`. One dict per prompt: prompt, text (continuation only), token_ids."""
     if model.tokenizer is None:
         raise ValueError(f"the model at {model.path} has no tokenizer files; pass token ids to generate_ids")
@@ -145,6 +154,6 @@ def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt {i} is empty; give some text")
     encoded = [model.tokenizer(p)["input_ids"] for p in prompts]
-    generated = generate_ids(model.params, model.config, encoded, max_new_tokens, sampling, seed)
+    generated = generate_ids(model.params, model.config, encoded, max_new_tokens, sampling, seed, sparsity)
     return [{"prompt": p, "text": model.tokenizer.decode(g, skip_special_tokens=True), "token_ids": g}
             for p, g in zip(prompts, generated)]

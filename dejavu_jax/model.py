@@ -25,7 +25,7 @@ from flax import struct
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
-from dejavu_jax.predictors import LowRankPredictor, Predictors, predictor_scores
+from dejavu_jax.predictors import LowRankPredictor, Predictors, predictor_scores, select_top_k
 from dejavu_jax.sparse_mlp import mlp_dense, mlp_sparse_or_dense, mlp_sparse_per_token
 
 
@@ -40,11 +40,17 @@ class LayerSparsity:
     mlp_active_idx: Optional[jax.Array] = None  # [K] or [B, T, K] int32
     mlp_predictor: Optional[LowRankPredictor] = None
     mlp_predictor_input: str = struct.field(pytree_node=False, default="attn_input")  # or "mlp_input"
+    # "per_token": each token its own K neurons (gathered rows; whole-sequence scoring).
+    # "batch_union": the union of the tokens' choices, computed once by the sparse-MLP kernel (decoding).
+    mlp_selection: str = struct.field(pytree_node=False, default="per_token")
 
 
-def sparsity_from_predictors(predictors: Predictors) -> list[LayerSparsity]:
-    """Per-token MLP sparsity driven by trained predictors (each layer keeps its calibrated K per token)."""
-    return [LayerSparsity(mlp_predictor=p, mlp_predictor_input=predictors.mlp_input) for p in predictors.mlp]
+def sparsity_from_predictors(predictors: Predictors, selection: str = "per_token") -> list[LayerSparsity]:
+    """MLP sparsity driven by trained predictors (each layer keeps its calibrated K per token)."""
+    if selection not in ("per_token", "batch_union"):
+        raise ValueError(f"selection must be 'per_token' or 'batch_union'. Got {selection!r}")
+    return [LayerSparsity(mlp_predictor=p, mlp_predictor_input=predictors.mlp_input, mlp_selection=selection)
+            for p in predictors.mlp]
 
 
 def layer_norm(x, scale, bias, eps):
@@ -182,7 +188,10 @@ class OPTDecoderLayer(nn.Module):
         if sparsity.mlp_predictor is not None:
             source = attn_input if sparsity.mlp_predictor_input == "attn_input" else h
             scores = predictor_scores(sparsity.mlp_predictor, source)  # [B, T, ffn]
-            mlp_idx = jax.lax.top_k(scores, sparsity.mlp_predictor.keep)[1].astype(jnp.int32)
+            if sparsity.mlp_selection == "per_token":
+                mlp_idx = jax.lax.top_k(scores, sparsity.mlp_predictor.keep)[1].astype(jnp.int32)
+            else:
+                mlp_idx = select_top_k(scores.reshape(-1, scores.shape[-1]), sparsity.mlp_predictor.keep).union
         with jax.named_scope("mlp_block"):
             x = self.final_layer_norm(h) if pre_ln else h
             h = h + self.mlp(x, mlp_idx, interpret)

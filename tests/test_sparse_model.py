@@ -99,3 +99,40 @@ def test_eval_ppl_predictors_for_another_model(reference_model_dir, tmp_path, ca
     argv = ["ppl", "--model", str(reference_model_dir), "--data", "x.txt", "--predictors", str(tmp_path / "wrong")]
     assert eval_main(argv) == 2
     assert "the model has" in capsys.readouterr().err
+
+
+def decode_logits(params, prompt, continuation, sparsity):
+    from dejavu_jax.generation import decode_step, prefill
+    _, cache = prefill(params, prompt, jnp.ones_like(prompt), config=CONFIG, num_slots=16)
+    steps = []
+    for t in range(continuation.shape[1]):
+        logits, cache = decode_step(params, cache, continuation[:, t], sparsity, config=CONFIG, interpret=True)
+        steps.append(np.asarray(logits))
+    return np.stack(steps, axis=1)
+
+
+def test_decode_with_the_kernel_on_the_batch_union_equals_per_token_gathers_at_batch_1():
+    """At batch 1 the union is the token's own K neurons: the Pallas kernel (interpret mode) inside the compiled
+    decode step must give what the per-token gather path gives, and both must differ from dense."""
+    params = init_params(CONFIG, jax.random.PRNGKey(4))
+    prompt = jax.random.randint(jax.random.PRNGKey(5), (1, 5), 3, 64)
+    continuation = jax.random.randint(jax.random.PRNGKey(6), (1, 4), 3, 64)
+    predictors = random_predictors(CONFIG, k=8)  # 8 of 48 neurons: below the crossover, so the kernel runs
+    union = decode_logits(params, prompt, continuation, sparsity_from_predictors(predictors, "batch_union"))
+    per_token = decode_logits(params, prompt, continuation, sparsity_from_predictors(predictors, "per_token"))
+    dense = decode_logits(params, prompt, continuation, None)
+    assert rel_max_err(union, per_token) <= 1e-5
+    assert rel_max_err(union, dense) > 1e-3
+
+
+def test_sparse_generation_keeping_every_neuron_equals_dense(reference_model_dir, tmp_path, capsys):
+    from dejavu_jax.checkpoint import load_model
+    from dejavu_jax.generate import main as generate_main
+    config = load_model(reference_model_dir, "float32").config
+    save_predictors(random_predictors(config, k=config.ffn_dim), tmp_path / "all")
+    argv = ["--model", str(reference_model_dir), "--prompt", "The history of", "--prompt", "Paris is the capital",
+            "--max-new-tokens", "6", "--dtype", "float32", "--json"]
+    assert generate_main(argv) == 0
+    dense = capsys.readouterr().out
+    assert generate_main(argv + ["--predictors", str(tmp_path / "all")]) == 0
+    assert capsys.readouterr().out == dense
