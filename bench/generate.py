@@ -22,8 +22,9 @@ import numpy as np
 
 from bench.common import copy_bandwidth, median_seconds, provenance, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
-from dejavu_jax.generation import generate_tokens
-from dejavu_jax.model import OPTForCausalLM
+from dejavu_jax.generation import generate_tokens, kernels_need_interpret
+from dejavu_jax.model import OPTForCausalLM, sparsity_from_predictors
+from dejavu_jax.predictors import Predictors, init_low_rank
 from dejavu_jax.sampling import SamplingConfig
 
 
@@ -41,31 +42,44 @@ def bytes_read_per_token(config, batch, prompt_len, new_tokens, itemsize=2) -> d
     return {"weights": weights * itemsize, "kv": kv_per_token * mean_context}
 
 
-def time_jax(config, batch, prompt_len, new_tokens, repeats) -> dict:
-    params = random_params(config, jnp.float16)
+def random_mlp_sparsity(config, density: float):
+    """Random-weight predictors of the default rank that keep round(density * ffn) neurons per token per layer."""
+    c = config
+    k = max(1, round(density * c.ffn_dim))
+    rank = min(1000, c.hidden_size // 2)
+    keys = jax.random.split(jax.random.PRNGKey(3), 2 * c.num_hidden_layers)
+    mlp = tuple(init_low_rank(keys[i], c.hidden_size, rank, c.ffn_dim, dtype=jnp.float16).replace(k=k)
+                for i in range(c.num_hidden_layers))
+    heads = tuple(init_low_rank(keys[-1 - i], c.hidden_size, rank, c.num_attention_heads, dtype=jnp.float16)
+                  for i in range(c.num_hidden_layers))
+    return sparsity_from_predictors(Predictors(mlp=mlp, heads=heads), "batch_union"), k, rank
+
+
+def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, sparsity=None) -> dict:
+    if params is None:
+        params = random_params(config, jnp.float16)
     jax.block_until_ready(params)
     no_eos = dataclasses.replace(config, eos_token_id=-1)  # fixed token count
     ids = jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 3, config.vocab_size)
     mask = jnp.ones_like(ids)
     sampling = SamplingConfig().to_device()
     num_slots = prompt_len + new_tokens
+    interpret = sparsity is not None and kernels_need_interpret()  # CPU smoke runs
 
     def run(n):
-        tokens, counts = generate_tokens(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling,
-                                         config=no_eos, num_slots=num_slots)
+        tokens, counts = generate_tokens(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity,
+                                         config=no_eos, num_slots=num_slots, interpret=interpret)
         tokens.block_until_ready()
         return counts
 
     start = time.perf_counter()
-    generate_tokens.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, config=no_eos,
-                          num_slots=num_slots).compile()
+    generate_tokens.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity,
+                          config=no_eos, num_slots=num_slots, interpret=interpret).compile()
     compile_s = time.perf_counter() - start
     counts = run(new_tokens)
     assert int(np.min(counts)) == new_tokens, f"generated {counts}, wanted {new_tokens}"
     t_full, _ = median_seconds(lambda: run(new_tokens), repeats)
     t_one, _ = median_seconds(lambda: run(1), repeats)
-    del params
-    gc.collect()
     return {"compile_s": compile_s, "prefill_ms": t_one * 1e3,
             "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3, "total_ms": t_full * 1e3}
 
@@ -110,11 +124,16 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers eager")
+    p.add_argument("--mlp-density", type=float, default=None,
+                   help="also time sparse-MLP decoding in the same run: random-weight predictors of the default rank "
+                        "keep this fraction of each layer's neurons per token (the kernel computes their union)")
     p.add_argument("--out", default=None, help="markdown path (default bench/results/generate_<card>_<date>.md)")
     args = p.parse_args(argv)
     shapes = args.shape or ["opt-6.7b", "opt-13b"]
     if args.new_tokens < 2 or args.batch < 1 or args.prompt_len < 1:
         p.error("need --new-tokens >= 2, --batch >= 1, --prompt-len >= 1")
+    if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
+        p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
 
     info = provenance()
     bandwidth = copy_bandwidth()
@@ -126,9 +145,21 @@ def main(argv=None) -> int:
         read = bytes_read_per_token(config, args.batch, args.prompt_len, args.new_tokens)
         floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
         hf = None if args.no_hf else time_hf(config, args.batch, args.prompt_len, args.new_tokens, args.repeats)
-        jx = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats)
+        params = random_params(config, jnp.float16)
+        jx = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params)
+        sparse = None
+        if args.mlp_density is not None:
+            sparsity, k, rank = random_mlp_sparsity(config, args.mlp_density)
+            sparse = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params, sparsity)
+            sparse.update(k=k, rank=rank, density=args.mlp_density,
+                          speedup_vs_dense=jx["decode_ms_per_token"] / sparse["decode_ms_per_token"])
+            print(f"{name}: sparse MLP (K={k} of {config.ffn_dim} per token, predictor rank {rank}) "
+                  f"{sparse['decode_ms_per_token']:.2f} ms/token, {sparse['speedup_vs_dense']:.2f}x dense JAX",
+                  flush=True)
+        del params
+        gc.collect()
         row = {"shape": name, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-               "floor_ms": floor_ms, "bytes_per_token": read, "jax": jx, "hf": hf,
+               "floor_ms": floor_ms, "bytes_per_token": read, "jax": jx, "hf": hf, "jax_sparse_mlp": sparse,
                "jax_gbs": (read["weights"] + read["kv"]) / jx["decode_ms_per_token"] / 1e6}
         rows.append(row)
         hf_ms = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
@@ -149,6 +180,17 @@ def main(argv=None) -> int:
         lines.append(f"| {r['shape']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {ms:.2f} | "
                      f"{1e3 * r['batch'] / ms:.1f} | {r['jax_gbs']:.0f} | {r['floor_ms']:.2f} | "
                      f"{ms / r['floor_ms']:.2f} | {hf_cells} | {jx['prefill_ms']:.1f} | {jx['compile_s']:.1f} |")
+    sparse_rows = [r for r in rows if r["jax_sparse_mlp"]]
+    if sparse_rows:
+        lines += ["", "Sparse-MLP decode (same run, same weights; random-weight predictors, so only the speed is "
+                  "meaningful; prefill dense):", "",
+                  "| shape | neurons kept per token | predictor rank | JAX sparse ms/token | dense JAX ms/token | "
+                  "speedup |", "|---|---|---|---|---|---|"]
+        for r in sparse_rows:
+            sp = r["jax_sparse_mlp"]
+            lines.append(f"| {r['shape']} | {sp['k']} ({sp['density']:.1%}) | {sp['rank']} | "
+                         f"{sp['decode_ms_per_token']:.2f} | {r['jax']['decode_ms_per_token']:.2f} | "
+                         f"{sp['speedup_vs_dense']:.2f}x |")
     markdown = "\n".join(lines) + "\n"
     card = info["card"].replace(" ", "-")
     path = write_results(f"generate_{card}_{info['date']}", markdown, {**info, "bandwidth": bandwidth, "rows": rows},
