@@ -8,6 +8,7 @@ USAGE = """usage: python -m bench {generate,kernels,profile,convert-memory} [opt
 
   generate            dense decode latency: JAX vs HF transformers eager vs the bandwidth floor
   kernels --op mlp    the sparse-MLP Pallas kernel vs dense XLA, an XLA gather, and the floor
+  kernels --op attention  the decode-attention Pallas kernel vs XLA (not yet run on a GPU)
   profile             kernel-by-kernel time of the compiled decode program (GPU, from a profiler trace)
   convert-memory      peak host memory of converting a random-weight HF checkpoint of a real shape
 
@@ -37,8 +38,11 @@ def main(argv=None) -> int:
             rest = rest[:i] + rest[i + 2:]
         else:
             op = "mlp"
+        if op == "attention":
+            from bench.kernels_attention import main as run
+            return run(rest) or 0
         if op != "mlp":
-            print(f"error: unknown --op {op!r}; available: mlp", file=sys.stderr)
+            print(f"error: unknown --op {op!r}; available: mlp, attention", file=sys.stderr)
             return 2
         from bench.kernels_mlp import main as run
         return run(rest) or 0

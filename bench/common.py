@@ -97,3 +97,41 @@ def write_results(stem: str, markdown: str, data: dict, out: str | None = None) 
         for p in (path, path.with_suffix(".json")):
             (Path(os.environ["OUT"]) / p.name).write_text(p.read_text())
     return path
+
+
+def fmt_us(entry: dict, tolerance: float) -> str:
+    """A timing cell: microseconds, '!' when the output was off the reference by more than `tolerance`."""
+    if "us" in entry:
+        bad = entry.get("max_rel_err", 0.0) > tolerance
+        return f"{entry['us']:.1f}{'!' if bad else ''}"
+    return "err" if "error" in entry else "-"
+
+
+def to_text(header, body) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def to_markdown(header, body) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def kernel_bench_setup(op: str, argv, interpret: bool) -> tuple[dict, dict]:
+    """What every kernel bench does first: warn off a CPU run, provenance, and the copy-bandwidth probe."""
+    if not interpret and jax.default_backend() != "gpu":
+        print(f"warning: backend is {jax.default_backend()!r}, not gpu; compiled Pallas GPU kernels will fail "
+              "(use --interpret for a CPU smoke test)", file=sys.stderr)
+    meta = provenance()
+    meta["command"] = f"python -m bench kernels --op {op} " + " ".join(sys.argv[1:] if argv is None else argv)
+    bw_probe = copy_bandwidth(nbytes=(8 << 20) if interpret else (2 << 30))
+    log(f"{meta['card']}  jax {meta['jax']}  commit {meta['commit']}  copy bandwidth "
+        + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bw_probe.items()))
+    return meta, bw_probe

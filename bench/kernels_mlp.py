@@ -51,7 +51,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from bench.common import copy_bandwidth, median_seconds, provenance, write_results  # noqa: E402
+from bench.common import (fmt_us, kernel_bench_setup, log, median_seconds, to_markdown, to_text,  # noqa: E402
+                          write_results)
 from dejavu_jax.sparse_mlp import mlp_dense  # noqa: E402
 from kernels.sparse_mlp import plan_sparse_mlp, sparse_mlp, sparse_mlp_reference  # noqa: E402
 
@@ -360,13 +361,6 @@ def acceptance(rows, args) -> list[str]:
     return lines
 
 
-def fmt_us(entry: dict) -> str:
-    if "us" in entry:
-        bad = entry.get("max_rel_err", 0.0) > CORRECT_TOL
-        return f"{entry['us']:.1f}{'!' if bad else ''}"
-    return "err" if "error" in entry else "-"
-
-
 def table_rows(rows, args):
     impls = pallas_names(args) + list(BASELINES)
     header = (["shape", "B", "density", "K"] + [f"{n} us" for n in impls]
@@ -378,26 +372,13 @@ def table_rows(rows, args):
         errs = [row["impls"].get(n, {}).get("max_rel_err") for n in pallas_names(args)]
         errs = [e for e in errs if e is not None]
         body.append([row["shape"], str(row["batch"]), f"{row['density']:g}", str(row["k"])]
-                    + [fmt_us(row["impls"].get(n, {})) for n in impls]
+                    + [fmt_us(row["impls"].get(n, {}), CORRECT_TOL) for n in impls]
                     + [name or "-",
                        f"{dense / best:.2f}x" if best and dense else "-",
                        f"{row['floor_bytes'] / (best * 1e-6) / 1e9:.0f}" if best else "-",
                        f"{best / row['floor_us']:.2f}" if best else "-",
                        f"{max(errs):.1e}" if errs else "-"])
     return header, body
-
-
-def to_text(header, body) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
-    return "\n".join(lines)
-
-
-def to_markdown(header, body) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,17 +417,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: unknown --variants {unknown}; choose from {list(PALLAS_VARIANTS)}")
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be >= 1. Got {args.repeats}")
-    if not args.interpret and jax.default_backend() != "gpu":
-        print(f"warning: backend is {jax.default_backend()!r}, not gpu; compiled Pallas GPU kernels will fail "
-              "(use --interpret for a CPU smoke test)", file=sys.stderr)
-
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    meta = provenance()
-    meta["command"] = "python -m bench kernels --op mlp " + " ".join(sys.argv[1:] if argv is None else argv)
-    bw_probe = copy_bandwidth(nbytes=(8 << 20) if args.interpret else (2 << 30))
+    meta, bw_probe = kernel_bench_setup("mlp", argv, args.interpret)
     bw = bw_probe["floor_bandwidth"]
-    log(f"{meta['card']}  jax {meta['jax']}  commit {meta['commit']}  copy bandwidth "
-        + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bw_probe.items()))
 
     start = time.perf_counter()
     rows, stopped_early = [], False
@@ -482,7 +454,7 @@ def main(argv=None) -> int:
                 row = bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log)
                 row["impls"]["dense"] = dense
                 rows.append(row)
-                parts = [f"{n} {fmt_us(e)}" + (f" ({e['max_rel_err']:.0e})" if "max_rel_err" in e else "")
+                parts = [f"{n} {fmt_us(e, CORRECT_TOL)}" + (f" ({e['max_rel_err']:.0e})" if "max_rel_err" in e else "")
                          for n, e in row["impls"].items() if n != "dense"]
                 log(f"  {shape} b{batch} {density:g} K={row['k']} floor {row['floor_us']:.1f} us: "
                     + ", ".join(parts))

@@ -78,6 +78,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.block_math import cdiv, next_pow2, prev_pow2
+
 VARIANTS = ("fused", "two_pass", "two_pass_v2")
 # "auto" = AUTO_VARIANT at every batch: two_pass beat fused at every measured point (module docstring).
 DEFAULT_VARIANT = "auto"
@@ -107,18 +109,6 @@ _V2_FC2_MAX_BLOCK_D = 128
 _V2_FC2_MIN_BLOCK_D = 32
 _V2_FC2_MIN_PROGRAMS = 128
 _V2_PREFETCH = 2
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _prev_pow2(n: int) -> int:
-    return 1 << (int(n).bit_length() - 1)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +146,7 @@ class SparseMLPPlan:
     def n_k_blocks(self) -> int:
         """fc1's k-blocks (two_pass_v2: only those holding real neurons; fc2 masks the rest)."""
         if self.variant == "two_pass_v2":
-            return _cdiv(self.k, self.block_k)
+            return cdiv(self.k, self.block_k)
         return self.k_padded // self.block_k
 
     @property
@@ -165,11 +155,11 @@ class SparseMLPPlan:
 
     @property
     def n_fc2_d_blocks(self) -> int:
-        return _cdiv(self.d, self.fc2_block_d)
+        return cdiv(self.d, self.fc2_block_d)
 
     @property
     def n_d_blocks(self) -> int:
-        return _cdiv(self.d, self.block_d)
+        return cdiv(self.d, self.block_d)
 
     @property
     def grid(self) -> tuple[tuple[int, ...], ...]:
@@ -229,7 +219,7 @@ def plan_sparse_mlp(
                         ("fc2_block_d", fc2_block_d)):
         if use_dot and value is not None and value < 16:
             raise ValueError(f"use_dot needs {name} >= 16. Got {name}={value}")
-    batch_rows = max(16, _next_pow2(batch)) if use_dot else batch
+    batch_rows = max(16, next_pow2(batch)) if use_dot else batch
     itemsize = jnp.dtype(dtype).itemsize
     if variant == "two_pass_v2":
         return _plan_v2(batch, batch_rows, k, d, bool(use_dot), block_k=block_k, block_d=block_d,
@@ -237,52 +227,52 @@ def plan_sparse_mlp(
                         num_stages=num_stages, fc2_block_k=fc2_block_k, fc2_block_d=fc2_block_d,
                         prefetch=prefetch)
 
-    d_cap = min(_MAX_BLOCK_D, _prev_pow2(d))
+    d_cap = min(_MAX_BLOCK_D, prev_pow2(d))
     if use_dot:
         # The fc2 dot accumulates [batch_rows, block_d] fp32 in registers.
         d_cap = max(16, min(d_cap, _TILE_ELEMS // batch_rows))
     if block_d is not None:
-        bd = min(block_d, _prev_pow2(d))
+        bd = min(block_d, prev_pow2(d))
     elif block_k is not None:
         bd = min(max(16, _TILE_ELEMS // block_k), d_cap)  # Keep the tile at _TILE_ELEMS.
     else:
         bd = min(_DEFAULT_BLOCK_D, d_cap)
     min_bk = 16 if use_dot else 1
     if block_k is None:
-        bk = max(min_bk, min(max(1, _TILE_ELEMS // bd), _next_pow2(max(k, 1))))
+        bk = max(min_bk, min(max(1, _TILE_ELEMS // bd), next_pow2(max(k, 1))))
         if variant == "fused" and block_d is None:
             # Few neurons: trade rows for columns (same tile size) so more programs share the work.
-            while (_cdiv(k, bk) < _TARGET_PROGRAMS and bk // 2 >= max(min_bk, 2)
+            while (cdiv(k, bk) < _TARGET_PROGRAMS and bk // 2 >= max(min_bk, 2)
                    and bd * 2 <= d_cap):
                 bk //= 2
                 bd *= 2
             # Many neurons: trade columns for rows (rows stay >= 256 B), since every program adds
             # a full [batch, d] to the output atomically.
-            while (_cdiv(k, bk) > 2 * _TARGET_PROGRAMS and bd // 2 >= _MIN_FUSED_BLOCK_D
-                   and bk * 2 <= _next_pow2(k)):
+            while (cdiv(k, bk) > 2 * _TARGET_PROGRAMS and bd // 2 >= _MIN_FUSED_BLOCK_D
+                   and bk * 2 <= next_pow2(k)):
                 bk *= 2
                 bd //= 2
     else:
         bk = block_k
-    k_padded = _cdiv(max(k, 1), bk) * bk
+    k_padded = cdiv(max(k, 1), bk) * bk
     n_kb = k_padded // bk
-    n_db = _cdiv(d, bd)
+    n_db = cdiv(d, bd)
 
     if variant == "two_pass":
-        sd = split_d if split_d is not None else max(1, _cdiv(_TARGET_PROGRAMS, n_kb))
+        sd = split_d if split_d is not None else max(1, cdiv(_TARGET_PROGRAMS, n_kb))
         sd = min(sd, n_db)
-        dps = _cdiv(n_db, sd)
-        sd = _cdiv(n_db, dps)
+        dps = cdiv(n_db, sd)
+        sd = cdiv(n_db, dps)
         if split_k is not None:
             sk = split_k
         else:
-            sk = max(1, _cdiv(_TARGET_PROGRAMS, n_db))
+            sk = max(1, cdiv(_TARGET_PROGRAMS, n_db))
             partial_bytes = 4 * batch_rows * d  # One split's fp32 [batch_rows, d].
             budget = max(k * d * itemsize // _PARTIAL_BYTES_FRACTION, _PARTIAL_BYTES_MIN)
             sk = min(sk, max(1, budget // partial_bytes))
         sk = min(sk, n_kb)
-        kps = _cdiv(n_kb, sk)
-        sk = _cdiv(n_kb, kps)
+        kps = cdiv(n_kb, sk)
+        sk = cdiv(n_kb, kps)
     else:
         sd, dps, sk, kps = 1, n_db, 1, n_kb
 
@@ -299,8 +289,8 @@ def plan_sparse_mlp(
 
 def _v2_block_d(d: int, cap: int) -> int:
     """fc1's column block: the largest power of two <= cap that tiles d with <= 1/8 overlap waste."""
-    bd = max(1, min(cap, _prev_pow2(d)))
-    while bd > 16 and _cdiv(d, bd) * bd - d > d // 8:
+    bd = max(1, min(cap, prev_pow2(d)))
+    while bd > 16 and cdiv(d, bd) * bd - d > d // 8:
         bd //= 2
     return bd
 
@@ -316,20 +306,20 @@ def _plan_v2(batch, batch_rows, k, d, use_dot, *, block_k, block_d, split_d, spl
     # fc1: full rows of few neurons per program (split_d = 1), enough programs from small block_k.
     bd1 = block_d if block_d is not None else _v2_block_d(
         d, min(_V2_FC1_MAX_BLOCK_D, max(16, _TILE_ELEMS // batch_rows) if use_dot else 1 << 30))
-    bd1 = min(bd1, _prev_pow2(d))
+    bd1 = min(bd1, prev_pow2(d))
     if block_k is not None:
         bk1 = block_k
     elif use_dot:
         bk1 = 16
     else:
-        bk1 = max(1, min(_prev_pow2(max(1, k // _TARGET_PROGRAMS)), max(1, _TILE_ELEMS // bd1)))
+        bk1 = max(1, min(prev_pow2(max(1, k // _TARGET_PROGRAMS)), max(1, _TILE_ELEMS // bd1)))
     # fc2: one program per column block owns the whole K reduction (no partial sums); narrow
     # column blocks (>= 64 B per row segment) give it >= ~one program per SM.
     if fc2_block_d is not None:
-        bd2 = min(fc2_block_d, _prev_pow2(d))
+        bd2 = min(fc2_block_d, prev_pow2(d))
     else:
-        bd2 = min(_V2_FC2_MAX_BLOCK_D, _prev_pow2(d))
-        while bd2 > _V2_FC2_MIN_BLOCK_D and _cdiv(d, bd2) < _V2_FC2_MIN_PROGRAMS:
+        bd2 = min(_V2_FC2_MAX_BLOCK_D, prev_pow2(d))
+        while bd2 > _V2_FC2_MIN_BLOCK_D and cdiv(d, bd2) < _V2_FC2_MIN_PROGRAMS:
             bd2 //= 2
         if use_dot:
             bd2 = max(16, min(bd2, _TILE_ELEMS // batch_rows))
@@ -339,22 +329,22 @@ def _plan_v2(batch, batch_rows, k, d, use_dot, *, block_k, block_d, split_d, spl
         rows_cap = _TILE_ELEMS // bd2
         if use_dot:
             rows_cap = min(rows_cap, max(16, _TILE_ELEMS // batch_rows))
-        bk2 = max(16 if use_dot else 1, min(rows_cap, _next_pow2(max(k, 1))))
+        bk2 = max(16 if use_dot else 1, min(rows_cap, next_pow2(max(k, 1))))
         # Padding K to bk2 costs cached reads of row 0 only, but keep it under 1/8 of K.
-        while bk2 > 16 and _cdiv(k, bk2) * bk2 - k > k // 8:
+        while bk2 > 16 and cdiv(k, bk2) * bk2 - k > k // 8:
             bk2 //= 2
     bk2 = max(bk2, bk1)  # fc1's blocks must fit inside fc2's padded K.
-    k_padded = _cdiv(max(k, 1), bk2) * bk2
-    n_db1 = _cdiv(d, bd1)
+    k_padded = cdiv(max(k, 1), bk2) * bk2
+    n_db1 = cdiv(d, bd1)
     # split_d > 1 (knob only) makes every fc2 program re-finish h from fp32 partials (L2 reads of
     # split_d x batch_rows x Kp x 4 B per program), too costly at batch >= 16 to be the default.
     sd = min(split_d if split_d is not None else 1, n_db1)
-    dps = _cdiv(n_db1, sd)
-    sd = _cdiv(n_db1, dps)
+    dps = cdiv(n_db1, sd)
+    sd = cdiv(n_db1, dps)
     n_k2 = k_padded // bk2
     sk = min(split_k if split_k is not None else 1, n_k2)
-    kps = _cdiv(n_k2, sk)
-    sk = _cdiv(n_k2, kps)
+    kps = cdiv(n_k2, sk)
+    sk = cdiv(n_k2, kps)
     w1 = num_warps if num_warps is not None else _v2_warps(bk1 * bd1)
     w2 = num_warps if num_warps is not None else _v2_warps(bk2 * bd2)
     return SparseMLPPlan(

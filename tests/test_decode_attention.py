@@ -1,0 +1,255 @@
+"""Decode attention kernel (kernels/decode_attention.py).
+
+`TestDecodeAttention` runs the kernel compiled for the GPU and skips elsewhere; `TestDecodeAttentionInterpret`
+re-runs every case in the Pallas interpreter on CPU. Outputs are compared with a float64 numpy reference by
+per-(sequence, head) relative error ||out - ref|| / ||ref||.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.decode_attention import (decode_attention, decode_attention_reference,
+                                      plan_decode_attention)
+
+# Per-row relative error bounds against float64. The kernel computes in fp32; bf16/fp16 round the
+# output to 8/11 bits.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
+
+
+def _key(*parts):
+    return jax.random.key(zlib.crc32(repr(parts).encode()))
+
+
+def _heads(spec, n_heads):
+    """head_idx for a spec: None (all heads), "subset" (unsorted, missing some), "single", or a list."""
+    if spec is None:
+        return None
+    if spec == "subset":
+        return jnp.asarray([2, 0, 3][:max(1, n_heads - 1)], jnp.int32) if n_heads >= 4 else \
+            jnp.asarray([n_heads - 1, 0], jnp.int32)
+    if spec == "single":
+        return jnp.asarray([n_heads - 1], jnp.int32)
+    return jnp.asarray(spec, jnp.int32)
+
+
+def _random_allowed(key, batch, seq, p=0.6):
+    """Random mask with at least one allowed slot per row (a random one forced on)."""
+    k1, k2 = jax.random.split(key)
+    allowed = jax.random.bernoulli(k1, p, (batch, seq))
+    forced = jax.random.randint(k2, (batch,), 0, seq)
+    return allowed.at[jnp.arange(batch), forced].set(True)
+
+
+def _inputs(key, batch, n_heads, seq, hd, heads, dtype, allowed=None):
+    ks = jax.random.split(key, 4)
+    # Scores of spread ~3 so the softmax is far from uniform and the max subtraction matters.
+    q = (3.0 * hd ** -0.5) * jax.random.normal(ks[0], (batch, heads, hd), jnp.float32)
+    keys = jax.random.normal(ks[1], (batch, n_heads, seq, hd), jnp.float32)
+    values = jax.random.normal(ks[2], (batch, n_heads, seq, hd), jnp.float32)
+    if allowed is None:
+        allowed = _random_allowed(ks[3], batch, seq)
+    return q.astype(dtype), keys.astype(dtype), values.astype(dtype), allowed
+
+
+def _reference_f64(q, keys, values, allowed, head_idx):
+    f64 = lambda a: np.asarray(a.astype(jnp.float32)).astype(np.float64)  # noqa: E731
+    q, keys, values, allowed = f64(q), f64(keys), f64(values), np.asarray(allowed)
+    if head_idx is not None:
+        idx = np.asarray(head_idx)
+        keys, values = keys[:, idx], values[:, idx]
+    scores = np.einsum("bhk,bhsk->bhs", q, keys)
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    m = scores.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.where(allowed[:, None], np.exp(scores - m), 0.0)
+    l = p.sum(axis=-1, keepdims=True)
+    out = np.einsum("bhs,bhsk->bhk", p, values)
+    return np.where(l > 0, out / np.where(l > 0, l, 1.0), 0.0)
+
+
+def _row_rel_err(out, ref):
+    out = np.asarray(out.astype(jnp.float32)).astype(np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    return np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+
+
+# (batch, H, S, hd, heads, split_s): S = 1 / not a block multiple / the model's 24 / 256, hd = 80 (not a
+# power of two), head subsets unsorted and single, split_s auto / 1 / > 1.
+SHAPES = [
+    (1, 4, 1, 64, None, None),
+    (1, 4, 24, 80, "subset", None),
+    (3, 4, 37, 128, None, 1),
+    (3, 4, 37, 80, "single", 3),
+    (1, 4, 256, 128, "subset", None),
+    (3, 4, 256, 64, None, 1),
+    (1, 4, 256, 80, None, 4),
+]
+
+
+class TestDecodeAttention:
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _needs_gpu(self):
+        if not self.INTERPRET and jax.default_backend() != "gpu":
+            pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret subclass covers CPU")
+
+    def _check(self, batch, n_heads, seq, hd, heads_spec, dtype, allowed=None, **knobs):
+        key = _key(batch, n_heads, seq, hd, heads_spec, str(dtype), knobs)
+        head_idx = _heads(heads_spec, n_heads)
+        heads = n_heads if head_idx is None else head_idx.shape[0]
+        q, keys, values, allowed = _inputs(key, batch, n_heads, seq, hd, heads, dtype, allowed)
+        out = decode_attention(q, keys, values, allowed, head_idx, interpret=self.INTERPRET, **knobs)
+        assert out.shape == (batch, heads, hd) and out.dtype == dtype
+        ref = _reference_f64(q, keys, values, allowed, head_idx)
+        err = _row_rel_err(out, ref)
+        assert err.max() <= TOLERANCE[dtype], (err, plan_decode_attention(batch, heads, seq, hd, **knobs))
+        return (q, keys, values, allowed, head_idx), out
+
+    @pytest.mark.parametrize("batch,n_heads,seq,hd,heads,split_s", SHAPES)
+    def test_fp32_matches_float64(self, batch, n_heads, seq, hd, heads, split_s):
+        self._check(batch, n_heads, seq, hd, heads, jnp.float32, split_s=split_s)
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    @pytest.mark.parametrize("batch,n_heads,seq,hd,heads,split_s", [
+        (1, 4, 37, 80, "subset", None), (3, 4, 256, 128, None, 1)])
+    def test_half_precision_matches_float64(self, batch, n_heads, seq, hd, heads, split_s, dtype):
+        self._check(batch, n_heads, seq, hd, heads, dtype, split_s=split_s)
+
+    def test_reference_twin_agrees(self):
+        args, out = self._check(3, 4, 37, 80, "subset", jnp.float32)
+        ref = decode_attention_reference(*args)
+        assert _row_rel_err(out, np.asarray(ref, np.float64)).max() < 1e-5
+
+    @pytest.mark.parametrize("split_s", [1, 2])
+    def test_all_heads_index_equals_none(self, split_s):
+        key = _key("all-heads", split_s)
+        q, keys, values, allowed = _inputs(key, 2, 4, 24, 64, 4, jnp.float32)
+        a = decode_attention(q, keys, values, allowed, None, split_s=split_s, interpret=self.INTERPRET)
+        b = decode_attention(q, keys, values, allowed, jnp.arange(4, dtype=jnp.int32), split_s=split_s,
+                             interpret=self.INTERPRET)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    @pytest.mark.parametrize("split_s", [1, 3])
+    def test_only_last_slot_allowed(self, split_s):
+        batch, n_heads, seq, hd = 2, 4, 37, 80
+        allowed = jnp.zeros((batch, seq), bool).at[:, seq - 1].set(True)
+        (q, keys, values, allowed, head_idx), out = self._check(
+            batch, n_heads, seq, hd, "subset", jnp.float32, allowed=allowed, split_s=split_s, block_s=8)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(values[:, head_idx, seq - 1]), rtol=1e-6,
+                                   atol=1e-6)
+
+    @pytest.mark.parametrize("split_s", [1, 3])
+    def test_fully_masked_row_gives_zeros(self, split_s):
+        batch, n_heads, seq, hd = 3, 4, 37, 64
+        key = _key("masked", split_s)
+        allowed = _random_allowed(key, batch, seq).at[1].set(False)
+        q, keys, values, allowed = _inputs(key, batch, n_heads, seq, hd, n_heads, jnp.float32, allowed)
+        out = np.asarray(decode_attention(q, keys, values, allowed, split_s=split_s, block_s=8,
+                                          interpret=self.INTERPRET))
+        np.testing.assert_array_equal(out[1], np.zeros((n_heads, hd), np.float32))
+        ref = _reference_f64(q, keys, values, allowed, None)
+        assert _row_rel_err(out[[0, 2]], ref[[0, 2]]).max() <= 1e-5
+        np.testing.assert_array_equal(np.asarray(decode_attention_reference(q, keys, values, allowed))[1], 0.0)
+
+    @pytest.mark.parametrize("knobs", [
+        dict(block_s=8, split_s=2),          # S = 37: ragged last block inside the last split
+        dict(block_s=4, split_s=4),          # 10 blocks over 4 splits of 3: the last split owns one
+        dict(block_s=16, split_s=100),       # split_s clamped to the block count
+        dict(block_s=512),                   # block_s clamped to 32 <= S
+        dict(block_s=1, split_s=1, num_warps=2, num_stages=1),
+    ])
+    def test_block_knobs(self, knobs):
+        self._check(3, 4, 37, 80, "subset", jnp.float32, **knobs)
+
+
+class TestDecodeAttentionInterpret(TestDecodeAttention):
+    INTERPRET = True
+
+
+# --- Plan. ---
+
+
+@pytest.mark.parametrize("batch,heads,seq,hd", [(1, 32, 2048, 128), (1, 72, 1024, 128), (8, 40, 256, 128),
+                                               (1, 32, 1040, 80), (1, 32, 24, 64), (1, 1, 1, 64)])
+def test_plan_covers_slots_and_fills_the_gpu(batch, heads, seq, hd):
+    plan = plan_decode_attention(batch, heads, seq, hd)
+    assert plan.block_s & (plan.block_s - 1) == 0 and plan.block_s <= seq
+    assert (plan.split_s - 1) * plan.blocks_per_split < plan.n_blocks <= plan.split_s * plan.blocks_per_split
+    assert sum(w for _, w in plan.hd_pieces) == hd and all(w & (w - 1) == 0 for _, w in plan.hd_pieces)
+    if plan.split_s < plan.n_blocks:  # Not limited by S: enough programs for every SM.
+        assert batch * heads * plan.split_s >= 132
+
+
+@pytest.mark.parametrize("batch,heads,n_heads,seq,hd,dtype,split_s", [
+    (1, 32, 32, 1040, 128, jnp.float16, None), (8, 40, 40, 256, 128, jnp.bfloat16, 1),
+    (1, 8, 32, 24, 80, jnp.float16, None), (2, 4, 4, 37, 64, jnp.float32, 2)])
+def test_lowers_for_gpu(batch, heads, n_heads, seq, hd, dtype, split_s):
+    """The Pallas -> Triton lowering (not Triton's own compile) runs on any host, for CUDA."""
+    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
+        ((batch, heads, hd), dtype), ((batch, n_heads, seq, hd), dtype), ((batch, n_heads, seq, hd), dtype),
+        ((batch, seq), jnp.bool_))]
+    head_idx = None if heads == n_heads else jax.ShapeDtypeStruct((heads,), jnp.int32)
+    fn = jax.jit(lambda *a: decode_attention(*a, split_s=split_s))
+    try:
+        text = fn.trace(*args, head_idx).lower(lowering_platforms=("cuda",)).as_text()
+    except (NotImplementedError, RuntimeError) as e:  # No cross-platform lowering in this jaxlib.
+        if "cuda" in str(e).lower() and "platform" in str(e).lower():
+            pytest.skip(f"cannot lower for cuda here: {e}")
+        raise
+    assert "triton" in text.lower()
+
+
+# --- Bad inputs: rejected at trace time with a message naming the problem. ---
+
+
+def _good_args(batch=2, n_heads=4, seq=24, hd=64, dtype=jnp.float32):
+    q, keys, values, allowed = _inputs(_key("args"), batch, n_heads, seq, hd, n_heads, dtype)
+    return [q, keys, values, allowed, None]
+
+
+def _replace(i, value):
+    args = _good_args()
+    args[i] = value
+    return args
+
+
+BAD_INPUTS = [
+    ("q rank", _replace(0, jnp.zeros((2, 4, 1, 64))), "q must be rank 3"),
+    ("q dtype", _replace(0, jnp.zeros((2, 4, 64), jnp.int32)), "q dtype must be"),
+    ("keys rank", _replace(1, jnp.zeros((2, 4, 24 * 64))), "keys must be rank 4"),
+    ("values shape", _replace(2, jnp.zeros((2, 4, 23, 64))), "values must have the shape of keys"),
+    ("keys dtype", _replace(1, jnp.zeros((2, 4, 24, 64), jnp.bfloat16)), "keys must have q's dtype"),
+    ("q head_dim", _replace(0, jnp.zeros((2, 4, 32))), "q must be"),
+    ("q batch", _replace(0, jnp.zeros((3, 4, 64))), "q must be"),
+    ("q heads without head_idx", _replace(0, jnp.zeros((2, 3, 64))), "with head_idx=None"),
+    ("head_idx length", _replace(4, jnp.arange(3, dtype=jnp.int32)), "head_idx must be rank 1"),
+    ("head_idx rank", _replace(4, jnp.zeros((4, 1), jnp.int32)), "head_idx must be rank 1"),
+    ("head_idx dtype", _replace(4, jnp.zeros((4,), jnp.float32)), "head_idx must be an integer"),
+    ("allowed shape", _replace(3, jnp.ones((2, 23), bool)), "allowed must be"),
+    ("allowed dtype", _replace(3, jnp.ones((2, 24), jnp.int32)), "allowed must be a bool"),
+    ("no slots", [jnp.zeros((2, 4, 64)), jnp.zeros((2, 4, 0, 64)), jnp.zeros((2, 4, 0, 64)),
+                  jnp.zeros((2, 0), bool), None], "at least one slot"),
+]
+
+
+@pytest.mark.parametrize("name,args,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_raise(name, args, match):
+    with pytest.raises(ValueError, match=match) as info:
+        decode_attention(*args, interpret=True)
+    assert "Got" in str(info.value)
+
+
+@pytest.mark.parametrize("knobs,match", [
+    (dict(block_s=12), "block_s must be a positive power of two"),
+    (dict(block_s=0), "block_s must be a positive power of two"),
+    (dict(split_s=0), "split_s must be a positive int"),
+    (dict(num_warps=-1), "num_warps must be a positive int"),
+])
+def test_bad_knobs_raise(knobs, match):
+    with pytest.raises(ValueError, match=match):
+        decode_attention(*_good_args(), interpret=True, **knobs)
