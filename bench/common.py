@@ -135,3 +135,18 @@ def kernel_bench_setup(op: str, argv, interpret: bool) -> tuple[dict, dict]:
     log(f"{meta['card']}  jax {meta['jax']}  commit {meta['commit']}  copy bandwidth "
         + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bw_probe.items()))
     return meta, bw_probe
+
+
+def add_kernel_bench_args(parser, op: str) -> None:
+    """The timing, stopping and output flags every `python -m bench kernels --op OP` shares."""
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (median; default 10)")
+    parser.add_argument("--chain-us", type=float, default=2000.0,
+                        help="target length of one chained program in microseconds (default 2000)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="tiny shapes, Pallas interpreter, CPU-friendly: a smoke test, timings meaningless")
+    parser.add_argument("--max-minutes", type=float, default=5.5,
+                        help="stop starting new configurations after this long and write what was measured "
+                             "(default 5.5, under the GPU machine's 10-minute command limit; 0 = no limit)")
+    parser.add_argument("--out", default=None, help="markdown path (JSON beside it); default "
+                        f"bench/results/kernels_{op}_<card>_<date>.md (interpret: nothing written unless given)")
+    parser.add_argument("--json", action="store_true", help="also print all numbers as JSON on stdout")

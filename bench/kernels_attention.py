@@ -43,8 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from bench.common import (fmt_us, kernel_bench_setup, log, median_seconds, to_markdown, to_text,  # noqa: E402
-                          write_results)
+from bench.common import (add_kernel_bench_args, fmt_us, kernel_bench_setup, log,  # noqa: E402
+                          median_seconds, to_markdown, to_text, write_results)
 from kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                       plan_decode_attention)
 
@@ -247,17 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=csv(str), default=DEFAULT_VARIANTS,
                    help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)} (default "
                         f"{','.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (median; default 10)")
-    p.add_argument("--chain-us", type=float, default=2000.0,
-                   help="target length of one chained program in microseconds (default 2000)")
-    p.add_argument("--interpret", action="store_true",
-                   help="tiny shapes, Pallas interpreter, CPU-friendly: a smoke test, timings meaningless")
-    p.add_argument("--max-minutes", type=float, default=5.5,
-                   help="stop starting new configurations after this long and write what was measured "
-                        "(default 5.5, under the GPU machine's 10-minute command limit; 0 = no limit)")
-    p.add_argument("--out", default=None, help="markdown path (JSON beside it); default "
-                   "bench/results/kernels_attention_<card>_<date>.md (interpret: nothing written unless given)")
-    p.add_argument("--json", action="store_true", help="also print all numbers as JSON on stdout")
+    add_kernel_bench_args(p, "attention")
     return p
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dejavu_jax.atomic import atomic_directory
 from dejavu_jax.config import OPTConfig
@@ -137,7 +136,3 @@ def load_model(model: str | os.PathLike, dtype: str = "float16") -> LoadedModel:
         raise CheckpointError(f"{path} holds neither a converted model ({MANIFEST}) nor an HF checkpoint "
                               f"(config.json + weights)")
     return LoadedModel(config, params, load_tokenizer(path, required=False), dtype, path)
-
-
-def params_nbytes(params) -> int:
-    return sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
