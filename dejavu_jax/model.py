@@ -27,6 +27,18 @@ from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.predictors import LowRankPredictor, Predictors, predictor_scores, select_top_k
 from dejavu_jax.sparse_mlp import mlp_dense, mlp_sparse_or_dense, mlp_sparse_per_token
+from kernels.decode_attention import decode_attention_append
+
+# How a decode step (one new token per sequence, with a cache) computes attention:
+# "xla": einsums, masked softmax and two cache-update kernels; "pallas": one Pallas launch per layer that
+# writes the new K/V into the cache and attends (kernels/decode_attention.py). Prefill is always "xla".
+ATTENTION_IMPLS = ("xla", "pallas")
+
+
+def check_attention_impl(attention_impl: str) -> str:
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}. Got {attention_impl!r}")
+    return attention_impl
 
 
 @struct.dataclass
@@ -81,6 +93,7 @@ def _init(std=0.02):
 class OPTAttention(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
+    attention_impl: str = "xla"
 
     def setup(self):
         c = self.config
@@ -90,7 +103,7 @@ class OPTAttention(nn.Module):
         self.out_w = self.param("out_w", _init(), (H, hd, d), self.dtype)
         self.out_b = self.param("out_b", nn.initializers.zeros, (d,), self.dtype)
 
-    def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None):
+    def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None, interpret=False):
         """x [B, T, d] (after the LayerNorm); allowed [B, T, S] bool: query t may read key slot s.
 
         layer_kv: (keys, values) each [B, heads, S, head_dim], the chunk is written at slot `cursor`;
@@ -107,6 +120,12 @@ class OPTAttention(nn.Module):
         # HF scales the query after q_proj, bias included.
         q = (qkv[0] * (c.head_dim ** -0.5)).astype(x.dtype)  # [B, h, T, hd]
         k_new, v_new = qkv[1], qkv[2]
+        if self.attention_impl == "pallas" and layer_kv is not None and x.shape[1] == 1:
+            with jax.named_scope("attention"):
+                heads_out, keys, values = decode_attention_append(
+                    q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv, allowed[:, 0], cursor, head_idx,
+                    interpret=interpret)
+            return self._project_out(heads_out[:, None], out_w, x.dtype), (keys, values)
         if layer_kv is None:
             keys, values, new_kv = k_new, v_new, None
         else:
@@ -127,11 +146,14 @@ class OPTAttention(nn.Module):
             scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
             heads_out = jnp.einsum("bhts,bhsk->bthk", probs, values, preferred_element_type=jnp.float32)
-        self.sow("intermediates", "head_norm", jnp.linalg.norm(heads_out, axis=-1))  # [B, T, h]
+        return self._project_out(heads_out, out_w, x.dtype), new_kv
+
+    def _project_out(self, heads_out, out_w, dtype):
+        """heads_out [B, T, h, hd] -> out_proj(...) [B, T, d] in dtype."""
+        self.sow("intermediates", "head_norm", jnp.linalg.norm(heads_out.astype(jnp.float32), axis=-1))  # [B, T, h]
         with jax.named_scope("out_proj"):
-            out = jnp.einsum("bthk,hkd->btd", heads_out.astype(x.dtype), out_w, preferred_element_type=jnp.float32)
-            out = (out + self.out_b.astype(jnp.float32)).astype(x.dtype)
-        return out, new_kv
+            out = jnp.einsum("bthk,hkd->btd", heads_out.astype(dtype), out_w, preferred_element_type=jnp.float32)
+            return (out + self.out_b.astype(jnp.float32)).astype(dtype)
 
 
 class OPTMLP(nn.Module):
@@ -165,10 +187,11 @@ class OPTMLP(nn.Module):
 class OPTDecoderLayer(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
+    attention_impl: str = "xla"
 
     def setup(self):
         self.self_attn_layer_norm = LayerNorm(self.config, self.dtype)
-        self.self_attn = OPTAttention(self.config, self.dtype)
+        self.self_attn = OPTAttention(self.config, self.dtype, self.attention_impl)
         self.final_layer_norm = LayerNorm(self.config, self.dtype)
         self.mlp = OPTMLP(self.config, self.dtype)
 
@@ -179,7 +202,7 @@ class OPTDecoderLayer(nn.Module):
         attn_input = h
         with jax.named_scope("attention_block"):
             x = self.self_attn_layer_norm(h) if pre_ln else h
-            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, sparsity.head_idx)
+            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, sparsity.head_idx, interpret)
             h = h + attn_out
             if not pre_ln:
                 h = self.self_attn_layer_norm(h)
@@ -211,9 +234,11 @@ class OPTForCausalLM(nn.Module):
 
     With a cache the chunk is appended at `cache.cursor` and attends to everything before it; without one it is
     the whole sequence. `logits_for="last"` computes the LM head for the last position only (prefill).
+    `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter.
     """
     config: OPTConfig
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
 
     def setup(self):
         c = self.config
@@ -227,7 +252,9 @@ class OPTForCausalLM(nn.Module):
                                         param_dtype=self.dtype)
         if c.has_final_layer_norm:
             self.final_layer_norm = LayerNorm(c, self.dtype)
-        self.layers = [OPTDecoderLayer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        check_attention_impl(self.attention_impl)
+        self.layers = [OPTDecoderLayer(c, self.dtype, self.attention_impl, name=f"layers_{i}")
+                       for i in range(c.num_hidden_layers)]
 
     def __call__(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None,
                  sparsity: Optional[Sequence[LayerSparsity]] = None, logits_for: str = "all",

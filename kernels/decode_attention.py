@@ -154,18 +154,20 @@ def plan_decode_attention(
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode_attention_kernel(
-    head_idx_ref,  # [h] int32
-    q_ref,         # [B, h, hd]
-    k_ref,         # [B, H, S, hd]
-    v_ref,         # [B, H, S, hd]
-    allowed_ref,   # [B, S] int8 (1: the query may read the slot)
-    *out_refs,     # split_s == 1: o [B, h, hd] q.dtype
-                   # split_s > 1:  o [B, h, split_s, hd] fp32 (unnormalised), m, l [B, h, split_s] fp32
-    plan: DecodeAttentionPlan,
-):
+def _decode_attention_kernel(*refs, plan: DecodeAttentionPlan, append: bool):
+    # Inputs:  head_idx [h] int32, (append: cursor [1] int32,) q [B, h, hd],
+    #          (append: k_new, v_new [B, h, hd],) keys, values [B, H, S, hd], allowed [B, S] int8.
+    # Outputs: split_s == 1: o [B, h, hd] q.dtype; split_s > 1: o [B, h, split_s, hd] fp32
+    #          (unnormalised), m, l [B, h, split_s] fp32; (append: keys, values, aliased to the inputs).
+    if append:
+        head_idx_ref, cursor_ref, q_ref, k_new_ref, v_new_ref, k_ref, v_ref, allowed_ref, *out_refs = refs
+        k_out_ref, v_out_ref = out_refs[-2:]
+        out_refs = out_refs[:-2]
+    else:
+        head_idx_ref, q_ref, k_ref, v_ref, allowed_ref, *out_refs = refs
     b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head = head_idx_ref[j]                                                  # scalar
+    cursor = cursor_ref[0] if append else None                              # scalar
     bs, pieces = plan.block_s, plan.hd_pieces
     ragged = plan.seq % bs != 0
     qs = tuple(q_ref[b, j, pl.ds(c0, w)].astype(jnp.float32) for c0, w in pieces)   # [w] each
@@ -183,6 +185,10 @@ def _decode_attention_kernel(
         valid = allowed_ref[b, slots] != 0                                  # [bs]
         if fresh is not None:
             valid = valid & fresh
+        if append:
+            # The cursor slot is being written by split 0 of this head: nobody reads it from memory,
+            # its token enters from registers after the loop.
+            valid = valid & (start + jnp.arange(bs, dtype=jnp.int32) != cursor)
         scores = jnp.zeros((bs,), jnp.float32)
         for (c0, w), qp in zip(pieces, qs):
             k = k_ref[b, head, slots, pl.ds(c0, w)].astype(jnp.float32)     # [bs, w]
@@ -205,6 +211,24 @@ def _decode_attention_kernel(
             tuple(jnp.zeros((w,), jnp.float32) for _, w in pieces))
     m, l, acc = lax.fori_loop(lo, hi, body, init)
 
+    if append:
+        # The new token: split 0 adds it to the online softmax and writes its K/V into the cache.
+        k_new = tuple(k_new_ref[b, j, pl.ds(c0, w)] for c0, w in pieces)  # [w] each
+        v_new = tuple(v_new_ref[b, j, pl.ds(c0, w)] for c0, w in pieces)
+        score = sum(jnp.sum(kp.astype(jnp.float32) * qp) for kp, qp in zip(k_new, qs))
+        include = (split == 0) & (allowed_ref[b, cursor] != 0)
+        m_new = jnp.where(include, jnp.maximum(m, score), m)
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(include, jnp.exp(score - m_new), 0.0)
+        acc = tuple(a * alpha + p * vp.astype(jnp.float32) for a, vp in zip(acc, v_new))
+        m, l = m_new, l * alpha + p
+
+        @pl.when(split == 0)
+        def _write_new_token():
+            for (c0, w), kp, vp in zip(pieces, k_new, v_new):
+                k_out_ref[b, head, cursor, pl.ds(c0, w)] = kp.astype(k_out_ref.dtype)
+                v_out_ref[b, head, cursor, pl.ds(c0, w)] = vp.astype(v_out_ref.dtype)
+
     if plan.split_s == 1:
         (o_ref,) = out_refs
         # A row with no allowed slot has l == 0 and acc == 0: it returns zeros.
@@ -224,22 +248,36 @@ def _decode_attention_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode_attention_call(head_idx, q, keys, values, allowed_i8, *, plan, interpret):
+def _decode_attention_call(head_idx, q, keys, values, allowed_i8, *, plan, interpret, new_kv=None,
+                           cursor=None):
+    """One launch. With new_kv = (k_new, v_new) [B, h, hd] and cursor [1] int32 it also writes the new
+    token's K/V into the caches in place (aliased outputs, returned last) and attends to it."""
     batch, heads, hd = plan.batch, plan.heads, plan.head_dim
     if plan.split_s == 1:
-        out_shape = jax.ShapeDtypeStruct((batch, heads, hd), q.dtype)
+        out_shape = [jax.ShapeDtypeStruct((batch, heads, hd), q.dtype)]
     else:
-        out_shape = (jax.ShapeDtypeStruct((batch, heads, plan.split_s, hd), jnp.float32),
+        out_shape = [jax.ShapeDtypeStruct((batch, heads, plan.split_s, hd), jnp.float32),
                      jax.ShapeDtypeStruct((batch, heads, plan.split_s), jnp.float32),
-                     jax.ShapeDtypeStruct((batch, heads, plan.split_s), jnp.float32))
-    return pl.pallas_call(
-        functools.partial(_decode_attention_kernel, plan=plan),
-        out_shape=out_shape,
+                     jax.ShapeDtypeStruct((batch, heads, plan.split_s), jnp.float32)]
+    append = new_kv is not None
+    if append:
+        inputs = (head_idx, cursor, q, *new_kv, keys, values, allowed_i8)
+        out_shape += [jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+                      jax.ShapeDtypeStruct(values.shape, values.dtype)]
+        aliases = {5: len(out_shape) - 2, 6: len(out_shape) - 1}
+    else:
+        inputs = (head_idx, q, keys, values, allowed_i8)
+        aliases = {}
+    outs = pl.pallas_call(
+        functools.partial(_decode_attention_kernel, plan=plan, append=append),
+        out_shape=tuple(out_shape),
         grid=plan.grid,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
         interpret=interpret,
-        name="decode_attention",
-    )(head_idx, q, keys, values, allowed_i8)
+        name="decode_attention_append" if append else "decode_attention",
+    )(*inputs)
+    return tuple(outs)
 
 
 def _merge_splits(o, m, l, dtype):
@@ -320,11 +358,70 @@ def decode_attention(
                                  num_warps=num_warps, num_stages=num_stages)
     if head_idx is None:
         head_idx = jnp.arange(n_heads, dtype=jnp.int32)
-    out = _decode_attention_call(head_idx.astype(jnp.int32), q, keys, values, allowed.astype(jnp.int8),
-                                 plan=plan, interpret=interpret)
-    if plan.split_s == 1:
-        return out
-    return _merge_splits(*out, q.dtype)
+    outs = _decode_attention_call(head_idx.astype(jnp.int32), q, keys, values, allowed.astype(jnp.int8),
+                                  plan=plan, interpret=interpret)
+    return _finish(outs, plan, q.dtype)
+
+
+def _finish(outs, plan, dtype):
+    """The kernel's attention outputs -> [B, h, hd] in dtype (merging the splits if there are several)."""
+    return outs[0] if plan.split_s == 1 else _merge_splits(*outs[:3], dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "split_s", "num_warps", "num_stages", "interpret"),
+                   donate_argnames=("keys", "values"))
+def decode_attention_append(
+    q,              # [B, h, hd], scaled by hd**-0.5
+    k_new,          # [B, h, hd]: the new token's keys (of the heads in head_idx)
+    v_new,          # [B, h, hd]
+    keys,           # [B, H, S, hd], donated: updated in place
+    values,         # [B, H, S, hd], donated
+    allowed,        # [B, S] bool, the new token's own slot `cursor` included
+    cursor,         # [] int: the slot the new token is written to
+    head_idx=None,  # [h] int, or None: all H heads in order
+    *,
+    block_s: int | None = None,
+    split_s: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+):
+    """Writes the new token's K/V at slot `cursor` and attends to the updated cache, in one launch.
+
+    Returns (out [B, h, hd], keys, values): exactly `decode_attention` over the caches after
+    `keys[:, head_idx, cursor] = k_new` (likewise values). This replaces, per layer and decode step,
+    the two cache-update kernels and the attention kernels of the XLA path. Heads not in head_idx keep
+    their old slot contents. `cursor` is not range-checked on GPU (0 <= cursor < S is the caller's
+    contract; the model's cursor always is).
+    """
+    _check_inputs(q, keys, values, allowed, head_idx)
+    for name, arr in (("k_new", k_new), ("v_new", v_new)):
+        if arr.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape [batch, heads, head_dim]. Got {arr.shape} and {q.shape}")
+    if jnp.ndim(cursor) != 0 or not jnp.issubdtype(jnp.result_type(cursor), jnp.integer):
+        raise ValueError(f"cursor must be an integer scalar. Got {jnp.result_type(cursor)} of shape "
+                         f"{jnp.shape(cursor)}")
+    batch, n_heads, seq, hd = keys.shape
+    heads = q.shape[1]
+    if heads == 0:
+        return jnp.zeros((batch, 0, hd), q.dtype), keys, values
+    plan = plan_decode_attention(batch, heads, seq, hd, block_s=block_s, split_s=split_s,
+                                 num_warps=num_warps, num_stages=num_stages)
+    if head_idx is None:
+        head_idx = jnp.arange(n_heads, dtype=jnp.int32)
+    cursor = jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,))
+    outs = _decode_attention_call(head_idx.astype(jnp.int32), q, keys, values, allowed.astype(jnp.int8),
+                                  plan=plan, interpret=interpret,
+                                  new_kv=(k_new.astype(keys.dtype), v_new.astype(values.dtype)), cursor=cursor)
+    return _finish(outs, plan, q.dtype), outs[-2], outs[-1]
+
+
+def decode_attention_append_reference(q, k_new, v_new, keys, values, allowed, cursor, head_idx=None):
+    """Pure-jnp twin of `decode_attention_append`: scatter the new K/V, then `decode_attention_reference`."""
+    heads = jnp.arange(keys.shape[1]) if head_idx is None else head_idx.astype(jnp.int32)
+    keys = keys.at[:, heads, cursor].set(k_new.astype(keys.dtype))
+    values = values.at[:, heads, cursor].set(v_new.astype(values.dtype))
+    return decode_attention_reference(q, keys, values, allowed, head_idx), keys, values
 
 
 def decode_attention_reference(q, keys, values, allowed, head_idx=None):

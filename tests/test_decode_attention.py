@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.decode_attention import (decode_attention, decode_attention_reference,
+from kernels.decode_attention import (decode_attention, decode_attention_append,
+                                      decode_attention_append_reference, decode_attention_reference,
                                       plan_decode_attention)
 
 # Per-row relative error bounds against float64. The kernel computes in fp32; bf16/fp16 round the
@@ -167,6 +168,59 @@ class TestDecodeAttention:
         self._check(3, 4, 37, 80, "subset", jnp.float32, **knobs)
 
 
+    # --- decode_attention_append: the new token's K/V written at `cursor`, then attention. ---
+
+    def _check_append(self, batch, n_heads, seq, hd, heads_spec, dtype, cursor, **knobs):
+        key = _key("append", batch, n_heads, seq, hd, heads_spec, str(dtype), cursor, knobs)
+        head_idx = _heads(heads_spec, n_heads)
+        heads = n_heads if head_idx is None else head_idx.shape[0]
+        k1, k2 = jax.random.split(key)
+        q, keys, values, allowed = _inputs(k1, batch, n_heads, seq, hd, heads, dtype)
+        allowed = allowed.at[:, cursor].set(True)  # the new token reads itself
+        k_new, v_new = (jax.random.normal(k, (batch, heads, hd), jnp.float32).astype(dtype)
+                        for k in jax.random.split(k2))
+        # The expected caches, computed before the kernel takes (donates) its inputs.
+        heads_np = np.arange(n_heads) if head_idx is None else np.asarray(head_idx)
+        want_keys, want_values = np.array(keys), np.array(values)
+        want_keys[:, heads_np, cursor] = np.asarray(k_new)
+        want_values[:, heads_np, cursor] = np.asarray(v_new)
+        ref = _reference_f64(q, jnp.asarray(want_keys), jnp.asarray(want_values), allowed, head_idx)
+        out, new_keys, new_values = decode_attention_append(
+            q, k_new, v_new, keys, values, allowed, jnp.int32(cursor), head_idx, interpret=self.INTERPRET, **knobs)
+        assert out.shape == (batch, heads, hd) and out.dtype == dtype
+        err = _row_rel_err(out, ref)
+        assert err.max() <= TOLERANCE[dtype], (err, plan_decode_attention(batch, heads, seq, hd, **knobs))
+        # Only the chosen heads' slot `cursor` changed, to exactly the new K/V.
+        np.testing.assert_array_equal(np.asarray(new_keys), want_keys)
+        np.testing.assert_array_equal(np.asarray(new_values), want_values)
+
+    @pytest.mark.parametrize("batch,n_heads,seq,hd,heads,split_s,cursor", [
+        (1, 4, 1, 64, None, None, 0),         # the only slot is the new one
+        (1, 4, 24, 80, "subset", None, 23),   # the last slot, hd not a power of two, head subset
+        (3, 4, 37, 128, None, 1, 0),          # cursor in the first block, one split
+        (3, 4, 37, 80, "single", 3, 36),      # cursor in the ragged last block, several splits
+        (1, 4, 256, 64, None, None, 130),     # cursor in a later split than split 0
+    ])
+    def test_append_fp32_matches_float64(self, batch, n_heads, seq, hd, heads, split_s, cursor):
+        self._check_append(batch, n_heads, seq, hd, heads, jnp.float32, cursor, split_s=split_s)
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    def test_append_half_precision_matches_float64(self, dtype):
+        self._check_append(2, 4, 37, 128, None, dtype, 20, block_s=8, split_s=2)
+
+    def test_append_equals_update_then_attend(self):
+        """The fused launch computes what the model's XLA path does: write the cache, then attend."""
+        key = _key("append-twin")
+        q, keys, values, allowed = _inputs(key, 2, 4, 24, 64, 4, jnp.float32)
+        k_new, v_new = q * 2.0, q - 1.0
+        want = decode_attention_append_reference(q, k_new, v_new, keys, values, allowed, 5)
+        got = decode_attention_append(q, k_new, v_new, keys, values, allowed, jnp.int32(5), split_s=2,
+                                      interpret=self.INTERPRET)
+        assert _row_rel_err(got[0], np.asarray(want[0], np.float64)).max() < 1e-5
+        for a, b in zip(got[1:], want[1:]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 class TestDecodeAttentionInterpret(TestDecodeAttention):
     INTERPRET = True
 
@@ -253,3 +307,36 @@ def test_bad_inputs_raise(name, args, match):
 def test_bad_knobs_raise(knobs, match):
     with pytest.raises(ValueError, match=match):
         decode_attention(*_good_args(), interpret=True, **knobs)
+
+
+@pytest.mark.parametrize("name,change,match", [
+    ("k_new shape", dict(k_new=jnp.zeros((2, 4, 32))), "k_new must have q's shape"),
+    ("v_new shape", dict(v_new=jnp.zeros((1, 4, 64))), "v_new must have q's shape"),
+    ("cursor vector", dict(cursor=jnp.zeros((1,), jnp.int32)), "cursor must be an integer scalar"),
+    ("cursor float", dict(cursor=jnp.float32(3)), "cursor must be an integer scalar"),
+])
+def test_append_bad_inputs_raise(name, change, match):
+    q, keys, values, allowed, _ = _good_args()
+    args = dict(q=q, k_new=q, v_new=q, keys=keys, values=values, allowed=allowed, cursor=jnp.int32(3))
+    args.update(change)
+    with pytest.raises(ValueError, match=match) as info:
+        decode_attention_append(**args, interpret=True)
+    assert "Got" in str(info.value)
+
+
+@pytest.mark.parametrize("split_s", [1, None])
+def test_append_lowers_for_gpu(split_s):
+    """The fused cache-write + attention kernel lowers to Triton for CUDA, its caches aliased in place."""
+    batch, heads, seq, hd, dtype = 1, 32, 256, 128, jnp.float16
+    vec = jax.ShapeDtypeStruct((batch, heads, hd), dtype)
+    cache = jax.ShapeDtypeStruct((batch, heads, seq, hd), dtype)
+    fn = jax.jit(lambda q, kn, vn, k, v, a, c: decode_attention_append(q, kn, vn, k, v, a, c, split_s=split_s))
+    try:
+        lowered = fn.trace(vec, vec, vec, cache, cache, jax.ShapeDtypeStruct((batch, seq), jnp.bool_),
+                           jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",))
+    except (NotImplementedError, RuntimeError) as e:  # No cross-platform lowering in this jaxlib.
+        if "cuda" in str(e).lower() and "platform" in str(e).lower():
+            pytest.skip(f"cannot lower for cuda here: {e}")
+        raise
+    text = lowered.as_text()
+    assert "triton" in text.lower() and "output_operand_aliases" in text

@@ -36,6 +36,14 @@ def test_greedy_matches_hf_generate_on_a_padded_batch(reference, reference_model
         assert got == want[: len(got)] and len(got) > 0
 
 
+def test_pallas_attention_generates_the_same_tokens(reference):
+    """The fused Pallas decode attention (interpret mode here) and the XLA path pick the same greedy tokens."""
+    prompts = [reference.tokenizer(p)["input_ids"] for p in PROMPTS]
+    xla = generate_ids(reference.params, reference.config, prompts, 8)
+    pallas = generate_ids(reference.params, reference.config, prompts, 8, attention_impl="pallas")
+    assert pallas == xla
+
+
 def test_max_new_tokens_and_sampling_do_not_recompile(reference):
     prompts = [reference.tokenizer(p)["input_ids"] for p in PROMPTS]
     generate_ids(reference.params, reference.config, prompts, 20)

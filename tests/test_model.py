@@ -59,8 +59,9 @@ def test_reference_model_logits_match_hf(reference_model_dir):
     assert rel_max_err(logits, hf_logits(hf, ids, mask), mask.astype(bool)) <= 1e-4
 
 
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
 @pytest.mark.parametrize("variant", ["pre_ln", "post_ln_project_in_out"])
-def test_cached_decoding_equals_full_forward(variant, save_hf):
+def test_cached_decoding_equals_full_forward(variant, attention_impl, save_hf):
     hf_config = tiny_hf_config(**VARIANTS[variant])
     config = OPTConfig.from_hf_dict(hf_config.to_dict())
     params = convert_hf_params(HFTensorReader(save_hf(random_hf_model(hf_config))), config, "float32")
@@ -73,7 +74,8 @@ def test_cached_decoding_equals_full_forward(variant, save_hf):
     last, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=config, num_slots=prompt_len + steps)
     step_logits = [np.asarray(last)]
     for t in range(steps - 1):
-        last, cache = decode_step(params, cache, jnp.asarray(continuation[:, t]), config=config)
+        last, cache = decode_step(params, cache, jnp.asarray(continuation[:, t]), config=config,
+                                  attention_impl=attention_impl, interpret=attention_impl != "xla")
         step_logits.append(np.asarray(last))
 
     full_ids = np.concatenate([ids, continuation], axis=1)
@@ -98,6 +100,40 @@ def test_everything_selected_equals_dense():
     fewer = [LayerSparsity(head_idx=jnp.arange(3), mlp_active_idx=jnp.arange(24))] * 2
     changed, _ = model.apply({"params": params}, ids, sparsity=fewer, interpret=True)
     assert rel_max_err(changed, dense) > 1e-3
+
+
+def test_pallas_decode_attention_equals_xla_with_head_sparsity():
+    """Decode steps that compute a head subset: the fused Pallas launch leaves the same cache holes and
+    gives the same logits as the XLA path."""
+    config = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
+                       max_position_embeddings=32, word_embed_proj_dim=32)
+    params = init_params(config, jax.random.PRNGKey(8))
+    ids = jax.random.randint(jax.random.PRNGKey(9), (2, 6), 3, 64)
+    mask = jnp.ones_like(ids).at[1, :2].set(0)  # left padding
+    sparsity = [LayerSparsity(head_idx=jnp.asarray([3, 1], jnp.int32)), LayerSparsity()]
+    results = {}
+    for impl in ("xla", "pallas"):
+        _, cache = prefill(params, ids, mask, config=config, num_slots=10)
+        logits = []
+        for token in (5, 7, 11):
+            last, cache = decode_step(params, cache, jnp.full((2,), token, jnp.int32), sparsity, config=config,
+                                      attention_impl=impl, interpret=True)
+            logits.append(np.asarray(last))
+        results[impl] = (np.stack(logits), cache)
+    (xla_logits, xla_cache), (pallas_logits, pallas_cache) = results["xla"], results["pallas"]
+    assert rel_max_err(pallas_logits, xla_logits) <= 1e-5
+    for a, b in zip(xla_cache.keys + xla_cache.values, pallas_cache.keys + pallas_cache.values):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    # The skipped heads of layer 0 really have holes (zeros) at the decode slots.
+    assert not np.asarray(pallas_cache.keys[0])[:, [0, 2], 6:9].any()
+    assert np.asarray(pallas_cache.keys[0])[:, [1, 3], 6:9].all()
+
+
+def test_unknown_attention_impl_raises():
+    config = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=48,
+                       max_position_embeddings=32, word_embed_proj_dim=32)
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        OPTForCausalLM(config, attention_impl="cuda").init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
