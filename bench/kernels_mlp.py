@@ -19,9 +19,22 @@ loop step cycles through several disjoint random index sets (and, for small K, t
 until the bytes touched per cycle exceed 2x L2. Before timing, the first call's output of every Pallas
 variant is compared with the reference (max per-row relative error, printed and stored).
 
+Two reference timings per configuration, chained and rotated the same way, say what the floor means
+in practice (issue 3 asks a missed target to be explained by evidence):
+
+* "dense_equal_bytes": the dense XLA MLP (mlp_dense) on contiguous weights of K neurons (fc1_w and
+  fc2_w_t [K, d]): it reads exactly the floor's bytes with XLA's dense GEMV code, so its time / floor is
+  the practical floor of a (two-GEMV) XLA program reading that many bytes. The rotation's index sets become
+  disjoint contiguous K-row slices of the same weight copies, so each loop step touches as many bytes.
+* "launch_probe": the smallest chained Pallas (Triton) kernel, x [B, d] -> x * 0.5 + 1 (same compiler
+  params style as kernels/sparse_mlp.py): the fixed cost per launch in the same chained setting. It does
+  not depend on the density, so it is timed once per (shape, batch), like dense.
+--no-references skips both.
+
 Budget: the full default grid (4 shapes x 5 densities x 4 batches = 80 configurations, 4 Pallas
 variants + take + dense) is sized for ~5 minutes on an H100, dominated by ~0.5 s of compile per timed
-implementation (the quick run: 26 s of compile for 12 configurations); chains are 2 ms, identical
+implementation (the quick run: 26 s of compile for 12 configurations; the references add one
+compile per configuration and one per (shape, batch)); chains are 2 ms, identical
 plans are timed once, and --max-minutes (default 5.5) stops starting configurations and still writes
 the table. Shapes run 13B and 66B first, so a cut-short run keeps the acceptance shapes.
 
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -50,10 +64,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from bench.common import (add_kernel_bench_args, fmt_us, kernel_bench_setup, log,  # noqa: E402
                           median_seconds, to_markdown, to_text, write_results)
 from dejavu_jax.sparse_mlp import mlp_dense  # noqa: E402
+from kernels.block_math import cdiv, prev_pow2  # noqa: E402
 from kernels.sparse_mlp import plan_sparse_mlp, sparse_mlp, sparse_mlp_reference  # noqa: E402
 
 # OPT layer shapes: (d, ffn). Run in this order (the acceptance shapes first) so that a run cut short by
@@ -80,6 +97,10 @@ PALLAS_VARIANTS = {
 # Timed by default; fused_bk16 only on request (--variants), to save compile time.
 DEFAULT_VARIANTS = ("fused", "two_pass", "two_pass_v2", "two_pass_v2_sk")
 BASELINES = ("dense", "take")
+# Timings that do not depend on the density (dense, the launch_probe reference): timed once per
+# (shape, batch) and stored in every row of it.
+PER_BATCH = ("dense", "launch_probe")
+PROBE_MAX_BLOCK_D = 1024
 
 L2_BYTES = 50e6
 K_MULTIPLE = 64
@@ -154,10 +175,52 @@ def make_idx_sets(key, ffn, k, n_sets):
     return [perm[i * k:(i + 1) * k] for i in range(n_sets)]
 
 
+def equal_bytes_sets(weight_sets, rotation: Rotation, k: int):
+    """Contiguous K-neuron weights for dense_equal_bytes, and the rotation that cycles through them.
+
+    Index set i of weight copy w becomes rows [i*K, (i+1)*K) of copy w (disjoint, since the rotation
+    has at most ffn // K index sets), so a loop step touches as many distinct bytes as the sparse chain.
+    """
+    n = rotation.n_idx_sets
+    sets = [(*rows, fc2_b) for fc1_w, fc1_b, fc2_w_t, fc2_b in weight_sets
+            for rows in _row_blocks((fc1_w, fc1_b, fc2_w_t), k, n)]
+    calls = tuple((w * n + i, 0) for w, i in rotation.calls)
+    return jax.block_until_ready(sets), Rotation(len(sets), 1, calls)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _row_blocks(arrays, k: int, n: int):
+    """[(a[0:k] for a in arrays), (a[k:2k] ...), ...] for n blocks: one compile, not one per eager slice."""
+    return [tuple(a[i * k:(i + 1) * k] for a in arrays) for i in range(n)]
+
+
+def launch_probe(x, *, interpret: bool = False):
+    """The smallest Pallas kernel a chain can carry: x [B, d] -> x * 0.5 + 1 (a fixed point, no overflow).
+
+    One program per (row, column block). A ragged last block is shifted back to end at d (rewriting a
+    few columns with the same values), so every access is an unmasked power-of-two block, as in
+    kernels/sparse_mlp.py.
+    """
+    batch, d = x.shape
+    bd = min(PROBE_MAX_BLOCK_D, prev_pow2(d))
+
+    def kernel(x_ref, o_ref):
+        row, j = pl.program_id(0), pl.program_id(1)
+        cols = pl.ds(jnp.minimum(j * bd, d - bd), bd)
+        o_ref[row, cols] = x_ref[row, cols] * 0.5 + 1.0
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(batch, cdiv(d, bd)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
+        name="launch_probe")(x)
+
+
 def step_fn(impl: str, knobs: dict, interpret: bool):
     """(x, weights, idx) -> out, the op under test."""
-    if impl == "dense":
+    if impl in ("dense", "dense_equal_bytes"):
         return lambda x, w, idx: mlp_dense(x, *w)
+    if impl == "launch_probe":
+        return lambda x, w, idx: launch_probe(x, interpret=interpret)
     if impl == "take":
         def take(x, w, idx):
             # A data dependency XLA cannot prove zero, so the gather is not hoisted out of the loop.
@@ -253,28 +316,48 @@ def bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log) -> d
                 res["max_rel_err"] = row_rel_err(out0, ref)
             entry.update(res)
         except Exception as e:  # noqa: BLE001 - one variant failing must not end the run
-            print(f"[{shape} b{batch} {density:g} {impl}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-            traceback.print_exc(file=sys.stderr)
-            entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            entry.update(failure(f"{shape} b{batch} {density:g} {impl}", e))
         row["impls"][impl] = entry
+    if args.references:
+        row["impls"]["dense_equal_bytes"] = time_reference(
+            "dense_equal_bytes", f"{shape} b{batch} {density:g}", x0,
+            lambda: equal_bytes_sets(weight_sets, rotation, k), est_sparse, args)
     gc.collect()  # Once per configuration: a full collection costs ~0.1 s in this process.
     if ref is None and not args.interpret:
         log(f"  warning: no reference for {shape} b{batch} {density:g}; Pallas outputs unchecked")
     return row
 
 
-def time_dense(shape, d, ffn, batch, weights_all, args) -> dict:
-    x0 = jax.random.normal(jax.random.key(batch), (batch, d), jnp.float32).astype(jnp.float16)
-    rotation = Rotation(1, 1, ((0, 0),) * (1 if args.interpret else 4))
-    est = max(3.0, dense_bytes(batch, ffn, d, 2) / 2.5e6)
+def failure(label: str, e: Exception) -> dict:
+    """Log a failed timing with its traceback; the entry recording it (one failure must not end the run)."""
+    print(f"[{label}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)
+    return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def time_reference(impl, label, x0, inputs, est_us, args) -> dict:
+    """A timing that takes no index set and is checked against nothing (dense, the references).
+
+    `inputs()` -> (weight_sets, rotation), built inside the guard: making them may fail too (memory).
+    """
     try:
-        res = time_impl("dense", {}, x0, weights_all[:1], [jnp.zeros((1,), jnp.int32)], rotation, est, args)
+        weight_sets, rotation = inputs()
+        res = time_impl(impl, {}, x0, weight_sets, [jnp.zeros((1,), jnp.int32)], rotation, est_us, args)
         res.pop("out0")
         return res
     except Exception as e:  # noqa: BLE001
-        print(f"[{shape} b{batch} dense] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        return failure(f"{label} {impl}", e)
+
+
+def time_per_batch(impl, shape, d, ffn, batch, weights_all, args) -> dict:
+    """dense or launch_probe: independent of the density, so timed once per (shape, batch)."""
+    x0 = jax.random.normal(jax.random.key(batch), (batch, d), jnp.float32).astype(jnp.float16)
+    if impl == "dense":
+        weight_sets, calls, est = weights_all[:1], 4, max(3.0, dense_bytes(batch, ffn, d, 2) / 2.5e6)
+    else:  # The probe reads no weights.
+        weight_sets, calls, est = [()], MIN_CALLS_PER_STEP, 3.0
+    rotation = Rotation(1, 1, ((0, 0),) * (1 if args.interpret else calls))
+    return time_reference(impl, f"{shape} b{batch}", x0, lambda: (weight_sets, rotation), est, args)
 
 
 def pallas_names(args):
@@ -361,10 +444,18 @@ def acceptance(rows, args) -> list[str]:
     return lines
 
 
+def reference_cells(row) -> list[str]:
+    """dense_equal_bytes time and its x floor, launch_probe time."""
+    eq = row["impls"].get("dense_equal_bytes", {})
+    return [fmt_us(eq, CORRECT_TOL), f"{eq['us'] / row['floor_us']:.2f}" if "us" in eq else "-",
+            fmt_us(row["impls"].get("launch_probe", {}), CORRECT_TOL)]
+
+
 def table_rows(rows, args):
     impls = pallas_names(args) + list(BASELINES)
     header = (["shape", "B", "density", "K"] + [f"{n} us" for n in impls]
-              + ["best", "speedup vs dense", "GB/s (best)", "time/floor", "max rel err"])
+              + ["best", "speedup vs dense", "GB/s (best)", "time/floor", "max rel err"]
+              + (["eq-bytes dense us", "eq-bytes/floor", "launch probe us"] if args.references else []))
     body = []
     for row in rows:
         name, best = best_pallas(row, args)
@@ -377,8 +468,14 @@ def table_rows(rows, args):
                        f"{dense / best:.2f}x" if best and dense else "-",
                        f"{row['floor_bytes'] / (best * 1e-6) / 1e9:.0f}" if best else "-",
                        f"{best / row['floor_us']:.2f}" if best else "-",
-                       f"{max(errs):.1e}" if errs else "-"])
+                       f"{max(errs):.1e}" if errs else "-"]
+                    + (reference_cells(row) if args.references else []))
     return header, body
+
+
+def card_slug(card: str) -> str:
+    """A card name as a file-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)} (default "
                         f"{','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--quick", action="store_true", help=f"a quick subset: {QUICK}")
+    p.add_argument("--no-references", dest="references", action="store_false",
+                   help="skip the dense_equal_bytes and launch_probe reference timings")
     add_kernel_bench_args(p, "mlp")
     return p
 
@@ -434,18 +533,20 @@ def main(argv=None) -> int:
             if stopped_early or out_of_time():
                 stopped_early = True
                 break
-            dense = time_dense(shape, d, ffn, batch, weights_all, args)
-            log(f"{shape} b{batch} dense: " + (f"{dense['us']:.1f} us (compile {dense['compile_s']:.1f} s)"
-                                                 if "us" in dense else dense["error"]))
+            per_batch = {n: time_per_batch(n, shape, d, ffn, batch, weights_all, args)
+                         for n in PER_BATCH if n == "dense" or args.references}
+            for n, e in per_batch.items():
+                log(f"{shape} b{batch} {n}: " + (f"{e['us']:.1f} us (compile {e['compile_s']:.1f} s)"
+                                                  if "us" in e else e["error"]))
             for density in densities:
                 if out_of_time():
                     stopped_early = True
                     break
                 row = bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log)
-                row["impls"]["dense"] = dense
+                row["impls"].update(per_batch)
                 rows.append(row)
                 parts = [f"{n} {fmt_us(e, CORRECT_TOL)}" + (f" ({e['max_rel_err']:.0e})" if "max_rel_err" in e else "")
-                         for n, e in row["impls"].items() if n != "dense"]
+                         for n, e in row["impls"].items() if n not in PER_BATCH]
                 log(f"  {shape} b{batch} {density:g} K={row['k']} floor {row['floor_us']:.1f} us: "
                     + ", ".join(parts))
         del weights_all
@@ -457,9 +558,9 @@ def main(argv=None) -> int:
     suggestion = suggested_table(cross)
     accept = acceptance(rows, args) if not args.interpret else ["(interpret mode: no acceptance check)"]
     compile_total = sum(e.get("compile_s", 0.0) for r in rows for n, e in r["impls"].items()
-                        if n != "dense" and "same_as" not in e)
-    compile_total += sum({(r["shape"], r["batch"]): r["impls"]["dense"].get("compile_s", 0.0)
-                          for r in rows}.values())
+                        if n not in PER_BATCH and "same_as" not in e)
+    compile_total += sum({(r["shape"], r["batch"], n): e.get("compile_s", 0.0) for r in rows
+                          for n, e in r["impls"].items() if n in PER_BATCH}.values())
 
     cross_lines = [f"{c['shape']} b{c['batch']}: first density not faster = "
                    f"{c['first_density_not_faster'] if c['first_density_not_faster'] is not None else 'none'}"
@@ -479,15 +580,14 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} configurations in {elapsed:.0f} s (compile {compile_total:.0f} s)"
           f"{' - stopped early' if stopped_early else ''}")
 
-    data = {**meta, "copy_bandwidth": bw_probe, "interpret": args.interpret, "elapsed_s": elapsed,
-            "compile_s": compile_total, "stopped_early": stopped_early, "variants": {
+    data = {**meta, "copy_bandwidth": bw_probe, "interpret": args.interpret, "references": args.references,
+            "elapsed_s": elapsed, "compile_s": compile_total, "stopped_early": stopped_early, "variants": {
                 n: PALLAS_VARIANTS[n] for n in args.variants}, "rows": rows, "crossovers": cross,
             "suggested_crossover_density": suggestion, "acceptance": accept}
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     if args.interpret and args.out is None:
         return 0
-    card_slug = "".join(c if c.isalnum() else "-" for c in meta["card"].lower()).strip("-")
     md = "\n".join([
         f"# Sparse MLP kernel vs dense - {meta['card']}", "",
         f"- date: {meta['date']}", f"- command: `{meta['command']}`", f"- commit: {meta['commit']}",
@@ -496,6 +596,9 @@ def main(argv=None) -> int:
         f"- fp16 random weights; K = density x ffn rounded to {K_MULTIPLE}; times are per call, from "
         "chained calls in one jitted program (median of "
         f"{args.repeats}); `!` marks an output off the reference by > {CORRECT_TOL:g} (excluded from best)",
+        *(["- eq-bytes dense: dense XLA MLP on contiguous fc1_w / fc2_w_t of K neurons (the floor's bytes, "
+           "XLA's GEMV code); eq-bytes/floor is its time / floor. launch probe: the smallest chained Pallas "
+           "kernel (x [B, d] -> x * 0.5 + 1), the fixed cost per launch"] if args.references else []),
         f"- {len(rows)} configurations in {elapsed:.0f} s, compile {compile_total:.0f} s"
         + (" (stopped early by --max-minutes)" if stopped_early else ""), "",
         to_markdown(header, body), "", "## Crossover (best Pallas variant vs dense)", "",
@@ -503,7 +606,7 @@ def main(argv=None) -> int:
         f"Suggested `SPARSE_CROSSOVER_DENSITY = {suggestion}`", "", "## Acceptance", "",
         *[f"- {line}" for line in accept], "", "## Launch plans", "",
         *[f"- {s} b{b} {dens:g} {n}: {p}" for s, b, dens, n, p in plans], ""])
-    stem = f"kernels_mlp_{card_slug}_{meta['date']}"
+    stem = f"kernels_mlp_{card_slug(meta['card'])}_{meta['date']}"
     path = write_results(stem, md, json.loads(json.dumps(data, default=str)), args.out)
     print(f"wrote {path} and {path.with_suffix('.json').name}")
     return 0
