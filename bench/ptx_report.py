@@ -463,7 +463,8 @@ def ptxas_and_sass(ptx_path: Path, workdir: Path) -> dict:
 
 def ncu_profile(worker_cmd: list[str], names: list[str], launch_count: int, timeout: float) -> dict:
     """The worker under ncu, filtered to the Pallas kernels; unfiltered once if the filter matched nothing."""
-    base = ["ncu", "--csv", "--page", "details", "--print-units", "base", "--metrics", ",".join(NCU_METRICS),
+    base = ["ncu", "--clock-control", "none", "--csv", "--page", "details", "--print-units", "base", "--metrics",
+            ",".join(NCU_METRICS),
             "--launch-count", str(launch_count)]
     attempts = [["-k", "regex:" + "|".join(re.escape(n) for n in names)]] if names else []
     attempts.append([])
@@ -480,6 +481,36 @@ def ncu_profile(worker_cmd: list[str], names: list[str], launch_count: int, time
         if "error" in res and "not on PATH" in res["error"]:
             break
     return {"error": " | ".join(notes)}
+
+
+_SASS_OPCODE_RE = re.compile(r"\b((?:LDG|STG|LDGSTS|ATOMG|RED|LDS|STS|LDL|STL)(?:\.[A-Z0-9_]+)*)\b")
+
+
+def count_sass_opcodes(text: str) -> dict[str, int]:
+    """Memory opcodes (with modifiers) anywhere in a SASS listing, e.g. ncu's source page -> counts."""
+    counts: dict[str, int] = {}
+    for opcode in _SASS_OPCODE_RE.findall(text):
+        counts[opcode] = counts.get(opcode, 0) + 1
+    return counts
+
+
+def ncu_sass(worker_cmd: list[str], names: list[str], workdir: Path, timeout: float) -> dict[str, dict]:
+    """Per kernel name: the SASS of its first launch from ncu's source page (raw text kept in workdir),
+    its memory opcodes and their widths."""
+    out = {}
+    for name in names:
+        cmd = ["ncu", "--clock-control", "none", "--page", "source", "--print-source", "sass", "--csv", "-k",
+               "regex:" + re.escape(name), "--launch-count", "1"]
+        res = run_tool(cmd + worker_cmd, timeout=timeout, cwd=REPO_ROOT)
+        text = res.get("stdout", "")
+        (workdir / f"sass_{name}.txt").write_text(text + "\n" + res.get("stderr", ""))
+        opcodes = count_sass_opcodes(text)
+        if not opcodes:
+            out[name] = {"error": f"{name}: no SASS memory opcodes in ncu's output "
+                                  f"({res.get('error', 'tail: ' + (text + res.get('stderr', ''))[-600:])})"}
+            continue
+        out[name] = {"command": " ".join(cmd) + " <worker>", "opcodes": opcodes, "by_width": sass_by_width(opcodes)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,7 +736,7 @@ def render_markdown(data: dict) -> str:
     others = sorted(set(data["entries"]) - set(data["kernels"]))
     if others:
         lines += [f"Other entries in the PTX (XLA's own kernels; counts in the JSON): {', '.join(others)}", ""]
-    lines += ["## ncu (one call; ncu defaults: caches flushed before each kernel, clocks locked to base)", ""]
+    lines += ["## ncu (one call; caches flushed before each kernel, clocks left as the card runs them)", ""]
     if "ncu" not in data:
         lines += ["(not run; pass --ncu)", ""]
     elif "error" in data["ncu"]:
@@ -714,6 +745,16 @@ def render_markdown(data: dict) -> str:
         lines += [to_markdown(*ncu_rows(data["ncu"])), "",
                   "sectors/req: 32-byte sectors per global-load request of a warp (LSU loads; cp.async / "
                   "LDGSTS are not in it); 16 means fully coalesced 16-byte loads, 4 means 4-byte ones.", ""]
+    sass = {k: v for k, v in data.get("ncu_sass", {}).items() if "opcodes" in v}
+    if sass:
+        lines += ["## SASS memory instructions (ncu source page, static counts; `NxWB` = N instructions moving W "
+                  "bytes a thread: LDG.E.128 = 16 B)", "",
+                  to_markdown(["kernel", "LDG", "STG", "LDGSTS", "shared LDS/STS", "local LDL/STL"],
+                              [[name, _widths(v["by_width"].get("LDG")), _widths(v["by_width"].get("STG")),
+                                _widths(v["by_width"].get("LDGSTS")),
+                                f"{_widths(v['by_width'].get('LDS'))} / {_widths(v['by_width'].get('STS'))}",
+                                f"{_widths(v['by_width'].get('LDL'))} / {_widths(v['by_width'].get('STL'))}"]
+                               for name, v in sass.items()]), ""]
     problems = [f"- {k}: {v}" for k, v in data["problems"].items() if v]
     if problems:
         lines += ["## What could not be collected", "", *problems, ""]
@@ -813,17 +854,28 @@ def report(args, config: Config, workdir: Path, argv) -> int:
         print(f"error: {meta['error']}", file=sys.stderr)
         return 1
     sources = find_ptx_sources(workdir)
+    no_ptx = None
     if not sources:
-        print(f"error: no PTX found: nothing from jaxlib's Triton compile ({meta['capture_error'] or 'no kernels'}),"
-              f" no file holding `.entry` under {workdir / 'xla_dump'}, nothing in the StableHLO", file=sys.stderr)
-        return 1
+        # jax 0.11's XLA compiles the Triton IR itself and dumps no PTX of it: the SASS then comes from ncu.
+        no_ptx = (f"no PTX found: nothing from jaxlib's Triton compile ({meta['capture_error'] or 'no kernels'}), "
+                  f"no file holding `.entry` under {workdir / 'xla_dump'}, nothing in the StableHLO")
+        log(f"ptx: {no_ptx}" + ("; continuing with ncu" if args.ncu else ""))
+        if not args.ncu:
+            print(f"error: {no_ptx}; pass --ncu to read the kernels' SASS through ncu instead", file=sys.stderr)
+            return 1
     data = evidence(config, meta, sources, workdir)
+    data["problems"]["ptx"] = no_ptx
     data["command"] = "python -m bench ptx " + " ".join(argv)
     if args.ncu:
         log("ptx: profiling one call under ncu ...")
-        data["ncu"] = ncu_profile(worker_command(config, workdir / "ncu_worker"),
-                                  [p["name"] for p in meta["pallas_calls"]], args.ncu_launch_count, args.timeout)
+        names = [p["name"] for p in meta["pallas_calls"]]
+        data["ncu"] = ncu_profile(worker_command(config, workdir / "ncu_worker"), names, args.ncu_launch_count,
+                                  args.timeout)
         data["problems"]["ncu"] = data["ncu"].get("error")
+        log("ptx: the kernels' SASS through ncu's source page ...")
+        data["ncu_sass"] = ncu_sass(worker_command(config, workdir / "ncu_sass_worker"), names, workdir,
+                                    args.timeout)
+        data["problems"]["ncu sass"] = "; ".join(v["error"] for v in data["ncu_sass"].values() if "error" in v)
     print_summary(data)
     stem = (f"ptx_sparse_mlp_{config.shape}_b{config.batch}_{config.density:g}_{config.variant}_"
             f"{card_slug(data['card'])}_{data['date']}")

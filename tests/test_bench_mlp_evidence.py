@@ -357,3 +357,46 @@ def test_report_from_a_fake_worker(tmp_path, monkeypatch):
         assert data["entries"]["sparse_mlp_fc1"]["ptxas"]["registers"] > 0
     md = out.read_text()
     assert "2x16B 1x4B 1x2B" in md and "Fake GPU" in md and "abc1234" in md and "sectors/req" in md
+
+
+SASS_PAGE = '''"Address","Source"
+"00007f10","LDG.E.128.CONSTANT R4, desc[UR6][R2.64]"
+"00007f20","LDG.E.128.CONSTANT R8, desc[UR6][R2.64+0x200]"
+"00007f30","LDG.E.U16 R12, desc[UR6][R14.64]"
+"00007f40","STG.E.U16 desc[UR6][R16.64], R12"
+'''
+
+
+def test_count_sass_opcodes_on_an_ncu_source_page():
+    assert pr.count_sass_opcodes(SASS_PAGE) == {"LDG.E.128.CONSTANT": 2, "LDG.E.U16": 1, "STG.E.U16": 1}
+    assert pr.sass_by_width(pr.count_sass_opcodes(SASS_PAGE))["LDG"] == {"16": 2, "2": 1}
+
+
+def test_report_without_ptx_reads_sass_through_ncu(tmp_path, monkeypatch):
+    """jax 0.11 dumps no PTX of Pallas kernels: with --ncu the report still comes, its SASS from ncu's source
+    page; without --ncu the command fails naming the way out."""
+    workdir, out = tmp_path / "work", tmp_path / "ptx.md"
+
+    def fake_worker(config, wd, timeout):
+        (wd / "worker").mkdir(parents=True, exist_ok=True)
+        (wd / "worker" / "optimized_hlo.txt").write_text(HLO)
+        return {"provenance": {"card": "Fake GPU", "date": "2026-01-01", "commit": "abc1234", "jax": "0"},
+                "plan": "bk16 bd512", "capture_error": "no compile hook", "captured": [],
+                "pallas_calls": [{"name": "sparse_mlp_fc1", "grid": [128, 3], "num_warps": 8, "num_stages": 2}]}
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (tmp_path / "ncu.csv").write_text(NCU)
+    (tmp_path / "sass.csv").write_text(SASS_PAGE)
+    (bindir / "ncu").write_text(f'#!/bin/sh\ncase "$*" in *source*) cat {tmp_path / "sass.csv"};; '
+                                f'*) cat {tmp_path / "ncu.csv"};; esac\n')
+    (bindir / "ncu").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(pr, "run_worker", fake_worker)
+    assert pr.main(["--keep", str(workdir), "--out", str(out)]) == 1
+    assert pr.main(["--ncu", "--keep", str(workdir), "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["ncu_sass"]["sparse_mlp_fc1"]["by_width"]["LDG"] == {"16": 2, "2": 1}
+    assert "no PTX found" in data["problems"]["ptx"]
+    md = out.read_text()
+    assert "2x16B 1x2B" in md and "SASS memory instructions" in md
