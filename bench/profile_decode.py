@@ -1,6 +1,7 @@
 """Where a decode step's time goes: GPU kernels of the compiled generation program, from a JAX profiler trace.
 
-    python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--attention xla|pallas] [--hlo FILE]
+    python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--attention xla|pallas]
+                            [--mlp-density D] [--hlo FILE]
 
 Runs one generation of random fp16 weights under `jax.profiler.trace(create_perfetto_trace=True)`, reads the
 perfetto JSON it writes, and prints per kernel name: count per decode step, total and mean time; then kernel time
@@ -22,9 +23,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.generate import random_params
+from bench.generate import random_mlp_sparsity, random_params
 from dejavu_jax.config import OPT_SHAPES, shape_config
-from dejavu_jax.generation import generate_tokens, kernels_need_interpret
+from dejavu_jax.generation import generate_tokens, kernels_need_interpret, uses_kernels
 from dejavu_jax.model import ATTENTION_IMPLS
 from dejavu_jax.sampling import SamplingConfig
 
@@ -46,24 +47,29 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS, help="decode-step attention (default xla)")
+    p.add_argument("--mlp-density", type=float, default=None,
+                   help="profile sparse-MLP decoding instead: random-weight predictors keep this fraction of neurons")
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
     args = p.parse_args(argv)
+    if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
+        p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
 
     config = dataclasses.replace(shape_config(args.shape), eos_token_id=-1)
     params = random_params(config, jnp.float16)
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, args.prompt_len), 3, config.vocab_size)
     sampling = SamplingConfig().to_device()
+    sparsity = None if args.mlp_density is None else random_mlp_sparsity(config, args.mlp_density)[0]
     static = dict(config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention,
-                  interpret=args.attention != "xla" and kernels_need_interpret())
+                  interpret=uses_kernels(sparsity, args.attention) and kernels_need_interpret())
 
     def run(n):
         out = generate_tokens(params, ids, jnp.ones_like(ids), jnp.int32(n), jax.random.PRNGKey(2), sampling,
-                              **static)
+                              sparsity, **static)
         jax.block_until_ready(out)
 
     if args.hlo:
         text = generate_tokens.lower(params, ids, jnp.ones_like(ids), jnp.int32(1), jax.random.PRNGKey(2), sampling,
-                                     **static).compile().as_text()
+                                     sparsity, **static).compile().as_text()
         with open(args.hlo, "w") as f:
             f.write(text)
     run(args.new_tokens)
