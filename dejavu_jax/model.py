@@ -31,7 +31,8 @@ from kernels.decode_attention import decode_attention_append
 
 # How a decode step (one new token per sequence, with a cache) computes attention:
 # "xla": einsums, masked softmax and two cache-update kernels; "pallas": one Pallas launch per layer that
-# writes the new K/V into the cache and attends (kernels/decode_attention.py). Prefill is always "xla".
+# writes the new K/V into the cache and attends (kernels/decode_attention.py). Prefill is always "xla". Measured
+# equal on an H100 at opt-6.7b/13b (bench/results/NOTES.md), so "xla" stays the default.
 ATTENTION_IMPLS = ("xla", "pallas")
 
 

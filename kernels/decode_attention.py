@@ -37,6 +37,13 @@ Design (Triton-lowered Pallas, like kernels/sparse_mlp.py):
 * Batch-1 decode has one query row per program, so scores and probs · V are multiply-and-sum on the
   CUDA cores (`dot` needs >= 16 rows).
 
+`decode_attention_append` is the decode step's form: the same launch also writes the new token's K/V into the
+caches in place (aliased outputs; split 0 of each head writes, every split masks that slot and adds the new token
+from registers, so no program reads a slot being written). Measured on an H100 (bench/results/NOTES.md): alone the
+kernel is slower than XLA's attention at S = 256 (6.4-6.8 vs 5.5 us at opt-6.7b: launch and round trips dominate
+16-128 KB per program), and in the model, where it also replaces the two cache-update kernels, decode time is
+unchanged (5.47 vs 5.48 ms/token at opt-6.7b). The model's default therefore stays XLA (`attention_impl="xla"`).
+
 Index contract: head_idx is not range-checked inside the kernel (on GPU an out-of-range head reads
 outside the cache; in interpret mode it is clamped). Duplicates are fine (each copy is computed).
 """

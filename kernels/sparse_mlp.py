@@ -55,6 +55,13 @@ split_k=4) were best everywhere and within ~5% of each other at batch 1 (opt-13b
 while "two_pass_v2" with split_k=1 was slower (33.4 us) and collapsed at batch 64 (1.2-12 ms: its fc2
 loop does not scale with the batch). So two_pass stays AUTO_VARIANT; v2 is kept as a variant for study.
 
+Floor at small K (issue 3's target: batch 1 within 1.5x of the bandwidth floor), measured on an H100
+(bench/results/NOTES.md): met from 25% density, missed at 2.5-10% (1.6-3.1x). Evidence: XLA's dense MLP over
+contiguous weights of the same bytes is itself 2.0-2.7x there; two_pass is four launches of >= 1.2 us each; the
+SASS reads weights with 16-byte LDG.E.128 but each loop step waits out its DRAM round trip (barriers, layout
+conversion and the reduction sit inside the loop) with 15-32% of the SM's warps active. What would close it: one
+persistent launch (fc1, grid barrier, fc2), two loop steps of loads in flight, fusion with the neighbouring ops.
+
 Padding: K is static; it is padded up to a multiple of block_k with index 0 and the padded h columns are
 zeroed, so padding never changes the result (it costs reading < block_k extra rows). d need not be a
 power of two: a ragged last column block is shifted back to end at d and its already-covered columns are
