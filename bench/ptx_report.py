@@ -21,12 +21,14 @@ half a minute, a minute more with --ncu):
    and shared memory declared.
 3. `ptxas -arch=<the PTX's target> -v` (when on PATH): registers, spills, stack, shared memory per kernel;
    its cubin through `cuobjdump -sass` (or `nvdisasm`): SASS LDG/STG/... counts by width (LDG.E.128 = 16 B).
-4. `--ncu` (when on PATH): the worker again under `ncu --csv` filtered to the Pallas kernels (one call):
-   time, DRAM bytes read and % of peak, global-load sectors per request (16 = fully coalesced 16-byte loads),
-   registers, grid, block, active warps.
+4. `--ncu` (when on PATH): the worker again under `ncu --csv --clock-control none` filtered to the Pallas
+   kernels (one call): time, DRAM bytes read and % of peak, global-load sectors per request (16 = fully
+   coalesced 16-byte loads), registers, grid, block, active warps; then once per kernel under ncu's source
+   page for its SASS, whose memory instructions are counted by width. On jax 0.11 (GPU machine, 2026-11-25)
+   no PTX of the Pallas kernels is dumped anywhere, so this is where the SASS comes from.
 
-Counts are static (instructions in the code, not executed). A missing tool or dump is reported in the
-result and the rest still runs; with no GPU (or --interpret) there is no PTX and the command says so and
+Counts are static (instructions in the code, not executed). A missing tool or dump is reported in the result
+and the rest still runs. With no PTX and no --ncu, or with no GPU (or --interpret), the command says why and
 exits non-zero. Results: markdown + JSON under bench/results/ (or --out), with card, date, command, commit.
 """
 
