@@ -22,8 +22,14 @@ def card_name() -> str:
     return getattr(device, "device_kind", device.platform)
 
 
+def card_slug(card: str) -> str:
+    """A card name as a file-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
+
+
 def git_commit() -> str:
-    """The commit under test; the GPU machine's copy has no .git, so the caller may pass it in DEJAVU_COMMIT."""
+    """The commit under test. The GPU machine's copy of the checkout carries stale git metadata (its `git log`
+    shows an older commit), so a caller there passes the commit in DEJAVU_COMMIT."""
     if os.environ.get("DEJAVU_COMMIT"):
         return os.environ["DEJAVU_COMMIT"]
     try:

@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from bench.common import (add_kernel_bench_args, fmt_us, kernel_bench_setup, log,  # noqa: E402
+from bench.common import (add_kernel_bench_args, card_slug, fmt_us, kernel_bench_setup, log,  # noqa: E402
                           median_seconds, to_markdown, to_text, write_results)
 from kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                       plan_decode_attention)
@@ -300,7 +300,6 @@ def main(argv=None) -> int:
         print(json.dumps(data, indent=2, default=str))
     if args.interpret and args.out is None:
         return 0
-    card_slug = "".join(c if c.isalnum() else "-" for c in meta["card"].lower()).strip("-")
     md = "\n".join([
         f"# Decode attention kernel vs XLA - {meta['card']}", "",
         f"- date: {meta['date']}", f"- command: `{meta['command']}`", f"- commit: {meta['commit']}",
@@ -314,7 +313,7 @@ def main(argv=None) -> int:
         + (" (stopped early by --max-minutes)" if stopped_early else ""), "",
         to_markdown(header, body), "", "## Launch plans", "",
         *[f"- {s} b{b} S{seq} h{h} {n}: {p}" for s, b, seq, h, n, p in plans], ""])
-    stem = f"kernels_attention_{card_slug}_{meta['date']}"
+    stem = f"kernels_attention_{card_slug(meta['card'])}_{meta['date']}"
     path = write_results(stem, md, json.loads(json.dumps(data, default=str)), args.out)
     print(f"wrote {path} and {path.with_suffix('.json').name}")
     return 0

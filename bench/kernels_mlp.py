@@ -67,7 +67,7 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from bench.common import (add_kernel_bench_args, fmt_us, kernel_bench_setup, log,  # noqa: E402
+from bench.common import (add_kernel_bench_args, card_slug, fmt_us, kernel_bench_setup, log,  # noqa: E402
                           median_seconds, to_markdown, to_text, write_results)
 from dejavu_jax.sparse_mlp import mlp_dense  # noqa: E402
 from kernels.block_math import cdiv, prev_pow2  # noqa: E402
@@ -471,11 +471,6 @@ def table_rows(rows, args):
                        f"{max(errs):.1e}" if errs else "-"]
                     + (reference_cells(row) if args.references else []))
     return header, body
-
-
-def card_slug(card: str) -> str:
-    """A card name as a file-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,9 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import log, provenance, to_markdown, to_text, write_results
-from bench.kernels_mlp import (PALLAS_VARIANTS, SHAPES, card_slug, floor_bytes, k_for, parse_shape,
-                               plan_summary)
+from bench.common import card_slug, log, provenance, to_markdown, to_text, write_results
+from bench.kernels_mlp import PALLAS_VARIANTS, SHAPES, floor_bytes, k_for, parse_shape, plan_summary
 from kernels.sparse_mlp import plan_sparse_mlp, sparse_mlp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

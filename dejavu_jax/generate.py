@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictors", default=None,
                    help="trained predictors (from python -m train): decode steps compute only the MLP neurons the "
                         "predictors choose (the union over the batch), with the sparse-MLP kernel")
-    p.add_argument("--attention", default="xla", choices=("xla", "pallas"),
+    from dejavu_jax.model import ATTENTION_IMPLS
+    p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS,
                    help="decode-step attention: XLA ops (default) or one Pallas kernel per layer that also writes "
                         "the KV cache (see bench/results/NOTES.md for the measured difference)")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="compute dtype (default float16)")

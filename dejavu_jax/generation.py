@@ -17,7 +17,7 @@ from flax import struct
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
-from dejavu_jax.model import OPTForCausalLM, check_attention_impl
+from dejavu_jax.model import OPTForCausalLM
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
 
 
@@ -141,7 +141,6 @@ def generate_ids(params, config: OPTConfig, prompts: Sequence[Sequence[int]], ma
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, sparsity=None,
                  attention_impl: str = "xla") -> list[list[int]]:
     """Token-level generation for a batch of prompts of any lengths; returns the generated ids only."""
-    check_attention_impl(attention_impl)
     check_lengths(config, [len(p) for p in prompts], max_new_tokens)
     prompt_len = bucket(max(len(p) for p in prompts), 8)
     ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)

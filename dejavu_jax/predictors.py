@@ -135,8 +135,7 @@ def predictor_scores(predictor: LowRankPredictor, x):
     # Inputs in the weights' dtype, fp32 accumulation (a no-op for fp32 weights). Upcasting fp16 weights instead
     # made XLA write and re-read an fp32 [d, rank] product at every decode step (H100 profile: 18 us a layer at
     # opt-6.7b for a matmul whose weights take 3 us to read).
-    dtype = predictor.w1.dtype
-    h = jnp.einsum("...d,dr->...r", h.astype(dtype), predictor.w1, preferred_element_type=jnp.float32)
+    h = jnp.einsum("...d,dr->...r", h.astype(predictor.w1.dtype), predictor.w1, preferred_element_type=jnp.float32)
     h = h + predictor.b1.astype(jnp.float32)
     scores = jnp.einsum("...r,ro->...o", h.astype(predictor.w2.dtype), predictor.w2, preferred_element_type=jnp.float32)
     return scores + predictor.b2.astype(jnp.float32)

@@ -357,22 +357,29 @@ def decode_attention(
     `interpret=True` runs the kernel in the Pallas interpreter (CPU tests).
     """
     _check_inputs(q, keys, values, allowed, head_idx)
+    if q.shape[1] == 0:
+        return jnp.zeros((keys.shape[0], 0, keys.shape[3]), q.dtype)
+    out, _ = _launch(q, keys, values, allowed, head_idx, dict(block_s=block_s, split_s=split_s,
+                                                                num_warps=num_warps, num_stages=num_stages),
+                     interpret)
+    return out
+
+
+def _launch(q, keys, values, allowed, head_idx, knobs, interpret, new_kv=None, cursor=None):
+    """Plan, launch and finish one call of the kernel (inputs already checked, at least one head).
+
+    Returns (out [B, h, hd] in q.dtype, the kernel's extra outputs: the updated caches with new_kv, else ()).
+    """
     batch, n_heads, seq, hd = keys.shape
-    heads = q.shape[1]
-    if heads == 0:
-        return jnp.zeros((batch, 0, hd), q.dtype)
-    plan = plan_decode_attention(batch, heads, seq, hd, block_s=block_s, split_s=split_s,
-                                 num_warps=num_warps, num_stages=num_stages)
+    plan = plan_decode_attention(batch, q.shape[1], seq, hd, **knobs)
     if head_idx is None:
         head_idx = jnp.arange(n_heads, dtype=jnp.int32)
     outs = _decode_attention_call(head_idx.astype(jnp.int32), q, keys, values, allowed.astype(jnp.int8),
-                                  plan=plan, interpret=interpret)
-    return _finish(outs, plan, q.dtype)
-
-
-def _finish(outs, plan, dtype):
-    """The kernel's attention outputs -> [B, h, hd] in dtype (merging the splits if there are several)."""
-    return outs[0] if plan.split_s == 1 else _merge_splits(*outs[:3], dtype)
+                                  plan=plan, interpret=interpret, new_kv=new_kv, cursor=cursor)
+    n_attention_outs = 1 if plan.split_s == 1 else 3
+    attention, extra = outs[:n_attention_outs], outs[n_attention_outs:]
+    out = attention[0] if plan.split_s == 1 else _merge_splits(*attention, q.dtype)
+    return out, extra
 
 
 @functools.partial(jax.jit, static_argnames=("block_s", "split_s", "num_warps", "num_stages", "interpret"),
@@ -408,19 +415,14 @@ def decode_attention_append(
     if jnp.ndim(cursor) != 0 or not jnp.issubdtype(jnp.result_type(cursor), jnp.integer):
         raise ValueError(f"cursor must be an integer scalar. Got {jnp.result_type(cursor)} of shape "
                          f"{jnp.shape(cursor)}")
-    batch, n_heads, seq, hd = keys.shape
-    heads = q.shape[1]
-    if heads == 0:
-        return jnp.zeros((batch, 0, hd), q.dtype), keys, values
-    plan = plan_decode_attention(batch, heads, seq, hd, block_s=block_s, split_s=split_s,
-                                 num_warps=num_warps, num_stages=num_stages)
-    if head_idx is None:
-        head_idx = jnp.arange(n_heads, dtype=jnp.int32)
-    cursor = jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,))
-    outs = _decode_attention_call(head_idx.astype(jnp.int32), q, keys, values, allowed.astype(jnp.int8),
-                                  plan=plan, interpret=interpret,
-                                  new_kv=(k_new.astype(keys.dtype), v_new.astype(values.dtype)), cursor=cursor)
-    return _finish(outs, plan, q.dtype), outs[-2], outs[-1]
+    if q.shape[1] == 0:
+        return jnp.zeros((keys.shape[0], 0, keys.shape[3]), q.dtype), keys, values
+    out, (keys, values) = _launch(
+        q, keys, values, allowed, head_idx,
+        dict(block_s=block_s, split_s=split_s, num_warps=num_warps, num_stages=num_stages), interpret,
+        new_kv=(k_new.astype(keys.dtype), v_new.astype(values.dtype)),
+        cursor=jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,)))
+    return out, keys, values
 
 
 def decode_attention_append_reference(q, k_new, v_new, keys, values, allowed, cursor, head_idx=None):
