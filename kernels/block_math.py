@@ -11,3 +11,14 @@ def prev_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
+    """(start, size) power-of-two pieces covering [0, n), largest first: 80 -> (0, 64), (64, 16)."""
+    pieces, start = [], 0
+    for bit in reversed(range(int(n).bit_length())):
+        size = 1 << bit
+        if n & size:
+            pieces.append((start, size))
+            start += size
+    return tuple(pieces)

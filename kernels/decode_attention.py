@@ -59,7 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_math import cdiv, next_pow2, prev_pow2
+from kernels.block_math import cdiv, next_pow2, pow2_pieces, prev_pow2
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Elements of one K (or V) tile per loop step: 8 KiB of fp16 each, 16 KiB of K+V in flight per
@@ -69,17 +69,6 @@ _TILE_ELEMS = 4096
 _TARGET_PROGRAMS = 264
 # Running max before any allowed slot: finite, so no inf - inf.
 _NEG = -1e30
-
-
-def _pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
-    """(start, size) power-of-two pieces covering [0, n), largest first: 80 -> (0, 64), (64, 16)."""
-    pieces, start = [], 0
-    for bit in reversed(range(int(n).bit_length())):
-        size = 1 << bit
-        if n & size:
-            pieces.append((start, size))
-            start += size
-    return tuple(pieces)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +91,7 @@ class DecodeAttentionPlan:
 
     @property
     def hd_pieces(self) -> tuple[tuple[int, int], ...]:
-        return _pow2_pieces(self.head_dim)
+        return pow2_pieces(self.head_dim)
 
     @property
     def grid(self) -> tuple[int, int, int]:

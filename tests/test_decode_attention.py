@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import lowered_text_for_cuda
+
 from kernels.decode_attention import (decode_attention, decode_attention_append,
                                       decode_attention_append_reference, decode_attention_reference,
                                       plan_decode_attention)
@@ -248,13 +250,7 @@ def test_lowers_for_gpu(batch, heads, n_heads, seq, hd, dtype, split_s):
         ((batch, heads, hd), dtype), ((batch, n_heads, seq, hd), dtype), ((batch, n_heads, seq, hd), dtype),
         ((batch, seq), jnp.bool_))]
     head_idx = None if heads == n_heads else jax.ShapeDtypeStruct((heads,), jnp.int32)
-    fn = jax.jit(lambda *a: decode_attention(*a, split_s=split_s))
-    try:
-        text = fn.trace(*args, head_idx).lower(lowering_platforms=("cuda",)).as_text()
-    except (NotImplementedError, RuntimeError) as e:  # No cross-platform lowering in this jaxlib.
-        if "cuda" in str(e).lower() and "platform" in str(e).lower():
-            pytest.skip(f"cannot lower for cuda here: {e}")
-        raise
+    text = lowered_text_for_cuda(jax.jit(lambda *a: decode_attention(*a, split_s=split_s)), *args, head_idx)
     assert "triton" in text.lower()
 
 
@@ -331,12 +327,6 @@ def test_append_lowers_for_gpu(split_s):
     vec = jax.ShapeDtypeStruct((batch, heads, hd), dtype)
     cache = jax.ShapeDtypeStruct((batch, heads, seq, hd), dtype)
     fn = jax.jit(lambda q, kn, vn, k, v, a, c: decode_attention_append(q, kn, vn, k, v, a, c, split_s=split_s))
-    try:
-        lowered = fn.trace(vec, vec, vec, cache, cache, jax.ShapeDtypeStruct((batch, seq), jnp.bool_),
-                           jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",))
-    except (NotImplementedError, RuntimeError) as e:  # No cross-platform lowering in this jaxlib.
-        if "cuda" in str(e).lower() and "platform" in str(e).lower():
-            pytest.skip(f"cannot lower for cuda here: {e}")
-        raise
-    text = lowered.as_text()
+    text = lowered_text_for_cuda(fn, vec, vec, vec, cache, cache, jax.ShapeDtypeStruct((batch, seq), jnp.bool_),
+                                 jax.ShapeDtypeStruct((), jnp.int32))
     assert "triton" in text.lower() and "output_operand_aliases" in text

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import lowered_text_for_cuda
+
 from dejavu_jax.sparse_mlp import (SPARSE_CROSSOVER_DENSITY, crossover_density, mlp_dense,
                                    mlp_sparse_or_dense, round_k_to_block)
 from kernels.sparse_mlp import (check_active_idx, plan_sparse_mlp, sparse_mlp,
@@ -179,13 +181,7 @@ def test_lowers_for_gpu(variant, batch, d, ffn, k, dtype):
     args = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
         ((batch, d), dtype), ((ffn, d), dtype), ((ffn,), dtype), ((ffn, d), dtype), ((d,), dtype),
         ((k,), jnp.int32))]
-    fn = jax.jit(lambda *a: sparse_mlp(*a, variant=variant))
-    try:
-        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    except (NotImplementedError, RuntimeError) as e:  # No cross-platform lowering in this jaxlib.
-        if "cuda" in str(e).lower() and "platform" in str(e).lower():
-            pytest.skip(f"cannot lower for cuda here: {e}")
-        raise
+    text = lowered_text_for_cuda(jax.jit(lambda *a: sparse_mlp(*a, variant=variant)), *args)
     assert "triton" in text.lower()
 
 
