@@ -23,8 +23,7 @@ import numpy as np
 from bench.common import copy_bandwidth, median_seconds, provenance, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
 from dejavu_jax.generation import generate_tokens, kernels_need_interpret, uses_kernels
-from dejavu_jax.model import (ATTENTION_IMPLS, NORM_IMPLS, OPTForCausalLM, check_attention_impl, check_norm_impl,
-                              sparsity_from_predictors)
+from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, check_attention_impl, sparsity_from_predictors
 from dejavu_jax.predictors import Predictors, init_low_rank
 from dejavu_jax.sampling import SamplingConfig
 
@@ -57,7 +56,7 @@ def random_mlp_sparsity(config, density: float):
 
 
 def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, sparsity=None,
-             attention_impl="xla", norm_impl="xla") -> dict:
+             attention_impl="xla") -> dict:
     if params is None:
         params = random_params(config, jnp.float16)
     jax.block_until_ready(params)
@@ -66,9 +65,8 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, sparsi
     mask = jnp.ones_like(ids)
     sampling = SamplingConfig().to_device()
     num_slots = prompt_len + new_tokens
-    interpret = uses_kernels(sparsity, attention_impl, norm_impl) and kernels_need_interpret()  # CPU smoke runs
-    static = dict(config=no_eos, num_slots=num_slots, interpret=interpret, attention_impl=attention_impl,
-                  norm_impl=norm_impl)
+    interpret = uses_kernels(sparsity, attention_impl) and kernels_need_interpret()  # CPU smoke runs
+    static = dict(config=no_eos, num_slots=num_slots, interpret=interpret, attention_impl=attention_impl)
 
     def run(n):
         tokens, counts = generate_tokens(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity,
@@ -126,13 +124,6 @@ def attention_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def norm_list(text: str) -> list[str]:
-    try:
-        return [check_norm_impl(name.strip()) for name in text.split(",")]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,9 +139,6 @@ def main(argv=None) -> int:
     p.add_argument("--attention", type=attention_list, default=list(ATTENTION_IMPLS),
                    help=f"comma list of decode attention implementations to time side by side "
                         f"(default {','.join(ATTENTION_IMPLS)})")
-    p.add_argument("--norm", type=norm_list, default=list(NORM_IMPLS),
-                   help=f"comma list of decode residual-add + LayerNorm implementations, each timed with each "
-                        f"--attention (default {','.join(NORM_IMPLS)})")
     p.add_argument("--out", default=None, help="markdown path (default bench/results/generate_<card>_<date>.md)")
     args = p.parse_args(argv)
     shapes = args.shape or ["opt-6.7b", "opt-13b"]
@@ -173,25 +161,25 @@ def main(argv=None) -> int:
         sparsity = None
         if args.mlp_density is not None:
             sparsity, k, rank = random_mlp_sparsity(config, args.mlp_density)
-        for impl, norm in [(a, n) for a in args.attention for n in args.norm]:
+        for impl in args.attention:
             jx = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params,
-                          attention_impl=impl, norm_impl=norm)
+                          attention_impl=impl)
             sparse = None
             if sparsity is not None:
                 sparse = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params, sparsity,
-                                  attention_impl=impl, norm_impl=norm)
+                                  attention_impl=impl)
                 sparse.update(k=k, rank=rank, density=args.mlp_density,
                               speedup_vs_dense=jx["decode_ms_per_token"] / sparse["decode_ms_per_token"])
-                print(f"{name} [{impl} attention, {norm} norm]: sparse MLP (K={k} of {config.ffn_dim} per token, "
-                      f"predictor rank {rank}) {sparse['decode_ms_per_token']:.2f} ms/token, "
-                      f"{sparse['speedup_vs_dense']:.2f}x dense JAX", flush=True)
-            row = {"shape": name, "attention": impl, "norm": norm, "batch": args.batch,
-                   "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "floor_ms": floor_ms,
-                   "bytes_per_token": read, "jax": jx, "hf": hf, "jax_sparse_mlp": sparse,
+                print(f"{name} [{impl} attention]: sparse MLP (K={k} of {config.ffn_dim} per token, predictor rank "
+                      f"{rank}) {sparse['decode_ms_per_token']:.2f} ms/token, {sparse['speedup_vs_dense']:.2f}x "
+                      f"dense JAX", flush=True)
+            row = {"shape": name, "attention": impl, "batch": args.batch, "prompt_len": args.prompt_len,
+                   "new_tokens": args.new_tokens, "floor_ms": floor_ms, "bytes_per_token": read, "jax": jx, "hf": hf,
+                   "jax_sparse_mlp": sparse,
                    "jax_gbs": (read["weights"] + read["kv"]) / jx["decode_ms_per_token"] / 1e6}
             rows.append(row)
             hf_ms = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
-            print(f"{name} [{impl} attention, {norm} norm]: JAX {jx['decode_ms_per_token']:.2f} ms/token "
+            print(f"{name} [{impl} attention]: JAX {jx['decode_ms_per_token']:.2f} ms/token "
                   f"({jx['decode_ms_per_token'] / floor_ms:.2f}x floor {floor_ms:.2f}), HF eager {hf_ms} ms/token, "
                   f"compile {jx['compile_s']:.1f} s", flush=True)
         del params, sparsity
@@ -201,27 +189,26 @@ def main(argv=None) -> int:
              f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
              f"- command: `{info['command']}`",
              f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled", "",
-             "| shape | attention | norm | batch | prompt | new | JAX ms/token | tokens/s | GB/s | floor ms | "
-             "JAX / floor | HF eager ms/token | HF / JAX | JAX prefill ms | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | attention | batch | prompt | new | JAX ms/token | tokens/s | GB/s | floor ms | JAX / floor | "
+             "HF eager ms/token | HF / JAX | JAX prefill ms | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         jx, hf = r["jax"], r["hf"]
         ms = jx["decode_ms_per_token"]
         hf_cells = f"{hf['decode_ms_per_token']:.2f} | {hf['decode_ms_per_token'] / ms:.2f}x" if hf else "- | -"
-        lines.append(f"| {r['shape']} | {r['attention']} | {r['norm']} | {r['batch']} | {r['prompt_len']} | "
-                     f"{r['new_tokens']} | {ms:.2f} | {1e3 * r['batch'] / ms:.1f} | {r['jax_gbs']:.0f} | "
-                     f"{r['floor_ms']:.2f} | {ms / r['floor_ms']:.2f} | {hf_cells} | {jx['prefill_ms']:.1f} | "
-                     f"{jx['compile_s']:.1f} |")
+        lines.append(f"| {r['shape']} | {r['attention']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | "
+                     f"{ms:.2f} | {1e3 * r['batch'] / ms:.1f} | {r['jax_gbs']:.0f} | {r['floor_ms']:.2f} | "
+                     f"{ms / r['floor_ms']:.2f} | {hf_cells} | {jx['prefill_ms']:.1f} | {jx['compile_s']:.1f} |")
     sparse_rows = [r for r in rows if r["jax_sparse_mlp"]]
     if sparse_rows:
         lines += ["", "Sparse-MLP decode (same run, same weights; random-weight predictors, so only the speed is "
                   "meaningful; prefill dense):", "",
-                  "| shape | attention | norm | neurons kept per token | predictor rank | JAX sparse ms/token | "
-                  "dense JAX ms/token | speedup |", "|---|---|---|---|---|---|---|---|"]
+                  "| shape | attention | neurons kept per token | predictor rank | JAX sparse ms/token | "
+                  "dense JAX ms/token | speedup |", "|---|---|---|---|---|---|---|"]
         for r in sparse_rows:
             sp = r["jax_sparse_mlp"]
-            lines.append(f"| {r['shape']} | {r['attention']} | {r['norm']} | {sp['k']} ({sp['density']:.1%}) | "
-                         f"{sp['rank']} | {sp['decode_ms_per_token']:.2f} | {r['jax']['decode_ms_per_token']:.2f} | "
+            lines.append(f"| {r['shape']} | {r['attention']} | {sp['k']} ({sp['density']:.1%}) | {sp['rank']} | "
+                         f"{sp['decode_ms_per_token']:.2f} | {r['jax']['decode_ms_per_token']:.2f} | "
                          f"{sp['speedup_vs_dense']:.2f}x |")
     markdown = "\n".join(lines) + "\n"
     card = info["card"].replace(" ", "-")

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: GPU kernels of the compiled generation program, from a JAX profiler trace.
 
-    python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--attention xla|pallas] [--norm xla|pallas]
+    python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--attention xla|pallas]
                             [--mlp-density D] [--hlo FILE]
 
 Runs one generation of random fp16 weights under `jax.profiler.trace(create_perfetto_trace=True)`, reads the
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from bench.generate import random_mlp_sparsity, random_params
 from dejavu_jax.config import OPT_SHAPES, shape_config
 from dejavu_jax.generation import generate_tokens, kernels_need_interpret, uses_kernels
-from dejavu_jax.model import ATTENTION_IMPLS, NORM_IMPLS
+from dejavu_jax.model import ATTENTION_IMPLS
 from dejavu_jax.sampling import SamplingConfig
 
 
@@ -47,8 +47,6 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS, help="decode-step attention (default xla)")
-    p.add_argument("--norm", default="xla", choices=NORM_IMPLS,
-                   help="decode-step residual add + LayerNorm (default xla)")
     p.add_argument("--mlp-density", type=float, default=None,
                    help="profile sparse-MLP decoding instead: random-weight predictors keep this fraction of neurons")
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
@@ -62,8 +60,7 @@ def main(argv=None) -> int:
     sampling = SamplingConfig().to_device()
     sparsity = None if args.mlp_density is None else random_mlp_sparsity(config, args.mlp_density)[0]
     static = dict(config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention,
-                  norm_impl=args.norm, interpret=uses_kernels(sparsity, args.attention, args.norm)
-                  and kernels_need_interpret())
+                  interpret=uses_kernels(sparsity, args.attention) and kernels_need_interpret())
 
     def run(n):
         out = generate_tokens(params, ids, jnp.ones_like(ids), jnp.int32(n), jax.random.PRNGKey(2), sampling,

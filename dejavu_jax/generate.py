@@ -32,13 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictors", default=None,
                    help="trained predictors (from python -m train): decode steps compute only the MLP neurons the "
                         "predictors choose (the union over the batch), with the sparse-MLP kernel")
-    from dejavu_jax.model import ATTENTION_IMPLS, NORM_IMPLS
+    from dejavu_jax.model import ATTENTION_IMPLS
     p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS,
                    help="decode-step attention: XLA ops (default) or one Pallas kernel per layer that also writes "
                         "the KV cache (see bench/results/NOTES.md for the measured difference)")
-    p.add_argument("--norm", default="xla", choices=NORM_IMPLS,
-                   help="decode-step residual add + LayerNorm: three XLA kernels (default) or one Pallas kernel "
-                        "(see bench/results/NOTES.md for the measured difference)")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="compute dtype (default float16)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per prompt per line: {"prompt", "text" (continuation), "token_ids"}')
@@ -59,7 +56,7 @@ def main(argv=None) -> int:
             from dejavu_jax.predictors import load_predictors
             sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config), "batch_union")
         results = generate_text(model, args.prompt, args.max_new_tokens, sampling, args.seed, sparsity,
-                                args.attention, args.norm)
+                                args.attention)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,30 +32,28 @@ class DecodeState:
     rng: jax.Array
 
 
-def _model_for(config: OPTConfig, params, attention_impl: str = "xla", norm_impl: str = "xla") -> OPTForCausalLM:
-    return OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype, attention_impl, norm_impl)
+def _model_for(config: OPTConfig, params, attention_impl: str = "xla") -> OPTForCausalLM:
+    return OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype, attention_impl)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_slots", "interpret", "attention_impl", "norm_impl"))
+@functools.partial(jax.jit, static_argnames=("config", "num_slots", "interpret", "attention_impl"))
 def generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, sampling: SamplingParams,
                     sparsity=None, *, config: OPTConfig, num_slots: int, interpret: bool = False,
-                    attention_impl: str = "xla", norm_impl: str = "xla"):
+                    attention_impl: str = "xla"):
     """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B]).
 
     `sparsity` (per-layer `LayerSparsity`, e.g. `sparsity_from_predictors(p, "batch_union")`) applies to the decode
-    steps; the prefill is dense. `attention_impl` picks the decode steps' attention (model.ATTENTION_IMPLS) and
-    `norm_impl` their residual add + LayerNorm (model.NORM_IMPLS).
+    steps; the prefill is dense. `attention_impl` picks the decode steps' attention (model.ATTENTION_IMPLS).
     `interpret` runs the Pallas kernels in interpret mode (CPU).
     """
     batch, prompt_len = input_ids.shape
     capacity = num_slots - prompt_len
-    model = _model_for(config, params, attention_impl, norm_impl)
+    model = _model_for(config, params, attention_impl)
     dtype = params["embed_tokens"]["embedding"].dtype
 
     with jax.named_scope("prefill"):
         cache = KVCache.create(config, batch, num_slots, dtype)
-        logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last",
-                                    interpret=interpret)
+        logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
     rng, key = jax.random.split(rng)
     first = sample_tokens(logits[:, -1], key, sampling)
     state = DecodeState(
@@ -90,12 +88,11 @@ def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: 
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "attention_impl", "norm_impl"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "attention_impl"), donate_argnames=("cache",))
 def decode_step(params, cache: KVCache, tokens, sparsity=None, *, config: OPTConfig, interpret: bool = False,
-                attention_impl: str = "xla", norm_impl: str = "xla"):
+                attention_impl: str = "xla"):
     """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache."""
-    model = _model_for(config, params, attention_impl, norm_impl)
+    model = _model_for(config, params, attention_impl)
     logits, cache = model.apply({"params": params}, tokens[:, None], jnp.ones((tokens.shape[0], 1), jnp.int32),
                                 cache, sparsity=sparsity, interpret=interpret)
     return logits[:, -1], cache
@@ -135,14 +132,14 @@ def kernels_need_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def uses_kernels(sparsity, attention_impl: str, norm_impl: str = "xla") -> bool:
+def uses_kernels(sparsity, attention_impl: str) -> bool:
     """Whether the decode steps call Pallas kernels (which need interpret mode off the GPU)."""
-    return sparsity is not None or attention_impl != "xla" or norm_impl != "xla"
+    return sparsity is not None or attention_impl != "xla"
 
 
 def generate_ids(params, config: OPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, sparsity=None,
-                 attention_impl: str = "xla", norm_impl: str = "xla") -> list[list[int]]:
+                 attention_impl: str = "xla") -> list[list[int]]:
     """Token-level generation for a batch of prompts of any lengths; returns the generated ids only."""
     check_lengths(config, [len(p) for p in prompts], max_new_tokens)
     prompt_len = bucket(max(len(p) for p in prompts), 8)
@@ -150,16 +147,15 @@ def generate_ids(params, config: OPTConfig, prompts: Sequence[Sequence[int]], ma
     num_slots = prompt_len + bucket(max_new_tokens, 16)
     tokens, counts = generate_tokens(params, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
                                      jax.random.PRNGKey(seed), sampling.to_device(), sparsity, config=config,
-                                     num_slots=num_slots, attention_impl=attention_impl, norm_impl=norm_impl,
-                                     interpret=uses_kernels(sparsity, attention_impl, norm_impl)
-                                     and kernels_need_interpret())
+                                     num_slots=num_slots, attention_impl=attention_impl,
+                                     interpret=uses_kernels(sparsity, attention_impl) and kernels_need_interpret())
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[i, :counts[i]].tolist() for i in range(len(prompts))]
 
 
 def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
                   sampling: SamplingConfig = SamplingConfig(), seed: int = 0, sparsity=None,
-                  attention_impl: str = "xla", norm_impl: str = "xla") -> list[dict]:
+                  attention_impl: str = "xla") -> list[dict]:
     """`model` is a `LoadedModel`. One dict per prompt: prompt, text (continuation only), token_ids."""
     if model.tokenizer is None:
         raise ValueError(f"the model at {model.path} has no tokenizer files; pass token ids to generate_ids")
@@ -170,6 +166,6 @@ def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
             raise ValueError(f"prompt {i} is empty; give some text")
     encoded = [model.tokenizer(p)["input_ids"] for p in prompts]
     generated = generate_ids(model.params, model.config, encoded, max_new_tokens, sampling, seed, sparsity,
-                             attention_impl, norm_impl)
+                             attention_impl)
     return [{"prompt": p, "text": model.tokenizer.decode(g, skip_special_tokens=True), "token_ids": g}
             for p, g in zip(prompts, generated)]

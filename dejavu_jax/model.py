@@ -16,7 +16,7 @@ block's input, the post-ReLU fc1 output and each head's output norm before out_p
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,7 @@ from flax import struct
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.predictors import LowRankPredictor, Predictors, predictor_scores, select_top_k
-from dejavu_jax.sparse_mlp import mlp_dense_product, mlp_sparse_or_dense, mlp_sparse_per_token
-from kernels.add_layer_norm import add_layer_norm
+from dejavu_jax.sparse_mlp import mlp_dense, mlp_sparse_or_dense, mlp_sparse_per_token
 from kernels.decode_attention import decode_attention_append
 
 # How a decode step (one new token per sequence, with a cache) computes attention:
@@ -37,22 +36,10 @@ from kernels.decode_attention import decode_attention_append
 ATTENTION_IMPLS = ("xla", "pallas")
 
 
-# How a decode step adds a block's output to the residual stream and applies the next LayerNorm:
-# "xla": three small kernels (bias + residual add, statistics, normalisation); "pallas": one Pallas launch
-# (kernels/add_layer_norm.py). Prefill is always "xla".
-NORM_IMPLS = ("xla", "pallas")
-
-
 def check_attention_impl(attention_impl: str) -> str:
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}. Got {attention_impl!r}")
     return attention_impl
-
-
-def check_norm_impl(norm_impl: str) -> str:
-    if norm_impl not in NORM_IMPLS:
-        raise ValueError(f"norm_impl must be one of {NORM_IMPLS}. Got {norm_impl!r}")
-    return norm_impl
 
 
 @struct.dataclass
@@ -79,26 +66,6 @@ def sparsity_from_predictors(predictors: Predictors, selection: str = "per_token
             for p in predictors.mlp]
 
 
-class BlockOutput(NamedTuple):
-    """A block's output not yet added to the residual stream: `delta` [B, T, d] (fp32 before `bias`, or final
-    in the stream's dtype with `bias` None). Kept apart so the add can fuse with the next LayerNorm."""
-    delta: jax.Array
-    bias: Optional[jax.Array] = None
-
-    def last(self) -> "BlockOutput":
-        return BlockOutput(self.delta[:, -1:], self.bias)
-
-
-def add_block_output(h, out: Optional[BlockOutput]):
-    """h + (delta + bias), the sum rounded to h.dtype before the residual add (HF's order)."""
-    if out is None:
-        return h
-    delta = out.delta.astype(jnp.float32)
-    if out.bias is not None:
-        delta = delta + out.bias.astype(jnp.float32)
-    return h + delta.astype(h.dtype)
-
-
 def layer_norm(x, scale, bias, eps):
     # One pass (E[x], E[x^2]) in fp32: sibling reductions fuse into one kernel per LayerNorm at decode.
     x32 = x.astype(jnp.float32)
@@ -111,25 +78,13 @@ def layer_norm(x, scale, bias, eps):
 class LayerNorm(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
-    norm_impl: str = "xla"
 
-    def setup(self):
-        d = self.config.hidden_size
-        self.scale = self.param("scale", nn.initializers.ones, (d,), self.dtype)
-        self.bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
-
+    @nn.compact
     def __call__(self, x):
-        return layer_norm(x, self.scale, self.bias, self.config.layer_norm_eps)
-
-    def add_and_norm(self, h, out: Optional[BlockOutput], interpret=False):
-        """(h + out, LayerNorm(h + out)) for h [B, T, d]; one Pallas launch at a decode step with norm_impl "pallas"."""
-        B, T, d = h.shape
-        if out is None or self.norm_impl != "pallas" or T != 1:
-            h = add_block_output(h, out)
-            return h, self(h)
-        h_new, y = add_layer_norm(h.reshape(B, d), out.delta.reshape(B, d), out.bias, self.scale, self.bias,
-                                  eps=self.config.layer_norm_eps, interpret=interpret)
-        return h_new.reshape(B, T, d), y.reshape(B, T, d)
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
+        return layer_norm(x, scale, bias, self.config.layer_norm_eps)
 
 
 def _init(std=0.02):
@@ -154,7 +109,7 @@ class OPTAttention(nn.Module):
 
         layer_kv: (keys, values) each [B, heads, S, head_dim], the chunk is written at slot `cursor`;
         None: S == T and the keys are the chunk's own. head_idx: heads to compute, None = all.
-        Returns (BlockOutput: out_proj's fp32 product and its bias, new layer_kv or None).
+        Returns (out [B, T, d], new layer_kv or None).
         """
         c = self.config
         qkv_w, qkv_b, out_w = self.qkv_w, self.qkv_b, self.out_w
@@ -194,12 +149,12 @@ class OPTAttention(nn.Module):
             heads_out = jnp.einsum("bhts,bhsk->bthk", probs, values, preferred_element_type=jnp.float32)
         return self._project_out(heads_out, out_w, x.dtype), new_kv
 
-    def _project_out(self, heads_out, out_w, dtype) -> BlockOutput:
-        """heads_out [B, T, h, hd] -> out_proj's fp32 product [B, T, d] and its bias (added with the residual)."""
+    def _project_out(self, heads_out, out_w, dtype):
+        """heads_out [B, T, h, hd] -> out_proj(...) [B, T, d] in dtype."""
         self.sow("intermediates", "head_norm", jnp.linalg.norm(heads_out.astype(jnp.float32), axis=-1))  # [B, T, h]
         with jax.named_scope("out_proj"):
             out = jnp.einsum("bthk,hkd->btd", heads_out.astype(dtype), out_w, preferred_element_type=jnp.float32)
-        return BlockOutput(out, self.out_b)
+            return (out + self.out_b.astype(jnp.float32)).astype(dtype)
 
 
 class OPTMLP(nn.Module):
@@ -213,55 +168,45 @@ class OPTMLP(nn.Module):
         self.fc2_w_t = self.param("fc2_w_t", _init(), (c.ffn_dim, c.hidden_size), self.dtype)
         self.fc2_b = self.param("fc2_b", nn.initializers.zeros, (c.hidden_size,), self.dtype)
 
-    def __call__(self, x, mlp_active_idx=None, interpret=False) -> BlockOutput:
+    def __call__(self, x, mlp_active_idx=None, interpret=False):
         """x [B, T, d] (after the LayerNorm). mlp_active_idx: [K] neurons for the whole chunk, or [B, T, K]
-        each token's own. Dense returns fc2's fp32 product and its bias; the sparse paths their final output."""
+        each token's own."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         if mlp_active_idx is not None and mlp_active_idx.ndim == 3:
             out = mlp_sparse_per_token(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b,
                                        mlp_active_idx.reshape(B * T, -1))
         elif mlp_active_idx is None:
-            product, hidden = mlp_dense_product(flat, self.fc1_w, self.fc1_b, self.fc2_w_t)
+            out, hidden = mlp_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b, return_hidden=True)
             self.sow("intermediates", "fc1_active", (hidden > 0).reshape(B, T, -1))  # [B, T, ffn]
-            return BlockOutput(product.reshape(B, T, d), self.fc2_b)
         else:
             out = mlp_sparse_or_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b, mlp_active_idx,
                                       interpret=interpret)
-        return BlockOutput(out.reshape(B, T, d))
+        return out.reshape(B, T, d)
 
 
 class OPTDecoderLayer(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
     attention_impl: str = "xla"
-    norm_impl: str = "xla"
 
     def setup(self):
-        self.self_attn_layer_norm = LayerNorm(self.config, self.dtype, self.norm_impl)
+        self.self_attn_layer_norm = LayerNorm(self.config, self.dtype)
         self.self_attn = OPTAttention(self.config, self.dtype, self.attention_impl)
-        self.final_layer_norm = LayerNorm(self.config, self.dtype, self.norm_impl)
+        self.final_layer_norm = LayerNorm(self.config, self.dtype)
         self.mlp = OPTMLP(self.config, self.dtype)
 
     def __call__(self, h, allowed, layer_kv=None, cursor=None, sparsity: LayerSparsity = LayerSparsity(),
-                 interpret=False, pending: Optional[BlockOutput] = None):
-        """h [B, T, d]: the residual stream still missing `pending` (the previous layer's MLP output, added here
-        so the add fuses with this layer's first LayerNorm). Returns (h, this layer's MLP output not yet added
-        (None after a post-LN layer, which adds it to normalise), new layer_kv or None)."""
+                 interpret=False):
         pre_ln = self.config.do_layer_norm_before
+        self.sow("intermediates", "attn_input", h)
+        attn_input = h
         with jax.named_scope("attention_block"):
-            if pre_ln:
-                h, x = self.self_attn_layer_norm.add_and_norm(h, pending, interpret)
-            else:
-                h = x = add_block_output(h, pending)
-            self.sow("intermediates", "attn_input", h)
-            attn_input = h
+            x = self.self_attn_layer_norm(h) if pre_ln else h
             attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, sparsity.head_idx, interpret)
-            if pre_ln:
-                h, x = self.final_layer_norm.add_and_norm(h, attn_out, interpret)
-            else:
-                _, h = self.self_attn_layer_norm.add_and_norm(h, attn_out, interpret)
-                x = h
+            h = h + attn_out
+            if not pre_ln:
+                h = self.self_attn_layer_norm(h)
         self.sow("intermediates", "mlp_input", h)
         mlp_idx = sparsity.mlp_active_idx
         if sparsity.mlp_predictor is not None:
@@ -272,10 +217,11 @@ class OPTDecoderLayer(nn.Module):
             else:
                 mlp_idx = select_top_k(scores.reshape(-1, scores.shape[-1]), sparsity.mlp_predictor.keep).union
         with jax.named_scope("mlp_block"):
-            mlp_out = self.mlp(x, mlp_idx, interpret)
-            if pre_ln:
-                return h, mlp_out, new_kv
-            return self.final_layer_norm.add_and_norm(h, mlp_out, interpret)[1], None, new_kv
+            x = self.final_layer_norm(h) if pre_ln else h
+            h = h + self.mlp(x, mlp_idx, interpret)
+            if not pre_ln:
+                h = self.final_layer_norm(h)
+        return h, new_kv
 
 
 def chunk_positions(chunk_mask, next_position):
@@ -289,13 +235,11 @@ class OPTForCausalLM(nn.Module):
 
     With a cache the chunk is appended at `cache.cursor` and attends to everything before it; without one it is
     the whole sequence. `logits_for="last"` computes the LM head for the last position only (prefill).
-    `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention and `norm_impl` (NORM_IMPLS) the
-    decode-step residual add + LayerNorm; neither changes a parameter.
+    `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter.
     """
     config: OPTConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
-    norm_impl: str = "xla"
 
     def setup(self):
         c = self.config
@@ -307,11 +251,10 @@ class OPTForCausalLM(nn.Module):
             self.project_in = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
             self.project_out = nn.Dense(c.word_embed_proj_dim, use_bias=False, dtype=self.dtype,
                                         param_dtype=self.dtype)
-        check_attention_impl(self.attention_impl)
-        check_norm_impl(self.norm_impl)
         if c.has_final_layer_norm:
-            self.final_layer_norm = LayerNorm(c, self.dtype, self.norm_impl)
-        self.layers = [OPTDecoderLayer(c, self.dtype, self.attention_impl, self.norm_impl, name=f"layers_{i}")
+            self.final_layer_norm = LayerNorm(c, self.dtype)
+        check_attention_impl(self.attention_impl)
+        self.layers = [OPTDecoderLayer(c, self.dtype, self.attention_impl, name=f"layers_{i}")
                        for i in range(c.num_hidden_layers)]
 
     def __call__(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None,
@@ -340,24 +283,20 @@ class OPTForCausalLM(nn.Module):
         h = h + self.embed_positions(positions + c.POSITION_OFFSET)
 
         new_keys, new_values = [], []
-        pending = None  # the last MLP output, added where it fuses with the next LayerNorm
         for i, layer in enumerate(self.layers):
             layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
             layer_sparsity = LayerSparsity() if sparsity is None else sparsity[i]
             with jax.named_scope(f"layer_{i}"):
-                h, pending, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor,
-                                       layer_sparsity, interpret, pending)
+                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, layer_sparsity,
+                              interpret)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
 
         if logits_for == "last":
             h = h[:, -1:]
-            pending = None if pending is None else pending.last()
         if c.has_final_layer_norm:
-            _, h = self.final_layer_norm.add_and_norm(h, pending, interpret)
-        else:
-            h = add_block_output(h, pending)
+            h = self.final_layer_norm(h)
         if c.has_projections:
             h = self.project_out(h)
         # Tied LM head, accumulated and returned in fp32.

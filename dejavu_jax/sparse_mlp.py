@@ -73,11 +73,10 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def mlp_dense_product(x, fc1_w, fc1_b, fc2_w_t):
-    """(relu(x @ fc1_w.T + fc1_b) @ fc2_w_t in fp32 [..., d], the post-ReLU hidden activation [..., ffn]).
+def mlp_dense(x, fc1_w, fc1_b, fc2_w_t, fc2_b, return_hidden: bool = False):
+    """relu(x @ fc1_w.T + fc1_b) @ fc2_w_t + fc2_b for x [..., d], fp32 accumulation, x.dtype out.
 
-    fc2's bias is left to the caller, so it can fuse with the residual add; the hidden activation is where
-    predictor labels come from.
+    With `return_hidden`, also the post-ReLU hidden activation [..., ffn] (predictor labels come from it).
     """
     precision = _precision(x.dtype)
     pre = jnp.einsum("...d,fd->...f", x, fc1_w, preferred_element_type=jnp.float32,
@@ -85,13 +84,8 @@ def mlp_dense_product(x, fc1_w, fc1_b, fc2_w_t):
     h = jnp.maximum(pre + fc1_b.astype(jnp.float32), 0.0).astype(x.dtype)    # [..., ffn]
     out = jnp.einsum("...f,fd->...d", h, fc2_w_t, preferred_element_type=jnp.float32,
                      precision=precision)
-    return out, h
-
-
-def mlp_dense(x, fc1_w, fc1_b, fc2_w_t, fc2_b):
-    """relu(x @ fc1_w.T + fc1_b) @ fc2_w_t + fc2_b for x [..., d], fp32 accumulation, x.dtype out."""
-    out, _ = mlp_dense_product(x, fc1_w, fc1_b, fc2_w_t)
-    return (out + fc2_b.astype(jnp.float32)).astype(x.dtype)
+    out = (out + fc2_b.astype(jnp.float32)).astype(x.dtype)
+    return (out, h) if return_hidden else out
 
 
 def mlp_sparse_or_dense(x, fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx, *, interpret: bool = False,
