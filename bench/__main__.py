@@ -1,14 +1,16 @@
-"""python -m bench {generate,kernels,profile,ptx,convert-memory} ...  (each has --help)"""
+"""python -m bench {generate,kernels,select,profile,ptx,convert-memory} ...  (each has --help)"""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bench {generate,kernels,profile,ptx,convert-memory} [options]
+USAGE = """usage: python -m bench {generate,kernels,select,profile,ptx,convert-memory} [options]
 
   generate            dense decode latency: JAX vs HF transformers eager vs the bandwidth floor
   kernels --op mlp    the sparse-MLP Pallas kernel vs dense XLA, an XLA gather, and the floor
-  kernels --op attention  the decode-attention Pallas kernel vs XLA (not yet run on a GPU)
+  kernels --op attention  the decode-attention Pallas kernel vs XLA
+  select              what choosing a decode step's neurons costs: predictor matmuls by rank, top-K
+                      selection alternatives (GPU)
   profile             kernel-by-kernel time of the compiled decode program (GPU, from a profiler trace)
   ptx                 what the compiler emitted for the sparse-MLP kernels: PTX/SASS loads by width,
                       registers, spills, launches; --ncu adds ncu counters (GPU)
@@ -26,6 +28,9 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "generate":
         from bench.generate import main as run
+        return run(rest)
+    if command == "select":
+        from bench.select import main as run
         return run(rest)
     if command == "profile":
         from bench.profile_decode import main as run

@@ -42,11 +42,12 @@ def bytes_read_per_token(config, batch, prompt_len, new_tokens, itemsize=2) -> d
     return {"weights": weights * itemsize, "kv": kv_per_token * mean_context}
 
 
-def random_mlp_sparsity(config, density: float):
-    """Random-weight predictors of the default rank that keep round(density * ffn) neurons per token per layer."""
+def random_mlp_sparsity(config, density: float, rank: int | None = None):
+    """Random-weight predictors (default rank min(1000, d/2), DejaVu's) that keep round(density * ffn) neurons per
+    token per layer."""
     c = config
     k = max(1, round(density * c.ffn_dim))
-    rank = min(1000, c.hidden_size // 2)
+    rank = rank or min(1000, c.hidden_size // 2)
     keys = jax.random.split(jax.random.PRNGKey(3), 2 * c.num_hidden_layers)
     mlp = tuple(init_low_rank(keys[i], c.hidden_size, rank, c.ffn_dim, dtype=jnp.float16).replace(k=k)
                 for i in range(c.num_hidden_layers))
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--mlp-density", type=float, default=None,
                    help="also time sparse-MLP decoding in the same run: random-weight predictors of the default rank "
                         "keep this fraction of each layer's neurons per token (the kernel computes their union)")
+    p.add_argument("--predictor-rank", type=int, default=None,
+                   help="rank of the random predictors with --mlp-density (default min(1000, d/2), DejaVu's)")
     p.add_argument("--attention", type=attention_list, default=list(ATTENTION_IMPLS),
                    help=f"comma list of decode attention implementations to time side by side "
                         f"(default {','.join(ATTENTION_IMPLS)})")
@@ -146,6 +149,8 @@ def main(argv=None) -> int:
         p.error("need --new-tokens >= 2, --batch >= 1, --prompt-len >= 1")
     if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
         p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
+    if args.predictor_rank is not None and args.predictor_rank < 1:
+        p.error(f"--predictor-rank must be >= 1. Got {args.predictor_rank}")
 
     info = provenance()
     bandwidth = copy_bandwidth()
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
         params = random_params(config, jnp.float16)
         sparsity = None
         if args.mlp_density is not None:
-            sparsity, k, rank = random_mlp_sparsity(config, args.mlp_density)
+            sparsity, k, rank = random_mlp_sparsity(config, args.mlp_density, args.predictor_rank)
         for impl in args.attention:
             jx = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params,
                           attention_impl=impl)

@@ -1,1 +1,1 @@
-"""`python -m eval`: quality of a model, dense vs sparse (perplexity; downstream tasks to come)."""
+"""`python -m eval`: quality of a model, dense vs sparse (perplexity; zero-shot downstream tasks)."""

@@ -30,6 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
                           "(K per layer as calibrated), and report dense and sparse side by side")
     ppl.add_argument("--json", action="store_true",
                      help='print {"ppl": ..., "tokens": ...} (+ "sparse_ppl", "ppl_change" with --predictors)')
+    from eval.local_tasks import LOCAL_TASKS
+    tasks = sub.add_parser(
+        "tasks", help="zero-shot downstream tasks (lm-eval) over local splits",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Zero-shot accuracy on lm-eval's downstream tasks (lm-eval's prompts and metrics), with the "
+                    "datasets read from a local directory laid out as ../shared/data/tasks. With --predictors each "
+                    "task runs again with each token's MLP over the neurons its predictor picks.\n\ntasks:\n" +
+                    "\n".join(f"  {name:15s} {t.source}" for name, t in LOCAL_TASKS.items()))
+    tasks.add_argument("--model", required=True, help="converted model dir, HF OPT checkpoint dir, or hub id")
+    tasks.add_argument("--tasks", default="piqa,arc_easy,winogrande,copa,lambada_openai",
+                       help="comma list of tasks (default piqa,arc_easy,winogrande,copa,lambada_openai)")
+    tasks.add_argument("--tasks-dir", required=True, help="directory of the local splits (../shared/data/tasks)")
+    tasks.add_argument("--limit", type=int, default=None, help="score at most this many documents per task")
+    tasks.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    tasks.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
+    tasks.add_argument("--predictors", default=None,
+                       help="trained predictors (a predictors dir, or a model dir holding predictors/): report "
+                            "dense and sparse side by side")
+    tasks.add_argument("--out", default=None,
+                       help="JSON results file, rewritten after each task; a rerun with the same settings skips "
+                            "the tasks it holds")
+    tasks.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return parser
 
 
@@ -65,6 +87,15 @@ def main(argv=None) -> int:
     from dejavu_jax.corpus import CorpusError
     from dejavu_jax.hf_checkpoint import CheckpointError
     from dejavu_jax.predictors import PredictorError
+    if args.command == "tasks":
+        from eval.tasks import format_table, run_tasks
+        try:
+            report = run_tasks(args)
+        except (CheckpointError, PredictorError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(report) if args.json else format_table(report))
+        return 0
     try:
         result = run_ppl(args)
     except (CheckpointError, CorpusError, PredictorError, ValueError) as e:

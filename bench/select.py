@@ -1,0 +1,124 @@
+"""What choosing a decode step's neurons costs on the GPU: the predictor's matmuls and the top-K selection.
+
+    python -m bench select [--shape opt-6.7b] [--density 0.1] [--ranks 1000,256,128] [--out FILE]
+
+At batch 1 a sparse-MLP layer first scores all ffn neurons with its low-rank predictor (x [1, d] -> [1, r] ->
+[1, ffn]) and then picks K of them. Each candidate runs `--chain` times inside one jitted `lax.fori_loop`, each
+iteration feeding the next (so XLA can neither hoist nor drop it); the reported time is wall time / chain.
+Predictor weights rotate over four sets so the chain does not run from the 50 MB L2.
+
+Selections, for scores [1, ffn] fp32 and K = density * ffn:
+- `top_k`: `lax.top_k` (what the model uses; exact);
+- `approx_max_k`: `lax.approx_max_k`, recall target 0.95;
+- `threshold_nonzero`: `nonzero(scores > t, size=K)` for a given threshold t (a per-layer calibrated threshold
+  would stand in for the exact K-th value; only the mechanism's cost is measured, not its accuracy);
+- `two_stage`: top-(2K/blocks) within blocks of 128, then top-K of the candidates (exact unless a block holds more
+  of the true top-K than it keeps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import provenance, write_results
+from dejavu_jax.config import OPT_SHAPES, shape_config
+
+
+def _two_stage(scores, k, block=128):
+    n = scores.shape[-1]
+    blocks = n // block
+    keep = min(block, max(1, -(-2 * k // blocks)))
+    vals, idx = jax.lax.top_k(scores.reshape(blocks, block), keep)                   # [blocks, keep]
+    idx = idx + (jnp.arange(blocks) * block)[:, None]
+    _, pick = jax.lax.top_k(vals.reshape(-1), k)
+    return idx.reshape(-1)[pick]
+
+
+SELECTIONS = {
+    "top_k": lambda s, k, t: jax.lax.top_k(s[0], k)[1],
+    "approx_max_k": lambda s, k, t: jax.lax.approx_max_k(s[0], k, recall_target=0.95)[1],
+    "threshold_nonzero": lambda s, k, t: jnp.nonzero(s[0] > t, size=k, fill_value=0)[0],
+    "two_stage": lambda s, k, t: _two_stage(s[0], k),
+}
+
+
+def time_chain(step, carry, chain: int, repeats: int) -> float:
+    """Seconds per iteration of `carry = step(carry)` run `chain` times in one jitted loop."""
+    run = jax.jit(lambda c: jax.lax.fori_loop(0, chain, lambda i, c: step(c), c))
+    jax.block_until_ready(run(carry))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(carry))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / chain
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench select", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="opt-6.7b", choices=sorted(OPT_SHAPES))
+    p.add_argument("--density", type=float, default=0.1, help="fraction of the ffn neurons kept (default 0.1)")
+    p.add_argument("--ranks", default="1000,256,128", help="predictor ranks to time (default 1000,256,128)")
+    p.add_argument("--chain", type=int, default=200, help="iterations per jitted loop (default 200)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="markdown path (default bench/results/select_<card>_<date>.md)")
+    args = p.parse_args(argv)
+    if not 0 < args.density < 1:
+        p.error(f"--density must be in (0, 1). Got {args.density}")
+    try:
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except ValueError:
+        p.error(f"--ranks must be a comma list of ints. Got {args.ranks!r}")
+    if args.chain < 1 or args.repeats < 1 or min(ranks) < 1:
+        p.error("--chain, --repeats and every rank must be >= 1")
+
+    c = shape_config(args.shape)
+    d, ffn = c.hidden_size, c.ffn_dim
+    k = max(1, round(args.density * ffn))
+    info = provenance()
+    rows = []
+    scores = jax.random.normal(jax.random.PRNGKey(0), (1, ffn), jnp.float32)
+    threshold = jnp.sort(scores[0])[-k]  # about K scores pass
+    for name, select in SELECTIONS.items():
+        def step(s, select=select):
+            idx = select(s, k, threshold)
+            return s + 1e-30 * idx[0].astype(jnp.float32)  # depends on the result; changes nothing
+        us = time_chain(step, scores, args.chain, args.repeats) * 1e6
+        rows.append({"what": f"select {name}", "k": k, "us": us})
+        print(f"select {name:18s} K={k}: {us:7.2f} us", flush=True)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, d), jnp.float16)
+    for rank in ranks:
+        keys = jax.random.split(jax.random.PRNGKey(rank), 8)
+        weights = [(jax.random.normal(keys[2 * i], (d, rank), jnp.float16) * 0.02,
+                    jax.random.normal(keys[2 * i + 1], (rank, ffn), jnp.float16) * 0.02) for i in range(4)]
+
+        def step(x, weights=weights):
+            for a, b in weights:  # four layers' predictors, so the chain reads more than the L2 holds
+                h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
+                s = jnp.dot(h, b, preferred_element_type=jnp.float32)
+                x = x + (1e-30 * s[:, :d]).astype(x.dtype)
+            return x
+        us = time_chain(step, x, max(1, args.chain // 4), args.repeats) * 1e6 / 4
+        nbytes = (d * rank + rank * ffn) * 2
+        rows.append({"what": f"predictor rank {rank}", "bytes": nbytes, "us": us})
+        print(f"predictor rank {rank:5d} ({nbytes / 1e6:5.1f} MB): {us:7.2f} us", flush=True)
+
+    lines = [f"# Neuron selection cost at decode, {info['card']}", "",
+             f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
+             f"- command: `{info['command']}`",
+             f"- {args.shape}: d {d}, ffn {ffn}, K {k} ({args.density:.1%}); batch 1; chained {args.chain} per jit", "",
+             "| what | us per layer |", "|---|---|"]
+    lines += [f"| {r['what']}" + (f" ({r['bytes'] / 1e6:.1f} MB)" if "bytes" in r else "") + f" | {r['us']:.2f} |"
+              for r in rows]
+    markdown = "\n".join(lines) + "\n"
+    path = write_results(f"select_{info['card'].replace(' ', '-')}_{info['date']}", markdown,
+                         {**info, "shape": args.shape, "density": args.density, "rows": rows}, args.out)
+    print(markdown)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,107 @@
+"""`python -m eval tasks`: zero-shot downstream accuracy with lm-eval, dense and with the MLP predictors.
+
+Each task runs through lm-eval's evaluator (its prompts and metrics) on the JAX model (`eval.harness.JaxOPT`),
+once dense and, with predictors, once more with each token's MLP computed over the neurons its predictor
+picks, on the same documents. With `--out`, the results file is rewritten after every finished task and a
+rerun with the same settings skips the tasks already in it, so an interrupted run loses at most one task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Metrics reported per task, in this order, where the task has them.
+METRICS = ("acc", "acc_norm", "perplexity")
+
+
+def _metrics(result: dict) -> dict:
+    return {m: float(result[f"{m},none"]) for m in METRICS if f"{m},none" in result}
+
+
+def evaluate_task(lm, task, limit: int | None) -> dict:
+    from lm_eval import evaluator
+    from lm_eval.tasks import get_task_dict
+    out = evaluator.evaluate(lm, get_task_dict([task]), limit=limit, bootstrap_iters=0, log_samples=False,
+                             verbosity="ERROR")
+    result = out["results"][task.config.task]
+    return {"documents": int(result.get("sample_len", out.get("n-samples", {}).get(task.config.task, {})
+                                        .get("effective", 0))), **_metrics(result)}
+
+
+def _load_previous(path: Path | None, settings: dict) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return previous.get("tasks", {}) if previous.get("settings") == settings else {}
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_tasks(args) -> dict:
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    from dejavu_jax.checkpoint import load_model
+    from eval.harness import JaxOPT
+    from eval.local_tasks import build_task, parse_task_list
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on custom datasets are not for our users
+    names = parse_task_list(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1. Got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1. Got {args.batch_size}")
+    model = load_model(args.model, args.dtype)
+    sparsity = None
+    if args.predictors is not None:
+        from dejavu_jax.model import sparsity_from_predictors
+        from dejavu_jax.predictors import load_predictors
+        sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config))
+    settings = {"model": str(args.model), "predictors": args.predictors, "dtype": args.dtype, "limit": args.limit,
+                "tasks_dir": str(args.tasks_dir)}
+    out = Path(args.out) if args.out else None
+    results = _load_previous(out, settings)
+    progress = not args.json
+    dense_lm = JaxOPT(model, batch_size=args.batch_size, progress=progress, desc="dense")
+    sparse_lm = None if sparsity is None else JaxOPT(model, sparsity, args.batch_size, progress, desc="sparse")
+    task_manager = TaskManager()
+    for name in names:
+        if name in results:
+            continue
+        task = build_task(name, args.tasks_dir, task_manager)
+        entry = {"dense": evaluate_task(dense_lm, task, args.limit)}
+        if sparse_lm is not None:
+            entry["sparse"] = evaluate_task(sparse_lm, task, args.limit)
+        results[name] = entry
+        if out is not None:
+            _write(out, {"settings": settings, "tasks": results})
+    report = {"settings": settings, "tasks": {n: results[n] for n in names}}
+    if sparsity is not None:
+        report["mlp_k"] = [p.mlp_predictor.keep for p in sparsity]
+    return report
+
+
+def format_table(report: dict) -> str:
+    sparse = any("sparse" in r for r in report["tasks"].values())
+    header = "| task | documents | metric | dense |" + (" sparse MLP | change |" if sparse else "")
+    lines = [header, "|---|---|---|---|" + ("---|---|" if sparse else "")]
+    for name, r in report["tasks"].items():
+        for metric, value in r["dense"].items():
+            if metric == "documents":
+                continue
+            row = f"| {name} | {r['dense']['documents']} | {metric} | {value:.4f} |"
+            if sparse:
+                s = r["sparse"][metric]
+                row += f" {s:.4f} | {s - value:+.4f} |"
+            lines.append(row)
+    return "\n".join(lines)

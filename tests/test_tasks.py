@@ -1,0 +1,118 @@
+"""`python -m eval tasks`: the lm-eval adapter against lm-eval's own Hugging Face backend, the local task
+loaders against the shared splits, and the CLI (resume, errors)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REFERENCE_MODEL, SHARED
+from eval.__main__ import main
+from eval.local_tasks import LOCAL_TASKS, TaskDataError, build_task, parse_task_list
+
+TASKS_DIR = SHARED / "data" / "tasks"
+pytestmark = pytest.mark.skipif(not TASKS_DIR.is_dir(), reason="needs ../shared/data/tasks")
+
+# Requests of the shapes tasks produce: a trailing space moved onto the continuation, an empty context, a
+# multi-token continuation, a continuation the model predicts greedily, unicode.
+REQUESTS = [("The capital of France is", " Paris"), ("The United States of", " America"), ("Question: Is water wet?\nAnswer: ", "yes"),
+            ("", "Hello world, this is a test."), ("The the the the the the the the", " the"),
+            ("Café au lait is a", " drink made with coffee and hot milk.")]
+
+
+@pytest.fixture(scope="module")
+def jax_lm():
+    from dejavu_jax.checkpoint import load_model
+    from eval.harness import JaxOPT
+    return JaxOPT(load_model(REFERENCE_MODEL, "float32"), batch_size=4, progress=False)
+
+
+def _instances(pairs):
+    from lm_eval.api.instance import Instance
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+def test_loglikelihood_matches_lm_eval_hf_backend(jax_lm):
+    """Same requests through lm-eval's HF backend (torch, fp32) and through ours: same numbers, same greedy flags."""
+    pytest.importorskip("accelerate")
+    from lm_eval.models.huggingface import HFLM
+    hf = HFLM(pretrained=str(REFERENCE_MODEL), device="cpu", batch_size=4, dtype="float32")
+    want = hf.loglikelihood(_instances(REQUESTS), disable_tqdm=True)
+    got = jax_lm.loglikelihood(_instances(REQUESTS))
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-4, atol=1e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert any(w[1] for w in want) and not all(w[1] for w in want)  # both kinds of greedy flag occur
+
+
+def test_batching_and_padding_do_not_change_scores(jax_lm):
+    """One request alone equals the same request inside a padded, length-sorted batch."""
+    batch = jax_lm.loglikelihood(_instances(REQUESTS))
+    alone = [jax_lm.loglikelihood(_instances([pair]))[0] for pair in REQUESTS]
+    np.testing.assert_allclose([b[0] for b in batch], [a[0] for a in alone], rtol=1e-5, atol=1e-5)
+
+
+def test_overlong_context_is_truncated_from_the_left(jax_lm):
+    context = " ".join(["word"] * 1100)  # more tokens than the reference model's 1024 positions
+    assert len(jax_lm.encode_pair(context, " end")[0]) > jax_lm.max_length
+    (logprob, _), = jax_lm.loglikelihood(_instances([(context, " end")]))
+    assert np.isfinite(logprob) and logprob < 0
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    from lm_eval.tasks import TaskManager
+    return TaskManager()  # indexing lm-eval's task YAMLs takes seconds: once per module
+
+
+@pytest.mark.parametrize("name", list(LOCAL_TASKS))
+def test_local_task_documents(name, task_manager):
+    """Every local split loads whole into lm-eval's task, and its first documents have a valid gold answer."""
+    task = build_task(name, TASKS_DIR, task_manager)
+    docs = list(task.eval_docs)
+    expected = int(LOCAL_TASKS[name].source.rsplit("(", 1)[1].rstrip(")"))
+    assert len(docs) == expected
+    for doc in docs[:5]:
+        text, target = task.doc_to_text(doc), task.doc_to_target(doc)
+        if task.OUTPUT_TYPE != "multiple_choice":
+            assert text and isinstance(target, str) and target.strip()
+            continue
+        choices = task.doc_to_choice(doc)
+        assert len(choices) >= 2
+        if isinstance(text, int):  # winogrande: the choices are contexts, the gold one is text's index
+            assert 0 <= text < len(choices) and target.strip()
+        else:
+            assert text and 0 <= (target if isinstance(target, int) else choices.index(target)) < len(choices)
+
+
+def test_unknown_task_and_missing_dir_are_clear_errors(tmp_path, task_manager):
+    with pytest.raises(ValueError, match="unknown task"):
+        parse_task_list("piqa,squad")
+    with pytest.raises(TaskDataError, match="does not exist"):
+        build_task("piqa", tmp_path / "nowhere", task_manager)
+    (tmp_path / "piqa").mkdir()
+    with pytest.raises(TaskDataError, match="missing task file"):
+        build_task("piqa", tmp_path, task_manager)
+
+
+def test_cli_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "tasks.json"
+    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa,rte", "--tasks-dir", str(TASKS_DIR),
+            "--limit", "6", "--batch-size", "4", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    saved = json.loads(out.read_text())
+    assert saved["tasks"] == report["tasks"]
+    for name in ("copa", "rte"):
+        assert report["tasks"][name]["dense"]["documents"] == 6
+        assert 0.0 <= report["tasks"][name]["dense"]["acc"] <= 1.0
+    # A rerun with the same settings scores nothing again.
+    import eval.tasks
+    monkeypatch.setattr(eval.tasks, "evaluate_task", lambda *a: pytest.fail("re-evaluated a finished task"))
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == report["tasks"]
+
+
+def test_cli_bad_input_exits_2(capsys):
+    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "nope", "--tasks-dir", str(TASKS_DIR)]
+    assert main(argv) == 2
+    assert "unknown task" in capsys.readouterr().err
