@@ -9,7 +9,8 @@ Predictor weights rotate over four sets so the chain does not run from the 50 MB
 
 Selections, for scores [1, ffn] fp32 and K = density * ffn:
 - `top_k`: `lax.top_k` (what the model uses; exact);
-- `approx_max_k`: `lax.approx_max_k`, recall target 0.95;
+- `approx_max_k`: `lax.approx_max_k`, recall target 0.95 (off TPU an exact sort-and-slice: its indices equalled
+  `top_k`'s on the H100, and swapping it into the model changed nothing end to end; bench/results/NOTES.md);
 - `threshold_nonzero`: `nonzero(scores > t, size=K)` for a given threshold t (a per-layer calibrated threshold
   would stand in for the exact K-th value; only the mechanism's cost is measured, not its accuracy);
 - `two_stage`: top-(2K/blocks) within blocks of 128, then top-K of the candidates (exact unless a block holds more

@@ -25,7 +25,7 @@ from flax import struct
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
-from dejavu_jax.predictors import LowRankPredictor, Predictors, predictor_scores, select_top_k, top_k_indices
+from dejavu_jax.predictors import LowRankPredictor, Predictors, predictor_scores, select_top_k
 from dejavu_jax.sparse_mlp import mlp_dense, mlp_sparse_or_dense, mlp_sparse_per_token
 from kernels.decode_attention import decode_attention_append
 
@@ -213,7 +213,7 @@ class OPTDecoderLayer(nn.Module):
             source = attn_input if sparsity.mlp_predictor_input == "attn_input" else h
             scores = predictor_scores(sparsity.mlp_predictor, source)  # [B, T, ffn]
             if sparsity.mlp_selection == "per_token":
-                mlp_idx = top_k_indices(scores, sparsity.mlp_predictor.keep).astype(jnp.int32)
+                mlp_idx = jax.lax.top_k(scores, sparsity.mlp_predictor.keep)[1].astype(jnp.int32)
             else:
                 mlp_idx = select_top_k(scores.reshape(-1, scores.shape[-1]), sparsity.mlp_predictor.keep).union
         with jax.named_scope("mlp_block"):
