@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.common import copy_bandwidth, median_seconds, provenance, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
-from dejavu_jax.generation import generate_tokens, kernels_need_interpret, uses_kernels
+from dejavu_jax.generation import AUTOTUNE_MODES, generation_program, kernels_need_interpret, uses_kernels
 from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, check_attention_impl, sparsity_from_predictors
 from dejavu_jax.predictors import Predictors, init_low_rank
 from dejavu_jax.sampling import SamplingConfig
@@ -57,7 +57,7 @@ def random_mlp_sparsity(config, density: float, rank: int | None = None):
 
 
 def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, sparsity=None,
-             attention_impl="xla") -> dict:
+             attention_impl="xla", autotune="default") -> dict:
     if params is None:
         params = random_params(config, jnp.float16)
     jax.block_until_ready(params)
@@ -68,15 +68,16 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, sparsi
     num_slots = prompt_len + new_tokens
     interpret = uses_kernels(sparsity, attention_impl) and kernels_need_interpret()  # CPU smoke runs
     static = dict(config=no_eos, num_slots=num_slots, interpret=interpret, attention_impl=attention_impl)
+    program = generation_program(autotune)
 
     def run(n):
-        tokens, counts = generate_tokens(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity,
+        tokens, counts = program(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity,
                                          **static)
         tokens.block_until_ready()
         return counts
 
     start = time.perf_counter()
-    generate_tokens.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity,
+    program.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity,
                           **static).compile()
     compile_s = time.perf_counter() - start
     counts = run(new_tokens)
@@ -142,6 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention", type=attention_list, default=list(ATTENTION_IMPLS),
                    help=f"comma list of decode attention implementations to time side by side "
                         f"(default {','.join(ATTENTION_IMPLS)})")
+    p.add_argument("--autotune", default="default", choices=AUTOTUNE_MODES,
+                   help="XLA GEMM autotuning of the JAX program (dejavu_jax.generation.AUTOTUNE_MODES); 'exhaustive' "
+                        "compiles for minutes the first time, its results cached (see autotune_cache_dir)")
     p.add_argument("--out", default=None, help="markdown path (default bench/results/generate_<card>_<date>.md)")
     args = p.parse_args(argv)
     shapes = args.shape or ["opt-6.7b", "opt-13b"]
@@ -168,11 +172,11 @@ def main(argv=None) -> int:
             sparsity, k, rank = random_mlp_sparsity(config, args.mlp_density, args.predictor_rank)
         for impl in args.attention:
             jx = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params,
-                          attention_impl=impl)
+                          attention_impl=impl, autotune=args.autotune)
             sparse = None
             if sparsity is not None:
                 sparse = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params, sparsity,
-                                  attention_impl=impl)
+                                  attention_impl=impl, autotune=args.autotune)
                 sparse.update(k=k, rank=rank, density=args.mlp_density,
                               speedup_vs_dense=jx["decode_ms_per_token"] / sparse["decode_ms_per_token"])
                 print(f"{name} [{impl} attention]: sparse MLP (K={k} of {config.ffn_dim} per token, predictor rank "
@@ -193,7 +197,8 @@ def main(argv=None) -> int:
     lines = [f"# Dense decode latency, {info['card']}", "",
              f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
              f"- command: `{info['command']}`",
-             f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled", "",
+             f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled; "
+             f"XLA autotuning: {args.autotune}", "",
              "| shape | attention | batch | prompt | new | JAX ms/token | tokens/s | GB/s | floor ms | JAX / floor | "
              "HF eager ms/token | HF / JAX | JAX prefill ms | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

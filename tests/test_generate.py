@@ -11,7 +11,7 @@ import torch
 
 from dejavu_jax.checkpoint import load_model
 from dejavu_jax.generate import main as generate_main
-from dejavu_jax.generation import generate_ids, generate_tokens
+from dejavu_jax.generation import generate_ids, generate_tokens, generation_program
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
 
 PROMPTS = ["The history of", "In 1905, the physicist Albert Einstein published a paper on", "Paris is the capital and largest city"]
@@ -42,6 +42,20 @@ def test_pallas_attention_generates_the_same_tokens(reference):
     xla = generate_ids(reference.params, reference.config, prompts, 8)
     pallas = generate_ids(reference.params, reference.config, prompts, 8, attention_impl="pallas")
     assert pallas == xla
+
+
+def test_exhaustive_autotune_generates_the_same_tokens(reference, tmp_path, monkeypatch):
+    """The exhaustive-autotuning program (its XLA options accepted, a no-op on the CPU) decodes the same tokens;
+    a mode that does not exist is an error."""
+    monkeypatch.setenv("DEJAVU_XLA_AUTOTUNE_CACHE", str(tmp_path / "autotune"))
+    generation_program.cache_clear()
+    prompts = [reference.tokenizer(p)["input_ids"] for p in PROMPTS]
+    tuned = generate_ids(reference.params, reference.config, prompts, 6, autotune="exhaustive")
+    assert tuned == generate_ids(reference.params, reference.config, prompts, 6)
+    assert (tmp_path / "autotune").is_dir()
+    generation_program.cache_clear()
+    with pytest.raises(ValueError, match="autotune must be one of"):
+        generate_ids(reference.params, reference.config, prompts, 6, autotune="fast")
 
 
 def test_max_new_tokens_and_sampling_do_not_recompile(reference):
