@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot accuracy on lm-eval's downstream tasks (lm-eval's prompts and metrics), with the "
                     "datasets read from a local directory laid out as ../shared/data/tasks. With --predictors each "
                     "task runs again with each token's MLP over the neurons its predictor picks.\n\ntasks:\n" +
-                    "\n".join(f"  {name:15s} {t.source}" for name, t in LOCAL_TASKS.items()))
+                    "\n".join(f"  {name:15s} {t.source} ({t.documents} documents)" for name, t in LOCAL_TASKS.items()))
     tasks.add_argument("--model", required=True, help="converted model dir, HF OPT checkpoint dir, or hub id")
     tasks.add_argument("--tasks", default="piqa,arc_easy,winogrande,copa,lambada_openai",
                        help="comma list of tasks (default piqa,arc_easy,winogrande,copa,lambada_openai)")

@@ -81,23 +81,24 @@ class LocalTask:
     lm_eval_name: str      # the task in lm-eval's registry whose definition is used
     split: str             # the split lm-eval evaluates ("validation" or "test")
     load: Callable[[Path], list[dict]]  # tasks dir -> records with the hub copy's fields
-    source: str            # what is read, for --help
+    source: str            # the files read, relative to the tasks dir
+    documents: int         # how many records the split holds
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {
     "lambada_openai": LocalTask("lambada_openai", "test", lambda r: _jsonl(r / "lambada/lambada_test.jsonl"),
-                                "lambada/lambada_test.jsonl (5153)"),
-    "piqa": LocalTask("piqa", "validation", _piqa, "piqa/valid.jsonl + valid-labels.lst (1838)"),
-    "hellaswag": LocalTask("hellaswag", "validation", _hellaswag, "hellaswag/*.arrow (10042)"),
-    "arc_easy": LocalTask("arc_easy", "test", _arc("Easy"), "arc_easy/ARC-Easy-Test.jsonl (2376)"),
+                                "lambada/lambada_test.jsonl", 5153),
+    "piqa": LocalTask("piqa", "validation", _piqa, "piqa/valid.jsonl + valid-labels.lst", 1838),
+    "hellaswag": LocalTask("hellaswag", "validation", _hellaswag, "hellaswag/*.arrow", 10042),
+    "arc_easy": LocalTask("arc_easy", "test", _arc("Easy"), "arc_easy/ARC-Easy-Test.jsonl", 2376),
     "arc_challenge": LocalTask("arc_challenge", "test", _arc("Challenge"),
-                               "arc_challenge/ARC-Challenge-Test.jsonl (1172)"),
-    "openbookqa": LocalTask("openbookqa", "test", _openbookqa, "openbookqa/test.jsonl (500)"),
+                               "arc_challenge/ARC-Challenge-Test.jsonl", 1172),
+    "openbookqa": LocalTask("openbookqa", "test", _openbookqa, "openbookqa/test.jsonl", 500),
     "winogrande": LocalTask("winogrande", "validation", lambda r: _jsonl(r / "winogrande/dev.jsonl"),
-                            "winogrande/dev.jsonl (1267)"),
-    "copa": LocalTask("copa", "validation", lambda r: _jsonl(r / "copa/val.jsonl"), "copa/val.jsonl (100)"),
-    "boolq": LocalTask("boolq", "validation", _boolq, "boolq/val.jsonl (3270)"),
-    "rte": LocalTask("sglue_rte", "validation", _rte, "rte/val.jsonl (277)"),
+                            "winogrande/dev.jsonl", 1267),
+    "copa": LocalTask("copa", "validation", lambda r: _jsonl(r / "copa/val.jsonl"), "copa/val.jsonl", 100),
+    "boolq": LocalTask("boolq", "validation", _boolq, "boolq/val.jsonl", 3270),
+    "rte": LocalTask("sglue_rte", "validation", _rte, "rte/val.jsonl", 277),
 }
 
 

@@ -26,8 +26,7 @@ def evaluate_task(lm, task, limit: int | None) -> dict:
     out = evaluator.evaluate(lm, get_task_dict([task]), limit=limit, bootstrap_iters=0, log_samples=False,
                              verbosity="ERROR")
     result = out["results"][task.config.task]
-    return {"documents": int(result.get("sample_len", out.get("n-samples", {}).get(task.config.task, {})
-                                        .get("effective", 0))), **_metrics(result)}
+    return {"documents": int(result["sample_len"]), **_metrics(result)}
 
 
 def _load_previous(path: Path | None, settings: dict) -> dict:

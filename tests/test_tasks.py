@@ -69,8 +69,7 @@ def test_local_task_documents(name, task_manager):
     """Every local split loads whole into lm-eval's task, and its first documents have a valid gold answer."""
     task = build_task(name, TASKS_DIR, task_manager)
     docs = list(task.eval_docs)
-    expected = int(LOCAL_TASKS[name].source.rsplit("(", 1)[1].rstrip(")"))
-    assert len(docs) == expected
+    assert len(docs) == LOCAL_TASKS[name].documents
     for doc in docs[:5]:
         text, target = task.doc_to_text(doc), task.doc_to_target(doc)
         if task.OUTPUT_TYPE != "multiple_choice":
