@@ -132,9 +132,10 @@ def predictor_scores(predictor: LowRankPredictor, x):
     if x.shape[-1] != predictor.d_in:
         raise ValueError(f"predictor expects inputs of width {predictor.d_in}. Got shape {x.shape}")
     h = standardize(x) if predictor.normalize_input else x.astype(jnp.float32)
-    # Inputs in the weights' dtype, fp32 accumulation (a no-op for fp32 weights). Upcasting fp16 weights instead
-    # made XLA write and re-read an fp32 [d, rank] product at every decode step (H100 profile: 18 us a layer at
-    # opt-6.7b for a matmul whose weights take 3 us to read).
+    # Inputs in the weights' dtype, fp32 accumulation (a no-op for fp32 weights), rather than fp16 weights upcast.
+    # At batch 1 XLA still lowers this vector-matrix product to a multiply that writes an fp32 [d, rank] product
+    # and a reduction over it (H100 profile, session 3: 7.7 + 10.5 us a layer at opt-6.7b, rank 1000, for 8 MB of
+    # weights); see bench/results/NOTES.md.
     h = jnp.einsum("...d,dr->...r", h.astype(predictor.w1.dtype), predictor.w1, preferred_element_type=jnp.float32)
     h = h + predictor.b1.astype(jnp.float32)
     scores = jnp.einsum("...r,ro->...o", h.astype(predictor.w2.dtype), predictor.w2, preferred_element_type=jnp.float32)
