@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers eager")
     p.add_argument("--mlp-density", type=float, default=None,
-                   help="also time sparse-MLP decoding in the same run: random-weight predictors of the default rank "
+                   help="also time sparse-MLP decoding in the same run: random-weight predictors (--predictor-rank) "
                         "keep this fraction of each layer's neurons per token (the kernel computes their union)")
     p.add_argument("--predictor-rank", type=int, default=None,
                    help="rank of the random predictors with --mlp-density (default min(1000, d/2), DejaVu's)")
@@ -153,8 +153,8 @@ def main(argv=None) -> int:
         p.error("need --new-tokens >= 2, --batch >= 1, --prompt-len >= 1")
     if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
         p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
-    if args.predictor_rank is not None and args.predictor_rank < 1:
-        p.error(f"--predictor-rank must be >= 1. Got {args.predictor_rank}")
+    if args.predictor_rank is not None and (args.predictor_rank < 1 or args.mlp_density is None):
+        p.error(f"--predictor-rank must be >= 1 and goes with --mlp-density. Got {args.predictor_rank}")
 
     info = provenance()
     bandwidth = copy_bandwidth()

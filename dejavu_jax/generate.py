@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS,
                    help="decode-step attention: XLA ops (default) or one Pallas kernel per layer that also writes "
                         "the KV cache (see bench/results/NOTES.md for the measured difference)")
-    p.add_argument("--autotune", default="default", choices=("default", "exhaustive"),
+    from dejavu_jax.generation import AUTOTUNE_MODES
+    p.add_argument("--autotune", default="default", choices=AUTOTUNE_MODES,
                    help="XLA GEMM autotuning for the generation program: 'exhaustive' searches every tiling (a "
                         "one-time compile of minutes for a multi-billion-parameter model, ~2%% faster decoding on an "
                         "H100), cached in $DEJAVU_XLA_AUTOTUNE_CACHE or ~/.cache/dejavu_jax/xla-autotune")

@@ -40,7 +40,7 @@ def _model_for(config: OPTConfig, params, attention_impl: str = "xla") -> OPTFor
 
 # How hard XLA searches GEMM tilings when it compiles the generation program. "default": XLA's usual autotuning.
 # "exhaustive": every Triton tiling it knows; on an H100 the opt-6.7b decode step went from 5.42-5.46 to 5.32
-# ms/token, for a one-time compile of 137 s. The results are kept in a per-fusion cache directory
+# ms/token, for a one-time compile of 137-153 s. The results are kept in a per-fusion cache directory
 # (`autotune_cache_dir()`), so a later compile of the same shapes takes seconds (bench/results/NOTES.md).
 AUTOTUNE_MODES = ("default", "exhaustive")
 _STATIC = ("config", "num_slots", "interpret", "attention_impl")
@@ -106,7 +106,10 @@ def generation_program(autotune: str = "default"):
     if autotune == "default":
         return generate_tokens
     cache = autotune_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the autotune cache {cache} ({e}); set DEJAVU_XLA_AUTOTUNE_CACHE") from None
     return jax.jit(_generate_tokens, static_argnames=_STATIC, compiler_options={
         "xla_gpu_exhaustive_tiling_search": True, "xla_gpu_per_fusion_autotune_cache_dir": str(cache)})
 

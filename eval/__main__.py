@@ -91,7 +91,10 @@ def main(argv=None) -> int:
         from eval.tasks import format_table, run_tasks
         try:
             report = run_tasks(args)
-        except (CheckpointError, PredictorError, ValueError) as e:
+        except ImportError as e:
+            print(f"error: `eval tasks` needs lm-eval (pip install -e .): {e}", file=sys.stderr)
+            return 2
+        except (CheckpointError, PredictorError, ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps(report) if args.json else format_table(report))

@@ -1,8 +1,9 @@
 """The JAX OPT as an lm-eval `LM`: log-likelihoods of continuations, dense or with the MLP predictors.
 
 Requests are encoded as lm-eval's Hugging Face backend (0.4.13) encodes them: context and continuation tokenized
-together with the tokenizer's own special tokens (OPT's `</s>` first, as in its training), the continuation being
-the tokens past the context's; an empty context is the `</s>` token alone. So task numbers are comparable with
+together with the tokenizer's own special tokens (OPT's `</s>` first, as in its training, unless the text already
+starts with it), the continuation being the tokens past the context's; an empty context is the `</s>` token
+alone. So task numbers are comparable with
 `lm_eval --model hf`. They are scored in batches sorted by length and padded to a few bucket lengths, so a
 task compiles a handful of programs rather than one per length.
 """
@@ -57,13 +58,17 @@ class JaxOPT(LM):
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's split: trailing spaces of the context move to the continuation; the continuation's tokens
-        are those of (context + continuation) past the context's."""
+        are those of (context + continuation) past the context's. An empty context is `</s>`, unless the
+        continuation itself starts with it; text that already starts with `</s>` gets no second one."""
+        bos = self.model.config.eos_token_id  # OPT's BOS and EOS are both </s>
         if context == "":
-            return [self.model.config.eos_token_id], self._encode(continuation, special_tokens=False)
+            cont = self._encode(continuation, special_tokens=False)
+            return (cont[:1], cont[1:]) if cont and cont[0] == bos else ([bos], cont)
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole, ctx = self._encode(context + continuation), self._encode(context)
+        special = not context.startswith(self.model.tokenizer.decode([bos]))
+        whole, ctx = self._encode(context + continuation, special), self._encode(context, special)
         return ctx, whole[len(ctx):]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

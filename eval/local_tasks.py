@@ -121,7 +121,12 @@ def build_task(name: str, tasks_dir: str | Path, task_manager=None):
     root = Path(tasks_dir)
     if not root.is_dir():
         raise TaskDataError(f"tasks dir {root} does not exist")
-    records = spec.load(root)
+    try:
+        records = spec.load(root)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, TaskDataError):
+            raise
+        raise TaskDataError(f"{name}: a record under {root} does not have the expected fields ({e!r})") from None
     if not records:
         raise TaskDataError(f"{name}: no records under {root}")
     task_manager = task_manager or TaskManager()

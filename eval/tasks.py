@@ -30,13 +30,21 @@ def evaluate_task(lm, task, limit: int | None) -> dict:
 
 
 def _load_previous(path: Path | None, settings: dict) -> dict:
-    if path is None or not path.exists():
+    """The finished tasks of an earlier run with the same settings; refuses a file it would overwrite."""
+    if path is None:
+        return {}
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f"--out {path}: not a file in an existing directory")
+    if not path.exists():
         return {}
     try:
         previous = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
-    return previous.get("tasks", {}) if previous.get("settings") == settings else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"--out {path} exists and is not an `eval tasks` results file; choose another path") from None
+    held = previous.get("settings") if isinstance(previous, dict) else None
+    if held != settings:
+        raise ValueError(f"--out {path} holds results of other settings ({held}); choose another path or delete it")
+    return previous.get("tasks", {})
 
 
 def _write(path: Path, data: dict) -> None:
@@ -69,7 +77,7 @@ def run_tasks(args) -> dict:
     settings = {"model": str(args.model), "predictors": args.predictors, "dtype": args.dtype, "limit": args.limit,
                 "tasks_dir": str(args.tasks_dir)}
     out = Path(args.out) if args.out else None
-    results = _load_previous(out, settings)
+    results = _load_previous(out, settings)  # checked before any scoring, so a bad --out loses no work
     progress = not args.json
     dense_lm = JaxOPT(model, batch_size=args.batch_size, progress=progress, desc="dense")
     sparse_lm = None if sparsity is None else JaxOPT(model, sparsity, args.batch_size, progress, desc="sparse")

@@ -6,18 +6,25 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REFERENCE_MODEL, SHARED
-from eval.__main__ import main
-from eval.local_tasks import LOCAL_TASKS, TaskDataError, build_task, parse_task_list
+pytest.importorskip("lm_eval")
+
+from conftest import REFERENCE_MODEL, SHARED  # noqa: E402
+from eval.__main__ import main  # noqa: E402
+from eval.local_tasks import LOCAL_TASKS, TaskDataError, build_task, parse_task_list  # noqa: E402
 
 TASKS_DIR = SHARED / "data" / "tasks"
 pytestmark = pytest.mark.skipif(not TASKS_DIR.is_dir(), reason="needs ../shared/data/tasks")
 
 # Requests of the shapes tasks produce: a trailing space moved onto the continuation, an empty context, a
-# multi-token continuation, a continuation the model predicts greedily, unicode.
-REQUESTS = [("The capital of France is", " Paris"), ("The United States of", " America"), ("Question: Is water wet?\nAnswer: ", "yes"),
+# multi-token continuation, a continuation the model predicts greedily, unicode; and the edge cases: an empty
+# context before a continuation that starts with </s>, a context that starts with </s>, a context longer than the
+# model's 1024 positions (truncated from the left).
+REQUESTS = [("The capital of France is", " Paris"), ("The United States of", " America"),
+            ("Question: Is water wet?\nAnswer: ", "yes"),
             ("", "Hello world, this is a test."), ("The the the the the the the the", " the"),
-            ("Café au lait is a", " drink made with coffee and hot milk.")]
+            ("Café au lait is a", " drink made with coffee and hot milk."),
+            ("", "</s>Hello world"), ("</s>The capital of France is", " Paris"),
+            (" ".join(["word"] * 1100), " end")]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +42,7 @@ def _instances(pairs):
 def test_loglikelihood_matches_lm_eval_hf_backend(jax_lm):
     """Same requests through lm-eval's HF backend (torch, fp32) and through ours: same numbers, same greedy flags."""
     pytest.importorskip("accelerate")
+    assert len(jax_lm.encode_pair(*REQUESTS[-1])[0]) > jax_lm.max_length  # the truncation case is real
     from lm_eval.models.huggingface import HFLM
     hf = HFLM(pretrained=str(REFERENCE_MODEL), device="cpu", batch_size=4, dtype="float32")
     want = hf.loglikelihood(_instances(REQUESTS), disable_tqdm=True)
@@ -49,13 +57,6 @@ def test_batching_and_padding_do_not_change_scores(jax_lm):
     batch = jax_lm.loglikelihood(_instances(REQUESTS))
     alone = [jax_lm.loglikelihood(_instances([pair]))[0] for pair in REQUESTS]
     np.testing.assert_allclose([b[0] for b in batch], [a[0] for a in alone], rtol=1e-5, atol=1e-5)
-
-
-def test_overlong_context_is_truncated_from_the_left(jax_lm):
-    context = " ".join(["word"] * 1100)  # more tokens than the reference model's 1024 positions
-    assert len(jax_lm.encode_pair(context, " end")[0]) > jax_lm.max_length
-    (logprob, _), = jax_lm.loglikelihood(_instances([(context, " end")]))
-    assert np.isfinite(logprob) and logprob < 0
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,36 @@ def test_cli_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(eval.tasks, "evaluate_task", lambda *a: pytest.fail("re-evaluated a finished task"))
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["tasks"] == report["tasks"]
+
+
+def test_cli_predictors_keeping_every_neuron_reproduce_dense(tmp_path, capsys):
+    from dejavu_jax.checkpoint import load_model
+    from dejavu_jax.predictors import save_predictors
+    from test_sparse_model import random_predictors
+    config = load_model(REFERENCE_MODEL, "float32").config
+    save_predictors(random_predictors(config, k=config.ffn_dim), tmp_path / "predictors")
+    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa", "--tasks-dir", str(TASKS_DIR),
+            "--limit", "8", "--predictors", str(tmp_path / "predictors"), "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tasks"]["copa"]["sparse"] == report["tasks"]["copa"]["dense"]
+    assert report["mlp_k"] == [config.ffn_dim] * config.num_hidden_layers
+
+
+def test_cli_refuses_an_out_file_it_would_overwrite(tmp_path, capsys):
+    """An --out holding other results, or not writable, is an error before any scoring, and is left as it was."""
+    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa", "--tasks-dir", str(TASKS_DIR),
+            "--limit", "4", "--out"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"settings": {"limit": 99}, "tasks": {"copa": {}}}))
+    not_results = tmp_path / "notes.md"
+    not_results.write_text("# my notes")
+    for out, message in ((other, "other settings"), (not_results, "not an `eval tasks` results file"),
+                         (tmp_path / "missing" / "r.json", "existing directory"), (tmp_path, "existing directory")):
+        before = out.read_text() if out.is_file() else None
+        assert main(argv + [str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert (out.read_text() if out.is_file() else None) == before
 
 
 def test_cli_bad_input_exits_2(capsys):
