@@ -72,13 +72,12 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, sparsi
 
     def run(n):
         tokens, counts = program(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity,
-                                         **static)
+                                 **static)
         tokens.block_until_ready()
         return counts
 
     start = time.perf_counter()
-    program.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity,
-                          **static).compile()
+    program.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity, **static).compile()
     compile_s = time.perf_counter() - start
     counts = run(new_tokens)
     assert int(np.min(counts)) == new_tokens, f"generated {counts}, wanted {new_tokens}"

@@ -1,8 +1,10 @@
-"""Directories that appear whole or not at all: written under a temp name beside the target, then renamed."""
+"""Files and directories that appear whole or not at all: written under a temp name beside the target, then
+renamed."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,3 +36,13 @@ def atomic_directory(out: str | os.PathLike, replace: bool = True) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """`obj` as indented JSON at `path`, replacing any old file only once the new one is complete on disk."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -9,7 +9,6 @@ rerun with the same settings skips the tasks already in it, so an interrupted ru
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 # Metrics reported per task, in this order, where the task has them.
@@ -47,17 +46,12 @@ def _load_previous(path: Path | None, settings: dict) -> dict:
     return previous.get("tasks", {})
 
 
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def run_tasks(args) -> dict:
     import logging
 
     from lm_eval.tasks import TaskManager
 
+    from dejavu_jax.atomic import write_json_atomic
     from dejavu_jax.checkpoint import load_model
     from eval.harness import JaxOPT
     from eval.local_tasks import build_task, parse_task_list
@@ -91,7 +85,7 @@ def run_tasks(args) -> dict:
             entry["sparse"] = evaluate_task(sparse_lm, task, args.limit)
         results[name] = entry
         if out is not None:
-            _write(out, {"settings": settings, "tasks": results})
+            write_json_atomic(out, {"settings": settings, "tasks": results})
     report = {"settings": settings, "tasks": {n: results[n] for n in names}}
     if sparsity is not None:
         report["mlp_k"] = [p.mlp_predictor.keep for p in sparsity]

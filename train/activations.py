@@ -43,15 +43,6 @@ def field_file(layer: int, field: str) -> str:
     return f"layer_{layer}.{field}.npy"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_manifest(directory: Path) -> dict | None:
     path = Path(directory) / MANIFEST
     if not path.exists():

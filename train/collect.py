@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from dejavu_jax.atomic import write_json_atomic
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.corpus import CorpusError, corpus_kind, iter_documents
 from train.activations import (FIELDS, FORMAT_VERSION, ActivationStoreError, read_manifest, remove_uncounted,
-                               shard_name, write_json_atomic, write_shard)
+                               shard_name, write_shard)
 
 
 @dataclasses.dataclass(frozen=True)
