@@ -1,0 +1,281 @@
+"""Row-masked MLP kernels: the OPT MLP reading only the weight rows of chosen neurons, chosen without an index list.
+
+    h   = relu(x · fc1_wᵀ + fc1_b) on the chosen neurons, 0 elsewhere      (`masked_fc1`)
+    out = h · fc2_w_t + fc2_b, reading only the rows where some h ≠ 0      (`nonzero_fc2`)
+
+`x` [B, d], `fc1_w` [ffn, d] (Hugging Face layout), `fc2_w_t` [ffn, d] (fc2's weight neuron-major, so a neuron's
+weights are two contiguous rows). Both kernels walk *every* row block and give the weight loads a per-row mask, so a
+row that is not chosen costs no memory traffic and no index list is ever built (no sort, no compaction, no static
+count K): the bytes read follow the number of chosen rows, whatever it is, and with every row chosen the kernels
+compute the dense MLP.
+
+How `masked_fc1` chooses its rows (static `selection`):
+- ``"mask"``: a row mask [ffn] (int32, nonzero = chosen), e.g. fixed indices or a top-K scattered into a mask;
+- ``"threshold"``: the rows whose predictor score reaches a threshold for some batch row, with the score computed in
+  the kernel's prologue: score = p · w2_t[row] + b2[row], where p [B, r] is the predictor's hidden vector (its first
+  matmul, done outside) and w2_t [ffn, r] the predictor's second matrix stored neuron-major. So the predictor's
+  second matmul, the selection and fc1 are one launch, and the scores never reach memory.
+`nonzero_fc2` is exact on its own: a row whose h is 0 for every batch row adds exactly 0, so skipping it changes
+nothing. Fed by a dense fc1 it is the lossless sparse MLP (ReLU zeros skipped, no predictor).
+
+Numerics follow the dense model run in the activation dtype: fp32 accumulation, biases added in fp32, h rounded to
+x.dtype, the output rounded to x.dtype. fc2 sums fp32 partials over row groups (one per program row) outside the
+kernel, in a fixed order (deterministic).
+
+Shapes: batch 1..`MAX_BATCH` rows (unrolled multiply-and-sum on the CUDA cores; larger batches choose nearly every
+row, where the dense MLP is the right kernel); d and r are split into power-of-two blocks that divide them (every
+OPT width is a multiple of 128); ffn must be a multiple of the row blocks. Triton lowering (masked loads), with an
+`interpret` mode for CPU tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.block_math import prev_pow2
+
+MAX_BATCH = 16
+SELECTIONS = ("mask", "threshold")
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """None: interpret unless the default backend is a GPU (decided at trace time)."""
+    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides n and is at most cap."""
+    return min(n & -n, prev_pow2(cap))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedMLPPlan:
+    """Static launch configuration of both kernels."""
+    batch: int
+    d: int
+    ffn: int
+    fc1_block_n: int = 8      # neurons per fc1 program
+    fc1_block_d: int = 1024   # columns per fc1 load (capped to a power of two dividing d)
+    fc1_warps: int = 4
+    fc2_rows: int = 256       # rows of fc2_w_t per fc2 program (one fp32 partial output each)
+    fc2_block_n: int = 32     # rows per fc2 load
+    fc2_block_d: int = 128    # columns per fc2 program
+    fc2_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("fc1_block_n", "fc1_block_d", "fc2_rows", "fc2_block_n", "fc2_block_d"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a positive power of two. Got {value}")
+
+    @property
+    def bd1(self) -> int:
+        return pow2_divisor(self.d, self.fc1_block_d)
+
+    @property
+    def bd2(self) -> int:
+        return pow2_divisor(self.d, self.fc2_block_d)
+
+    @property
+    def bn1(self) -> int:
+        return min(self.fc1_block_n, pow2_divisor(self.ffn, self.ffn))
+
+    @property
+    def rows2(self) -> int:
+        return min(self.fc2_rows, pow2_divisor(self.ffn, self.ffn))
+
+    @property
+    def bn2(self) -> int:
+        return min(self.fc2_block_n, self.rows2)
+
+    @property
+    def fc2_groups(self) -> int:
+        return self.ffn // self.rows2
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------------
+
+def _threshold_rows(rows, p_ref, w2t_ref, b2_ref, thr_ref, batch):
+    """[bn] bool: the rows whose score p[b] · w2_t[row] + b2[row] reaches the threshold for some batch row b."""
+    w2 = w2t_ref[rows, :].astype(jnp.float32)                           # [bn, r]
+    b2 = b2_ref[rows].astype(jnp.float32)                               # [bn]
+    best = None
+    for b in range(batch):
+        score = jnp.sum(w2 * p_ref[b, :].astype(jnp.float32)[None, :], axis=1) + b2
+        best = score if best is None else jnp.maximum(best, score)
+    return best >= thr_ref[0]
+
+
+def _masked_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selection: str):
+    # x_ref [B, d], w_ref [ffn, d], b_ref [ffn]; refs: the selection's inputs, then h_ref [B, ffn].
+    *sel_refs, h_ref = refs
+    bn, bd = plan.bn1, plan.bd1
+    rows = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
+    if selection == "mask":
+        (mask_ref,) = sel_refs
+        active = mask_ref[rows] != 0                                    # [bn]
+    else:
+        active = _threshold_rows(rows, *sel_refs, plan.batch)
+    row_mask = jnp.broadcast_to(active[:, None], (bn, bd))
+    acc = [jnp.zeros((bn,), jnp.float32) for _ in range(plan.batch)]
+    for c0 in range(0, plan.d, bd):  # static: every load of the program can be in flight at once
+        w = plgpu.load(w_ref.at[rows, pl.ds(c0, bd)], mask=row_mask, other=0).astype(jnp.float32)
+        for b in range(plan.batch):
+            acc[b] = acc[b] + jnp.sum(w * x_ref[b, pl.ds(c0, bd)].astype(jnp.float32)[None, :], axis=1)
+    bias = plgpu.load(b_ref.at[rows], mask=active, other=0).astype(jnp.float32)
+    for b in range(plan.batch):
+        h_ref[b, rows] = jnp.where(active, jnp.maximum(acc[b] + bias, 0.0), 0.0).astype(h_ref.dtype)
+
+
+def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan):
+    # h_ref [B, ffn], w_ref [ffn, d]; out_ref [groups, B, d] fp32: this row group's share of h · w.
+    group, bn, bd = pl.program_id(0), plan.bn2, plan.bd2
+    cols = pl.ds(pl.multiple_of(pl.program_id(1) * bd, bd), bd)
+
+    def step(t, acc):
+        rows = pl.ds(pl.multiple_of(group * plan.rows2 + t * bn, bn), bn)
+        h = [h_ref[b, rows].astype(jnp.float32) for b in range(plan.batch)]   # B x [bn]
+        nonzero = h[0] != 0
+        for hb in h[1:]:
+            nonzero = nonzero | (hb != 0)
+        w = plgpu.load(w_ref.at[rows, cols], mask=jnp.broadcast_to(nonzero[:, None], (bn, bd)), other=0)
+        w = w.astype(jnp.float32)
+        return tuple(a + jnp.sum(hb[:, None] * w, axis=0) for a, hb in zip(acc, h))
+
+    init = tuple(jnp.zeros((bd,), jnp.float32) for _ in range(plan.batch))
+    acc = lax.fori_loop(0, plan.rows2 // bn, step, init)
+    for b in range(plan.batch):
+        out_ref[group, b, cols] = acc[b]
+
+
+# ---- pallas_call layer -----------------------------------------------------------------------------------------
+
+def _masked_fc1_call(x, fc1_w, fc1_b, sel_args, *, plan, selection, interpret):
+    return pl.pallas_call(
+        functools.partial(_masked_fc1_kernel, plan=plan, selection=selection),
+        out_shape=jax.ShapeDtypeStruct((plan.batch, plan.ffn), x.dtype),
+        grid=(plan.ffn // plan.bn1,),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.fc1_warps, num_stages=1),
+        interpret=interpret,
+        name=f"masked_fc1_{selection}",
+    )(x, fc1_w, fc1_b, *sel_args)
+
+
+def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret):
+    return pl.pallas_call(
+        functools.partial(_nonzero_fc2_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct((plan.fc2_groups, plan.batch, plan.d), jnp.float32),
+        grid=(plan.fc2_groups, plan.d // plan.bd2),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.fc2_warps, num_stages=1),
+        interpret=interpret,
+        name="nonzero_fc2",
+    )(h, fc2_w_t)
+
+
+# ---- public wrappers -------------------------------------------------------------------------------------------
+
+def _check_weights(x, w, b, name):
+    if x.ndim != 2:
+        raise ValueError(f"x must be [batch, d]. Got shape {x.shape}")
+    batch, d = x.shape
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"batch must be in [1, {MAX_BATCH}] (use the dense MLP for larger batches). Got {batch}")
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype must be float32, bfloat16 or float16. Got {x.dtype}")
+    if w.ndim != 2 or w.shape[1] != d:
+        raise ValueError(f"{name} must be [ffn, d] with d = x.shape[1]. Got {w.shape} and x {x.shape}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"the bias of {name} must be [{w.shape[0]}]. Got {b.shape}")
+    if d % 16 or w.shape[0] % 16:
+        raise ValueError(f"d and ffn must be multiples of 16. Got d={d}, ffn={w.shape[0]}")
+
+
+def _plan(batch, d, ffn, knobs) -> MaskedMLPPlan:
+    return MaskedMLPPlan(batch=batch, d=d, ffn=ffn, **dict(knobs or ()))
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None):
+    """h [B, ffn] in x.dtype: relu(x · fc1_w[n] + fc1_b[n]) where row_mask[n] != 0, exactly 0 elsewhere.
+
+    x [B, d], fc1_w [ffn, d], fc1_b [ffn], row_mask [ffn] int. `knobs`: a tuple of (field, value) pairs of
+    `MaskedMLPPlan` (block sizes, warps); None = defaults. `interpret` None = decided by the backend.
+    """
+    _check_weights(x, fc1_w, fc1_b, "fc1_w")
+    if row_mask.shape != (fc1_w.shape[0],):
+        raise ValueError(f"row_mask must be [ffn] = [{fc1_w.shape[0]}]. Got {row_mask.shape}")
+    plan = _plan(x.shape[0], x.shape[1], fc1_w.shape[0], knobs)
+    return _masked_fc1_call(x, fc1_w, fc1_b.astype(x.dtype), (row_mask.astype(jnp.int32),), plan=plan,
+                            selection="mask", interpret=resolve_interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, knobs=None, interpret=None):
+    """h [B, ffn]: `masked_fc1` over the rows n with max_b (p[b] · w2_t[n] + b2[n]) >= threshold.
+
+    p [B, r] (the predictor's hidden vector, in w2_t's dtype), w2_t [ffn, r] (r a multiple of 16: pad with zero
+    columns), b2 [ffn], threshold: a scalar (−inf chooses every row).
+    """
+    _check_weights(x, fc1_w, fc1_b, "fc1_w")
+    ffn = fc1_w.shape[0]
+    if w2_t.ndim != 2 or w2_t.shape[0] != ffn or p.shape != (x.shape[0], w2_t.shape[1]):
+        raise ValueError(f"need w2_t [ffn={ffn}, r] and p [batch={x.shape[0]}, r]. Got {w2_t.shape} and {p.shape}")
+    r = w2_t.shape[1]
+    if r & (r - 1):
+        raise ValueError(f"the predictor rank must be a power of two here (pad w2_t and p with zeros). Got {r}")
+    if b2.shape != (ffn,):
+        raise ValueError(f"b2 must be [ffn] = [{ffn}]. Got {b2.shape}")
+    plan = _plan(x.shape[0], x.shape[1], ffn, knobs)
+    thr = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
+    return _masked_fc1_call(x, fc1_w, fc1_b.astype(x.dtype), (p, w2_t, b2.astype(jnp.float32), thr), plan=plan,
+                            selection="threshold", interpret=resolve_interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def nonzero_fc2(h, fc2_w_t, fc2_b, *, knobs=None, interpret=None):
+    """h · fc2_w_t + fc2_b as [B, d] in h.dtype, reading only the rows n where some h[b, n] != 0 (exact).
+
+    h [B, ffn], fc2_w_t [ffn, d], fc2_b [d].
+    """
+    if h.ndim != 2 or fc2_w_t.ndim != 2 or h.shape[1] != fc2_w_t.shape[0]:
+        raise ValueError(f"need h [batch, ffn] and fc2_w_t [ffn, d]. Got {h.shape} and {fc2_w_t.shape}")
+    batch, ffn = h.shape
+    d = fc2_w_t.shape[1]
+    _check_weights(jnp.zeros((batch, ffn), h.dtype), fc2_w_t.T, None, "fc2_w_t transposed")
+    if fc2_b.shape != (d,):
+        raise ValueError(f"fc2_b must be [d] = [{d}]. Got {fc2_b.shape}")
+    plan = _plan(batch, d, ffn, knobs)
+    partials = _nonzero_fc2_call(h, fc2_w_t, plan=plan, interpret=resolve_interpret(interpret))
+    return (jnp.sum(partials, axis=0) + fc2_b.astype(jnp.float32)).astype(h.dtype)
+
+
+# ---- references ------------------------------------------------------------------------------------------------
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def threshold_rows_reference(p, w2_t, b2, threshold):
+    """[ffn] bool: rows whose score reaches the threshold for some batch row."""
+    scores = jnp.einsum("br,nr->bn", p, w2_t, preferred_element_type=jnp.float32, precision=_precision(p.dtype))
+    return jnp.max(scores + b2.astype(jnp.float32), axis=0) >= threshold
+
+
+def masked_fc1_reference(x, fc1_w, fc1_b, row_mask):
+    pre = jnp.einsum("bd,nd->bn", x, fc1_w, preferred_element_type=jnp.float32, precision=_precision(x.dtype))
+    h = jnp.maximum(pre + fc1_b.astype(jnp.float32), 0.0)
+    return jnp.where(row_mask != 0, h, 0.0).astype(x.dtype)
+
+
+def nonzero_fc2_reference(h, fc2_w_t, fc2_b):
+    out = jnp.einsum("bn,nd->bd", h, fc2_w_t, preferred_element_type=jnp.float32, precision=_precision(h.dtype))
+    return (out + fc2_b.astype(jnp.float32)).astype(h.dtype)
+
