@@ -34,12 +34,10 @@ from dejavu_jax.config import shape_config
 from kernels.masked_mlp import masked_fc1, nonzero_fc2, threshold_fc1
 from kernels.sparse_mlp import sparse_mlp
 
-FC1_KNOBS = ({}, {"fc1_block_n": 4}, {"fc1_block_n": 16, "fc1_block_d": 512}, {"fc1_block_n": 8, "fc1_warps": 8},
-             {"fc1_block_n": 2, "fc1_warps": 2})
-FC2_KNOBS = ({}, {"fc2_rows": 512, "fc2_block_n": 64}, {"fc2_rows": 128, "fc2_block_d": 256},
-             {"fc2_rows": 256, "fc2_block_n": 64, "fc2_block_d": 64}, {"fc2_rows": 1024, "fc2_block_n": 64,
-                                                                        "fc2_warps": 8},
-             {"fc2_rows": 64, "fc2_block_n": 32, "fc2_block_d": 256})
+FC1_KNOBS = ({}, {"fc1_segment": 64}, {"fc1_segment": 256}, {"fc1_block_d": 1024}, {"fc1_warps": 8},
+             {"fc1_block_k": 32, "fc1_block_d": 256}, {"fc1_block_k": 8, "fc1_block_d": 1024})
+FC2_KNOBS = ({}, {"fc2_segment": 512}, {"fc2_segment": 128}, {"fc2_block_d": 256}, {"fc2_block_k": 32},
+             {"fc2_segment": 512, "fc2_block_d": 256, "fc2_warps": 8}, {"fc2_segment": 1024, "fc2_block_d": 64})
 
 
 def standardize(x):

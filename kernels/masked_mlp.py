@@ -58,23 +58,33 @@ def pow2_divisor(n: int, cap: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MaskedMLPPlan:
-    """Static launch configuration of both kernels."""
+    """Static launch configuration of both kernels (block sizes are powers of two)."""
     batch: int
     d: int
     ffn: int
-    fc1_block_n: int = 8      # neurons per fc1 program
-    fc1_block_d: int = 1024   # columns per fc1 load (capped to a power of two dividing d)
+    rank: int = 0             # predictor rank with selection="threshold"
+    fc1_segment: int = 128    # rows whose choice one fc1 program reads (and whose h it writes)
+    fc1_block_k: int = 16     # chosen rows gathered per fc1 step
+    fc1_block_d: int = 512    # columns per fc1 load (capped to a power of two dividing d)
     fc1_warps: int = 4
-    fc2_rows: int = 256       # rows of fc2_w_t per fc2 program (one fp32 partial output each)
-    fc2_block_n: int = 32     # rows per fc2 load
+    fc2_segment: int = 256    # rows of fc2_w_t one fc2 program owns (one fp32 partial output each)
+    fc2_block_k: int = 16     # nonzero rows gathered per fc2 step
     fc2_block_d: int = 128    # columns per fc2 program
     fc2_warps: int = 4
 
     def __post_init__(self):
-        for name in ("fc1_block_n", "fc1_block_d", "fc2_rows", "fc2_block_n", "fc2_block_d"):
+        for name in ("fc1_segment", "fc1_block_k", "fc1_block_d", "fc2_segment", "fc2_block_k", "fc2_block_d"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two. Got {value}")
+
+    @property
+    def seg1(self) -> int:
+        return min(self.fc1_segment, pow2_divisor(self.ffn, self.ffn))
+
+    @property
+    def seg2(self) -> int:
+        return min(self.fc2_segment, pow2_divisor(self.ffn, self.ffn))
 
     @property
     def bd1(self) -> int:
@@ -85,93 +95,127 @@ class MaskedMLPPlan:
         return pow2_divisor(self.d, self.fc2_block_d)
 
     @property
-    def bn1(self) -> int:
-        return min(self.fc1_block_n, pow2_divisor(self.ffn, self.ffn))
-
-    @property
-    def rows2(self) -> int:
-        return min(self.fc2_rows, pow2_divisor(self.ffn, self.ffn))
-
-    @property
-    def bn2(self) -> int:
-        return min(self.fc2_block_n, self.rows2)
+    def score_chunk(self) -> int:
+        """Rank columns per score load (a [seg1, chunk] tile of at most 8192 elements)."""
+        return pow2_divisor(self.rank, max(16, 8192 // self.seg1)) if self.rank else 0
 
     @property
     def fc2_groups(self) -> int:
-        return self.ffn // self.rows2
+        return self.ffn // self.seg2
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
 
-def _threshold_rows(rows, p_ref, w2t_ref, b2_ref, thr_ref, batch):
-    """[bn] bool: the rows whose score p[b] · w2_t[row] + b2[row] reaches the threshold for some batch row b."""
-    w2 = w2t_ref[rows, :].astype(jnp.float32)                           # [bn, r]
-    b2 = b2_ref[rows].astype(jnp.float32)                               # [bn]
+def _gather(ref_at, valid_mask, masked: bool):
+    """Load gathered rows; invalid slots read 0. `masked`: skip their memory traffic (compiled Triton). The
+    interpreter cannot discharge a masked gather, so there the slots (which point at a real row) are zeroed after
+    an unmasked load."""
+    if masked:
+        return plgpu.load(ref_at, mask=valid_mask, other=0)
+    return jnp.where(valid_mask, ref_at[...], 0)
+
+#
+# Both kernels compact their segment's chosen rows in registers: `pos` (an exclusive prefix count of the segment's
+# mask) numbers the chosen rows 0..n-1, and step t gathers the rows numbered [t*block_k, (t+1)*block_k). The loop
+# runs cdiv(n, block_k) times, so a program's cost follows its own count, and unchosen rows are never loaded.
+
+def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref):
+    """[seg1] bool: the segment's rows whose score p[b] · w2_t[row] + b2[row] reaches the threshold for some b."""
+    rows = pl.ds(base, plan.seg1)
     best = None
-    for b in range(batch):
-        score = jnp.sum(w2 * p_ref[b, :].astype(jnp.float32)[None, :], axis=1) + b2
+    for b in range(plan.batch):
+        score = b2_ref[rows].astype(jnp.float32)
+        for c0 in range(0, plan.rank, plan.score_chunk):  # static
+            cols = pl.ds(c0, plan.score_chunk)
+            w2 = w2t_ref[rows, cols].astype(jnp.float32)                   # [seg1, chunk]
+            score = score + jnp.sum(w2 * p_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
         best = score if best is None else jnp.maximum(best, score)
     return best >= thr_ref[0]
 
 
-def _masked_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selection: str):
+def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selection: str, masked: bool):
     # x_ref [B, d], w_ref [ffn, d], b_ref [ffn]; refs: the selection's inputs, then h_ref [B, ffn].
     *sel_refs, h_ref = refs
-    bn, bd = plan.bn1, plan.bd1
-    rows = pl.ds(pl.multiple_of(pl.program_id(0) * bn, bn), bn)
+    seg, bk, bd = plan.seg1, plan.fc1_block_k, plan.bd1
+    base = pl.multiple_of(pl.program_id(0) * seg, seg)
     if selection == "mask":
         (mask_ref,) = sel_refs
-        active = mask_ref[rows] != 0                                    # [bn]
+        chosen = mask_ref[pl.ds(base, seg)] != 0                            # [seg]
     else:
-        active = _threshold_rows(rows, *sel_refs, plan.batch)
-    row_mask = jnp.broadcast_to(active[:, None], (bn, bd))
-    acc = [jnp.zeros((bn,), jnp.float32) for _ in range(plan.batch)]
-    for c0 in range(0, plan.d, bd):  # static: every load of the program can be in flight at once
-        w = plgpu.load(w_ref.at[rows, pl.ds(c0, bd)], mask=row_mask, other=0).astype(jnp.float32)
+        chosen = _threshold_rows(base, plan, *sel_refs)
+    count = jnp.sum(chosen.astype(jnp.int32))
+    pos = jnp.cumsum(chosen.astype(jnp.int32)) - 1
+
+    def step(t, h_seg):
+        slot = t * bk + jnp.arange(bk, dtype=jnp.int32)
+        sel = (pos[None, :] == slot[:, None]) & chosen[None, :]             # [bk, seg]
+        row = base + jnp.sum(jnp.where(sel, jnp.arange(seg, dtype=jnp.int32)[None, :], 0), axis=1)
+        valid = slot < count
+        tile_mask = jnp.broadcast_to(valid[:, None], (bk, bd))
+        acc = [jnp.zeros((bk,), jnp.float32) for _ in range(plan.batch)]
+        for c0 in range(0, plan.d, bd):  # static: the step's loads can all be in flight at once
+            w = _gather(w_ref.at[row, pl.ds(c0, bd)], tile_mask, masked).astype(jnp.float32)
+            for b in range(plan.batch):
+                acc[b] = acc[b] + jnp.sum(w * x_ref[b, pl.ds(c0, bd)].astype(jnp.float32)[None, :], axis=1)
+        bias = _gather(b_ref.at[row], valid, masked).astype(jnp.float32)
+        out = []
         for b in range(plan.batch):
-            acc[b] = acc[b] + jnp.sum(w * x_ref[b, pl.ds(c0, bd)].astype(jnp.float32)[None, :], axis=1)
-    bias = plgpu.load(b_ref.at[rows], mask=active, other=0).astype(jnp.float32)
+            h = jnp.where(valid, jnp.maximum(acc[b] + bias, 0.0), 0.0).astype(h_ref.dtype).astype(jnp.float32)
+            out.append(h_seg[b] + jnp.sum(jnp.where(sel, h[:, None], 0.0), axis=0))   # scatter into the segment
+        return tuple(out)
+
+    init = tuple(jnp.zeros((seg,), jnp.float32) for _ in range(plan.batch))
+    h_seg = lax.fori_loop(0, (count + bk - 1) // bk, step, init)
     for b in range(plan.batch):
-        h_ref[b, rows] = jnp.where(active, jnp.maximum(acc[b] + bias, 0.0), 0.0).astype(h_ref.dtype)
+        h_ref[b, pl.ds(base, seg)] = h_seg[b].astype(h_ref.dtype)
 
 
-def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan):
-    # h_ref [B, ffn], w_ref [ffn, d]; out_ref [groups, B, d] fp32: this row group's share of h · w.
-    group, bn, bd = pl.program_id(0), plan.bn2, plan.bd2
+def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: bool):
+    # h_ref [B, ffn], w_ref [ffn, d]; out_ref [groups, B, d] fp32: this segment's share of h · w.
+    group, seg, bk, bd = pl.program_id(0), plan.seg2, plan.fc2_block_k, plan.bd2
+    base = pl.multiple_of(group * seg, seg)
     cols = pl.ds(pl.multiple_of(pl.program_id(1) * bd, bd), bd)
+    chosen = h_ref[0, pl.ds(base, seg)] != 0
+    for b in range(1, plan.batch):
+        chosen = chosen | (h_ref[b, pl.ds(base, seg)] != 0)
+    count = jnp.sum(chosen.astype(jnp.int32))
+    pos = jnp.cumsum(chosen.astype(jnp.int32)) - 1
 
     def step(t, acc):
-        rows = pl.ds(pl.multiple_of(group * plan.rows2 + t * bn, bn), bn)
-        h = [h_ref[b, rows].astype(jnp.float32) for b in range(plan.batch)]   # B x [bn]
-        nonzero = h[0] != 0
-        for hb in h[1:]:
-            nonzero = nonzero | (hb != 0)
-        w = plgpu.load(w_ref.at[rows, cols], mask=jnp.broadcast_to(nonzero[:, None], (bn, bd)), other=0)
-        w = w.astype(jnp.float32)
-        return tuple(a + jnp.sum(hb[:, None] * w, axis=0) for a, hb in zip(acc, h))
+        slot = t * bk + jnp.arange(bk, dtype=jnp.int32)
+        sel = (pos[None, :] == slot[:, None]) & chosen[None, :]             # [bk, seg]
+        row = base + jnp.sum(jnp.where(sel, jnp.arange(seg, dtype=jnp.int32)[None, :], 0), axis=1)
+        valid = slot < count
+        w = _gather(w_ref.at[row, cols], jnp.broadcast_to(valid[:, None], (bk, bd)), masked)
+        w = w.astype(jnp.float32)                                          # [bk, bd]
+        out = []
+        for b in range(plan.batch):
+            h = _gather(h_ref.at[b, row], valid, masked).astype(jnp.float32)   # [bk]
+            out.append(acc[b] + jnp.sum(h[:, None] * w, axis=0))
+        return tuple(out)
 
     init = tuple(jnp.zeros((bd,), jnp.float32) for _ in range(plan.batch))
-    acc = lax.fori_loop(0, plan.rows2 // bn, step, init)
+    acc = lax.fori_loop(0, (count + bk - 1) // bk, step, init)
     for b in range(plan.batch):
         out_ref[group, b, cols] = acc[b]
 
 
 # ---- pallas_call layer -----------------------------------------------------------------------------------------
 
-def _masked_fc1_call(x, fc1_w, fc1_b, sel_args, *, plan, selection, interpret):
+def _select_fc1_call(x, fc1_w, fc1_b, sel_args, *, plan, selection, interpret):
     return pl.pallas_call(
-        functools.partial(_masked_fc1_kernel, plan=plan, selection=selection),
+        functools.partial(_select_fc1_kernel, plan=plan, selection=selection, masked=not interpret),
         out_shape=jax.ShapeDtypeStruct((plan.batch, plan.ffn), x.dtype),
-        grid=(plan.ffn // plan.bn1,),
+        grid=(plan.ffn // plan.seg1,),
         compiler_params=plgpu.CompilerParams(num_warps=plan.fc1_warps, num_stages=1),
         interpret=interpret,
-        name=f"masked_fc1_{selection}",
+        name=f"select_fc1_{selection}",
     )(x, fc1_w, fc1_b, *sel_args)
 
 
 def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret):
     return pl.pallas_call(
-        functools.partial(_nonzero_fc2_kernel, plan=plan),
+        functools.partial(_nonzero_fc2_kernel, plan=plan, masked=not interpret),
         out_shape=jax.ShapeDtypeStruct((plan.fc2_groups, plan.batch, plan.d), jnp.float32),
         grid=(plan.fc2_groups, plan.d // plan.bd2),
         compiler_params=plgpu.CompilerParams(num_warps=plan.fc2_warps, num_stages=1),
@@ -198,8 +242,8 @@ def _check_weights(x, w, b, name):
         raise ValueError(f"d and ffn must be multiples of 16. Got d={d}, ffn={w.shape[0]}")
 
 
-def _plan(batch, d, ffn, knobs) -> MaskedMLPPlan:
-    return MaskedMLPPlan(batch=batch, d=d, ffn=ffn, **dict(knobs or ()))
+def _plan(batch, d, ffn, knobs, rank=0) -> MaskedMLPPlan:
+    return MaskedMLPPlan(batch=batch, d=d, ffn=ffn, rank=rank, **dict(knobs or ()))
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
@@ -213,7 +257,7 @@ def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None):
     if row_mask.shape != (fc1_w.shape[0],):
         raise ValueError(f"row_mask must be [ffn] = [{fc1_w.shape[0]}]. Got {row_mask.shape}")
     plan = _plan(x.shape[0], x.shape[1], fc1_w.shape[0], knobs)
-    return _masked_fc1_call(x, fc1_w, fc1_b.astype(x.dtype), (row_mask.astype(jnp.int32),), plan=plan,
+    return _select_fc1_call(x, fc1_w, fc1_b.astype(x.dtype), (row_mask.astype(jnp.int32),), plan=plan,
                             selection="mask", interpret=resolve_interpret(interpret))
 
 
@@ -233,9 +277,9 @@ def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, knobs=None, interp
         raise ValueError(f"the predictor rank must be a power of two here (pad w2_t and p with zeros). Got {r}")
     if b2.shape != (ffn,):
         raise ValueError(f"b2 must be [ffn] = [{ffn}]. Got {b2.shape}")
-    plan = _plan(x.shape[0], x.shape[1], ffn, knobs)
+    plan = _plan(x.shape[0], x.shape[1], ffn, knobs, r)
     thr = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
-    return _masked_fc1_call(x, fc1_w, fc1_b.astype(x.dtype), (p, w2_t, b2.astype(jnp.float32), thr), plan=plan,
+    return _select_fc1_call(x, fc1_w, fc1_b.astype(x.dtype), (p, w2_t, b2.astype(jnp.float32), thr), plan=plan,
                             selection="threshold", interpret=resolve_interpret(interpret))
 
 
