@@ -21,6 +21,7 @@ from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
+from dejavu_jax.sparsity import DENSE, SparseWeights, SparsityPolicy
 
 
 @struct.dataclass
@@ -43,7 +44,7 @@ def _model_for(config: OPTConfig, params, attention_impl: str = "xla") -> OPTFor
 # ms/token, for a one-time compile of 137-153 s. The results are kept in a per-fusion cache directory
 # (`autotune_cache_dir()`), so a later compile of the same shapes takes seconds (bench/results/NOTES.md).
 AUTOTUNE_MODES = ("default", "exhaustive")
-_STATIC = ("config", "num_slots", "interpret", "attention_impl")
+_STATIC = ("config", "num_slots", "policy", "attention_impl")
 
 
 def autotune_cache_dir() -> Path:
@@ -53,13 +54,13 @@ def autotune_cache_dir() -> Path:
 
 
 def _generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, sampling: SamplingParams,
-                     sparsity=None, *, config: OPTConfig, num_slots: int, interpret: bool = False,
-                     attention_impl: str = "xla"):
+                     sparse_weights: SparseWeights | None = None, *, config: OPTConfig, num_slots: int,
+                     policy: SparsityPolicy = DENSE, attention_impl: str = "xla"):
     """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B]).
 
-    `sparsity` (per-layer `LayerSparsity`, e.g. `sparsity_from_predictors(p, "batch_union")`) applies to the decode
-    steps; the prefill is dense. `attention_impl` picks the decode steps' attention (model.ATTENTION_IMPLS).
-    `interpret` runs the Pallas kernels in interpret mode (CPU).
+    `policy` (static) and `sparse_weights` (traced: predictors, or fixed rows) choose the decode steps' MLP neurons
+    (`dejavu_jax.sparsity`); the prefill is dense. `attention_impl` picks the decode steps' attention
+    (model.ATTENTION_IMPLS).
     """
     batch, prompt_len = input_ids.shape
     capacity = num_slots - prompt_len
@@ -82,7 +83,7 @@ def _generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, sam
     def decode_one(s: DecodeState) -> DecodeState:
         with jax.named_scope("decode_step"):
             logits, cache = model.apply({"params": params}, s.last_token[:, None], jnp.ones((batch, 1), jnp.int32),
-                                        s.cache, sparsity=sparsity, interpret=interpret)
+                                        s.cache, policy=policy, sparse_weights=sparse_weights)
         rng, key = jax.random.split(s.rng)
         token = jnp.where(s.done, config.pad_token_id, sample_tokens(logits[:, -1], key, sampling))
         return DecodeState(
@@ -123,13 +124,13 @@ def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: 
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "attention_impl"), donate_argnames=("cache",))
-def decode_step(params, cache: KVCache, tokens, sparsity=None, *, config: OPTConfig, interpret: bool = False,
-                attention_impl: str = "xla"):
+@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_impl"), donate_argnames=("cache",))
+def decode_step(params, cache: KVCache, tokens, sparse_weights=None, *, config: OPTConfig,
+                policy: SparsityPolicy = DENSE, attention_impl: str = "xla"):
     """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache."""
     model = _model_for(config, params, attention_impl)
     logits, cache = model.apply({"params": params}, tokens[:, None], jnp.ones((tokens.shape[0], 1), jnp.int32),
-                                cache, sparsity=sparsity, interpret=interpret)
+                                cache, policy=policy, sparse_weights=sparse_weights)
     return logits[:, -1], cache
 
 
@@ -162,19 +163,10 @@ def check_lengths(config: OPTConfig, prompt_lengths: Sequence[int], max_new_toke
                              f"{limit} positions. Lower max_new_tokens to at most {limit - n}")
 
 
-def kernels_need_interpret() -> bool:
-    """Pallas GPU kernels run compiled on a GPU and in interpret mode anywhere else."""
-    return jax.default_backend() != "gpu"
-
-
-def uses_kernels(sparsity, attention_impl: str) -> bool:
-    """Whether the decode steps call Pallas kernels (which need interpret mode off the GPU)."""
-    return sparsity is not None or attention_impl != "xla"
-
-
 def generate_ids(params, config: OPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, sparsity=None,
-                 attention_impl: str = "xla", autotune: str = "default") -> list[list[int]]:
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, policy: SparsityPolicy = DENSE,
+                 sparse_weights: SparseWeights | None = None, attention_impl: str = "xla",
+                 autotune: str = "default") -> list[list[int]]:
     """Token-level generation for a batch of prompts of any lengths; returns the generated ids only."""
     program = generation_program(autotune)
     check_lengths(config, [len(p) for p in prompts], max_new_tokens)
@@ -182,16 +174,16 @@ def generate_ids(params, config: OPTConfig, prompts: Sequence[Sequence[int]], ma
     ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)
     num_slots = prompt_len + bucket(max_new_tokens, 16)
     tokens, counts = program(params, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
-                             jax.random.PRNGKey(seed), sampling.to_device(), sparsity, config=config,
-                             num_slots=num_slots, attention_impl=attention_impl,
-                             interpret=uses_kernels(sparsity, attention_impl) and kernels_need_interpret())
+                             jax.random.PRNGKey(seed), sampling.to_device(), sparse_weights, config=config,
+                             num_slots=num_slots, policy=policy, attention_impl=attention_impl)
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[i, :counts[i]].tolist() for i in range(len(prompts))]
 
 
 def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
-                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, sparsity=None,
-                  attention_impl: str = "xla", autotune: str = "default") -> list[dict]:
+                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, policy: SparsityPolicy = DENSE,
+                  sparse_weights: SparseWeights | None = None, attention_impl: str = "xla",
+                  autotune: str = "default") -> list[dict]:
     """`model` is a `LoadedModel`. One dict per prompt: prompt, text (continuation only), token_ids."""
     if model.tokenizer is None:
         raise ValueError(f"the model at {model.path} has no tokenizer files; pass token ids to generate_ids")
@@ -201,7 +193,7 @@ def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt {i} is empty; give some text")
     encoded = [model.tokenizer(p)["input_ids"] for p in prompts]
-    generated = generate_ids(model.params, model.config, encoded, max_new_tokens, sampling, seed, sparsity,
-                             attention_impl, autotune)
+    generated = generate_ids(model.params, model.config, encoded, max_new_tokens, sampling, seed, policy,
+                             sparse_weights, attention_impl, autotune)
     return [{"prompt": p, "text": model.tokenizer.decode(g, skip_special_tokens=True), "token_ids": g}
             for p, g in zip(prompts, generated)]

@@ -6,12 +6,14 @@ Parameter layout (what `convert` writes), chosen for sparse decoding:
   so the chosen heads are gathered with one index on axis 1; `out_w` [heads, head_dim, d] likewise.
 - MLP `fc1_w` [ffn, d] and `fc2_w_t` [ffn, d]: both neuron-major, so a neuron's weights are two contiguous rows.
 
-The seams: `OPTAttention` takes `head_idx` (the heads to compute; None = all) and `OPTMLP` takes
-`mlp_active_idx` (the neurons to compute; None = dense). A `LayerSparsity` per layer carries them.
+The seams: `OPTAttention` takes `head_idx` (the heads to compute; None = all) and `OPTMLP` takes `MLPRows` (the
+neurons to compute). Which rows a layer computes is decided by `dejavu_jax.sparsity.mlp_rows` from the static
+`SparsityPolicy` and the traced `SparseWeights` the forward pass is given; the blocks hold no selection logic.
 
 Activations for predictor training are `sow`n into the `intermediates` collection (free unless requested with
 `mutable=["intermediates"]`): per layer the attention block's input (the residual before its LayerNorm), the MLP
-block's input, the post-ReLU fc1 output and each head's output norm before out_proj.
+block's input, the post-ReLU fc1 output and each head's output norm before out_proj. A sparse MLP sows
+`mlp_density`: per token, the fraction of fc1 rows computed (lossless: of fc2 rows read).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from flax import struct
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
-from dejavu_jax.predictors import LowRankPredictor, Predictors, predictor_scores, select_top_k
-from dejavu_jax.sparse_mlp import mlp_dense, mlp_sparse_or_dense, mlp_sparse_per_token
+from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_dense, mlp_per_token_rows
+from dejavu_jax.sparsity import DENSE, MLPRows, SparseWeights, SparsityPolicy, mlp_rows
 from kernels.decode_attention import decode_attention_append
 
 # How a decode step (one new token per sequence, with a cache) computes attention:
@@ -40,30 +42,6 @@ def check_attention_impl(attention_impl: str) -> str:
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}. Got {attention_impl!r}")
     return attention_impl
-
-
-@struct.dataclass
-class LayerSparsity:
-    """What one layer computes; None means dense.
-
-    Either fixed indices (`mlp_active_idx` [K] shared by the chunk, or [B, T, K] per token), or a predictor that
-    chooses each token's K neurons from the layer's residual inside the forward pass.
-    """
-    head_idx: Optional[jax.Array] = None  # [num_heads_kept] int32
-    mlp_active_idx: Optional[jax.Array] = None  # [K] or [B, T, K] int32
-    mlp_predictor: Optional[LowRankPredictor] = None
-    mlp_predictor_input: str = struct.field(pytree_node=False, default="attn_input")  # or "mlp_input"
-    # "per_token": each token its own K neurons (gathered rows; whole-sequence scoring).
-    # "batch_union": the union of the tokens' choices, computed once by the sparse-MLP kernel (decoding).
-    mlp_selection: str = struct.field(pytree_node=False, default="per_token")
-
-
-def sparsity_from_predictors(predictors: Predictors, selection: str = "per_token") -> list[LayerSparsity]:
-    """MLP sparsity driven by trained predictors (each layer keeps its calibrated K per token)."""
-    if selection not in ("per_token", "batch_union"):
-        raise ValueError(f"selection must be 'per_token' or 'batch_union'. Got {selection!r}")
-    return [LayerSparsity(mlp_predictor=p, mlp_predictor_input=predictors.mlp_input, mlp_selection=selection)
-            for p in predictors.mlp]
 
 
 def layer_norm(x, scale, bias, eps):
@@ -104,7 +82,7 @@ class OPTAttention(nn.Module):
         self.out_w = self.param("out_w", _init(), (H, hd, d), self.dtype)
         self.out_b = self.param("out_b", nn.initializers.zeros, (d,), self.dtype)
 
-    def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None, interpret=False):
+    def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None):
         """x [B, T, d] (after the LayerNorm); allowed [B, T, S] bool: query t may read key slot s.
 
         layer_kv: (keys, values) each [B, heads, S, head_dim], the chunk is written at slot `cursor`;
@@ -124,8 +102,7 @@ class OPTAttention(nn.Module):
         if self.attention_impl == "pallas" and layer_kv is not None and x.shape[1] == 1:
             with jax.named_scope("attention"):
                 heads_out, keys, values = decode_attention_append(
-                    q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv, allowed[:, 0], cursor, head_idx,
-                    interpret=interpret)
+                    q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv, allowed[:, 0], cursor, head_idx)
             return self._project_out(heads_out[:, None], out_w, x.dtype), (keys, values)
         if layer_kv is None:
             keys, values, new_kv = k_new, v_new, None
@@ -168,20 +145,24 @@ class OPTMLP(nn.Module):
         self.fc2_w_t = self.param("fc2_w_t", _init(), (c.ffn_dim, c.hidden_size), self.dtype)
         self.fc2_b = self.param("fc2_b", nn.initializers.zeros, (c.hidden_size,), self.dtype)
 
-    def __call__(self, x, mlp_active_idx=None, interpret=False):
-        """x [B, T, d] (after the LayerNorm). mlp_active_idx: [K] neurons for the whole chunk, or [B, T, K]
-        each token's own."""
+    def __call__(self, x, rows: MLPRows = MLPRows()):
+        """x [B, T, d] (after the LayerNorm) -> [B, T, d]; `rows` says which neurons to compute."""
         B, T, d = x.shape
-        flat = x.reshape(B * T, d)
-        if mlp_active_idx is not None and mlp_active_idx.ndim == 3:
-            out = mlp_sparse_per_token(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b,
-                                       mlp_active_idx.reshape(B * T, -1))
-        elif mlp_active_idx is None:
-            out, hidden = mlp_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b, return_hidden=True)
-            self.sow("intermediates", "fc1_active", (hidden > 0).reshape(B, T, -1))  # [B, T, ffn]
-        else:
-            out = mlp_sparse_or_dense(flat, self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b, mlp_active_idx,
-                                      interpret=interpret)
+        weights = (self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b)
+        if rows.kind == "dense":
+            out, hidden = mlp_dense(x, *weights, return_hidden=True)
+            self.sow("intermediates", "fc1_active", hidden > 0)  # [B, T, ffn]
+            return out
+        if rows.kind == "lossless" and T > 1:  # whole sequence: the dense function, reporting fc2's nonzero rows
+            out, hidden = mlp_dense(x, *weights, return_hidden=True)
+            self.sow("intermediates", "mlp_density", jnp.mean(hidden != 0, axis=-1))
+            return out
+        if rows.kind == "mask" and rows.mask.ndim == 3:  # whole sequence, per token
+            out, _ = mlp_per_token_rows(x, *weights, rows.mask)
+            self.sow("intermediates", "mlp_density", jnp.mean(rows.mask, axis=-1))
+            return out
+        out, hidden = mlp_decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden,
+                                      rows.predictor)
         return out.reshape(B, T, d)
 
 
@@ -196,29 +177,22 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(self.config, self.dtype)
         self.mlp = OPTMLP(self.config, self.dtype)
 
-    def __call__(self, h, allowed, layer_kv=None, cursor=None, sparsity: LayerSparsity = LayerSparsity(),
-                 interpret=False):
+    def __call__(self, h, allowed, layer_kv=None, cursor=None, head_idx=None, rows_for=None):
+        """`rows_for(attn_input, mlp_input) -> MLPRows` chooses the MLP's neurons (None: dense)."""
         pre_ln = self.config.do_layer_norm_before
         self.sow("intermediates", "attn_input", h)
         attn_input = h
         with jax.named_scope("attention_block"):
             x = self.self_attn_layer_norm(h) if pre_ln else h
-            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, sparsity.head_idx, interpret)
+            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, head_idx)
             h = h + attn_out
             if not pre_ln:
                 h = self.self_attn_layer_norm(h)
         self.sow("intermediates", "mlp_input", h)
-        mlp_idx = sparsity.mlp_active_idx
-        if sparsity.mlp_predictor is not None:
-            source = attn_input if sparsity.mlp_predictor_input == "attn_input" else h
-            scores = predictor_scores(sparsity.mlp_predictor, source)  # [B, T, ffn]
-            if sparsity.mlp_selection == "per_token":
-                mlp_idx = jax.lax.top_k(scores, sparsity.mlp_predictor.keep)[1].astype(jnp.int32)
-            else:
-                mlp_idx = select_top_k(scores.reshape(-1, scores.shape[-1]), sparsity.mlp_predictor.keep).union
         with jax.named_scope("mlp_block"):
+            rows = MLPRows() if rows_for is None else rows_for(attn_input, h)
             x = self.final_layer_norm(h) if pre_ln else h
-            h = h + self.mlp(x, mlp_idx, interpret)
+            h = h + self.mlp(x, rows)
             if not pre_ln:
                 h = self.final_layer_norm(h)
         return h, new_kv
@@ -231,10 +205,13 @@ def chunk_positions(chunk_mask, next_position):
 
 
 class OPTForCausalLM(nn.Module):
-    """`__call__(input_ids [B,T], attention_mask [B,T], cache=None, sparsity=None)` -> (logits, cache).
+    """`__call__(input_ids [B,T], attention_mask [B,T], cache=None, policy=DENSE, sparse_weights=None)`
+    -> (logits, cache).
 
     With a cache the chunk is appended at `cache.cursor` and attends to everything before it; without one it is
-    the whole sequence. `logits_for="last"` computes the LM head for the last position only (prefill).
+    the whole sequence. `policy` (static) and `sparse_weights` (traced) choose each layer's MLP neurons through
+    `sparsity.mlp_rows`: a one-token step with a cache is a decode step (row-masked kernels), anything else chooses
+    per token. `head_idx` (one [heads kept] array per layer, or None) restricts attention to those heads. `logits_for="last"` computes the LM head for the last position only (prefill).
     `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter.
     """
     config: OPTConfig
@@ -258,8 +235,8 @@ class OPTForCausalLM(nn.Module):
                        for i in range(c.num_hidden_layers)]
 
     def __call__(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None,
-                 sparsity: Optional[Sequence[LayerSparsity]] = None, logits_for: str = "all",
-                 interpret: bool = False):
+                 policy: SparsityPolicy = DENSE, sparse_weights: Optional[SparseWeights] = None,
+                 logits_for: str = "all", head_idx: Optional[Sequence] = None):
         c = self.config
         B, T = input_ids.shape
         if attention_mask is None:
@@ -282,13 +259,21 @@ class OPTForCausalLM(nn.Module):
             h = self.project_in(h)
         h = h + self.embed_positions(positions + c.POSITION_OFFSET)
 
+        decode = cache is not None and T == 1
+        mlp_input = "attn_input" if sparse_weights is None else sparse_weights.mlp_input
+
+        def rows_for(i):
+            if policy == DENSE and (sparse_weights is None or sparse_weights.fixed_rows is None):
+                return None
+            return lambda attn_input, mlp_in: mlp_rows(
+                policy, sparse_weights, i, attn_input if mlp_input == "attn_input" else mlp_in, decode)
+
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            layer_sparsity = LayerSparsity() if sparsity is None else sparsity[i]
             with jax.named_scope(f"layer_{i}"):
-                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, layer_sparsity,
-                              interpret)
+                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor,
+                              None if head_idx is None else head_idx[i], rows_for(i))
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

@@ -9,10 +9,12 @@ The input is standardized per token (zero mean, unit variance, no affine) before
 LayerNorm(residual), whose scale grows with depth, and a scale-free input trains faster and generalizes across
 positions. It costs O(d) per token.
 
-`k` (a static field) is the number of outputs kept per token, calibrated on held-out tokens by `python -m train`;
-`select_top_k` turns scores into int32 indices. A predictor directory (`<model_dir>/predictors/`) holds an orbax
-checkpoint of the weights (`params/`) and `predictors.json` (rank, K per layer, recall targets, input choice,
-training token count, metrics); it is written atomically (temp dir + rename).
+Calibration (`python -m train calibrate`, on held-out tokens, for a recall target) gives each layer two ways to
+choose: `k`, the count kept per token by top-K selection (a static field), and `Predictors.mlp_threshold`, the score
+a neuron must reach under threshold selection (no sort; the count varies per token). `dejavu_jax.sparsity` applies
+them. A predictor directory (`<model_dir>/predictors/`) holds an orbax checkpoint of the weights (`params/`) and
+`predictors.json` (rank, K and threshold per layer, recall targets, input choice, training token count, metrics);
+it is written atomically (temp dir + rename).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class PredictorError(ValueError):
 
 @struct.dataclass
 class LowRankPredictor:
-    """scores = standardize(x) @ w1 + b1 @ w2 + b2 (no nonlinearity: a rank-r linear scorer, as in DejaVu)."""
+    """scores = (standardize(x) @ w1 + b1) @ w2 + b2 (no nonlinearity: a rank-r linear scorer, as in DejaVu)."""
     w1: jax.Array  # [d, r]
     b1: jax.Array  # [r]
     w2: jax.Array  # [r, out]
@@ -76,6 +78,8 @@ class Predictors:
     mlp: tuple  # tuple[LowRankPredictor, ...], one per layer
     heads: tuple  # tuple[LowRankPredictor, ...], one per layer
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
+    # Per layer, the score a neuron must reach under threshold selection; None = not calibrated.
+    mlp_threshold: Optional[tuple] = struct.field(pytree_node=False, default=None)
 
     @property
     def num_layers(self) -> int:
@@ -88,6 +92,12 @@ class Predictors:
     @property
     def head_k(self) -> tuple[int, ...]:
         return tuple(p.keep for p in self.heads)
+
+    def with_threshold(self, thresholds) -> "Predictors":
+        thresholds = tuple(float(t) for t in thresholds)
+        if len(thresholds) != self.num_layers:
+            raise ValueError(f"need one threshold per layer ({self.num_layers}). Got {len(thresholds)}")
+        return self.replace(mlp_threshold=thresholds)
 
     def with_k(self, mlp_k, head_k) -> "Predictors":
         if len(mlp_k) != self.num_layers or len(head_k) != self.num_layers:
@@ -133,9 +143,7 @@ def predictor_scores(predictor: LowRankPredictor, x):
         raise ValueError(f"predictor expects inputs of width {predictor.d_in}. Got shape {x.shape}")
     h = standardize(x) if predictor.normalize_input else x.astype(jnp.float32)
     # Inputs in the weights' dtype, fp32 accumulation (a no-op for fp32 weights), rather than fp16 weights upcast.
-    # At batch 1 XLA still lowers this vector-matrix product to a multiply that writes an fp32 [d, rank] product
-    # and a reduction over it (H100 profile, session 3: 7.7 + 10.5 us a layer at opt-6.7b, rank 1000, for 8 MB of
-    # weights); see bench/results/NOTES.md.
+    # (Decoding uses `sparsity.MLPPredictor`, the same function in a layout XLA reads at bandwidth.)
     h = jnp.einsum("...d,dr->...r", h.astype(predictor.w1.dtype), predictor.w1, preferred_element_type=jnp.float32)
     h = h + predictor.b1.astype(jnp.float32)
     scores = jnp.einsum("...r,ro->...o", h.astype(predictor.w2.dtype), predictor.w2, preferred_element_type=jnp.float32)
@@ -213,6 +221,7 @@ def _structure_metadata(predictors: Predictors) -> dict:
         "mlp_k": list(predictors.mlp_k),
         "head_k": list(predictors.head_k),
         "mlp_calibrated": all(p.k > 0 for p in predictors.mlp),
+        "mlp_threshold": None if predictors.mlp_threshold is None else list(predictors.mlp_threshold),
         "heads_calibrated": all(p.k > 0 for p in predictors.heads),
         "normalize_input": first.normalize_input,
         "mlp_input": predictors.mlp_input,
@@ -304,5 +313,9 @@ def load_predictors(path: str | os.PathLike, config: Any = None) -> Predictors:
     def build(group, ks):
         return tuple(LowRankPredictor(**tree[group][f"layers_{i}"], k=ks[i], normalize_input=normalize)
                      for i in range(L))
-    return Predictors(mlp=build("mlp", mlp_k), heads=build("heads", head_k), mlp_input=meta.get("mlp_input",
-                                                                                                 "attn_input"))
+    thresholds = meta.get("mlp_threshold")
+    if thresholds is not None and len(thresholds) != L:
+        raise PredictorError(f"{directory / METADATA_FILE} has {len(thresholds)} MLP thresholds for {L} layers")
+    return Predictors(mlp=build("mlp", mlp_k), heads=build("heads", head_k),
+                      mlp_input=meta.get("mlp_input", "attn_input"),
+                      mlp_threshold=None if thresholds is None else tuple(float(t) for t in thresholds))

@@ -40,15 +40,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import prev_pow2
+from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
 SELECTIONS = ("mask", "threshold")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-    """None: interpret unless the default backend is a GPU (decided at trace time)."""
-    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
 
 
 def pow2_divisor(n: int, cap: int) -> int:

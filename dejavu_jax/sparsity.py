@@ -1,0 +1,197 @@
+"""The sparsity policy: what a forward pass computes sparsely and how the neurons are chosen, decided in one place.
+
+Two halves, kept apart so that changing a traced value never recompiles:
+- `SparsityPolicy` (static, frozen, hashable: a `static_argnames` value) says *what*: the MLP mode
+  (`MLPSparsity`: none, lossless, predicted) and, for predicted, the `Selection` (threshold or top-K).
+- `SparseWeights` (a pytree, traced) holds *with what*: per layer the predictor in its decode layout
+  (`MLPPredictor`) or a fixed row mask (benchmarks' ceiling).
+
+`mlp_rows` is the one function that turns them, and the layer's predictor input, into `MLPRows`: the rows a layer's
+MLP block computes. The blocks take `MLPRows` and nothing else, so the model holds no selection logic.
+
+Modes:
+- none: the dense MLP.
+- lossless: dense fc1, then fc2 over the neurons whose ReLU output is nonzero. Exact for every ReLU OPT (a zero
+  contributes exactly 0), no predictor.
+- predicted: a low-rank predictor scores every neuron from the layer's residual; threshold selection keeps the
+  neurons whose score reaches the layer's calibrated threshold (no sort; the count varies per token), top-K keeps
+  the layer's calibrated K best. fc2 then also skips the chosen neurons whose ReLU output is 0 (exact).
+
+Two ways of applying the choice, by the shape of the forward pass:
+- a decode step (one new token) of batch <= `SPARSE_DECODE_MAX_BATCH` runs the row-masked Pallas kernels
+  (kernels/masked_mlp.py): threshold selection is fused into the fc1 kernel, and only chosen rows are read;
+  larger batches run the dense MLP (their union of chosen rows is too large for the kernels to pay;
+  bench/results/NOTES.md, "Choosing neurons at decode");
+- a whole-sequence forward (perplexity, tasks) chooses per token and computes relu(fc1) on the chosen neurons and
+  exact zeros elsewhere before fc2: the same function as the decode kernels (unchosen neurons add exact zeros), in
+  one batched pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dejavu_jax.predictors import LowRankPredictor, Predictors, standardize
+
+# Decode steps of at most this many sequences use the row-masked kernels; larger batches fall back to the dense MLP.
+SPARSE_DECODE_MAX_BATCH = 1
+
+
+class MLPSparsity(str, enum.Enum):
+    NONE = "none"
+    LOSSLESS = "lossless"
+    PREDICTED = "predicted"
+
+
+class Selection(str, enum.Enum):
+    THRESHOLD = "threshold"
+    TOPK = "topk"
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityPolicy:
+    """What is sparse and how it is chosen (static under jit)."""
+    mlp: MLPSparsity = MLPSparsity.NONE
+    selection: Selection = Selection.THRESHOLD
+    # Decode steps use the row-masked kernels (False: the per-token path, the kernels' reference).
+    decode_kernels: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "mlp", MLPSparsity(self.mlp))
+        object.__setattr__(self, "selection", Selection(self.selection))
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.mlp == MLPSparsity.PREDICTED
+
+    def describe(self) -> str:
+        if self.mlp == MLPSparsity.PREDICTED:
+            return f"predicted ({self.selection.value})"
+        return self.mlp.value
+
+
+DENSE = SparsityPolicy()
+
+
+@struct.dataclass
+class MLPPredictor:
+    """One layer's MLP predictor in the decode layout: scores = standardize(x) · w1_t.T + b1 (rounded to the
+    weights' dtype) · w2_t.T + b2. The rank is zero-padded to a power of two (exact) for the kernels."""
+    w1_t: jax.Array       # [r, d]
+    b1: jax.Array         # [r]
+    w2_t: jax.Array       # [ffn, r]  neuron-major: a neuron's scoring weights are one row
+    b2: jax.Array         # [ffn] fp32
+    threshold: jax.Array  # [] fp32: a neuron is chosen when its score >= threshold
+    k: int = struct.field(pytree_node=False, default=0)  # top-K count
+    normalize_input: bool = struct.field(pytree_node=False, default=True)
+
+    def hidden(self, x):
+        """x [..., d] -> [..., r] in the weights' dtype (the input of the second matmul)."""
+        h = standardize(x) if self.normalize_input else x.astype(jnp.float32)
+        h = jnp.einsum("...d,rd->...r", h.astype(self.w1_t.dtype), self.w1_t, preferred_element_type=jnp.float32)
+        return (h + self.b1.astype(jnp.float32)).astype(self.w2_t.dtype)
+
+    def scores(self, x):
+        """x [..., d] -> fp32 scores [..., ffn]."""
+        s = jnp.einsum("...r,nr->...n", self.hidden(x), self.w2_t, preferred_element_type=jnp.float32)
+        return s + self.b2
+
+
+def decode_predictor(p: LowRankPredictor, threshold: Optional[float], dtype=None) -> MLPPredictor:
+    """`p` in the decode layout (transposed, rank padded to a power of two, weights in `dtype`)."""
+    dtype = dtype or p.w1.dtype
+    r = p.rank
+    r_pad = max(16, 1 << (r - 1).bit_length())
+    pad = r_pad - r
+    w1_t = jnp.pad(jnp.asarray(p.w1).T, ((0, pad), (0, 0))).astype(dtype)
+    b1 = jnp.pad(jnp.asarray(p.b1), (0, pad)).astype(dtype)
+    w2_t = jnp.pad(jnp.asarray(p.w2).T, ((0, 0), (0, pad))).astype(dtype)
+    thr = -jnp.inf if threshold is None else threshold
+    return MLPPredictor(w1_t=w1_t, b1=b1, w2_t=w2_t, b2=jnp.asarray(p.b2, jnp.float32),
+                        threshold=jnp.asarray(thr, jnp.float32), k=p.keep, normalize_input=p.normalize_input)
+
+
+@struct.dataclass
+class SparseWeights:
+    """The traced half of sparsity: per layer an MLP predictor, or fixed row masks (None where unused)."""
+    mlp: Optional[tuple] = None        # tuple[MLPPredictor, ...], one per layer
+    fixed_rows: Optional[tuple] = None  # tuple of [ffn] int32 masks, one per layer
+    mlp_input: str = struct.field(pytree_node=False, default="attn_input")
+
+
+def sparse_weights_from_predictors(predictors: Predictors, dtype=None, thresholds=None,
+                                   selection: Selection = Selection.THRESHOLD) -> SparseWeights:
+    """Decode-layout predictors; `thresholds` (one per layer) override the calibrated ones (e.g. −inf = all).
+    Top-K selection needs no threshold."""
+    if Selection(selection) == Selection.TOPK and thresholds is None and predictors.mlp_threshold is None:
+        thresholds = [None] * predictors.num_layers
+    if thresholds is None:
+        thresholds = predictors.mlp_threshold
+    if thresholds is None:
+        raise ValueError("these predictors have no calibrated thresholds (run `python -m train calibrate`), so "
+                         "threshold selection cannot be used; choose top-K selection")
+    if len(thresholds) != predictors.num_layers:
+        raise ValueError(f"need one threshold per layer ({predictors.num_layers}). Got {len(thresholds)}")
+    return SparseWeights(mlp=tuple(decode_predictor(p, t, dtype) for p, t in zip(predictors.mlp, thresholds)),
+                         mlp_input=predictors.mlp_input)
+
+
+@struct.dataclass
+class MLPRows:
+    """The rows one layer's MLP computes. `kind` (static): "dense", "lossless", "mask" (row mask [ffn], or per
+    token [B, T, ffn]), "threshold" (decode: chosen inside the fc1 kernel from `hidden` [B, r] and `predictor`)."""
+    kind: str = struct.field(pytree_node=False, default="dense")
+    mask: Optional[jax.Array] = None
+    hidden: Optional[jax.Array] = None
+    predictor: Optional[MLPPredictor] = None
+
+
+def _topk_mask(scores, k: int):
+    """[..., ffn] scores -> [..., ffn] bool: each token's k best."""
+    kth = jax.lax.top_k(scores, k)[0][..., -1:]
+    return scores >= kth
+
+
+def mlp_rows(policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, predictor_input,
+             decode: bool) -> MLPRows:
+    """The rows layer `layer` computes for tokens whose predictor input is `predictor_input` [B, T, d].
+
+    `decode`: a one-token step that may use the row-masked kernels (batch small enough); otherwise per-token masks.
+    """
+    batch, tokens = predictor_input.shape[:2]
+    kernels = policy.decode_kernels and decode and tokens == 1 and batch <= SPARSE_DECODE_MAX_BATCH
+    if weights is not None and weights.fixed_rows is not None:
+        mask = weights.fixed_rows[layer]
+        return MLPRows("mask", mask=mask) if kernels else MLPRows("mask", mask=jnp.broadcast_to(
+            mask != 0, (batch, tokens, mask.shape[0])))
+    if policy.mlp == MLPSparsity.NONE:
+        return MLPRows("dense")
+    if policy.mlp == MLPSparsity.LOSSLESS:
+        return MLPRows("lossless") if kernels or not (decode and policy.decode_kernels) else MLPRows("dense")
+    if weights is None or weights.mlp is None:
+        raise ValueError("predicted MLP sparsity needs predictors (SparseWeights.mlp)")
+    predictor = weights.mlp[layer]
+    if decode and not kernels and policy.decode_kernels:
+        return MLPRows("dense")  # the batch's union would be nearly every row: dense is exact and faster
+    if kernels and policy.selection == Selection.THRESHOLD:
+        return MLPRows("threshold", hidden=predictor.hidden(predictor_input[:, 0]), predictor=predictor)
+    scores = predictor.scores(predictor_input)                       # [B, T, ffn]
+    if policy.selection == Selection.THRESHOLD:
+        chosen = scores >= predictor.threshold
+    else:
+        chosen = _topk_mask(scores, predictor.k)
+    if kernels:
+        return MLPRows("mask", mask=jnp.any(chosen[:, 0], axis=0).astype(jnp.int32))
+    return MLPRows("mask", mask=chosen)
+
+
+def check_sparsity(policy: SparsityPolicy, weights: Optional[SparseWeights]) -> None:
+    """A clear error for a policy that lacks what it needs."""
+    if policy.needs_weights and (weights is None or weights.mlp is None):
+        raise ValueError(f"MLP sparsity {policy.describe()} needs trained predictors (--predictors DIR)")
