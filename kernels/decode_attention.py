@@ -39,10 +39,13 @@ Design (Triton-lowered Pallas, like kernels/sparse_mlp.py):
 
 `decode_attention_append` is the decode step's form: the same launch also writes the new token's K/V into the
 caches in place (aliased outputs; split 0 of each head writes, every split masks that slot and adds the new token
-from registers, so no program reads a slot being written). Measured on an H100 (bench/results/NOTES.md): alone the
-kernel is slower than XLA's attention at S = 256 (6.4-6.8 vs 5.5 us at opt-6.7b: launch and round trips dominate
-16-128 KB per program), and in the model, where it also replaces the two cache-update kernels, decode time is
-unchanged (5.47 vs 5.48 ms/token at opt-6.7b). The model's default therefore stays XLA (`attention_impl="xla"`).
+from registers, so no program reads a slot being written). Alone the kernel is slower than XLA's attention at short
+caches (each program reads so few bytes that the launch and its DRAM round trips dominate), and in the model, where
+it also replaces the two cache-update kernels, decode time is unchanged (bench/results/NOTES.md). The model's
+default therefore stays XLA (`attention_impl="xla"`).
+
+`interpret=None` (the default) runs the Pallas interpreter unless the default backend is a GPU
+(kernels/platform.py).
 
 Index contract: head_idx is not range-checked inside the kernel (on GPU an out-of-range head reads
 outside the cache; in interpret mode it is clamped). Duplicates are fine (each copy is computed).
@@ -60,6 +63,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import cdiv, next_pow2, pow2_pieces, prev_pow2
+from kernels.platform import resolve_interpret
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Elements of one K (or V) tile per loop step: 8 KiB of fp16 each, 16 KiB of K+V in flight per
@@ -338,14 +342,15 @@ def decode_attention(
     split_s: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    interpret: bool = False,
+    interpret: bool | None = None,
 ):
     """softmax(q · Kᵀ masked by `allowed`) · V per (sequence, head), as [B, h, hd] in q.dtype.
 
     Knobs left as None are chosen by `plan_decode_attention`. A row with no allowed slot gives zeros.
-    `interpret=True` runs the kernel in the Pallas interpreter (CPU tests).
+    `interpret=None` runs the Pallas interpreter unless the default backend is a GPU.
     """
     _check_inputs(q, keys, values, allowed, head_idx)
+    interpret = resolve_interpret(interpret)
     if q.shape[1] == 0:
         return jnp.zeros((keys.shape[0], 0, keys.shape[3]), q.dtype)
     out, _ = _launch(q, keys, values, allowed, head_idx, dict(block_s=block_s, split_s=split_s,
@@ -387,7 +392,7 @@ def decode_attention_append(
     split_s: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    interpret: bool = False,
+    interpret: bool | None = None,
 ):
     """Writes the new token's K/V at slot `cursor` and attends to the updated cache, in one launch.
 
@@ -404,6 +409,7 @@ def decode_attention_append(
     if jnp.ndim(cursor) != 0 or not jnp.issubdtype(jnp.result_type(cursor), jnp.integer):
         raise ValueError(f"cursor must be an integer scalar. Got {jnp.result_type(cursor)} of shape "
                          f"{jnp.shape(cursor)}")
+    interpret = resolve_interpret(interpret)
     if q.shape[1] == 0:
         return jnp.zeros((keys.shape[0], 0, keys.shape[3]), q.dtype), keys, values
     out, (keys, values) = _launch(

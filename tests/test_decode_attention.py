@@ -250,7 +250,8 @@ def test_lowers_for_gpu(batch, heads, n_heads, seq, hd, dtype, split_s):
         ((batch, heads, hd), dtype), ((batch, n_heads, seq, hd), dtype), ((batch, n_heads, seq, hd), dtype),
         ((batch, seq), jnp.bool_))]
     head_idx = None if heads == n_heads else jax.ShapeDtypeStruct((heads,), jnp.int32)
-    text = lowered_text_for_cuda(jax.jit(lambda *a: decode_attention(*a, split_s=split_s)), *args, head_idx)
+    text = lowered_text_for_cuda(jax.jit(lambda *a: decode_attention(*a, split_s=split_s, interpret=False)),
+                                *args, head_idx)
     assert "triton" in text.lower()
 
 
@@ -305,6 +306,21 @@ def test_bad_knobs_raise(knobs, match):
         decode_attention(*_good_args(), interpret=True, **knobs)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the default is compiled on a GPU")
+def test_interpret_none_runs_the_interpreter_off_gpu():
+    """Both wrappers default to `interpret=None`: the interpreter here (no GPU), as interpret=True does."""
+    args = _good_args()
+    np.testing.assert_array_equal(decode_attention(*args), decode_attention(*args, interpret=True))
+    q, keys, values, allowed, _ = args
+    append_args = (q, q, q, keys, values, allowed, jnp.int32(3))
+    got = decode_attention_append(*(jnp.copy(a) for a in append_args))
+    want = decode_attention_append(*(jnp.copy(a) for a in append_args), interpret=True)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match="interpret must be True, False or None"):
+        decode_attention(*args, interpret=1)
+
+
 @pytest.mark.parametrize("name,change,match", [
     ("k_new shape", dict(k_new=jnp.zeros((2, 4, 32))), "k_new must have q's shape"),
     ("v_new shape", dict(v_new=jnp.zeros((1, 4, 64))), "v_new must have q's shape"),
@@ -326,7 +342,8 @@ def test_append_lowers_for_gpu(split_s):
     batch, heads, seq, hd, dtype = 1, 32, 256, 128, jnp.float16
     vec = jax.ShapeDtypeStruct((batch, heads, hd), dtype)
     cache = jax.ShapeDtypeStruct((batch, heads, seq, hd), dtype)
-    fn = jax.jit(lambda q, kn, vn, k, v, a, c: decode_attention_append(q, kn, vn, k, v, a, c, split_s=split_s))
+    fn = jax.jit(lambda q, kn, vn, k, v, a, c: decode_attention_append(q, kn, vn, k, v, a, c, split_s=split_s,
+                                                                              interpret=False))
     text = lowered_text_for_cuda(fn, vec, vec, vec, cache, cache, jax.ShapeDtypeStruct((batch, seq), jnp.bool_),
                                  jax.ShapeDtypeStruct((), jnp.int32))
     assert "triton" in text.lower() and "output_operand_aliases" in text
