@@ -1,7 +1,9 @@
-"""What every benchmark needs: the card, the run's provenance, copy bandwidth, a median timer, result files."""
+"""What every benchmark needs: the card, the run's provenance, copy bandwidth, median and chained timers, result
+files."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -9,10 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -56,6 +60,40 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times)), times
+
+
+@dataclasses.dataclass
+class ChainTiming:
+    """What `time_chained` measured: seconds per call (median program time / calls), apart from compile."""
+
+    seconds: float
+    compile_s: float
+    calls: int
+    first: Any  # the output of the first call (the program's first output), to check against a reference
+    last: Any   # the chain's final carry
+
+
+def time_chained(body, carry, operands=(), *, steps: int, repeats: int, calls_per_step: int = 1,
+                 first=None) -> ChainTiming:
+    """Times a call far below host dispatch: chained `steps` times in one jitted `lax.fori_loop`, then divided.
+
+    `body(carry, operands) -> carry` is one loop iteration making `calls_per_step` calls, each call's output
+    the next one's input (a data dependency, so XLA can neither hoist nor drop a call). With `first(carry,
+    operands) -> carry` the program makes one call before the loop and starts the chain from its output,
+    which comes back as `.first`. `operands` are arguments of the program (as a model's weights are), not
+    constants folded into it. Compile time is measured apart; the time is the median of `repeats` runs.
+    """
+    def program(carry, operands):
+        start = carry if first is None else first(carry, operands)
+        return start, lax.fori_loop(0, steps, lambda _, c: body(c, operands), start)
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(program).lower(carry, operands).compile()
+    compile_s = time.perf_counter() - t0
+    out_first, last = jax.block_until_ready(compiled(carry, operands))
+    t, _ = median_seconds(lambda: jax.block_until_ready(compiled(carry, operands)), repeats, warmup=0)
+    calls = steps * calls_per_step + (first is not None)
+    return ChainTiming(seconds=t / calls, compile_s=compile_s, calls=calls, first=out_first, last=last)
 
 
 def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> dict:

@@ -16,12 +16,12 @@ the op must read and write (K and V of the allowed slots of the h computed heads
 device copy bandwidth measured in the same run (bench.common.copy_bandwidth).
 
 Timing: one call is microseconds, far below host dispatch, so each implementation runs as one jitted
-program that chains calls (`lax.fori_loop`; each call's output [B, h, hd] is the next call's q) and the
-median program time over --repeats runs is divided by the number of calls; compile time is measured
-apart. So that the chain does not read the cache from the 50 MB L2, each loop step cycles through several
-random caches until the bytes touched per cycle exceed 2x L2. Before timing, the first call's output of
-every implementation is compared with the fp32 reference (max per-row relative error, printed, stored;
-a Pallas time off by more than CORRECT_TOL is marked `!` and not counted as best).
+program that chains calls (`bench.common.time_chained`: a `lax.fori_loop`, each call's output [B, h, hd] the
+next call's q) and the median program time over --repeats runs is divided by the number of calls; compile
+time is measured apart. So that the chain does not read the cache from the 50 MB L2, each loop step cycles
+through several random caches until the bytes touched per cycle exceed 2x L2. Before timing, the first
+call's output of every implementation is compared with the fp32 reference (max per-row relative error,
+printed, stored; a Pallas time off by more than CORRECT_TOL is marked `!` and not counted as best).
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 
 from bench.common import (add_kernel_bench_args, card_slug, fmt_us, kernel_bench_setup, log,  # noqa: E402
-                          median_seconds, to_markdown, to_text, write_results)
+                          time_chained, to_markdown, to_text, write_results)
 from kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                       plan_decode_attention)
 
@@ -117,39 +116,27 @@ def step_fn(impl: str, knobs: dict, interpret: bool):
     return lambda q, kv, allowed, hidx: decode_attention(q, *kv, allowed, hidx, interpret=interpret, **knobs)
 
 
-def chained(step, n_sets: int, calls_per_step: int, n_steps: int):
-    """One program: out0 = step(q0), then n_steps loop steps of calls_per_step chained calls."""
-
-    def run(q0, cache_sets, allowed, head_idx):
-        out0 = step(q0, cache_sets[0], allowed, head_idx)
-
-        def body(_, q):
-            for c in range(calls_per_step):
-                q = step(q, cache_sets[c % n_sets], allowed, head_idx)
-            return q
-
-        return out0, lax.fori_loop(0, n_steps, body, out0)
-
-    return jax.jit(run)
-
-
 def time_impl(impl, knobs, q0, cache_sets, allowed, head_idx, est_us, args) -> dict:
     step = step_fn(impl, knobs, args.interpret)
     n_sets = len(cache_sets)
     calls_per_step = max(n_sets, 1 if args.interpret else MIN_CALLS_PER_STEP)
     n_steps = 1 if args.interpret else int(np.clip(round(args.chain_us / (est_us * calls_per_step)), 2, 4000))
-    fn = chained(step, n_sets, calls_per_step, n_steps)
-    start = time.perf_counter()
-    compiled = fn.lower(q0, cache_sets, allowed, head_idx).compile()
-    compile_s = time.perf_counter() - start
-    out0, last = compiled(q0, cache_sets, allowed, head_idx)
-    last.block_until_ready()
-    if not bool(jnp.all(jnp.isfinite(last.astype(jnp.float32)))):
+
+    def first(q, operands):
+        cache_sets, allowed, head_idx = operands
+        return step(q, cache_sets[0], allowed, head_idx)
+
+    def body(q, operands):
+        cache_sets, allowed, head_idx = operands
+        for c in range(calls_per_step):
+            q = step(q, cache_sets[c % n_sets], allowed, head_idx)
+        return q
+
+    timing = time_chained(body, q0, (cache_sets, allowed, head_idx), steps=n_steps, repeats=args.repeats,
+                          calls_per_step=calls_per_step, first=first)
+    if not bool(jnp.all(jnp.isfinite(timing.last.astype(jnp.float32)))):
         raise FloatingPointError("the chained output is not finite")
-    t, _ = median_seconds(lambda: compiled(q0, cache_sets, allowed, head_idx)[1].block_until_ready(),
-                          args.repeats)
-    n_calls = 1 + n_steps * calls_per_step
-    return {"us": t / n_calls * 1e6, "compile_s": compile_s, "calls": n_calls, "out0": out0}
+    return {"us": timing.seconds * 1e6, "compile_s": timing.compile_s, "calls": timing.calls, "out0": timing.first}
 
 
 def row_rel_err(out, ref) -> float:

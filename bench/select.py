@@ -4,7 +4,8 @@
 
 At batch 1 a sparse-MLP layer first scores all ffn neurons with its low-rank predictor (x [1, d] -> [1, r] ->
 [1, ffn]) and then picks K of them. Each candidate runs `--chain` times inside one jitted `lax.fori_loop`, each
-iteration feeding the next (so XLA can neither hoist nor drop it); the reported time is wall time / chain.
+iteration feeding the next (so XLA can neither hoist nor drop it; `bench.common.time_chained`); the reported time
+is wall time / chain.
 Predictor weights are program arguments (as in the model) and rotate over enough sets (at least four, at least
 100 MB) that the chain does not run from the 50 MB L2. (The first H100 results, `select_opt-6.7b_*.md` of commits
 314921f and 0dcdb03, used four sets closed over as constants: at ranks 256 and 128 those fit in the L2.)
@@ -22,13 +23,11 @@ Selections, for scores [1, ffn] fp32 and K = density * ffn:
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from bench.common import provenance, write_results
+from bench.common import provenance, time_chained, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
 
 # Predictor bytes one chained iteration reads: twice an H100's 50 MB L2.
@@ -51,19 +50,6 @@ SELECTIONS = {
     "threshold_nonzero": lambda s, k, t: jnp.nonzero(s[0] > t, size=k, fill_value=0)[0],
     "two_stage": lambda s, k, t: _two_stage(s[0], k),
 }
-
-
-def time_chain(step, carry, chain: int, repeats: int, operands=()) -> float:
-    """Seconds per iteration of `carry = step(carry, *operands)` run `chain` times in one jitted loop. The operands
-    are arguments of the program (as the model's weights are), not constants folded into it."""
-    run = jax.jit(lambda c, ops: jax.lax.fori_loop(0, chain, lambda i, c: step(c, *ops), c))
-    jax.block_until_ready(run(carry, operands))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(carry, operands))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) / chain
 
 
 def main(argv=None) -> int:
@@ -96,7 +82,7 @@ def main(argv=None) -> int:
         def step(s, threshold, select=select):
             idx = select(s, k, threshold)
             return s + 1e-30 * idx[0].astype(jnp.float32)  # depends on the result; changes nothing
-        us = time_chain(step, scores, args.chain, args.repeats, (threshold,)) * 1e6
+        us = time_chained(step, scores, threshold, steps=args.chain, repeats=args.repeats).seconds * 1e6
         rows.append({"what": f"select {name}", "k": k, "us": us})
         print(f"select {name:18s} K={k}: {us:7.2f} us", flush=True)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, d), jnp.float16)
@@ -108,13 +94,14 @@ def main(argv=None) -> int:
         weights = tuple((jax.random.normal(keys[2 * i], (d, rank), jnp.float16) * 0.02,
                          jax.random.normal(keys[2 * i + 1], (rank, ffn), jnp.float16) * 0.02) for i in range(sets))
 
-        def step(x, *weights):
+        def step(x, weights):
             for a, b in weights:
                 h = jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
                 s = jnp.dot(h, b, preferred_element_type=jnp.float32)
                 x = x + (1e-30 * s[:, :d]).astype(x.dtype)
             return x
-        us = time_chain(step, x, max(1, args.chain // sets), args.repeats, weights) * 1e6 / sets
+        us = time_chained(step, x, weights, steps=max(1, args.chain // sets), repeats=args.repeats,
+                          calls_per_step=sets).seconds * 1e6
         rows.append({"what": f"predictor rank {rank}", "bytes": nbytes, "us": us})
         print(f"predictor rank {rank:5d} ({nbytes / 1e6:5.1f} MB): {us:7.2f} us", flush=True)
 
