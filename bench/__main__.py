@@ -1,10 +1,10 @@
-"""python -m bench {generate,kernels,select,profile,ptx,convert-memory} ...  (each has --help)"""
+"""python -m bench {generate,kernels,select,profile,convert-memory} ...  (each has --help)"""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bench {generate,kernels,select,profile,ptx,convert-memory} [options]
+USAGE = """usage: python -m bench {generate,kernels,select,profile,convert-memory} [options]
 
   generate            dense decode latency: JAX vs HF transformers eager vs the bandwidth floor
   kernels --op mlp    the sparse-MLP Pallas kernel vs dense XLA, an XLA gather, and the floor
@@ -12,8 +12,6 @@ USAGE = """usage: python -m bench {generate,kernels,select,profile,ptx,convert-m
   select              what choosing a decode step's neurons costs: predictor matmuls by rank, top-K
                       selection alternatives (GPU)
   profile             kernel-by-kernel time of the compiled decode program (GPU, from a profiler trace)
-  ptx                 what the compiler emitted for the sparse-MLP kernels: PTX/SASS loads by width,
-                      registers, spills, launches; --ncu adds ncu counters (GPU)
   convert-memory      peak host memory of converting a random-weight HF checkpoint of a real shape
 
 Run `python -m bench COMMAND --help` for a command's options. Results go to bench/results/.
@@ -34,9 +32,6 @@ def main(argv=None) -> int:
         return run(rest)
     if command == "profile":
         from bench.profile_decode import main as run
-        return run(rest)
-    if command == "ptx":
-        from bench.ptx_report import main as run
         return run(rest)
     if command == "convert-memory":
         from bench.convert_memory import main as run

@@ -1,23 +1,25 @@
-"""Sparse-MLP kernel benchmark: the Pallas variants vs dense XLA vs an XLA gather, against the floor.
+"""Sparse-MLP kernel benchmark: the Pallas kernel vs dense XLA vs an XLA gather, against the floor.
 
     python -m bench kernels --op mlp [--quick] [--shapes opt-13b,opt-66b] [--densities 0.05,0.1]
-                                     [--batches 1,16] [--variants fused,two_pass] [--repeats 10]
+                                     [--batches 1,16] [--variants auto,split1] [--repeats 10]
                                      [--max-minutes 5.5]
     python -m bench kernels --op mlp --interpret     # tiny CPU smoke test (Pallas interpreter)
 
 For each OPT layer shape (d, ffn = 4d), batch and density (K = density * ffn, rounded to 64), in one run:
-every Pallas variant of kernels/sparse_mlp.py, the dense XLA MLP (dejavu_jax.sparse_mlp.mlp_dense), and
-`sparse_mlp_reference` (jnp.take of the active rows + two matmuls), all on random fp16 weights. The
-floor is the bytes the op must read (the K active rows of fc1_w and fc2_w_t, x, both biases' used
-entries) / the device copy bandwidth measured in the same run (bench.common.copy_bandwidth).
+the Pallas kernel of kernels/sparse_mlp.py (once per --variants knob setting), the dense XLA MLP
+(dejavu_jax.sparse_mlp.mlp_dense), and `sparse_mlp_reference` (jnp.take of the active rows + two
+matmuls), all on random fp16 weights. The floor is the bytes the op must read (the K active rows of
+fc1_w and fc2_w_t, x, both biases' used entries) / the device copy bandwidth measured in the same run
+(bench.common.copy_bandwidth).
 
 Timing: one call is a few microseconds, far below host dispatch, so each implementation runs as one
-jitted program that chains calls (`lax.fori_loop` with a static trip count; each call's output is the
-next call's x) and the median program time over --repeats runs is divided by the number of calls.
-Compile time is measured apart. So that the chain does not read its weights from the 50 MB L2, each
-loop step cycles through several disjoint random index sets (and, for small K, two weight copies)
-until the bytes touched per cycle exceed 2x L2. Before timing, the first call's output of every Pallas
-variant is compared with the reference (max per-row relative error, printed and stored).
+jitted program that chains calls (`bench.common.time_chained`: a `lax.fori_loop` with a static trip
+count, each call's output the next call's x) and the median program time over --repeats runs is
+divided by the number of calls. Compile time is measured apart. So that the chain does not read its
+weights from the 50 MB L2, each loop step cycles through several disjoint random index sets (and, for
+small K, two weight copies) until the bytes touched per cycle exceed 2x L2. Before timing, the first
+call's output of every Pallas variant is compared with the reference (max per-row relative error,
+printed and stored).
 
 Two reference timings per configuration, chained and rotated the same way, say what the floor means
 in practice (issue 3 asks a missed target to be explained by evidence):
@@ -31,12 +33,11 @@ in practice (issue 3 asks a missed target to be explained by evidence):
   not depend on the density, so it is timed once per (shape, batch), like dense.
 --no-references skips both.
 
-Budget: the full default grid (4 shapes x 5 densities x 4 batches = 80 configurations, 4 Pallas
-variants + take + dense) is sized for ~5 minutes on an H100, dominated by ~0.5 s of compile per timed
-implementation (the quick run: 26 s of compile for 12 configurations; the references add one
-compile per configuration and one per (shape, batch)); chains are 2 ms, identical
-plans are timed once, and --max-minutes (default 5.5) stops starting configurations and still writes
-the table. Shapes run 13B and 66B first, so a cut-short run keeps the acceptance shapes.
+Budget: the full default grid (4 shapes x 5 densities x 4 batches = 80 configurations; the kernel, take,
+and dense, plus the references: one compile per configuration and one per (shape, batch)) is dominated by
+compile time, about half a second per timed implementation on an H100; chains are 2 ms, identical plans
+are timed once, and --max-minutes (default 5.5) stops starting configurations and still writes the
+table. Shapes run 13B and 66B first, so a cut-short run keeps the acceptance shapes.
 
 Per (shape, batch) it reports the crossover: the smallest density at which the best Pallas variant is
 no faster than dense, and a linear interpolation of where the speedup crosses 1 - the numbers that
@@ -63,12 +64,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from bench.common import (add_kernel_bench_args, card_slug, fmt_us, kernel_bench_setup, log,  # noqa: E402
-                          median_seconds, to_markdown, to_text, write_results)
+                          time_chained, to_markdown, to_text, write_results)
 from dejavu_jax.sparse_mlp import mlp_dense  # noqa: E402
 from kernels.block_math import cdiv, prev_pow2  # noqa: E402
 from kernels.sparse_mlp import plan_sparse_mlp, sparse_mlp, sparse_mlp_reference  # noqa: E402
@@ -84,18 +84,10 @@ INTERPRET = dict(shapes=("tiny-256x1024",), densities=(0.05, 0.25), batches=(1, 
 
 # Pallas variants: name -> sparse_mlp knobs. Two with the same resolved plan are timed once.
 PALLAS_VARIANTS = {
-    "fused": dict(variant="fused"),
-    "fused_bk16": dict(variant="fused", block_k=16),   # fewer programs, 4x fewer atomics at small K
-    "two_pass": dict(variant="two_pass"),
-    # Two launches, no JAX glue: fc1 full rows (split_d 1), fc2 narrow columns over all of K.
-    "two_pass_v2": dict(variant="two_pass_v2"),
-    # The v2 kernels with fc2 on 256-byte row segments and 4 K-splits summed in JAX (one more
-    # small launch, 2-4x more fc2 programs): tells whether v2's narrow columns or its launch
-    # count decides.
-    "two_pass_v2_sk": dict(variant="two_pass_v2", fc2_block_d=128, split_k=4),
+    "auto": {},                              # the plan sparse_mlp picks (what the model runs)
+    "split1": dict(split_d=1, split_k=1),    # exactly two launches, no plain-JAX glue, fewer programs
 }
-# Timed by default; fused_bk16 only on request (--variants), to save compile time.
-DEFAULT_VARIANTS = ("fused", "two_pass", "two_pass_v2", "two_pass_v2_sk")
+DEFAULT_VARIANTS = ("auto",)
 BASELINES = ("dense", "take")
 # Timings that do not depend on the density (dense, the launch_probe reference): timed once per
 # (shape, batch) and stored in every row of it.
@@ -230,35 +222,24 @@ def step_fn(impl: str, knobs: dict, interpret: bool):
     return lambda x, w, idx: sparse_mlp(x, *w, idx, interpret=interpret, **knobs)
 
 
-def chained(step, rotation: Rotation, n_steps: int):
-    """One program: out0 = step(x0), then n_steps loop steps of len(rotation.calls) chained calls."""
-
-    def run(x0, weight_sets, idx_sets):
-        out0 = step(x0, weight_sets[0], idx_sets[0])
-
-        def body(_, x):
-            for w, i in rotation.calls:
-                x = step(x, weight_sets[w], idx_sets[i])
-            return x
-
-        return out0, lax.fori_loop(0, n_steps, body, out0)
-
-    return jax.jit(run)
-
-
 def time_impl(impl, knobs, x0, weight_sets, idx_sets, rotation, est_us, args) -> dict:
     step = step_fn(impl, knobs, args.interpret)
     calls_per_step = len(rotation.calls)
     n_steps = 1 if args.interpret else int(np.clip(round(args.chain_us / (est_us * calls_per_step)), 2, 4000))
-    fn = chained(step, rotation, n_steps)
-    start = time.perf_counter()
-    compiled = fn.lower(x0, weight_sets, idx_sets).compile()
-    compile_s = time.perf_counter() - start
-    out0, last = compiled(x0, weight_sets, idx_sets)
-    last.block_until_ready()
-    t, _ = median_seconds(lambda: compiled(x0, weight_sets, idx_sets)[1].block_until_ready(), args.repeats)
-    n_calls = 1 + n_steps * calls_per_step
-    return {"us": t / n_calls * 1e6, "compile_s": compile_s, "calls": n_calls, "out0": out0}
+
+    def first(x, operands):
+        weight_sets, idx_sets = operands
+        return step(x, weight_sets[0], idx_sets[0])
+
+    def body(x, operands):
+        weight_sets, idx_sets = operands
+        for w, i in rotation.calls:
+            x = step(x, weight_sets[w], idx_sets[i])
+        return x
+
+    timing = time_chained(body, x0, (weight_sets, idx_sets), steps=n_steps, repeats=args.repeats,
+                          calls_per_step=calls_per_step, first=first)
+    return {"us": timing.seconds * 1e6, "compile_s": timing.compile_s, "calls": timing.calls, "out0": timing.first}
 
 
 def row_rel_err(out, ref) -> float:
@@ -267,13 +248,9 @@ def row_rel_err(out, ref) -> float:
 
 
 def plan_summary(plan) -> str:
-    grids = "+".join("x".join(map(str, g)) for g in plan.grid)
-    fc2 = ""
-    if (plan.fc2_block_k, plan.fc2_block_d, plan.fc2_num_warps) != (plan.block_k, plan.block_d,
-                                                                   plan.num_warps):
-        fc2 = f" | fc2 bk{plan.fc2_block_k} bd{plan.fc2_block_d} w{plan.fc2_num_warps}"
+    grids = "+".join("x".join(map(str, g)) for g in (plan.fc1_grid, plan.fc2_grid))
     return (f"bk{plan.block_k} bd{plan.block_d} grid {grids} w{plan.num_warps} s{plan.num_stages}"
-            f"{fc2}{f' pf{plan.prefetch}' if plan.prefetch else ''}{' dot' if plan.use_dot else ''}")
+            f"{' dot' if plan.use_dot else ''}")
 
 
 def bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log) -> dict:

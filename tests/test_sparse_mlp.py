@@ -1,4 +1,4 @@
-"""Sparse MLP kernel (kernels/sparse_mlp.py) and its model-facing wrapper (dejavu_jax/sparse_mlp.py).
+"""Sparse MLP kernel (kernels/sparse_mlp.py): the index-list kernels against a float64 reference.
 
 `TestSparseMLP` runs the kernels compiled for the GPU and skips elsewhere; `TestSparseMLPInterpret`
 re-runs every case in the Pallas interpreter on CPU. Outputs are compared with a float64 numpy
@@ -14,10 +14,9 @@ import pytest
 
 from conftest import lowered_text_for_cuda
 
-from dejavu_jax.sparse_mlp import (SPARSE_CROSSOVER_DENSITY, crossover_density, mlp_dense,
-                                   mlp_sparse_or_dense, round_k_to_block)
-from kernels.sparse_mlp import (check_active_idx, plan_sparse_mlp, sparse_mlp,
-                                sparse_mlp_reference)
+from dejavu_jax.sparse_mlp import mlp_dense
+from kernels.platform import resolve_interpret
+from kernels.sparse_mlp import plan_sparse_mlp, sparse_mlp, sparse_mlp_reference
 
 # Per-row relative error bounds against float64. bf16/fp16 round h and the output to 8/11 bits.
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
@@ -66,7 +65,6 @@ SHAPES = [
     (3, 2560, 256, 17),
     (2, 100, 256, 5),
 ]
-VARIANTS = ["fused", "two_pass", "two_pass_v2"]
 
 
 class TestSparseMLP:
@@ -77,93 +75,70 @@ class TestSparseMLP:
         if not self.INTERPRET and jax.default_backend() != "gpu":
             pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret subclass covers CPU")
 
-    def _check(self, batch, d, ffn, idx_or_k, dtype, variant, **knobs):
+    def _check(self, batch, d, ffn, idx_or_k, dtype, **knobs):
         key = _key(batch, d, ffn, idx_or_k if isinstance(idx_or_k, int) else tuple(idx_or_k),
-                   str(dtype), variant, knobs)
+                   str(dtype), knobs)
         params = _mlp_inputs(key, batch, d, ffn, dtype)
         if isinstance(idx_or_k, int):
             idx = _random_idx(jax.random.fold_in(key, 1), ffn, idx_or_k)
         else:
             idx = jnp.asarray(idx_or_k, jnp.int32)
-        out = sparse_mlp(*params, idx, variant=variant, interpret=self.INTERPRET, **knobs)
+        out = sparse_mlp(*params, idx, interpret=self.INTERPRET, **knobs)
         assert out.shape == (batch, d) and out.dtype == dtype
         err = _row_rel_err(out, _reference_f64(*params, idx))
-        assert err.max() < TOLERANCE[dtype], (err, plan_sparse_mlp(batch, idx.shape[0], d, dtype,
-                                                                   variant=variant, **knobs))
+        assert err.max() < TOLERANCE[dtype], (err, plan_sparse_mlp(batch, idx.shape[0], d, dtype, **knobs))
         return params, idx, out
 
-    @pytest.mark.parametrize("variant", VARIANTS)
     @pytest.mark.parametrize("batch,d,ffn,k", SHAPES)
-    def test_fp32_matches_float64(self, batch, d, ffn, k, variant):
-        self._check(batch, d, ffn, k, jnp.float32, variant)
+    def test_fp32_matches_float64(self, batch, d, ffn, k):
+        self._check(batch, d, ffn, k, jnp.float32)
 
-    @pytest.mark.parametrize("variant", VARIANTS)
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
     @pytest.mark.parametrize("batch,d,ffn,k", [(1, 2560, 256, 100), (3, 384, 512, 37),
                                                (16, 384, 512, 48)])
-    def test_half_precision_matches_float64(self, batch, d, ffn, k, dtype, variant):
-        self._check(batch, d, ffn, k, dtype, variant)
+    def test_half_precision_matches_float64(self, batch, d, ffn, k, dtype):
+        self._check(batch, d, ffn, k, dtype)
 
-    @pytest.mark.parametrize("variant", VARIANTS)
-    def test_reference_twin_agrees(self, variant):
-        params, idx, out = self._check(3, 384, 512, 37, jnp.float32, variant)
+    def test_reference_twin_agrees(self):
+        params, idx, out = self._check(3, 384, 512, 37, jnp.float32)
         ref = sparse_mlp_reference(*params, idx)
         assert _row_rel_err(out, np.asarray(ref, np.float64)).max() < 1e-5
 
-    @pytest.mark.parametrize("variant", VARIANTS)
     @pytest.mark.parametrize("batch", [1, 3])
-    def test_all_neurons_equals_dense(self, batch, variant):
+    def test_all_neurons_equals_dense(self, batch):
         ffn, d = 256, 384
-        key = _key("dense", batch, variant)
+        key = _key("dense", batch)
         params = _mlp_inputs(key, batch, d, ffn, jnp.float32)
         idx = _random_idx(jax.random.fold_in(key, 1), ffn, ffn)
-        out = sparse_mlp(*params, idx, variant=variant, interpret=self.INTERPRET)
+        out = sparse_mlp(*params, idx, interpret=self.INTERPRET)
         dense = np.asarray(mlp_dense(*params), np.float64)
         assert _row_rel_err(out, dense).max() < 1e-5
 
-    @pytest.mark.parametrize("variant", VARIANTS)
-    def test_duplicates_count_twice(self, variant):
+    def test_duplicates_count_twice(self):
         batch, d, ffn = 2, 384, 512
-        x, fc1_w, fc1_b, fc2_w_t, fc2_b = _mlp_inputs(_key("dup", variant), batch, d, ffn, jnp.float32)
+        x, fc1_w, fc1_b, fc2_w_t, fc2_b = _mlp_inputs(_key("dup"), batch, d, ffn, jnp.float32)
         fc1_b = fc1_b.at[jnp.array([7, 3])].set(5.0)  # Repeated neurons active in every row.
         params = (x, fc1_w, fc1_b, fc2_w_t, fc2_b)
         idx = jnp.asarray([7, 200, 7, 3, 511, 3, 3], jnp.int32)
-        out = sparse_mlp(*params, idx, variant=variant, interpret=self.INTERPRET)
+        out = sparse_mlp(*params, idx, interpret=self.INTERPRET)
         assert _row_rel_err(out, _reference_f64(*params, idx)).max() < 1e-5
         once = _reference_f64(*params, np.array([7, 200, 3, 511]))
         assert _row_rel_err(out, once).min() > 1e-2  # The repeats really changed every row.
 
-    @pytest.mark.parametrize(
-        "variant,knobs",
-        [("fused", dict(block_k=8, block_d=128)),
-         ("fused", dict(block_k=16, block_d=64, use_dot=True)),
-         ("two_pass", dict(block_k=8, block_d=128, split_d=2, split_k=3)),
-         ("two_pass", dict(block_k=16, block_d=128, split_d=1, split_k=1, use_dot=True)),
-         ("two_pass", dict(block_k=4, block_d=256, split_d=3, split_k=5, num_warps=4,
-                           num_stages=1)),
-         # v2: fc1 split_d > 1 (fc2 finishes h in its loop), split_k > 1, fc1 blocks that do not
-         # cover fc2's padded K, ragged fc2 column blocks, each prefetch depth.
-         ("two_pass_v2", dict(block_k=2, block_d=128, split_d=2, split_k=3, fc2_block_k=8,
-                              fc2_block_d=256, prefetch=1)),
-         ("two_pass_v2", dict(block_k=16, block_d=64, split_d=4, fc2_block_k=32,
-                              fc2_block_d=128, use_dot=True, prefetch=3)),
-         ("two_pass_v2", dict(block_k=1, fc2_block_k=64, fc2_block_d=32, prefetch=0)),
-         ("two_pass_v2", dict(fc2_block_k=16, fc2_block_d=256, split_k=2, prefetch=4))])
-    def test_block_knobs(self, variant, knobs):
-        # K = 37 is not a multiple of any block; d = 384 is ragged for block_d = 256.
-        self._check(3, 384, 512, 37, jnp.float32, variant, **knobs)
+    @pytest.mark.parametrize("batch,knobs", [
+        (3, dict(block_k=8, block_d=128, split_d=2, split_k=3)),
+        (3, dict(block_k=16, block_d=128, split_d=1, split_k=1, use_dot=True)),
+        (3, dict(block_k=4, block_d=256, split_d=3, split_k=5, num_warps=4, num_stages=1)),
+        (1, dict(block_k=4, block_d=256, split_d=3, split_k=2)),
+        (1, dict(block_k=64, block_d=32, split_d=1, split_k=1))])
+    def test_block_knobs(self, batch, knobs):
+        # K = 37 is not a multiple of any block; d = 384 is ragged for block_d = 256; split_d > 1 has
+        # plain JAX finish h, split_k > 1 sums fc2's partial outputs.
+        self._check(batch, 384, 512, 37, jnp.float32, **knobs)
 
-    @pytest.mark.parametrize("batch,k", [(1, 37), (1, 300)])
-    def test_v2_batch1_knobs(self, batch, k):
-        # Batch 1 (elementwise accumulators): split_d > 1 and padded K in fc2, ragged d = 384.
-        self._check(batch, 384, 512, k, jnp.float32, "two_pass_v2", block_k=4, split_d=3,
-                    fc2_block_d=256, fc2_block_k=32)
-
-    @pytest.mark.parametrize("variant", VARIANTS)
-    def test_k_zero_gives_fc2_bias(self, variant):
+    def test_k_zero_gives_fc2_bias(self):
         params = _mlp_inputs(_key("k0"), 2, 384, 256, jnp.float32)
-        out = sparse_mlp(*params, jnp.zeros((0,), jnp.int32), variant=variant,
-                         interpret=self.INTERPRET)
+        out = sparse_mlp(*params, jnp.zeros((0,), jnp.int32), interpret=self.INTERPRET)
         np.testing.assert_array_equal(out, np.broadcast_to(np.asarray(params[4]), (2, 384)))
 
 
@@ -171,17 +146,16 @@ class TestSparseMLPInterpret(TestSparseMLP):
     INTERPRET = True
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch,d,ffn,k,dtype", [
     (1, 5120, 20480, 1024, jnp.float16), (4, 2560, 10240, 999, jnp.bfloat16),
     (16, 384, 512, 48, jnp.float16), (64, 9216, 36864, 1856, jnp.float16),
     (3, 100, 256, 5, jnp.float32)])
-def test_lowers_for_gpu(variant, batch, d, ffn, k, dtype):
+def test_lowers_for_gpu(batch, d, ffn, k, dtype):
     """The Pallas -> Triton lowering (not Triton's own compile) runs on any host, for CUDA."""
     args = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
         ((batch, d), dtype), ((ffn, d), dtype), ((ffn,), dtype), ((ffn, d), dtype), ((d,), dtype),
         ((k,), jnp.int32))]
-    text = lowered_text_for_cuda(jax.jit(lambda *a: sparse_mlp(*a, variant=variant)), *args)
+    text = lowered_text_for_cuda(jax.jit(lambda *a: sparse_mlp(*a, interpret=False)), *args)
     assert "triton" in text.lower()
 
 
@@ -221,76 +195,35 @@ def test_bad_inputs_raise(name, args, match):
 
 
 @pytest.mark.parametrize("knobs,match", [
-    (dict(variant="sparse"), "variant must be one of"),
     (dict(block_k=12), "block_k must be a positive power of two"),
     (dict(block_d=0), "block_d must be a positive power of two"),
     (dict(split_k=0), "split_k must be a positive int"),
     (dict(use_dot=True, block_k=8), "use_dot needs block_k >= 16"),
-    (dict(variant="two_pass_v2", fc2_block_d=48), "fc2_block_d must be a positive power of two"),
-    (dict(variant="two_pass_v2", prefetch=5), "prefetch must be an int in"),
+    (dict(interpret="yes"), "interpret must be True, False or None"),
 ])
 def test_bad_knobs_raise(knobs, match):
-    with pytest.raises(ValueError, match=match):
-        sparse_mlp(*_good_args(), interpret=True, **knobs)
+    knobs = {"interpret": True, **knobs}
+    with pytest.raises(ValueError, match=match) as info:
+        sparse_mlp(*_good_args(), **knobs)
+    assert "Got" in str(info.value)
 
 
-def test_check_active_idx():
-    check_active_idx(np.array([5, 0, 255]), 256)
-    check_active_idx(np.array([3, 3]), 256)
-    with pytest.raises(ValueError, match=r"\[0, ffn=256\). Got 256 at position 1"):
-        check_active_idx(np.array([0, 256, 4]), 256)
-    with pytest.raises(ValueError, match="Got -1"):
-        check_active_idx(np.array([-1]), 256)
-    with pytest.raises(ValueError, match="must not repeat a neuron. Got 3 2 times"):
-        check_active_idx(np.array([3, 1, 3]), 256, allow_duplicates=False)
-    with pytest.raises(ValueError, match="integer"):
-        check_active_idx(np.array([1.0]), 256)
-    with pytest.raises(ValueError, match="outside jit"):
-        jax.jit(lambda i: check_active_idx(i, 256))(jnp.arange(3))
+def test_interpret_none_follows_the_backend():
+    assert resolve_interpret(None) is (jax.default_backend() != "gpu")
+    assert resolve_interpret(False) is False and resolve_interpret(True) is True
 
 
-# --- Model-facing wrapper (dejavu_jax/sparse_mlp.py). ---
-
-
-def test_crossover_density_interpolates():
-    keys = sorted(SPARSE_CROSSOVER_DENSITY)
-    for b in keys:
-        assert crossover_density(b) == SPARSE_CROSSOVER_DENSITY[b]
-    assert crossover_density(10_000) == SPARSE_CROSSOVER_DENSITY[keys[-1]]
-    lo, hi = SPARSE_CROSSOVER_DENSITY[keys[0]], SPARSE_CROSSOVER_DENSITY[keys[1]]
-    mid = crossover_density(2 if keys[:2] == [1, 4] else (keys[0] + keys[1]) // 2)
-    assert min(lo, hi) <= mid <= max(lo, hi)
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the default is compiled on a GPU")
+def test_interpret_none_runs_the_interpreter_off_gpu():
+    """The default `interpret=None` runs the interpreter here (no GPU): the same output as interpret=True."""
+    assert resolve_interpret(None) is True
+    args = _good_args(k=37)
+    np.testing.assert_array_equal(sparse_mlp(*args), sparse_mlp(*args, interpret=True))
 
 
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("k", [1, 37, 300, 1024])
-def test_round_k_to_block(batch, k):
-    ffn, d = 1024, 384
-    rounded = round_k_to_block(k, ffn=ffn, d=d, batch=batch)
-    assert k <= rounded <= ffn
-    multiple = plan_sparse_mlp(batch, rounded, d, jnp.float16).k_multiple
-    assert rounded % multiple == 0 or rounded == ffn
-    rounded = round_k_to_block(k, ffn=ffn, d=d, batch=batch, variant="two_pass_v2")
-    plan = plan_sparse_mlp(batch, rounded, d, jnp.float16, variant="two_pass_v2")
-    assert k <= rounded <= ffn and (rounded == plan.k_padded or rounded == ffn)
-
-
-def test_mlp_sparse_or_dense_picks_by_density():
-    batch, d, ffn = 1, 384, 512
-    key = _key("wrapper")
-    params = _mlp_inputs(key, batch, d, ffn, jnp.float32)
-    dense = np.asarray(mlp_dense(*params), np.float64)
-
-    k_sparse = int(crossover_density(batch) * ffn) // 2
-    idx = _random_idx(jax.random.fold_in(key, 1), ffn, k_sparse)
-    out = mlp_sparse_or_dense(params[0][:, None, :], *params[1:], idx, interpret=True)
-    assert out.shape == (batch, 1, d)
-    ref = _reference_f64(*params, idx)
-    assert _row_rel_err(out[:, 0], ref).max() < 1e-5
-    assert _row_rel_err(out[:, 0], dense).min() > 1e-3  # Really the subset, not the full MLP.
-
-    # Past the crossover the wrapper computes every neuron: the exact dense MLP.
-    k_dense = min(ffn, int(crossover_density(batch) * ffn) + 64)
-    idx = _random_idx(jax.random.fold_in(key, 2), ffn, k_dense)
-    out = mlp_sparse_or_dense(*params, idx, interpret=True)
-    assert _row_rel_err(out, dense).max() < 1e-6
+def test_k_is_padded_to_the_next_k_multiple(batch, k):
+    plan = plan_sparse_mlp(batch, k, 384, jnp.float16)
+    assert plan.k_padded % plan.k_multiple == 0 and k <= plan.k_padded < k + plan.k_multiple
+    assert plan.fc1_grid[0] * plan.block_k == plan.k_padded

@@ -1,11 +1,13 @@
 """What the compiler emitted for the sparse-MLP Pallas kernels: PTX loads by width, ptxas registers and spills,
 SASS loads, launches, and optionally ncu counters, for one configuration.
 
-    python -m bench ptx [--shape opt-13b] [--batch 1] [--density 0.1] [--variant two_pass] [--ncu]
-                        [--keep DIR] [--out FILE.md]
+    python -m tools.ptx_report [--shape opt-13b] [--batch 1] [--density 0.1] [--variant auto] [--ncu]
+                               [--keep DIR] [--out FILE.md]
 
-Issue 3 asks that a missed floor target be explained with evidence. This collects it (GPU only; about
-half a minute, a minute more with --ncu):
+A developer's evidence tool, run from the repository root on the GPU machine; it reads compiler output
+whose form depends on the jaxlib (below), so it lives in tools/, outside the installed package. Issue 3
+asks that a missed floor target be explained with evidence. This collects it (GPU only; about half a
+minute, a minute more with --ncu):
 
 1. A worker subprocess (this module with --worker, so XLA_FLAGS=--xla_dump_to=... is set before its jax
    starts) lowers, compiles and runs `sparse_mlp` once. It keeps the PTX three ways, since where it lands
@@ -594,7 +596,7 @@ def worker(config: Config, outdir: Path) -> int:
     """Lower, compile and run the op once; write the PTX, StableHLO, optimized HLO and worker.json to outdir."""
     if jax.default_backend() != "gpu":
         print(f"error: jax backend is {jax.default_backend()!r}: PTX exists only for a CUDA GPU compile "
-              "(the Pallas interpreter emits none). Run `python -m bench ptx` on the GPU machine.",
+              "(the Pallas interpreter emits none). Run `python -m tools.ptx_report` on the GPU machine.",
               file=sys.stderr)
         return WORKER_NO_GPU
     capture = TritonCapture()
@@ -763,13 +765,13 @@ def render_markdown(data: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench ptx", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.ptx_report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="opt-13b", help="opt-6.7b, opt-13b, opt-30b, opt-66b or DxFFN")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--variant", default="two_pass", choices=list(PALLAS_VARIANTS),
-                   help="a Pallas variant of bench/kernels_mlp.py (default two_pass)")
+    p.add_argument("--variant", default="auto", choices=list(PALLAS_VARIANTS),
+                   help="a Pallas variant (knob setting) of bench/kernels_mlp.py (default auto)")
     p.add_argument("--ncu", action="store_true", help="also profile one call under ncu (when on PATH)")
     p.add_argument("--ncu-launch-count", type=int, default=8, help="ncu --launch-count (default 8)")
     p.add_argument("--keep", default=None, help="keep the dumps, PTX and cubins in this directory")
@@ -795,7 +797,7 @@ def parse_config(args) -> Config:
 
 
 def worker_command(config: Config, outdir: Path) -> list[str]:
-    return [sys.executable, "-m", "bench", "ptx", "--worker", str(outdir), *config.argv()]
+    return [sys.executable, "-m", "tools.ptx_report", "--worker", str(outdir), *config.argv()]
 
 
 def run_worker(config: Config, workdir: Path, timeout: float) -> dict:
@@ -866,7 +868,7 @@ def report(args, config: Config, workdir: Path, argv) -> int:
             return 1
     data = evidence(config, meta, sources, workdir)
     data["problems"]["ptx"] = no_ptx
-    data["command"] = "python -m bench ptx " + " ".join(argv)
+    data["command"] = "python -m tools.ptx_report " + " ".join(argv)
     if args.ncu:
         log("ptx: profiling one call under ncu ...")
         names = [p["name"] for p in meta["pallas_calls"]]
@@ -896,7 +898,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(config, Path(args.worker))
     if args.interpret:
-        print("error: --interpret runs the Pallas interpreter, which compiles no PTX; run `python -m bench ptx` "
+        print("error: --interpret runs the Pallas interpreter, which compiles no PTX; run `python -m tools.ptx_report` "
               "without it on a GPU machine", file=sys.stderr)
         return 2
     if args.keep:

@@ -1,6 +1,5 @@
-"""The evidence tooling of issue 3: `python -m bench ptx` parsers (PTX, ptxas, SASS, ncu CSV, HLO) on
-handwritten text whose counts can be read off it, its CPU failure mode, and the sparse-MLP bench's reference
-timings (dense_equal_bytes, launch_probe) in its CPU smoke run."""
+"""The evidence tool of issue 3, `python -m tools.ptx_report`: its parsers (PTX, ptxas, SASS, ncu CSV, HLO) on
+handwritten text whose counts can be read off it, its CPU failure mode, and the report from a faked GPU worker."""
 
 import json
 import os
@@ -10,13 +9,9 @@ import sys
 import zlib
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from bench import ptx_report as pr
-from bench.kernels_mlp import Rotation, equal_bytes_sets, launch_probe
+from tools import ptx_report as pr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,49 +271,31 @@ def test_run_tool_missing():
     assert "not on PATH" in pr.run_tool(["no-such-tool-xyz"], timeout=5)["error"]
 
 
-def _bench(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def _ptx_report(*args, timeout=120):
+    """`python -m tools.ptx_report ARGS` from the repository root, as a developer runs it."""
+    return subprocess.run([sys.executable, "-m", "tools.ptx_report", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_ptx_command_fails_clearly_without_gpu():
-    interp = _bench("ptx", "--interpret")
+    interp = _ptx_report("--interpret")
     assert interp.returncode == 2
     assert "--interpret" in interp.stderr and "PTX" in interp.stderr and "Traceback" not in interp.stderr
-    cpu = _bench("ptx", "--shape", "opt-6.7b")
+    cpu = _ptx_report("--shape", "opt-6.7b")
     assert cpu.returncode != 0
     assert "GPU" in cpu.stderr and "Traceback" not in cpu.stderr
-    bad = _bench("ptx", "--shape", "nonsense")
+    bad = _ptx_report("--shape", "nonsense")
     assert bad.returncode == 2 and "--shape" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_launch_probe_and_equal_bytes_sets():
-    x = jax.random.normal(jax.random.key(0), (3, 100), jnp.float32).astype(jnp.float16)  # ragged d
-    np.testing.assert_array_equal(np.asarray(launch_probe(x, interpret=True)), np.asarray(x * 0.5 + 1.0))
-    ffn, d, k = 12, 4, 3
-    w = [(jnp.arange(ffn * d).reshape(ffn, d) + 1000 * s, jnp.arange(ffn) + 1000 * s,
-          -jnp.arange(ffn * d).reshape(ffn, d) - 1000 * s, jnp.zeros(d)) for s in range(2)]
-    sets, rot = equal_bytes_sets(w, Rotation(2, 3, ((0, 0), (0, 2), (1, 1))), k)
-    assert len(sets) == 6 and rot.calls == ((0, 0), (2, 0), (4, 0)) and rot.n_idx_sets == 1
-    np.testing.assert_array_equal(sets[2][0], w[0][0][6:9])   # copy 0, index set 2 -> rows 6..8
-    np.testing.assert_array_equal(sets[4][1], w[1][1][3:6])   # copy 1, index set 1 -> rows 3..5
-    assert all(s[0].shape == (k, d) and s[2].shape == (k, d) for s in sets)
-
-
-def test_kernels_mlp_smoke_has_reference_columns(tmp_path):
-    out = tmp_path / "k.md"
-    res = _bench("kernels", "--op", "mlp", "--interpret", "--shapes", "256x1024", "--densities", "0.25",
-                 "--batches", "1,3", "--variants", "two_pass", "--out", str(out), timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
-    data = json.loads(out.with_suffix(".json").read_text())
-    assert len(data["rows"]) == 2
-    for row in data["rows"]:
-        assert row["impls"]["dense_equal_bytes"]["us"] > 0
-        assert row["impls"]["launch_probe"]["us"] > 0
-        assert row["impls"]["two_pass"]["max_rel_err"] < 2e-2
-    md = out.read_text()
-    for column in ("eq-bytes dense us", "eq-bytes/floor", "launch probe us"):
-        assert column in md
+def test_not_a_bench_command_nor_installed():
+    """A developer tool: `python -m bench` no longer offers it, and the package build does not include tools/."""
+    res = subprocess.run([sys.executable, "-m", "bench", "ptx"], capture_output=True, text=True, cwd=REPO,
+                         timeout=60)
+    assert res.returncode == 2 and "unknown command 'ptx'" in res.stderr
+    pyproject = (REPO / "pyproject.toml").read_text()
+    include = next(line for line in pyproject.splitlines() if line.startswith("include = "))
+    assert "tools" not in include
 
 
 def test_report_from_a_fake_worker(tmp_path, monkeypatch):
