@@ -1,6 +1,17 @@
-"""Dense decode latency: JAX (one compiled prefill + decode program) vs HF transformers eager, vs the floor.
+"""Decode latency: JAX (one compiled prefill + decode program) dense and sparse, vs HF transformers eager, vs the floor.
 
     python -m bench generate --shape opt-6.7b --shape opt-13b [--batch 1] [--prompt-len 128] [--new-tokens 128]
+        [--mlp-density 0.1 [--fire-rate 0.05] [--predictor-rank 256,1000] [--selection threshold,topk]]
+
+With --mlp-density, every row below runs in the same process on the same weights. fc1's biases are set so that a
+fixed random `--fire-rate` of each layer's neurons fire for every token (the others never do), and every selection
+below contains those neurons (recall 1), so no row earns credit a real predictor would not, and every row applies
+the same fc2 rule (only rows with a nonzero ReLU output are read):
+- fixed: a fixed row mask of `--mlp-density` of the neurons (the firing ones plus random others): the ceiling;
+- lossless: dense fc1, fc2 over the firing neurons only (no predictor);
+- predicted: random-weight predictors of each `--predictor-rank` whose output biases make exactly the fixed row set
+  score above 0 (so threshold 0 and top-K with K = the set's size choose it), computed in full at every step, with
+  each `--selection`.
 
 A random-weight fp16 OPT of the real shape. Decode time per token is (T(N) - T(1)) / (N - 1) where T(n) is the
 median time of one full generation call of n tokens: the same compiled program (n is traced), so compile and
@@ -22,10 +33,11 @@ import numpy as np
 
 from bench.common import copy_bandwidth, median_seconds, provenance, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
-from dejavu_jax.generation import AUTOTUNE_MODES, generation_program, kernels_need_interpret, uses_kernels
-from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, check_attention_impl, sparsity_from_predictors
-from dejavu_jax.predictors import Predictors, init_low_rank
+from dejavu_jax.generation import AUTOTUNE_MODES, generation_program
+from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, check_attention_impl
+from dejavu_jax.predictors import init_low_rank
 from dejavu_jax.sampling import SamplingConfig
+from dejavu_jax.sparsity import (DENSE, MLPSparsity, Selection, SparseWeights, SparsityPolicy, decode_predictor)
 
 
 def random_params(config, dtype):
@@ -42,21 +54,46 @@ def bytes_read_per_token(config, batch, prompt_len, new_tokens, itemsize=2) -> d
     return {"weights": weights * itemsize, "kv": kv_per_token * mean_context}
 
 
-def random_mlp_sparsity(config, density: float, rank: int | None = None):
-    """Random-weight predictors (default rank min(1000, d/2), DejaVu's) that keep round(density * ffn) neurons per
-    token per layer."""
-    c = config
-    k = max(1, round(density * c.ffn_dim))
-    rank = rank or min(1000, c.hidden_size // 2)
-    keys = jax.random.split(jax.random.PRNGKey(3), 2 * c.num_hidden_layers)
-    mlp = tuple(init_low_rank(keys[i], c.hidden_size, rank, c.ffn_dim, dtype=jnp.float16).replace(k=k)
-                for i in range(c.num_hidden_layers))
-    heads = tuple(init_low_rank(keys[-1 - i], c.hidden_size, rank, c.num_attention_heads, dtype=jnp.float16)
-                  for i in range(c.num_hidden_layers))
-    return sparsity_from_predictors(Predictors(mlp=mlp, heads=heads), "batch_union"), k, rank
+def planted_rows(config, density: float, fire_rate: float, seed: int = 3):
+    """Per layer (firing [ffn] bool, chosen [ffn] bool): `fire_rate` of the neurons fire, and `density` of them are
+    chosen, the firing ones included."""
+    rng = np.random.default_rng(seed)
+    ffn = config.ffn_dim
+    n_fire, n_chosen = max(1, round(fire_rate * ffn)), max(1, round(density * ffn))
+    if n_fire > n_chosen:
+        raise ValueError(f"--fire-rate ({fire_rate}) must not exceed --mlp-density ({density})")
+    out = []
+    for _ in range(config.num_hidden_layers):
+        order = rng.permutation(ffn)
+        firing, chosen = np.zeros(ffn, bool), np.zeros(ffn, bool)
+        firing[order[:n_fire]] = True
+        chosen[order[:n_chosen]] = True
+        out.append((firing, chosen))
+    return out
 
 
-def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, sparsity=None,
+def plant_firing(params, rows):
+    """fc1 biases +8 on the firing neurons, -8 elsewhere: the same neurons fire for every token."""
+    params = jax.tree.map(lambda a: a, params)
+    for i, (firing, _) in enumerate(rows):
+        mlp = dict(params[f"layers_{i}"]["mlp"])
+        mlp["fc1_b"] = jnp.where(jnp.asarray(firing), 8.0, -8.0).astype(mlp["fc1_b"].dtype)
+        params[f"layers_{i}"] = {**params[f"layers_{i}"], "mlp": mlp}
+    return params
+
+
+def planted_predictors(config, rows, rank: int) -> SparseWeights:
+    """Random rank-`rank` predictors whose output biases (+100 / -100) put exactly the chosen rows above 0."""
+    keys = jax.random.split(jax.random.PRNGKey(5), config.num_hidden_layers)
+    layers = []
+    for key, (_, chosen) in zip(keys, rows):
+        p = init_low_rank(key, config.hidden_size, rank, config.ffn_dim, dtype=jnp.float16,
+                          output_bias=np.where(chosen, 100.0, -100.0)).replace(k=int(chosen.sum()))
+        layers.append(decode_predictor(p, 0.0, jnp.float16))
+    return SparseWeights(mlp=tuple(layers))
+
+
+def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, policy=DENSE, sparse_weights=None,
              attention_impl="xla", autotune="default") -> dict:
     if params is None:
         params = random_params(config, jnp.float16)
@@ -66,18 +103,17 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, sparsi
     mask = jnp.ones_like(ids)
     sampling = SamplingConfig().to_device()
     num_slots = prompt_len + new_tokens
-    interpret = uses_kernels(sparsity, attention_impl) and kernels_need_interpret()  # CPU smoke runs
-    static = dict(config=no_eos, num_slots=num_slots, interpret=interpret, attention_impl=attention_impl)
+    static = dict(config=no_eos, num_slots=num_slots, policy=policy, attention_impl=attention_impl)
     program = generation_program(autotune)
 
     def run(n):
-        tokens, counts = program(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity,
+        tokens, counts = program(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparse_weights,
                                  **static)
         tokens.block_until_ready()
         return counts
 
     start = time.perf_counter()
-    program.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity, **static).compile()
+    program.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparse_weights, **static).compile()
     compile_s = time.perf_counter() - start
     counts = run(new_tokens)
     assert int(np.min(counts)) == new_tokens, f"generated {counts}, wanted {new_tokens}"
@@ -135,10 +171,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers eager")
     p.add_argument("--mlp-density", type=float, default=None,
-                   help="also time sparse-MLP decoding in the same run: random-weight predictors (--predictor-rank) "
-                        "keep this fraction of each layer's neurons per token (the kernel computes their union)")
-    p.add_argument("--predictor-rank", type=int, default=None,
-                   help="rank of the random predictors with --mlp-density (default min(1000, d/2), DejaVu's)")
+                   help="also time sparse-MLP decoding in the same run (fixed rows, lossless, predicted; see above): "
+                        "the fraction of each layer's neurons chosen per token")
+    p.add_argument("--fire-rate", type=float, default=0.05,
+                   help="with --mlp-density: the fraction of neurons that fire (fc1 > 0) per token (default 0.05)")
+    p.add_argument("--predictor-rank", default="256,1000",
+                   help="with --mlp-density: comma list of predictor ranks (default 256,1000)")
+    p.add_argument("--selection", default="threshold,topk",
+                   help="with --mlp-density: comma list of predicted selections, threshold and/or topk (default both)")
+    p.add_argument("--batches", default=None,
+                   help="comma list of batch sizes to time in this run (default --batch)")
     p.add_argument("--attention", type=attention_list, default=list(ATTENTION_IMPLS),
                    help=f"comma list of decode attention implementations to time side by side "
                         f"(default {','.join(ATTENTION_IMPLS)})")
@@ -152,8 +194,16 @@ def main(argv=None) -> int:
         p.error("need --new-tokens >= 2, --batch >= 1, --prompt-len >= 1")
     if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
         p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
-    if args.predictor_rank is not None and (args.predictor_rank < 1 or args.mlp_density is None):
-        p.error(f"--predictor-rank must be >= 1 and goes with --mlp-density. Got {args.predictor_rank}")
+    try:
+        ranks = [int(r) for r in args.predictor_rank.split(",")]
+        selections = [Selection(v.strip()) for v in args.selection.split(",")]
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
+    except ValueError as e:
+        p.error(f"--predictor-rank, --selection and --batches are comma lists ({e})")
+    if min(ranks) < 1 or min(batches) < 1:
+        p.error("ranks and batches must be >= 1")
+    if args.mlp_density is not None and not 0 < args.fire_rate <= args.mlp_density:
+        p.error(f"--fire-rate must be in (0, --mlp-density]. Got {args.fire_rate}")
 
     info = provenance()
     bandwidth = copy_bandwidth()
@@ -162,63 +212,61 @@ def main(argv=None) -> int:
     rows = []
     for name in shapes:
         config = shape_config(name)
-        read = bytes_read_per_token(config, args.batch, args.prompt_len, args.new_tokens)
-        floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
-        hf = None if args.no_hf else time_hf(config, args.batch, args.prompt_len, args.new_tokens, args.repeats)
         params = random_params(config, jnp.float16)
-        sparsity = None
+        variants = [("dense", DENSE, None, {})]
         if args.mlp_density is not None:
-            sparsity, k, rank = random_mlp_sparsity(config, args.mlp_density, args.predictor_rank)
-        for impl in args.attention:
-            jx = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params,
-                          attention_impl=impl, autotune=args.autotune)
-            sparse = None
-            if sparsity is not None:
-                sparse = time_jax(config, args.batch, args.prompt_len, args.new_tokens, args.repeats, params, sparsity,
-                                  attention_impl=impl, autotune=args.autotune)
-                sparse.update(k=k, rank=rank, density=args.mlp_density,
-                              speedup_vs_dense=jx["decode_ms_per_token"] / sparse["decode_ms_per_token"])
-                print(f"{name} [{impl} attention]: sparse MLP (K={k} of {config.ffn_dim} per token, predictor rank "
-                      f"{rank}) {sparse['decode_ms_per_token']:.2f} ms/token, {sparse['speedup_vs_dense']:.2f}x "
-                      f"dense JAX", flush=True)
-            row = {"shape": name, "attention": impl, "batch": args.batch, "prompt_len": args.prompt_len,
-                   "new_tokens": args.new_tokens, "floor_ms": floor_ms, "bytes_per_token": read, "jax": jx, "hf": hf,
-                   "jax_sparse_mlp": sparse,
-                   "jax_gbs": (read["weights"] + read["kv"]) / jx["decode_ms_per_token"] / 1e6}
-            rows.append(row)
-            hf_ms = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
-            print(f"{name} [{impl} attention]: JAX {jx['decode_ms_per_token']:.2f} ms/token "
-                  f"({jx['decode_ms_per_token'] / floor_ms:.2f}x floor {floor_ms:.2f}), HF eager {hf_ms} ms/token, "
-                  f"compile {jx['compile_s']:.1f} s", flush=True)
-        del params, sparsity
+            planted = planted_rows(config, args.mlp_density, args.fire_rate)
+            params = plant_firing(params, planted)
+            fixed = SparseWeights(fixed_rows=tuple(jnp.asarray(c, jnp.int32) for _, c in planted))
+            variants += [("fixed rows", DENSE, fixed, {}),
+                         ("lossless", SparsityPolicy(MLPSparsity.LOSSLESS), None, {})]
+            for rank in ranks:
+                weights = planted_predictors(config, planted, rank)
+                for sel in selections:
+                    variants.append((f"predicted, {sel.value}", SparsityPolicy(MLPSparsity.PREDICTED, sel), weights,
+                                     {"rank": rank}))
+        for batch in batches:
+            read = bytes_read_per_token(config, batch, args.prompt_len, args.new_tokens)
+            floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
+            hf = None if args.no_hf else time_hf(config, batch, args.prompt_len, args.new_tokens, args.repeats)
+            for impl in args.attention:
+                dense_ms = None
+                for label, policy, weights, extra in variants:
+                    jx = time_jax(config, batch, args.prompt_len, args.new_tokens, args.repeats, params, policy,
+                                  weights, attention_impl=impl, autotune=args.autotune)
+                    ms = jx["decode_ms_per_token"]
+                    dense_ms = ms if dense_ms is None else dense_ms
+                    row = {"shape": name, "attention": impl, "batch": batch, "prompt_len": args.prompt_len,
+                           "new_tokens": args.new_tokens, "variant": label, **extra, "floor_ms": floor_ms,
+                           "bytes_per_token": read, "jax": jx, "hf": hf if label == "dense" else None,
+                           "speedup_vs_dense": dense_ms / ms,
+                           "jax_gbs": (read["weights"] + read["kv"]) / ms / 1e6}
+                    if args.mlp_density is not None and label != "dense":
+                        row.update(density=args.mlp_density, fire_rate=args.fire_rate)
+                    rows.append(row)
+                    print(f"{name} b{batch} [{impl}] {label} {extra or ''}: {ms:.2f} ms/token "
+                          f"({dense_ms / ms:.2f}x dense, {ms / floor_ms:.2f}x the dense floor), compile "
+                          f"{jx['compile_s']:.1f} s", flush=True)
+        del params
         gc.collect()
 
-    lines = [f"# Dense decode latency, {info['card']}", "",
+    lines = [f"# Decode latency, {info['card']}", "",
              f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
              f"- command: `{info['command']}`",
              f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled; "
-             f"XLA autotuning: {args.autotune}", "",
-             "| shape | attention | batch | prompt | new | JAX ms/token | tokens/s | GB/s | floor ms | JAX / floor | "
-             "HF eager ms/token | HF / JAX | JAX prefill ms | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"XLA autotuning: {args.autotune}"]
+    if args.mlp_density is not None:
+        lines.append(f"- sparse rows: {args.mlp_density:.0%} of the neurons chosen per token, {args.fire_rate:.0%} "
+                     f"fire (every selection contains them); the floor is the dense one")
+    lines += ["", "| shape | batch | attention | variant | predictor rank | JAX ms/token | vs dense | tokens/s | "
+              "floor ms | / floor | HF eager ms/token | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         jx, hf = r["jax"], r["hf"]
         ms = jx["decode_ms_per_token"]
-        hf_cells = f"{hf['decode_ms_per_token']:.2f} | {hf['decode_ms_per_token'] / ms:.2f}x" if hf else "- | -"
-        lines.append(f"| {r['shape']} | {r['attention']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | "
-                     f"{ms:.2f} | {1e3 * r['batch'] / ms:.1f} | {r['jax_gbs']:.0f} | {r['floor_ms']:.2f} | "
-                     f"{ms / r['floor_ms']:.2f} | {hf_cells} | {jx['prefill_ms']:.1f} | {jx['compile_s']:.1f} |")
-    sparse_rows = [r for r in rows if r["jax_sparse_mlp"]]
-    if sparse_rows:
-        lines += ["", "Sparse-MLP decode (same run, same weights; random-weight predictors, so only the speed is "
-                  "meaningful; prefill dense):", "",
-                  "| shape | attention | neurons kept per token | predictor rank | JAX sparse ms/token | "
-                  "dense JAX ms/token | speedup |", "|---|---|---|---|---|---|---|"]
-        for r in sparse_rows:
-            sp = r["jax_sparse_mlp"]
-            lines.append(f"| {r['shape']} | {r['attention']} | {sp['k']} ({sp['density']:.1%}) | {sp['rank']} | "
-                         f"{sp['decode_ms_per_token']:.2f} | {r['jax']['decode_ms_per_token']:.2f} | "
-                         f"{sp['speedup_vs_dense']:.2f}x |")
+        hf_cell = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['attention']} | {r['variant']} | {r.get('rank', '-')} | "
+                     f"{ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
+                     f"{ms / r['floor_ms']:.2f} | {hf_cell} | {jx['compile_s']:.1f} |")
     markdown = "\n".join(lines) + "\n"
     card = info["card"].replace(" ", "-")
     path = write_results(f"generate_{card}_{info['date']}", markdown, {**info, "bandwidth": bandwidth, "rows": rows},
