@@ -23,11 +23,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.generate import random_mlp_sparsity, random_params
+from bench.generate import plant_firing, planted_predictors, planted_rows, random_params
 from dejavu_jax.config import OPT_SHAPES, shape_config
-from dejavu_jax.generation import generate_tokens, kernels_need_interpret, uses_kernels
+from dejavu_jax.generation import generate_tokens
 from dejavu_jax.model import ATTENTION_IMPLS
 from dejavu_jax.sampling import SamplingConfig
+from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparsityPolicy
 
 
 def device_kernel_events(trace_dir: str) -> list[dict]:
@@ -48,7 +49,11 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS, help="decode-step attention (default xla)")
     p.add_argument("--mlp-density", type=float, default=None,
-                   help="profile sparse-MLP decoding instead: random-weight predictors keep this fraction of neurons")
+                   help="profile predicted sparse-MLP decoding instead (as `bench generate` plants it): this fraction "
+                        "of the neurons chosen per token")
+    p.add_argument("--fire-rate", type=float, default=0.05, help="with --mlp-density: the firing fraction")
+    p.add_argument("--predictor-rank", type=int, default=256, help="with --mlp-density (default 256)")
+    p.add_argument("--selection", default="threshold", choices=[s.value for s in Selection])
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
     args = p.parse_args(argv)
     if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
@@ -58,9 +63,14 @@ def main(argv=None) -> int:
     params = random_params(config, jnp.float16)
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, args.prompt_len), 3, config.vocab_size)
     sampling = SamplingConfig().to_device()
-    sparsity = None if args.mlp_density is None else random_mlp_sparsity(config, args.mlp_density)[0]
+    policy, sparsity = DENSE, None
+    if args.mlp_density is not None:
+        planted = planted_rows(config, args.mlp_density, args.fire_rate)
+        params = plant_firing(params, planted)
+        policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection(args.selection))
+        sparsity = planted_predictors(config, planted, args.predictor_rank)
     static = dict(config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention,
-                  interpret=uses_kernels(sparsity, args.attention) and kernels_need_interpret())
+                  policy=policy)
 
     def run(n):
         out = generate_tokens(params, ids, jnp.ones_like(ids), jnp.int32(n), jax.random.PRNGKey(2), sampling,

@@ -16,19 +16,29 @@ from tqdm import tqdm
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.model import OPTForCausalLM
+from dejavu_jax.sparsity import DENSE, SparsityPolicy
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def window_nll(params, windows, sparsity=None, *, config: OPTConfig):
-    """windows [B, L] -> summed negative log-likelihood of tokens 1..L-1 given their prefixes (fp32).
+def layer_densities(intermediates, num_layers: int):
+    """Per layer, the summed per-token `mlp_density` the model sowed ([L] fp32; zeros where none was sown)."""
+    out = []
+    for i in range(num_layers):
+        sown = intermediates.get(f"layers_{i}", {}).get("mlp", {}).get("mlp_density")
+        out.append(jnp.float32(0) if sown is None else sown[0].astype(jnp.float32).sum())
+    return jnp.stack(out)
 
-    `sparsity`: a list of `LayerSparsity` (e.g. `sparsity_from_predictors`), None for the dense model.
-    """
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"))
+def window_nll(params, windows, sparse_weights=None, *, config: OPTConfig, policy: SparsityPolicy = DENSE):
+    """windows [B, L] -> (summed negative log-likelihood of tokens 1..L-1 given their prefixes (fp32), per layer
+    the summed fraction of MLP rows computed per token [L]) under `policy` (dejavu_jax.sparsity)."""
     model = OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
-    logits, _ = model.apply({"params": params}, windows, sparsity=sparsity)
+    (logits, _), state = model.apply({"params": params}, windows, policy=policy, sparse_weights=sparse_weights,
+                                     mutable=["intermediates"])
     log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     targets = windows[:, 1:]
-    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).sum()
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).sum()
+    return nll, layer_densities(state["intermediates"], config.num_hidden_layers)
 
 
 def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
@@ -43,12 +53,20 @@ def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = Non
 
 
 def perplexity(params, config: OPTConfig, windows: np.ndarray, batch_size: int = 4, progress: bool = True,
-               sparsity=None, desc: str = "perplexity") -> dict:
+               policy: SparsityPolicy = DENSE, sparse_weights=None, desc: str = "perplexity") -> dict:
+    """Perplexity of `windows`; with a sparse policy also "mlp_density": per layer the mean fraction of MLP rows
+    computed per token (for lossless, of fc2 rows read) over every token of the windows."""
     if windows.shape[1] > config.max_position_embeddings:
         raise ValueError(f"seq_len {windows.shape[1]} exceeds the model's {config.max_position_embeddings} positions")
-    total = 0.0
+    total, density = 0.0, np.zeros(config.num_hidden_layers)
     batches = range(0, len(windows), batch_size)
     for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        total += float(window_nll(params, jnp.asarray(windows[start:start + batch_size]), sparsity, config=config))
+        nll, dens = window_nll(params, jnp.asarray(windows[start:start + batch_size]), sparse_weights, config=config,
+                               policy=policy)
+        total += float(nll)
+        density += np.asarray(dens, np.float64)
     scored = windows.shape[0] * (windows.shape[1] - 1)
-    return {"ppl": math.exp(total / scored), "tokens": int(scored), "windows": int(windows.shape[0])}
+    result = {"ppl": math.exp(total / scored), "tokens": int(scored), "windows": int(windows.shape[0])}
+    if policy != DENSE:
+        result["mlp_density"] = [float(v) for v in density / windows.size]
+    return result

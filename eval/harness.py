@@ -20,14 +20,16 @@ from tqdm import tqdm
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.model import OPTForCausalLM
+from dejavu_jax.sparsity import DENSE, SparsityPolicy
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def continuation_scores(params, inputs, mask, targets, scored, sparsity=None, *, config: OPTConfig):
+@functools.partial(jax.jit, static_argnames=("config", "policy"))
+def continuation_scores(params, inputs, mask, targets, scored, sparse_weights=None, *, config: OPTConfig,
+                        policy: SparsityPolicy = DENSE):
     """inputs, mask, targets, scored [B, L]: the tokens fed, their padding mask, the next token at each position
     and which positions belong to the continuation. Returns (summed log-prob [B], every token greedy [B])."""
     model = OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
-    logits, _ = model.apply({"params": params}, inputs, mask, sparsity=sparsity)
+    logits, _ = model.apply({"params": params}, inputs, mask, policy=policy, sparse_weights=sparse_weights)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logits, axis=-1) == targets
@@ -40,16 +42,17 @@ def bucket_length(n: int) -> int:
 
 
 class JaxOPT(LM):
-    """lm-eval model over a loaded OPT (`dejavu_jax.checkpoint.load_model`); `sparsity` as for the model's
-    forward (e.g. `sparsity_from_predictors(p)`: each token's MLP over the neurons its predictor picks)."""
+    """lm-eval model over a loaded OPT (`dejavu_jax.checkpoint.load_model`); `policy` and `sparse_weights` as for
+    the model's forward (dejavu_jax.sparsity: e.g. each token's MLP over the neurons its predictor picks)."""
 
-    def __init__(self, model, sparsity=None, batch_size: int = 16, progress: bool = True, desc: str = "scoring"):
+    def __init__(self, model, policy: SparsityPolicy = DENSE, sparse_weights=None, batch_size: int = 16,
+                 progress: bool = True, desc: str = "scoring"):
         super().__init__()
         if model.tokenizer is None:
             raise ValueError(f"the model at {model.path} has no tokenizer files")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1. Got {batch_size}")
-        self.model, self.sparsity, self.batch_size = model, sparsity, batch_size
+        self.model, self.policy, self.sparse_weights, self.batch_size = model, policy, sparse_weights, batch_size
         self.progress, self.desc = progress, desc
         self.max_length = model.config.max_position_embeddings
 
@@ -96,8 +99,8 @@ class JaxOPT(LM):
                 inputs[row, :n], targets[row, :n], mask[row, :n] = full[:-1], full[1:], 1
                 scored[row, n - n_cont:n] = True
             logprob, greedy = continuation_scores(self.model.params, jnp.asarray(inputs), jnp.asarray(mask),
-                                                  jnp.asarray(targets), jnp.asarray(scored), self.sparsity,
-                                                  config=self.model.config)
+                                                  jnp.asarray(targets), jnp.asarray(scored), self.sparse_weights,
+                                                  config=self.model.config, policy=self.policy)
             logprob, greedy = np.asarray(logprob), np.asarray(greedy)
             for row, i in enumerate(chunk):
                 results[i] = (float(logprob[row]), bool(greedy[row]))
