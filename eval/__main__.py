@@ -57,12 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_ppl(args) -> dict:
     from dejavu_jax.checkpoint import load_model
-    from dejavu_jax.corpus import token_stream
+    from dejavu_jax.corpus import corpus_kind, token_stream
     from dejavu_jax.perplexity import make_windows, perplexity
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2. Got {args.seq_len}")
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1. Got {args.max_windows}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1. Got {args.batch_size}")
+    corpus_kind(args.data)  # a missing, unknown or non-xz corpus fails before the model loads
     model = load_model(args.model, args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import SHARED
+from test_corpus import damage, synthetic_texts, write_jsonl_xz
 from eval.__main__ import main as eval_main
 
 WIKITEXT = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
@@ -58,13 +59,38 @@ def test_ppl_on_jsonl_xz_tokenizes_each_line_with_bos(reference_model_dir, tmp_p
     assert abs(got["ppl"] - expected) / expected <= 1e-3
 
 
+def _damaged_corpus(directory, how):
+    path = directory / f"{how}.jsonl.xz"
+    write_jsonl_xz(path, synthetic_texts(200))
+    damage(path, how)
+    return path
+
+
 @pytest.mark.parametrize("setup, message", [
-    (lambda p: p / "missing.jsonl", "does not exist"),
-    (lambda p: (p / "x.csv").write_text("a,b") and p / "x.csv", "unknown corpus kind"),
     (lambda p: (p / "x.jsonl").write_text('{"title": "no text"}\n') and p / "x.jsonl", 'no "text" field'),
     (lambda p: (p / "short.txt").write_text("too short") and p / "short.txt", "fewer than one window"),
+    (lambda p: (p / "empty.txt").write_text("") or p / "empty.txt", "holds no documents with text"),
+    (lambda p: _damaged_corpus(p, "truncated"), "is truncated or corrupt (Compressed file ended"),
+    (lambda p: _damaged_corpus(p, "corrupt"), "is truncated or corrupt (Corrupt input data)"),
 ])
 def test_ppl_bad_data(reference_model_dir, tmp_path, capsys, setup, message):
     data = setup(tmp_path)
     assert eval_main(["ppl", "--model", str(reference_model_dir), "--data", str(data)]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("setup, extra, message", [
+    (lambda p: p / "missing.jsonl", [], "does not exist"),
+    (lambda p: (p / "x.csv").write_text("a,b") and p / "x.csv", [], "unknown corpus kind"),
+    (lambda p: (p / "x.jsonl.xz").write_text('{"text": "plain"}\n') and p / "x.jsonl.xz", [], "not xz-compressed"),
+    (lambda p: WIKITEXT, ["--seq-len", "1"], "--seq-len must be at least 2"),
+    (lambda p: WIKITEXT, ["--max-windows", "0"], "--max-windows must be >= 1"),
+])
+def test_ppl_cheap_checks_come_before_loading_the_model(tmp_path, capsys, monkeypatch, setup, extra, message):
+    import dejavu_jax.checkpoint
+    monkeypatch.setattr(dejavu_jax.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    data = setup(tmp_path)
+    assert eval_main(["ppl", "--model", "any", "--data", str(data), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
