@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
+from test_corpus import damage, write_jsonl_xz
 from train.__main__ import main as train_main
 from train.activations import ActivationStore
 from train.collect import CollectOptions, collect
@@ -61,6 +62,22 @@ def _assert_same_rows(a, b, exact=True):
         else:
             x, y = a[key].astype(np.float32), b[key].astype(np.float32)
             assert np.abs(x - y).max() <= 1e-3 * max(np.abs(y).max(), 1.0), key
+
+
+def recall_by_k(scores, labels):
+    """[N, M] scores and bool labels -> [M]: mean over tokens of the share of active outputs in the top K, K = 1..M
+    (a token with nothing active counts 1)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    hits = np.cumsum(np.take_along_axis(labels, order, axis=1), axis=1)
+    n_active = labels.sum(1, keepdims=True)
+    return np.where(n_active > 0, hits / np.maximum(n_active, 1), 1.0).mean(0)
+
+
+def mass_recall_by_k(scores, norms):
+    """[N, H] -> [H]: mean over tokens of the share of the head-norm mass in the K best-scored heads."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    kept = np.cumsum(np.take_along_axis(norms, order, axis=1), axis=1)
+    return (kept / norms.sum(1, keepdims=True)).mean(0)
 
 
 # ---- metrics on hand-made labels ----------------------------------------------------------------------------------
@@ -234,9 +251,8 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     assert len(report["layers"]) == config.num_hidden_layers
     for entry in report["layers"]:
         mlp, heads = entry["mlp"], entry["heads"]
-        assert mlp["k"] % 16 == 0 or mlp["k"] == config.ffn_dim
-        assert mlp["k_raw"] <= mlp["k"] <= config.ffn_dim and 1 <= heads["k"] <= config.num_attention_heads
-        assert mlp["calibration"]["recall"] >= 0.99 and heads["calibration"]["recall"] >= 0.99
+        assert mlp["k"] == min(-(-mlp["k_raw"] // 16) * 16, config.ffn_dim)  # rounded up to the block, capped
+        assert 1 <= heads["k"] == heads["k_raw"] <= config.num_attention_heads  # --head-block 1
     # The predictors sit next to the converted model and in the work dir, with K and metadata.
     for where in (converted_model, work / "predictors"):
         predictors = load_predictors(where, config)
@@ -252,13 +268,30 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     n_train, _, test = holdout_split(store, 0.1)
     x = store.read(3, "attn_input", n_train)[test]
     labels = store.read_labels(3, n_train)[test]
-    from dejavu_jax.predictors import mlp_scores, select_top_k
+    from dejavu_jax.predictors import head_scores, mlp_scores, select_top_k
     top = select_top_k(mlp_scores(predictors.mlp[3], jnp.asarray(x)), predictors.mlp[3].keep)
     kept = np.zeros_like(labels)
     np.put_along_axis(kept, np.asarray(top.indices), True, axis=1)
     n_active = labels.sum(1)
     recall = np.where(n_active > 0, (kept & labels).sum(1) / np.maximum(n_active, 1), 1.0).mean()
     assert recall == pytest.approx(report["layers"][3]["mlp"]["test"]["recall"], abs=1e-6)
+    # K per layer is the smallest that reaches the target on the calibration tokens: recomputed here from the
+    # documented split (held-out rows, even windows of --seq-len) and the stored predictors, for every layer.
+    n_rows = store.num_rows
+    n_train = int(n_rows * 0.9)
+    calib = (np.arange(n_train, n_rows) // 128) % 2 == 0
+    for layer, entry in enumerate(report["layers"]):
+        x = store.read(layer, "attn_input", n_train)[calib]
+        curve = recall_by_k(np.asarray(mlp_scores(predictors.mlp[layer], jnp.asarray(x))),
+                            store.read_labels(layer, n_train)[calib])
+        k_raw = entry["mlp"]["k_raw"]
+        assert curve[k_raw - 1] >= 0.99 and (k_raw == 1 or curve[k_raw - 2] < 0.99), (layer, k_raw,
+                                                                                      curve[k_raw - 2:k_raw])
+        x_prev = store.read(max(layer - 1, 0), "attn_input", n_train)[calib]
+        norms = store.read(layer, "head_norm", n_train)[calib].astype(np.float64)
+        mass = mass_recall_by_k(np.asarray(head_scores(predictors.heads[layer], jnp.asarray(x_prev))), norms)
+        k_raw = entry["heads"]["k_raw"]
+        assert mass[k_raw - 1] >= 0.99 and (k_raw == 1 or mass[k_raw - 2] < 0.99), (layer, k_raw, mass)
 
     # Rerunning calibrate alone with another target rewrites K (fit and collect are not repeated).
     rc = train_main(["calibrate", "--work-dir", str(work), "--recall-target", "0.5", "--quiet"])
@@ -308,3 +341,100 @@ def test_cli_bad_paths(reference_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: unknown choice
         train_main(["fit", "--work-dir", str(work), "--mlp-input", "fc1"])
     assert exc.value.code == 2
+
+
+# ---- damaged, empty and tiny corpora; resumed fit ------------------------------------------------------------------
+
+@pytest.fixture
+def small_corpus_xz(small_corpus, tmp_path):
+    """The small corpus, 40 documents long, as .jsonl.xz (texts of the shared validation split)."""
+    texts = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()]
+    path = tmp_path / "corpus.jsonl.xz"
+    write_jsonl_xz(path, (texts * 3)[:40])
+    return path
+
+
+def test_cli_truncated_corpus_keeps_the_finished_shards_and_resumes_once_replaced(converted_model, small_corpus_xz,
+                                                                                   tmp_path, capsys):
+    intact = small_corpus_xz.read_bytes()
+    damage(small_corpus_xz, "truncated")
+    work = tmp_path / "work"
+    argv = ["collect", "--model", str(converted_model), "--data", str(small_corpus_xz), "--work-dir", str(work),
+            "--max-tokens", "100000", "--seq-len", "64", "--batch-size", "4", "--shard-tokens", "256", "--quiet"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: corpus {small_corpus_xz} is truncated or corrupt") and err.count("\n") == 1
+    assert "tokens collected before it are kept" in err
+    manifest = json.loads((work / "activations" / "manifest.json").read_text())
+    assert manifest["rows_done"] > 0 and not manifest["complete"]
+    assert sorted(p.name for p in (work / "activations").iterdir()) == \
+        ["manifest.json"] + [s["name"] for s in manifest["shards"]]  # counted shards only, no temp files
+    # The corpus replaced by its intact copy: the rerun continues and ends with what one clean run collects.
+    small_corpus_xz.write_bytes(intact)
+    assert train_main(argv) == 0
+    assert train_main(argv[:6] + [str(tmp_path / "clean")] + argv[7:]) == 0
+    _assert_same_rows(_rows(tmp_path / "clean" / "activations")[1], _rows(work / "activations")[1], exact=True)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text(""), "holds no text"),
+    (lambda p: p.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " "}) + "\n"), "holds no text"),
+    (lambda p: p.write_bytes(lzma.compress(b'{"text": "a"}\n')[:12] + bytes(40)), "is truncated or corrupt"),
+])
+def test_cli_corpus_without_readable_text_leaves_nothing_behind(converted_model, tmp_path, capsys, make, message):
+    data = tmp_path / ("corpus.jsonl.xz" if "corrupt" in message else "corpus.jsonl")
+    make(data)
+    work = tmp_path / "work"
+    rc = train_main(["--model", str(converted_model), "--data", str(data), "--work-dir", str(work), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: corpus {data} ") and message in err and err.count("\n") == 1
+    assert not work.exists()
+
+
+def test_cli_checks_the_corpus_header_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import dejavu_jax.checkpoint
+    monkeypatch.setattr(dejavu_jax.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    data = tmp_path / "plain.jsonl.xz"
+    data.write_text(json.dumps({"text": "not compressed"}) + "\n")
+    work = tmp_path / "work"
+    assert train_main(["--model", "any", "--data", str(data), "--work-dir", str(work)]) == 2
+    assert "is not xz-compressed" in capsys.readouterr().err and not work.exists()
+
+
+def test_cli_corpus_too_small_to_fit_says_so(converted_model, tmp_path, capsys):
+    """A corpus that ends after a few tokens: the error points at the corpus, not at --max-tokens."""
+    data = tmp_path / "tiny.jsonl"
+    data.write_text(json.dumps({"text": "Hello world."}) + "\n")
+    work = tmp_path / "work"
+    rc = train_main(["--model", str(converted_model), "--data", str(data), "--work-dir", str(work), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "too few to hold out" in err and "the corpus ended there" in err and "--max-tokens" not in err
+    store = ActivationStore(work / "activations")  # the collection itself is whole: complete and exhausted
+    assert store.complete and store.manifest["exhausted"] and store.num_rows < 20
+
+
+def test_resumed_fit_reports_reused_layers(converted_model, small_corpus, tmp_path, capsys):
+    work = tmp_path / "work"
+    assert train_main(["collect", "--model", str(converted_model), "--data", str(small_corpus), "--work-dir",
+                       str(work), "--max-tokens", "600", "--seq-len", "64", "--quiet"]) == 0
+    fit = ["fit", "--work-dir", str(work), "--rank", "8", "--epochs", "1", "--train-batch-size", "128"]
+
+    def layer_lines():
+        out = capsys.readouterr().out
+        lines = [line for line in out.splitlines() if line.lstrip().startswith(("mlp", "heads"))]
+        summary = [line for line in out.splitlines() if line.startswith("fit: rank")]
+        return lines, summary[0]
+
+    assert train_main(fit) == 0
+    lines, summary = layer_lines()
+    layers = ActivationStore(work / "activations").config.num_hidden_layers
+    assert len(lines) == 2 * layers and not any("reused" in line for line in lines) and "reused" not in summary
+    # One predictor's saved state removed, as if the first run had stopped before it.
+    state = next((work / "fit-state").iterdir())
+    (state / "layer_2.mlp.npz").unlink()
+    assert train_main(fit) == 0
+    lines, summary = layer_lines()
+    retrained = [line for line in lines if "reused" not in line]
+    assert len(lines) == 2 * layers and len(retrained) == 1 and "mlp   layer 2" in retrained[0]
+    assert f"({2 * layers - 1} of {2 * layers} predictors reused from an earlier run)" in summary

@@ -46,7 +46,8 @@ def _collect_args(p: argparse.ArgumentParser, required: bool) -> None:
     if not required:
         return
     g.add_argument("--data", required=True,
-                   help='corpus: .jsonl / .jsonl.xz (a "text" field per line), .txt, or a datasets.save_to_disk dir')
+                   help='corpus: .jsonl / .jsonl.xz (a "text" field per line), .txt, or a datasets.save_to_disk dir; '
+                        'documents without text are skipped')
     g.add_argument("--max-tokens", type=int, default=400_000,
                    help="token budget: rows to collect, padding excluded (default 400000); raising it later "
                         "continues a finished collection")
@@ -185,7 +186,10 @@ def run(args, log) -> dict:
         log(f"fit: {store.num_rows:,} rows, {store.config.num_hidden_layers} layers")
         summary["fit"] = fit(store, fit_opts, args.work_dir, predictors_dir, log=log if progress else None,
                              progress=progress)
-        log(f"fit: rank {summary['fit']['rank']}, {summary['fit']['seconds']:.0f} s -> {predictors_dir}")
+        reused = len(summary["fit"]["reused"])
+        log(f"fit: rank {summary['fit']['rank']}, {summary['fit']['seconds']:.0f} s -> {predictors_dir}" +
+            (f" ({reused} of {2 * store.config.num_hidden_layers} predictors reused from an earlier run)"
+             if reused else ""))
     if calibrate_opts is not None:
         from train.calibrate import calibrate
         from train.report import mean_mlp_density, write_report

@@ -8,6 +8,10 @@ changes nothing they compute). Row i of the store is therefore token i of the st
 Resume: the manifest records the rows written and the stream position of the next row (the document index and
 token offset where its window starts, plus how many of that window's rows are already stored), so a rerun
 re-tokenizes only from that document on and continues exactly where the last counted shard ended.
+
+Failure: nothing is written before the first shard, so a run that fails earlier (an empty or unreadable corpus)
+leaves no directory. A corpus found truncated or corrupt later ends the run with `CorpusError`; the shards before
+the damage stay counted, and a rerun once the file is replaced continues after them.
 """
 
 from __future__ import annotations
@@ -176,6 +180,9 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
         _check_resumable(manifest, opts, out_dir)
         if manifest["rows_done"] >= opts.max_tokens or manifest.get("exhausted"):
             return _summary(manifest, out_dir, resumed=True, new_rows=0)
+    elif out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ActivationStoreError(f"{out_dir} exists and is not an activation directory; pass another "
+                                   f"--work-dir or --overwrite")
 
     model = load_model(opts.model, opts.dtype)
     config = model.config
@@ -184,26 +191,31 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
     if opts.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {opts.seq_len} exceeds the model's {config.max_position_embeddings} positions")
 
-    if manifest is None:
-        if out_dir.exists() and (overwrite or any(out_dir.iterdir())):
-            if not overwrite:
-                raise ActivationStoreError(f"{out_dir} exists and is not an activation directory; pass another "
-                                           f"--work-dir or --overwrite")
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    resumed = manifest is not None
+    if resumed:
+        removed = remove_uncounted(out_dir, manifest)
+        if removed and progress:
+            print(f"removed uncommitted leftovers of an interrupted run: {', '.join(removed)}", file=sys.stderr)
+    else:
+        # Written to disk with the first shard (`start_store`): a run that fails before any row arrives (a corrupt
+        # or empty corpus) leaves no directory behind, and --overwrite discards old activations only then.
         manifest = {"format": FORMAT_VERSION, **_settings(opts, config),
                     "storage": {"attn_input": "float16", "mlp_input": "float16",
                                 "mlp_active": "uint8 np.packbits(fc1 > 0, axis=-1), big-endian bit order",
                                 "head_norm": "float32", "tokens": "int32"},
                     "rows_done": 0, "position": {"document": 0, "offset": 0, "skip_rows": 0},
                     "documents_consumed": 0, "shards": [], "complete": False, "exhausted": False}
+    store_exists = resumed
+
+    def start_store() -> None:
+        nonlocal store_exists
+        if out_dir.is_dir():  # empty, or old activations that --overwrite discards
+            shutil.rmtree(out_dir)
+        elif out_dir.exists():
+            out_dir.unlink()
+        out_dir.mkdir(parents=True)
         write_json_atomic(out_dir / "manifest.json", manifest)
-        resumed = False
-    else:
-        resumed = True
-    removed = remove_uncounted(out_dir, manifest)
-    if removed and progress:
-        print(f"removed uncommitted leftovers of an interrupted run: {', '.join(removed)}", file=sys.stderr)
+        store_exists = True
 
     start_rows = manifest["rows_done"]
     rows_done = start_rows  # committed
@@ -238,6 +250,8 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
         layers = [{f: np.concatenate([s.layers[i][f] for s in taken]) for f in FIELDS}
                   for i in range(config.num_hidden_layers)]
         index = len(manifest["shards"])
+        if not store_exists:
+            start_store()
         write_shard(out_dir, index, tokens, layers)
         rows_done += len(tokens)
         if last.row_hi == len(last.window.tokens):
@@ -292,15 +306,18 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
         exhausted = rows_seen < opts.max_tokens  # the loop ended before the budget: the stream has ended
         if pending_rows:
             commit(pending_rows)
+        if rows_done == 0:
+            raise CorpusError(f"corpus {opts.data} holds no text")
         manifest["complete"] = True
         manifest["exhausted"] = exhausted
         write_json_atomic(out_dir / "manifest.json", manifest)
+    except CorpusError as e:
+        if rows_done:  # the shards before the damage are complete and counted: keep them
+            raise CorpusError(f"{e}. The {rows_done:,} tokens collected before it are kept in {out_dir}; rerun "
+                              f"the same command to continue once the corpus is replaced") from e
+        raise
     finally:
         bar.close()
-    if rows_done == 0:
-        if not resumed:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise CorpusError(f"corpus {opts.data} holds no tokens")
     return _summary(manifest, out_dir, resumed=resumed, new_rows=rows_done - start_rows)
 
 

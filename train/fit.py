@@ -81,12 +81,15 @@ class FitOptions:
         return self.rank if self.rank is not None else max(1, min(1000, d_model // 2))
 
 
-def split_rows(num_rows: int, holdout: float) -> tuple[int, int]:
-    """(train rows, start of the test half): train = [0, n_train), calibration = [n_train, mid), test = [mid, n)."""
+def split_rows(num_rows: int, holdout: float, corpus_ended: bool = False) -> tuple[int, int]:
+    """(train rows, start of the test half): train = [0, n_train), calibration = [n_train, mid), test = [mid, n).
+    `corpus_ended`: the collection stopped because the corpus ran out, so a larger --max-tokens cannot help."""
     n_train = int(num_rows * (1 - holdout))
     if n_train < 1 or num_rows - n_train < 2:
+        remedy = ("the corpus ended there: collect from a larger one (--data)" if corpus_ended else
+                  "collect more (--max-tokens)")
         raise ValueError(f"{num_rows} collected rows are too few to hold out {holdout:.0%} for calibration and "
-                         f"testing; collect more (--max-tokens)")
+                         f"testing; {remedy}")
     return n_train, n_train + (num_rows - n_train) // 2
 
 
@@ -208,18 +211,23 @@ def fit(store: ActivationStore, opts: FitOptions, work_dir: Path, predictors_dir
     config = store.config
     L, d = config.num_hidden_layers, config.hidden_size
     rank = opts.resolved_rank(d)
-    n_train, _ = split_rows(store.num_rows, opts.holdout)
+    n_train, _ = split_rows(store.num_rows, opts.holdout, corpus_ended=bool(store.manifest.get("exhausted")))
     state_dir = Path(work_dir) / "fit-state" / _fit_key(opts, store)
     state_dir.mkdir(parents=True, exist_ok=True)
+    if log and any(state_dir.glob("layer_*.npz")):
+        log(f"  resuming: predictors an earlier run trained with these settings ({state_dir}) are reused")
     rng = jax.random.PRNGKey(opts.seed)
     mlp, heads = [None] * L, [None] * L
     info = {"mlp": [None] * L, "heads": [None] * L}
+    reused_layers: list[str] = []  # predictors loaded from fit-state instead of trained now
     start = time.perf_counter()
 
     def run(kind: str, layer: int, x: np.ndarray, packed: np.ndarray, labels_holdout: np.ndarray, out: int):
         path = state_dir / f"layer_{layer}.{kind}.npz"
-        if path.exists():
+        reused = path.exists()
+        if reused:
             predictor, layer_info = _load_layer(path, opts.normalize_input)
+            reused_layers.append(f"{kind} {layer}")
         else:
             key = jax.random.fold_in(jax.random.fold_in(rng, layer), 0 if kind == "mlp" else 1)
             predictor, layer_info = train_predictor(x[:n_train], packed[:n_train], out, rank, opts, key,
@@ -229,9 +237,10 @@ def fit(store: ActivationStore, opts: FitOptions, work_dir: Path, predictors_dir
         (mlp if kind == "mlp" else heads)[layer] = predictor
         info[kind][layer] = layer_info
         if log:
+            how = "reused" if reused else f"{layer_info['seconds']:.0f} s"
             log(f"  {kind:5s} layer {layer}: recall {layer_info['recall']:.3f} precision "
-                  f"{layer_info['precision']:.3f} true density {layer_info['true_density']:.3f} predicted "
-                  f"{layer_info['predicted_density']:.3f} ({layer_info['seconds']:.0f} s)")
+                f"{layer_info['precision']:.3f} true density {layer_info['true_density']:.3f} predicted "
+                f"{layer_info['predicted_density']:.3f} ({how})")
 
     for layer in range(L):
         attn_in = store.read(layer, "attn_input")
@@ -262,4 +271,4 @@ def fit(store: ActivationStore, opts: FitOptions, work_dir: Path, predictors_dir
     }
     save_predictors(predictors, predictors_dir, metadata)
     return {"predictors": str(predictors_dir), "rank": rank, "training_tokens": n_train,
-            "seconds": metadata["fit_seconds"], "metrics": info}
+            "seconds": metadata["fit_seconds"], "reused": reused_layers, "metrics": info}
