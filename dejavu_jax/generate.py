@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from dejavu_jax.convert import DTYPES
@@ -24,11 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a converted model directory, an HF OPT checkpoint directory, or a hub id (facebook/opt-1.3b)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless --temperature > 0)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (default)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    p.add_argument("--greedy", action="store_true",
+                   help="greedy decoding (the default); an error together with --temperature > 0")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature, finite and >= 0; 0 = greedy (default). --top-k, --top-p and --seed "
+                        "only apply when sampling: without --temperature > 0 they are an error")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sampling: keep the k most likely tokens, at most the vocabulary size (default: off)")
+    p.add_argument("--top-p", type=float, default=None, help="sampling: nucleus mass in (0, 1] (default 1: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling: PRNG seed (default 0)")
     p.add_argument("--predictors", default=None,
                    help="trained predictors (from python -m train): decode steps compute only the MLP neurons the "
                         "predictors choose (the union over the batch), with the sparse-MLP kernel")
@@ -47,20 +52,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sampling_from_args(args) -> SamplingConfig:
+    """The sampling flags, checked before any model loads: the sampling-only flags need --temperature > 0."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 and finite (0 = greedy). Got {args.temperature}")
+    if args.greedy and args.temperature > 0:
+        raise ValueError(f"--greedy contradicts --temperature {args.temperature}: drop --greedy to sample, or "
+                         f"--temperature to decode greedily")
+    sampling_only = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p),
+                                              ("--seed", args.seed)) if value is not None]
+    if sampling_only and args.temperature == 0:
+        raise ValueError(f"{', '.join(sampling_only)} only appl{'ies' if len(sampling_only) == 1 else 'y'} when "
+                         f"sampling; add --temperature T (T > 0, e.g. 1.0)")
+    return SamplingConfig(greedy=args.temperature == 0, temperature=args.temperature,
+                          top_k=0 if args.top_k is None else args.top_k,
+                          top_p=1.0 if args.top_p is None else args.top_p)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dejavu_jax.checkpoint import load_model
     from dejavu_jax.generation import generate_text
     try:
-        sampling = SamplingConfig(greedy=args.greedy or args.temperature == 0, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens: max_new_tokens must be a positive int. Got {args.max_new_tokens}")
+        sampling = sampling_from_args(args)
         model = load_model(args.model, args.dtype)
+        sampling.check_vocab(model.config.vocab_size)
         sparsity = None
         if args.predictors is not None:
             from dejavu_jax.model import sparsity_from_predictors
             from dejavu_jax.predictors import load_predictors
             sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config), "batch_union")
-        results = generate_text(model, args.prompt, args.max_new_tokens, sampling, args.seed, sparsity,
+        results = generate_text(model, args.prompt, args.max_new_tokens, sampling, args.seed or 0, sparsity,
                                 args.attention, args.autotune)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,18 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0. Got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 and finite. Got {self.temperature}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be an int >= 0 (0 turns it off). Got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 turns it off). Got {self.top_p}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """top_k must not exceed the vocabulary (only known once the model is)."""
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k {self.top_k} exceeds the vocabulary of {vocab_size} tokens; use at most "
+                             f"{vocab_size}, or 0 for off")
 
     def to_device(self) -> "SamplingParams":
         greedy = self.greedy or self.temperature == 0
