@@ -8,6 +8,8 @@ rerun with the same settings skips the tasks already in it, so an interrupted ru
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -19,11 +21,28 @@ def _metrics(result: dict) -> dict:
     return {m: float(result[f"{m},none"]) for m in METRICS if f"{m},none" in result}
 
 
+@contextlib.contextmanager
+def _named_request_bar(name: str, progress: bool):
+    """lm-eval's progress bar over the documents while it builds their requests has no description: name it
+    after the task (and hide it without progress) for the duration of one evaluation."""
+    import lm_eval.api.task as task_module
+    original = getattr(task_module, "tqdm", None)
+    if original is None:  # another lm-eval layout: leave its bar as it is
+        yield
+        return
+    task_module.tqdm = functools.partial(original, desc=f"{name} requests", unit="doc", disable=not progress)
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+
+
 def evaluate_task(lm, task, limit: int | None) -> dict:
     from lm_eval import evaluator
     from lm_eval.tasks import get_task_dict
-    out = evaluator.evaluate(lm, get_task_dict([task]), limit=limit, bootstrap_iters=0, log_samples=False,
-                             verbosity="ERROR")
+    with _named_request_bar(task.config.task, getattr(lm, "progress", True)):
+        out = evaluator.evaluate(lm, get_task_dict([task]), limit=limit, bootstrap_iters=0, log_samples=False,
+                                 verbosity="ERROR")
     result = out["results"][task.config.task]
     return {"documents": int(result["sample_len"]), **_metrics(result)}
 
@@ -54,7 +73,7 @@ def run_tasks(args) -> dict:
     from dejavu_jax.atomic import write_json_atomic
     from dejavu_jax.checkpoint import load_model
     from eval.harness import JaxOPT
-    from eval.local_tasks import build_task, parse_task_list
+    from eval.local_tasks import TaskDataError, build_task, parse_task_list
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on custom datasets are not for our users
     names = parse_task_list(args.tasks)
@@ -62,16 +81,19 @@ def run_tasks(args) -> dict:
         raise ValueError(f"--limit must be >= 1. Got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1. Got {args.batch_size}")
+    if not Path(args.tasks_dir).is_dir():
+        raise TaskDataError(f"--tasks-dir {args.tasks_dir} is not a directory; point it at the local splits "
+                            f"(../shared/data/tasks)")
+    settings = {"model": str(args.model), "predictors": args.predictors, "dtype": args.dtype, "limit": args.limit,
+                "tasks_dir": str(args.tasks_dir)}
+    out = Path(args.out) if args.out else None
+    results = _load_previous(out, settings)  # checked before the model loads, so a bad --out costs no wait
     model = load_model(args.model, args.dtype)
     sparsity = None
     if args.predictors is not None:
         from dejavu_jax.model import sparsity_from_predictors
         from dejavu_jax.predictors import load_predictors
         sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config))
-    settings = {"model": str(args.model), "predictors": args.predictors, "dtype": args.dtype, "limit": args.limit,
-                "tasks_dir": str(args.tasks_dir)}
-    out = Path(args.out) if args.out else None
-    results = _load_previous(out, settings)  # checked before any scoring, so a bad --out loses no work
     progress = not args.json
     dense_lm = JaxOPT(model, batch_size=args.batch_size, progress=progress, desc="dense")
     sparse_lm = None if sparsity is None else JaxOPT(model, sparsity, args.batch_size, progress, desc="sparse")
@@ -80,8 +102,10 @@ def run_tasks(args) -> dict:
         if name in results:
             continue
         task = build_task(name, args.tasks_dir, task_manager)
+        dense_lm.desc = f"{name} dense"  # the progress bar names the task it scores
         entry = {"dense": evaluate_task(dense_lm, task, args.limit)}
         if sparse_lm is not None:
+            sparse_lm.desc = f"{name} sparse"
             entry["sparse"] = evaluate_task(sparse_lm, task, args.limit)
         results[name] = entry
         if out is not None:

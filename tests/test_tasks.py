@@ -94,22 +94,43 @@ def test_unknown_task_and_missing_dir_are_clear_errors(tmp_path, task_manager):
         build_task("piqa", tmp_path, task_manager)
 
 
-def test_cli_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
+# Gold answers read straight from the raw split files, not through the local loaders' label mapping.
+RAW_GOLD = {"copa": ("copa/val.jsonl", lambda record: int(record["label"])),
+            "rte": ("rte/val.jsonl", lambda record: 0 if record["label"] == "entailment" else 1)}
+
+
+def accuracy_by_hand(jax_lm, name, task_manager, limit):
+    """acc of the first `limit` documents: the choice with the highest log-likelihood (scored request by request
+    through the adapter) against the raw file's gold answer, averaged here rather than by lm-eval's evaluator."""
+    task = build_task(name, TASKS_DIR, task_manager)
+    task.build_all_requests(limit=limit)
+    scores = {}
+    for instance, (logprob, _) in zip(task.instances, jax_lm.loglikelihood(task.instances)):
+        scores.setdefault(instance.doc_id, {})[instance.idx] = logprob
+    path, gold_of = RAW_GOLD[name]
+    with open(TASKS_DIR / path) as f:
+        gold = [gold_of(json.loads(line)) for line, _ in zip(f, range(limit))]
+    assert sorted(scores) == list(range(limit))
+    return float(np.mean([int(np.argmax([scores[d][i] for i in sorted(scores[d])])) == gold[d] for d in scores]))
+
+
+def test_cli_writes_results_and_resumes(tmp_path, capsys, monkeypatch, jax_lm, task_manager):
     out = tmp_path / "tasks.json"
     argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa,rte", "--tasks-dir", str(TASKS_DIR),
-            "--limit", "6", "--batch-size", "4", "--out", str(out), "--json"]
+            "--limit", "6", "--batch-size", "4", "--out", str(out)]
     assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
+    # Every progress bar the run draws (lm-eval's over the documents, ours over the batches) names its task.
+    bars = {line.split(":")[0] for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "|" in line}
+    assert bars == {"copa requests", "copa dense", "rte requests", "rte dense"}
     saved = json.loads(out.read_text())
-    assert saved["tasks"] == report["tasks"]
     for name in ("copa", "rte"):
-        assert report["tasks"][name]["dense"]["documents"] == 6
-        assert 0.0 <= report["tasks"][name]["dense"]["acc"] <= 1.0
+        assert saved["tasks"][name]["dense"]["documents"] == 6
+        assert saved["tasks"][name]["dense"]["acc"] == pytest.approx(accuracy_by_hand(jax_lm, name, task_manager, 6))
     # A rerun with the same settings scores nothing again.
     import eval.tasks
     monkeypatch.setattr(eval.tasks, "evaluate_task", lambda *a: pytest.fail("re-evaluated a finished task"))
-    assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["tasks"] == report["tasks"]
+    assert main(argv + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == saved["tasks"]
 
 
 def test_cli_predictors_keeping_every_neuron_reproduce_dense(tmp_path, capsys):
@@ -126,8 +147,14 @@ def test_cli_predictors_keeping_every_neuron_reproduce_dense(tmp_path, capsys):
     assert report["mlp_k"] == [config.ffn_dim] * config.num_hidden_layers
 
 
-def test_cli_refuses_an_out_file_it_would_overwrite(tmp_path, capsys):
-    """An --out holding other results, or not writable, is an error before any scoring, and is left as it was."""
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import dejavu_jax.checkpoint
+    monkeypatch.setattr(dejavu_jax.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+
+
+def test_cli_refuses_an_out_file_it_would_overwrite(tmp_path, capsys, no_model_loading):
+    """An --out holding other results, or not writable, is an error before the model loads, and is left as it was."""
     argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa", "--tasks-dir", str(TASKS_DIR),
             "--limit", "4", "--out"]
     other = tmp_path / "other.json"
@@ -142,7 +169,14 @@ def test_cli_refuses_an_out_file_it_would_overwrite(tmp_path, capsys):
         assert (out.read_text() if out.is_file() else None) == before
 
 
-def test_cli_bad_input_exits_2(capsys):
-    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "nope", "--tasks-dir", str(TASKS_DIR)]
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks", "nope"], "unknown task"),
+    (["--tasks-dir", "/no/such/tasks"], "--tasks-dir /no/such/tasks is not a directory"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_cli_bad_input_exits_2_before_loading(capsys, no_model_loading, extra, message):
+    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa", "--tasks-dir", str(TASKS_DIR), *extra]
     assert main(argv) == 2
-    assert "unknown task" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
