@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8, help="weight sets cycled through (default 8)")
     p.add_argument("--steps", type=int, default=20, help="chained passes over the sets (default 20)")
     p.add_argument("--sweep", action="store_true", help="also sweep the masked kernels' block sizes")
+    p.add_argument("--sweep-threshold", action="store_true",
+                   help="only the predicted threshold path, over a grid of both kernels' block sizes")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     info = provenance()
@@ -181,6 +183,16 @@ def main(argv=None) -> int:
                 ("predictor hidden, w1 [d,r]", as_block(hidden_dr)), ("predictor hidden, w1t [r,d]",
                                                                       as_block(hidden_rd)),
                 ("predictor scores (XLA, both matmuls)", as_block(scores))]
+            if args.sweep_threshold:
+                cands = [("dense (XLA)", dense), ("gather, fixed idx", cands[1][1])]
+                fc1_grid = [dict(fc1_segment=sg, fc1_block_k=bk, fc1_block_d=bd, fc1_warps=w)
+                            for sg, bk, bd, w in itertools.product((32, 64, 128), (8, 16), (1024, 2048), (4, 8))]
+                fc2_grid = [dict(fc2_segment=sg, fc2_block_k=bk, fc2_block_d=bd, fc2_warps=w)
+                            for sg, bk, bd, w in itertools.product((64, 128, 256), (16, 32), (256, 512), (4,))]
+                for kn in fc1_grid:
+                    cands.append((f"threshold fc1 {kn}", predicted_threshold(tuple(kn.items()))))
+                for kn in fc2_grid:
+                    cands.append((f"threshold fc2 {kn}", predicted_threshold((), tuple(kn.items()))))
             if args.sweep:
                 for kn in FC1_KNOBS[1:]:
                     cands.append((f"masked fixed fc1 {kn}", masked(tuple(kn.items()))))
