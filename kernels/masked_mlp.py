@@ -59,13 +59,13 @@ class MaskedMLPPlan:
     d: int
     ffn: int
     rank: int = 0             # predictor rank with selection="threshold"
-    fc1_segment: int = 128    # rows whose choice one fc1 program reads (and whose h it writes)
+    fc1_segment: int = 64     # rows whose choice one fc1 program reads (and whose h it writes)
     fc1_block_k: int = 16     # chosen rows gathered per fc1 step
-    fc1_block_d: int = 512    # columns per fc1 load (capped to a power of two dividing d)
+    fc1_block_d: int = 2048   # columns per fc1 load (capped to a power of two dividing d)
     fc1_warps: int = 4
     fc2_segment: int = 256    # rows of fc2_w_t one fc2 program owns (one fp32 partial output each)
-    fc2_block_k: int = 16     # nonzero rows gathered per fc2 step
-    fc2_block_d: int = 128    # columns per fc2 program
+    fc2_block_k: int = 32     # nonzero rows gathered per fc2 step
+    fc2_block_d: int = 256    # columns per fc2 program
     fc2_warps: int = 4
 
     def __post_init__(self):

@@ -3,8 +3,10 @@
 The held-out rows (the last `holdout` fraction of the collection, later documents than any training row) are
 split by window: even windows calibrate, odd windows test. Per layer, K is the smallest count of top-scored
 outputs whose mean recall over the calibration tokens reaches the target (MLP: of the truly active neurons; heads:
-of the head-norm mass), rounded up to a multiple of the kernel's block (`block`, `head_block`) and capped at the
-layer's width. Test-half metrics at that K are what the report shows.
+of the head-norm mass), rounded up to a multiple of `block` / `head_block` and capped at the layer's width. The
+MLP's threshold is the largest score threshold whose mean recall over the calibration tokens reaches the same
+target (threshold selection: no sort, the count varies per token). Test-half metrics at that K and threshold
+(recall, density, and how often a token's count exceeds K) are what the report shows.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import numpy as np
 from dejavu_jax.predictors import load_predictors, predictor_metadata, save_predictors
 from train.activations import ActivationStore
 from train.fit import score_rows, split_rows
-from train.metrics import TopKCurve, head_labels, smallest_k
+from train.metrics import ThresholdCalibration, ThresholdCounts, TopKCurve, head_labels, smallest_k
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrateOptions:
     recall_target: float = 0.99  # MLP: mean fraction of the truly active neurons kept
     head_recall_target: float = 0.99  # heads: mean fraction of the head-norm mass kept
-    block: int = 16  # MLP K is a multiple of this (the sparse-MLP kernel's block)
+    block: int = 16  # MLP K is a multiple of this
     head_block: int = 1  # head K is a multiple of this
 
     def validate(self) -> None:
@@ -85,8 +87,14 @@ def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptio
         x_mlp = store.read(layer, predictors.mlp_input, n_train)
         labels = store.read_labels(layer, n_train)
         curves = _curves(predictors.mlp[layer], x_mlp, labels, calib, test, config.ffn_dim)
-        del x_mlp, labels
         mlp_raw, mlp_k = smallest_k(curves["calibration"].recall(), opts.recall_target, opts.block)
+        threshold = _calibrate_threshold(predictors.mlp[layer], x_mlp, labels, calib, opts.recall_target)
+        threshold_test = ThresholdCounts(threshold, config.ffn_dim, mlp_k)
+        for start, scores in score_rows(predictors.mlp[layer], x_mlp):
+            rows = slice(start, start + len(scores))
+            if test[rows].any():
+                threshold_test.update(scores[test[rows]], labels[rows][test[rows]])
+        del x_mlp, labels
 
         x_head = store.read(max(layer - 1, 0), "attn_input", n_train)
         norms = store.read(layer, "head_norm", n_train)
@@ -101,7 +109,8 @@ def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptio
         entry = {
             "layer": layer,
             "mlp": {"k_raw": mlp_raw, "k": mlp_k, "calibration": curves["calibration"].at(mlp_k),
-                    "test": curves["test"].at(mlp_k),
+                    "test": curves["test"].at(mlp_k), "threshold": threshold,
+                    "threshold_test": threshold_test.result(),
                     "recall_curve": [round(float(v), 5) for v in curves["test"].recall()]},
             "heads": {"k_raw": head_raw, "k": head_k, "calibration": head_curves["calibration"].at(head_k),
                       "test": head_curves["test"].at(head_k),
@@ -111,11 +120,14 @@ def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptio
         layers.append(entry)
         if log:
             m, h = entry["mlp"]["test"], entry["heads"]["test"]
+            t = entry["mlp"]["threshold_test"]
             log(f"  layer {layer}: MLP K {mlp_k:5d}/{config.ffn_dim} ({m['predicted_density']:.1%}, true "
-                f"{m['true_density']:.1%}) recall {m['recall']:.4f} | heads K {head_k}/{config.num_attention_heads}"
+                f"{m['true_density']:.1%}) recall {m['recall']:.4f}; threshold {threshold:.3f}: density "
+                f"{t['density']:.1%} recall {t['recall']:.4f} | heads K {head_k}/{config.num_attention_heads}"
                 f" mass recall {h['recall']:.4f}")
 
     calibrated = predictors.with_k([e["mlp"]["k"] for e in layers], [e["heads"]["k"] for e in layers])
+    calibrated = calibrated.with_threshold([e["mlp"]["threshold"] for e in layers])
     calibration = {
         "recall_target": opts.recall_target,
         "head_recall_target": opts.head_recall_target,
@@ -138,6 +150,16 @@ def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptio
             "fit": meta.get("fit_metrics"), "fit_options": fit_options,
             "training_tokens": meta.get("training_tokens"), "mlp_input": predictors.mlp_input,
             "model": meta.get("model"), "activations": meta.get("activations")}
+
+
+def _calibrate_threshold(predictor, x, labels, calib, target: float) -> float:
+    """The largest score threshold whose mean recall over the calibration rows reaches `target`."""
+    cal = ThresholdCalibration()
+    for start, scores in score_rows(predictor, x):
+        rows = slice(start, start + len(scores))
+        if calib[rows].any():
+            cal.update(scores[calib[rows]], labels[rows][calib[rows]])
+    return cal.threshold(target)
 
 
 def _without_curves(calibration: dict) -> dict:

@@ -107,3 +107,60 @@ def smallest_k(recall_curve: np.ndarray, target: float, block: int) -> tuple[int
     reached = np.nonzero(recall_curve >= target - 1e-12)[0]
     raw = int(reached[0]) + 1 if len(reached) else m
     return raw, min(-(-raw // block) * block, m)
+
+
+class ThresholdCalibration:
+    """Mean per-token recall as a function of a score threshold (a neuron is chosen when its score >= t).
+
+    A token's recall at t is (its active outputs with score >= t) / (its active outputs), 1 with none active, so the
+    mean over tokens is a weighted count of active (token, output) pairs above t, each pair weighing 1 / (its
+    token's active count): `threshold(target)` is a weighted quantile of the active pairs' scores.
+    """
+
+    def __init__(self):
+        self.scores, self.weights = [], []
+        self.n_tokens = self.n_empty = 0
+
+    def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        labels = np.asarray(labels, bool)
+        n_pos = labels.sum(axis=1)
+        self.n_tokens += labels.shape[0]
+        self.n_empty += int((n_pos == 0).sum())
+        rows, _ = np.nonzero(labels)
+        self.scores.append(np.asarray(scores, np.float32)[labels])
+        self.weights.append(1.0 / n_pos[rows])
+
+    def threshold(self, target: float) -> float:
+        """The largest threshold whose mean recall over the tokens seen reaches `target`."""
+        need = target * self.n_tokens - self.n_empty - 1e-9
+        if need <= 0 or not self.scores:
+            return float("inf")
+        scores, weights = np.concatenate(self.scores), np.concatenate(self.weights)
+        order = np.argsort(-scores, kind="stable")
+        reached = np.nonzero(np.cumsum(weights[order]) >= need)[0]
+        return float(scores[order[reached[0]]]) if len(reached) else float(scores.min())
+
+
+class ThresholdCounts:
+    """What a threshold does on held-out tokens: mean recall, mean density, and the per-token counts' tail."""
+
+    def __init__(self, threshold: float, num_outputs: int, k: int):
+        self.t, self.m, self.k = threshold, num_outputs, k
+        self.recall_sum = 0.0
+        self.counts = []
+
+    def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        chosen = np.asarray(scores) >= self.t
+        labels = np.asarray(labels, bool)
+        n_pos = labels.sum(axis=1)
+        hits = (chosen & labels).sum(axis=1)
+        self.recall_sum += float(np.where(n_pos > 0, hits / np.maximum(n_pos, 1), 1.0).sum())
+        self.counts.append(chosen.sum(axis=1))
+
+    def result(self) -> dict:
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, np.int64)
+        n = max(len(counts), 1)
+        return {"threshold": self.t, "recall": self.recall_sum / n, "density": float(counts.sum() / (n * self.m)),
+                "max_density": float(counts.max() / self.m) if len(counts) else 0.0,
+                "p99_density": float(np.percentile(counts, 99) / self.m) if len(counts) else 0.0,
+                "above_k_fraction": float((counts > self.k).mean()) if len(counts) else 0.0}
