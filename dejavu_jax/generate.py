@@ -2,6 +2,7 @@
 
     python -m dejavu_jax.generate --model DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
         [--greedy | --temperature T --top-k K --top-p P --seed S] [--dtype ...] [--json]
+        [--predictors DIR] [--mlp-sparsity none|lossless|predicted] [--selection threshold|topk]
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling: keep the k most likely tokens, at most the vocabulary size (default: off)")
     p.add_argument("--top-p", type=float, default=None, help="sampling: nucleus mass in (0, 1] (default 1: off)")
     p.add_argument("--seed", type=int, default=None, help="sampling: PRNG seed (default 0)")
-    p.add_argument("--predictors", default=None,
-                   help="trained predictors (from python -m train): decode steps compute only the MLP neurons the "
-                        "predictors choose (the union over the batch), with the sparse-MLP kernel")
+    from dejavu_jax.sparsity_args import add_sparsity_args
+    add_sparsity_args(p)  # decode steps at batch 1 compute the sparse MLP with the row-masked kernels
     from dejavu_jax.model import ATTENTION_IMPLS
     p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS,
                    help="decode-step attention: XLA ops (default) or one Pallas kernel per layer that also writes "
@@ -77,15 +77,13 @@ def main(argv=None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens: max_new_tokens must be a positive int. Got {args.max_new_tokens}")
         sampling = sampling_from_args(args)
+        from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
+        check_sparsity_args(args)
         model = load_model(args.model, args.dtype)
         sampling.check_vocab(model.config.vocab_size)
-        sparsity = None
-        if args.predictors is not None:
-            from dejavu_jax.model import sparsity_from_predictors
-            from dejavu_jax.predictors import load_predictors
-            sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config), "batch_union")
-        results = generate_text(model, args.prompt, args.max_new_tokens, sampling, args.seed or 0, sparsity,
-                                args.attention, args.autotune)
+        policy, sparse_weights = load_sparsity(args, model)
+        results = generate_text(model, args.prompt, args.max_new_tokens, sampling, args.seed or 0, policy,
+                                sparse_weights, args.attention, args.autotune)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -125,12 +125,13 @@ def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "attention_impl"), donate_argnames=("cache",))
-def decode_step(params, cache: KVCache, tokens, sparse_weights=None, *, config: OPTConfig,
+def decode_step(params, cache: KVCache, tokens, sparse_weights=None, head_idx=None, *, config: OPTConfig,
                 policy: SparsityPolicy = DENSE, attention_impl: str = "xla"):
-    """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache."""
+    """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache.
+    `head_idx` (per layer, the heads to compute, or None) is the attention seam."""
     model = _model_for(config, params, attention_impl)
     logits, cache = model.apply({"params": params}, tokens[:, None], jnp.ones((tokens.shape[0], 1), jnp.int32),
-                                cache, policy=policy, sparse_weights=sparse_weights)
+                                cache, policy=policy, sparse_weights=sparse_weights, head_idx=head_idx)
     return logits[:, -1], cache
 
 

@@ -24,19 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     ppl.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
-    ppl.add_argument("--predictors", default=None,
-                     help="trained predictors (a predictors dir, or a model dir holding predictors/): also score the "
-                          "same windows with each token's MLP computed over the K neurons its predictor picks "
-                          "(K per layer as calibrated), and report dense and sparse side by side")
+    from dejavu_jax.sparsity_args import add_sparsity_args
+    add_sparsity_args(ppl)
     ppl.add_argument("--json", action="store_true",
-                     help='print {"ppl": ..., "tokens": ...} (+ "sparse_ppl", "ppl_change" with --predictors)')
+                     help='print {"ppl": ..., "tokens": ...}; with a sparse MLP also "sparse_ppl", "ppl_change", '
+                          '"mlp_sparsity", "selection" and "mlp_density" (per layer, the measured mean fraction of '
+                          'MLP rows computed per token on these windows; lossless: of fc2 rows read)')
     from eval.local_tasks import LOCAL_TASKS
     tasks = sub.add_parser(
         "tasks", help="zero-shot downstream tasks (lm-eval) over local splits",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Zero-shot accuracy on lm-eval's downstream tasks (lm-eval's prompts and metrics), with the "
-                    "datasets read from a local directory laid out as ../shared/data/tasks. With --predictors each "
-                    "task runs again with each token's MLP over the neurons its predictor picks.\n\ntasks:\n" +
+                    "datasets read from a local directory laid out as ../shared/data/tasks. With a sparse MLP "
+                    "(--predictors, --mlp-sparsity) each task runs again with it, side by side.\n\ntasks:\n" +
                     "\n".join(f"  {name:15s} {t.source} ({t.documents} documents)" for name, t in LOCAL_TASKS.items()))
     tasks.add_argument("--model", required=True, help="converted model dir, HF OPT checkpoint dir, or hub id")
     tasks.add_argument("--tasks", default="piqa,arc_easy,winogrande,copa,lambada_openai",
@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--limit", type=int, default=None, help="score at most this many documents per task")
     tasks.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     tasks.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
-    tasks.add_argument("--predictors", default=None,
-                       help="trained predictors (a predictors dir, or a model dir holding predictors/): report "
-                            "dense and sparse side by side")
+    add_sparsity_args(tasks)
     tasks.add_argument("--out", default=None,
                        help="JSON results file, rewritten after each task; a rerun with the same settings skips "
                             "the tasks it holds")
@@ -66,22 +64,23 @@ def run_ppl(args) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1. Got {args.batch_size}")
     corpus_kind(args.data)  # a missing, unknown or non-xz corpus fails before the model loads
+    from dejavu_jax.sparsity import DENSE
+    from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
+    check_sparsity_args(args)
     model = load_model(args.model, args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files")
-    sparsity = None
-    if args.predictors is not None:
-        from dejavu_jax.model import sparsity_from_predictors
-        from dejavu_jax.predictors import load_predictors
-        sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config))
+    policy, sparse_weights = load_sparsity(args, model)
     max_tokens = None if args.max_windows is None else args.max_windows * args.seq_len
     windows = make_windows(token_stream(model.tokenizer, args.data, max_tokens), args.seq_len, args.max_windows)
     result = perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json)
-    if sparsity is not None:
+    if policy != DENSE:
         sparse = perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json,
-                            sparsity=sparsity, desc="sparse perplexity")
+                            policy=policy, sparse_weights=sparse_weights, desc="sparse perplexity")
         result.update(sparse_ppl=sparse["ppl"], ppl_change=sparse["ppl"] / result["ppl"] - 1,
-                      mlp_k=[p.mlp_predictor.keep for p in sparsity])
+                      mlp_sparsity=policy.mlp.value, mlp_density=sparse["mlp_density"])
+        if policy.needs_weights:
+            result.update(selection=policy.selection.value, mlp_k=[p.k for p in sparse_weights.mlp])
     return result
 
 
@@ -108,13 +107,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        keys = ("ppl", "tokens", "sparse_ppl", "ppl_change", "mlp_k")
+        keys = ("ppl", "tokens", "sparse_ppl", "ppl_change", "mlp_sparsity", "selection", "mlp_density", "mlp_k")
         print(json.dumps({k: result[k] for k in keys if k in result}))
     else:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens ({result['windows']} windows)")
         if "sparse_ppl" in result:
-            print(f"sparse MLP (K per layer {result['mlp_k']}): perplexity {result['sparse_ppl']:.3f} "
-                  f"({result['ppl_change']:+.2%} vs dense)")
+            how = result["mlp_sparsity"] + (f", {result['selection']}" if "selection" in result else "")
+            density = ", ".join(f"{v:.1%}" for v in result["mlp_density"])
+            print(f"sparse MLP ({how}; measured density per layer {density}): perplexity "
+                  f"{result['sparse_ppl']:.3f} ({result['ppl_change']:+.2%} vs dense)")
     return 0
 
 

@@ -84,19 +84,20 @@ def run_tasks(args) -> dict:
     if not Path(args.tasks_dir).is_dir():
         raise TaskDataError(f"--tasks-dir {args.tasks_dir} is not a directory; point it at the local splits "
                             f"(../shared/data/tasks)")
-    settings = {"model": str(args.model), "predictors": args.predictors, "dtype": args.dtype, "limit": args.limit,
-                "tasks_dir": str(args.tasks_dir)}
+    from dejavu_jax.sparsity import DENSE
+    from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
+    policy = check_sparsity_args(args)
+    settings = {"model": str(args.model), "predictors": args.predictors, "mlp_sparsity": policy.mlp.value,
+                "selection": policy.selection.value if policy.needs_weights else None, "dtype": args.dtype,
+                "limit": args.limit, "tasks_dir": str(args.tasks_dir)}
     out = Path(args.out) if args.out else None
     results = _load_previous(out, settings)  # checked before the model loads, so a bad --out costs no wait
     model = load_model(args.model, args.dtype)
-    sparsity = None
-    if args.predictors is not None:
-        from dejavu_jax.model import sparsity_from_predictors
-        from dejavu_jax.predictors import load_predictors
-        sparsity = sparsity_from_predictors(load_predictors(args.predictors, model.config))
+    policy, sparse_weights = load_sparsity(args, model)
     progress = not args.json
     dense_lm = JaxOPT(model, batch_size=args.batch_size, progress=progress, desc="dense")
-    sparse_lm = None if sparsity is None else JaxOPT(model, sparsity, args.batch_size, progress, desc="sparse")
+    sparse_lm = None if policy == DENSE else JaxOPT(model, policy, sparse_weights, args.batch_size, progress,
+                                                    desc="sparse")
     task_manager = TaskManager()
     for name in names:
         if name in results:
@@ -111,8 +112,8 @@ def run_tasks(args) -> dict:
         if out is not None:
             write_json_atomic(out, {"settings": settings, "tasks": results})
     report = {"settings": settings, "tasks": {n: results[n] for n in names}}
-    if sparsity is not None:
-        report["mlp_k"] = [p.mlp_predictor.keep for p in sparsity]
+    if sparse_weights is not None:
+        report["mlp_k"] = [p.k for p in sparse_weights.mlp]
     return report
 
 

@@ -12,7 +12,8 @@ from dejavu_jax.config import OPTConfig
 from dejavu_jax.convert import convert_hf_params
 from dejavu_jax.generation import decode_step, prefill
 from dejavu_jax.hf_checkpoint import HFTensorReader
-from dejavu_jax.model import LayerSparsity, OPTForCausalLM, abstract_params, init_params
+from dejavu_jax.model import OPTForCausalLM, abstract_params, init_params
+from dejavu_jax.sparsity import SparseWeights
 
 VARIANTS = {
     "pre_ln": {},
@@ -75,7 +76,7 @@ def test_cached_decoding_equals_full_forward(variant, attention_impl, save_hf):
     step_logits = [np.asarray(last)]
     for t in range(steps - 1):
         last, cache = decode_step(params, cache, jnp.asarray(continuation[:, t]), config=config,
-                                  attention_impl=attention_impl, interpret=attention_impl != "xla")
+                                  attention_impl=attention_impl)
         step_logits.append(np.asarray(last))
 
     full_ids = np.concatenate([ids, continuation], axis=1)
@@ -93,13 +94,15 @@ def test_everything_selected_equals_dense():
     ids = jax.random.randint(jax.random.PRNGKey(5), (2, 9), 3, 64)
     model = OPTForCausalLM(config)
     dense, _ = model.apply({"params": params}, ids)
-    everything = [LayerSparsity(head_idx=jnp.arange(4)[::-1], mlp_active_idx=jnp.arange(48)[::-1])] * 2
-    sparse, _ = model.apply({"params": params}, ids, sparsity=everything, interpret=True)
+    every_row = SparseWeights(fixed_rows=(jnp.ones((48,), jnp.int32),) * 2)
+    sparse, _ = model.apply({"params": params}, ids, sparse_weights=every_row, head_idx=[jnp.arange(4)[::-1]] * 2)
     assert rel_max_err(sparse, dense) <= 1e-5
-    # ... and dropping a head or neurons changes the output: the seam is live.
-    fewer = [LayerSparsity(head_idx=jnp.arange(3), mlp_active_idx=jnp.arange(24))] * 2
-    changed, _ = model.apply({"params": params}, ids, sparsity=fewer, interpret=True)
+    # ... and dropping a head or neurons changes the output: the seams are live.
+    half_rows = SparseWeights(fixed_rows=((jnp.arange(48) < 24).astype(jnp.int32),) * 2)
+    changed, _ = model.apply({"params": params}, ids, sparse_weights=half_rows)
     assert rel_max_err(changed, dense) > 1e-3
+    fewer_heads, _ = model.apply({"params": params}, ids, head_idx=[jnp.arange(3)] * 2)
+    assert rel_max_err(fewer_heads, dense) > 1e-3
 
 
 def test_pallas_decode_attention_equals_xla_with_head_sparsity():
@@ -110,14 +113,14 @@ def test_pallas_decode_attention_equals_xla_with_head_sparsity():
     params = init_params(config, jax.random.PRNGKey(8))
     ids = jax.random.randint(jax.random.PRNGKey(9), (2, 6), 3, 64)
     mask = jnp.ones_like(ids).at[1, :2].set(0)  # left padding
-    sparsity = [LayerSparsity(head_idx=jnp.asarray([3, 1], jnp.int32)), LayerSparsity()]
+    head_idx = [jnp.asarray([3, 1], jnp.int32), None]
     results = {}
     for impl in ("xla", "pallas"):
         _, cache = prefill(params, ids, mask, config=config, num_slots=10)
         logits = []
         for token in (5, 7, 11):
-            last, cache = decode_step(params, cache, jnp.full((2,), token, jnp.int32), sparsity, config=config,
-                                      attention_impl=impl, interpret=True)
+            last, cache = decode_step(params, cache, jnp.full((2,), token, jnp.int32), None, head_idx,
+                                      config=config, attention_impl=impl)
             logits.append(np.asarray(last))
         results[impl] = (np.stack(logits), cache)
     (xla_logits, xla_cache), (pallas_logits, pallas_cache) = results["xla"], results["pallas"]

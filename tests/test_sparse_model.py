@@ -126,3 +126,58 @@ def test_fixed_rows_and_policy_errors():
         sparse_weights_from_predictors(random_predictors(CONFIG, 8))
     with pytest.raises(ValueError):
         SparsityPolicy("sometimes")
+
+
+def test_eval_ppl_json_dense_vs_sparse(reference_model_dir, tmp_path, capsys):
+    """Everything chosen gives the dense perplexity at density 1; a random predictor at a high threshold does not;
+    lossless equals dense and reports the fraction of fc2 rows it reads."""
+    import json
+    from conftest import SHARED
+    from dejavu_jax.checkpoint import load_model
+    from dejavu_jax.predictors import save_predictors
+    from eval.__main__ import main as eval_main
+    config = load_model(reference_model_dir, "float32").config
+    data = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
+    base = ["ppl", "--model", str(reference_model_dir), "--data", str(data), "--seq-len", "128", "--max-windows", "2",
+            "--json"]
+    results = {}
+    for name, threshold in (("all", -np.inf), ("few", 2.0)):
+        save_predictors(random_predictors(config, k=config.ffn_dim, threshold=threshold), tmp_path / name)
+        assert eval_main(base + ["--predictors", str(tmp_path / name)]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    full, few = results["all"], results["few"]
+    assert abs(full["sparse_ppl"] - full["ppl"]) / full["ppl"] <= 1e-5
+    assert full["mlp_density"] == [1.0] * config.num_hidden_layers and full["selection"] == "threshold"
+    assert few["ppl"] == full["ppl"] and few["ppl_change"] > 0.01 and max(few["mlp_density"]) < 0.5
+    assert eval_main(base + ["--mlp-sparsity", "lossless"]) == 0
+    lossless = json.loads(capsys.readouterr().out)
+    assert abs(lossless["sparse_ppl"] - lossless["ppl"]) / lossless["ppl"] <= 1e-5
+    assert 0 < min(lossless["mlp_density"]) and max(lossless["mlp_density"]) < 0.6  # ReLU zeros skipped
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mlp-sparsity", "predicted"], "needs --predictors"),
+    (["--mlp-sparsity", "lossless", "--predictors", "x"], "goes with --mlp-sparsity predicted"),
+    (["--selection", "topk"], "applies to --mlp-sparsity predicted"),
+])
+def test_sparsity_flag_errors_before_loading(flags, message, reference_model_dir, capsys):
+    from dejavu_jax.generate import main as generate_main
+    assert generate_main(["--model", "/nonexistent", "--prompt", "x"] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_sparse_generation_choosing_everything_equals_dense(reference_model_dir, tmp_path, capsys):
+    from dejavu_jax.checkpoint import load_model
+    from dejavu_jax.generate import main as generate_main
+    from dejavu_jax.predictors import save_predictors
+    config = load_model(reference_model_dir, "float32").config
+    save_predictors(random_predictors(config, k=config.ffn_dim, threshold=-np.inf), tmp_path / "all")
+    argv = ["--model", str(reference_model_dir), "--prompt", "The history of", "--max-new-tokens", "6",
+            "--dtype", "float32", "--json"]
+    assert generate_main(argv) == 0
+    dense = capsys.readouterr().out
+    for extra in (["--predictors", str(tmp_path / "all")], ["--predictors", str(tmp_path / "all"), "--selection",
+                                                            "topk"], ["--mlp-sparsity", "lossless"]):
+        assert generate_main(argv + extra) == 0
+        assert capsys.readouterr().out == dense, extra

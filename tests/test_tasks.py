@@ -138,13 +138,15 @@ def test_cli_predictors_keeping_every_neuron_reproduce_dense(tmp_path, capsys):
     from dejavu_jax.predictors import save_predictors
     from test_sparse_model import random_predictors
     config = load_model(REFERENCE_MODEL, "float32").config
-    save_predictors(random_predictors(config, k=config.ffn_dim), tmp_path / "predictors")
+    save_predictors(random_predictors(config, k=config.ffn_dim, threshold=-float("inf")), tmp_path / "predictors")
     argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa", "--tasks-dir", str(TASKS_DIR),
             "--limit", "8", "--predictors", str(tmp_path / "predictors"), "--json"]
-    assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["tasks"]["copa"]["sparse"] == report["tasks"]["copa"]["dense"]
-    assert report["mlp_k"] == [config.ffn_dim] * config.num_hidden_layers
+    for selection in ("threshold", "topk"):
+        assert main(argv + ["--selection", selection]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["tasks"]["copa"]["sparse"] == report["tasks"]["copa"]["dense"]
+        assert report["settings"]["selection"] == selection
+        assert report["mlp_k"] == [config.ffn_dim] * config.num_hidden_layers
 
 
 @pytest.fixture
