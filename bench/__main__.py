@@ -6,8 +6,11 @@ import sys
 
 USAGE = """usage: python -m bench {generate,kernels,select,profile,convert-memory} [options]
 
-  generate            dense decode latency: JAX vs HF transformers eager vs the bandwidth floor
-  kernels --op mlp    the sparse-MLP Pallas kernel vs dense XLA, an XLA gather, and the floor
+  generate            decode latency: JAX dense and sparse (fixed rows, lossless, predicted) vs HF eager vs
+                      the bandwidth floor
+  kernels --op mlp    the index-list sparse-MLP Pallas kernels vs dense XLA, an XLA gather, and the floor
+  kernels --op masked-mlp  the row-masked MLP kernels (threshold selection fused into fc1) vs the index-list
+                      path, per layer
   kernels --op attention  the decode-attention Pallas kernel vs XLA
   select              what choosing a decode step's neurons costs: predictor matmuls by rank, top-K
                       selection alternatives (GPU)
@@ -46,8 +49,11 @@ def main(argv=None) -> int:
         if op == "attention":
             from bench.kernels_attention import main as run
             return run(rest) or 0
+        if op == "masked-mlp":
+            from bench.kernels_masked_mlp import main as run
+            return run(rest) or 0
         if op != "mlp":
-            print(f"error: unknown --op {op!r}; available: mlp, attention", file=sys.stderr)
+            print(f"error: unknown --op {op!r}; available: mlp, masked-mlp, attention", file=sys.stderr)
             return 2
         from bench.kernels_mlp import main as run
         return run(rest) or 0

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench.common import copy_bandwidth, provenance, write_results
+from bench.common import copy_bandwidth, provenance, time_chained, write_results
 from dejavu_jax.config import shape_config
 from kernels.masked_mlp import masked_fc1, nonzero_fc2, threshold_fc1
 from kernels.sparse_mlp import sparse_mlp
@@ -63,23 +63,13 @@ def layer_sets(key, d, ffn, rank, n, dtype=jnp.float16):
 
 
 def chained_us(step, x0, sets, steps, repeats=5):
-    """Median µs per call of step(x, layer_set) chained over every set, `steps` times, in one jitted loop."""
-    def run(x, sets):
-        def body(_, x):
-            for s in sets:
-                x = (x + 0.001 * step(x, s).astype(jnp.float32)).astype(x.dtype)
-            return x
-        return lax.fori_loop(0, steps, body, x)
-    fn = jax.jit(run)
-    start = time.perf_counter()
-    fn(x0, sets).block_until_ready()
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x0, sets).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) / (steps * len(sets)) * 1e6, compile_s
+    """Median µs per call of step(x, layer_set), chained over every set, `steps` times, in one jitted loop."""
+    def body(x, sets):
+        for s in sets:
+            x = (x + 0.001 * step(x, s).astype(jnp.float32)).astype(x.dtype)
+        return x
+    timing = time_chained(body, x0, sets, steps=steps, repeats=repeats, calls_per_step=len(sets))
+    return timing.seconds * 1e6, timing.compile_s
 
 
 def main(argv=None) -> int:

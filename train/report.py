@@ -20,6 +20,12 @@ def mean_mlp_density(result: dict, first_layer: int = 1) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def mean_threshold_density(result: dict, first_layer: int = 1) -> float:
+    """Mean measured density under threshold selection over layers first_layer.. (test tokens)."""
+    values = [e["mlp"]["threshold_test"]["density"] for e in result["layers"][first_layer:]]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def markdown(result: dict, title: str = "Predictor calibration") -> str:
     fo = result.get("fit_options", {})
     fit = result.get("fit") or {}
@@ -35,7 +41,9 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
               f"{result['head_block']}); head labels = heads carrying the top {fo.get('head_label_mass')} of the "
               f"norm mass",
               f"- mean calibrated MLP density, layers 1..{len(result['layers']) - 1}: "
-              f"**{mean_mlp_density(result):.1%}**", ""]
+              f"**{mean_mlp_density(result):.1%}** with top-K" + (
+                  f", **{mean_threshold_density(result):.1%}** with threshold selection (test tokens)"
+                  if "threshold_test" in result["layers"][0]["mlp"] else ""), ""]
     lines += ["## MLP", "",
               "| layer | true density | K (raw) | K / ffn | recall@K calib | recall@K test | precision@K test | "
               "recall (p>0.5) | precision (p>0.5) | predicted density (p>0.5) |",
@@ -48,6 +56,14 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
             f"| {m['calibration']['recall']:.4f} | {m['test']['recall']:.4f} | {m['test']['precision']:.3f} | "
             f"{f.get('recall', float('nan')):.3f} | {f.get('precision', float('nan')):.3f} | "
             f"{f.get('predicted_density', float('nan')):.3f} |")
+    if "threshold_test" in result["layers"][0]["mlp"]:
+        lines += ["", "### MLP, threshold selection (test tokens)", "",
+                  "| layer | threshold | recall | mean density | p99 density | max density | tokens above K |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in result["layers"]:
+            t = e["mlp"]["threshold_test"]
+            lines.append(f"| {e['layer']} | {e['mlp']['threshold']:.3f} | {t['recall']:.4f} | {t['density']:.3f} | "
+                         f"{t['p99_density']:.3f} | {t['max_density']:.3f} | {t['above_k_fraction']:.1%} |")
     lines += ["", "## Heads", "",
               "| layer | true density (labels) | K (raw) | K / heads | mass recall@K calib | mass recall@K test | "
               "label recall@K test | precision@K test | recall (p>0.5) | precision (p>0.5) |",

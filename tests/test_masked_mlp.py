@@ -1,0 +1,123 @@
+"""Row-masked MLP kernels against float64 references: row masks (unsorted, none, all), threshold selection from a
+predictor (batch union), nonzero-only fc2, block sizes; compiled on a GPU, in the interpreter on CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import lowered_text_for_cuda
+from kernels.masked_mlp import MaskedMLPPlan, masked_fc1, nonzero_fc2, threshold_fc1
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
+
+
+def data(seed, batch, d, ffn, rank, dtype, density=0.3):
+    rng = np.random.default_rng(seed)
+    arrays = {"x": rng.standard_normal((batch, d)), "w1": rng.standard_normal((ffn, d)) / d ** 0.5,
+              "b1": rng.standard_normal(ffn) * 0.3, "w2t": rng.standard_normal((ffn, d)) / ffn ** 0.5,
+              "b2": rng.standard_normal(d), "p": rng.standard_normal((batch, rank)),
+              "pw": rng.standard_normal((ffn, rank)) / rank ** 0.5, "pb": rng.standard_normal(ffn)}
+    cast = {k: jnp.asarray(v, dtype) for k, v in arrays.items()}
+    cast["pb"] = jnp.asarray(arrays["pb"], jnp.float32)
+    # The float64 reference sees exactly the inputs the kernel sees.
+    ref = {k: np.asarray(v, np.float64) for k, v in cast.items()}
+    mask = rng.permutation(ffn) < int(density * ffn)  # unsorted, arbitrary rows
+    return cast, ref, mask
+
+
+def ref_fc1(ref, chosen):
+    return np.where(chosen[None, :], np.maximum(ref["x"] @ ref["w1"].T + ref["b1"], 0.0), 0.0)
+
+
+def row_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return (np.linalg.norm(out - ref, axis=-1) / np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)).max()
+
+
+class TestMaskedMLP:
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _needs_gpu(self):
+        if not self.INTERPRET and jax.default_backend() != "gpu":
+            pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret subclass covers CPU")
+
+    @pytest.mark.parametrize("batch, d, ffn, density, knobs", [
+        (1, 384, 1536, 0.1, None), (1, 128, 256, 0.0, None), (1, 128, 256, 1.0, None),
+        (3, 160, 96, 0.4, None), (2, 256, 512, 0.2, (("fc1_segment", 32), ("fc1_block_k", 8), ("fc1_block_d", 64))),
+        (1, 80 * 4, 640, 0.3, (("fc1_segment", 128), ("fc1_block_k", 32)))])
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+    def test_masked_fc1_and_nonzero_fc2(self, batch, d, ffn, density, knobs, dtype):
+        cast, ref, mask = data(batch * 7 + d, batch, d, ffn, 16, dtype, density)
+        h = masked_fc1(cast["x"], cast["w1"], cast["b1"], jnp.asarray(mask, jnp.int32), knobs=knobs,
+                       interpret=self.INTERPRET)
+        h_ref = ref_fc1(ref, mask)
+        assert np.all(np.asarray(h)[:, ~mask] == 0)  # unchosen rows are exact zeros
+        if density > 0:
+            assert row_err(h, h_ref) <= TOLERANCE[dtype]
+        out = nonzero_fc2(h, cast["w2t"], cast["b2"], knobs=knobs, interpret=self.INTERPRET)
+        out_ref = np.asarray(h, np.float64) @ ref["w2t"] + ref["b2"]
+        assert row_err(out, out_ref) <= TOLERANCE[dtype]
+
+    @pytest.mark.parametrize("batch, threshold", [(1, 0.5), (4, 1.0), (1, -np.inf), (2, np.inf)])
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_threshold_fc1_chooses_the_batch_union(self, batch, threshold, dtype):
+        d, ffn, rank = 128, 384, 32
+        cast, ref, _ = data(batch + 11, batch, d, ffn, rank, dtype)
+        h = threshold_fc1(cast["x"], cast["w1"], cast["b1"], cast["p"], cast["pw"], cast["pb"], threshold,
+                          interpret=self.INTERPRET)
+        scores = ref["p"] @ ref["pw"].T + ref["pb"]
+        chosen = (scores >= threshold).any(axis=0)
+        # Scores within rounding of the threshold may fall either way: compare only the clear rows.
+        clear = np.abs(scores.max(axis=0) - threshold) > 1e-2 if np.isfinite(threshold) else np.ones(ffn, bool)
+        h = np.asarray(h, np.float64)
+        assert np.all(h[:, clear & ~chosen] == 0)
+        expected = ref_fc1(ref, chosen)
+        if chosen.any():
+            assert row_err(h[:, clear], expected[:, clear]) <= TOLERANCE[dtype]
+        else:
+            assert not h.any()
+
+
+class TestMaskedMLPInterpret(TestMaskedMLP):
+    INTERPRET = True
+
+
+@pytest.mark.parametrize("batch, d, ffn, rank", [(1, 4096, 16384, 256), (4, 5120, 20480, 1024)])
+def test_lowers_for_gpu(batch, d, ffn, rank):
+    s = jax.ShapeDtypeStruct
+    f16 = jnp.float16
+    text = lowered_text_for_cuda(jax.jit(lambda *a: threshold_fc1(*a, interpret=False)), s((batch, d), f16),
+                                 s((ffn, d), f16), s((ffn,), f16), s((batch, rank), f16), s((ffn, rank), f16),
+                                 s((ffn,), jnp.float32), s((), jnp.float32))
+    assert "select_fc1_threshold" in text
+    text = lowered_text_for_cuda(jax.jit(lambda *a: nonzero_fc2(*a, interpret=False)), s((batch, ffn), f16),
+                                 s((ffn, d), f16), s((d,), f16))
+    assert "nonzero_fc2" in text
+
+
+@pytest.mark.parametrize("call, args, match", [
+    ("fc1", dict(x=jnp.zeros((17, 32))), "batch must be in"),
+    ("fc1", dict(row_mask=jnp.zeros((8,), jnp.int32)), "row_mask must be"),
+    ("fc1", dict(w=jnp.zeros((64, 16))), "must be \\[ffn, d\\]"),
+    ("thr", dict(p=jnp.zeros((1, 24))), "need w2_t"),
+    ("thr", dict(pw=jnp.zeros((64, 24)), p=jnp.zeros((1, 24))), "power of two"),
+    ("fc2", dict(b2=jnp.zeros((3,))), "fc2_b must be"),
+])
+def test_bad_inputs_raise(call, args, match):
+    a = dict(x=jnp.zeros((1, 32)), w=jnp.zeros((64, 32)), b=jnp.zeros((64,)), row_mask=jnp.zeros((64,), jnp.int32),
+             p=jnp.zeros((1, 16)), pw=jnp.zeros((64, 16)), pb=jnp.zeros((64,)), b2=jnp.zeros((32,)))
+    a.update(args)
+    with pytest.raises(ValueError, match=match):
+        if call == "fc1":
+            masked_fc1(a["x"], a["w"], a["b"], a["row_mask"])
+        elif call == "thr":
+            threshold_fc1(a["x"], a["w"], a["b"], a["p"], a["pw"], a["pb"], 0.0)
+        else:
+            nonzero_fc2(jnp.zeros((1, 64)), a["w"], a["b2"])
+
+
+def test_plan_rejects_bad_blocks():
+    with pytest.raises(ValueError, match="power of two"):
+        MaskedMLPPlan(batch=1, d=64, ffn=64, fc1_segment=48)
