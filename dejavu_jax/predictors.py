@@ -150,52 +150,6 @@ def predictor_scores(predictor: LowRankPredictor, x):
     return scores + predictor.b2.astype(jnp.float32)
 
 
-def mlp_scores(predictor: LowRankPredictor, x):
-    """Layer l's MLP predictor on x [..., d] (the residual named by `Predictors.mlp_input`) -> [..., ffn]."""
-    return predictor_scores(predictor, x)
-
-
-def head_scores(predictor: LowRankPredictor, x):
-    """Layer l's head predictor on x [..., d] (the residual before layer l-1's attention LN) -> [..., heads]."""
-    return predictor_scores(predictor, x)
-
-
-@struct.dataclass
-class TopK:
-    indices: jax.Array  # [B, k] int32, ascending per row: each token's kept outputs
-    union: jax.Array  # [min(B*k, out)] int32, ascending: every output some token kept, padded (see select_top_k)
-    union_size: jax.Array  # [] int32: how many entries of `union` some token actually chose
-
-
-def select_top_k(scores, k: int) -> TopK:
-    """The k highest-scoring outputs per token, and their union over the batch.
-
-    scores [B, out]. The union has the static size min(B*k, out): every output chosen by some token, then (to fill
-    the static size) the outputs with the highest score over the batch that nobody chose. Computing extra outputs
-    is exact for a ReLU MLP and for heads, so the padding only costs time; `union_size` says how many are chosen.
-    """
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be [batch, outputs]. Got shape {scores.shape}")
-    batch, num_outputs = scores.shape
-    k = int(k)
-    if not 0 <= k <= num_outputs:
-        raise ValueError(f"k must be in [0, {num_outputs}]. Got {k}")
-    if k == 0:
-        return TopK(jnp.zeros((batch, 0), jnp.int32), jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32))
-    scores = scores.astype(jnp.float32)
-    _, idx = jax.lax.top_k(scores, k)
-    idx = jnp.sort(idx.astype(jnp.int32), axis=-1)
-    if batch == 1:
-        # One token: the union is its own choice. (A second top_k would cost a full sort of the scores on a GPU.)
-        return TopK(idx, idx[0], jnp.int32(k))
-    chosen = jnp.zeros((num_outputs,), bool).at[idx.reshape(-1)].set(True)
-    union_len = min(batch * k, num_outputs)
-    best = jnp.max(scores, axis=0)
-    key = jnp.where(chosen, jnp.inf, jnp.nan_to_num(best, nan=-jnp.inf, posinf=jnp.finfo(jnp.float32).max))
-    _, union = jax.lax.top_k(key, union_len)
-    return TopK(idx, jnp.sort(union.astype(jnp.int32)), chosen.sum().astype(jnp.int32))
-
-
 # ---- save / load ------------------------------------------------------------------------------------------------
 
 def _tree(predictors: Predictors) -> dict:

@@ -1,4 +1,4 @@
-"""dejavu_jax.predictors: scores, top-K selection, pytree hygiene, save/load."""
+"""dejavu_jax.predictors: scores (training and decode layouts), pytree hygiene, thresholds, save/load."""
 
 import json
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dejavu_jax.predictors import (METADATA_FILE, PredictorError, Predictors, head_scores,
-                                   init_low_rank, load_predictors, mlp_scores, predictor_metadata, save_predictors,
-                                   select_top_k)
+from dejavu_jax.predictors import (METADATA_FILE, PredictorError, Predictors, init_low_rank, load_predictors,
+                                   predictor_metadata, predictor_scores, save_predictors)
+from dejavu_jax.sparsity import decode_predictor, sparse_weights_from_predictors
 
 
 def _predictors(rng, layers=3, d=16, rank=4, ffn=40, heads=4, mlp_k=None, head_k=None):
@@ -22,73 +22,50 @@ def _predictors(rng, layers=3, d=16, rank=4, ffn=40, heads=4, mlp_k=None, head_k
     return p
 
 
-def test_scores_match_numpy_in_float64():
-    rng = np.random.default_rng()
-    p = init_low_rank(jax.random.PRNGKey(int(rng.integers(1 << 30))), 24, 5, 33)
+def test_scores_match_numpy_in_float64_in_both_layouts():
+    """The training layout (`predictor_scores`) and the decode layout (`MLPPredictor`, transposed, rank padded to a
+    power of two) compute the same scores."""
+    rng = np.random.default_rng(0)
+    p = init_low_rank(jax.random.PRNGKey(1), 24, 5, 33)
     p = p.replace(b1=jnp.asarray(rng.normal(size=5), jnp.float32))
     x = rng.normal(size=(2, 7, 24)) * 3 + 1
     mean = x.mean(-1, keepdims=True)
     xs = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
     ref = (xs @ np.asarray(p.w1, np.float64) + np.asarray(p.b1)) @ np.asarray(p.w2, np.float64) + np.asarray(p.b2)
-    for fn in (mlp_scores, head_scores):
+    for fn in (predictor_scores, lambda q, v: decode_predictor(q, 0.0).scores(v)):
         out = np.asarray(jax.jit(fn)(p, jnp.asarray(x, jnp.float32)))
         assert out.shape == (2, 7, 33)
         assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+    assert decode_predictor(p, 0.0).w2_t.shape == (33, 16)  # rank 5 padded with zeros to 16
     raw = p.replace(normalize_input=False)
     ref_raw = (x @ np.asarray(p.w1, np.float64) + np.asarray(p.b1)) @ np.asarray(p.w2, np.float64) + np.asarray(p.b2)
-    out = np.asarray(mlp_scores(raw, jnp.asarray(x, jnp.float32)))
+    out = np.asarray(predictor_scores(raw, jnp.asarray(x, jnp.float32)))
     assert np.abs(out - ref_raw).max() / np.abs(ref_raw).max() < 1e-5
     with pytest.raises(ValueError, match="width 24"):
-        mlp_scores(p, jnp.zeros((3, 23)))
-
-
-@pytest.mark.parametrize("batch,out,k", [(1, 10, 3), (4, 37, 5), (3, 8, 8), (5, 6, 1)])
-def test_select_top_k(batch, out, k):
-    rng = np.random.default_rng()
-    scores = rng.permutation(batch * out).reshape(batch, out).astype(np.float32)  # distinct: one right answer
-    top = jax.jit(select_top_k, static_argnums=1)(jnp.asarray(scores), k)
-    want = np.sort(np.argsort(-scores, axis=1)[:, :k], axis=1)
-    assert top.indices.dtype == jnp.int32 and top.indices.shape == (batch, k)
-    np.testing.assert_array_equal(np.asarray(top.indices), want)
-    chosen = set(want.ravel().tolist())
-    union = np.asarray(top.union)
-    assert union.dtype == np.int32 and len(union) == min(batch * k, out)
-    assert list(union) == sorted(set(union.tolist())), "union must be sorted and duplicate-free"
-    assert chosen <= set(union.tolist())
-    assert int(top.union_size) == len(chosen)
-    # Padding: the unchosen outputs with the highest batch-max score.
-    others = [i for i in np.argsort(-scores.max(0)) if i not in chosen][:len(union) - len(chosen)]
-    assert set(union.tolist()) == chosen | set(others)
-
-
-def test_select_top_k_edges():
-    scores = jnp.asarray(np.random.default_rng().normal(size=(2, 9)), jnp.float32)
-    empty = select_top_k(scores, 0)
-    assert empty.indices.shape == (2, 0) and empty.union.shape == (0,)
-    with pytest.raises(ValueError, match="k must be in"):
-        select_top_k(scores, 10)
-    with pytest.raises(ValueError, match="batch, outputs"):
-        select_top_k(scores[0], 2)
+        predictor_scores(p, jnp.zeros((3, 23)))
 
 
 def test_abstract_trees_hash_equal():
-    """Two predictor sets with the same shapes and K are the same jit signature (no recompiles)."""
-    a = _predictors(jax.random.PRNGKey(0), mlp_k=[8, 16, 40], head_k=[4, 3, 2])
-    b = _predictors(jax.random.PRNGKey(1), mlp_k=[8, 16, 40], head_k=[4, 3, 2])
+    """Two predictor sets with the same shapes and K, and any thresholds, are one decode program (no recompiles);
+    K is static, so a different K is another program."""
+    a = _predictors(jax.random.PRNGKey(0), mlp_k=[8, 16, 40], head_k=[4, 3, 2]).with_threshold([0.1, 0.2, 0.3])
+    b = _predictors(jax.random.PRNGKey(1), mlp_k=[8, 16, 40], head_k=[4, 3, 2]).with_threshold([1.0, -2.0, 0.5])
+    wa, wb = sparse_weights_from_predictors(a), sparse_weights_from_predictors(b)
     abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-    sa, sb = jax.tree.structure(abstract(a)), jax.tree.structure(abstract(b))
+    sa, sb = jax.tree.structure(abstract(wa)), jax.tree.structure(abstract(wb))
     assert sa == sb and hash(sa) == hash(sb)
-    c = _predictors(jax.random.PRNGKey(0), mlp_k=[8, 16, 32], head_k=[4, 3, 2])
-    assert jax.tree.structure(c) != sa, "K is static metadata: a different K is a different program"
+    c = sparse_weights_from_predictors(_predictors(jax.random.PRNGKey(0), mlp_k=[8, 16, 32], head_k=[4, 3, 2]),
+                                       thresholds=[0.0] * 3)
+    assert jax.tree.structure(c) != sa
     traces = []
 
     @jax.jit
-    def f(p, x):
+    def f(w, x):
         traces.append(1)
-        return select_top_k(mlp_scores(p.mlp[0], x), p.mlp[0].keep).indices
+        return w.mlp[0].scores(x) >= w.mlp[0].threshold
     x = jnp.ones((2, 16))
-    f(a, x)
-    f(b, x)
+    f(wa, x)
+    f(wb, x)
     assert len(traces) == 1
 
 
@@ -115,8 +92,11 @@ def test_save_load_roundtrip_into_model_dir(tmp_path):
     meta = predictor_metadata(model_dir)
     assert meta["recall_target"] == 0.99 and meta["training_tokens"] == 123 and meta["rank"] == 4
     # Replacing is atomic too: the old contents are gone, nothing else is left.
-    save_predictors(p.with_k([40, 40, 40], [1, 1, 1]), model_dir / "predictors", {})
-    assert load_predictors(model_dir).mlp_k == (40, 40, 40)
+    assert load_predictors(model_dir).mlp_threshold is None  # uncalibrated thresholds stay absent
+    save_predictors(p.with_k([40, 40, 40], [1, 1, 1]).with_threshold([0.25, -1.5, float("-inf")]),
+                    model_dir / "predictors", {})
+    q = load_predictors(model_dir)
+    assert q.mlp_k == (40, 40, 40) and q.mlp_threshold == (0.25, -1.5, float("-inf"))
     assert sorted(e.name for e in model_dir.iterdir()) == ["predictors"]
 
 

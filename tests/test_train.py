@@ -268,13 +268,18 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     n_train, _, test = holdout_split(store, 0.1)
     x = store.read(3, "attn_input", n_train)[test]
     labels = store.read_labels(3, n_train)[test]
-    from dejavu_jax.predictors import head_scores, mlp_scores, select_top_k
-    top = select_top_k(mlp_scores(predictors.mlp[3], jnp.asarray(x)), predictors.mlp[3].keep)
+    from dejavu_jax.predictors import predictor_scores
+    scores = np.asarray(predictor_scores(predictors.mlp[3], jnp.asarray(x)))
     kept = np.zeros_like(labels)
-    np.put_along_axis(kept, np.asarray(top.indices), True, axis=1)
+    np.put_along_axis(kept, np.argsort(-scores, axis=1, kind="stable")[:, :predictors.mlp[3].keep], True, axis=1)
     n_active = labels.sum(1)
     recall = np.where(n_active > 0, (kept & labels).sum(1) / np.maximum(n_active, 1), 1.0).mean()
     assert recall == pytest.approx(report["layers"][3]["mlp"]["test"]["recall"], abs=1e-6)
+    # ... and threshold selection with the stored threshold: its test recall and density, recomputed.
+    chosen = scores >= predictors.mlp_threshold[3]
+    t_recall = np.where(n_active > 0, (chosen & labels).sum(1) / np.maximum(n_active, 1), 1.0).mean()
+    assert t_recall == pytest.approx(report["layers"][3]["mlp"]["threshold_test"]["recall"], abs=1e-6)
+    assert chosen.mean() == pytest.approx(report["layers"][3]["mlp"]["threshold_test"]["density"], abs=1e-6)
     # K per layer is the smallest that reaches the target on the calibration tokens: recomputed here from the
     # documented split (held-out rows, even windows of --seq-len) and the stored predictors, for every layer.
     n_rows = store.num_rows
@@ -282,14 +287,18 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     calib = (np.arange(n_train, n_rows) // 128) % 2 == 0
     for layer, entry in enumerate(report["layers"]):
         x = store.read(layer, "attn_input", n_train)[calib]
-        curve = recall_by_k(np.asarray(mlp_scores(predictors.mlp[layer], jnp.asarray(x))),
-                            store.read_labels(layer, n_train)[calib])
+        calib_scores = np.asarray(predictor_scores(predictors.mlp[layer], jnp.asarray(x)))
+        calib_labels = store.read_labels(layer, n_train)[calib]
+        curve = recall_by_k(calib_scores, calib_labels)
+        chosen = calib_scores >= predictors.mlp_threshold[layer]
+        n_pos = calib_labels.sum(1)
+        assert np.where(n_pos > 0, (chosen & calib_labels).sum(1) / np.maximum(n_pos, 1), 1.0).mean() >= 0.99
         k_raw = entry["mlp"]["k_raw"]
         assert curve[k_raw - 1] >= 0.99 and (k_raw == 1 or curve[k_raw - 2] < 0.99), (layer, k_raw,
                                                                                       curve[k_raw - 2:k_raw])
         x_prev = store.read(max(layer - 1, 0), "attn_input", n_train)[calib]
         norms = store.read(layer, "head_norm", n_train)[calib].astype(np.float64)
-        mass = mass_recall_by_k(np.asarray(head_scores(predictors.heads[layer], jnp.asarray(x_prev))), norms)
+        mass = mass_recall_by_k(np.asarray(predictor_scores(predictors.heads[layer], jnp.asarray(x_prev))), norms)
         k_raw = entry["heads"]["k_raw"]
         assert mass[k_raw - 1] >= 0.99 and (k_raw == 1 or mass[k_raw - 2] < 0.99), (layer, k_raw, mass)
 
