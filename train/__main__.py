@@ -18,8 +18,8 @@ Train DejaVu predictors for an OPT model.
              and each head's output norm, in shards under WORK_DIR/activations/ (resumable)
   fit        train per layer a low-rank MLP predictor (d -> r -> ffn) and head predictor (d -> r -> heads) with
              optax; save them (uncalibrated) to WORK_DIR/predictors/
-  calibrate  choose K per layer on held-out tokens for a recall target; store it with the predictors; write
-             WORK_DIR/report.{json,md,png}
+  calibrate  choose K and a score threshold per layer on held-out tokens for a recall target; store them with
+             the predictors; write WORK_DIR/report.{json,md,png}
   all        collect, fit, calibrate (the default when no subcommand is given)
 
 Example (the reference model):
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, parts in (
             ("collect", "collect dense activations", (True, False, False)),
             ("fit", "train the predictors", (False, True, False)),
-            ("calibrate", "choose K per layer and write the report", (False, False, True)),
+            ("calibrate", "choose K and a threshold per layer and write the report", (False, False, True)),
             ("all", "collect, fit, calibrate", (True, True, True))):
         p = sub.add_parser(name, help=help_text, description=help_text)
         _common(p)
