@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from dejavu_jax.atomic import atomic_directory
 from dejavu_jax.config import OPTConfig
-from dejavu_jax.convert import convert_hf_params, iter_converted_groups, numpy_dtype, read_hf_config
+from dejavu_jax.hf_convert import convert_hf_params, iter_converted_groups, numpy_dtype, read_hf_config
 from dejavu_jax.hf_checkpoint import CheckpointError, HFTensorReader, is_hf_checkpoint
 from dejavu_jax.tokenizer import load_tokenizer
 

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 
-from dejavu_jax.convert import DTYPES
+from dejavu_jax.hf_convert import DTYPES
 from dejavu_jax.hf_checkpoint import CheckpointError
 from dejavu_jax.sampling import SamplingConfig
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from dejavu_jax.convert import DTYPES
+from dejavu_jax.hf_convert import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,6 @@ ALLOWED = {
     "eval": {"eval", "dejavu_jax"},
     "bench": {"bench", "dejavu_jax", "kernels"},
 }
-KNOWN_CYCLE = frozenset({"dejavu_jax.checkpoint", "dejavu_jax.convert"})
 
 
 def _module_name(path: Path) -> str:
@@ -127,14 +126,7 @@ def _describe(component: frozenset[str], graph) -> str:
 
 def test_no_import_cycle():
     graph = import_graph()
-    found = [c for c in cycles(graph) if c != KNOWN_CYCLE]
-    assert not found, "\n".join(_describe(c, graph) for c in found)
-
-
-@pytest.mark.xfail(reason="issue 9 item 6", strict=True)
-def test_no_checkpoint_convert_cycle():
-    graph = import_graph()
-    found = [c for c in cycles(graph) if c == KNOWN_CYCLE]
+    found = cycles(graph)
     assert not found, "\n".join(_describe(c, graph) for c in found)
 
 

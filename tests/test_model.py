@@ -9,7 +9,7 @@ import torch
 from conftest import random_hf_model, rel_max_err, tiny_hf_config
 from dejavu_jax.checkpoint import load_model
 from dejavu_jax.config import OPTConfig
-from dejavu_jax.convert import convert_hf_params
+from dejavu_jax.hf_convert import convert_hf_params
 from dejavu_jax.generation import decode_step, prefill
 from dejavu_jax.hf_checkpoint import HFTensorReader
 from dejavu_jax.model import OPTForCausalLM, abstract_params, init_params
