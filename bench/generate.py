@@ -148,7 +148,7 @@ def time_hf(config, batch, prompt_len, new_tokens, repeats) -> dict | None:
     hf_repeats = max(3, repeats // 3)
     t_full, _ = median_seconds(lambda: run(new_tokens), hf_repeats)
     t_one, _ = median_seconds(lambda: run(1), hf_repeats)
-    del model
+    model = None  # free the GPU memory before JAX runs
     gc.collect()
     torch.cuda.empty_cache()
     return {"prefill_ms": t_one * 1e3, "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3}

@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax import struct
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache

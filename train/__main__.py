@@ -98,9 +98,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
                         "reaches this, in (0, 1] (default 0.99)")
     g.add_argument("--head-recall-target", type=float, default=0.99,
                    help="heads: the same, for the mean share of the head-norm mass kept (default 0.99)")
-    g.add_argument("--block", type=int, default=16,
-                   help="MLP K is rounded up to a multiple of this (the sparse kernel's block), capped at ffn "
-                        "(default 16)")
+    g.add_argument("--block", type=int, default=1,
+                   help="MLP K (top-K selection) is rounded up to a multiple of this, capped at ffn (default 1: "
+                        "the row-masked kernels compute exactly the chosen rows, so no rounding is needed)")
     g.add_argument("--head-block", type=int, default=1,
                    help="head K is rounded up to a multiple of this, capped at the head count (default 1)")
     g.add_argument("--save-to", type=Path, default=None,

@@ -28,7 +28,7 @@ from train.metrics import ThresholdCalibration, ThresholdCounts, TopKCurve, head
 class CalibrateOptions:
     recall_target: float = 0.99  # MLP: mean fraction of the truly active neurons kept
     head_recall_target: float = 0.99  # heads: mean fraction of the head-norm mass kept
-    block: int = 16  # MLP K is a multiple of this
+    block: int = 1  # MLP K is a multiple of this (the masked kernels need no rounding)
     head_block: int = 1  # head K is a multiple of this
 
     def validate(self) -> None:
