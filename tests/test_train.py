@@ -251,7 +251,7 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     assert len(report["layers"]) == config.num_hidden_layers
     for entry in report["layers"]:
         mlp, heads = entry["mlp"], entry["heads"]
-        assert mlp["k"] == min(-(-mlp["k_raw"] // 16) * 16, config.ffn_dim)  # rounded up to the block, capped
+        assert mlp["k"] == mlp["k_raw"]  # --block 1: no rounding
         assert 1 <= heads["k"] == heads["k_raw"] <= config.num_attention_heads  # --head-block 1
     # The predictors sit next to the converted model and in the work dir, with K and metadata.
     for where in (converted_model, work / "predictors"):
