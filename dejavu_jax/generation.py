@@ -40,9 +40,9 @@ def _model_for(config: OPTConfig, params, attention_impl: str = "xla") -> OPTFor
 
 
 # How hard XLA searches GEMM tilings when it compiles the generation program. "default": XLA's usual autotuning.
-# "exhaustive": every Triton tiling it knows; on an H100 the opt-6.7b decode step went from 5.42-5.46 to 5.32
-# ms/token, for a one-time compile of 137-153 s. The results are kept in a per-fusion cache directory
-# (`autotune_cache_dir()`), so a later compile of the same shapes takes seconds (bench/results/NOTES.md).
+# "exhaustive": every Triton tiling it knows: a slightly faster decode step for a compile of minutes at
+# multi-billion-parameter sizes (measured in bench/results/NOTES.md). The results are kept in a per-fusion cache
+# directory (`autotune_cache_dir()`), so a later compile of the same shapes takes seconds.
 AUTOTUNE_MODES = ("default", "exhaustive")
 _STATIC = ("config", "num_slots", "policy", "attention_impl")
 

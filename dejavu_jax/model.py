@@ -18,6 +18,7 @@ block's input, the post-ReLU fc1 output and each head's output norm before out_p
 
 from __future__ import annotations
 
+import enum
 from typing import Optional, Sequence
 
 import jax
@@ -30,17 +31,23 @@ from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import DENSE, MLPRows, SparseWeights, SparsityPolicy, mlp_rows
 from kernels.decode_attention import decode_attention_append
 
-# How a decode step (one new token per sequence, with a cache) computes attention:
-# "xla": einsums, masked softmax and two cache-update kernels; "pallas": one Pallas launch per layer that
-# writes the new K/V into the cache and attends (kernels/decode_attention.py). Prefill is always "xla". Measured
-# equal on an H100 at opt-6.7b/13b (bench/results/NOTES.md), so "xla" stays the default.
-ATTENTION_IMPLS = ("xla", "pallas")
+class AttentionImpl(str, enum.Enum):
+    """How a decode step (one new token per sequence, with a cache) computes attention. XLA: einsums, masked softmax
+    and two cache-update kernels; PALLAS: one Pallas launch per layer that writes the new K/V into the cache and
+    attends (kernels/decode_attention.py). Prefill is always XLA. The two measure equal (bench/results/NOTES.md), so
+    XLA is the default."""
+    XLA = "xla"
+    PALLAS = "pallas"
 
 
-def check_attention_impl(attention_impl: str) -> str:
-    if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}. Got {attention_impl!r}")
-    return attention_impl
+ATTENTION_IMPLS = tuple(a.value for a in AttentionImpl)
+
+
+def check_attention_impl(attention_impl) -> AttentionImpl:
+    try:
+        return AttentionImpl(attention_impl)
+    except ValueError:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}. Got {attention_impl!r}") from None
 
 
 def layer_norm(x, scale, bias, eps):
@@ -98,7 +105,7 @@ class OPTAttention(nn.Module):
         # HF scales the query after q_proj, bias included.
         q = (qkv[0] * (c.head_dim ** -0.5)).astype(x.dtype)  # [B, h, T, hd]
         k_new, v_new = qkv[1], qkv[2]
-        if self.attention_impl == "pallas" and layer_kv is not None and x.shape[1] == 1:
+        if self.attention_impl == AttentionImpl.PALLAS and layer_kv is not None and x.shape[1] == 1:
             with jax.named_scope("attention"):
                 heads_out, keys, values = decode_attention_append(
                     q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv, allowed[:, 0], cursor, head_idx)
