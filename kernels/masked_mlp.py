@@ -4,10 +4,12 @@
     out = h · fc2_w_t + fc2_b, reading only the rows where some h ≠ 0      (`nonzero_fc2`)
 
 `x` [B, d], `fc1_w` [ffn, d] (Hugging Face layout), `fc2_w_t` [ffn, d] (fc2's weight neuron-major, so a neuron's
-weights are two contiguous rows). Both kernels walk *every* row block and give the weight loads a per-row mask, so a
-row that is not chosen costs no memory traffic and no index list is ever built (no sort, no compaction, no static
-count K): the bytes read follow the number of chosen rows, whatever it is, and with every row chosen the kernels
-compute the dense MLP.
+weights are two contiguous rows). Every program owns a segment of rows, reads which of them are chosen, numbers the
+chosen ones in registers (a prefix count) and gathers only those, in as many steps as it has chosen rows: no global
+index list is built (no sort, no compaction pass, no static count K), a row that is not chosen costs no memory
+traffic, the bytes read follow the number of chosen rows whatever it is, and with every row chosen the kernels
+compute the dense MLP. Why not an index list: building one in XLA (`nonzero`) costs more than these kernels save over
+it, and a sort more still (bench/results/NOTES.md, "Choosing neurons at decode without a sort").
 
 How `masked_fc1` chooses its rows (static `selection`):
 - ``"mask"``: a row mask [ffn] (int32, nonzero = chosen), e.g. fixed indices or a top-K scattered into a mask;
@@ -115,6 +117,21 @@ def _gather(ref_at, valid_mask, masked: bool):
 # mask) numbers the chosen rows 0..n-1, and step t gathers the rows numbered [t*block_k, (t+1)*block_k). The loop
 # runs cdiv(n, block_k) times, so a program's cost follows its own count, and unchosen rows are never loaded.
 
+def _number_rows(chosen):
+    """(count, pos [seg]): how many rows of the segment are chosen, and each chosen row's number 0..count-1."""
+    flags = chosen.astype(jnp.int32)
+    return jnp.sum(flags), jnp.cumsum(flags) - 1
+
+
+def _step_rows(t, block_k, base, chosen, pos, count):
+    """Step t's rows: (sel [block_k, seg] one-hot slot -> segment row, row [block_k] absolute row index,
+    valid [block_k]: the slot holds a chosen row)."""
+    slot = t * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    sel = (pos[None, :] == slot[:, None]) & chosen[None, :]
+    row = base + jnp.sum(jnp.where(sel, jnp.arange(chosen.shape[0], dtype=jnp.int32)[None, :], 0), axis=1)
+    return sel, row, slot < count
+
+
 def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref):
     """[seg1] bool: the segment's rows whose score p[b] · w2_t[row] + b2[row] reaches the threshold for some b."""
     rows = pl.ds(base, plan.seg1)
@@ -139,14 +156,10 @@ def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selectio
         chosen = mask_ref[pl.ds(base, seg)] != 0                            # [seg]
     else:
         chosen = _threshold_rows(base, plan, *sel_refs)
-    count = jnp.sum(chosen.astype(jnp.int32))
-    pos = jnp.cumsum(chosen.astype(jnp.int32)) - 1
+    count, pos = _number_rows(chosen)
 
     def step(t, h_seg):
-        slot = t * bk + jnp.arange(bk, dtype=jnp.int32)
-        sel = (pos[None, :] == slot[:, None]) & chosen[None, :]             # [bk, seg]
-        row = base + jnp.sum(jnp.where(sel, jnp.arange(seg, dtype=jnp.int32)[None, :], 0), axis=1)
-        valid = slot < count
+        sel, row, valid = _step_rows(t, bk, base, chosen, pos, count)
         tile_mask = jnp.broadcast_to(valid[:, None], (bk, bd))
         acc = [jnp.zeros((bk,), jnp.float32) for _ in range(plan.batch)]
         for c0 in range(0, plan.d, bd):  # static: the step's loads can all be in flight at once
@@ -174,14 +187,10 @@ def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: b
     chosen = h_ref[0, pl.ds(base, seg)] != 0
     for b in range(1, plan.batch):
         chosen = chosen | (h_ref[b, pl.ds(base, seg)] != 0)
-    count = jnp.sum(chosen.astype(jnp.int32))
-    pos = jnp.cumsum(chosen.astype(jnp.int32)) - 1
+    count, pos = _number_rows(chosen)
 
     def step(t, acc):
-        slot = t * bk + jnp.arange(bk, dtype=jnp.int32)
-        sel = (pos[None, :] == slot[:, None]) & chosen[None, :]             # [bk, seg]
-        row = base + jnp.sum(jnp.where(sel, jnp.arange(seg, dtype=jnp.int32)[None, :], 0), axis=1)
-        valid = slot < count
+        _, row, valid = _step_rows(t, bk, base, chosen, pos, count)
         w = _gather(w_ref.at[row, cols], jnp.broadcast_to(valid[:, None], (bk, bd)), masked)
         w = w.astype(jnp.float32)                                          # [bk, bd]
         out = []
