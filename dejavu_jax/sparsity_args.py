@@ -40,7 +40,7 @@ def load_sparsity(args, model):
     policy = check_sparsity_args(args)
     if policy == DENSE or not policy.needs_weights:
         return policy, None
-    from dejavu_jax.predictors import load_predictors
+    from dejavu_jax.predictor_store import load_predictors
     predictors = load_predictors(args.predictors, model.config)
     dtype = model.params["embed_tokens"]["embedding"].dtype
     return policy, sparse_weights_from_predictors(predictors, dtype, selection=policy.selection)

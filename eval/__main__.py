@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dejavu_jax.corpus import CorpusError
     from dejavu_jax.hf_checkpoint import CheckpointError
-    from dejavu_jax.predictors import PredictorError
+    from dejavu_jax.predictor_store import PredictorError
     if args.command == "tasks":
         from eval.tasks import format_table, run_tasks
         try:

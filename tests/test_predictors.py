@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dejavu_jax.predictors import (METADATA_FILE, PredictorError, Predictors, init_low_rank, load_predictors,
-                                   predictor_metadata, predictor_scores, save_predictors)
+from dejavu_jax.predictor_store import (METADATA_FILE, PredictorError, load_predictors, predictor_metadata,
+                                        save_predictors)
+from dejavu_jax.predictors import Predictors, init_low_rank, predictor_scores
 from dejavu_jax.sparsity import decode_predictor, sparse_weights_from_predictors
 
 

@@ -134,7 +134,7 @@ def test_eval_ppl_json_dense_vs_sparse(reference_model_dir, tmp_path, capsys):
     import json
     from conftest import SHARED
     from dejavu_jax.checkpoint import load_model
-    from dejavu_jax.predictors import save_predictors
+    from dejavu_jax.predictor_store import save_predictors
     from eval.__main__ import main as eval_main
     config = load_model(reference_model_dir, "float32").config
     data = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
@@ -170,7 +170,7 @@ def test_sparsity_flag_errors_before_loading(flags, message, reference_model_dir
 def test_sparse_generation_choosing_everything_equals_dense(reference_model_dir, tmp_path, capsys):
     from dejavu_jax.checkpoint import load_model
     from dejavu_jax.generate import main as generate_main
-    from dejavu_jax.predictors import save_predictors
+    from dejavu_jax.predictor_store import save_predictors
     config = load_model(reference_model_dir, "float32").config
     save_predictors(random_predictors(config, k=config.ffn_dim, threshold=-np.inf), tmp_path / "all")
     argv = ["--model", str(reference_model_dir), "--prompt", "The history of", "--max-new-tokens", "6",

@@ -135,7 +135,7 @@ def test_cli_writes_results_and_resumes(tmp_path, capsys, monkeypatch, jax_lm, t
 
 def test_cli_predictors_keeping_every_neuron_reproduce_dense(tmp_path, capsys):
     from dejavu_jax.checkpoint import load_model
-    from dejavu_jax.predictors import save_predictors
+    from dejavu_jax.predictor_store import save_predictors
     from test_sparse_model import random_predictors
     config = load_model(REFERENCE_MODEL, "float32").config
     save_predictors(random_predictors(config, k=config.ffn_dim, threshold=-float("inf")), tmp_path / "predictors")

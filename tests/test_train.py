@@ -233,7 +233,7 @@ def test_collect_refuses_other_settings(converted_model, small_corpus, tmp_path)
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 
 def test_cli_end_to_end(converted_model, tmp_path, capsys):
-    from dejavu_jax.predictors import load_predictors, predictor_metadata
+    from dejavu_jax.predictor_store import load_predictors, predictor_metadata
     from dejavu_jax.config import OPTConfig
     work = tmp_path / "work"
     rc = train_main(["--model", str(converted_model), "--data", str(VALIDATION), "--work-dir", str(work),

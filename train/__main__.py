@@ -165,7 +165,7 @@ def _check_save_to(model_dir: Path) -> None:
 
 
 def run(args, log) -> dict:
-    from dejavu_jax.predictors import PREDICTORS_DIR
+    from dejavu_jax.predictor_store import PREDICTORS_DIR
     collect_opts, fit_opts, calibrate_opts, predictors_dir = _options(args)  # every option checked before work
     progress = not args.quiet
     summary = {"work_dir": str(args.work_dir)}

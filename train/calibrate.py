@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from dejavu_jax.predictors import load_predictors, predictor_metadata, save_predictors
+from dejavu_jax.predictor_store import load_predictors, predictor_metadata, save_predictors
 from train.activations import ActivationStore
 from train.fit import score_rows, split_rows
 from train.metrics import ThresholdCalibration, ThresholdCounts, TopKCurve, head_labels, smallest_k

@@ -34,8 +34,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from dejavu_jax.predictors import (MLP_INPUTS, LowRankPredictor, Predictors, init_low_rank, predictor_scores,
-                                   save_predictors)
+from dejavu_jax.predictor_store import save_predictors
+from dejavu_jax.predictors import MLP_INPUTS, LowRankPredictor, Predictors, init_low_rank, predictor_scores
 from train.activations import ActivationStore
 from train.metrics import BinaryCounts, head_labels
 
