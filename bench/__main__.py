@@ -29,33 +29,40 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "generate":
         from bench.generate import main as run
+
         return run(rest)
     if command == "select":
         from bench.select import main as run
+
         return run(rest)
     if command == "profile":
         from bench.profile_decode import main as run
+
         return run(rest)
     if command == "convert-memory":
         from bench.convert_memory import main as run
+
         return run(rest)
     if command == "kernels":
         if "--op" in rest:
             i = rest.index("--op")
             op = rest[i + 1] if i + 1 < len(rest) else ""
-            rest = rest[:i] + rest[i + 2:]
+            rest = rest[:i] + rest[i + 2 :]
         else:
             op = "mlp"
         if op == "attention":
             from bench.kernels_attention import main as run
+
             return run(rest) or 0
         if op == "masked-mlp":
             from bench.kernels_masked_mlp import main as run
+
             return run(rest) or 0
         if op != "mlp":
             print(f"error: unknown --op {op!r}; available: mlp, masked-mlp, attention", file=sys.stderr)
             return 2
         from bench.kernels_mlp import main as run
+
         return run(rest) or 0
     print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

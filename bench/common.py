@@ -37,17 +37,26 @@ def git_commit() -> str:
     if os.environ.get("DEJAVU_COMMIT"):
         return os.environ["DEJAVU_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def provenance() -> dict:
-    return {"card": card_name(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
-            "command": "python -m bench " + " ".join(sys.argv[1:]) if sys.argv else "",
-            "jax": jax.__version__}
+    return {
+        "card": card_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "command": "python -m bench " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "jax": jax.__version__,
+    }
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
@@ -70,11 +79,12 @@ class ChainTiming:
     compile_s: float
     calls: int
     first: Any  # the output of the first call (the program's first output), to check against a reference
-    last: Any   # the chain's final carry
+    last: Any  # the chain's final carry
 
 
-def time_chained(body, carry, operands=(), *, steps: int, repeats: int, calls_per_step: int = 1,
-                 first=None) -> ChainTiming:
+def time_chained(
+    body, carry, operands=(), *, steps: int, repeats: int, calls_per_step: int = 1, first=None
+) -> ChainTiming:
     """Times a call far below host dispatch: chained `steps` times in one jitted `lax.fori_loop`, then divided.
 
     `body(carry, operands) -> carry` is one loop iteration making `calls_per_step` calls, each call's output
@@ -83,6 +93,7 @@ def time_chained(body, carry, operands=(), *, steps: int, repeats: int, calls_pe
     which comes back as `.first`. `operands` are arguments of the program (as a model's weights are), not
     constants folded into it. Compile time is measured apart; the time is the median of `repeats` runs.
     """
+
     def program(carry, operands):
         start = carry if first is None else first(carry, operands)
         return start, lax.fori_loop(0, steps, lambda _, c: body(c, operands), start)
@@ -106,6 +117,7 @@ def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> dict:
     result = {}
     try:
         import torch
+
         if torch.cuda.is_available():
             src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
             dst = torch.empty_like(src)
@@ -171,26 +183,46 @@ def log(msg: str) -> None:
 def kernel_bench_setup(op: str, argv, interpret: bool) -> tuple[dict, dict]:
     """What every kernel bench does first: warn off a CPU run, provenance, and the copy-bandwidth probe."""
     if not interpret and jax.default_backend() != "gpu":
-        print(f"warning: backend is {jax.default_backend()!r}, not gpu; compiled Pallas GPU kernels will fail "
-              "(use --interpret for a CPU smoke test)", file=sys.stderr)
+        print(
+            f"warning: backend is {jax.default_backend()!r}, not gpu; compiled Pallas GPU kernels will fail "
+            "(use --interpret for a CPU smoke test)",
+            file=sys.stderr,
+        )
     meta = provenance()
     meta["command"] = f"python -m bench kernels --op {op} " + " ".join(sys.argv[1:] if argv is None else argv)
     bw_probe = copy_bandwidth(nbytes=(8 << 20) if interpret else (2 << 30))
-    log(f"{meta['card']}  jax {meta['jax']}  commit {meta['commit']}  copy bandwidth "
-        + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bw_probe.items()))
+    log(
+        f"{meta['card']}  jax {meta['jax']}  commit {meta['commit']}  copy bandwidth "
+        + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bw_probe.items())
+    )
     return meta, bw_probe
 
 
 def add_kernel_bench_args(parser, op: str) -> None:
     """The timing, stopping and output flags every `python -m bench kernels --op OP` shares."""
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (median; default 10)")
-    parser.add_argument("--chain-us", type=float, default=2000.0,
-                        help="target length of one chained program in microseconds (default 2000)")
-    parser.add_argument("--interpret", action="store_true",
-                        help="tiny shapes, Pallas interpreter, CPU-friendly: a smoke test, timings meaningless")
-    parser.add_argument("--max-minutes", type=float, default=5.5,
-                        help="stop starting new configurations after this long and write what was measured "
-                             "(default 5.5, under the GPU machine's 10-minute command limit; 0 = no limit)")
-    parser.add_argument("--out", default=None, help="markdown path (JSON beside it); default "
-                        f"bench/results/kernels_{op}_<card>_<date>.md (interpret: nothing written unless given)")
+    parser.add_argument(
+        "--chain-us",
+        type=float,
+        default=2000.0,
+        help="target length of one chained program in microseconds (default 2000)",
+    )
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="tiny shapes, Pallas interpreter, CPU-friendly: a smoke test, timings meaningless",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=5.5,
+        help="stop starting new configurations after this long and write what was measured "
+        "(default 5.5, under the GPU machine's 10-minute command limit; 0 = no limit)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="markdown path (JSON beside it); default "
+        f"bench/results/kernels_{op}_<card>_<date>.md (interpret: nothing written unless given)",
+    )
     parser.add_argument("--json", action="store_true", help="also print all numbers as JSON on stdout")

@@ -37,7 +37,7 @@ from dejavu_jax.generation import AUTOTUNE_MODES, generation_program
 from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, check_attention_impl
 from dejavu_jax.predictors import init_low_rank
 from dejavu_jax.sampling import SamplingConfig
-from dejavu_jax.sparsity import (DENSE, MLPSparsity, Selection, SparseWeights, SparsityPolicy, decode_predictor)
+from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparseWeights, SparsityPolicy, decode_predictor
 
 
 def random_params(config, dtype):
@@ -87,14 +87,30 @@ def planted_predictors(config, rows, rank: int) -> SparseWeights:
     keys = jax.random.split(jax.random.PRNGKey(5), config.num_hidden_layers)
     layers = []
     for key, (_, chosen) in zip(keys, rows):
-        p = init_low_rank(key, config.hidden_size, rank, config.ffn_dim, dtype=jnp.float16,
-                          output_bias=np.where(chosen, 100.0, -100.0)).replace(k=int(chosen.sum()))
+        p = init_low_rank(
+            key,
+            config.hidden_size,
+            rank,
+            config.ffn_dim,
+            dtype=jnp.float16,
+            output_bias=np.where(chosen, 100.0, -100.0),
+        ).replace(k=int(chosen.sum()))
         layers.append(decode_predictor(p, 0.0, jnp.float16))
     return SparseWeights(mlp=tuple(layers))
 
 
-def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, policy=DENSE, sparse_weights=None,
-             attention_impl="xla", autotune="default") -> dict:
+def time_jax(
+    config,
+    batch,
+    prompt_len,
+    new_tokens,
+    repeats,
+    params=None,
+    policy=DENSE,
+    sparse_weights=None,
+    attention_impl="xla",
+    autotune="default",
+) -> dict:
     if params is None:
         params = random_params(config, jnp.float16)
     jax.block_until_ready(params)
@@ -107,8 +123,9 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, policy
     program = generation_program(autotune)
 
     def run(n):
-        tokens, counts = program(params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparse_weights,
-                                 **static)
+        tokens, counts = program(
+            params, ids, mask, jnp.int32(n), jax.random.PRNGKey(2), sampling, sparse_weights, **static
+        )
         tokens.block_until_ready()
         return counts
 
@@ -119,8 +136,12 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats, params=None, policy
     assert int(np.min(counts)) == new_tokens, f"generated {counts}, wanted {new_tokens}"
     t_full, _ = median_seconds(lambda: run(new_tokens), repeats)
     t_one, _ = median_seconds(lambda: run(1), repeats)
-    return {"compile_s": compile_s, "prefill_ms": t_one * 1e3,
-            "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3, "total_ms": t_full * 1e3}
+    return {
+        "compile_s": compile_s,
+        "prefill_ms": t_one * 1e3,
+        "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3,
+        "total_ms": t_full * 1e3,
+    }
 
 
 def time_hf(config, batch, prompt_len, new_tokens, repeats) -> dict | None:
@@ -140,8 +161,14 @@ def time_hf(config, batch, prompt_len, new_tokens, repeats) -> dict | None:
 
     def run(n):
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=config.pad_token_id)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=config.pad_token_id,
+            )
         torch.cuda.synchronize()
         assert out.shape[1] == prompt_len + n
 
@@ -162,31 +189,53 @@ def attention_list(text: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", action="append", choices=sorted(OPT_SHAPES), help="OPT shape; repeat for several")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers eager")
-    p.add_argument("--mlp-density", type=float, default=None,
-                   help="also time sparse-MLP decoding in the same run (fixed rows, lossless, predicted; see above): "
-                        "the fraction of each layer's neurons chosen per token")
-    p.add_argument("--fire-rate", type=float, default=0.05,
-                   help="with --mlp-density: the fraction of neurons that fire (fc1 > 0) per token (default 0.05)")
-    p.add_argument("--predictor-rank", default="256,1000",
-                   help="with --mlp-density: comma list of predictor ranks (default 256,1000)")
-    p.add_argument("--selection", default="threshold,topk",
-                   help="with --mlp-density: comma list of predicted selections, threshold and/or topk (default both)")
-    p.add_argument("--batches", default=None,
-                   help="comma list of batch sizes to time in this run (default --batch)")
-    p.add_argument("--attention", type=attention_list, default=list(ATTENTION_IMPLS),
-                   help=f"comma list of decode attention implementations to time side by side "
-                        f"(default {','.join(ATTENTION_IMPLS)})")
-    p.add_argument("--autotune", default="default", choices=AUTOTUNE_MODES,
-                   help="XLA GEMM autotuning of the JAX program (dejavu_jax.generation.AUTOTUNE_MODES); 'exhaustive' "
-                        "compiles for minutes the first time, its results cached (see autotune_cache_dir)")
+    p.add_argument(
+        "--mlp-density",
+        type=float,
+        default=None,
+        help="also time sparse-MLP decoding in the same run (fixed rows, lossless, predicted; see above): "
+        "the fraction of each layer's neurons chosen per token",
+    )
+    p.add_argument(
+        "--fire-rate",
+        type=float,
+        default=0.05,
+        help="with --mlp-density: the fraction of neurons that fire (fc1 > 0) per token (default 0.05)",
+    )
+    p.add_argument(
+        "--predictor-rank",
+        default="256,1000",
+        help="with --mlp-density: comma list of predictor ranks (default 256,1000)",
+    )
+    p.add_argument(
+        "--selection",
+        default="threshold,topk",
+        help="with --mlp-density: comma list of predicted selections, threshold and/or topk (default both)",
+    )
+    p.add_argument("--batches", default=None, help="comma list of batch sizes to time in this run (default --batch)")
+    p.add_argument(
+        "--attention",
+        type=attention_list,
+        default=list(ATTENTION_IMPLS),
+        help=f"comma list of decode attention implementations to time side by side "
+        f"(default {','.join(ATTENTION_IMPLS)})",
+    )
+    p.add_argument(
+        "--autotune",
+        default="default",
+        choices=AUTOTUNE_MODES,
+        help="XLA GEMM autotuning of the JAX program (dejavu_jax.generation.AUTOTUNE_MODES); 'exhaustive' "
+        "compiles for minutes the first time, its results cached (see autotune_cache_dir)",
+    )
     p.add_argument("--out", default=None, help="markdown path (default bench/results/generate_<card>_<date>.md)")
     args = p.parse_args(argv)
     shapes = args.shape or ["opt-6.7b", "opt-13b"]
@@ -218,13 +267,13 @@ def main(argv=None) -> int:
             planted = planted_rows(config, args.mlp_density, args.fire_rate)
             params = plant_firing(params, planted)
             fixed = SparseWeights(fixed_rows=tuple(jnp.asarray(c, jnp.int32) for _, c in planted))
-            variants += [("fixed rows", DENSE, fixed, {}),
-                         ("lossless", SparsityPolicy(MLPSparsity.LOSSLESS), None, {})]
+            variants += [("fixed rows", DENSE, fixed, {}), ("lossless", SparsityPolicy(MLPSparsity.LOSSLESS), None, {})]
             for rank in ranks:
                 weights = planted_predictors(config, planted, rank)
                 for sel in selections:
-                    variants.append((f"predicted, {sel.value}", SparsityPolicy(MLPSparsity.PREDICTED, sel), weights,
-                                     {"rank": rank}))
+                    variants.append(
+                        (f"predicted, {sel.value}", SparsityPolicy(MLPSparsity.PREDICTED, sel), weights, {"rank": rank})
+                    )
         for batch in batches:
             read = bytes_read_per_token(config, batch, args.prompt_len, args.new_tokens)
             floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
@@ -232,45 +281,80 @@ def main(argv=None) -> int:
             for impl in args.attention:
                 dense_ms = None
                 for label, policy, weights, extra in variants:
-                    jx = time_jax(config, batch, args.prompt_len, args.new_tokens, args.repeats, params, policy,
-                                  weights, attention_impl=impl, autotune=args.autotune)
+                    jx = time_jax(
+                        config,
+                        batch,
+                        args.prompt_len,
+                        args.new_tokens,
+                        args.repeats,
+                        params,
+                        policy,
+                        weights,
+                        attention_impl=impl,
+                        autotune=args.autotune,
+                    )
                     ms = jx["decode_ms_per_token"]
                     dense_ms = ms if dense_ms is None else dense_ms
-                    row = {"shape": name, "attention": impl, "batch": batch, "prompt_len": args.prompt_len,
-                           "new_tokens": args.new_tokens, "variant": label, **extra, "floor_ms": floor_ms,
-                           "bytes_per_token": read, "jax": jx, "hf": hf if label == "dense" else None,
-                           "speedup_vs_dense": dense_ms / ms,
-                           "jax_gbs": (read["weights"] + read["kv"]) / ms / 1e6}
+                    row = {
+                        "shape": name,
+                        "attention": impl,
+                        "batch": batch,
+                        "prompt_len": args.prompt_len,
+                        "new_tokens": args.new_tokens,
+                        "variant": label,
+                        **extra,
+                        "floor_ms": floor_ms,
+                        "bytes_per_token": read,
+                        "jax": jx,
+                        "hf": hf if label == "dense" else None,
+                        "speedup_vs_dense": dense_ms / ms,
+                        "jax_gbs": (read["weights"] + read["kv"]) / ms / 1e6,
+                    }
                     if args.mlp_density is not None and label != "dense":
                         row.update(density=args.mlp_density, fire_rate=args.fire_rate)
                     rows.append(row)
-                    print(f"{name} b{batch} [{impl}] {label} {extra or ''}: {ms:.2f} ms/token "
-                          f"({dense_ms / ms:.2f}x dense, {ms / floor_ms:.2f}x the dense floor), compile "
-                          f"{jx['compile_s']:.1f} s", flush=True)
+                    print(
+                        f"{name} b{batch} [{impl}] {label} {extra or ''}: {ms:.2f} ms/token "
+                        f"({dense_ms / ms:.2f}x dense, {ms / floor_ms:.2f}x the dense floor), compile "
+                        f"{jx['compile_s']:.1f} s",
+                        flush=True,
+                    )
         del params
         gc.collect()
 
-    lines = [f"# Decode latency, {info['card']}", "",
-             f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
-             f"- command: `{info['command']}`",
-             f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled; "
-             f"XLA autotuning: {args.autotune}"]
+    lines = [
+        f"# Decode latency, {info['card']}",
+        "",
+        f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
+        f"- command: `{info['command']}`",
+        f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled; "
+        f"XLA autotuning: {args.autotune}",
+    ]
     if args.mlp_density is not None:
-        lines.append(f"- sparse rows: {args.mlp_density:.0%} of the neurons chosen per token, {args.fire_rate:.0%} "
-                     f"fire (every selection contains them); the floor is the dense one")
-    lines += ["", "| shape | batch | attention | variant | predictor rank | JAX ms/token | vs dense | tokens/s | "
-              "floor ms | / floor | HF eager ms/token | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- sparse rows: {args.mlp_density:.0%} of the neurons chosen per token, {args.fire_rate:.0%} "
+            f"fire (every selection contains them); the floor is the dense one"
+        )
+    lines += [
+        "",
+        "| shape | batch | attention | variant | predictor rank | JAX ms/token | vs dense | tokens/s | "
+        "floor ms | / floor | HF eager ms/token | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         jx, hf = r["jax"], r["hf"]
         ms = jx["decode_ms_per_token"]
         hf_cell = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['attention']} | {r['variant']} | {r.get('rank', '-')} | "
-                     f"{ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
-                     f"{ms / r['floor_ms']:.2f} | {hf_cell} | {jx['compile_s']:.1f} |")
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['attention']} | {r['variant']} | {r.get('rank', '-')} | "
+            f"{ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
+            f"{ms / r['floor_ms']:.2f} | {hf_cell} | {jx['compile_s']:.1f} |"
+        )
     markdown = "\n".join(lines) + "\n"
     card = info["card"].replace(" ", "-")
-    path = write_results(f"generate_{card}_{info['date']}", markdown, {**info, "bandwidth": bandwidth, "rows": rows},
-                         args.out)
+    path = write_results(
+        f"generate_{card}_{info['date']}", markdown, {**info, "bandwidth": bandwidth, "rows": rows}, args.out
+    )
     print(markdown)
     print(f"wrote {path}")
     return 0

@@ -42,10 +42,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import (add_kernel_bench_args, card_slug, fmt_us, kernel_bench_setup, log,  # noqa: E402
-                          time_chained, to_markdown, to_text, write_results)
-from kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
-                                      plan_decode_attention)
+from bench.common import (
+    add_kernel_bench_args,
+    card_slug,
+    fmt_us,
+    kernel_bench_setup,
+    log,  # noqa: E402
+    time_chained,
+    to_markdown,
+    to_text,
+    write_results,
+)
+from kernels.decode_attention import (
+    decode_attention,
+    decode_attention_reference,  # noqa: E402
+    plan_decode_attention,
+)
 
 # OPT decode attention shapes: (heads, head_dim).
 SHAPES = {"opt-6.7b": (32, 128), "opt-13b": (40, 128), "opt-66b": (72, 128)}
@@ -57,10 +69,10 @@ INTERPRET = dict(shapes=("tiny-4x80",), seqs=(24, 37), batches=(1, 3), head_dens
 # Pallas variants: name -> decode_attention knobs. Two with the same resolved plan are timed once.
 PALLAS_VARIANTS = {
     "auto": {},
-    "split1": dict(split_s=1),          # no split over S: B*h programs, no merge
-    "bs64": dict(block_s=64),           # larger K/V tiles (16 KiB each in fp16)
+    "split1": dict(split_s=1),  # no split over S: B*h programs, no merge
+    "bs64": dict(block_s=64),  # larger K/V tiles (16 KiB each in fp16)
     "bs16": dict(block_s=16),
-    "split_x2": dict(split_s="x2"),     # twice the plan's split (resolved per shape)
+    "split_x2": dict(split_s="x2"),  # twice the plan's split (resolved per shape)
 }
 DEFAULT_VARIANTS = ("auto", "split1", "bs64")
 BASELINES = ("xla_model", "reference")
@@ -132,8 +144,15 @@ def time_impl(impl, knobs, q0, cache_sets, allowed, head_idx, est_us, args) -> d
             q = step(q, cache_sets[c % n_sets], allowed, head_idx)
         return q
 
-    timing = time_chained(body, q0, (cache_sets, allowed, head_idx), steps=n_steps, repeats=args.repeats,
-                          calls_per_step=calls_per_step, first=first)
+    timing = time_chained(
+        body,
+        q0,
+        (cache_sets, allowed, head_idx),
+        steps=n_steps,
+        repeats=args.repeats,
+        calls_per_step=calls_per_step,
+        first=first,
+    )
     if not bool(jnp.all(jnp.isfinite(timing.last.astype(jnp.float32)))):
         raise FloatingPointError("the chained output is not finite")
     return {"us": timing.seconds * 1e6, "compile_s": timing.compile_s, "calls": timing.calls, "out0": timing.first}
@@ -152,17 +171,29 @@ def bench_config(shape, n_heads, hd, seq, batch, density, args, bw, log) -> dict
     n_sets = 1 if args.interpret else max(1, min(MAX_CACHE_SETS, math.ceil(2 * L2_BYTES / read_bytes)))
     key = jax.random.key(seq * 1000 + batch)
     ks = jax.random.split(key, 2 * n_sets + 2)
-    cache_sets = [tuple(jax.random.normal(ks[2 * i + c], (batch, n_heads, seq, hd), jnp.float32).astype(dtype)
-                        for c in range(2)) for i in range(n_sets)]
-    q0 = ((3.0 * hd ** -0.5) * jax.random.normal(ks[-2], (batch, heads, hd), jnp.float32)).astype(dtype)
+    cache_sets = [
+        tuple(jax.random.normal(ks[2 * i + c], (batch, n_heads, seq, hd), jnp.float32).astype(dtype) for c in range(2))
+        for i in range(n_sets)
+    ]
+    q0 = ((3.0 * hd**-0.5) * jax.random.normal(ks[-2], (batch, heads, hd), jnp.float32)).astype(dtype)
     allowed = jnp.ones((batch, seq), bool)
-    head_idx = (None if heads == n_heads else
-                jax.random.permutation(ks[-1], n_heads)[:heads].astype(jnp.int32))
+    head_idx = None if heads == n_heads else jax.random.permutation(ks[-1], n_heads)[:heads].astype(jnp.int32)
     jax.block_until_ready((cache_sets, q0))
     fb = floor_bytes(batch, heads, seq, seq, hd, 2)
-    row = {"shape": shape, "batch": batch, "seq": seq, "heads": heads, "n_heads": n_heads, "head_dim": hd,
-           "head_density": density, "floor_bytes": fb, "floor_us": fb / bw * 1e6, "cache_sets": n_sets,
-           "kv_bytes": kv_bytes, "impls": {}}
+    row = {
+        "shape": shape,
+        "batch": batch,
+        "seq": seq,
+        "heads": heads,
+        "n_heads": n_heads,
+        "head_dim": hd,
+        "head_density": density,
+        "floor_bytes": fb,
+        "floor_us": fb / bw * 1e6,
+        "cache_sets": n_sets,
+        "kv_bytes": kv_bytes,
+        "impls": {},
+    }
     ref = np.asarray(decode_attention_reference(q0, *cache_sets[0], allowed, head_idx).astype(jnp.float32))
     est = max(2.0, row["floor_us"])
     seen_plans = {}
@@ -173,14 +204,15 @@ def bench_config(shape, n_heads, hd, seq, batch, density, args, bw, log) -> dict
             knobs = resolve_knobs(name, batch, heads, seq, hd) if kind == "pallas" else {}
             if kind == "pallas":
                 plan = plan_decode_attention(batch, heads, seq, hd, **knobs)
-                entry["plan"] = (f"block_s={plan.block_s} split_s={plan.split_s} warps={plan.num_warps} "
-                                 f"stages={plan.num_stages} programs={batch * heads * plan.split_s}")
+                entry["plan"] = (
+                    f"block_s={plan.block_s} split_s={plan.split_s} warps={plan.num_warps} "
+                    f"stages={plan.num_stages} programs={batch * heads * plan.split_s}"
+                )
                 if plan in seen_plans:
                     row["impls"][name] = {**row["impls"][seen_plans[plan]], "same_as": seen_plans[plan]}
                     continue
                 seen_plans[plan] = name
-            res = time_impl(name if kind == "xla" else "pallas", knobs, q0, cache_sets, allowed, head_idx,
-                            est, args)
+            res = time_impl(name if kind == "xla" else "pallas", knobs, q0, cache_sets, allowed, head_idx, est, args)
             entry["max_rel_err"] = row_rel_err(np.asarray(res.pop("out0").astype(jnp.float32)), ref)
             entry.update(res)
         except Exception as e:  # noqa: BLE001
@@ -193,8 +225,11 @@ def bench_config(shape, n_heads, hd, seq, batch, density, args, bw, log) -> dict
 
 
 def best_pallas(row, args):
-    times = {n: row["impls"][n]["us"] for n in args.variants
-             if "us" in row["impls"].get(n, {}) and row["impls"][n].get("max_rel_err", 0.0) <= CORRECT_TOL}
+    times = {
+        n: row["impls"][n]["us"]
+        for n in args.variants
+        if "us" in row["impls"].get(n, {}) and row["impls"][n].get("max_rel_err", 0.0) <= CORRECT_TOL
+    }
     if not times:
         return None, None
     name = min(times, key=times.get)
@@ -203,37 +238,53 @@ def best_pallas(row, args):
 
 def table_rows(rows, args):
     impls = list(args.variants) + list(BASELINES)
-    header = (["shape", "B", "S", "h", "floor us"] + [f"{n} us" for n in impls]
-              + ["best", "speedup vs xla_model", "GB/s (best)", "time/floor", "max rel err"])
+    header = (
+        ["shape", "B", "S", "h", "floor us"]
+        + [f"{n} us" for n in impls]
+        + ["best", "speedup vs xla_model", "GB/s (best)", "time/floor", "max rel err"]
+    )
     body = []
     for row in rows:
         name, best = best_pallas(row, args)
         xla = row["impls"].get("xla_model", {}).get("us")
         errs = [row["impls"].get(n, {}).get("max_rel_err") for n in args.variants]
         errs = [e for e in errs if e is not None]
-        body.append([row["shape"], str(row["batch"]), str(row["seq"]), str(row["heads"]), f"{row['floor_us']:.1f}"]
-                    + [fmt_us(row["impls"].get(n, {}), CORRECT_TOL) for n in impls]
-                    + [name or "-",
-                       f"{xla / best:.2f}x" if best and xla else "-",
-                       f"{row['floor_bytes'] / (best * 1e-6) / 1e9:.0f}" if best else "-",
-                       f"{best / row['floor_us']:.2f}" if best else "-",
-                       f"{max(errs):.1e}" if errs else "-"])
+        body.append(
+            [row["shape"], str(row["batch"]), str(row["seq"]), str(row["heads"]), f"{row['floor_us']:.1f}"]
+            + [fmt_us(row["impls"].get(n, {}), CORRECT_TOL) for n in impls]
+            + [
+                name or "-",
+                f"{xla / best:.2f}x" if best and xla else "-",
+                f"{row['floor_bytes'] / (best * 1e-6) / 1e9:.0f}" if best else "-",
+                f"{best / row['floor_us']:.2f}" if best else "-",
+                f"{max(errs):.1e}" if errs else "-",
+            ]
+        )
     return header, body
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench kernels --op attention",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    csv = lambda f: (lambda s: tuple(f(v) for v in s.split(",") if v))  # noqa: E731
+    p = argparse.ArgumentParser(
+        prog="python -m bench kernels --op attention",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    csv = lambda f: lambda s: tuple(f(v) for v in s.split(",") if v)  # noqa: E731
     p.add_argument("--shapes", type=csv(str), default=None, help=f"comma list of {sorted(SHAPES)} or HxHD")
     p.add_argument("--seqs", type=csv(int), default=None, help=f"cache sizes S (default {SEQS})")
     p.add_argument("--batches", type=csv(int), default=None, help=f"comma list (default {BATCHES})")
-    p.add_argument("--head-densities", type=csv(float), default=None,
-                   help=f"fractions of heads computed through head_idx (default {HEAD_DENSITIES})")
-    p.add_argument("--variants", type=csv(str), default=DEFAULT_VARIANTS,
-                   help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)} (default "
-                        f"{','.join(DEFAULT_VARIANTS)})")
+    p.add_argument(
+        "--head-densities",
+        type=csv(float),
+        default=None,
+        help=f"fractions of heads computed through head_idx (default {HEAD_DENSITIES})",
+    )
+    p.add_argument(
+        "--variants",
+        type=csv(str),
+        default=DEFAULT_VARIANTS,
+        help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})",
+    )
     add_kernel_bench_args(p, "attention")
     return p
 
@@ -266,40 +317,68 @@ def main(argv=None) -> int:
         row = bench_config(shape, n_heads, hd, seq, batch, density, args, bw, log)
         rows.append(row)
         gc.collect()
-        parts = [f"{n} {fmt_us(e, CORRECT_TOL)}" + (f" ({e['max_rel_err']:.0e})" if "max_rel_err" in e else "")
-                 for n, e in row["impls"].items()]
+        parts = [
+            f"{n} {fmt_us(e, CORRECT_TOL)}" + (f" ({e['max_rel_err']:.0e})" if "max_rel_err" in e else "")
+            for n, e in row["impls"].items()
+        ]
         log(f"  {shape} b{batch} S{seq} h{row['heads']} floor {row['floor_us']:.1f} us: " + ", ".join(parts))
     elapsed = time.perf_counter() - start
 
     header, body = table_rows(rows, args)
     compile_total = sum(e.get("compile_s", 0.0) for r in rows for e in r["impls"].values() if "same_as" not in e)
-    plans = sorted({(r["shape"], r["batch"], r["seq"], r["heads"], n, e["plan"]) for r in rows
-                    for n, e in r["impls"].items() if "plan" in e})
+    plans = sorted(
+        {
+            (r["shape"], r["batch"], r["seq"], r["heads"], n, e["plan"])
+            for r in rows
+            for n, e in r["impls"].items()
+            if "plan" in e
+        }
+    )
     print()
     print(to_text(header, body))
-    print(f"\n{len(rows)} configurations in {elapsed:.0f} s (compile {compile_total:.0f} s)"
-          f"{' - stopped early' if stopped_early else ''}")
+    print(
+        f"\n{len(rows)} configurations in {elapsed:.0f} s (compile {compile_total:.0f} s)"
+        f"{' - stopped early' if stopped_early else ''}"
+    )
 
-    data = {**meta, "copy_bandwidth": bw_probe, "interpret": args.interpret, "elapsed_s": elapsed,
-            "compile_s": compile_total, "stopped_early": stopped_early,
-            "variants": {n: PALLAS_VARIANTS[n] for n in args.variants}, "rows": rows}
+    data = {
+        **meta,
+        "copy_bandwidth": bw_probe,
+        "interpret": args.interpret,
+        "elapsed_s": elapsed,
+        "compile_s": compile_total,
+        "stopped_early": stopped_early,
+        "variants": {n: PALLAS_VARIANTS[n] for n in args.variants},
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     if args.interpret and args.out is None:
         return 0
-    md = "\n".join([
-        f"# Decode attention kernel vs XLA - {meta['card']}", "",
-        f"- date: {meta['date']}", f"- command: `{meta['command']}`", f"- commit: {meta['commit']}",
-        f"- jax: {meta['jax']}", "- copy bandwidth: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s"
-                                                                   for k, v in bw_probe.items()),
-        "- fp16 random cache, every slot allowed; times are per call, from chained calls in one jitted "
-        f"program (median of {args.repeats}); floor = (K+V of allowed slots of the computed heads + q + out "
-        f"+ mask) / copy bandwidth; `!` marks an output off the fp32 reference by > {CORRECT_TOL:g} "
-        "(excluded from best)",
-        f"- {len(rows)} configurations in {elapsed:.0f} s, compile {compile_total:.0f} s"
-        + (" (stopped early by --max-minutes)" if stopped_early else ""), "",
-        to_markdown(header, body), "", "## Launch plans", "",
-        *[f"- {s} b{b} S{seq} h{h} {n}: {p}" for s, b, seq, h, n, p in plans], ""])
+    md = "\n".join(
+        [
+            f"# Decode attention kernel vs XLA - {meta['card']}",
+            "",
+            f"- date: {meta['date']}",
+            f"- command: `{meta['command']}`",
+            f"- commit: {meta['commit']}",
+            f"- jax: {meta['jax']}",
+            "- copy bandwidth: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bw_probe.items()),
+            "- fp16 random cache, every slot allowed; times are per call, from chained calls in one jitted "
+            f"program (median of {args.repeats}); floor = (K+V of allowed slots of the computed heads + q + out "
+            f"+ mask) / copy bandwidth; `!` marks an output off the fp32 reference by > {CORRECT_TOL:g} "
+            "(excluded from best)",
+            f"- {len(rows)} configurations in {elapsed:.0f} s, compile {compile_total:.0f} s"
+            + (" (stopped early by --max-minutes)" if stopped_early else ""),
+            "",
+            to_markdown(header, body),
+            "",
+            "## Launch plans",
+            "",
+            *[f"- {s} b{b} S{seq} h{h} {n}: {p}" for s, b, seq, h, n, p in plans],
+            "",
+        ]
+    )
     stem = f"kernels_attention_{card_slug(meta['card'])}_{meta['date']}"
     path = write_results(stem, md, json.loads(json.dumps(data, default=str)), args.out)
     print(f"wrote {path} and {path.with_suffix('.json').name}")

@@ -67,16 +67,24 @@ import numpy as np  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from bench.common import (add_kernel_bench_args, card_slug, fmt_us, kernel_bench_setup, log,  # noqa: E402
-                          time_chained, to_markdown, to_text, write_results)
+from bench.common import (
+    add_kernel_bench_args,
+    card_slug,
+    fmt_us,
+    kernel_bench_setup,
+    log,  # noqa: E402
+    time_chained,
+    to_markdown,
+    to_text,
+    write_results,
+)
 from dejavu_jax.sparse_mlp import mlp_dense  # noqa: E402
 from kernels.block_math import cdiv, prev_pow2  # noqa: E402
 from kernels.sparse_mlp import plan_sparse_mlp, sparse_mlp, sparse_mlp_reference  # noqa: E402
 
 # OPT layer shapes: (d, ffn). Run in this order (the acceptance shapes first) so that a run cut short by
 # --max-minutes still has them.
-SHAPES = {"opt-13b": (5120, 20480), "opt-66b": (9216, 36864), "opt-6.7b": (4096, 16384),
-          "opt-30b": (7168, 28672)}
+SHAPES = {"opt-13b": (5120, 20480), "opt-66b": (9216, 36864), "opt-6.7b": (4096, 16384), "opt-30b": (7168, 28672)}
 DENSITIES = (0.025, 0.05, 0.1, 0.25, 0.5)
 BATCHES = (1, 4, 16, 64)
 QUICK = dict(shapes=("opt-13b", "opt-66b"), densities=(0.05, 0.1, 0.5), batches=(1, 16))
@@ -84,8 +92,8 @@ INTERPRET = dict(shapes=("tiny-256x1024",), densities=(0.05, 0.25), batches=(1, 
 
 # Pallas variants: name -> sparse_mlp knobs. Two with the same resolved plan are timed once.
 PALLAS_VARIANTS = {
-    "auto": {},                              # the plan sparse_mlp picks (what the model runs)
-    "split1": dict(split_d=1, split_k=1),    # exactly two launches, no plain-JAX glue, fewer programs
+    "auto": {},  # the plan sparse_mlp picks (what the model runs)
+    "split1": dict(split_d=1, split_k=1),  # exactly two launches, no plain-JAX glue, fewer programs
 }
 DEFAULT_VARIANTS = ("auto",)
 BASELINES = ("dense", "take")
@@ -131,6 +139,7 @@ def dense_bytes(batch: int, ffn: int, d: int, itemsize: int) -> int:
 @dataclasses.dataclass
 class Rotation:
     """How one loop step cycles through weights and index sets to defeat L2 reuse."""
+
     n_weight_sets: int
     n_idx_sets: int
     calls: tuple[tuple[int, int], ...]  # (weight set, index set) per call in one loop step
@@ -164,7 +173,7 @@ def make_weights(key, d, ffn, dtype, n_sets):
 def make_idx_sets(key, ffn, k, n_sets):
     """n_sets disjoint random (unsorted) index sets of k neurons."""
     perm = jax.random.permutation(key, ffn).astype(jnp.int32)
-    return [perm[i * k:(i + 1) * k] for i in range(n_sets)]
+    return [perm[i * k : (i + 1) * k] for i in range(n_sets)]
 
 
 def equal_bytes_sets(weight_sets, rotation: Rotation, k: int):
@@ -174,8 +183,11 @@ def equal_bytes_sets(weight_sets, rotation: Rotation, k: int):
     has at most ffn // K index sets), so a loop step touches as many distinct bytes as the sparse chain.
     """
     n = rotation.n_idx_sets
-    sets = [(*rows, fc2_b) for fc1_w, fc1_b, fc2_w_t, fc2_b in weight_sets
-            for rows in _row_blocks((fc1_w, fc1_b, fc2_w_t), k, n)]
+    sets = [
+        (*rows, fc2_b)
+        for fc1_w, fc1_b, fc2_w_t, fc2_b in weight_sets
+        for rows in _row_blocks((fc1_w, fc1_b, fc2_w_t), k, n)
+    ]
     calls = tuple((w * n + i, 0) for w, i in rotation.calls)
     return jax.block_until_ready(sets), Rotation(len(sets), 1, calls)
 
@@ -183,7 +195,7 @@ def equal_bytes_sets(weight_sets, rotation: Rotation, k: int):
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _row_blocks(arrays, k: int, n: int):
     """[(a[0:k] for a in arrays), (a[k:2k] ...), ...] for n blocks: one compile, not one per eager slice."""
-    return [tuple(a[i * k:(i + 1) * k] for a in arrays) for i in range(n)]
+    return [tuple(a[i * k : (i + 1) * k] for a in arrays) for i in range(n)]
 
 
 def launch_probe(x, *, interpret: bool = False):
@@ -202,9 +214,13 @@ def launch_probe(x, *, interpret: bool = False):
         o_ref[row, cols] = x_ref[row, cols] * 0.5 + 1.0
 
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(batch, cdiv(d, bd)),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
-        name="launch_probe")(x)
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(batch, cdiv(d, bd)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="launch_probe",
+    )(x)
 
 
 def step_fn(impl: str, knobs: dict, interpret: bool):
@@ -214,10 +230,12 @@ def step_fn(impl: str, knobs: dict, interpret: bool):
     if impl == "launch_probe":
         return lambda x, w, idx: launch_probe(x, interpret=interpret)
     if impl == "take":
+
         def take(x, w, idx):
             # A data dependency XLA cannot prove zero, so the gather is not hoisted out of the loop.
             idx = idx + (x[0, 0] != x[0, 0]).astype(idx.dtype)
             return sparse_mlp_reference(x, *w, idx)
+
         return take
     return lambda x, w, idx: sparse_mlp(x, *w, idx, interpret=interpret, **knobs)
 
@@ -237,8 +255,15 @@ def time_impl(impl, knobs, x0, weight_sets, idx_sets, rotation, est_us, args) ->
             x = step(x, weight_sets[w], idx_sets[i])
         return x
 
-    timing = time_chained(body, x0, (weight_sets, idx_sets), steps=n_steps, repeats=args.repeats,
-                          calls_per_step=calls_per_step, first=first)
+    timing = time_chained(
+        body,
+        x0,
+        (weight_sets, idx_sets),
+        steps=n_steps,
+        repeats=args.repeats,
+        calls_per_step=calls_per_step,
+        first=first,
+    )
     return {"us": timing.seconds * 1e6, "compile_s": timing.compile_s, "calls": timing.calls, "out0": timing.first}
 
 
@@ -249,22 +274,33 @@ def row_rel_err(out, ref) -> float:
 
 def plan_summary(plan) -> str:
     grids = "+".join("x".join(map(str, g)) for g in (plan.fc1_grid, plan.fc2_grid))
-    return (f"bk{plan.block_k} bd{plan.block_d} grid {grids} w{plan.num_warps} s{plan.num_stages}"
-            f"{' dot' if plan.use_dot else ''}")
+    return (
+        f"bk{plan.block_k} bd{plan.block_d} grid {grids} w{plan.num_warps} s{plan.num_stages}"
+        f"{' dot' if plan.use_dot else ''}"
+    )
 
 
 def bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log) -> dict:
     dtype, itemsize = jnp.float16, 2
     k = k_for(density, ffn)
     rotation = plan_rotation(k, d, ffn, itemsize, args.interpret)
-    weight_sets = weights_all[:rotation.n_weight_sets]
+    weight_sets = weights_all[: rotation.n_weight_sets]
     key = jax.random.key(zlib.crc32(repr((shape, batch, density)).encode()))
     idx_sets = make_idx_sets(jax.random.fold_in(key, 1), ffn, k, rotation.n_idx_sets)
     x0 = jax.random.normal(jax.random.fold_in(key, 2), (batch, d), jnp.float32).astype(dtype)
     fbytes = floor_bytes(batch, k, d, itemsize)
-    row = {"shape": shape, "d": d, "ffn": ffn, "batch": batch, "density": density, "k": k,
-           "floor_bytes": fbytes, "floor_us": fbytes / bw * 1e6, "rotation": dataclasses.asdict(rotation),
-           "impls": {}}
+    row = {
+        "shape": shape,
+        "d": d,
+        "ffn": ffn,
+        "batch": batch,
+        "density": density,
+        "k": k,
+        "floor_bytes": fbytes,
+        "floor_us": fbytes / bw * 1e6,
+        "rotation": dataclasses.asdict(rotation),
+        "impls": {},
+    }
     est_sparse = max(3.0, fbytes / 2.5e6)
     est = {"dense": max(3.0, dense_bytes(batch, ffn, d, itemsize) / 2.5e6), "take": 3 * est_sparse}
 
@@ -278,14 +314,18 @@ def bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log) -> d
                 plan = plan_sparse_mlp(batch, k, d, dtype, **knobs)
                 entry["plan"] = plan_summary(plan)
                 if plan in plans_seen:
-                    entry.update({kk: v for kk, v in row["impls"][plans_seen[plan]].items()
-                                  if kk in ("us", "compile_s", "max_rel_err", "error")})
+                    entry.update(
+                        {
+                            kk: v
+                            for kk, v in row["impls"][plans_seen[plan]].items()
+                            if kk in ("us", "compile_s", "max_rel_err", "error")
+                        }
+                    )
                     entry["same_as"] = plans_seen[plan]
                     row["impls"][impl] = entry
                     continue
                 plans_seen[plan] = impl
-            res = time_impl(impl, knobs, x0, weight_sets, idx_sets, rotation,
-                            est.get(impl, est_sparse), args)
+            res = time_impl(impl, knobs, x0, weight_sets, idx_sets, rotation, est.get(impl, est_sparse), args)
             out0 = res.pop("out0")
             if impl == "take":
                 ref = out0
@@ -297,8 +337,13 @@ def bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log) -> d
         row["impls"][impl] = entry
     if args.references:
         row["impls"]["dense_equal_bytes"] = time_reference(
-            "dense_equal_bytes", f"{shape} b{batch} {density:g}", x0,
-            lambda: equal_bytes_sets(weight_sets, rotation, k), est_sparse, args)
+            "dense_equal_bytes",
+            f"{shape} b{batch} {density:g}",
+            x0,
+            lambda: equal_bytes_sets(weight_sets, rotation, k),
+            est_sparse,
+            args,
+        )
     gc.collect()  # Once per configuration: a full collection costs ~0.1 s in this process.
     if ref is None and not args.interpret:
         log(f"  warning: no reference for {shape} b{batch} {density:g}; Pallas outputs unchecked")
@@ -342,8 +387,11 @@ def pallas_names(args):
 
 
 def best_pallas(row, args):
-    times = {n: row["impls"][n]["us"] for n in pallas_names(args)
-             if "us" in row["impls"].get(n, {}) and row["impls"][n].get("max_rel_err", 0.0) <= CORRECT_TOL}
+    times = {
+        n: row["impls"][n]["us"]
+        for n in pallas_names(args)
+        if "us" in row["impls"].get(n, {}) and row["impls"][n].get("max_rel_err", 0.0) <= CORRECT_TOL
+    }
     if not times:
         return None, None
     name = min(times, key=times.get)
@@ -371,9 +419,15 @@ def crossovers(rows, args) -> list[dict]:
                 break
         if points and interp is None:
             interp = (0.0 if points[0][1] <= 1.0 else None) if first_loss is not None else None
-        out.append({"shape": shape, "batch": batch, "first_density_not_faster": first_loss,
-                    "interpolated_crossover": interp,
-                    "max_density_measured": points[-1][0] if points else None})
+        out.append(
+            {
+                "shape": shape,
+                "batch": batch,
+                "first_density_not_faster": first_loss,
+                "interpolated_crossover": interp,
+                "max_density_measured": points[-1][0] if points else None,
+            }
+        )
     return out
 
 
@@ -405,15 +459,18 @@ def acceptance(rows, args) -> list[str]:
             continue
         ratio = best / row["floor_us"]
         if ratio > 1.5:
-            lines.append(f"FAIL {row['shape']} b1 {row['density']:g}: {name} {best:.1f} us = "
-                         f"{ratio:.2f}x floor (> 1.5x)")
+            lines.append(
+                f"FAIL {row['shape']} b1 {row['density']:g}: {name} {best:.1f} us = {ratio:.2f}x floor (> 1.5x)"
+            )
             floor_ok = False
         dense = row["impls"].get("dense", {}).get("us")
         if row["shape"] in targets and abs(row["density"] - 0.1) < 1e-9 and dense:
             speedup = dense / best
             verdict = "PASS" if speedup >= targets[row["shape"]] else "FAIL"
-            lines.append(f"{verdict} {row['shape']} b1 10%: {name} {speedup:.2f}x faster than dense "
-                         f"(target >= {targets[row['shape']]:g}x)")
+            lines.append(
+                f"{verdict} {row['shape']} b1 10%: {name} {speedup:.2f}x faster than dense "
+                f"(target >= {targets[row['shape']]:g}x)"
+            )
     if not batch1:
         lines.append("(no batch-1 rows measured)")
     elif floor_ok:
@@ -424,45 +481,65 @@ def acceptance(rows, args) -> list[str]:
 def reference_cells(row) -> list[str]:
     """dense_equal_bytes time and its x floor, launch_probe time."""
     eq = row["impls"].get("dense_equal_bytes", {})
-    return [fmt_us(eq, CORRECT_TOL), f"{eq['us'] / row['floor_us']:.2f}" if "us" in eq else "-",
-            fmt_us(row["impls"].get("launch_probe", {}), CORRECT_TOL)]
+    return [
+        fmt_us(eq, CORRECT_TOL),
+        f"{eq['us'] / row['floor_us']:.2f}" if "us" in eq else "-",
+        fmt_us(row["impls"].get("launch_probe", {}), CORRECT_TOL),
+    ]
 
 
 def table_rows(rows, args):
     impls = pallas_names(args) + list(BASELINES)
-    header = (["shape", "B", "density", "K"] + [f"{n} us" for n in impls]
-              + ["best", "speedup vs dense", "GB/s (best)", "time/floor", "max rel err"]
-              + (["eq-bytes dense us", "eq-bytes/floor", "launch probe us"] if args.references else []))
+    header = (
+        ["shape", "B", "density", "K"]
+        + [f"{n} us" for n in impls]
+        + ["best", "speedup vs dense", "GB/s (best)", "time/floor", "max rel err"]
+        + (["eq-bytes dense us", "eq-bytes/floor", "launch probe us"] if args.references else [])
+    )
     body = []
     for row in rows:
         name, best = best_pallas(row, args)
         dense = row["impls"].get("dense", {}).get("us")
         errs = [row["impls"].get(n, {}).get("max_rel_err") for n in pallas_names(args)]
         errs = [e for e in errs if e is not None]
-        body.append([row["shape"], str(row["batch"]), f"{row['density']:g}", str(row["k"])]
-                    + [fmt_us(row["impls"].get(n, {}), CORRECT_TOL) for n in impls]
-                    + [name or "-",
-                       f"{dense / best:.2f}x" if best and dense else "-",
-                       f"{row['floor_bytes'] / (best * 1e-6) / 1e9:.0f}" if best else "-",
-                       f"{best / row['floor_us']:.2f}" if best else "-",
-                       f"{max(errs):.1e}" if errs else "-"]
-                    + (reference_cells(row) if args.references else []))
+        body.append(
+            [row["shape"], str(row["batch"]), f"{row['density']:g}", str(row["k"])]
+            + [fmt_us(row["impls"].get(n, {}), CORRECT_TOL) for n in impls]
+            + [
+                name or "-",
+                f"{dense / best:.2f}x" if best and dense else "-",
+                f"{row['floor_bytes'] / (best * 1e-6) / 1e9:.0f}" if best else "-",
+                f"{best / row['floor_us']:.2f}" if best else "-",
+                f"{max(errs):.1e}" if errs else "-",
+            ]
+            + (reference_cells(row) if args.references else [])
+        )
     return header, body
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench kernels --op mlp", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    csv = lambda f: (lambda s: tuple(f(v) for v in s.split(",") if v))  # noqa: E731
+    p = argparse.ArgumentParser(
+        prog="python -m bench kernels --op mlp",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    csv = lambda f: lambda s: tuple(f(v) for v in s.split(",") if v)  # noqa: E731
     p.add_argument("--shapes", type=csv(str), default=None, help=f"comma list of {sorted(SHAPES)} or DxFFN")
     p.add_argument("--densities", type=csv(float), default=None, help=f"comma list (default {DENSITIES})")
     p.add_argument("--batches", type=csv(int), default=None, help=f"comma list (default {BATCHES})")
-    p.add_argument("--variants", type=csv(str), default=DEFAULT_VARIANTS,
-                   help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)} (default "
-                        f"{','.join(DEFAULT_VARIANTS)})")
+    p.add_argument(
+        "--variants",
+        type=csv(str),
+        default=DEFAULT_VARIANTS,
+        help=f"Pallas variants, comma list of {list(PALLAS_VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})",
+    )
     p.add_argument("--quick", action="store_true", help=f"a quick subset: {QUICK}")
-    p.add_argument("--no-references", dest="references", action="store_false",
-                   help="skip the dense_equal_bytes and launch_probe reference timings")
+    p.add_argument(
+        "--no-references",
+        dest="references",
+        action="store_false",
+        help="skip the dense_equal_bytes and launch_probe reference timings",
+    )
     add_kernel_bench_args(p, "mlp")
     return p
 
@@ -505,11 +582,16 @@ def main(argv=None) -> int:
             if stopped_early or out_of_time():
                 stopped_early = True
                 break
-            per_batch = {n: time_per_batch(n, shape, d, ffn, batch, weights_all, args)
-                         for n in PER_BATCH if n == "dense" or args.references}
+            per_batch = {
+                n: time_per_batch(n, shape, d, ffn, batch, weights_all, args)
+                for n in PER_BATCH
+                if n == "dense" or args.references
+            }
             for n, e in per_batch.items():
-                log(f"{shape} b{batch} {n}: " + (f"{e['us']:.1f} us (compile {e['compile_s']:.1f} s)"
-                                                  if "us" in e else e["error"]))
+                log(
+                    f"{shape} b{batch} {n}: "
+                    + (f"{e['us']:.1f} us (compile {e['compile_s']:.1f} s)" if "us" in e else e["error"])
+                )
             for density in densities:
                 if out_of_time():
                     stopped_early = True
@@ -517,10 +599,12 @@ def main(argv=None) -> int:
                 row = bench_config(shape, d, ffn, batch, density, weights_all, args, bw, log)
                 row["impls"].update(per_batch)
                 rows.append(row)
-                parts = [f"{n} {fmt_us(e, CORRECT_TOL)}" + (f" ({e['max_rel_err']:.0e})" if "max_rel_err" in e else "")
-                         for n, e in row["impls"].items() if n not in PER_BATCH]
-                log(f"  {shape} b{batch} {density:g} K={row['k']} floor {row['floor_us']:.1f} us: "
-                    + ", ".join(parts))
+                parts = [
+                    f"{n} {fmt_us(e, CORRECT_TOL)}" + (f" ({e['max_rel_err']:.0e})" if "max_rel_err" in e else "")
+                    for n, e in row["impls"].items()
+                    if n not in PER_BATCH
+                ]
+                log(f"  {shape} b{batch} {density:g} K={row['k']} floor {row['floor_us']:.1f} us: " + ", ".join(parts))
         del weights_all
         gc.collect()
     elapsed = time.perf_counter() - start
@@ -529,18 +613,36 @@ def main(argv=None) -> int:
     cross = crossovers(rows, args)
     suggestion = suggested_table(cross)
     accept = acceptance(rows, args) if not args.interpret else ["(interpret mode: no acceptance check)"]
-    compile_total = sum(e.get("compile_s", 0.0) for r in rows for n, e in r["impls"].items()
-                        if n not in PER_BATCH and "same_as" not in e)
-    compile_total += sum({(r["shape"], r["batch"], n): e.get("compile_s", 0.0) for r in rows
-                          for n, e in r["impls"].items() if n in PER_BATCH}.values())
+    compile_total = sum(
+        e.get("compile_s", 0.0)
+        for r in rows
+        for n, e in r["impls"].items()
+        if n not in PER_BATCH and "same_as" not in e
+    )
+    compile_total += sum(
+        {
+            (r["shape"], r["batch"], n): e.get("compile_s", 0.0)
+            for r in rows
+            for n, e in r["impls"].items()
+            if n in PER_BATCH
+        }.values()
+    )
 
-    cross_lines = [f"{c['shape']} b{c['batch']}: first density not faster = "
-                   f"{c['first_density_not_faster'] if c['first_density_not_faster'] is not None else 'none'}"
-                   f", interpolated crossover = "
-                   f"{'%.3f' % c['interpolated_crossover'] if c['interpolated_crossover'] is not None else '-'}"
-                   for c in cross]
-    plans = sorted({(r["shape"], r["batch"], r["density"], n, e["plan"]) for r in rows
-                    for n, e in r["impls"].items() if "plan" in e})
+    cross_lines = [
+        f"{c['shape']} b{c['batch']}: first density not faster = "
+        f"{c['first_density_not_faster'] if c['first_density_not_faster'] is not None else 'none'}"
+        f", interpolated crossover = "
+        f"{'%.3f' % c['interpolated_crossover'] if c['interpolated_crossover'] is not None else '-'}"
+        for c in cross
+    ]
+    plans = sorted(
+        {
+            (r["shape"], r["batch"], r["density"], n, e["plan"])
+            for r in rows
+            for n, e in r["impls"].items()
+            if "plan" in e
+        }
+    )
 
     print()
     print(to_text(header, body))
@@ -549,35 +651,71 @@ def main(argv=None) -> int:
     print(f"\nSuggested SPARSE_CROSSOVER_DENSITY = {suggestion}")
     print("\nAcceptance:")
     print("\n".join("  " + line for line in accept))
-    print(f"\n{len(rows)} configurations in {elapsed:.0f} s (compile {compile_total:.0f} s)"
-          f"{' - stopped early' if stopped_early else ''}")
+    print(
+        f"\n{len(rows)} configurations in {elapsed:.0f} s (compile {compile_total:.0f} s)"
+        f"{' - stopped early' if stopped_early else ''}"
+    )
 
-    data = {**meta, "copy_bandwidth": bw_probe, "interpret": args.interpret, "references": args.references,
-            "elapsed_s": elapsed, "compile_s": compile_total, "stopped_early": stopped_early, "variants": {
-                n: PALLAS_VARIANTS[n] for n in args.variants}, "rows": rows, "crossovers": cross,
-            "suggested_crossover_density": suggestion, "acceptance": accept}
+    data = {
+        **meta,
+        "copy_bandwidth": bw_probe,
+        "interpret": args.interpret,
+        "references": args.references,
+        "elapsed_s": elapsed,
+        "compile_s": compile_total,
+        "stopped_early": stopped_early,
+        "variants": {n: PALLAS_VARIANTS[n] for n in args.variants},
+        "rows": rows,
+        "crossovers": cross,
+        "suggested_crossover_density": suggestion,
+        "acceptance": accept,
+    }
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     if args.interpret and args.out is None:
         return 0
-    md = "\n".join([
-        f"# Sparse MLP kernel vs dense - {meta['card']}", "",
-        f"- date: {meta['date']}", f"- command: `{meta['command']}`", f"- commit: {meta['commit']}",
-        f"- jax: {meta['jax']}", "- copy bandwidth: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s"
-                                                                   for k, v in bw_probe.items()),
-        f"- fp16 random weights; K = density x ffn rounded to {K_MULTIPLE}; times are per call, from "
-        "chained calls in one jitted program (median of "
-        f"{args.repeats}); `!` marks an output off the reference by > {CORRECT_TOL:g} (excluded from best)",
-        *(["- eq-bytes dense: dense XLA MLP on contiguous fc1_w / fc2_w_t of K neurons (the floor's bytes, "
-           "XLA's GEMV code); eq-bytes/floor is its time / floor. launch probe: the smallest chained Pallas "
-           "kernel (x [B, d] -> x * 0.5 + 1), the fixed cost per launch"] if args.references else []),
-        f"- {len(rows)} configurations in {elapsed:.0f} s, compile {compile_total:.0f} s"
-        + (" (stopped early by --max-minutes)" if stopped_early else ""), "",
-        to_markdown(header, body), "", "## Crossover (best Pallas variant vs dense)", "",
-        *[f"- {line}" for line in cross_lines], "",
-        f"Suggested `SPARSE_CROSSOVER_DENSITY = {suggestion}`", "", "## Acceptance", "",
-        *[f"- {line}" for line in accept], "", "## Launch plans", "",
-        *[f"- {s} b{b} {dens:g} {n}: {p}" for s, b, dens, n, p in plans], ""])
+    md = "\n".join(
+        [
+            f"# Sparse MLP kernel vs dense - {meta['card']}",
+            "",
+            f"- date: {meta['date']}",
+            f"- command: `{meta['command']}`",
+            f"- commit: {meta['commit']}",
+            f"- jax: {meta['jax']}",
+            "- copy bandwidth: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in bw_probe.items()),
+            f"- fp16 random weights; K = density x ffn rounded to {K_MULTIPLE}; times are per call, from "
+            "chained calls in one jitted program (median of "
+            f"{args.repeats}); `!` marks an output off the reference by > {CORRECT_TOL:g} (excluded from best)",
+            *(
+                [
+                    "- eq-bytes dense: dense XLA MLP on contiguous fc1_w / fc2_w_t of K neurons (the floor's bytes, "
+                    "XLA's GEMV code); eq-bytes/floor is its time / floor. launch probe: the smallest chained Pallas "
+                    "kernel (x [B, d] -> x * 0.5 + 1), the fixed cost per launch"
+                ]
+                if args.references
+                else []
+            ),
+            f"- {len(rows)} configurations in {elapsed:.0f} s, compile {compile_total:.0f} s"
+            + (" (stopped early by --max-minutes)" if stopped_early else ""),
+            "",
+            to_markdown(header, body),
+            "",
+            "## Crossover (best Pallas variant vs dense)",
+            "",
+            *[f"- {line}" for line in cross_lines],
+            "",
+            f"Suggested `SPARSE_CROSSOVER_DENSITY = {suggestion}`",
+            "",
+            "## Acceptance",
+            "",
+            *[f"- {line}" for line in accept],
+            "",
+            "## Launch plans",
+            "",
+            *[f"- {s} b{b} {dens:g} {n}: {p}" for s, b, dens, n, p in plans],
+            "",
+        ]
+    )
     stem = f"kernels_mlp_{card_slug(meta['card'])}_{meta['date']}"
     path = write_results(stem, md, json.loads(json.dumps(data, default=str)), args.out)
     print(f"wrote {path} and {path.with_suffix('.json').name}")

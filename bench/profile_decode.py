@@ -35,22 +35,33 @@ def device_kernel_events(trace_dir: str) -> list[dict]:
     path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
-    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and "device" in e["args"]["name"].lower() and "gpu" in e["args"]["name"].lower()}
+    device_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and "device" in e["args"]["name"].lower()
+        and "gpu" in e["args"]["name"].lower()
+    }
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="opt-6.7b", choices=sorted(OPT_SHAPES))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS, help="decode-step attention (default xla)")
-    p.add_argument("--mlp-density", type=float, default=None,
-                   help="profile predicted sparse-MLP decoding instead (as `bench generate` plants it): this fraction "
-                        "of the neurons chosen per token")
+    p.add_argument(
+        "--mlp-density",
+        type=float,
+        default=None,
+        help="profile predicted sparse-MLP decoding instead (as `bench generate` plants it): this fraction "
+        "of the neurons chosen per token",
+    )
     p.add_argument("--fire-rate", type=float, default=0.05, help="with --mlp-density: the firing fraction")
     p.add_argument("--predictor-rank", type=int, default=256, help="with --mlp-density (default 256)")
     p.add_argument("--selection", default="threshold", choices=[s.value for s in Selection])
@@ -69,17 +80,24 @@ def main(argv=None) -> int:
         params = plant_firing(params, planted)
         policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection(args.selection))
         sparsity = planted_predictors(config, planted, args.predictor_rank)
-    static = dict(config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention,
-                  policy=policy)
+    static = dict(
+        config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention, policy=policy
+    )
 
     def run(n):
-        out = generate_tokens(params, ids, jnp.ones_like(ids), jnp.int32(n), jax.random.PRNGKey(2), sampling,
-                              sparsity, **static)
+        out = generate_tokens(
+            params, ids, jnp.ones_like(ids), jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity, **static
+        )
         jax.block_until_ready(out)
 
     if args.hlo:
-        text = generate_tokens.lower(params, ids, jnp.ones_like(ids), jnp.int32(1), jax.random.PRNGKey(2), sampling,
-                                     sparsity, **static).compile().as_text()
+        text = (
+            generate_tokens.lower(
+                params, ids, jnp.ones_like(ids), jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity, **static
+            )
+            .compile()
+            .as_text()
+        )
         with open(args.hlo, "w") as f:
             f.write(text)
     run(args.new_tokens)
@@ -98,10 +116,12 @@ def main(argv=None) -> int:
     for e in kernels:
         by_name[e["name"]].append(float(e["dur"]))
     busy = sum(sum(v) for v in by_name.values())
-    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels))
-    print(f"{args.shape}: {len(kernels)} kernel events, {len(kernels) / steps:.0f} per decode step (approx.); "
-          f"kernel time {busy / 1e3:.2f} ms, device span {span / 1e3:.2f} ms, host wall {wall * 1e3:.2f} ms "
-          f"for {args.new_tokens} tokens + prefill")
+    span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    print(
+        f"{args.shape}: {len(kernels)} kernel events, {len(kernels) / steps:.0f} per decode step (approx.); "
+        f"kernel time {busy / 1e3:.2f} ms, device span {span / 1e3:.2f} ms, host wall {wall * 1e3:.2f} ms "
+        f"for {args.new_tokens} tokens + prefill"
+    )
     print(f"{'total us':>10} {'share':>6} {'count':>6} {'mean us':>8}  kernel")
     for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         print(f"{sum(durs):10.0f} {sum(durs) / busy:6.1%} {len(durs):6d} {sum(durs) / len(durs):8.1f}  {name[:110]}")

@@ -38,7 +38,7 @@ def _two_stage(scores, k, block=128):
     n = scores.shape[-1]
     blocks = n // block
     keep = min(block, max(1, -(-2 * k // blocks)))
-    vals, idx = jax.lax.top_k(scores.reshape(blocks, block), keep)                   # [blocks, keep]
+    vals, idx = jax.lax.top_k(scores.reshape(blocks, block), keep)  # [blocks, keep]
     idx = idx + (jnp.arange(blocks) * block)[:, None]
     _, pick = jax.lax.top_k(vals.reshape(-1), k)
     return idx.reshape(-1)[pick]
@@ -53,8 +53,9 @@ SELECTIONS = {
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench select", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench select", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", default="opt-6.7b", choices=sorted(OPT_SHAPES))
     p.add_argument("--density", type=float, default=0.1, help="fraction of the ffn neurons kept (default 0.1)")
     p.add_argument("--ranks", default="1000,256,128", help="predictor ranks to time (default 1000,256,128)")
@@ -79,9 +80,11 @@ def main(argv=None) -> int:
     scores = jax.random.normal(jax.random.PRNGKey(0), (1, ffn), jnp.float32)
     threshold = jnp.sort(scores[0])[-k]  # about K scores pass
     for name, select in SELECTIONS.items():
+
         def step(s, threshold, select=select):
             idx = select(s, k, threshold)
             return s + 1e-30 * idx[0].astype(jnp.float32)  # depends on the result; changes nothing
+
         us = time_chained(step, scores, threshold, steps=args.chain, repeats=args.repeats).seconds * 1e6
         rows.append({"what": f"select {name}", "k": k, "us": us})
         print(f"select {name:18s} K={k}: {us:7.2f} us", flush=True)
@@ -91,8 +94,13 @@ def main(argv=None) -> int:
         # Enough layers' predictors that the chain outgrows the L2 (capped: tiny shapes are CPU smoke runs).
         sets = min(64, max(4, -(-_CHAIN_BYTES // nbytes)))
         keys = jax.random.split(jax.random.PRNGKey(rank), 2 * sets)
-        weights = tuple((jax.random.normal(keys[2 * i], (d, rank), jnp.float16) * 0.02,
-                         jax.random.normal(keys[2 * i + 1], (rank, ffn), jnp.float16) * 0.02) for i in range(sets))
+        weights = tuple(
+            (
+                jax.random.normal(keys[2 * i], (d, rank), jnp.float16) * 0.02,
+                jax.random.normal(keys[2 * i + 1], (rank, ffn), jnp.float16) * 0.02,
+            )
+            for i in range(sets)
+        )
 
         def step(x, weights):
             for a, b in weights:
@@ -100,21 +108,37 @@ def main(argv=None) -> int:
                 s = jnp.dot(h, b, preferred_element_type=jnp.float32)
                 x = x + (1e-30 * s[:, :d]).astype(x.dtype)
             return x
-        us = time_chained(step, x, weights, steps=max(1, args.chain // sets), repeats=args.repeats,
-                          calls_per_step=sets).seconds * 1e6
+
+        us = (
+            time_chained(
+                step, x, weights, steps=max(1, args.chain // sets), repeats=args.repeats, calls_per_step=sets
+            ).seconds
+            * 1e6
+        )
         rows.append({"what": f"predictor rank {rank}", "bytes": nbytes, "us": us})
         print(f"predictor rank {rank:5d} ({nbytes / 1e6:5.1f} MB): {us:7.2f} us", flush=True)
 
-    lines = [f"# Neuron selection cost at decode, {info['card']}", "",
-             f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
-             f"- command: `{info['command']}`",
-             f"- {args.shape}: d {d}, ffn {ffn}, K {k} ({args.density:.1%}); batch 1; chained {args.chain} per jit", "",
-             "| what | us per layer |", "|---|---|"]
-    lines += [f"| {r['what']}" + (f" ({r['bytes'] / 1e6:.1f} MB)" if "bytes" in r else "") + f" | {r['us']:.2f} |"
-              for r in rows]
+    lines = [
+        f"# Neuron selection cost at decode, {info['card']}",
+        "",
+        f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
+        f"- command: `{info['command']}`",
+        f"- {args.shape}: d {d}, ffn {ffn}, K {k} ({args.density:.1%}); batch 1; chained {args.chain} per jit",
+        "",
+        "| what | us per layer |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {r['what']}" + (f" ({r['bytes'] / 1e6:.1f} MB)" if "bytes" in r else "") + f" | {r['us']:.2f} |"
+        for r in rows
+    ]
     markdown = "\n".join(lines) + "\n"
-    path = write_results(f"select_{info['card'].replace(' ', '-')}_{info['date']}", markdown,
-                         {**info, "shape": args.shape, "density": args.density, "rows": rows}, args.out)
+    path = write_results(
+        f"select_{info['card'].replace(' ', '-')}_{info['date']}",
+        markdown,
+        {**info, "shape": args.shape, "density": args.density, "rows": rows},
+        args.out,
+    )
     print(markdown)
     print(f"wrote {path}")
     return 0

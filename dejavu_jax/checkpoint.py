@@ -47,6 +47,7 @@ def save_param_groups(directory: Path, groups) -> None:
     """One orbax checkpoint per top-level group (`params/embed_tokens`, `params/layers_0`, ...): written and
     dropped one at a time, so converting never holds the whole model."""
     import orbax.checkpoint as ocp
+
     checkpointer = ocp.StandardCheckpointer()
     for name, subtree in groups:
         checkpointer.save(directory.absolute() / PARAMS_DIR / name, subtree)
@@ -57,6 +58,7 @@ def save_param_groups(directory: Path, groups) -> None:
 def restore_params(directory: Path, config: OPTConfig, dtype: str):
     import orbax.checkpoint as ocp
     from dejavu_jax.model import abstract_params
+
     manifest = json.loads((directory / MANIFEST).read_text())
     stored = jnp.dtype(numpy_dtype(manifest["dtype"]))
     want = jnp.dtype(numpy_dtype(dtype))
@@ -72,8 +74,9 @@ def restore_params(directory: Path, config: OPTConfig, dtype: str):
     return params
 
 
-def convert_to_directory(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float16",
-                         force: bool = False) -> dict:
+def convert_to_directory(
+    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float16", force: bool = False
+) -> dict:
     """Convert an HF OPT checkpoint into a model directory, atomically (temp dir + rename)."""
     start = time.perf_counter()
     hf_dir, out = Path(hf_dir), Path(out_dir)
@@ -90,11 +93,15 @@ def convert_to_directory(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        manifest = {"format": FORMAT_VERSION, "dtype": dtype, "source": str(hf_dir),
-                    "num_params": config.num_params}
+        manifest = {"format": FORMAT_VERSION, "dtype": dtype, "source": str(hf_dir), "num_params": config.num_params}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return {"source": str(hf_dir), "out": str(out), "dtype": dtype, "num_params": config.num_params,
-            "seconds": time.perf_counter() - start}
+    return {
+        "source": str(hf_dir),
+        "out": str(out),
+        "dtype": dtype,
+        "num_params": config.num_params,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -110,11 +117,14 @@ def resolve_model_dir(model: str) -> Path:
     if _HUB_ID.match(model):
         try:
             from huggingface_hub import snapshot_download
+
             return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
         except Exception as e:
             reason = " ".join(str(e).split())  # hub errors span lines; the CLI prints one
-            raise CheckpointError(f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: "
-                                  f"{reason}); download it elsewhere and pass its directory") from e
+            raise CheckpointError(
+                f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: "
+                f"{reason}); download it elsewhere and pass its directory"
+            ) from e
     raise CheckpointError(f"model {model!r} is neither a directory nor a hub id like 'facebook/opt-1.3b'")
 
 
@@ -133,6 +143,7 @@ def load_model(model: str | os.PathLike, dtype: str = "float16") -> LoadedModel:
         read_hf_config(path)  # a non-OPT config gets its own message
         raise CheckpointError(f"{path} has a config.json but no weights (model.safetensors, pytorch_model.bin, ...)")
     else:
-        raise CheckpointError(f"{path} holds neither a converted model ({MANIFEST}) nor an HF checkpoint "
-                              f"(config.json + weights)")
+        raise CheckpointError(
+            f"{path} holds neither a converted model ({MANIFEST}) nor an HF checkpoint (config.json + weights)"
+        )
     return LoadedModel(config, params, load_tokenizer(path, required=False), dtype, path)

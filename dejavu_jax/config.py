@@ -37,15 +37,23 @@ class OPTConfig:
     POSITION_OFFSET = 2
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
-                     "max_position_embeddings", "word_embed_proj_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "ffn_dim",
+            "max_position_embeddings",
+            "word_embed_proj_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"OPTConfig.{name} must be a positive int. Got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size must be divisible by num_attention_heads. Got {self.hidden_size} and "
-                f"{self.num_attention_heads}")
+                f"{self.num_attention_heads}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -77,8 +85,10 @@ class OPTConfig:
             raise ConfigError(f"expected an OPT config (model_type 'opt'). Got model_type {model_type!r}")
         activation = hf.get("activation_function", "relu")
         if activation != "relu":
-            raise ConfigError(f"only ReLU OPT models are supported (DejaVu needs ReLU sparsity). "
-                              f"Got activation_function {activation!r}")
+            raise ConfigError(
+                f"only ReLU OPT models are supported (DejaVu needs ReLU sparsity). "
+                f"Got activation_function {activation!r}"
+            )
         hidden = hf.get("hidden_size", 768)
         return cls(
             vocab_size=hf.get("vocab_size", 50272),
@@ -126,8 +136,14 @@ class OPTConfig:
 
 
 def _shape(d: int, layers: int, heads: int, **kw) -> OPTConfig:
-    return OPTConfig(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * d,
-                     word_embed_proj_dim=kw.pop("word_embed_proj_dim", d), **kw)
+    return OPTConfig(
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        ffn_dim=4 * d,
+        word_embed_proj_dim=kw.pop("word_embed_proj_dim", d),
+        **kw,
+    )
 
 
 # The released OPT family (facebook/opt-*), by name.
@@ -152,8 +168,15 @@ def shape_config(name: str) -> OPTConfig:
 
 def tiny_config(**overrides) -> OPTConfig:
     """A small random-weight shape for smoke tests of benchmarks and pipelines."""
-    base = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
-                max_position_embeddings=256, word_embed_proj_dim=64)
+    base = dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=256,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+    )
     base.update(overrides)
     return OPTConfig(**base)
 

@@ -19,8 +19,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dejavu_jax.convert",
         description="Convert a Hugging Face OPT checkpoint directory (safetensors or pytorch_model.bin, sharded "
-                    "or not) into a dejavu-jax model directory: an orbax checkpoint of the parameters, config.json "
-                    "and the tokenizer files. Streams tensor by tensor.")
+        "or not) into a dejavu-jax model directory: an orbax checkpoint of the parameters, config.json "
+        "and the tokenizer files. Streams tensor by tensor.",
+    )
     parser.add_argument("--hf", required=True, help="HF checkpoint directory (config.json + weights)")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="parameter dtype (default float16)")
@@ -36,8 +37,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"converted {summary['source']} -> {summary['out']}: {summary['num_params']:,} parameters "
-              f"({summary['dtype']}), {summary['seconds']:.1f} s")
+        print(
+            f"converted {summary['source']} -> {summary['out']}: {summary['num_params']:,} parameters "
+            f"({summary['dtype']}), {summary['seconds']:.1f} s"
+        )
     return 0
 
 

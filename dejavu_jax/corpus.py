@@ -28,8 +28,9 @@ def _open_text(path: Path):
 def _unreadable(path: Path, error: Exception) -> CorpusError:
     if isinstance(error, UnicodeDecodeError):
         return CorpusError(f"corpus {path} is not UTF-8 text ({error}); re-encode it as UTF-8")
-    return CorpusError(f"corpus {path} is truncated or corrupt ({error}); check it with `xz -t {path}` and copy or "
-                       f"download it again")
+    return CorpusError(
+        f"corpus {path} is truncated or corrupt ({error}); check it with `xz -t {path}` and copy or download it again"
+    )
 
 
 def corpus_kind(path: str | Path) -> str:
@@ -48,8 +49,10 @@ def corpus_kind(path: str | Path) -> str:
     if name.endswith(".xz"):  # cheap: a file that is not xz at all fails here, before any model is loaded
         with open(path, "rb") as f:
             if f.read(len(XZ_MAGIC)) != XZ_MAGIC:
-                raise CorpusError(f"corpus {path} is not xz-compressed (no xz header); if it is plain text, "
-                                  f"drop the .xz suffix, else copy or download it again")
+                raise CorpusError(
+                    f"corpus {path} is not xz-compressed (no xz header); if it is plain text, "
+                    f"drop the .xz suffix, else copy or download it again"
+                )
     return kind
 
 
@@ -57,7 +60,7 @@ def iter_documents(path: str | Path) -> Iterator[str]:
     """Documents in file order, those without text skipped. A `.txt` file is one document."""
     path = Path(path)
     kind = corpus_kind(path)
-    for text in (_dataset_texts(path) if kind == "datasets" else _file_texts(path, kind)):
+    for text in _dataset_texts(path) if kind == "datasets" else _file_texts(path, kind):
         if text.strip():
             yield text
 
@@ -76,10 +79,9 @@ def _file_texts(path: Path, kind: str) -> Iterator[str]:
                 except json.JSONDecodeError as e:
                     raise CorpusError(f"{path}:{line_no} is not JSON: {e}") from e
                 if not isinstance(record, dict) or "text" not in record:
-                    raise CorpusError(f"{path}:{line_no} has no \"text\" field")
+                    raise CorpusError(f'{path}:{line_no} has no "text" field')
                 if not isinstance(record["text"], str):
-                    raise CorpusError(f"{path}:{line_no}: \"text\" is not a string "
-                                      f"(got {type(record['text']).__name__})")
+                    raise CorpusError(f'{path}:{line_no}: "text" is not a string (got {type(record["text"]).__name__})')
                 yield record["text"]
     except (EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
         raise _unreadable(path, e) from e
@@ -87,6 +89,7 @@ def _file_texts(path: Path, kind: str) -> Iterator[str]:
 
 def _dataset_texts(path: Path) -> Iterator[str]:
     import datasets
+
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:

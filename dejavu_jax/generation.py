@@ -53,9 +53,20 @@ def autotune_cache_dir() -> Path:
     return Path(os.environ.get("DEJAVU_XLA_AUTOTUNE_CACHE", default))
 
 
-def _generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, sampling: SamplingParams,
-                     sparse_weights: SparseWeights | None = None, *, config: OPTConfig, num_slots: int,
-                     policy: SparsityPolicy = DENSE, attention_impl: str = "xla"):
+def _generate_tokens(
+    params,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    rng,
+    sampling: SamplingParams,
+    sparse_weights: SparseWeights | None = None,
+    *,
+    config: OPTConfig,
+    num_slots: int,
+    policy: SparsityPolicy = DENSE,
+    attention_impl: str = "xla",
+):
     """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B]).
 
     `policy` (static) and `sparse_weights` (traced: predictors, or fixed rows) choose the decode steps' MLP neurons
@@ -73,23 +84,39 @@ def _generate_tokens(params, input_ids, attention_mask, max_new_tokens, rng, sam
     rng, key = jax.random.split(rng)
     first = sample_tokens(logits[:, -1], key, sampling)
     state = DecodeState(
-        step=jnp.int32(1), cache=cache, last_token=first, done=first == config.eos_token_id,
+        step=jnp.int32(1),
+        cache=cache,
+        last_token=first,
+        done=first == config.eos_token_id,
         num_generated=jnp.ones((batch,), jnp.int32),
-        tokens=jnp.full((batch, capacity), config.pad_token_id, jnp.int32).at[:, 0].set(first), rng=rng)
+        tokens=jnp.full((batch, capacity), config.pad_token_id, jnp.int32).at[:, 0].set(first),
+        rng=rng,
+    )
 
     def keep_going(s: DecodeState):
         return (s.step < jnp.minimum(max_new_tokens, capacity)) & ~jnp.all(s.done)
 
     def decode_one(s: DecodeState) -> DecodeState:
         with jax.named_scope("decode_step"):
-            logits, cache = model.apply({"params": params}, s.last_token[:, None], jnp.ones((batch, 1), jnp.int32),
-                                        s.cache, policy=policy, sparse_weights=sparse_weights)
+            logits, cache = model.apply(
+                {"params": params},
+                s.last_token[:, None],
+                jnp.ones((batch, 1), jnp.int32),
+                s.cache,
+                policy=policy,
+                sparse_weights=sparse_weights,
+            )
         rng, key = jax.random.split(s.rng)
         token = jnp.where(s.done, config.pad_token_id, sample_tokens(logits[:, -1], key, sampling))
         return DecodeState(
-            step=s.step + 1, cache=cache, last_token=token, done=s.done | (token == config.eos_token_id),
+            step=s.step + 1,
+            cache=cache,
+            last_token=token,
+            done=s.done | (token == config.eos_token_id),
             num_generated=s.num_generated + (~s.done).astype(jnp.int32),
-            tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)), rng=rng)
+            tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),
+            rng=rng,
+        )
 
     final = jax.lax.while_loop(keep_going, decode_one, state)
     return final.tokens, final.num_generated
@@ -111,8 +138,14 @@ def generation_program(autotune: str = "default"):
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the autotune cache {cache} ({e}); set DEJAVU_XLA_AUTOTUNE_CACHE") from None
-    return jax.jit(_generate_tokens, static_argnames=_STATIC, compiler_options={
-        "xla_gpu_exhaustive_tiling_search": True, "xla_gpu_per_fusion_autotune_cache_dir": str(cache)})
+    return jax.jit(
+        _generate_tokens,
+        static_argnames=_STATIC,
+        compiler_options={
+            "xla_gpu_exhaustive_tiling_search": True,
+            "xla_gpu_per_fusion_autotune_cache_dir": str(cache),
+        },
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_slots"))
@@ -125,13 +158,29 @@ def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "attention_impl"), donate_argnames=("cache",))
-def decode_step(params, cache: KVCache, tokens, sparse_weights=None, head_idx=None, *, config: OPTConfig,
-                policy: SparsityPolicy = DENSE, attention_impl: str = "xla"):
+def decode_step(
+    params,
+    cache: KVCache,
+    tokens,
+    sparse_weights=None,
+    head_idx=None,
+    *,
+    config: OPTConfig,
+    policy: SparsityPolicy = DENSE,
+    attention_impl: str = "xla",
+):
     """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache.
     `head_idx` (per layer, the heads to compute, or None) is the attention seam."""
     model = _model_for(config, params, attention_impl)
-    logits, cache = model.apply({"params": params}, tokens[:, None], jnp.ones((tokens.shape[0], 1), jnp.int32),
-                                cache, policy=policy, sparse_weights=sparse_weights, head_idx=head_idx)
+    logits, cache = model.apply(
+        {"params": params},
+        tokens[:, None],
+        jnp.ones((tokens.shape[0], 1), jnp.int32),
+        cache,
+        policy=policy,
+        sparse_weights=sparse_weights,
+        head_idx=head_idx,
+    )
     return logits[:, -1], cache
 
 
@@ -145,8 +194,8 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
     mask = np.zeros((len(sequences), length), np.int32)
     for row, seq in enumerate(sequences):
         if len(seq):
-            ids[row, length - len(seq):] = seq
-            mask[row, length - len(seq):] = 1
+            ids[row, length - len(seq) :] = seq
+            mask[row, length - len(seq) :] = 1
     return ids, mask
 
 
@@ -160,31 +209,58 @@ def check_lengths(config: OPTConfig, prompt_lengths: Sequence[int], max_new_toke
         if n > limit:
             raise ValueError(f"prompt {i} has {n} tokens, more than the model's {limit} positions")
         if n + max_new_tokens > limit:
-            raise ValueError(f"prompt {i} ({n} tokens) + max_new_tokens ({max_new_tokens}) runs past the model's "
-                             f"{limit} positions. Lower max_new_tokens to at most {limit - n}")
+            raise ValueError(
+                f"prompt {i} ({n} tokens) + max_new_tokens ({max_new_tokens}) runs past the model's "
+                f"{limit} positions. Lower max_new_tokens to at most {limit - n}"
+            )
 
 
-def generate_ids(params, config: OPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, policy: SparsityPolicy = DENSE,
-                 sparse_weights: SparseWeights | None = None, attention_impl: str = "xla",
-                 autotune: str = "default") -> list[list[int]]:
+def generate_ids(
+    params,
+    config: OPTConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: int = 0,
+    policy: SparsityPolicy = DENSE,
+    sparse_weights: SparseWeights | None = None,
+    attention_impl: str = "xla",
+    autotune: str = "default",
+) -> list[list[int]]:
     """Token-level generation for a batch of prompts of any lengths; returns the generated ids only."""
     program = generation_program(autotune)
     check_lengths(config, [len(p) for p in prompts], max_new_tokens)
     prompt_len = bucket(max(len(p) for p in prompts), 8)
     ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)
     num_slots = prompt_len + bucket(max_new_tokens, 16)
-    tokens, counts = program(params, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(max_new_tokens),
-                             jax.random.PRNGKey(seed), sampling.to_device(), sparse_weights, config=config,
-                             num_slots=num_slots, policy=policy, attention_impl=attention_impl)
+    tokens, counts = program(
+        params,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.int32(max_new_tokens),
+        jax.random.PRNGKey(seed),
+        sampling.to_device(),
+        sparse_weights,
+        config=config,
+        num_slots=num_slots,
+        policy=policy,
+        attention_impl=attention_impl,
+    )
     tokens, counts = np.asarray(tokens), np.asarray(counts)
-    return [tokens[i, :counts[i]].tolist() for i in range(len(prompts))]
+    return [tokens[i, : counts[i]].tolist() for i in range(len(prompts))]
 
 
-def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
-                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0, policy: SparsityPolicy = DENSE,
-                  sparse_weights: SparseWeights | None = None, attention_impl: str = "xla",
-                  autotune: str = "default") -> list[dict]:
+def generate_text(
+    model,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: int = 0,
+    policy: SparsityPolicy = DENSE,
+    sparse_weights: SparseWeights | None = None,
+    attention_impl: str = "xla",
+    autotune: str = "default",
+) -> list[dict]:
     """`model` is a `LoadedModel`. One dict per prompt: prompt, text (continuation only), token_ids."""
     if model.tokenizer is None:
         raise ValueError(f"the model at {model.path} has no tokenizer files; pass token ids to generate_ids")
@@ -194,7 +270,19 @@ def generate_text(model, prompts: Sequence[str], max_new_tokens: int = 32,
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt {i} is empty; give some text")
     encoded = [model.tokenizer(p)["input_ids"] for p in prompts]
-    generated = generate_ids(model.params, model.config, encoded, max_new_tokens, sampling, seed, policy,
-                             sparse_weights, attention_impl, autotune)
-    return [{"prompt": p, "text": model.tokenizer.decode(g, skip_special_tokens=True), "token_ids": g}
-            for p, g in zip(prompts, generated)]
+    generated = generate_ids(
+        model.params,
+        model.config,
+        encoded,
+        max_new_tokens,
+        sampling,
+        seed,
+        policy,
+        sparse_weights,
+        attention_impl,
+        autotune,
+    )
+    return [
+        {"prompt": p, "text": model.tokenizer.decode(g, skip_special_tokens=True), "token_ids": g}
+        for p, g in zip(prompts, generated)
+    ]

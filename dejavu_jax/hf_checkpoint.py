@@ -43,18 +43,20 @@ def _weight_files(directory: Path) -> tuple[str, list[Path]]:
         return "torch", [directory / "pytorch_model.bin"]
     raise CheckpointError(
         f"no Hugging Face checkpoint in {directory}: expected model.safetensors, {SAFETENSORS_INDEX}, "
-        f"pytorch_model.bin or {TORCH_INDEX}")
+        f"pytorch_model.bin or {TORCH_INDEX}"
+    )
 
 
 def is_hf_checkpoint(directory: str | os.PathLike) -> bool:
     directory = Path(directory)
     return (directory / "config.json").exists() and any(
-        (directory / n).exists() for n in ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX))
+        (directory / n).exists() for n in ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
+    )
 
 
 def canonical_key(key: str) -> str:
     """`model.decoder.x` and `decoder.x` name the same tensor; strip the optional `model.` prefix."""
-    return key[len("model."):] if key.startswith("model.") else key
+    return key[len("model.") :] if key.startswith("model.") else key
 
 
 class HFTensorReader:
@@ -79,11 +81,13 @@ class HFTensorReader:
     def _open(self, path: Path):
         if self.kind == "safetensors":
             from safetensors import SafetensorError, safe_open
+
             try:
                 return safe_open(str(path), framework="numpy")
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"cannot read {path} (truncated or not safetensors?): {e}") from e
         import torch
+
         try:
             return _TorchFile(torch.load(str(path), map_location="cpu", mmap=True, weights_only=True))
         except Exception as e:  # torch raises many types for a corrupt file
@@ -126,6 +130,7 @@ class _TorchFile:
 
     def get_tensor(self, key):
         import torch
+
         t = self.tensors[key]
         if t.dtype == torch.bfloat16:
             t = t.float()

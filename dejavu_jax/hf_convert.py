@@ -24,6 +24,7 @@ def numpy_dtype(name: str):
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}. Got {name!r}")
     if name == "bfloat16":
         import ml_dtypes
+
         return ml_dtypes.bfloat16
     return DTYPES[name]
 
@@ -43,8 +44,10 @@ def conversion_rules(config: OPTConfig) -> list[Rule]:
         (("embed_positions", "embedding"), ("decoder.embed_positions.weight",), _identity),
     ]
     if config.has_projections:
-        rules += [(("project_in", "kernel"), ("decoder.project_in.weight",), np.transpose),
-                  (("project_out", "kernel"), ("decoder.project_out.weight",), np.transpose)]
+        rules += [
+            (("project_in", "kernel"), ("decoder.project_in.weight",), np.transpose),
+            (("project_out", "kernel"), ("decoder.project_out.weight",), np.transpose),
+        ]
     if config.has_final_layer_norm:
         rules += _layer_norm_rules(config, ("final_layer_norm",), "decoder.final_layer_norm")
 
@@ -61,8 +64,7 @@ def conversion_rules(config: OPTConfig) -> list[Rule]:
         proj = [f"{src}.self_attn.{p}_proj" for p in "qkv"]
         rules += [
             ((dst, "self_attn", "qkv_w"), tuple(f"{p}.weight" for p in proj), qkv_w),
-            ((dst, "self_attn", "out_w"), (f"{src}.self_attn.out_proj.weight",),
-             lambda w: w.T.reshape(H, hd, d)),
+            ((dst, "self_attn", "out_w"), (f"{src}.self_attn.out_proj.weight",), lambda w: w.T.reshape(H, hd, d)),
             ((dst, "mlp", "fc1_w"), (f"{src}.fc1.weight",), _identity),
             ((dst, "mlp", "fc2_w_t"), (f"{src}.fc2.weight",), np.transpose),
         ]
@@ -93,18 +95,21 @@ def _layer_norm_rules(config: OPTConfig, dst: tuple[str, ...], src: str) -> list
 _IGNORED_KEYS = ("lm_head.weight",)  # tied to embed_tokens (checked equal when present)
 
 
-def iter_converted_groups(reader: HFTensorReader, config: OPTConfig, dtype: str = "float16",
-                          progress: bool = False) -> Iterator[tuple[str, dict]]:
+def iter_converted_groups(
+    reader: HFTensorReader, config: OPTConfig, dtype: str = "float16", progress: bool = False
+) -> Iterator[tuple[str, dict]]:
     """(top-level name, subtree) one group at a time (embeddings, each layer, ...), so a caller can write each
     group out and drop it: the peak is one group, not the model. Strict: raises on any unmapped source key."""
     from dejavu_jax.model import abstract_params
+
     target_dtype = numpy_dtype(dtype)
     expected = abstract_params(config)
     groups: dict[str, list[Rule]] = {}
     for rule in conversion_rules(config):
         groups.setdefault(rule[0][0], []).append(rule)
-    if "lm_head.weight" in reader and not np.array_equal(reader.get("lm_head.weight"),
-                                                         reader.get("decoder.embed_tokens.weight")):
+    if "lm_head.weight" in reader and not np.array_equal(
+        reader.get("lm_head.weight"), reader.get("decoder.embed_tokens.weight")
+    ):
         raise CheckpointError("lm_head.weight differs from embed_tokens: untied OPT heads are not supported")
     all_sources = {k for rules in groups.values() for _, keys, _ in rules for k in keys}
     unused = [k for k in reader.keys() if k not in all_sources and k not in _IGNORED_KEYS]
@@ -113,6 +118,7 @@ def iter_converted_groups(reader: HFTensorReader, config: OPTConfig, dtype: str 
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=sum(len(r) for r in groups.values()), desc="convert", unit="tensor")
     for name, rules in groups.items():
         subtree: dict = {}
@@ -123,8 +129,9 @@ def iter_converted_groups(reader: HFTensorReader, config: OPTConfig, dtype: str 
             leaf = fn(*(reader.get(k) for k in keys))
             want = _lookup(expected, path).shape
             if leaf.shape != want:
-                raise CheckpointError(f"tensor for {'/'.join(path)} from {list(keys)} has shape {leaf.shape}; "
-                                      f"the config wants {want}")
+                raise CheckpointError(
+                    f"tensor for {'/'.join(path)} from {list(keys)} has shape {leaf.shape}; the config wants {want}"
+                )
             _insert(subtree, path[1:], np.ascontiguousarray(leaf.astype(target_dtype)))
             if bar is not None:
                 bar.update()
@@ -133,8 +140,9 @@ def iter_converted_groups(reader: HFTensorReader, config: OPTConfig, dtype: str 
         bar.close()
 
 
-def convert_hf_params(reader: HFTensorReader, config: OPTConfig, dtype: str = "float16",
-                      progress: bool = False) -> dict:
+def convert_hf_params(
+    reader: HFTensorReader, config: OPTConfig, dtype: str = "float16", progress: bool = False
+) -> dict:
     """The whole param tree (nested dict of numpy arrays in `dtype`) for the checkpoint behind `reader`."""
     return dict(iter_converted_groups(reader, config, dtype, progress))
 

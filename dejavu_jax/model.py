@@ -31,11 +31,13 @@ from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import DENSE, MLPRows, SparseWeights, SparsityPolicy, mlp_rows
 from kernels.decode_attention import decode_attention_append
 
+
 class AttentionImpl(str, enum.Enum):
     """How a decode step (one new token per sequence, with a cache) computes attention. XLA: einsums, masked softmax
     and two cache-update kernels; PALLAS: one Pallas launch per layer that writes the new K/V into the cache and
     attends (kernels/decode_attention.py). Prefill is always XLA. The two measure equal (bench/results/NOTES.md), so
     XLA is the default."""
+
     XLA = "xla"
     PALLAS = "pallas"
 
@@ -103,12 +105,13 @@ class OPTAttention(nn.Module):
             qkv = jnp.einsum("btd,zhkd->zbhtk", x, qkv_w, preferred_element_type=jnp.float32)
             qkv = (qkv + qkv_b[:, None, :, None, :].astype(jnp.float32)).astype(x.dtype)
         # HF scales the query after q_proj, bias included.
-        q = (qkv[0] * (c.head_dim ** -0.5)).astype(x.dtype)  # [B, h, T, hd]
+        q = (qkv[0] * (c.head_dim**-0.5)).astype(x.dtype)  # [B, h, T, hd]
         k_new, v_new = qkv[1], qkv[2]
         if self.attention_impl == AttentionImpl.PALLAS and layer_kv is not None and x.shape[1] == 1:
             with jax.named_scope("attention"):
                 heads_out, keys, values = decode_attention_append(
-                    q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv, allowed[:, 0], cursor, head_idx)
+                    q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv, allowed[:, 0], cursor, head_idx
+                )
             return self._project_out(heads_out[:, None], out_w, x.dtype), (keys, values)
         if layer_kv is None:
             keys, values, new_kv = k_new, v_new, None
@@ -167,8 +170,7 @@ class OPTMLP(nn.Module):
             out, _ = mlp_per_token_rows(x, *weights, rows.mask)
             self.sow("intermediates", "mlp_density", jnp.mean(rows.mask, axis=-1))
             return out
-        out, hidden = mlp_decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden,
-                                      rows.predictor)
+        out, hidden = mlp_decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor)
         return out.reshape(B, T, d)
 
 
@@ -220,29 +222,43 @@ class OPTForCausalLM(nn.Module):
     per token. `head_idx` (one [heads kept] array per layer, or None) restricts attention to those heads. `logits_for="last"` computes the LM head for the last position only (prefill).
     `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter.
     """
+
     config: OPTConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
 
     def setup(self):
         c = self.config
-        self.embed_tokens = nn.Embed(c.vocab_size, c.word_embed_proj_dim, dtype=self.dtype,
-                                     param_dtype=self.dtype, embedding_init=_init())
-        self.embed_positions = nn.Embed(c.max_position_embeddings + c.POSITION_OFFSET, c.hidden_size,
-                                        dtype=self.dtype, param_dtype=self.dtype, embedding_init=_init())
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.word_embed_proj_dim, dtype=self.dtype, param_dtype=self.dtype, embedding_init=_init()
+        )
+        self.embed_positions = nn.Embed(
+            c.max_position_embeddings + c.POSITION_OFFSET,
+            c.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.dtype,
+            embedding_init=_init(),
+        )
         if c.has_projections:
             self.project_in = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
-            self.project_out = nn.Dense(c.word_embed_proj_dim, use_bias=False, dtype=self.dtype,
-                                        param_dtype=self.dtype)
+            self.project_out = nn.Dense(c.word_embed_proj_dim, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
         if c.has_final_layer_norm:
             self.final_layer_norm = LayerNorm(c, self.dtype)
         check_attention_impl(self.attention_impl)
-        self.layers = [OPTDecoderLayer(c, self.dtype, self.attention_impl, name=f"layers_{i}")
-                       for i in range(c.num_hidden_layers)]
+        self.layers = [
+            OPTDecoderLayer(c, self.dtype, self.attention_impl, name=f"layers_{i}") for i in range(c.num_hidden_layers)
+        ]
 
-    def __call__(self, input_ids, attention_mask=None, cache: Optional[KVCache] = None,
-                 policy: SparsityPolicy = DENSE, sparse_weights: Optional[SparseWeights] = None,
-                 logits_for: str = "all", head_idx: Optional[Sequence] = None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        cache: Optional[KVCache] = None,
+        policy: SparsityPolicy = DENSE,
+        sparse_weights: Optional[SparseWeights] = None,
+        logits_for: str = "all",
+        head_idx: Optional[Sequence] = None,
+    ):
         c = self.config
         B, T = input_ids.shape
         if attention_mask is None:
@@ -272,14 +288,21 @@ class OPTForCausalLM(nn.Module):
             if policy == DENSE and (sparse_weights is None or sparse_weights.fixed_rows is None):
                 return None
             return lambda attn_input, mlp_in: mlp_rows(
-                policy, sparse_weights, i, attn_input if mlp_input == "attn_input" else mlp_in, decode)
+                policy, sparse_weights, i, attn_input if mlp_input == "attn_input" else mlp_in, decode
+            )
 
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
             with jax.named_scope(f"layer_{i}"):
-                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor,
-                              None if head_idx is None else head_idx[i], rows_for(i))
+                h, kv = layer(
+                    h,
+                    allowed,
+                    layer_kv,
+                    None if cache is None else cache.cursor,
+                    None if head_idx is None else head_idx[i],
+                    rows_for(i),
+                )
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
@@ -291,8 +314,9 @@ class OPTForCausalLM(nn.Module):
         if c.has_projections:
             h = self.project_out(h)
         # Tied LM head, accumulated and returned in fp32.
-        logits = jnp.einsum("btp,vp->btv", h.astype(self.dtype), self.embed_tokens.embedding,
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "btp,vp->btv", h.astype(self.dtype), self.embed_tokens.embedding, preferred_element_type=jnp.float32
+        )
         if cache is not None:
             cache = cache.replace(keys=tuple(new_keys), values=tuple(new_values)).advance(chunk_mask)
         return logits, cache

@@ -33,8 +33,9 @@ def window_nll(params, windows, sparse_weights=None, *, config: OPTConfig, polic
     """windows [B, L] -> (summed negative log-likelihood of tokens 1..L-1 given their prefixes (fp32), per layer
     the summed fraction of MLP rows computed per token [L]) under `policy` (dejavu_jax.sparsity)."""
     model = OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
-    (logits, _), state = model.apply({"params": params}, windows, policy=policy, sparse_weights=sparse_weights,
-                                     mutable=["intermediates"])
+    (logits, _), state = model.apply(
+        {"params": params}, windows, policy=policy, sparse_weights=sparse_weights, mutable=["intermediates"]
+    )
     log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     targets = windows[:, 1:]
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).sum()
@@ -52,8 +53,16 @@ def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = Non
     return tokens[: n * seq_len].reshape(n, seq_len)
 
 
-def perplexity(params, config: OPTConfig, windows: np.ndarray, batch_size: int = 4, progress: bool = True,
-               policy: SparsityPolicy = DENSE, sparse_weights=None, desc: str = "perplexity") -> dict:
+def perplexity(
+    params,
+    config: OPTConfig,
+    windows: np.ndarray,
+    batch_size: int = 4,
+    progress: bool = True,
+    policy: SparsityPolicy = DENSE,
+    sparse_weights=None,
+    desc: str = "perplexity",
+) -> dict:
     """Perplexity of `windows`; with a sparse policy also "mlp_density": per layer the mean fraction of MLP rows
     computed per token (for lossless, of fc2 rows read) over every token of the windows."""
     if windows.shape[1] > config.max_position_embeddings:
@@ -61,8 +70,9 @@ def perplexity(params, config: OPTConfig, windows: np.ndarray, batch_size: int =
     total, density = 0.0, np.zeros(config.num_hidden_layers)
     batches = range(0, len(windows), batch_size)
     for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        nll, dens = window_nll(params, jnp.asarray(windows[start:start + batch_size]), sparse_weights, config=config,
-                               policy=policy)
+        nll, dens = window_nll(
+            params, jnp.asarray(windows[start : start + batch_size]), sparse_weights, config=config, policy=policy
+        )
         total += float(nll)
         density += np.asarray(dens, np.float64)
     scored = windows.shape[0] * (windows.shape[1] - 1)

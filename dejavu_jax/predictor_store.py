@@ -29,14 +29,18 @@ class PredictorError(ValueError):
 def _tree(predictors: Predictors) -> dict:
     def layer(p):
         return {"w1": p.w1, "b1": p.b1, "w2": p.w2, "b2": p.b2}
-    return {"mlp": {f"layers_{i}": layer(p) for i, p in enumerate(predictors.mlp)},
-            "heads": {f"layers_{i}": layer(p) for i, p in enumerate(predictors.heads)}}
+
+    return {
+        "mlp": {f"layers_{i}": layer(p) for i, p in enumerate(predictors.mlp)},
+        "heads": {f"layers_{i}": layer(p) for i, p in enumerate(predictors.heads)},
+    }
 
 
 def _structure_metadata(predictors: Predictors) -> dict:
     if predictors.num_layers == 0 or len(predictors.heads) != predictors.num_layers:
-        raise ValueError(f"need one MLP and one head predictor per layer. Got {len(predictors.mlp)} and "
-                         f"{len(predictors.heads)}")
+        raise ValueError(
+            f"need one MLP and one head predictor per layer. Got {len(predictors.mlp)} and {len(predictors.heads)}"
+        )
     first = predictors.mlp[0]
     return {
         "format": FORMAT_VERSION,
@@ -65,8 +69,10 @@ def resolve_predictors_dir(path: str | os.PathLike) -> Path:
         return path
     if (path / PREDICTORS_DIR / METADATA_FILE).exists():
         return path / PREDICTORS_DIR
-    raise PredictorError(f"no predictors in {path}: expected {path / PREDICTORS_DIR / METADATA_FILE} (run "
-                         f"`python -m train ... --save-to {path}`) or {path / METADATA_FILE}")
+    raise PredictorError(
+        f"no predictors in {path}: expected {path / PREDICTORS_DIR / METADATA_FILE} (run "
+        f"`python -m train ... --save-to {path}`) or {path / METADATA_FILE}"
+    )
 
 
 def save_predictors(predictors: Predictors, out_dir: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
@@ -76,6 +82,7 @@ def save_predictors(predictors: Predictors, out_dir: str | os.PathLike, metadata
     structure fields in predictors.json.
     """
     import orbax.checkpoint as ocp
+
     out = Path(out_dir)
     meta = dict(metadata or {})
     meta.update(_structure_metadata(predictors))
@@ -97,8 +104,9 @@ def predictor_metadata(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise PredictorError(f"{directory / METADATA_FILE} is not valid JSON: {e}") from e
     if meta.get("format") != FORMAT_VERSION:
-        raise PredictorError(f"{directory} has predictor format {meta.get('format')!r}; this library reads "
-                             f"{FORMAT_VERSION}")
+        raise PredictorError(
+            f"{directory} has predictor format {meta.get('format')!r}; this library reads {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -108,6 +116,7 @@ def load_predictors(path: str | os.PathLike, config: Any = None) -> Predictors:
     With `config` (an OPTConfig), check that they fit the model (layers, d_model, ffn, heads).
     """
     import orbax.checkpoint as ocp
+
     directory = resolve_predictors_dir(path)
     meta = predictor_metadata(directory)
     try:
@@ -120,17 +129,24 @@ def load_predictors(path: str | os.PathLike, config: Any = None) -> Predictors:
     if config is not None:
         want = (config.num_hidden_layers, config.hidden_size, config.ffn_dim, config.num_attention_heads)
         if (L, d, ffn, heads) != want:
-            raise PredictorError(f"predictors in {directory} are for (layers, d_model, ffn, heads) = "
-                                 f"{(L, d, ffn, heads)}; the model has {want}")
+            raise PredictorError(
+                f"predictors in {directory} are for (layers, d_model, ffn, heads) = "
+                f"{(L, d, ffn, heads)}; the model has {want}"
+            )
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def abstract(rank, out):
-        return {"w1": jax.ShapeDtypeStruct((d, rank), dtype, sharding=sharding),
-                "b1": jax.ShapeDtypeStruct((rank,), dtype, sharding=sharding),
-                "w2": jax.ShapeDtypeStruct((rank, out), dtype, sharding=sharding),
-                "b2": jax.ShapeDtypeStruct((out,), dtype, sharding=sharding)}
-    target = {"mlp": {f"layers_{i}": abstract(r, ffn) for i in range(L)},
-              "heads": {f"layers_{i}": abstract(head_rank, heads) for i in range(L)}}
+        return {
+            "w1": jax.ShapeDtypeStruct((d, rank), dtype, sharding=sharding),
+            "b1": jax.ShapeDtypeStruct((rank,), dtype, sharding=sharding),
+            "w2": jax.ShapeDtypeStruct((rank, out), dtype, sharding=sharding),
+            "b2": jax.ShapeDtypeStruct((out,), dtype, sharding=sharding),
+        }
+
+    target = {
+        "mlp": {f"layers_{i}": abstract(r, ffn) for i in range(L)},
+        "heads": {f"layers_{i}": abstract(head_rank, heads) for i in range(L)},
+    }
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             tree = checkpointer.restore(directory.absolute() / PARAMS_DIR, target)
@@ -139,11 +155,16 @@ def load_predictors(path: str | os.PathLike, config: Any = None) -> Predictors:
     normalize = bool(meta.get("normalize_input", True))
 
     def build(group, ks):
-        return tuple(LowRankPredictor(**tree[group][f"layers_{i}"], k=ks[i], normalize_input=normalize)
-                     for i in range(L))
+        return tuple(
+            LowRankPredictor(**tree[group][f"layers_{i}"], k=ks[i], normalize_input=normalize) for i in range(L)
+        )
+
     thresholds = meta.get("mlp_threshold")
     if thresholds is not None and len(thresholds) != L:
         raise PredictorError(f"{directory / METADATA_FILE} has {len(thresholds)} MLP thresholds for {L} layers")
-    return Predictors(mlp=build("mlp", mlp_k), heads=build("heads", head_k),
-                      mlp_input=meta.get("mlp_input", "attn_input"),
-                      mlp_threshold=None if thresholds is None else tuple(float(t) for t in thresholds))
+    return Predictors(
+        mlp=build("mlp", mlp_k),
+        heads=build("heads", head_k),
+        mlp_input=meta.get("mlp_input", "attn_input"),
+        mlp_threshold=None if thresholds is None else tuple(float(t) for t in thresholds),
+    )

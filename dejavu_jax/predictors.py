@@ -33,6 +33,7 @@ _NORM_EPS = 1e-5
 @struct.dataclass
 class LowRankPredictor:
     """scores = (standardize(x) @ w1 + b1) @ w2 + b2 (no nonlinearity: a rank-r linear scorer, as in DejaVu)."""
+
     w1: jax.Array  # [d, r]
     b1: jax.Array  # [r]
     w2: jax.Array  # [r, out]
@@ -61,6 +62,7 @@ class LowRankPredictor:
 @struct.dataclass
 class Predictors:
     """All layers' predictors; `mlp[l]` and `heads[l]` belong to layer l."""
+
     mlp: tuple  # tuple[LowRankPredictor, ...], one per layer
     heads: tuple  # tuple[LowRankPredictor, ...], one per layer
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
@@ -87,7 +89,9 @@ class Predictors:
 
     def with_k(self, mlp_k, head_k) -> "Predictors":
         if len(mlp_k) != self.num_layers or len(head_k) != self.num_layers:
-            raise ValueError(f"need one K per layer ({self.num_layers}). Got {len(mlp_k)} MLP and {len(head_k)} head Ks")
+            raise ValueError(
+                f"need one K per layer ({self.num_layers}). Got {len(mlp_k)} MLP and {len(head_k)} head Ks"
+            )
         mlp = tuple(_with_k(p, k) for p, k in zip(self.mlp, mlp_k))
         heads = tuple(_with_k(p, k) for p, k in zip(self.heads, head_k))
         return self.replace(mlp=mlp, heads=heads)
@@ -100,8 +104,15 @@ def _with_k(p: LowRankPredictor, k: int) -> LowRankPredictor:
     return p.replace(k=k)
 
 
-def init_low_rank(rng, d_in: int, rank: int, num_outputs: int, normalize_input: bool = True,
-                  output_bias: Optional[np.ndarray] = None, dtype=jnp.float32) -> LowRankPredictor:
+def init_low_rank(
+    rng,
+    d_in: int,
+    rank: int,
+    num_outputs: int,
+    normalize_input: bool = True,
+    output_bias: Optional[np.ndarray] = None,
+    dtype=jnp.float32,
+) -> LowRankPredictor:
     """Random init: w1 ~ N(0, 1/d), w2 ~ N(0, 1/r); b2 = `output_bias` (e.g. the logit of each output's rate)."""
     for name, value in (("d_in", d_in), ("rank", rank), ("num_outputs", num_outputs)):
         if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -109,10 +120,12 @@ def init_low_rank(rng, d_in: int, rank: int, num_outputs: int, normalize_input: 
     k1, k2 = jax.random.split(rng)
     b2 = jnp.zeros((num_outputs,), dtype) if output_bias is None else jnp.asarray(output_bias, dtype)
     return LowRankPredictor(
-        w1=(jax.random.normal(k1, (d_in, rank), jnp.float32) * d_in ** -0.5).astype(dtype),
+        w1=(jax.random.normal(k1, (d_in, rank), jnp.float32) * d_in**-0.5).astype(dtype),
         b1=jnp.zeros((rank,), dtype),
-        w2=(jax.random.normal(k2, (rank, num_outputs), jnp.float32) * rank ** -0.5).astype(dtype),
-        b2=b2, normalize_input=normalize_input)
+        w2=(jax.random.normal(k2, (rank, num_outputs), jnp.float32) * rank**-0.5).astype(dtype),
+        b2=b2,
+        normalize_input=normalize_input,
+    )
 
 
 def standardize(x):

@@ -13,6 +13,7 @@ from flax import struct
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """Host-side sampling settings, validated. temperature 0 (or greedy=True) is greedy decoding."""
+
     greedy: bool = True
     temperature: float = 1.0
     top_k: int = 0  # 0: off
@@ -29,13 +30,18 @@ class SamplingConfig:
     def check_vocab(self, vocab_size: int) -> None:
         """top_k must not exceed the vocabulary (only known once the model is)."""
         if self.top_k > vocab_size:
-            raise ValueError(f"top_k {self.top_k} exceeds the vocabulary of {vocab_size} tokens; use at most "
-                             f"{vocab_size}, or 0 for off")
+            raise ValueError(
+                f"top_k {self.top_k} exceeds the vocabulary of {vocab_size} tokens; use at most "
+                f"{vocab_size}, or 0 for off"
+            )
 
     def to_device(self) -> "SamplingParams":
         greedy = self.greedy or self.temperature == 0
-        return SamplingParams(temperature=jnp.float32(0.0 if greedy else self.temperature),
-                              top_k=jnp.int32(self.top_k), top_p=jnp.float32(self.top_p))
+        return SamplingParams(
+            temperature=jnp.float32(0.0 if greedy else self.temperature),
+            top_k=jnp.int32(self.top_k),
+            top_p=jnp.float32(self.top_p),
+        )
 
 
 @struct.dataclass
@@ -47,8 +53,9 @@ class SamplingParams:
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> jax.Array:
     """logits [B, V] float32 -> tokens [B] int32. Greedy skips the sort (a cond, not a select)."""
-    return jax.lax.cond(params.temperature > 0, _sample, lambda l, r, p: jnp.argmax(l, axis=-1).astype(jnp.int32),
-                        logits, rng, params)
+    return jax.lax.cond(
+        params.temperature > 0, _sample, lambda l, r, p: jnp.argmax(l, axis=-1).astype(jnp.int32), logits, rng, params
+    )
 
 
 def _sample(logits, rng, params: SamplingParams):

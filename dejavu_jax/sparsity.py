@@ -57,6 +57,7 @@ class Selection(str, enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class SparsityPolicy:
     """What is sparse and how it is chosen (static under jit)."""
+
     mlp: MLPSparsity = MLPSparsity.NONE
     selection: Selection = Selection.THRESHOLD
     # Decode steps use the row-masked kernels (False: the per-token path, the kernels' reference).
@@ -83,10 +84,11 @@ DENSE = SparsityPolicy()
 class MLPPredictor:
     """One layer's MLP predictor in the decode layout: scores = standardize(x) · w1_t.T + b1 (rounded to the
     weights' dtype) · w2_t.T + b2. The rank is zero-padded to a power of two (exact) for the kernels."""
-    w1_t: jax.Array       # [r, d]
-    b1: jax.Array         # [r]
-    w2_t: jax.Array       # [ffn, r]  neuron-major: a neuron's scoring weights are one row
-    b2: jax.Array         # [ffn] fp32
+
+    w1_t: jax.Array  # [r, d]
+    b1: jax.Array  # [r]
+    w2_t: jax.Array  # [ffn, r]  neuron-major: a neuron's scoring weights are one row
+    b2: jax.Array  # [ffn] fp32
     threshold: jax.Array  # [] fp32: a neuron is chosen when its score >= threshold
     k: int = struct.field(pytree_node=False, default=0)  # top-K count
     normalize_input: bool = struct.field(pytree_node=False, default=True)
@@ -113,20 +115,29 @@ def decode_predictor(p: LowRankPredictor, threshold: Optional[float], dtype=None
     b1 = jnp.pad(jnp.asarray(p.b1), (0, pad)).astype(dtype)
     w2_t = jnp.pad(jnp.asarray(p.w2).T, ((0, 0), (0, pad))).astype(dtype)
     thr = -jnp.inf if threshold is None else threshold
-    return MLPPredictor(w1_t=w1_t, b1=b1, w2_t=w2_t, b2=jnp.asarray(p.b2, jnp.float32),
-                        threshold=jnp.asarray(thr, jnp.float32), k=p.keep, normalize_input=p.normalize_input)
+    return MLPPredictor(
+        w1_t=w1_t,
+        b1=b1,
+        w2_t=w2_t,
+        b2=jnp.asarray(p.b2, jnp.float32),
+        threshold=jnp.asarray(thr, jnp.float32),
+        k=p.keep,
+        normalize_input=p.normalize_input,
+    )
 
 
 @struct.dataclass
 class SparseWeights:
     """The traced half of sparsity: per layer an MLP predictor, or fixed row masks (None where unused)."""
-    mlp: Optional[tuple] = None        # tuple[MLPPredictor, ...], one per layer
+
+    mlp: Optional[tuple] = None  # tuple[MLPPredictor, ...], one per layer
     fixed_rows: Optional[tuple] = None  # tuple of [ffn] int32 masks, one per layer
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
 
 
-def sparse_weights_from_predictors(predictors: Predictors, dtype=None, thresholds=None,
-                                   selection: Selection = Selection.THRESHOLD) -> SparseWeights:
+def sparse_weights_from_predictors(
+    predictors: Predictors, dtype=None, thresholds=None, selection: Selection = Selection.THRESHOLD
+) -> SparseWeights:
     """Decode-layout predictors; `thresholds` (one per layer) override the calibrated ones (e.g. −inf = all).
     Top-K selection needs no threshold."""
     if Selection(selection) == Selection.TOPK and thresholds is None and predictors.mlp_threshold is None:
@@ -134,18 +145,23 @@ def sparse_weights_from_predictors(predictors: Predictors, dtype=None, threshold
     if thresholds is None:
         thresholds = predictors.mlp_threshold
     if thresholds is None:
-        raise ValueError("these predictors have no calibrated thresholds (run `python -m train calibrate`), so "
-                         "threshold selection cannot be used; choose top-K selection")
+        raise ValueError(
+            "these predictors have no calibrated thresholds (run `python -m train calibrate`), so "
+            "threshold selection cannot be used; choose top-K selection"
+        )
     if len(thresholds) != predictors.num_layers:
         raise ValueError(f"need one threshold per layer ({predictors.num_layers}). Got {len(thresholds)}")
-    return SparseWeights(mlp=tuple(decode_predictor(p, t, dtype) for p, t in zip(predictors.mlp, thresholds)),
-                         mlp_input=predictors.mlp_input)
+    return SparseWeights(
+        mlp=tuple(decode_predictor(p, t, dtype) for p, t in zip(predictors.mlp, thresholds)),
+        mlp_input=predictors.mlp_input,
+    )
 
 
 @struct.dataclass
 class MLPRows:
     """The rows one layer's MLP computes. `kind` (static): "dense", "lossless", "mask" (row mask [ffn], or per
     token [B, T, ffn]), "threshold" (decode: chosen inside the fc1 kernel from `hidden` [B, r] and `predictor`)."""
+
     kind: str = struct.field(pytree_node=False, default="dense")
     mask: Optional[jax.Array] = None
     hidden: Optional[jax.Array] = None
@@ -158,8 +174,9 @@ def _topk_mask(scores, k: int):
     return scores >= kth
 
 
-def mlp_rows(policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, predictor_input,
-             decode: bool) -> MLPRows:
+def mlp_rows(
+    policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, predictor_input, decode: bool
+) -> MLPRows:
     """The rows layer `layer` computes for tokens whose predictor input is `predictor_input` [B, T, d].
 
     `decode`: a one-token step that may use the row-masked kernels (batch small enough); otherwise per-token masks.
@@ -168,8 +185,11 @@ def mlp_rows(policy: SparsityPolicy, weights: Optional[SparseWeights], layer: in
     kernels = policy.decode_kernels and decode and tokens == 1 and batch <= SPARSE_DECODE_MAX_BATCH
     if weights is not None and weights.fixed_rows is not None:
         mask = weights.fixed_rows[layer]
-        return MLPRows("mask", mask=mask) if kernels else MLPRows("mask", mask=jnp.broadcast_to(
-            mask != 0, (batch, tokens, mask.shape[0])))
+        return (
+            MLPRows("mask", mask=mask)
+            if kernels
+            else MLPRows("mask", mask=jnp.broadcast_to(mask != 0, (batch, tokens, mask.shape[0])))
+        )
     if policy.mlp == MLPSparsity.NONE:
         return MLPRows("dense")
     if policy.mlp == MLPSparsity.LOSSLESS:
@@ -181,7 +201,7 @@ def mlp_rows(policy: SparsityPolicy, weights: Optional[SparseWeights], layer: in
         return MLPRows("dense")  # the batch's union would be nearly every row: dense is exact and faster
     if kernels and policy.selection == Selection.THRESHOLD:
         return MLPRows("threshold", hidden=predictor.hidden(predictor_input[:, 0]), predictor=predictor)
-    scores = predictor.scores(predictor_input)                       # [B, T, ffn]
+    scores = predictor.scores(predictor_input)  # [B, T, ffn]
     if policy.selection == Selection.THRESHOLD:
         chosen = scores >= predictor.threshold
     else:

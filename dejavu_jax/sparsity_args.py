@@ -9,17 +9,28 @@ from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparsityPolicy, s
 
 
 def add_sparsity_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--predictors", default=None,
-                   help="trained, calibrated predictors (from python -m train: a predictors dir, or a model dir "
-                        "holding predictors/); alone it implies --mlp-sparsity predicted")
-    p.add_argument("--mlp-sparsity", default=None, choices=[m.value for m in MLPSparsity],
-                   help="none: the dense MLP (default without --predictors); lossless: dense fc1, then fc2 over the "
-                        "neurons whose ReLU output is nonzero (exact, no predictor); predicted: the neurons the "
-                        "predictors choose (default with --predictors)")
-    p.add_argument("--selection", default=None, choices=[s.value for s in Selection],
-                   help="with predicted: threshold (default) keeps the neurons whose score reaches the layer's "
-                        "calibrated threshold (no sort, the count varies per token); topk keeps the layer's "
-                        "calibrated K best")
+    p.add_argument(
+        "--predictors",
+        default=None,
+        help="trained, calibrated predictors (from python -m train: a predictors dir, or a model dir "
+        "holding predictors/); alone it implies --mlp-sparsity predicted",
+    )
+    p.add_argument(
+        "--mlp-sparsity",
+        default=None,
+        choices=[m.value for m in MLPSparsity],
+        help="none: the dense MLP (default without --predictors); lossless: dense fc1, then fc2 over the "
+        "neurons whose ReLU output is nonzero (exact, no predictor); predicted: the neurons the "
+        "predictors choose (default with --predictors)",
+    )
+    p.add_argument(
+        "--selection",
+        default=None,
+        choices=[s.value for s in Selection],
+        help="with predicted: threshold (default) keeps the neurons whose score reaches the layer's "
+        "calibrated threshold (no sort, the count varies per token); topk keeps the layer's "
+        "calibrated K best",
+    )
 
 
 def check_sparsity_args(args) -> SparsityPolicy:
@@ -41,6 +52,7 @@ def load_sparsity(args, model):
     if policy == DENSE or not policy.needs_weights:
         return policy, None
     from dejavu_jax.predictor_store import load_predictors
+
     predictors = load_predictors(args.predictors, model.config)
     dtype = model.params["embed_tokens"]["embedding"].dtype
     return policy, sparse_weights_from_predictors(predictors, dtype, selection=policy.selection)

@@ -17,11 +17,18 @@ def load_tokenizer(directory, required: bool = True):
             raise CheckpointError(f"no tokenizer files in {directory} (expected one of {_TOKENIZER_FILES})")
         return None
     from transformers import AutoTokenizer, GPT2Tokenizer
+
     if (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     else:
-        tokenizer = GPT2Tokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
-                                  bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                  add_bos_token=True)
+        tokenizer = GPT2Tokenizer(
+            str(directory / "vocab.json"),
+            str(directory / "merges.txt"),
+            bos_token="</s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            add_bos_token=True,
+        )
     tokenizer.padding_side = "left"
     return tokenizer

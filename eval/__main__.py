@@ -13,11 +13,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description="Evaluate an OPT model.")
     sub = parser.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser(
-        "ppl", help="perplexity over non-overlapping windows",
+        "ppl",
+        help="perplexity over non-overlapping windows",
         description="Perplexity over non-overlapping windows of --seq-len tokens. A .txt file is tokenized once "
-                    "(with BOS); a .jsonl/.jsonl.xz file has each line's \"text\" tokenized with BOS and "
-                    "concatenated in file order. Each window scores its tokens 2..L; a short final window is "
-                    "dropped.")
+        '(with BOS); a .jsonl/.jsonl.xz file has each line\'s "text" tokenized with BOS and '
+        "concatenated in file order. Each window scores its tokens 2..L; a short final window is "
+        "dropped.",
+    )
     ppl.add_argument("--model", required=True, help="converted model dir, HF OPT checkpoint dir, or hub id")
     ppl.add_argument("--data", required=True, help=".txt, .jsonl or .jsonl.xz file")
     ppl.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
@@ -25,30 +27,42 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     ppl.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
     from dejavu_jax.sparsity_args import add_sparsity_args
+
     add_sparsity_args(ppl)
-    ppl.add_argument("--json", action="store_true",
-                     help='print {"ppl": ..., "tokens": ...}; with a sparse MLP also "sparse_ppl", "ppl_change", '
-                          '"mlp_sparsity", "selection" and "mlp_density" (per layer, the measured mean fraction of '
-                          'MLP rows computed per token on these windows; lossless: of fc2 rows read)')
+    ppl.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"ppl": ..., "tokens": ...}; with a sparse MLP also "sparse_ppl", "ppl_change", '
+        '"mlp_sparsity", "selection" and "mlp_density" (per layer, the measured mean fraction of '
+        "MLP rows computed per token on these windows; lossless: of fc2 rows read)",
+    )
     from eval.local_tasks import LOCAL_TASKS
+
     tasks = sub.add_parser(
-        "tasks", help="zero-shot downstream tasks (lm-eval) over local splits",
+        "tasks",
+        help="zero-shot downstream tasks (lm-eval) over local splits",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Zero-shot accuracy on lm-eval's downstream tasks (lm-eval's prompts and metrics), with the "
-                    "datasets read from a local directory laid out as ../shared/data/tasks. With a sparse MLP "
-                    "(--predictors, --mlp-sparsity) each task runs again with it, side by side.\n\ntasks:\n" +
-                    "\n".join(f"  {name:15s} {t.source} ({t.documents} documents)" for name, t in LOCAL_TASKS.items()))
+        "datasets read from a local directory laid out as ../shared/data/tasks. With a sparse MLP "
+        "(--predictors, --mlp-sparsity) each task runs again with it, side by side.\n\ntasks:\n"
+        + "\n".join(f"  {name:15s} {t.source} ({t.documents} documents)" for name, t in LOCAL_TASKS.items()),
+    )
     tasks.add_argument("--model", required=True, help="converted model dir, HF OPT checkpoint dir, or hub id")
-    tasks.add_argument("--tasks", default="piqa,arc_easy,winogrande,copa,lambada_openai",
-                       help="comma list of tasks (default piqa,arc_easy,winogrande,copa,lambada_openai)")
+    tasks.add_argument(
+        "--tasks",
+        default="piqa,arc_easy,winogrande,copa,lambada_openai",
+        help="comma list of tasks (default piqa,arc_easy,winogrande,copa,lambada_openai)",
+    )
     tasks.add_argument("--tasks-dir", required=True, help="directory of the local splits (../shared/data/tasks)")
     tasks.add_argument("--limit", type=int, default=None, help="score at most this many documents per task")
     tasks.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     tasks.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
     add_sparsity_args(tasks)
-    tasks.add_argument("--out", default=None,
-                       help="JSON results file, rewritten after each task; a rerun with the same settings skips "
-                            "the tasks it holds")
+    tasks.add_argument(
+        "--out",
+        default=None,
+        help="JSON results file, rewritten after each task; a rerun with the same settings skips the tasks it holds",
+    )
     tasks.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return parser
 
@@ -57,6 +71,7 @@ def run_ppl(args) -> dict:
     from dejavu_jax.checkpoint import load_model
     from dejavu_jax.corpus import corpus_kind, token_stream
     from dejavu_jax.perplexity import make_windows, perplexity
+
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2. Got {args.seq_len}")
     if args.max_windows is not None and args.max_windows < 1:
@@ -66,6 +81,7 @@ def run_ppl(args) -> dict:
     corpus_kind(args.data)  # a missing, unknown or non-xz corpus fails before the model loads
     from dejavu_jax.sparsity import DENSE
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
+
     check_sparsity_args(args)
     model = load_model(args.model, args.dtype)
     if model.tokenizer is None:
@@ -75,10 +91,22 @@ def run_ppl(args) -> dict:
     windows = make_windows(token_stream(model.tokenizer, args.data, max_tokens), args.seq_len, args.max_windows)
     result = perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json)
     if policy != DENSE:
-        sparse = perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json,
-                            policy=policy, sparse_weights=sparse_weights, desc="sparse perplexity")
-        result.update(sparse_ppl=sparse["ppl"], ppl_change=sparse["ppl"] / result["ppl"] - 1,
-                      mlp_sparsity=policy.mlp.value, mlp_density=sparse["mlp_density"])
+        sparse = perplexity(
+            model.params,
+            model.config,
+            windows,
+            args.batch_size,
+            progress=not args.json,
+            policy=policy,
+            sparse_weights=sparse_weights,
+            desc="sparse perplexity",
+        )
+        result.update(
+            sparse_ppl=sparse["ppl"],
+            ppl_change=sparse["ppl"] / result["ppl"] - 1,
+            mlp_sparsity=policy.mlp.value,
+            mlp_density=sparse["mlp_density"],
+        )
         if policy.needs_weights:
             result.update(selection=policy.selection.value, mlp_k=[p.k for p in sparse_weights.mlp])
     return result
@@ -89,8 +117,10 @@ def main(argv=None) -> int:
     from dejavu_jax.corpus import CorpusError
     from dejavu_jax.hf_checkpoint import CheckpointError
     from dejavu_jax.predictor_store import PredictorError
+
     if args.command == "tasks":
         from eval.tasks import format_table, run_tasks
+
         try:
             report = run_tasks(args)
         except ImportError as e:
@@ -114,8 +144,10 @@ def main(argv=None) -> int:
         if "sparse_ppl" in result:
             how = result["mlp_sparsity"] + (f", {result['selection']}" if "selection" in result else "")
             density = ", ".join(f"{v:.1%}" for v in result["mlp_density"])
-            print(f"sparse MLP ({how}; measured density per layer {density}): perplexity "
-                  f"{result['sparse_ppl']:.3f} ({result['ppl_change']:+.2%} vs dense)")
+            print(
+                f"sparse MLP ({how}; measured density per layer {density}): perplexity "
+                f"{result['sparse_ppl']:.3f} ({result['ppl_change']:+.2%} vs dense)"
+            )
     return 0
 
 

@@ -24,8 +24,9 @@ from dejavu_jax.sparsity import DENSE, SparsityPolicy
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"))
-def continuation_scores(params, inputs, mask, targets, scored, sparse_weights=None, *, config: OPTConfig,
-                        policy: SparsityPolicy = DENSE):
+def continuation_scores(
+    params, inputs, mask, targets, scored, sparse_weights=None, *, config: OPTConfig, policy: SparsityPolicy = DENSE
+):
     """inputs, mask, targets, scored [B, L]: the tokens fed, their padding mask, the next token at each position
     and which positions belong to the continuation. Returns (summed log-prob [B], every token greedy [B])."""
     model = OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
@@ -45,8 +46,15 @@ class JaxOPT(LM):
     """lm-eval model over a loaded OPT (`dejavu_jax.checkpoint.load_model`); `policy` and `sparse_weights` as for
     the model's forward (dejavu_jax.sparsity: e.g. each token's MLP over the neurons its predictor picks)."""
 
-    def __init__(self, model, policy: SparsityPolicy = DENSE, sparse_weights=None, batch_size: int = 16,
-                 progress: bool = True, desc: str = "scoring"):
+    def __init__(
+        self,
+        model,
+        policy: SparsityPolicy = DENSE,
+        sparse_weights=None,
+        batch_size: int = 16,
+        progress: bool = True,
+        desc: str = "scoring",
+    ):
         super().__init__()
         if model.tokenizer is None:
             raise ValueError(f"the model at {model.path} has no tokenizer files")
@@ -72,7 +80,7 @@ class JaxOPT(LM):
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         special = not context.startswith(self.model.tokenizer.decode([bos]))
         whole, ctx = self._encode(context + continuation, special), self._encode(context, special)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self.encode_pair(*req.args) for req in requests]
@@ -82,13 +90,13 @@ class JaxOPT(LM):
         # The fed tokens (left-truncated to the positions) and how many of them end in the continuation.
         rows = []
         for ctx, cont in pairs:
-            full = (ctx + cont)[-(self.max_length + 1):]
+            full = (ctx + cont)[-(self.max_length + 1) :]
             rows.append((np.asarray(full, np.int32), min(len(cont), len(full) - 1)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc=self.desc, unit="batch", disable=disable_tqdm or not self.progress):
-            chunk = order[start:start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             length = min(bucket_length(max(len(rows[i][0]) - 1 for i in chunk)), self.max_length)
             shape = (self.batch_size, length)  # a fixed batch: the last, short batch reuses the program
             inputs, targets = np.full(shape, self.model.config.pad_token_id, np.int32), np.zeros(shape, np.int32)
@@ -97,10 +105,17 @@ class JaxOPT(LM):
                 full, n_cont = rows[i]
                 n = len(full) - 1
                 inputs[row, :n], targets[row, :n], mask[row, :n] = full[:-1], full[1:], 1
-                scored[row, n - n_cont:n] = True
-            logprob, greedy = continuation_scores(self.model.params, jnp.asarray(inputs), jnp.asarray(mask),
-                                                  jnp.asarray(targets), jnp.asarray(scored), self.sparse_weights,
-                                                  config=self.model.config, policy=self.policy)
+                scored[row, n - n_cont : n] = True
+            logprob, greedy = continuation_scores(
+                self.model.params,
+                jnp.asarray(inputs),
+                jnp.asarray(mask),
+                jnp.asarray(targets),
+                jnp.asarray(scored),
+                self.sparse_weights,
+                config=self.model.config,
+                policy=self.policy,
+            )
             logprob, greedy = np.asarray(logprob), np.asarray(greedy)
             for row, i in enumerate(chunk):
                 results[i] = (float(logprob[row]), bool(greedy[row]))

@@ -44,22 +44,41 @@ def _piqa(root: Path) -> list[dict]:
 def _arc(name: str) -> Callable[[Path], list[dict]]:
     def load(root: Path) -> list[dict]:
         docs = _jsonl(root / f"arc_{name.lower()}/ARC-{name}-Test.jsonl")
-        return [{"id": d["id"], "question": d["question"]["stem"], "answerKey": d["answerKey"],
-                 "choices": {"text": [c["text"] for c in d["question"]["choices"]],
-                             "label": [c["label"] for c in d["question"]["choices"]]}} for d in docs]
+        return [
+            {
+                "id": d["id"],
+                "question": d["question"]["stem"],
+                "answerKey": d["answerKey"],
+                "choices": {
+                    "text": [c["text"] for c in d["question"]["choices"]],
+                    "label": [c["label"] for c in d["question"]["choices"]],
+                },
+            }
+            for d in docs
+        ]
+
     return load
 
 
 def _openbookqa(root: Path) -> list[dict]:
-    return [{"id": d["id"], "question_stem": d["question"]["stem"], "answerKey": d["answerKey"],
-             "choices": {"text": [c["text"] for c in d["question"]["choices"]],
-                         "label": [c["label"] for c in d["question"]["choices"]]}}
-            for d in _jsonl(root / "openbookqa/test.jsonl")]
+    return [
+        {
+            "id": d["id"],
+            "question_stem": d["question"]["stem"],
+            "answerKey": d["answerKey"],
+            "choices": {
+                "text": [c["text"] for c in d["question"]["choices"]],
+                "label": [c["label"] for c in d["question"]["choices"]],
+            },
+        }
+        for d in _jsonl(root / "openbookqa/test.jsonl")
+    ]
 
 
 def _hellaswag(root: Path) -> list[dict]:
     import pyarrow as pa
     import pyarrow.ipc as ipc
+
     path = root / "hellaswag/data-00000-of-00001.arrow"
     if not path.exists():
         raise TaskDataError(f"missing task file {path}")
@@ -72,30 +91,35 @@ def _boolq(root: Path) -> list[dict]:
 
 def _rte(root: Path) -> list[dict]:
     ids = {"entailment": 0, "not_entailment": 1}
-    return [{**d, "label": ids[d["label"]] if isinstance(d["label"], str) else int(d["label"])}
-            for d in _jsonl(root / "rte/val.jsonl")]
+    return [
+        {**d, "label": ids[d["label"]] if isinstance(d["label"], str) else int(d["label"])}
+        for d in _jsonl(root / "rte/val.jsonl")
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalTask:
-    lm_eval_name: str      # the task in lm-eval's registry whose definition is used
-    split: str             # the split lm-eval evaluates ("validation" or "test")
+    lm_eval_name: str  # the task in lm-eval's registry whose definition is used
+    split: str  # the split lm-eval evaluates ("validation" or "test")
     load: Callable[[Path], list[dict]]  # tasks dir -> records with the hub copy's fields
-    source: str            # the files read, relative to the tasks dir
-    documents: int         # how many records the split holds
+    source: str  # the files read, relative to the tasks dir
+    documents: int  # how many records the split holds
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {
-    "lambada_openai": LocalTask("lambada_openai", "test", lambda r: _jsonl(r / "lambada/lambada_test.jsonl"),
-                                "lambada/lambada_test.jsonl", 5153),
+    "lambada_openai": LocalTask(
+        "lambada_openai", "test", lambda r: _jsonl(r / "lambada/lambada_test.jsonl"), "lambada/lambada_test.jsonl", 5153
+    ),
     "piqa": LocalTask("piqa", "validation", _piqa, "piqa/valid.jsonl + valid-labels.lst", 1838),
     "hellaswag": LocalTask("hellaswag", "validation", _hellaswag, "hellaswag/*.arrow", 10042),
     "arc_easy": LocalTask("arc_easy", "test", _arc("Easy"), "arc_easy/ARC-Easy-Test.jsonl", 2376),
-    "arc_challenge": LocalTask("arc_challenge", "test", _arc("Challenge"),
-                               "arc_challenge/ARC-Challenge-Test.jsonl", 1172),
+    "arc_challenge": LocalTask(
+        "arc_challenge", "test", _arc("Challenge"), "arc_challenge/ARC-Challenge-Test.jsonl", 1172
+    ),
     "openbookqa": LocalTask("openbookqa", "test", _openbookqa, "openbookqa/test.jsonl", 500),
-    "winogrande": LocalTask("winogrande", "validation", lambda r: _jsonl(r / "winogrande/dev.jsonl"),
-                            "winogrande/dev.jsonl", 1267),
+    "winogrande": LocalTask(
+        "winogrande", "validation", lambda r: _jsonl(r / "winogrande/dev.jsonl"), "winogrande/dev.jsonl", 1267
+    ),
     "copa": LocalTask("copa", "validation", lambda r: _jsonl(r / "copa/val.jsonl"), "copa/val.jsonl", 100),
     "boolq": LocalTask("boolq", "validation", _boolq, "boolq/val.jsonl", 3270),
     "rte": LocalTask("sglue_rte", "validation", _rte, "rte/val.jsonl", 277),
@@ -134,8 +158,14 @@ def build_task(name: str, tasks_dir: str | Path, task_manager=None):
     for key in ("tag", "group", "task_list"):
         config.pop(key, None)
     config.update(
-        task=name, dataset_path=f"local:{root / name}", dataset_name=None, dataset_kwargs=None,
-        training_split=None, validation_split=spec.split if spec.split == "validation" else None,
-        test_split=spec.split if spec.split == "test" else None, fewshot_split=None,
-        custom_dataset=lambda **_: datasets.DatasetDict({spec.split: datasets.Dataset.from_list(records)}))
+        task=name,
+        dataset_path=f"local:{root / name}",
+        dataset_name=None,
+        dataset_kwargs=None,
+        training_split=None,
+        validation_split=spec.split if spec.split == "validation" else None,
+        test_split=spec.split if spec.split == "test" else None,
+        fewshot_split=None,
+        custom_dataset=lambda **_: datasets.DatasetDict({spec.split: datasets.Dataset.from_list(records)}),
+    )
     return ConfigurableTask(config=config)

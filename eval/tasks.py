@@ -26,6 +26,7 @@ def _named_request_bar(name: str, progress: bool):
     """lm-eval's progress bar over the documents while it builds their requests has no description: name it
     after the task (and hide it without progress) for the duration of one evaluation."""
     import lm_eval.api.task as task_module
+
     original = getattr(task_module, "tqdm", None)
     if original is None:  # another lm-eval layout: leave its bar as it is
         yield
@@ -40,9 +41,11 @@ def _named_request_bar(name: str, progress: bool):
 def evaluate_task(lm, task, limit: int | None) -> dict:
     from lm_eval import evaluator
     from lm_eval.tasks import get_task_dict
+
     with _named_request_bar(task.config.task, getattr(lm, "progress", True)):
-        out = evaluator.evaluate(lm, get_task_dict([task]), limit=limit, bootstrap_iters=0, log_samples=False,
-                                 verbosity="ERROR")
+        out = evaluator.evaluate(
+            lm, get_task_dict([task]), limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR"
+        )
     result = out["results"][task.config.task]
     return {"documents": int(result["sample_len"]), **_metrics(result)}
 
@@ -82,22 +85,31 @@ def run_tasks(args) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1. Got {args.batch_size}")
     if not Path(args.tasks_dir).is_dir():
-        raise TaskDataError(f"--tasks-dir {args.tasks_dir} is not a directory; point it at the local splits "
-                            f"(../shared/data/tasks)")
+        raise TaskDataError(
+            f"--tasks-dir {args.tasks_dir} is not a directory; point it at the local splits (../shared/data/tasks)"
+        )
     from dejavu_jax.sparsity import DENSE
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
+
     policy = check_sparsity_args(args)
-    settings = {"model": str(args.model), "predictors": args.predictors, "mlp_sparsity": policy.mlp.value,
-                "selection": policy.selection.value if policy.needs_weights else None, "dtype": args.dtype,
-                "limit": args.limit, "tasks_dir": str(args.tasks_dir)}
+    settings = {
+        "model": str(args.model),
+        "predictors": args.predictors,
+        "mlp_sparsity": policy.mlp.value,
+        "selection": policy.selection.value if policy.needs_weights else None,
+        "dtype": args.dtype,
+        "limit": args.limit,
+        "tasks_dir": str(args.tasks_dir),
+    }
     out = Path(args.out) if args.out else None
     results = _load_previous(out, settings)  # checked before the model loads, so a bad --out costs no wait
     model = load_model(args.model, args.dtype)
     policy, sparse_weights = load_sparsity(args, model)
     progress = not args.json
     dense_lm = JaxOPT(model, batch_size=args.batch_size, progress=progress, desc="dense")
-    sparse_lm = None if policy == DENSE else JaxOPT(model, policy, sparse_weights, args.batch_size, progress,
-                                                    desc="sparse")
+    sparse_lm = (
+        None if policy == DENSE else JaxOPT(model, policy, sparse_weights, args.batch_size, progress, desc="sparse")
+    )
     task_manager = TaskManager()
     for name in names:
         if name in results:

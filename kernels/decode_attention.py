@@ -80,11 +80,11 @@ class DecodeAttentionPlan:
     """Static launch configuration, derived from shapes and knobs by `plan_decode_attention`."""
 
     batch: int
-    heads: int          # h, heads computed (len(head_idx) or H)
-    seq: int            # S, cache slots
+    heads: int  # h, heads computed (len(head_idx) or H)
+    seq: int  # S, cache slots
     head_dim: int
-    block_s: int        # slots per tile (power of two <= S)
-    split_s: int        # programs sharing one (b, head)'s slots
+    block_s: int  # slots per tile (power of two <= S)
+    split_s: int  # programs sharing one (b, head)'s slots
     blocks_per_split: int
     num_warps: int
     num_stages: int
@@ -144,9 +144,17 @@ def plan_decode_attention(
         num_warps = 4 if bs * next_pow2(head_dim) <= _TILE_ELEMS else 8
     if num_stages is None:
         num_stages = 2
-    return DecodeAttentionPlan(batch=batch, heads=heads, seq=seq, head_dim=head_dim, block_s=bs,
-                               split_s=sp, blocks_per_split=bps, num_warps=num_warps,
-                               num_stages=num_stages)
+    return DecodeAttentionPlan(
+        batch=batch,
+        heads=heads,
+        seq=seq,
+        head_dim=head_dim,
+        block_s=bs,
+        split_s=sp,
+        blocks_per_split=bps,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,23 +174,23 @@ def _decode_attention_kernel(*refs, plan: DecodeAttentionPlan, append: bool):
     else:
         head_idx_ref, q_ref, k_ref, v_ref, allowed_ref, *out_refs = refs
     b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    head = head_idx_ref[j]                                                  # scalar
-    cursor = cursor_ref[0] if append else None                              # scalar
+    head = head_idx_ref[j]  # scalar
+    cursor = cursor_ref[0] if append else None  # scalar
     bs, pieces = plan.block_s, plan.hd_pieces
     ragged = plan.seq % bs != 0
-    qs = tuple(q_ref[b, j, pl.ds(c0, w)].astype(jnp.float32) for c0, w in pieces)   # [w] each
+    qs = tuple(q_ref[b, j, pl.ds(c0, w)].astype(jnp.float32) for c0, w in pieces)  # [w] each
 
     def body(kb, carry):
-        m, l, acc = carry                                                   # [], [], [w] each
+        m, l, acc = carry  # [], [], [w] each
         if ragged:
             # The last block is shifted back to end at S; slots of the previous block are masked.
             start = jnp.minimum(kb * bs, plan.seq - bs)
-            fresh = start + jnp.arange(bs, dtype=jnp.int32) >= kb * bs      # [bs]
+            fresh = start + jnp.arange(bs, dtype=jnp.int32) >= kb * bs  # [bs]
         else:
             start = pl.multiple_of(kb * bs, bs)
             fresh = None
         slots = pl.ds(start, bs)
-        valid = allowed_ref[b, slots] != 0                                  # [bs]
+        valid = allowed_ref[b, slots] != 0  # [bs]
         if fresh is not None:
             valid = valid & fresh
         if append:
@@ -191,24 +199,23 @@ def _decode_attention_kernel(*refs, plan: DecodeAttentionPlan, append: bool):
             valid = valid & (start + jnp.arange(bs, dtype=jnp.int32) != cursor)
         scores = jnp.zeros((bs,), jnp.float32)
         for (c0, w), qp in zip(pieces, qs):
-            k = k_ref[b, head, slots, pl.ds(c0, w)].astype(jnp.float32)     # [bs, w]
-            scores = scores + jnp.sum(k * qp[None, :], axis=1)             # [bs]
+            k = k_ref[b, head, slots, pl.ds(c0, w)].astype(jnp.float32)  # [bs, w]
+            scores = scores + jnp.sum(k * qp[None, :], axis=1)  # [bs]
         scores = jnp.where(valid, scores, _NEG)
         m_new = jnp.maximum(m, jnp.max(scores))
         alpha = jnp.exp(m - m_new)
-        p = jnp.where(valid, jnp.exp(scores - m_new), 0.0)                 # [bs]
+        p = jnp.where(valid, jnp.exp(scores - m_new), 0.0)  # [bs]
         new_acc = []
         for (c0, w), a in zip(pieces, acc):
-            v = v_ref[b, head, slots, pl.ds(c0, w)].astype(jnp.float32)     # [bs, w]
-            new_acc.append(a * alpha + jnp.sum(p[:, None] * v, axis=0))    # [w]
+            v = v_ref[b, head, slots, pl.ds(c0, w)].astype(jnp.float32)  # [bs, w]
+            new_acc.append(a * alpha + jnp.sum(p[:, None] * v, axis=0))  # [w]
         return m_new, l * alpha + jnp.sum(p), tuple(new_acc)
 
     lo = split * plan.blocks_per_split
     hi = lo + plan.blocks_per_split
     if plan.n_blocks % plan.blocks_per_split != 0:
         hi = jnp.minimum(hi, plan.n_blocks)
-    init = (jnp.float32(_NEG), jnp.float32(0.0),
-            tuple(jnp.zeros((w,), jnp.float32) for _, w in pieces))
+    init = (jnp.float32(_NEG), jnp.float32(0.0), tuple(jnp.zeros((w,), jnp.float32) for _, w in pieces))
     m, l, acc = lax.fori_loop(lo, hi, body, init)
 
     if append:
@@ -248,22 +255,22 @@ def _decode_attention_kernel(*refs, plan: DecodeAttentionPlan, append: bool):
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode_attention_call(head_idx, q, keys, values, allowed_i8, *, plan, interpret, new_kv=None,
-                           cursor=None):
+def _decode_attention_call(head_idx, q, keys, values, allowed_i8, *, plan, interpret, new_kv=None, cursor=None):
     """One launch. With new_kv = (k_new, v_new) [B, h, hd] and cursor [1] int32 it also writes the new
     token's K/V into the caches in place (aliased outputs, returned last) and attends to it."""
     batch, heads, hd = plan.batch, plan.heads, plan.head_dim
     if plan.split_s == 1:
         out_shape = [jax.ShapeDtypeStruct((batch, heads, hd), q.dtype)]
     else:
-        out_shape = [jax.ShapeDtypeStruct((batch, heads, plan.split_s, hd), jnp.float32),
-                     jax.ShapeDtypeStruct((batch, heads, plan.split_s), jnp.float32),
-                     jax.ShapeDtypeStruct((batch, heads, plan.split_s), jnp.float32)]
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, heads, plan.split_s, hd), jnp.float32),
+            jax.ShapeDtypeStruct((batch, heads, plan.split_s), jnp.float32),
+            jax.ShapeDtypeStruct((batch, heads, plan.split_s), jnp.float32),
+        ]
     append = new_kv is not None
     if append:
         inputs = (head_idx, cursor, q, *new_kv, keys, values, allowed_i8)
-        out_shape += [jax.ShapeDtypeStruct(keys.shape, keys.dtype),
-                      jax.ShapeDtypeStruct(values.shape, values.dtype)]
+        out_shape += [jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype)]
         aliases = {5: len(out_shape) - 2, 6: len(out_shape) - 1}
     else:
         inputs = (head_idx, q, keys, values, allowed_i8)
@@ -282,9 +289,9 @@ def _decode_attention_call(head_idx, q, keys, values, allowed_i8, *, plan, inter
 
 def _merge_splits(o, m, l, dtype):
     """Flash-decoding merge: o [B, h, split, hd] unnormalised, m / l [B, h, split] -> [B, h, hd]."""
-    m_max = jnp.max(m, axis=-1, keepdims=True)                             # [B, h, 1]
-    w = jnp.exp(m - m_max)                                                  # [B, h, split]
-    denom = jnp.sum(w * l, axis=-1)                                         # [B, h]
+    m_max = jnp.max(m, axis=-1, keepdims=True)  # [B, h, 1]
+    w = jnp.exp(m - m_max)  # [B, h, split]
+    denom = jnp.sum(w * l, axis=-1)  # [B, h]
     num = jnp.einsum("bhs,bhsk->bhk", w, o, precision=lax.Precision.HIGHEST)
     inv = jnp.where(denom > 0.0, 1.0 / jnp.maximum(denom, 1e-30), 0.0)
     return (num * inv[..., None]).astype(dtype)
@@ -311,31 +318,32 @@ def _check_inputs(q, keys, values, allowed, head_idx) -> None:
     if seq < 1 or hd < 1:
         raise ValueError(f"keys must have at least one slot and head_dim >= 1. Got shape {keys.shape}")
     if q.shape[0] != batch or q.shape[2] != hd:
-        raise ValueError(f"q must be [batch, heads, head_dim] matching keys' batch and head_dim. Got "
-                         f"{q.shape} and {keys.shape}")
+        raise ValueError(
+            f"q must be [batch, heads, head_dim] matching keys' batch and head_dim. Got {q.shape} and {keys.shape}"
+        )
     if head_idx is None:
         if q.shape[1] != n_heads:
-            raise ValueError(f"with head_idx=None q must hold all heads (q.shape[1] == keys.shape[1]). Got "
-                             f"{q.shape} and {keys.shape}")
+            raise ValueError(
+                f"with head_idx=None q must hold all heads (q.shape[1] == keys.shape[1]). Got "
+                f"{q.shape} and {keys.shape}"
+            )
     else:
         if head_idx.ndim != 1 or head_idx.shape[0] != q.shape[1]:
-            raise ValueError(f"head_idx must be rank 1 [h] with h = q.shape[1]. Got {head_idx.shape} and "
-                             f"{q.shape}")
+            raise ValueError(f"head_idx must be rank 1 [h] with h = q.shape[1]. Got {head_idx.shape} and {q.shape}")
         if not jnp.issubdtype(head_idx.dtype, jnp.integer):
             raise ValueError(f"head_idx must be an integer array. Got {head_idx.dtype}")
     if allowed.shape != (batch, seq):
-        raise ValueError(f"allowed must be [batch, slots] = {(batch, seq)}. Got {allowed.shape} and keys "
-                         f"{keys.shape}")
+        raise ValueError(f"allowed must be [batch, slots] = {(batch, seq)}. Got {allowed.shape} and keys {keys.shape}")
     if allowed.dtype != jnp.bool_:
         raise ValueError(f"allowed must be a bool array. Got {allowed.dtype}")
 
 
 @functools.partial(jax.jit, static_argnames=("block_s", "split_s", "num_warps", "num_stages", "interpret"))
 def decode_attention(
-    q,              # [B, h, hd], scaled by hd**-0.5
-    keys,           # [B, H, S, hd]
-    values,         # [B, H, S, hd]
-    allowed,        # [B, S] bool
+    q,  # [B, h, hd], scaled by hd**-0.5
+    keys,  # [B, H, S, hd]
+    values,  # [B, H, S, hd]
+    allowed,  # [B, S] bool
     head_idx=None,  # [h] int, or None: all H heads in order
     *,
     block_s: int | None = None,
@@ -353,9 +361,15 @@ def decode_attention(
     interpret = resolve_interpret(interpret)
     if q.shape[1] == 0:
         return jnp.zeros((keys.shape[0], 0, keys.shape[3]), q.dtype)
-    out, _ = _launch(q, keys, values, allowed, head_idx, dict(block_s=block_s, split_s=split_s,
-                                                                num_warps=num_warps, num_stages=num_stages),
-                     interpret)
+    out, _ = _launch(
+        q,
+        keys,
+        values,
+        allowed,
+        head_idx,
+        dict(block_s=block_s, split_s=split_s, num_warps=num_warps, num_stages=num_stages),
+        interpret,
+    )
     return out
 
 
@@ -368,24 +382,36 @@ def _launch(q, keys, values, allowed, head_idx, knobs, interpret, new_kv=None, c
     plan = plan_decode_attention(batch, q.shape[1], seq, hd, **knobs)
     if head_idx is None:
         head_idx = jnp.arange(n_heads, dtype=jnp.int32)
-    outs = _decode_attention_call(head_idx.astype(jnp.int32), q, keys, values, allowed.astype(jnp.int8),
-                                  plan=plan, interpret=interpret, new_kv=new_kv, cursor=cursor)
+    outs = _decode_attention_call(
+        head_idx.astype(jnp.int32),
+        q,
+        keys,
+        values,
+        allowed.astype(jnp.int8),
+        plan=plan,
+        interpret=interpret,
+        new_kv=new_kv,
+        cursor=cursor,
+    )
     n_attention_outs = 1 if plan.split_s == 1 else 3
     attention, extra = outs[:n_attention_outs], outs[n_attention_outs:]
     out = attention[0] if plan.split_s == 1 else _merge_splits(*attention, q.dtype)
     return out, extra
 
 
-@functools.partial(jax.jit, static_argnames=("block_s", "split_s", "num_warps", "num_stages", "interpret"),
-                   donate_argnames=("keys", "values"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("block_s", "split_s", "num_warps", "num_stages", "interpret"),
+    donate_argnames=("keys", "values"),
+)
 def decode_attention_append(
-    q,              # [B, h, hd], scaled by hd**-0.5
-    k_new,          # [B, h, hd]: the new token's keys (of the heads in head_idx)
-    v_new,          # [B, h, hd]
-    keys,           # [B, H, S, hd], donated: updated in place
-    values,         # [B, H, S, hd], donated
-    allowed,        # [B, S] bool, the new token's own slot `cursor` included
-    cursor,         # [] int: the slot the new token is written to
+    q,  # [B, h, hd], scaled by hd**-0.5
+    k_new,  # [B, h, hd]: the new token's keys (of the heads in head_idx)
+    v_new,  # [B, h, hd]
+    keys,  # [B, H, S, hd], donated: updated in place
+    values,  # [B, H, S, hd], donated
+    allowed,  # [B, S] bool, the new token's own slot `cursor` included
+    cursor,  # [] int: the slot the new token is written to
     head_idx=None,  # [h] int, or None: all H heads in order
     *,
     block_s: int | None = None,
@@ -407,16 +433,23 @@ def decode_attention_append(
         if arr.shape != q.shape:
             raise ValueError(f"{name} must have q's shape [batch, heads, head_dim]. Got {arr.shape} and {q.shape}")
     if jnp.ndim(cursor) != 0 or not jnp.issubdtype(jnp.result_type(cursor), jnp.integer):
-        raise ValueError(f"cursor must be an integer scalar. Got {jnp.result_type(cursor)} of shape "
-                         f"{jnp.shape(cursor)}")
+        raise ValueError(
+            f"cursor must be an integer scalar. Got {jnp.result_type(cursor)} of shape {jnp.shape(cursor)}"
+        )
     interpret = resolve_interpret(interpret)
     if q.shape[1] == 0:
         return jnp.zeros((keys.shape[0], 0, keys.shape[3]), q.dtype), keys, values
     out, (keys, values) = _launch(
-        q, keys, values, allowed, head_idx,
-        dict(block_s=block_s, split_s=split_s, num_warps=num_warps, num_stages=num_stages), interpret,
+        q,
+        keys,
+        values,
+        allowed,
+        head_idx,
+        dict(block_s=block_s, split_s=split_s, num_warps=num_warps, num_stages=num_stages),
+        interpret,
         new_kv=(k_new.astype(keys.dtype), v_new.astype(values.dtype)),
-        cursor=jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,)))
+        cursor=jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,)),
+    )
     return out, keys, values
 
 
@@ -432,16 +465,17 @@ def decode_attention_reference(q, keys, values, allowed, head_idx=None):
     """Pure-jnp twin of `decode_attention`: gather heads, scores, masked softmax, probs · V, fp32 math."""
     if head_idx is not None:
         idx = head_idx.astype(jnp.int32)
-        keys = jnp.take(keys, idx, axis=1)                                  # [B, h, S, hd]
+        keys = jnp.take(keys, idx, axis=1)  # [B, h, S, hd]
         values = jnp.take(values, idx, axis=1)
-    scores = jnp.einsum("bhk,bhsk->bhs", q.astype(jnp.float32), keys.astype(jnp.float32),
-                        precision=lax.Precision.HIGHEST)                   # [B, h, S]
-    mask = allowed[:, None, :]                                              # [B, 1, S]
+    scores = jnp.einsum(
+        "bhk,bhsk->bhs", q.astype(jnp.float32), keys.astype(jnp.float32), precision=lax.Precision.HIGHEST
+    )  # [B, h, S]
+    mask = allowed[:, None, :]  # [B, 1, S]
     scores = jnp.where(mask, scores, -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask, jnp.exp(scores - m), 0.0)                           # [B, h, S]
+    p = jnp.where(mask, jnp.exp(scores - m), 0.0)  # [B, h, S]
     l = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bhs,bhsk->bhk", p, values.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-    out = jnp.where(l > 0.0, out / jnp.where(l > 0.0, l, 1.0), 0.0)         # no allowed slot: zeros
+    out = jnp.where(l > 0.0, out / jnp.where(l > 0.0, l, 1.0), 0.0)  # no allowed slot: zeros
     return out.astype(q.dtype)

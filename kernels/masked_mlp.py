@@ -57,17 +57,18 @@ def pow2_divisor(n: int, cap: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class MaskedMLPPlan:
     """Static launch configuration of both kernels (block sizes are powers of two)."""
+
     batch: int
     d: int
     ffn: int
-    rank: int = 0             # predictor rank with selection="threshold"
-    fc1_segment: int = 64     # rows whose choice one fc1 program reads (and whose h it writes)
-    fc1_block_k: int = 16     # chosen rows gathered per fc1 step
-    fc1_block_d: int = 2048   # columns per fc1 load (capped to a power of two dividing d)
+    rank: int = 0  # predictor rank with selection="threshold"
+    fc1_segment: int = 64  # rows whose choice one fc1 program reads (and whose h it writes)
+    fc1_block_k: int = 16  # chosen rows gathered per fc1 step
+    fc1_block_d: int = 2048  # columns per fc1 load (capped to a power of two dividing d)
     fc1_warps: int = 4
-    fc2_segment: int = 256    # rows of fc2_w_t one fc2 program owns (one fp32 partial output each)
-    fc2_block_k: int = 32     # nonzero rows gathered per fc2 step
-    fc2_block_d: int = 256    # columns per fc2 program
+    fc2_segment: int = 256  # rows of fc2_w_t one fc2 program owns (one fp32 partial output each)
+    fc2_block_k: int = 32  # nonzero rows gathered per fc2 step
+    fc2_block_d: int = 256  # columns per fc2 program
     fc2_warps: int = 4
 
     def __post_init__(self):
@@ -104,6 +105,7 @@ class MaskedMLPPlan:
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
 
+
 def _gather(ref_at, valid_mask, masked: bool):
     """Load gathered rows; invalid slots read 0. `masked`: skip their memory traffic (compiled Triton). The
     interpreter cannot discharge a masked gather, so there the slots (which point at a real row) are zeroed after
@@ -112,10 +114,12 @@ def _gather(ref_at, valid_mask, masked: bool):
         return plgpu.load(ref_at, mask=valid_mask, other=0)
     return jnp.where(valid_mask, ref_at[...], 0)
 
+
 #
 # Both kernels compact their segment's chosen rows in registers: `pos` (an exclusive prefix count of the segment's
 # mask) numbers the chosen rows 0..n-1, and step t gathers the rows numbered [t*block_k, (t+1)*block_k). The loop
 # runs cdiv(n, block_k) times, so a program's cost follows its own count, and unchosen rows are never loaded.
+
 
 def _number_rows(chosen):
     """(count, pos [seg]): how many rows of the segment are chosen, and each chosen row's number 0..count-1."""
@@ -140,7 +144,7 @@ def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref):
         score = b2_ref[rows].astype(jnp.float32)
         for c0 in range(0, plan.rank, plan.score_chunk):  # static
             cols = pl.ds(c0, plan.score_chunk)
-            w2 = w2t_ref[rows, cols].astype(jnp.float32)                   # [seg1, chunk]
+            w2 = w2t_ref[rows, cols].astype(jnp.float32)  # [seg1, chunk]
             score = score + jnp.sum(w2 * p_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
         best = score if best is None else jnp.maximum(best, score)
     return best >= thr_ref[0]
@@ -153,7 +157,7 @@ def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selectio
     base = pl.multiple_of(pl.program_id(0) * seg, seg)
     if selection == "mask":
         (mask_ref,) = sel_refs
-        chosen = mask_ref[pl.ds(base, seg)] != 0                            # [seg]
+        chosen = mask_ref[pl.ds(base, seg)] != 0  # [seg]
     else:
         chosen = _threshold_rows(base, plan, *sel_refs)
     count, pos = _number_rows(chosen)
@@ -170,7 +174,7 @@ def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selectio
         out = []
         for b in range(plan.batch):
             h = jnp.where(valid, jnp.maximum(acc[b] + bias, 0.0), 0.0).astype(h_ref.dtype).astype(jnp.float32)
-            out.append(h_seg[b] + jnp.sum(jnp.where(sel, h[:, None], 0.0), axis=0))   # scatter into the segment
+            out.append(h_seg[b] + jnp.sum(jnp.where(sel, h[:, None], 0.0), axis=0))  # scatter into the segment
         return tuple(out)
 
     init = tuple(jnp.zeros((seg,), jnp.float32) for _ in range(plan.batch))
@@ -192,10 +196,10 @@ def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: b
     def step(t, acc):
         _, row, valid = _step_rows(t, bk, base, chosen, pos, count)
         w = _gather(w_ref.at[row, cols], jnp.broadcast_to(valid[:, None], (bk, bd)), masked)
-        w = w.astype(jnp.float32)                                          # [bk, bd]
+        w = w.astype(jnp.float32)  # [bk, bd]
         out = []
         for b in range(plan.batch):
-            h = _gather(h_ref.at[b, row], valid, masked).astype(jnp.float32)   # [bk]
+            h = _gather(h_ref.at[b, row], valid, masked).astype(jnp.float32)  # [bk]
             out.append(acc[b] + jnp.sum(h[:, None] * w, axis=0))
         return tuple(out)
 
@@ -206,6 +210,7 @@ def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: b
 
 
 # ---- pallas_call layer -----------------------------------------------------------------------------------------
+
 
 def _select_fc1_call(x, fc1_w, fc1_b, sel_args, *, plan, selection, interpret):
     return pl.pallas_call(
@@ -230,6 +235,7 @@ def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret):
 
 
 # ---- public wrappers -------------------------------------------------------------------------------------------
+
 
 def _check_weights(x, w, b, name):
     if x.ndim != 2:
@@ -262,8 +268,15 @@ def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None):
     if row_mask.shape != (fc1_w.shape[0],):
         raise ValueError(f"row_mask must be [ffn] = [{fc1_w.shape[0]}]. Got {row_mask.shape}")
     plan = _plan(x.shape[0], x.shape[1], fc1_w.shape[0], knobs)
-    return _select_fc1_call(x, fc1_w, fc1_b.astype(x.dtype), (row_mask.astype(jnp.int32),), plan=plan,
-                            selection="mask", interpret=resolve_interpret(interpret))
+    return _select_fc1_call(
+        x,
+        fc1_w,
+        fc1_b.astype(x.dtype),
+        (row_mask.astype(jnp.int32),),
+        plan=plan,
+        selection="mask",
+        interpret=resolve_interpret(interpret),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
@@ -284,8 +297,15 @@ def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, knobs=None, interp
         raise ValueError(f"b2 must be [ffn] = [{ffn}]. Got {b2.shape}")
     plan = _plan(x.shape[0], x.shape[1], ffn, knobs, r)
     thr = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
-    return _select_fc1_call(x, fc1_w, fc1_b.astype(x.dtype), (p, w2_t, b2.astype(jnp.float32), thr), plan=plan,
-                            selection="threshold", interpret=resolve_interpret(interpret))
+    return _select_fc1_call(
+        x,
+        fc1_w,
+        fc1_b.astype(x.dtype),
+        (p, w2_t, b2.astype(jnp.float32), thr),
+        plan=plan,
+        selection="threshold",
+        interpret=resolve_interpret(interpret),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
@@ -308,6 +328,7 @@ def nonzero_fc2(h, fc2_w_t, fc2_b, *, knobs=None, interpret=None):
 
 # ---- references ------------------------------------------------------------------------------------------------
 
+
 def _precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
@@ -327,4 +348,3 @@ def masked_fc1_reference(x, fc1_w, fc1_b, row_mask):
 def nonzero_fc2_reference(h, fc2_w_t, fc2_b):
     out = jnp.einsum("bn,nd->bd", h, fc2_w_t, preferred_element_type=jnp.float32, precision=_precision(h.dtype))
     return (out + fc2_b.astype(jnp.float32)).astype(h.dtype)
-

@@ -14,6 +14,8 @@ def resolve_interpret(interpret: bool | None) -> bool:
     if interpret is None:
         return jax.default_backend() != "gpu"
     if not isinstance(interpret, bool):
-        raise ValueError(f"interpret must be True, False or None (None: interpret unless the default backend is "
-                         f"a GPU). Got {interpret!r}")
+        raise ValueError(
+            f"interpret must be True, False or None (None: interpret unless the default backend is "
+            f"a GPU). Got {interpret!r}"
+        )
     return interpret

@@ -84,16 +84,16 @@ _PARTIAL_BYTES_MIN = 8 << 20
 class SparseMLPPlan:
     """Static launch configuration, derived from shapes and knobs by `plan_sparse_mlp`."""
 
-    batch: int         # B, rows of x
-    batch_rows: int    # rows the kernels compute: B, or B padded to a power of two >= 16 for dots
-    k: int             # active neurons
-    k_padded: int      # K rounded up to block_k
+    batch: int  # B, rows of x
+    batch_rows: int  # rows the kernels compute: B, or B padded to a power of two >= 16 for dots
+    k: int  # active neurons
+    k_padded: int  # K rounded up to block_k
     d: int
-    block_k: int       # neurons per tile
-    block_d: int       # columns per tile
-    split_d: int       # fc1: programs sharing one k-block's reduction over d
+    block_k: int  # neurons per tile
+    block_d: int  # columns per tile
+    split_d: int  # fc1: programs sharing one k-block's reduction over d
     d_blocks_per_split: int
-    split_k: int       # fc2: programs sharing one column block's reduction over K
+    split_k: int  # fc2: programs sharing one column block's reduction over K
     k_blocks_per_split: int
     use_dot: bool
     num_warps: int
@@ -153,8 +153,12 @@ def plan_sparse_mlp(
     """
     _check_block("block_k", block_k)
     _check_block("block_d", block_d)
-    for name, value in (("split_d", split_d), ("split_k", split_k), ("num_warps", num_warps),
-                        ("num_stages", num_stages)):
+    for name, value in (
+        ("split_d", split_d),
+        ("split_k", split_k),
+        ("num_warps", num_warps),
+        ("num_stages", num_stages),
+    ):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int. Got {value!r}")
     if use_dot is None:
@@ -198,9 +202,21 @@ def plan_sparse_mlp(
     if num_stages is None:
         num_stages = 2
     return SparseMLPPlan(
-        batch=batch, batch_rows=batch_rows, k=k, k_padded=k_padded, d=d, block_k=bk, block_d=bd,
-        split_d=sd, d_blocks_per_split=dps, split_k=sk, k_blocks_per_split=kps, use_dot=bool(use_dot),
-        num_warps=num_warps, num_stages=num_stages)
+        batch=batch,
+        batch_rows=batch_rows,
+        k=k,
+        k_padded=k_padded,
+        d=d,
+        block_k=bk,
+        block_d=bd,
+        split_d=sd,
+        d_blocks_per_split=dps,
+        split_k=sk,
+        k_blocks_per_split=kps,
+        use_dot=bool(use_dot),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,19 +253,19 @@ def _dot_precision(dtype):
 def _fc1_step(j, acc, x_ref, w1_ref, neuron_idx, plan: SparseMLPPlan):
     """acc[b, k] += sum over column block j of x[b, :] * W1[neuron_idx[k], :]."""
     start, fresh = _d_block(j, plan)
-    w = w1_ref[neuron_idx, pl.ds(start, plan.block_d)]                 # [block_k, block_d]
+    w = w1_ref[neuron_idx, pl.ds(start, plan.block_d)]  # [block_k, block_d]
     if plan.use_dot:
-        x = x_ref[pl.ds(0, plan.batch_rows), pl.ds(start, plan.block_d)]   # [batch_rows, block_d]
+        x = x_ref[pl.ds(0, plan.batch_rows), pl.ds(start, plan.block_d)]  # [batch_rows, block_d]
         if fresh is not None:
             x = jnp.where(fresh[None, :], x, jnp.zeros_like(x))
         return acc + plgpu.dot(x, w, trans_b=True, precision=_dot_precision(w.dtype))
     w = w.astype(jnp.float32)
     new_acc = []
     for b in range(plan.batch_rows):
-        xb = x_ref[b, pl.ds(start, plan.block_d)].astype(jnp.float32)    # [block_d]
+        xb = x_ref[b, pl.ds(start, plan.block_d)].astype(jnp.float32)  # [block_d]
         if fresh is not None:
             xb = jnp.where(fresh, xb, 0.0)
-        new_acc.append(acc[b] + jnp.sum(w * xb[None, :], axis=1))       # [block_k]
+        new_acc.append(acc[b] + jnp.sum(w * xb[None, :], axis=1))  # [block_k]
     return tuple(new_acc)
 
 
@@ -257,7 +273,7 @@ def _activate(acc, b1, k0, plan: SparseMLPPlan, dtype):
     """h = relu(acc + b1) rounded to the activation dtype; padded neurons (k >= K) give 0."""
     valid = None
     if plan.k_padded != plan.k:
-        valid = k0 + jnp.arange(plan.block_k, dtype=jnp.int32) < plan.k    # [block_k]
+        valid = k0 + jnp.arange(plan.block_k, dtype=jnp.int32) < plan.k  # [block_k]
 
     def one(a):
         h = jnp.maximum(a + b1, 0.0)
@@ -266,8 +282,8 @@ def _activate(acc, b1, k0, plan: SparseMLPPlan, dtype):
         return h.astype(dtype)
 
     if plan.use_dot:
-        return one(acc)                      # [batch_rows, block_k]
-    return tuple(one(a) for a in acc)      # batch_rows x [block_k]
+        return one(acc)  # [batch_rows, block_k]
+    return tuple(one(a) for a in acc)  # batch_rows x [block_k]
 
 
 def _fc2_contribution(h, w, plan: SparseMLPPlan):
@@ -279,18 +295,18 @@ def _fc2_contribution(h, w, plan: SparseMLPPlan):
 
 
 def _fc1_kernel(
-    idx_ref,   # [Kp] int32, padded with index 0
-    x_ref,     # [batch_rows, d]
-    w1_ref,    # [ffn, d]
-    b1_ref,    # [ffn]
-    h_ref,     # split_d == 1: [batch_rows, Kp] x.dtype, h = relu(x W1[idx]^T + b1[idx]), 0 at pads
-               # split_d > 1:  [split_d, batch_rows, Kp] fp32 partial sums of x W1[idx]^T
+    idx_ref,  # [Kp] int32, padded with index 0
+    x_ref,  # [batch_rows, d]
+    w1_ref,  # [ffn, d]
+    b1_ref,  # [ffn]
+    h_ref,  # split_d == 1: [batch_rows, Kp] x.dtype, h = relu(x W1[idx]^T + b1[idx]), 0 at pads
+    # split_d > 1:  [split_d, batch_rows, Kp] fp32 partial sums of x W1[idx]^T
     *,
     plan: SparseMLPPlan,
 ):
     k0 = pl.multiple_of(pl.program_id(0) * plan.block_k, plan.block_k)
     split = pl.program_id(1)
-    neuron_idx = idx_ref[pl.ds(k0, plan.block_k)]                       # [block_k]
+    neuron_idx = idx_ref[pl.ds(k0, plan.block_k)]  # [block_k]
     lo, hi = _split_range(split, plan.d_blocks_per_split, plan.n_d_blocks)
     if plan.use_dot:
         init = jnp.zeros((plan.batch_rows, plan.block_k), jnp.float32)
@@ -315,12 +331,12 @@ def _fc1_kernel(
 
 
 def _fc2_kernel(
-    idx_ref,   # [Kp] int32, padded with index 0
-    h_ref,     # [batch_rows, Kp] x.dtype, zero at padded neurons
-    w2_ref,    # [ffn, d]  (fc2 weight, neuron-major)
-    b2_ref,    # [d]
-    out_ref,   # split_k == 1: [batch_rows, d] x.dtype, h W2[idx] + b2
-               # split_k > 1:  [split_k, batch_rows, d] fp32 partial sums of h W2[idx]
+    idx_ref,  # [Kp] int32, padded with index 0
+    h_ref,  # [batch_rows, Kp] x.dtype, zero at padded neurons
+    w2_ref,  # [ffn, d]  (fc2 weight, neuron-major)
+    b2_ref,  # [d]
+    out_ref,  # split_k == 1: [batch_rows, d] x.dtype, h W2[idx] + b2
+    # split_k > 1:  [split_k, batch_rows, d] fp32 partial sums of h W2[idx]
     *,
     plan: SparseMLPPlan,
 ):
@@ -340,7 +356,7 @@ def _fc2_kernel(
         # dependency costs one memory latency per program rather than one per step.
         next_idx = idx_block(jnp.minimum(kb + 1, plan.n_k_blocks - 1))
         k0 = pl.multiple_of(kb * plan.block_k, plan.block_k)
-        w = w2_ref[neuron_idx, cols]                                      # [block_k, block_d]
+        w = w2_ref[neuron_idx, cols]  # [block_k, block_d]
         if plan.use_dot:
             h = h_ref[pl.ds(0, plan.batch_rows), pl.ds(k0, plan.block_k)]  # [batch_rows, block_k]
             return acc + _fc2_contribution(h, w, plan), next_idx
@@ -354,7 +370,7 @@ def _fc2_kernel(
     acc, _ = lax.fori_loop(lo, hi, step, (init, idx_block(lo)))
 
     if plan.split_k == 1:
-        b2 = b2_ref[cols].astype(jnp.float32)                             # [block_d]
+        b2 = b2_ref[cols].astype(jnp.float32)  # [block_d]
         if plan.use_dot:
             out_ref[pl.ds(0, plan.batch_rows), cols] = (acc + b2[None, :]).astype(out_ref.dtype)
         else:
@@ -416,23 +432,24 @@ def _check_inputs(x, fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx) -> None:
     if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
         raise ValueError(f"x dtype must be one of float32, bfloat16, float16. Got {x.dtype}")
     if not 1 <= batch <= MAX_BATCH:
-        raise ValueError(
-            f"batch must be in [1, {MAX_BATCH}] (use the dense MLP for larger batches). Got {batch}")
+        raise ValueError(f"batch must be in [1, {MAX_BATCH}] (use the dense MLP for larger batches). Got {batch}")
     if fc1_w.ndim != 2 or fc1_w.shape[1] != d:
-        raise ValueError(f"fc1_w must be [ffn, d] with d = x.shape[1]. Got {fc1_w.shape} and x "
-                         f"{x.shape}")
+        raise ValueError(f"fc1_w must be [ffn, d] with d = x.shape[1]. Got {fc1_w.shape} and x {x.shape}")
     ffn = fc1_w.shape[0]
     if fc2_w_t.shape != fc1_w.shape:
-        raise ValueError(f"fc2_w_t must be [ffn, d] (fc2 weight transposed), the shape of fc1_w. Got "
-                         f"{fc2_w_t.shape} and {fc1_w.shape}")
+        raise ValueError(
+            f"fc2_w_t must be [ffn, d] (fc2 weight transposed), the shape of fc1_w. Got "
+            f"{fc2_w_t.shape} and {fc1_w.shape}"
+        )
     if fc1_b.shape != (ffn,):
         raise ValueError(f"fc1_b must be [ffn] = ({ffn},). Got {fc1_b.shape} and fc1_w {fc1_w.shape}")
     if fc2_b.shape != (d,):
         raise ValueError(f"fc2_b must be [d] = ({d},). Got {fc2_b.shape} and x {x.shape}")
     for name, arr in (("fc1_w", fc1_w), ("fc1_b", fc1_b), ("fc2_w_t", fc2_w_t), ("fc2_b", fc2_b)):
         if arr.dtype != x.dtype:
-            raise ValueError(f"{name} must have x's dtype; cast the weights once at load time. Got "
-                             f"{arr.dtype} and {x.dtype}")
+            raise ValueError(
+                f"{name} must have x's dtype; cast the weights once at load time. Got {arr.dtype} and {x.dtype}"
+            )
     if active_idx.ndim != 1:
         raise ValueError(f"active_idx must be rank 1 [K]. Got shape {active_idx.shape}")
     if not jnp.issubdtype(active_idx.dtype, jnp.integer):
@@ -441,14 +458,14 @@ def _check_inputs(x, fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx) -> None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_k", "block_d", "split_d", "split_k", "num_warps", "num_stages", "use_dot",
-                     "interpret"))
+    static_argnames=("block_k", "block_d", "split_d", "split_k", "num_warps", "num_stages", "use_dot", "interpret"),
+)
 def sparse_mlp(
-    x,           # [B, d]
-    fc1_w,       # [ffn, d]
-    fc1_b,       # [ffn]
-    fc2_w_t,     # [ffn, d]
-    fc2_b,       # [d]
+    x,  # [B, d]
+    fc1_w,  # [ffn, d]
+    fc1_b,  # [ffn]
+    fc2_w_t,  # [ffn, d]
+    fc2_b,  # [d]
     active_idx,  # [K] int
     *,
     block_k: int | None = None,
@@ -470,8 +487,19 @@ def sparse_mlp(
     interpret = resolve_interpret(interpret)
     batch, d = x.shape
     k = active_idx.shape[0]
-    plan = plan_sparse_mlp(batch, k, d, x.dtype, block_k=block_k, block_d=block_d, split_d=split_d,
-                           split_k=split_k, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
+    plan = plan_sparse_mlp(
+        batch,
+        k,
+        d,
+        x.dtype,
+        block_k=block_k,
+        block_d=block_d,
+        split_d=split_d,
+        split_k=split_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        use_dot=use_dot,
+    )
     if k == 0:
         return jnp.broadcast_to(fc2_b, (batch, d)).astype(x.dtype)
 
@@ -494,12 +522,10 @@ def sparse_mlp(
 def sparse_mlp_reference(x, fc1_w, fc1_b, fc2_w_t, fc2_b, active_idx):
     """Pure-jnp twin of `sparse_mlp`: gather the active rows, two fp32-accumulated matmuls."""
     idx = active_idx.astype(jnp.int32)
-    w1 = jnp.take(fc1_w, idx, axis=0)                                   # [K, d]
-    w2 = jnp.take(fc2_w_t, idx, axis=0)                                 # [K, d]
-    b1 = jnp.take(fc1_b, idx).astype(jnp.float32)                      # [K]
-    pre = jnp.einsum("bd,kd->bk", x, w1, preferred_element_type=jnp.float32,
-                     precision=lax.Precision.HIGHEST)
-    h = jnp.maximum(pre + b1[None, :], 0.0).astype(x.dtype)            # [B, K]
-    out = jnp.einsum("bk,kd->bd", h, w2, preferred_element_type=jnp.float32,
-                     precision=lax.Precision.HIGHEST)
+    w1 = jnp.take(fc1_w, idx, axis=0)  # [K, d]
+    w2 = jnp.take(fc2_w_t, idx, axis=0)  # [K, d]
+    b1 = jnp.take(fc1_b, idx).astype(jnp.float32)  # [K]
+    pre = jnp.einsum("bd,kd->bk", x, w1, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    h = jnp.maximum(pre + b1[None, :], 0.0).astype(x.dtype)  # [B, K]
+    out = jnp.einsum("bk,kd->bd", h, w2, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
     return (out + fc2_b.astype(jnp.float32)[None, :]).astype(x.dtype)

@@ -24,9 +24,19 @@ def reference_model_dir():
 
 def tiny_hf_config(**overrides):
     from transformers import OPTConfig as HFConfig
-    kw = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-              max_position_embeddings=48, word_embed_proj_dim=None, pad_token_id=1, bos_token_id=2,
-              eos_token_id=2)
+
+    kw = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=48,
+        word_embed_proj_dim=None,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
     kw.update(overrides)
     if kw["word_embed_proj_dim"] is None:
         kw["word_embed_proj_dim"] = kw["hidden_size"]
@@ -37,6 +47,7 @@ def random_hf_model(hf_config, seed=0, std=0.2):
     """A random-weight HF OPT; weights larger than HF's init so that every block matters to the logits."""
     import torch
     from transformers import OPTForCausalLM
+
     torch.manual_seed(seed)
     model = OPTForCausalLM(hf_config).eval()
     with torch.no_grad():

@@ -15,8 +15,15 @@ def test_time_chained_runs_each_call_once_in_order():
             x = x * scale + offset
         return x
 
-    timing = time_chained(body, jnp.float32(1.0), (jnp.float32(1.0), jnp.float32(2.0)), steps=5, repeats=2,
-                          calls_per_step=calls_per_step, first=lambda x, ops: x + 10.0)
+    timing = time_chained(
+        body,
+        jnp.float32(1.0),
+        (jnp.float32(1.0), jnp.float32(2.0)),
+        steps=5,
+        repeats=2,
+        calls_per_step=calls_per_step,
+        first=lambda x, ops: x + 10.0,
+    )
     assert timing.calls == 1 + 5 * 3
     assert float(timing.first) == 11.0
     assert float(timing.last) == 11.0 + 2.0 * 15

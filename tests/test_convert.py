@@ -28,6 +28,7 @@ def hf_and_jax_logits(hf, model_dir, dtype="float32"):
 def save_as_torch_bin(hf_dir):
     """transformers 5 writes only safetensors; older OPT checkpoints on the hub are pytorch_model.bin."""
     from safetensors.torch import load_file
+
     torch.save(load_file(hf_dir / "model.safetensors"), hf_dir / "pytorch_model.bin")
     (hf_dir / "model.safetensors").unlink()
 
@@ -52,6 +53,7 @@ def test_hf_to_orbax_reproduces_logits(layout, save_hf, tmp_path):
 
 def test_keys_without_model_prefix(save_hf, tmp_path):
     from safetensors.numpy import load_file, save_file
+
     hf = random_hf_model(tiny_hf_config())
     hf_dir = save_hf(hf)
     tensors = load_file(hf_dir / "model.safetensors")
@@ -63,30 +65,53 @@ def test_keys_without_model_prefix(save_hf, tmp_path):
 
 def test_random_opt_with_real_tokenizer(save_hf, tmp_path):
     from transformers import GPT2Tokenizer
+
     hf = random_hf_model(tiny_hf_config(vocab_size=50272, hidden_size=16, num_attention_heads=2, ffn_dim=32))
     hf_dir = save_hf(hf)
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(OPT_TOKENIZER / name, hf_dir / name)
     # As the hub ships OPT: the tokenizer files plus a tokenizer_config.json naming BOS </s>.
-    GPT2Tokenizer(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt"), bos_token="</s>", eos_token="</s>",
-                  unk_token="<unk>", pad_token="<pad>", add_bos_token=True).save_pretrained(hf_dir)
+    GPT2Tokenizer(
+        str(hf_dir / "vocab.json"),
+        str(hf_dir / "merges.txt"),
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        add_bos_token=True,
+    ).save_pretrained(hf_dir)
     out_dir = tmp_path / "converted"
     convert_to_directory(hf_dir, out_dir, dtype="float16")
     loaded = load_model(out_dir, "float16")
     assert loaded.params["embed_tokens"]["embedding"].dtype == jnp.float16
     assert loaded.tokenizer("Hello world")["input_ids"] == [2, 31414, 232]
     assert loaded.tokenizer("Hey, are you conscious? Can you talk to me?")["input_ids"] == [
-        2, 13368, 6, 32, 47, 13316, 116, 2615, 47, 1067, 7, 162, 116]
+        2,
+        13368,
+        6,
+        32,
+        47,
+        13316,
+        116,
+        2615,
+        47,
+        1067,
+        7,
+        162,
+        116,
+    ]
 
 
 def test_bare_vocab_and_merges_get_opt_settings(tmp_path):
     from dejavu_jax.tokenizer import load_tokenizer
+
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(OPT_TOKENIZER / name, tmp_path / name)
     assert load_tokenizer(tmp_path)("Hello world")["input_ids"] == [2, 31414, 232]
 
 
 # ---- bad input: one clear error, nothing half-written --------------------------------------------------------
+
 
 def leftovers(parent):
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
@@ -138,6 +163,7 @@ def test_existing_out_needs_force(save_hf, tmp_path, capsys):
 
 def test_missing_unmapped_and_misshapen_tensors(save_hf, tmp_path):
     from safetensors.numpy import load_file, save_file
+
     hf_dir = save_hf(random_hf_model(tiny_hf_config()))
     original = load_file(hf_dir / "model.safetensors")
 
@@ -155,10 +181,20 @@ def test_missing_unmapped_and_misshapen_tensors(save_hf, tmp_path):
         load_model(hf_dir)
     shard = dict(original)
     rewrite(shard)
-    save_file({"model.decoder.layers.0.fc1.bias": original["model.decoder.layers.0.fc1.bias"]},
-              hf_dir / "model-extra.safetensors")
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        **{k: "model.safetensors" for k in original}, "model.decoder.layers.0.fc1.bias": "model-extra.safetensors"}}))
+    save_file(
+        {"model.decoder.layers.0.fc1.bias": original["model.decoder.layers.0.fc1.bias"]},
+        hf_dir / "model-extra.safetensors",
+    )
+    (hf_dir / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    **{k: "model.safetensors" for k in original},
+                    "model.decoder.layers.0.fc1.bias": "model-extra.safetensors",
+                }
+            }
+        )
+    )
     with pytest.raises(CheckpointError, match="appears twice"):
         load_model(hf_dir)
 

@@ -29,7 +29,7 @@ def damage(path, how: str) -> None:
     if how == "truncated":
         del blob[cut:]
     else:
-        blob[cut:cut + 64] = bytes(b ^ 0xFF for b in blob[cut:cut + 64])
+        blob[cut : cut + 64] = bytes(b ^ 0xFF for b in blob[cut : cut + 64])
     path.write_bytes(bytes(blob))
 
 
@@ -46,7 +46,7 @@ def test_damaged_xz_is_a_corpus_error_after_the_readable_documents(tmp_path, how
     message = str(error.value)
     assert str(path) in message and "truncated or corrupt" in message and cause in message
     assert f"xz -t {path}" in message  # says what to do
-    assert 0 < len(read) < len(texts) and read == texts[:len(read)]  # the documents before the damage, intact
+    assert 0 < len(read) < len(texts) and read == texts[: len(read)]  # the documents before the damage, intact
 
 
 def test_a_file_that_is_not_xz_fails_on_the_kind_check(tmp_path):
@@ -62,7 +62,7 @@ def test_a_file_that_is_not_xz_fails_on_the_kind_check(tmp_path):
 
 def test_bytes_that_are_not_utf8(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(json.dumps({"text": "caf"}).encode()[:-2] + b"\xe9\"}\n")
+    path.write_bytes(json.dumps({"text": "caf"}).encode()[:-2] + b'\xe9"}\n')
     with pytest.raises(CorpusError, match=r"latin1.jsonl is not UTF-8 text.*re-encode"):
         list(iter_documents(path))
 

@@ -14,7 +14,11 @@ from dejavu_jax.generate import main as generate_main
 from dejavu_jax.generation import generate_ids, generate_tokens, generation_program
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
 
-PROMPTS = ["The history of", "In 1905, the physicist Albert Einstein published a paper on", "Paris is the capital and largest city"]
+PROMPTS = [
+    "The history of",
+    "In 1905, the physicist Albert Einstein published a paper on",
+    "Paris is the capital and largest city",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +28,14 @@ def reference(reference_model_dir):
 
 def test_greedy_matches_hf_generate_on_a_padded_batch(reference, reference_model_dir):
     from transformers import OPTForCausalLM as HF
+
     hf = HF.from_pretrained(reference_model_dir, dtype=torch.float32).eval()
     tok = reference.tokenizer
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     assert len({len(tok(p)["input_ids"]) for p in PROMPTS}) == 3  # really different lengths
     with torch.no_grad():
         expected = hf.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=1)
-    expected = expected[:, batch["input_ids"].shape[1]:].tolist()
+    expected = expected[:, batch["input_ids"].shape[1] :].tolist()
     ours = generate_ids(reference.params, reference.config, [tok(p)["input_ids"] for p in PROMPTS], 24)
     for got, want in zip(ours, expected):
         assert got == want[: len(got)] and len(got) > 0
@@ -97,8 +102,9 @@ def test_sample_tokens_respects_top_k_and_top_p():
     keys = jax.random.PRNGKey(0)
 
     def draw(top_k, top_p):
-        return np.asarray(sample_tokens(logits, keys, SamplingParams(jnp.float32(1.0), jnp.int32(top_k),
-                                                                     jnp.float32(top_p))))
+        return np.asarray(
+            sample_tokens(logits, keys, SamplingParams(jnp.float32(1.0), jnp.int32(top_k), jnp.float32(top_p)))
+        )
 
     assert set(draw(2, 1.0)) == {0, 1}
     assert set(draw(0, 0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
@@ -108,8 +114,21 @@ def test_sample_tokens_respects_top_k_and_top_p():
 
 
 def test_cli_json(reference_model_dir, capsys):
-    code = generate_main(["--model", str(reference_model_dir), "--prompt", PROMPTS[0], "--prompt", PROMPTS[2],
-                          "--max-new-tokens", "5", "--dtype", "float32", "--json"])
+    code = generate_main(
+        [
+            "--model",
+            str(reference_model_dir),
+            "--prompt",
+            PROMPTS[0],
+            "--prompt",
+            PROMPTS[2],
+            "--max-new-tokens",
+            "5",
+            "--dtype",
+            "float32",
+            "--json",
+        ]
+    )
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in lines] == [PROMPTS[0], PROMPTS[2]]
@@ -118,16 +137,20 @@ def test_cli_json(reference_model_dir, capsys):
         assert not r["text"].startswith(r["prompt"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--prompt", ""], "prompt 0 is empty"),
-    (["--prompt", "word " * 1100], "more than the model's 1024 positions"),
-    (["--prompt", "word " * 1000, "--max-new-tokens", "100"], "runs past the model's 1024 positions"),
-    (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be a positive int"),
-    (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
-    (["--prompt", "hi", "--temperature", "1", "--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
-    (["--prompt", "hi", "--temperature", "1", "--top-k", "-2"], "top_k must be an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", ""], "prompt 0 is empty"),
+        (["--prompt", "word " * 1100], "more than the model's 1024 positions"),
+        (["--prompt", "word " * 1000, "--max-new-tokens", "100"], "runs past the model's 1024 positions"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be a positive int"),
+        (["--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "hi", "--temperature", "1", "--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
+        (["--prompt", "hi", "--temperature", "1", "--top-k", "-2"], "top_k must be an int >= 0"),
+    ],
+)
 def test_cli_bad_input(reference_model_dir, capsys, argv, message):
     import re
+
     assert generate_main(["--model", str(reference_model_dir)] + argv) == 2
     assert re.search(message, capsys.readouterr().err)

@@ -38,21 +38,24 @@ def _run(*flags):
     return generate_main(["--model", "stub", "--prompt", "hi", "--json", *flags])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--top-k", "5"], "--top-k only applies when sampling; add --temperature T"),
-    (["--top-p", "0.9"], "--top-p only applies when sampling"),
-    (["--seed", "3"], "--seed only applies when sampling"),
-    (["--top-k", "5", "--seed", "3", "--temperature", "0"], "--top-k, --seed only apply when sampling"),
-    (["--greedy", "--top-p", "0.5"], "--top-p only applies when sampling"),
-    (["--greedy", "--temperature", "0.7"], "--greedy contradicts --temperature 0.7"),
-    (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
-    (["--temperature", "nan"], "--temperature must be >= 0 and finite"),
-    (["--temperature", "-1"], "--temperature must be >= 0 and finite"),
-    (["--temperature", "1", "--top-p", "0"], r"top_p must be in (0, 1]"),
-    (["--temperature", "1", "--top-k", "-1"], "top_k must be an int >= 0"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be a positive int"),
-    (["--max-new-tokens", "-4"], "max_new_tokens must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-k", "5"], "--top-k only applies when sampling; add --temperature T"),
+        (["--top-p", "0.9"], "--top-p only applies when sampling"),
+        (["--seed", "3"], "--seed only applies when sampling"),
+        (["--top-k", "5", "--seed", "3", "--temperature", "0"], "--top-k, --seed only apply when sampling"),
+        (["--greedy", "--top-p", "0.5"], "--top-p only applies when sampling"),
+        (["--greedy", "--temperature", "0.7"], "--greedy contradicts --temperature 0.7"),
+        (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
+        (["--temperature", "nan"], "--temperature must be >= 0 and finite"),
+        (["--temperature", "-1"], "--temperature must be >= 0 and finite"),
+        (["--temperature", "1", "--top-p", "0"], r"top_p must be in (0, 1]"),
+        (["--temperature", "1", "--top-k", "-1"], "top_k must be an int >= 0"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be a positive int"),
+        (["--max-new-tokens", "-4"], "max_new_tokens must be a positive int"),
+    ],
+)
 def test_bad_flags_fail_before_loading(calls, capsys, flags, message):
     assert _run(*flags) == 2
     err = capsys.readouterr().err
@@ -69,14 +72,20 @@ def test_top_k_above_the_vocabulary_fails_once_the_model_is_known(calls, capsys)
     assert calls["generated"][-1]["sampling"].top_k == VOCAB
 
 
-@pytest.mark.parametrize("flags, sampling, seed", [
-    ([], SamplingConfig(greedy=True, temperature=0.0, top_k=0, top_p=1.0), 0),
-    (["--greedy"], SamplingConfig(greedy=True, temperature=0.0, top_k=0, top_p=1.0), 0),
-    (["--greedy", "--temperature", "0"], SamplingConfig(greedy=True, temperature=0.0, top_k=0, top_p=1.0), 0),
-    (["--temperature", "0.7"], SamplingConfig(greedy=False, temperature=0.7, top_k=0, top_p=1.0), 0),
-    (["--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--seed", "3"],
-     SamplingConfig(greedy=False, temperature=0.7, top_k=5, top_p=0.9), 3),
-])
+@pytest.mark.parametrize(
+    "flags, sampling, seed",
+    [
+        ([], SamplingConfig(greedy=True, temperature=0.0, top_k=0, top_p=1.0), 0),
+        (["--greedy"], SamplingConfig(greedy=True, temperature=0.0, top_k=0, top_p=1.0), 0),
+        (["--greedy", "--temperature", "0"], SamplingConfig(greedy=True, temperature=0.0, top_k=0, top_p=1.0), 0),
+        (["--temperature", "0.7"], SamplingConfig(greedy=False, temperature=0.7, top_k=0, top_p=1.0), 0),
+        (
+            ["--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--seed", "3"],
+            SamplingConfig(greedy=False, temperature=0.7, top_k=5, top_p=0.9),
+            3,
+        ),
+    ],
+)
 def test_good_flags_reach_generation_as_given(calls, capsys, flags, sampling, seed):
     assert _run("--max-new-tokens", "7", *flags) == 0
     assert calls["generated"] == [{"sampling": sampling, "seed": seed, "max_new_tokens": 7}]

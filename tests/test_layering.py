@@ -59,7 +59,7 @@ def imports_of(module: str) -> list[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # Relative: from the importing module's package, up level - 1 packages.
-                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             # `from pkg import sub` imports the submodule pkg.sub when there is one.
             names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
@@ -114,8 +114,13 @@ def test_the_walk_sees_every_layer():
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_layer_imports_only_downward(layer):
-    bad = [f"{module}:{line} imports {target}" for module in MODULES if module.split(".")[0] == layer
-           for target, line in imports_of(module) if target.split(".")[0] not in ALLOWED[layer]]
+    bad = [
+        f"{module}:{line} imports {target}"
+        for module in MODULES
+        if module.split(".")[0] == layer
+        for target, line in imports_of(module)
+        if target.split(".")[0] not in ALLOWED[layer]
+    ]
     assert not bad, f"{layer}/ may import only {sorted(ALLOWED[layer])} of ours:\n" + "\n".join(bad)
 
 

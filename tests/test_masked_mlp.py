@@ -14,10 +14,16 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 
 def data(seed, batch, d, ffn, rank, dtype, density=0.3):
     rng = np.random.default_rng(seed)
-    arrays = {"x": rng.standard_normal((batch, d)), "w1": rng.standard_normal((ffn, d)) / d ** 0.5,
-              "b1": rng.standard_normal(ffn) * 0.3, "w2t": rng.standard_normal((ffn, d)) / ffn ** 0.5,
-              "b2": rng.standard_normal(d), "p": rng.standard_normal((batch, rank)),
-              "pw": rng.standard_normal((ffn, rank)) / rank ** 0.5, "pb": rng.standard_normal(ffn)}
+    arrays = {
+        "x": rng.standard_normal((batch, d)),
+        "w1": rng.standard_normal((ffn, d)) / d**0.5,
+        "b1": rng.standard_normal(ffn) * 0.3,
+        "w2t": rng.standard_normal((ffn, d)) / ffn**0.5,
+        "b2": rng.standard_normal(d),
+        "p": rng.standard_normal((batch, rank)),
+        "pw": rng.standard_normal((ffn, rank)) / rank**0.5,
+        "pb": rng.standard_normal(ffn),
+    }
     cast = {k: jnp.asarray(v, dtype) for k, v in arrays.items()}
     cast["pb"] = jnp.asarray(arrays["pb"], jnp.float32)
     # The float64 reference sees exactly the inputs the kernel sees.
@@ -43,15 +49,23 @@ class TestMaskedMLP:
         if not self.INTERPRET and jax.default_backend() != "gpu":
             pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret subclass covers CPU")
 
-    @pytest.mark.parametrize("batch, d, ffn, density, knobs", [
-        (1, 384, 1536, 0.1, None), (1, 128, 256, 0.0, None), (1, 128, 256, 1.0, None),
-        (3, 160, 96, 0.4, None), (2, 256, 512, 0.2, (("fc1_segment", 32), ("fc1_block_k", 8), ("fc1_block_d", 64))),
-        (1, 80 * 4, 640, 0.3, (("fc1_segment", 128), ("fc1_block_k", 32)))])
+    @pytest.mark.parametrize(
+        "batch, d, ffn, density, knobs",
+        [
+            (1, 384, 1536, 0.1, None),
+            (1, 128, 256, 0.0, None),
+            (1, 128, 256, 1.0, None),
+            (3, 160, 96, 0.4, None),
+            (2, 256, 512, 0.2, (("fc1_segment", 32), ("fc1_block_k", 8), ("fc1_block_d", 64))),
+            (1, 80 * 4, 640, 0.3, (("fc1_segment", 128), ("fc1_block_k", 32))),
+        ],
+    )
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
     def test_masked_fc1_and_nonzero_fc2(self, batch, d, ffn, density, knobs, dtype):
         cast, ref, mask = data(batch * 7 + d, batch, d, ffn, 16, dtype, density)
-        h = masked_fc1(cast["x"], cast["w1"], cast["b1"], jnp.asarray(mask, jnp.int32), knobs=knobs,
-                       interpret=self.INTERPRET)
+        h = masked_fc1(
+            cast["x"], cast["w1"], cast["b1"], jnp.asarray(mask, jnp.int32), knobs=knobs, interpret=self.INTERPRET
+        )
         h_ref = ref_fc1(ref, mask)
         assert np.all(np.asarray(h)[:, ~mask] == 0)  # unchosen rows are exact zeros
         if density > 0:
@@ -65,8 +79,9 @@ class TestMaskedMLP:
     def test_threshold_fc1_chooses_the_batch_union(self, batch, threshold, dtype):
         d, ffn, rank = 128, 384, 32
         cast, ref, _ = data(batch + 11, batch, d, ffn, rank, dtype)
-        h = threshold_fc1(cast["x"], cast["w1"], cast["b1"], cast["p"], cast["pw"], cast["pb"], threshold,
-                          interpret=self.INTERPRET)
+        h = threshold_fc1(
+            cast["x"], cast["w1"], cast["b1"], cast["p"], cast["pw"], cast["pb"], threshold, interpret=self.INTERPRET
+        )
         scores = ref["p"] @ ref["pw"].T + ref["pb"]
         chosen = (scores >= threshold).any(axis=0)
         # Scores within rounding of the threshold may fall either way: compare only the clear rows.
@@ -88,26 +103,45 @@ class TestMaskedMLPInterpret(TestMaskedMLP):
 def test_lowers_for_gpu(batch, d, ffn, rank):
     s = jax.ShapeDtypeStruct
     f16 = jnp.float16
-    text = lowered_text_for_cuda(jax.jit(lambda *a: threshold_fc1(*a, interpret=False)), s((batch, d), f16),
-                                 s((ffn, d), f16), s((ffn,), f16), s((batch, rank), f16), s((ffn, rank), f16),
-                                 s((ffn,), jnp.float32), s((), jnp.float32))
+    text = lowered_text_for_cuda(
+        jax.jit(lambda *a: threshold_fc1(*a, interpret=False)),
+        s((batch, d), f16),
+        s((ffn, d), f16),
+        s((ffn,), f16),
+        s((batch, rank), f16),
+        s((ffn, rank), f16),
+        s((ffn,), jnp.float32),
+        s((), jnp.float32),
+    )
     assert "select_fc1_threshold" in text
-    text = lowered_text_for_cuda(jax.jit(lambda *a: nonzero_fc2(*a, interpret=False)), s((batch, ffn), f16),
-                                 s((ffn, d), f16), s((d,), f16))
+    text = lowered_text_for_cuda(
+        jax.jit(lambda *a: nonzero_fc2(*a, interpret=False)), s((batch, ffn), f16), s((ffn, d), f16), s((d,), f16)
+    )
     assert "nonzero_fc2" in text
 
 
-@pytest.mark.parametrize("call, args, match", [
-    ("fc1", dict(x=jnp.zeros((17, 32))), "batch must be in"),
-    ("fc1", dict(row_mask=jnp.zeros((8,), jnp.int32)), "row_mask must be"),
-    ("fc1", dict(w=jnp.zeros((64, 16))), "must be \\[ffn, d\\]"),
-    ("thr", dict(p=jnp.zeros((1, 24))), "need w2_t"),
-    ("thr", dict(pw=jnp.zeros((64, 24)), p=jnp.zeros((1, 24))), "power of two"),
-    ("fc2", dict(b2=jnp.zeros((3,))), "fc2_b must be"),
-])
+@pytest.mark.parametrize(
+    "call, args, match",
+    [
+        ("fc1", dict(x=jnp.zeros((17, 32))), "batch must be in"),
+        ("fc1", dict(row_mask=jnp.zeros((8,), jnp.int32)), "row_mask must be"),
+        ("fc1", dict(w=jnp.zeros((64, 16))), "must be \\[ffn, d\\]"),
+        ("thr", dict(p=jnp.zeros((1, 24))), "need w2_t"),
+        ("thr", dict(pw=jnp.zeros((64, 24)), p=jnp.zeros((1, 24))), "power of two"),
+        ("fc2", dict(b2=jnp.zeros((3,))), "fc2_b must be"),
+    ],
+)
 def test_bad_inputs_raise(call, args, match):
-    a = dict(x=jnp.zeros((1, 32)), w=jnp.zeros((64, 32)), b=jnp.zeros((64,)), row_mask=jnp.zeros((64,), jnp.int32),
-             p=jnp.zeros((1, 16)), pw=jnp.zeros((64, 16)), pb=jnp.zeros((64,)), b2=jnp.zeros((32,)))
+    a = dict(
+        x=jnp.zeros((1, 32)),
+        w=jnp.zeros((64, 32)),
+        b=jnp.zeros((64,)),
+        row_mask=jnp.zeros((64,), jnp.int32),
+        p=jnp.zeros((1, 16)),
+        pw=jnp.zeros((64, 16)),
+        pb=jnp.zeros((64,)),
+        b2=jnp.zeros((32,)),
+    )
     a.update(args)
     with pytest.raises(ValueError, match=match):
         if call == "fc1":

@@ -29,7 +29,7 @@ def left_padded_batch(rng, vocab, lengths, total):
     ids = rng.integers(3, vocab, size=(len(lengths), total))
     mask = np.zeros((len(lengths), total), np.int64)
     for row, n in enumerate(lengths):
-        mask[row, total - n:] = 1
+        mask[row, total - n :] = 1
         ids[row, : total - n] = 1
     return ids, mask
 
@@ -53,6 +53,7 @@ def test_logits_match_hf(variant, save_hf):
 
 def test_reference_model_logits_match_hf(reference_model_dir):
     from transformers import OPTForCausalLM as HF
+
     hf = HF.from_pretrained(reference_model_dir, dtype=torch.float32).eval()
     model = load_model(reference_model_dir, "float32")
     ids, mask = left_padded_batch(np.random.default_rng(2), model.config.vocab_size, [64, 40], 64)
@@ -75,21 +76,29 @@ def test_cached_decoding_equals_full_forward(variant, attention_impl, save_hf):
     last, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=config, num_slots=prompt_len + steps)
     step_logits = [np.asarray(last)]
     for t in range(steps - 1):
-        last, cache = decode_step(params, cache, jnp.asarray(continuation[:, t]), config=config,
-                                  attention_impl=attention_impl)
+        last, cache = decode_step(
+            params, cache, jnp.asarray(continuation[:, t]), config=config, attention_impl=attention_impl
+        )
         step_logits.append(np.asarray(last))
 
     full_ids = np.concatenate([ids, continuation], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(continuation)], axis=1)
     full, _ = OPTForCausalLM(config).apply({"params": params}, jnp.asarray(full_ids), jnp.asarray(full_mask))
-    expected = np.asarray(full)[:, prompt_len - 1: prompt_len - 1 + steps]
+    expected = np.asarray(full)[:, prompt_len - 1 : prompt_len - 1 + steps]
     assert rel_max_err(np.stack(step_logits, axis=1), expected) <= 1e-5
 
 
 def test_everything_selected_equals_dense():
     """The sparse seams with every neuron and every head selected compute the dense model."""
-    config = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
-                       max_position_embeddings=32, word_embed_proj_dim=32)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=48,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+    )
     params = init_params(config, jax.random.PRNGKey(4))
     ids = jax.random.randint(jax.random.PRNGKey(5), (2, 9), 3, 64)
     model = OPTForCausalLM(config)
@@ -108,8 +117,15 @@ def test_everything_selected_equals_dense():
 def test_pallas_decode_attention_equals_xla_with_head_sparsity():
     """Decode steps that compute a head subset: the fused Pallas launch leaves the same cache holes and
     gives the same logits as the XLA path."""
-    config = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
-                       max_position_embeddings=32, word_embed_proj_dim=32)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=48,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+    )
     params = init_params(config, jax.random.PRNGKey(8))
     ids = jax.random.randint(jax.random.PRNGKey(9), (2, 6), 3, 64)
     mask = jnp.ones_like(ids).at[1, :2].set(0)  # left padding
@@ -119,8 +135,9 @@ def test_pallas_decode_attention_equals_xla_with_head_sparsity():
         _, cache = prefill(params, ids, mask, config=config, num_slots=10)
         logits = []
         for token in (5, 7, 11):
-            last, cache = decode_step(params, cache, jnp.full((2,), token, jnp.int32), None, head_idx,
-                                      config=config, attention_impl=impl)
+            last, cache = decode_step(
+                params, cache, jnp.full((2,), token, jnp.int32), None, head_idx, config=config, attention_impl=impl
+            )
             logits.append(np.asarray(last))
         results[impl] = (np.stack(logits), cache)
     (xla_logits, xla_cache), (pallas_logits, pallas_cache) = results["xla"], results["pallas"]
@@ -133,16 +150,30 @@ def test_pallas_decode_attention_equals_xla_with_head_sparsity():
 
 
 def test_unknown_attention_impl_raises():
-    config = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=48,
-                       max_position_embeddings=32, word_embed_proj_dim=32)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        ffn_dim=48,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+    )
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         OPTForCausalLM(config, attention_impl="cuda").init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_close_to_fp32(dtype):
-    config = OPTConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                       max_position_embeddings=32, word_embed_proj_dim=64)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        max_position_embeddings=32,
+        word_embed_proj_dim=64,
+    )
     params = init_params(config, jax.random.PRNGKey(6))
     ids = jax.random.randint(jax.random.PRNGKey(7), (2, 12), 3, 64)
     ref, _ = OPTForCausalLM(config).apply({"params": params}, ids)

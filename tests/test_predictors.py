@@ -7,8 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dejavu_jax.predictor_store import (METADATA_FILE, PredictorError, load_predictors, predictor_metadata,
-                                        save_predictors)
+from dejavu_jax.predictor_store import (
+    METADATA_FILE,
+    PredictorError,
+    load_predictors,
+    predictor_metadata,
+    save_predictors,
+)
 from dejavu_jax.predictors import Predictors, init_low_rank, predictor_scores
 from dejavu_jax.sparsity import decode_predictor, sparse_weights_from_predictors
 
@@ -55,8 +60,9 @@ def test_abstract_trees_hash_equal():
     abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
     sa, sb = jax.tree.structure(abstract(wa)), jax.tree.structure(abstract(wb))
     assert sa == sb and hash(sa) == hash(sb)
-    c = sparse_weights_from_predictors(_predictors(jax.random.PRNGKey(0), mlp_k=[8, 16, 32], head_k=[4, 3, 2]),
-                                       thresholds=[0.0] * 3)
+    c = sparse_weights_from_predictors(
+        _predictors(jax.random.PRNGKey(0), mlp_k=[8, 16, 32], head_k=[4, 3, 2]), thresholds=[0.0] * 3
+    )
     assert jax.tree.structure(c) != sa
     traces = []
 
@@ -64,6 +70,7 @@ def test_abstract_trees_hash_equal():
     def f(w, x):
         traces.append(1)
         return w.mlp[0].scores(x) >= w.mlp[0].threshold
+
     x = jnp.ones((2, 16))
     f(wa, x)
     f(wb, x)
@@ -94,8 +101,9 @@ def test_save_load_roundtrip_into_model_dir(tmp_path):
     assert meta["recall_target"] == 0.99 and meta["training_tokens"] == 123 and meta["rank"] == 4
     # Replacing is atomic too: the old contents are gone, nothing else is left.
     assert load_predictors(model_dir).mlp_threshold is None  # uncalibrated thresholds stay absent
-    save_predictors(p.with_k([40, 40, 40], [1, 1, 1]).with_threshold([0.25, -1.5, float("-inf")]),
-                    model_dir / "predictors", {})
+    save_predictors(
+        p.with_k([40, 40, 40], [1, 1, 1]).with_threshold([0.25, -1.5, float("-inf")]), model_dir / "predictors", {}
+    )
     q = load_predictors(model_dir)
     assert q.mlp_k == (40, 40, 40) and q.mlp_threshold == (0.25, -1.5, float("-inf"))
     assert sorted(e.name for e in model_dir.iterdir()) == ["predictors"]
@@ -107,6 +115,7 @@ def test_load_errors(tmp_path):
     p = _predictors(jax.random.PRNGKey(0))
     save_predictors(p, tmp_path / "predictors")
     from dejavu_jax.config import OPTConfig
+
     other = OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, ffn_dim=40, word_embed_proj_dim=16)
     with pytest.raises(PredictorError, match="the model has"):
         load_predictors(tmp_path, other)

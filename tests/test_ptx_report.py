@@ -123,8 +123,14 @@ ptxas info    : Used 40 registers, used 0 barriers, 384 bytes cmem[0]
 
 def test_parse_ptxas_info():
     info = pr.parse_ptxas_info(PTXAS_OUT)
-    assert info["sparse_mlp_fc1"] == {"stack_bytes": 8, "spill_stores": 12, "spill_loads": 16, "registers": 168,
-                                      "barriers": 1, "smem_bytes": 1024}
+    assert info["sparse_mlp_fc1"] == {
+        "stack_bytes": 8,
+        "spill_stores": 12,
+        "spill_loads": 16,
+        "registers": 168,
+        "barriers": 1,
+        "smem_bytes": 1024,
+    }
     assert info["sparse_mlp_fc2"]["registers"] == 40 and "smem_bytes" not in info["sparse_mlp_fc2"]
 
 
@@ -162,8 +168,13 @@ SASS = """\
 
 def test_count_sass():
     counts = pr.count_sass(SASS)
-    assert counts["sparse_mlp_fc1"] == {"LDG.E.128": 1, "LDG.E.128.CONSTANT": 1, "LDG.E.64": 1, "LDG.E": 1,
-                                        "STG.E.U16": 1}
+    assert counts["sparse_mlp_fc1"] == {
+        "LDG.E.128": 1,
+        "LDG.E.128.CONSTANT": 1,
+        "LDG.E.64": 1,
+        "LDG.E": 1,
+        "STG.E.U16": 1,
+    }
     assert pr.sass_by_width(counts["sparse_mlp_fc1"]) == {"LDG": {"16": 2, "8": 1, "4": 1}, "STG": {"2": 1}}
     assert counts["sparse_mlp_fc2"] == {"LDGSTS.E.BYPASS.128": 1, "RED.E.ADD.F32.FTZ.RN.STRONG.GPU": 1}
 
@@ -247,6 +258,7 @@ def _mlir_escape(data: bytes) -> str:
 
 def _proto_field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (tag and length both fit one varint byte or two here)."""
+
     def varint(n):
         out = bytearray()
         while True:
@@ -254,6 +266,7 @@ def _proto_field(number: int, payload: bytes) -> bytes:
             n >>= 7
             if not n:
                 return bytes(out)
+
     return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
@@ -261,8 +274,10 @@ def test_ptx_from_stablehlo_opaque():
     """jaxlib > 0.10.2: PTX inside a zlib-compressed proto in the custom call's opaque string."""
     kernel = _proto_field(1, b"sparse_mlp_fc1") + b"\x10\x08" + _proto_field(4, PTX.encode())
     blob = zlib.compress(_proto_field(1, _proto_field(1, kernel)) + _proto_field(3, b"sparse_mlp_fc1"))
-    text = (f'%0 = stablehlo.custom_call @triton_kernel_call_ffi(%arg0) {{mhlo.backend_config = '
-            f'{{name = "sparse_mlp_fc1", opaque = "{_mlir_escape(blob)}"}}}}')
+    text = (
+        f"%0 = stablehlo.custom_call @triton_kernel_call_ffi(%arg0) {{mhlo.backend_config = "
+        f'{{name = "sparse_mlp_fc1", opaque = "{_mlir_escape(blob)}"}}}}'
+    )
     assert pr.ptx_from_stablehlo(text) == [PTX]
     assert pr.ptx_from_stablehlo('opaque = "not zlib"') == []
 
@@ -273,8 +288,14 @@ def test_run_tool_missing():
 
 def _ptx_report(*args, timeout=120):
     """`python -m tools.ptx_report ARGS` from the repository root, as a developer runs it."""
-    return subprocess.run([sys.executable, "-m", "tools.ptx_report", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run(
+        [sys.executable, "-m", "tools.ptx_report", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def test_ptx_command_fails_clearly_without_gpu():
@@ -290,8 +311,7 @@ def test_ptx_command_fails_clearly_without_gpu():
 
 def test_not_a_bench_command_nor_installed():
     """A developer tool: `python -m bench` no longer offers it, and the package build does not include tools/."""
-    res = subprocess.run([sys.executable, "-m", "bench", "ptx"], capture_output=True, text=True, cwd=REPO,
-                         timeout=60)
+    res = subprocess.run([sys.executable, "-m", "bench", "ptx"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert res.returncode == 2 and "unknown command 'ptx'" in res.stderr
     pyproject = (REPO / "pyproject.toml").read_text()
     include = next(line for line in pyproject.splitlines() if line.startswith("include = "))
@@ -309,10 +329,13 @@ def test_report_from_a_fake_worker(tmp_path, monkeypatch):
         (wd / "worker" / "optimized_hlo.txt").write_text(HLO)
         (wd / "xla_dump").mkdir()
         (wd / "xla_dump" / "module_0001.jit_f.ptx").write_text(PTX.replace("sparse_mlp_fc1", "other_kernel"))
-        return {"provenance": {"card": "Fake GPU", "date": "2026-01-01", "commit": "abc1234", "jax": "0"},
-                "plan": "bk16 bd512", "capture_error": None,
-                "pallas_calls": [{"name": "sparse_mlp_fc1", "grid": [128, 3], "num_warps": 8, "num_stages": 2}],
-                "captured": [{"smem_bytes": 4096, "entries": ["sparse_mlp_fc1", "wrapped_pad"]}]}
+        return {
+            "provenance": {"card": "Fake GPU", "date": "2026-01-01", "commit": "abc1234", "jax": "0"},
+            "plan": "bk16 bd512",
+            "capture_error": None,
+            "pallas_calls": [{"name": "sparse_mlp_fc1", "grid": [128, 3], "num_warps": 8, "num_stages": 2}],
+            "captured": [{"smem_bytes": 4096, "entries": ["sparse_mlp_fc1", "wrapped_pad"]}],
+        }
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -336,12 +359,12 @@ def test_report_from_a_fake_worker(tmp_path, monkeypatch):
     assert "2x16B 1x4B 1x2B" in md and "Fake GPU" in md and "abc1234" in md and "sectors/req" in md
 
 
-SASS_PAGE = '''"Address","Source"
+SASS_PAGE = """"Address","Source"
 "00007f10","LDG.E.128.CONSTANT R4, desc[UR6][R2.64]"
 "00007f20","LDG.E.128.CONSTANT R8, desc[UR6][R2.64+0x200]"
 "00007f30","LDG.E.U16 R12, desc[UR6][R14.64]"
 "00007f40","STG.E.U16 desc[UR6][R16.64], R12"
-'''
+"""
 
 
 def test_count_sass_opcodes_on_an_ncu_source_page():
@@ -357,16 +380,21 @@ def test_report_without_ptx_reads_sass_through_ncu(tmp_path, monkeypatch):
     def fake_worker(config, wd, timeout):
         (wd / "worker").mkdir(parents=True, exist_ok=True)
         (wd / "worker" / "optimized_hlo.txt").write_text(HLO)
-        return {"provenance": {"card": "Fake GPU", "date": "2026-01-01", "commit": "abc1234", "jax": "0"},
-                "plan": "bk16 bd512", "capture_error": "no compile hook", "captured": [],
-                "pallas_calls": [{"name": "sparse_mlp_fc1", "grid": [128, 3], "num_warps": 8, "num_stages": 2}]}
+        return {
+            "provenance": {"card": "Fake GPU", "date": "2026-01-01", "commit": "abc1234", "jax": "0"},
+            "plan": "bk16 bd512",
+            "capture_error": "no compile hook",
+            "captured": [],
+            "pallas_calls": [{"name": "sparse_mlp_fc1", "grid": [128, 3], "num_warps": 8, "num_stages": 2}],
+        }
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (tmp_path / "ncu.csv").write_text(NCU)
     (tmp_path / "sass.csv").write_text(SASS_PAGE)
-    (bindir / "ncu").write_text(f'#!/bin/sh\ncase "$*" in *source*) cat {tmp_path / "sass.csv"};; '
-                                f'*) cat {tmp_path / "ncu.csv"};; esac\n')
+    (bindir / "ncu").write_text(
+        f'#!/bin/sh\ncase "$*" in *source*) cat {tmp_path / "sass.csv"};; *) cat {tmp_path / "ncu.csv"};; esac\n'
+    )
     (bindir / "ncu").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(pr, "run_worker", fake_worker)

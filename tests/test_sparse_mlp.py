@@ -76,8 +76,7 @@ class TestSparseMLP:
             pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret subclass covers CPU")
 
     def _check(self, batch, d, ffn, idx_or_k, dtype, **knobs):
-        key = _key(batch, d, ffn, idx_or_k if isinstance(idx_or_k, int) else tuple(idx_or_k),
-                   str(dtype), knobs)
+        key = _key(batch, d, ffn, idx_or_k if isinstance(idx_or_k, int) else tuple(idx_or_k), str(dtype), knobs)
         params = _mlp_inputs(key, batch, d, ffn, dtype)
         if isinstance(idx_or_k, int):
             idx = _random_idx(jax.random.fold_in(key, 1), ffn, idx_or_k)
@@ -94,8 +93,7 @@ class TestSparseMLP:
         self._check(batch, d, ffn, k, jnp.float32)
 
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-    @pytest.mark.parametrize("batch,d,ffn,k", [(1, 2560, 256, 100), (3, 384, 512, 37),
-                                               (16, 384, 512, 48)])
+    @pytest.mark.parametrize("batch,d,ffn,k", [(1, 2560, 256, 100), (3, 384, 512, 37), (16, 384, 512, 48)])
     def test_half_precision_matches_float64(self, batch, d, ffn, k, dtype):
         self._check(batch, d, ffn, k, dtype)
 
@@ -125,12 +123,16 @@ class TestSparseMLP:
         once = _reference_f64(*params, np.array([7, 200, 3, 511]))
         assert _row_rel_err(out, once).min() > 1e-2  # The repeats really changed every row.
 
-    @pytest.mark.parametrize("batch,knobs", [
-        (3, dict(block_k=8, block_d=128, split_d=2, split_k=3)),
-        (3, dict(block_k=16, block_d=128, split_d=1, split_k=1, use_dot=True)),
-        (3, dict(block_k=4, block_d=256, split_d=3, split_k=5, num_warps=4, num_stages=1)),
-        (1, dict(block_k=4, block_d=256, split_d=3, split_k=2)),
-        (1, dict(block_k=64, block_d=32, split_d=1, split_k=1))])
+    @pytest.mark.parametrize(
+        "batch,knobs",
+        [
+            (3, dict(block_k=8, block_d=128, split_d=2, split_k=3)),
+            (3, dict(block_k=16, block_d=128, split_d=1, split_k=1, use_dot=True)),
+            (3, dict(block_k=4, block_d=256, split_d=3, split_k=5, num_warps=4, num_stages=1)),
+            (1, dict(block_k=4, block_d=256, split_d=3, split_k=2)),
+            (1, dict(block_k=64, block_d=32, split_d=1, split_k=1)),
+        ],
+    )
     def test_block_knobs(self, batch, knobs):
         # K = 37 is not a multiple of any block; d = 384 is ragged for block_d = 256; split_d > 1 has
         # plain JAX finish h, split_k > 1 sums fc2's partial outputs.
@@ -146,15 +148,29 @@ class TestSparseMLPInterpret(TestSparseMLP):
     INTERPRET = True
 
 
-@pytest.mark.parametrize("batch,d,ffn,k,dtype", [
-    (1, 5120, 20480, 1024, jnp.float16), (4, 2560, 10240, 999, jnp.bfloat16),
-    (16, 384, 512, 48, jnp.float16), (64, 9216, 36864, 1856, jnp.float16),
-    (3, 100, 256, 5, jnp.float32)])
+@pytest.mark.parametrize(
+    "batch,d,ffn,k,dtype",
+    [
+        (1, 5120, 20480, 1024, jnp.float16),
+        (4, 2560, 10240, 999, jnp.bfloat16),
+        (16, 384, 512, 48, jnp.float16),
+        (64, 9216, 36864, 1856, jnp.float16),
+        (3, 100, 256, 5, jnp.float32),
+    ],
+)
 def test_lowers_for_gpu(batch, d, ffn, k, dtype):
     """The Pallas -> Triton lowering (not Triton's own compile) runs on any host, for CUDA."""
-    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
-        ((batch, d), dtype), ((ffn, d), dtype), ((ffn,), dtype), ((ffn, d), dtype), ((d,), dtype),
-        ((k,), jnp.int32))]
+    args = [
+        jax.ShapeDtypeStruct(s, dt)
+        for s, dt in (
+            ((batch, d), dtype),
+            ((ffn, d), dtype),
+            ((ffn,), dtype),
+            ((ffn, d), dtype),
+            ((d,), dtype),
+            ((k,), jnp.int32),
+        )
+    ]
     text = lowered_text_for_cuda(jax.jit(lambda *a: sparse_mlp(*a, interpret=False)), *args)
     assert "triton" in text.lower()
 
@@ -194,13 +210,16 @@ def test_bad_inputs_raise(name, args, match):
     assert "Got" in str(info.value)
 
 
-@pytest.mark.parametrize("knobs,match", [
-    (dict(block_k=12), "block_k must be a positive power of two"),
-    (dict(block_d=0), "block_d must be a positive power of two"),
-    (dict(split_k=0), "split_k must be a positive int"),
-    (dict(use_dot=True, block_k=8), "use_dot needs block_k >= 16"),
-    (dict(interpret="yes"), "interpret must be True, False or None"),
-])
+@pytest.mark.parametrize(
+    "knobs,match",
+    [
+        (dict(block_k=12), "block_k must be a positive power of two"),
+        (dict(block_d=0), "block_d must be a positive power of two"),
+        (dict(split_k=0), "split_k must be a positive int"),
+        (dict(use_dot=True, block_k=8), "use_dot needs block_k >= 16"),
+        (dict(interpret="yes"), "interpret must be True, False or None"),
+    ],
+)
 def test_bad_knobs_raise(knobs, match):
     knobs = {"interpret": True, **knobs}
     with pytest.raises(ValueError, match=match) as info:

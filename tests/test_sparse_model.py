@@ -12,11 +12,24 @@ from dejavu_jax.generation import decode_step, prefill
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax.predictors import Predictors, init_low_rank
 from dejavu_jax.sparse_mlp import mlp_dense, mlp_per_token_rows
-from dejavu_jax.sparsity import (MLPSparsity, Selection, SparseWeights, SparsityPolicy, check_sparsity,
-                                 sparse_weights_from_predictors)
+from dejavu_jax.sparsity import (
+    MLPSparsity,
+    Selection,
+    SparseWeights,
+    SparsityPolicy,
+    check_sparsity,
+    sparse_weights_from_predictors,
+)
 
-CONFIG = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
-                   max_position_embeddings=32, word_embed_proj_dim=32)
+CONFIG = OPTConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=48,
+    max_position_embeddings=32,
+    word_embed_proj_dim=32,
+)
 PREDICTED = SparsityPolicy(MLPSparsity.PREDICTED, Selection.THRESHOLD)
 TOPK = SparsityPolicy(MLPSparsity.PREDICTED, Selection.TOPK)
 LOSSLESS = SparsityPolicy(MLPSparsity.LOSSLESS)
@@ -35,8 +48,11 @@ def random_predictors(config, k, threshold=None, seed=0, rank=8):
 def test_per_token_rows_match_a_float64_gather(tokens, density):
     rng = np.random.default_rng(tokens)
     d, ffn = 24, 48
-    x, w1, w2t = rng.standard_normal((tokens, d)), rng.standard_normal((ffn, d)) * 0.3, rng.standard_normal(
-        (ffn, d)) * 0.3
+    x, w1, w2t = (
+        rng.standard_normal((tokens, d)),
+        rng.standard_normal((ffn, d)) * 0.3,
+        rng.standard_normal((ffn, d)) * 0.3,
+    )
     b1, b2 = rng.standard_normal(ffn) * 0.1, rng.standard_normal(d)
     chosen = rng.random((tokens, ffn)) < density
     out, _ = mlp_per_token_rows(*(jnp.asarray(a, jnp.float32) for a in (x, w1, b1, w2t, b2)), jnp.asarray(chosen))
@@ -55,18 +71,26 @@ def test_whole_sequence_threshold_and_topk_choosing_everything_equal_dense_and_f
     ids = jax.random.randint(jax.random.PRNGKey(3), (2, 11), 3, 64)
     model = OPTForCausalLM(CONFIG)
     dense, _ = model.apply({"params": params}, ids)
-    for policy, predictors in ((PREDICTED, random_predictors(CONFIG, 48, -np.inf)),
-                               (TOPK, random_predictors(CONFIG, 48))):
+    for policy, predictors in (
+        (PREDICTED, random_predictors(CONFIG, 48, -np.inf)),
+        (TOPK, random_predictors(CONFIG, 48)),
+    ):
         weights = sparse_weights_from_predictors(predictors, selection=policy.selection)
         everything, _ = model.apply({"params": params}, ids, policy=policy, sparse_weights=weights)
         assert rel_max_err(everything, dense) <= 1e-5
     for policy, predictors in ((PREDICTED, random_predictors(CONFIG, 48, 1.0)), (TOPK, random_predictors(CONFIG, 4))):
         weights = sparse_weights_from_predictors(predictors, selection=policy.selection)
-        (few, _), state = model.apply({"params": params}, ids, policy=policy, sparse_weights=weights,
-                                      mutable=["intermediates"])
+        (few, _), state = model.apply(
+            {"params": params}, ids, policy=policy, sparse_weights=weights, mutable=["intermediates"]
+        )
         assert rel_max_err(few, dense) > 1e-3
-        density = np.mean([np.mean(v["mlp"]["mlp_density"][0]) for v in state["intermediates"].values()
-                           if isinstance(v, dict) and "mlp" in v])
+        density = np.mean(
+            [
+                np.mean(v["mlp"]["mlp_density"][0])
+                for v in state["intermediates"].values()
+                if isinstance(v, dict) and "mlp" in v
+            ]
+        )
         assert 0 < density < 0.6
 
 
@@ -79,19 +103,20 @@ def decode_logits(params, prompt, continuation, policy, weights):
     return np.stack(steps, axis=1)
 
 
-@pytest.mark.parametrize("policy, predictors", [(PREDICTED, random_predictors(CONFIG, 48, 0.5)),
-                                                (TOPK, random_predictors(CONFIG, 8))])
+@pytest.mark.parametrize(
+    "policy, predictors", [(PREDICTED, random_predictors(CONFIG, 48, 0.5)), (TOPK, random_predictors(CONFIG, 8))]
+)
 def test_decode_kernels_equal_the_per_token_path_and_differ_from_dense(policy, predictors):
     """At batch 1 the row-masked kernels (interpret mode) in the compiled decode step give what the per-token
     path gives for the same token, and both differ from dense."""
     import dataclasses
+
     params = init_params(CONFIG, jax.random.PRNGKey(4))
     prompt = jax.random.randint(jax.random.PRNGKey(5), (1, 5), 3, 64)
     continuation = jax.random.randint(jax.random.PRNGKey(6), (1, 4), 3, 64)
     weights = sparse_weights_from_predictors(predictors, selection=policy.selection)
     kernels = decode_logits(params, prompt, continuation, policy, weights)
-    per_token = decode_logits(params, prompt, continuation, dataclasses.replace(policy, decode_kernels=False),
-                              weights)
+    per_token = decode_logits(params, prompt, continuation, dataclasses.replace(policy, decode_kernels=False), weights)
     dense = decode_logits(params, prompt, continuation, SparsityPolicy(), None)
     assert rel_max_err(kernels, per_token) <= 1e-5
     assert rel_max_err(kernels, dense) > 1e-3
@@ -109,8 +134,13 @@ def test_lossless_and_everything_chosen_decode_equal_dense_and_batches_fall_back
     prompt2 = jax.random.randint(jax.random.PRNGKey(10), (2, 6), 3, 64)
     cont2 = jnp.concatenate([continuation, continuation])
     few = sparse_weights_from_predictors(random_predictors(CONFIG, 48, 5.0))
-    assert rel_max_err(decode_logits(params, prompt2, cont2, PREDICTED, few),
-                       decode_logits(params, prompt2, cont2, SparsityPolicy(), None)) <= 1e-6
+    assert (
+        rel_max_err(
+            decode_logits(params, prompt2, cont2, PREDICTED, few),
+            decode_logits(params, prompt2, cont2, SparsityPolicy(), None),
+        )
+        <= 1e-6
+    )
 
 
 def test_fixed_rows_and_policy_errors():
@@ -136,10 +166,21 @@ def test_eval_ppl_json_dense_vs_sparse(reference_model_dir, tmp_path, capsys):
     from dejavu_jax.checkpoint import load_model
     from dejavu_jax.predictor_store import save_predictors
     from eval.__main__ import main as eval_main
+
     config = load_model(reference_model_dir, "float32").config
     data = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
-    base = ["ppl", "--model", str(reference_model_dir), "--data", str(data), "--seq-len", "128", "--max-windows", "2",
-            "--json"]
+    base = [
+        "ppl",
+        "--model",
+        str(reference_model_dir),
+        "--data",
+        str(data),
+        "--seq-len",
+        "128",
+        "--max-windows",
+        "2",
+        "--json",
+    ]
     results = {}
     for name, threshold in (("all", -np.inf), ("few", 2.0)):
         save_predictors(random_predictors(config, k=config.ffn_dim, threshold=threshold), tmp_path / name)
@@ -155,13 +196,17 @@ def test_eval_ppl_json_dense_vs_sparse(reference_model_dir, tmp_path, capsys):
     assert 0 < min(lossless["mlp_density"]) and max(lossless["mlp_density"]) < 0.6  # ReLU zeros skipped
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--mlp-sparsity", "predicted"], "needs --predictors"),
-    (["--mlp-sparsity", "lossless", "--predictors", "x"], "goes with --mlp-sparsity predicted"),
-    (["--selection", "topk"], "applies to --mlp-sparsity predicted"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mlp-sparsity", "predicted"], "needs --predictors"),
+        (["--mlp-sparsity", "lossless", "--predictors", "x"], "goes with --mlp-sparsity predicted"),
+        (["--selection", "topk"], "applies to --mlp-sparsity predicted"),
+    ],
+)
 def test_sparsity_flag_errors_before_loading(flags, message, reference_model_dir, capsys):
     from dejavu_jax.generate import main as generate_main
+
     assert generate_main(["--model", "/nonexistent", "--prompt", "x"] + flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
@@ -171,13 +216,26 @@ def test_sparse_generation_choosing_everything_equals_dense(reference_model_dir,
     from dejavu_jax.checkpoint import load_model
     from dejavu_jax.generate import main as generate_main
     from dejavu_jax.predictor_store import save_predictors
+
     config = load_model(reference_model_dir, "float32").config
     save_predictors(random_predictors(config, k=config.ffn_dim, threshold=-np.inf), tmp_path / "all")
-    argv = ["--model", str(reference_model_dir), "--prompt", "The history of", "--max-new-tokens", "6",
-            "--dtype", "float32", "--json"]
+    argv = [
+        "--model",
+        str(reference_model_dir),
+        "--prompt",
+        "The history of",
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "float32",
+        "--json",
+    ]
     assert generate_main(argv) == 0
     dense = capsys.readouterr().out
-    for extra in (["--predictors", str(tmp_path / "all")], ["--predictors", str(tmp_path / "all"), "--selection",
-                                                            "topk"], ["--mlp-sparsity", "lossless"]):
+    for extra in (
+        ["--predictors", str(tmp_path / "all")],
+        ["--predictors", str(tmp_path / "all"), "--selection", "topk"],
+        ["--mlp-sparsity", "lossless"],
+    ):
         assert generate_main(argv + extra) == 0
         assert capsys.readouterr().out == dense, extra

@@ -19,23 +19,30 @@ pytestmark = pytest.mark.skipif(not TASKS_DIR.is_dir(), reason="needs ../shared/
 # multi-token continuation, a continuation the model predicts greedily, unicode; and the edge cases: an empty
 # context before a continuation that starts with </s>, a context that starts with </s>, a context longer than the
 # model's 1024 positions (truncated from the left).
-REQUESTS = [("The capital of France is", " Paris"), ("The United States of", " America"),
-            ("Question: Is water wet?\nAnswer: ", "yes"),
-            ("", "Hello world, this is a test."), ("The the the the the the the the", " the"),
-            ("Café au lait is a", " drink made with coffee and hot milk."),
-            ("", "</s>Hello world"), ("</s>The capital of France is", " Paris"),
-            (" ".join(["word"] * 1100), " end")]
+REQUESTS = [
+    ("The capital of France is", " Paris"),
+    ("The United States of", " America"),
+    ("Question: Is water wet?\nAnswer: ", "yes"),
+    ("", "Hello world, this is a test."),
+    ("The the the the the the the the", " the"),
+    ("Café au lait is a", " drink made with coffee and hot milk."),
+    ("", "</s>Hello world"),
+    ("</s>The capital of France is", " Paris"),
+    (" ".join(["word"] * 1100), " end"),
+]
 
 
 @pytest.fixture(scope="module")
 def jax_lm():
     from dejavu_jax.checkpoint import load_model
     from eval.harness import JaxOPT
+
     return JaxOPT(load_model(REFERENCE_MODEL, "float32"), batch_size=4, progress=False)
 
 
 def _instances(pairs):
     from lm_eval.api.instance import Instance
+
     return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
 
@@ -44,6 +51,7 @@ def test_loglikelihood_matches_lm_eval_hf_backend(jax_lm):
     pytest.importorskip("accelerate")
     assert len(jax_lm.encode_pair(*REQUESTS[-1])[0]) > jax_lm.max_length  # the truncation case is real
     from lm_eval.models.huggingface import HFLM
+
     hf = HFLM(pretrained=str(REFERENCE_MODEL), device="cpu", batch_size=4, dtype="float32")
     want = hf.loglikelihood(_instances(REQUESTS), disable_tqdm=True)
     got = jax_lm.loglikelihood(_instances(REQUESTS))
@@ -62,6 +70,7 @@ def test_batching_and_padding_do_not_change_scores(jax_lm):
 @pytest.fixture(scope="module")
 def task_manager():
     from lm_eval.tasks import TaskManager
+
     return TaskManager()  # indexing lm-eval's task YAMLs takes seconds: once per module
 
 
@@ -95,8 +104,10 @@ def test_unknown_task_and_missing_dir_are_clear_errors(tmp_path, task_manager):
 
 
 # Gold answers read straight from the raw split files, not through the local loaders' label mapping.
-RAW_GOLD = {"copa": ("copa/val.jsonl", lambda record: int(record["label"])),
-            "rte": ("rte/val.jsonl", lambda record: 0 if record["label"] == "entailment" else 1)}
+RAW_GOLD = {
+    "copa": ("copa/val.jsonl", lambda record: int(record["label"])),
+    "rte": ("rte/val.jsonl", lambda record: 0 if record["label"] == "entailment" else 1),
+}
 
 
 def accuracy_by_hand(jax_lm, name, task_manager, limit):
@@ -116,8 +127,21 @@ def accuracy_by_hand(jax_lm, name, task_manager, limit):
 
 def test_cli_writes_results_and_resumes(tmp_path, capsys, monkeypatch, jax_lm, task_manager):
     out = tmp_path / "tasks.json"
-    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa,rte", "--tasks-dir", str(TASKS_DIR),
-            "--limit", "6", "--batch-size", "4", "--out", str(out)]
+    argv = [
+        "tasks",
+        "--model",
+        str(REFERENCE_MODEL),
+        "--tasks",
+        "copa,rte",
+        "--tasks-dir",
+        str(TASKS_DIR),
+        "--limit",
+        "6",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     # Every progress bar the run draws (lm-eval's over the documents, ours over the batches) names its task.
     bars = {line.split(":")[0] for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "|" in line}
@@ -128,6 +152,7 @@ def test_cli_writes_results_and_resumes(tmp_path, capsys, monkeypatch, jax_lm, t
         assert saved["tasks"][name]["dense"]["acc"] == pytest.approx(accuracy_by_hand(jax_lm, name, task_manager, 6))
     # A rerun with the same settings scores nothing again.
     import eval.tasks
+
     monkeypatch.setattr(eval.tasks, "evaluate_task", lambda *a: pytest.fail("re-evaluated a finished task"))
     assert main(argv + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tasks"] == saved["tasks"]
@@ -137,10 +162,23 @@ def test_cli_predictors_keeping_every_neuron_reproduce_dense(tmp_path, capsys):
     from dejavu_jax.checkpoint import load_model
     from dejavu_jax.predictor_store import save_predictors
     from test_sparse_model import random_predictors
+
     config = load_model(REFERENCE_MODEL, "float32").config
     save_predictors(random_predictors(config, k=config.ffn_dim, threshold=-float("inf")), tmp_path / "predictors")
-    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa", "--tasks-dir", str(TASKS_DIR),
-            "--limit", "8", "--predictors", str(tmp_path / "predictors"), "--json"]
+    argv = [
+        "tasks",
+        "--model",
+        str(REFERENCE_MODEL),
+        "--tasks",
+        "copa",
+        "--tasks-dir",
+        str(TASKS_DIR),
+        "--limit",
+        "8",
+        "--predictors",
+        str(tmp_path / "predictors"),
+        "--json",
+    ]
     for selection in ("threshold", "topk"):
         assert main(argv + ["--selection", selection]) == 0
         report = json.loads(capsys.readouterr().out)
@@ -152,31 +190,49 @@ def test_cli_predictors_keeping_every_neuron_reproduce_dense(tmp_path, capsys):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     import dejavu_jax.checkpoint
+
     monkeypatch.setattr(dejavu_jax.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
 
 
 def test_cli_refuses_an_out_file_it_would_overwrite(tmp_path, capsys, no_model_loading):
     """An --out holding other results, or not writable, is an error before the model loads, and is left as it was."""
-    argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa", "--tasks-dir", str(TASKS_DIR),
-            "--limit", "4", "--out"]
+    argv = [
+        "tasks",
+        "--model",
+        str(REFERENCE_MODEL),
+        "--tasks",
+        "copa",
+        "--tasks-dir",
+        str(TASKS_DIR),
+        "--limit",
+        "4",
+        "--out",
+    ]
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"settings": {"limit": 99}, "tasks": {"copa": {}}}))
     not_results = tmp_path / "notes.md"
     not_results.write_text("# my notes")
-    for out, message in ((other, "other settings"), (not_results, "not an `eval tasks` results file"),
-                         (tmp_path / "missing" / "r.json", "existing directory"), (tmp_path, "existing directory")):
+    for out, message in (
+        (other, "other settings"),
+        (not_results, "not an `eval tasks` results file"),
+        (tmp_path / "missing" / "r.json", "existing directory"),
+        (tmp_path, "existing directory"),
+    ):
         before = out.read_text() if out.is_file() else None
         assert main(argv + [str(out)]) == 2
         assert message in capsys.readouterr().err
         assert (out.read_text() if out.is_file() else None) == before
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--tasks", "nope"], "unknown task"),
-    (["--tasks-dir", "/no/such/tasks"], "--tasks-dir /no/such/tasks is not a directory"),
-    (["--limit", "0"], "--limit must be >= 1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tasks", "nope"], "unknown task"),
+        (["--tasks-dir", "/no/such/tasks"], "--tasks-dir /no/such/tasks is not a directory"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
 def test_cli_bad_input_exits_2_before_loading(capsys, no_model_loading, extra, message):
     argv = ["tasks", "--model", str(REFERENCE_MODEL), "--tasks", "copa", "--tasks-dir", str(TASKS_DIR), *extra]
     assert main(argv) == 2

@@ -20,11 +20,13 @@ def test_threshold_is_the_largest_that_reaches_the_target(seed, target):
     scores = (rng.standard_normal((300, 40)) + 2.0 * labels).astype(np.float32)  # scores are fp32
     cal = ThresholdCalibration()
     for chunk in range(0, 300, 64):  # chunked updates, as calibrate feeds it
-        cal.update(scores[chunk:chunk + 64], labels[chunk:chunk + 64])
-    t = cal.threshold(target)
-    assert mean_recall(scores, labels, t) >= target - 1e-12
-    higher = np.sort(np.unique(scores[scores > t]))
+        cal.update(scores[chunk : chunk + 64], labels[chunk : chunk + 64])
+    s = cal.score_at(target)
+    assert mean_recall(scores, labels, s) >= target - 1e-12
+    higher = np.sort(np.unique(scores[scores > s]))
     assert len(higher) == 0 or mean_recall(scores, labels, higher[0]) < target  # brute force: the next one misses
+    t = cal.threshold(target)  # the stored threshold: a hair below, so recomputed scores still clear it
+    assert s - 1e-4 * (1 + abs(s)) < t < s and mean_recall(scores, labels, t) >= target
 
 
 def test_threshold_edges_and_counts():

@@ -20,10 +20,12 @@ VALIDATION = SHARED / "data" / "wiki2015" / "validation.jsonl.xz"
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def converted_model(reference_model_dir, tmp_path_factory):
     """The reference model converted once (fp32, so the tests compare against exact params)."""
     from dejavu_jax.checkpoint import convert_to_directory
+
     out = tmp_path_factory.mktemp("model") / "opt-21m-wiki"
     convert_to_directory(reference_model_dir, out, dtype="float32")
     return out
@@ -38,7 +40,7 @@ def small_corpus(tmp_path_factory):
             if i == 14:
                 break
             text = json.loads(line)["text"]
-            out.write(json.dumps({"text": text[:250 + 40 * i]}) + "\n")
+            out.write(json.dumps({"text": text[: 250 + 40 * i]}) + "\n")
     return path
 
 
@@ -82,6 +84,7 @@ def mass_recall_by_k(scores, norms):
 
 # ---- metrics on hand-made labels ----------------------------------------------------------------------------------
 
+
 def test_binary_metrics_by_hand():
     label = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], bool)
     pred = np.array([[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]], bool)
@@ -94,12 +97,21 @@ def test_binary_metrics_by_hand():
 
 
 def test_topk_curve_by_hand():
-    scores = np.array([[0.9, 0.1, 0.5, 0.3],   # order 0, 2, 3, 1
-                       [0.2, 0.8, 0.4, 0.6],   # order 1, 3, 2, 0
-                       [0.1, 0.2, 0.3, 0.4]])  # order 3, 2, 1, 0
-    labels = np.array([[1, 1, 0, 0],           # hits by K: 1, 1, 1, 2 of 2
-                       [0, 0, 1, 0],           # 0, 0, 1, 1 of 1
-                       [0, 0, 0, 0]], bool)    # nothing active: recall 1 at every K
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.5, 0.3],  # order 0, 2, 3, 1
+            [0.2, 0.8, 0.4, 0.6],  # order 1, 3, 2, 0
+            [0.1, 0.2, 0.3, 0.4],
+        ]
+    )  # order 3, 2, 1, 0
+    labels = np.array(
+        [
+            [1, 1, 0, 0],  # hits by K: 1, 1, 1, 2 of 2
+            [0, 0, 1, 0],  # 0, 0, 1, 1 of 1
+            [0, 0, 0, 0],
+        ],
+        bool,
+    )  # nothing active: recall 1 at every K
     curve = TopKCurve(4)
     curve.update(scores, labels)
     want_recall = np.array([(0.5 + 0 + 1) / 3, (0.5 + 0 + 1) / 3, (0.5 + 1 + 1) / 3, (1 + 1 + 1) / 3])
@@ -115,13 +127,21 @@ def test_topk_curve_by_hand():
 
 
 def test_head_labels_and_mass_recall_by_hand():
-    norms = np.array([[4.0, 3.0, 2.0, 1.0],    # total 10: top-0.6 mass = heads 0, 1 (4 < 6, 7 >= 6)
-                      [1.0, 1.0, 6.0, 2.0]])   # total 10: head 2 alone reaches 0.6
+    norms = np.array(
+        [
+            [4.0, 3.0, 2.0, 1.0],  # total 10: top-0.6 mass = heads 0, 1 (4 < 6, 7 >= 6)
+            [1.0, 1.0, 6.0, 2.0],
+        ]
+    )  # total 10: head 2 alone reaches 0.6
     labels = head_labels(norms, 0.6)
     np.testing.assert_array_equal(labels, [[1, 1, 0, 0], [0, 0, 1, 0]])
     np.testing.assert_array_equal(head_labels(norms, 1.0), np.ones((2, 4), bool))
-    scores = np.array([[0.0, 1.0, 2.0, 3.0],   # keeps heads 3, 2, 1, 0: mass 1, 3, 6, 10 of 10
-                       [0.0, 0.0, 5.0, 1.0]])  # keeps 2, 3, then 0 (tie broken by index), 1: 6, 8, 9, 10
+    scores = np.array(
+        [
+            [0.0, 1.0, 2.0, 3.0],  # keeps heads 3, 2, 1, 0: mass 1, 3, 6, 10 of 10
+            [0.0, 0.0, 5.0, 1.0],
+        ]
+    )  # keeps 2, 3, then 0 (tie broken by index), 1: 6, 8, 9, 10
     curve = TopKCurve(4)
     curve.update_mass(scores, norms, labels)
     np.testing.assert_allclose(curve.recall(), [(0.1 + 0.6) / 2, (0.3 + 0.8) / 2, (0.6 + 0.9) / 2, 1.0])
@@ -131,14 +151,26 @@ def test_head_labels_and_mass_recall_by_hand():
 
 # ---- collection ---------------------------------------------------------------------------------------------------
 
+
 def test_collect_rows_match_the_model_and_exclude_padding(converted_model, small_corpus, tmp_path):
     from dejavu_jax.checkpoint import load_model
     from dejavu_jax.corpus import token_stream
+
     model = load_model(converted_model, "float32")
     stream = token_stream(model.tokenizer, small_corpus)
     assert len(stream) < 2000 and len(stream) % 64, "the corpus must end mid-window for this test"
-    summary = collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "a", max_tokens=2000,
-                                     seq_len=64, batch_size=8, shard_tokens=200), progress=False)
+    summary = collect(
+        CollectOptions(
+            str(converted_model),
+            str(small_corpus),
+            tmp_path / "a",
+            max_tokens=2000,
+            seq_len=64,
+            batch_size=8,
+            shard_tokens=200,
+        ),
+        progress=False,
+    )
     assert summary["exhausted"] and summary["rows"] == len(stream)
     store = ActivationStore(tmp_path / "a")
     np.testing.assert_array_equal(store.read(0, "tokens"), stream)  # every token once, in order, no pads
@@ -156,14 +188,23 @@ def test_collect_rows_match_the_model_and_exclude_padding(converted_model, small
     # The first window's layer-0 input is the token + position embedding, computed here by hand.
     emb = np.asarray(model.params["embed_tokens"]["embedding"])[stream[:64]]
     pos = np.asarray(model.params["embed_positions"]["embedding"])[np.arange(64) + 2]
-    np.testing.assert_allclose(store.read(0, "attn_input", 0, 64).astype(np.float32), emb + pos, rtol=2e-3,
-                               atol=2e-3)
+    np.testing.assert_allclose(store.read(0, "attn_input", 0, 64).astype(np.float32), emb + pos, rtol=2e-3, atol=2e-3)
 
 
 def test_batch_sizes_1_and_8_collect_the_same_rows(converted_model, small_corpus, tmp_path):
     for b in (1, 8):
-        collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / f"b{b}", max_tokens=1000,
-                               seq_len=64, batch_size=b, shard_tokens=300), progress=False)
+        collect(
+            CollectOptions(
+                str(converted_model),
+                str(small_corpus),
+                tmp_path / f"b{b}",
+                max_tokens=1000,
+                seq_len=64,
+                batch_size=b,
+                shard_tokens=300,
+            ),
+            progress=False,
+        )
     s1, rows1 = _rows(tmp_path / "b1")
     s8, rows8 = _rows(tmp_path / "b8")
     assert s1.num_rows == s8.num_rows == 1000
@@ -184,8 +225,11 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(converted_mod
 
     out = tmp_path / "resumed"
     with pytest.raises(Stop):
-        collect(CollectOptions(str(converted_model), str(small_corpus), out, **opts), progress=False,
-                on_shard=stop_after_third)
+        collect(
+            CollectOptions(str(converted_model), str(small_corpus), out, **opts),
+            progress=False,
+            on_shard=stop_after_third,
+        )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows_done"] == 450 and not manifest["complete"]
     assert manifest["position"]["skip_rows"] > 0 and manifest["documents_consumed"] > 0
@@ -199,7 +243,9 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(converted_mod
     _assert_same_rows(full, resumed, exact=True)
     assert not (out / ".shard_00004.tmp-123").exists()
     # Finished: a rerun does nothing; a larger budget continues where it ended.
-    assert collect(CollectOptions(str(converted_model), str(small_corpus), out, **opts), progress=False)["new_rows"] == 0
+    assert (
+        collect(CollectOptions(str(converted_model), str(small_corpus), out, **opts), progress=False)["new_rows"] == 0
+    )
     more = dict(opts, max_tokens=1300)
     collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "full2", **more), progress=False)
     collect(CollectOptions(str(converted_model), str(small_corpus), out, **more), progress=False)
@@ -208,6 +254,7 @@ def test_interrupted_collection_resumes_without_loss_or_duplicates(converted_mod
 
 def test_collect_reads_txt_and_datasets_dirs(converted_model, small_corpus, tmp_path):
     import datasets
+
     texts = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
     (tmp_path / "one.txt").write_text(texts[0])
@@ -219,26 +266,51 @@ def test_collect_reads_txt_and_datasets_dirs(converted_model, small_corpus, tmp_
     np.testing.assert_array_equal(jsonl.read(2, "mlp_active"), ds.read(2, "mlp_active"))
     txt = ActivationStore(tmp_path / "out-txt")
     assert txt.manifest["exhausted"] and txt.num_rows < 300  # one short document: the stream ends early
-    np.testing.assert_array_equal(txt.read(0, "tokens"), jsonl.read(0, "tokens")[:txt.num_rows])
+    np.testing.assert_array_equal(txt.read(0, "tokens"), jsonl.read(0, "tokens")[: txt.num_rows])
 
 
 def test_collect_refuses_other_settings(converted_model, small_corpus, tmp_path):
     opts = dict(max_tokens=300, seq_len=64, batch_size=8, shard_tokens=200)
     collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "a", **opts), progress=False)
     with pytest.raises(ValueError, match="other settings.*seq_len"):
-        collect(CollectOptions(str(converted_model), str(small_corpus), tmp_path / "a", **dict(opts, seq_len=32)),
-                progress=False)
+        collect(
+            CollectOptions(str(converted_model), str(small_corpus), tmp_path / "a", **dict(opts, seq_len=32)),
+            progress=False,
+        )
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 
+
 def test_cli_end_to_end(converted_model, tmp_path, capsys):
     from dejavu_jax.predictor_store import load_predictors, predictor_metadata
     from dejavu_jax.config import OPTConfig
+
     work = tmp_path / "work"
-    rc = train_main(["--model", str(converted_model), "--data", str(VALIDATION), "--work-dir", str(work),
-                     "--max-tokens", "4096", "--seq-len", "128", "--shard-tokens", "1024", "--epochs", "2",
-                     "--train-batch-size", "512", "--save-to", str(converted_model), "--quiet", "--json"])
+    rc = train_main(
+        [
+            "--model",
+            str(converted_model),
+            "--data",
+            str(VALIDATION),
+            "--work-dir",
+            str(work),
+            "--max-tokens",
+            "4096",
+            "--seq-len",
+            "128",
+            "--shard-tokens",
+            "1024",
+            "--epochs",
+            "2",
+            "--train-batch-size",
+            "512",
+            "--save-to",
+            str(converted_model),
+            "--quiet",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summary = json.loads(captured.out)
@@ -265,13 +337,15 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     # The stored predictor reproduces the calibrated recall: recompute layer 3's test recall by hand.
     store = ActivationStore(work / "activations")
     from train.calibrate import holdout_split
+
     n_train, _, test = holdout_split(store, 0.1)
     x = store.read(3, "attn_input", n_train)[test]
     labels = store.read_labels(3, n_train)[test]
     from dejavu_jax.predictors import predictor_scores
+
     scores = np.asarray(predictor_scores(predictors.mlp[3], jnp.asarray(x)))
     kept = np.zeros_like(labels)
-    np.put_along_axis(kept, np.argsort(-scores, axis=1, kind="stable")[:, :predictors.mlp[3].keep], True, axis=1)
+    np.put_along_axis(kept, np.argsort(-scores, axis=1, kind="stable")[:, : predictors.mlp[3].keep], True, axis=1)
     n_active = labels.sum(1)
     recall = np.where(n_active > 0, (kept & labels).sum(1) / np.maximum(n_active, 1), 1.0).mean()
     assert recall == pytest.approx(report["layers"][3]["mlp"]["test"]["recall"], abs=1e-6)
@@ -294,8 +368,11 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
         n_pos = calib_labels.sum(1)
         assert np.where(n_pos > 0, (chosen & calib_labels).sum(1) / np.maximum(n_pos, 1), 1.0).mean() >= 0.99
         k_raw = entry["mlp"]["k_raw"]
-        assert curve[k_raw - 1] >= 0.99 and (k_raw == 1 or curve[k_raw - 2] < 0.99), (layer, k_raw,
-                                                                                      curve[k_raw - 2:k_raw])
+        assert curve[k_raw - 1] >= 0.99 and (k_raw == 1 or curve[k_raw - 2] < 0.99), (
+            layer,
+            k_raw,
+            curve[k_raw - 2 : k_raw],
+        )
         x_prev = store.read(max(layer - 1, 0), "attn_input", n_train)[calib]
         norms = store.read(layer, "head_norm", n_train)[calib].astype(np.float64)
         mass = mass_recall_by_k(np.asarray(predictor_scores(predictors.heads[layer], jnp.asarray(x_prev))), norms)
@@ -308,20 +385,22 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     assert sum(load_predictors(work / "predictors").mlp_k) < sum(summary["calibrate"]["mlp_k"])
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--rank", "0"], "--rank must be a positive integer"),
-    (["--rank", "-3"], "--rank must be a positive integer"),
-    (["--recall-target", "0"], "--recall-target must be in (0, 1]"),
-    (["--recall-target", "1.5"], "--recall-target must be in (0, 1]"),
-    (["--head-recall-target", "-0.1"], "--head-recall-target must be in (0, 1]"),
-    (["--block", "0"], "--block must be a positive integer"),
-    (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
-    (["--mlp-input", "attn_input", "--holdout", "1.0"], "--holdout must be in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--rank", "0"], "--rank must be a positive integer"),
+        (["--rank", "-3"], "--rank must be a positive integer"),
+        (["--recall-target", "0"], "--recall-target must be in (0, 1]"),
+        (["--recall-target", "1.5"], "--recall-target must be in (0, 1]"),
+        (["--head-recall-target", "-0.1"], "--head-recall-target must be in (0, 1]"),
+        (["--block", "0"], "--block must be a positive integer"),
+        (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
+        (["--mlp-input", "attn_input", "--holdout", "1.0"], "--holdout must be in (0, 1)"),
+    ],
+)
 def test_cli_rejects_bad_options_before_any_work(reference_model_dir, tmp_path, capsys, extra, message):
     work = tmp_path / "work"
-    rc = train_main(["--model", str(reference_model_dir), "--data", str(VALIDATION), "--work-dir", str(work),
-                     *extra])
+    rc = train_main(["--model", str(reference_model_dir), "--data", str(VALIDATION), "--work-dir", str(work), *extra])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err
     assert not work.exists()
@@ -329,8 +408,9 @@ def test_cli_rejects_bad_options_before_any_work(reference_model_dir, tmp_path, 
 
 def test_cli_bad_paths(reference_model_dir, tmp_path, capsys):
     work = tmp_path / "work"
-    rc = train_main(["--model", str(reference_model_dir), "--data", str(tmp_path / "missing.jsonl"),
-                     "--work-dir", str(work)])
+    rc = train_main(
+        ["--model", str(reference_model_dir), "--data", str(tmp_path / "missing.jsonl"), "--work-dir", str(work)]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "error: corpus" in err and "does not exist" in err and not work.exists()
 
@@ -338,8 +418,18 @@ def test_cli_bad_paths(reference_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "no-such-model" in err and not work.exists()
 
-    rc = train_main(["--model", str(reference_model_dir), "--data", str(VALIDATION), "--work-dir", str(work),
-                     "--save-to", str(reference_model_dir)])  # an HF dir, not a converted one
+    rc = train_main(
+        [
+            "--model",
+            str(reference_model_dir),
+            "--data",
+            str(VALIDATION),
+            "--work-dir",
+            str(work),
+            "--save-to",
+            str(reference_model_dir),
+        ]
+    )  # an HF dir, not a converted one
     err = capsys.readouterr().err
     assert rc == 2 and "not a converted model directory" in err and not work.exists()
 
@@ -354,6 +444,7 @@ def test_cli_bad_paths(reference_model_dir, tmp_path, capsys):
 
 # ---- damaged, empty and tiny corpora; resumed fit ------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_corpus_xz(small_corpus, tmp_path):
     """The small corpus, 40 documents long, as .jsonl.xz (texts of the shared validation split)."""
@@ -363,21 +454,39 @@ def small_corpus_xz(small_corpus, tmp_path):
     return path
 
 
-def test_cli_truncated_corpus_keeps_the_finished_shards_and_resumes_once_replaced(converted_model, small_corpus_xz,
-                                                                                   tmp_path, capsys):
+def test_cli_truncated_corpus_keeps_the_finished_shards_and_resumes_once_replaced(
+    converted_model, small_corpus_xz, tmp_path, capsys
+):
     intact = small_corpus_xz.read_bytes()
     damage(small_corpus_xz, "truncated")
     work = tmp_path / "work"
-    argv = ["collect", "--model", str(converted_model), "--data", str(small_corpus_xz), "--work-dir", str(work),
-            "--max-tokens", "100000", "--seq-len", "64", "--batch-size", "4", "--shard-tokens", "256", "--quiet"]
+    argv = [
+        "collect",
+        "--model",
+        str(converted_model),
+        "--data",
+        str(small_corpus_xz),
+        "--work-dir",
+        str(work),
+        "--max-tokens",
+        "100000",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--shard-tokens",
+        "256",
+        "--quiet",
+    ]
     assert train_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: corpus {small_corpus_xz} is truncated or corrupt") and err.count("\n") == 1
     assert "tokens collected before it are kept" in err
     manifest = json.loads((work / "activations" / "manifest.json").read_text())
     assert manifest["rows_done"] > 0 and not manifest["complete"]
-    assert sorted(p.name for p in (work / "activations").iterdir()) == \
-        ["manifest.json"] + [s["name"] for s in manifest["shards"]]  # counted shards only, no temp files
+    assert sorted(p.name for p in (work / "activations").iterdir()) == ["manifest.json"] + [
+        s["name"] for s in manifest["shards"]
+    ]  # counted shards only, no temp files
     # The corpus replaced by its intact copy: the rerun continues and ends with what one clean run collects.
     small_corpus_xz.write_bytes(intact)
     assert train_main(argv) == 0
@@ -385,11 +494,14 @@ def test_cli_truncated_corpus_keeps_the_finished_shards_and_resumes_once_replace
     _assert_same_rows(_rows(tmp_path / "clean" / "activations")[1], _rows(work / "activations")[1], exact=True)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_text(""), "holds no text"),
-    (lambda p: p.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " "}) + "\n"), "holds no text"),
-    (lambda p: p.write_bytes(lzma.compress(b'{"text": "a"}\n')[:12] + bytes(40)), "is truncated or corrupt"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_text(""), "holds no text"),
+        (lambda p: p.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " "}) + "\n"), "holds no text"),
+        (lambda p: p.write_bytes(lzma.compress(b'{"text": "a"}\n')[:12] + bytes(40)), "is truncated or corrupt"),
+    ],
+)
 def test_cli_corpus_without_readable_text_leaves_nothing_behind(converted_model, tmp_path, capsys, make, message):
     data = tmp_path / ("corpus.jsonl.xz" if "corrupt" in message else "corpus.jsonl")
     make(data)
@@ -402,6 +514,7 @@ def test_cli_corpus_without_readable_text_leaves_nothing_behind(converted_model,
 
 def test_cli_checks_the_corpus_header_before_loading_the_model(tmp_path, capsys, monkeypatch):
     import dejavu_jax.checkpoint
+
     monkeypatch.setattr(dejavu_jax.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     data = tmp_path / "plain.jsonl.xz"
     data.write_text(json.dumps({"text": "not compressed"}) + "\n")
@@ -425,8 +538,25 @@ def test_cli_corpus_too_small_to_fit_says_so(converted_model, tmp_path, capsys):
 
 def test_resumed_fit_reports_reused_layers(converted_model, small_corpus, tmp_path, capsys):
     work = tmp_path / "work"
-    assert train_main(["collect", "--model", str(converted_model), "--data", str(small_corpus), "--work-dir",
-                       str(work), "--max-tokens", "600", "--seq-len", "64", "--quiet"]) == 0
+    assert (
+        train_main(
+            [
+                "collect",
+                "--model",
+                str(converted_model),
+                "--data",
+                str(small_corpus),
+                "--work-dir",
+                str(work),
+                "--max-tokens",
+                "600",
+                "--seq-len",
+                "64",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     fit = ["fit", "--work-dir", str(work), "--rank", "8", "--epochs", "1", "--train-batch-size", "128"]
 
     def layer_lines():

@@ -94,7 +94,7 @@ def ptx_entries(text: str) -> dict[str, str]:
             if depth == 0:
                 break
             i += 1
-        entries[m.group(1)] = text[m.start():i + 1]
+        entries[m.group(1)] = text[m.start() : i + 1]
     return entries
 
 
@@ -130,7 +130,7 @@ def statements(body: str):
         for stmt in line.split("//")[0].split(";"):
             m = _STATEMENT_RE.match(stmt)
             if m:
-                yield m.group(1), stmt[m.end():]
+                yield m.group(1), stmt[m.end() :]
 
 
 def count_memory_ops(body: str) -> dict[str, dict]:
@@ -181,8 +181,12 @@ def ptx_target(text: str) -> str:
 
 
 def summarize_entry(body: str) -> dict:
-    return {"threads": threads_per_block(body), "registers_declared": declared_registers(body),
-            "shared_declared": declared_shared(body), "memory": count_memory_ops(body)}
+    return {
+        "threads": threads_per_block(body),
+        "registers_declared": declared_registers(body),
+        "shared_declared": declared_shared(body),
+        "memory": count_memory_ops(body),
+    }
 
 
 def match_kernels(entries, names) -> tuple[list[str], bool]:
@@ -200,9 +204,14 @@ def parse_ptxas_info(text: str) -> dict[str, dict]:
     """`ptxas -v` output -> per function: registers, spill store/load bytes, stack, smem, barriers."""
     out: dict[str, dict] = {}
     current = None
-    fields = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
-              "spill_loads": r"(\d+) bytes spill loads", "stack_bytes": r"(\d+) bytes stack frame",
-              "smem_bytes": r"(\d+) bytes smem", "barriers": r"used (\d+) barriers"}
+    fields = {
+        "registers": r"Used (\d+) registers",
+        "spill_stores": r"(\d+) bytes spill stores",
+        "spill_loads": r"(\d+) bytes spill loads",
+        "stack_bytes": r"(\d+) bytes stack frame",
+        "smem_bytes": r"(\d+) bytes smem",
+        "barriers": r"used (\d+) barriers",
+    }
     for line in text.splitlines():
         m = re.search(r"(?:Compiling entry function|Function properties for)\s+'?([\w$]+)'?", line)
         if m:
@@ -311,9 +320,16 @@ def parse_ncu_csv(text: str) -> list[dict]:
     for row in rows:
         if not row.get("ID") or not row.get("Metric Name"):
             continue
-        launch = launches.setdefault(row["ID"], {
-            "id": row["ID"], "kernel": row.get("Kernel Name", ""), "grid": row.get("Grid Size", ""),
-            "block": row.get("Block Size", ""), "metrics": {}})
+        launch = launches.setdefault(
+            row["ID"],
+            {
+                "id": row["ID"],
+                "kernel": row.get("Kernel Name", ""),
+                "grid": row.get("Grid Size", ""),
+                "block": row.get("Block Size", ""),
+                "metrics": {},
+            },
+        )
         raw = (row.get("Metric Value") or "").strip()
         try:
             value: float | str = float(raw.replace(",", ""))
@@ -344,24 +360,29 @@ def ncu_summary(launch: dict) -> dict:
     read = metric_in(launch, "dram__bytes_read.sum", _BYTES)
     sectors = metric_in(launch, "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum")
     requests = metric_in(launch, "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum")
-    return {"kernel": launch["kernel"], "us": us, "dram_read_bytes": read,
-            "dram_read_gbps": read / us / 1e3 if us and read is not None else None,
-            "dram_pct_peak": metric_in(launch, "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
-            "sectors_per_request": sectors / requests if sectors is not None and requests else None,
-            "registers": metric_in(launch, "launch__registers_per_thread"),
-            "grid": metric_in(launch, "launch__grid_size"), "block": metric_in(launch, "launch__block_size"),
-            "warps_active_pct": metric_in(launch, "sm__warps_active.avg.pct_of_peak_sustained_active")}
+    return {
+        "kernel": launch["kernel"],
+        "us": us,
+        "dram_read_bytes": read,
+        "dram_read_gbps": read / us / 1e3 if us and read is not None else None,
+        "dram_pct_peak": metric_in(launch, "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+        "sectors_per_request": sectors / requests if sectors is not None and requests else None,
+        "registers": metric_in(launch, "launch__registers_per_thread"),
+        "grid": metric_in(launch, "launch__grid_size"),
+        "block": metric_in(launch, "launch__block_size"),
+        "warps_active_pct": metric_in(launch, "sm__warps_active.avg.pct_of_peak_sustained_active"),
+    }
 
 
 def _unescape_mlir(s: str) -> bytes:
     """An MLIR string attribute's body: `\\\\` is a backslash, `\\XX` a hex byte, the rest literal."""
     out, i = bytearray(), 0
     while i < len(s):
-        if s[i] == "\\" and s[i + 1:i + 2] == "\\":
+        if s[i] == "\\" and s[i + 1 : i + 2] == "\\":
             out.append(0x5C)
             i += 2
-        elif s[i] == "\\" and re.fullmatch(r"[0-9A-Fa-f]{2}", s[i + 1:i + 3]):
-            out.append(int(s[i + 1:i + 3], 16))
+        elif s[i] == "\\" and re.fullmatch(r"[0-9A-Fa-f]{2}", s[i + 1 : i + 3]):
+            out.append(int(s[i + 1 : i + 3], 16))
             i += 3
         else:
             out += s[i].encode()
@@ -385,7 +406,7 @@ def _proto_strings(data: bytes, depth: int = 0):
             n, i = _varint(data, i)
             if i + n > len(data):
                 raise ValueError("truncated")
-            chunk = data[i:i + n]
+            chunk = data[i : i + n]
             i += n
             yield chunk
             if depth < 4:
@@ -466,9 +487,20 @@ def ptxas_and_sass(ptx_path: Path, workdir: Path) -> dict:
 
 def ncu_profile(worker_cmd: list[str], names: list[str], launch_count: int, timeout: float) -> dict:
     """The worker under ncu, filtered to the Pallas kernels; unfiltered once if the filter matched nothing."""
-    base = ["ncu", "--clock-control", "none", "--csv", "--page", "details", "--print-units", "base", "--metrics",
-            ",".join(NCU_METRICS),
-            "--launch-count", str(launch_count)]
+    base = [
+        "ncu",
+        "--clock-control",
+        "none",
+        "--csv",
+        "--page",
+        "details",
+        "--print-units",
+        "base",
+        "--metrics",
+        ",".join(NCU_METRICS),
+        "--launch-count",
+        str(launch_count),
+    ]
     attempts = [["-k", "regex:" + "|".join(re.escape(n) for n in names)]] if names else []
     attempts.append([])
     notes = []
@@ -477,10 +509,16 @@ def ncu_profile(worker_cmd: list[str], names: list[str], launch_count: int, time
         text = res.get("stdout", "") + "\n" + res.get("stderr", "")
         launches = parse_ncu_csv(res.get("stdout", ""))
         if launches:
-            return {"command": " ".join(base + filt) + " <worker>", "launches": launches, "notes": notes,
-                    "summary": [ncu_summary(launch) for launch in launches]}
-        notes.append(f"{' '.join(filt) or 'unfiltered'}: "
-                     + (res["error"][-800:] if "error" in res else "no CSV rows; output tail: " + text[-800:]))
+            return {
+                "command": " ".join(base + filt) + " <worker>",
+                "launches": launches,
+                "notes": notes,
+                "summary": [ncu_summary(launch) for launch in launches],
+            }
+        notes.append(
+            f"{' '.join(filt) or 'unfiltered'}: "
+            + (res["error"][-800:] if "error" in res else "no CSV rows; output tail: " + text[-800:])
+        )
         if "error" in res and "not on PATH" in res["error"]:
             break
     return {"error": " | ".join(notes)}
@@ -502,15 +540,29 @@ def ncu_sass(worker_cmd: list[str], names: list[str], workdir: Path, timeout: fl
     its memory opcodes and their widths."""
     out = {}
     for name in names:
-        cmd = ["ncu", "--clock-control", "none", "--page", "source", "--print-source", "sass", "--csv", "-k",
-               "regex:" + re.escape(name), "--launch-count", "1"]
+        cmd = [
+            "ncu",
+            "--clock-control",
+            "none",
+            "--page",
+            "source",
+            "--print-source",
+            "sass",
+            "--csv",
+            "-k",
+            "regex:" + re.escape(name),
+            "--launch-count",
+            "1",
+        ]
         res = run_tool(cmd + worker_cmd, timeout=timeout, cwd=REPO_ROOT)
         text = res.get("stdout", "")
         (workdir / f"sass_{name}.txt").write_text(text + "\n" + res.get("stderr", ""))
         opcodes = count_sass_opcodes(text)
         if not opcodes:
-            out[name] = {"error": f"{name}: no SASS memory opcodes in ncu's output "
-                                  f"({res.get('error', 'tail: ' + (text + res.get('stderr', ''))[-600:])})"}
+            out[name] = {
+                "error": f"{name}: no SASS memory opcodes in ncu's output "
+                f"({res.get('error', 'tail: ' + (text + res.get('stderr', ''))[-600:])})"
+            }
             continue
         out[name] = {"command": " ".join(cmd) + " <worker>", "opcodes": opcodes, "by_width": sass_by_width(opcodes)}
     return out
@@ -535,15 +587,29 @@ class Config:
         return k_for(self.density, self.ffn)
 
     def argv(self) -> list[str]:
-        return ["--shape", self.shape, "--batch", str(self.batch), "--density", repr(self.density),
-                "--variant", self.variant]
+        return [
+            "--shape",
+            self.shape,
+            "--batch",
+            str(self.batch),
+            "--density",
+            repr(self.density),
+            "--variant",
+            self.variant,
+        ]
 
 
 def pallas_calls(config: Config) -> list[dict]:
     """name, grid, num_warps, num_stages of each pallas_call the op traces to (no compile, no GPU)."""
     S, f16 = jax.ShapeDtypeStruct, jnp.float16
-    shapes = (S((config.batch, config.d), f16), S((config.ffn, config.d), f16), S((config.ffn,), f16),
-              S((config.ffn, config.d), f16), S((config.d,), f16), S((config.k,), jnp.int32))
+    shapes = (
+        S((config.batch, config.d), f16),
+        S((config.ffn, config.d), f16),
+        S((config.ffn,), f16),
+        S((config.ffn, config.d), f16),
+        S((config.d,), f16),
+        S((config.k,), jnp.int32),
+    )
     jaxpr = jax.make_jaxpr(lambda *a: sparse_mlp(*a, **PALLAS_VARIANTS[config.variant]))(*shapes)
     found = []
 
@@ -551,10 +617,14 @@ def pallas_calls(config: Config) -> list[dict]:
         for eqn in j.eqns:
             if eqn.primitive.name == "pallas_call":
                 params = eqn.params.get("compiler_params")
-                found.append({"name": eqn.params.get("name") or eqn.params["jaxpr"].debug_info.func_name,
-                              "grid": list(eqn.params["grid_mapping"].grid),
-                              "num_warps": getattr(params, "num_warps", None),
-                              "num_stages": getattr(params, "num_stages", None)})
+                found.append(
+                    {
+                        "name": eqn.params.get("name") or eqn.params["jaxpr"].debug_info.func_name,
+                        "grid": list(eqn.params["grid_mapping"].grid),
+                        "num_warps": getattr(params, "num_warps", None),
+                        "num_stages": getattr(params, "num_stages", None),
+                    }
+                )
             for v in eqn.params.values():
                 inner = getattr(v, "jaxpr", v)
                 if hasattr(inner, "eqns"):
@@ -577,6 +647,7 @@ class TritonCapture:
     def install(self) -> None:
         try:
             from jax._src.lib import triton as lib
+
             original = lib.compile
         except (ImportError, AttributeError) as e:
             self.error = f"cannot wrap jax._src.lib.triton.compile: {type(e).__name__}: {e}"
@@ -585,8 +656,14 @@ class TritonCapture:
         def compile_and_keep(*args, **kwargs):
             result = original(*args, **kwargs)
             if getattr(result, "asm", None):
-                self.kernels.append({"ptx": result.asm, "smem_bytes": getattr(result, "smem_bytes", None),
-                                     "num_warps": kwargs.get("num_warps"), "num_stages": kwargs.get("num_stages")})
+                self.kernels.append(
+                    {
+                        "ptx": result.asm,
+                        "smem_bytes": getattr(result, "smem_bytes", None),
+                        "num_warps": kwargs.get("num_warps"),
+                        "num_stages": kwargs.get("num_stages"),
+                    }
+                )
             return result
 
         lib.compile = compile_and_keep
@@ -595,18 +672,28 @@ class TritonCapture:
 def worker(config: Config, outdir: Path) -> int:
     """Lower, compile and run the op once; write the PTX, StableHLO, optimized HLO and worker.json to outdir."""
     if jax.default_backend() != "gpu":
-        print(f"error: jax backend is {jax.default_backend()!r}: PTX exists only for a CUDA GPU compile "
-              "(the Pallas interpreter emits none). Run `python -m tools.ptx_report` on the GPU machine.",
-              file=sys.stderr)
+        print(
+            f"error: jax backend is {jax.default_backend()!r}: PTX exists only for a CUDA GPU compile "
+            "(the Pallas interpreter emits none). Run `python -m tools.ptx_report` on the GPU machine.",
+            file=sys.stderr,
+        )
         return WORKER_NO_GPU
     capture = TritonCapture()
     capture.install()
     rng = np.random.default_rng(0)
     # Host-made inputs: device_put is a copy, not a kernel, so ncu sees only the op's own launches.
     weight = lambda *shape: (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float16)  # noqa: E731
-    args = [jax.device_put(a) for a in (weight(config.batch, config.d), weight(config.ffn, config.d),
-                                        weight(config.ffn), weight(config.ffn, config.d), weight(config.d),
-                                        rng.permutation(config.ffn)[:config.k].astype(np.int32))]
+    args = [
+        jax.device_put(a)
+        for a in (
+            weight(config.batch, config.d),
+            weight(config.ffn, config.d),
+            weight(config.ffn),
+            weight(config.ffn, config.d),
+            weight(config.d),
+            rng.permutation(config.ffn)[: config.k].astype(np.int32),
+        )
+    ]
     knobs = PALLAS_VARIANTS[config.variant]
     lowered = sparse_mlp.lower(*args, **knobs)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -621,8 +708,14 @@ def worker(config: Config, outdir: Path) -> int:
         kernel["entries"] = list(ptx_entries(ptx))
         (triton_dir / f"kernel_{i}.ptx").write_text(ptx)
     plan = plan_sparse_mlp(config.batch, config.k, config.d, jnp.float16, **knobs)
-    meta = {"provenance": provenance(), "backend": jax.default_backend(), "plan": plan_summary(plan),
-            "pallas_calls": pallas_calls(config), "captured": capture.kernels, "capture_error": capture.error}
+    meta = {
+        "provenance": provenance(),
+        "backend": jax.default_backend(),
+        "plan": plan_summary(plan),
+        "pallas_calls": pallas_calls(config),
+        "captured": capture.kernels,
+        "capture_error": capture.error,
+    }
     (outdir / "worker.json").write_text(json.dumps(meta, indent=2, default=str))
     return 0
 
@@ -692,50 +785,102 @@ def _widths(counts: dict | None) -> str:
 
 
 def kernel_rows(entries: dict, chosen: list[str]):
-    header = ["kernel", "threads", "ld.global", "st.global", "atom/red", "cp.async", "ptxas regs",
-              "spill st/ld B", "ptxas smem B", "Triton smem B", "SASS LDG", "SASS STG"]
+    header = [
+        "kernel",
+        "threads",
+        "ld.global",
+        "st.global",
+        "atom/red",
+        "cp.async",
+        "ptxas regs",
+        "spill st/ld B",
+        "ptxas smem B",
+        "Triton smem B",
+        "SASS LDG",
+        "SASS STG",
+    ]
     body = []
     for name in chosen:
         e, mem = entries[name], entries[name]["memory"]
         px = e.get("ptxas") or {}
         sass = e.get("sass_by_width") or {}
-        body.append([name, str(e["threads"] or "-"), _widths(mem.get("ld.global", {}).get("by_bytes")),
-                     _widths(mem.get("st.global", {}).get("by_bytes")),
-                     str(sum(mem.get(c, {}).get("total", 0) for c in ("atom", "red"))),
-                     _widths(mem.get("cp.async", {}).get("by_bytes")), str(px.get("registers", "-")),
-                     f"{px.get('spill_stores', '-')}/{px.get('spill_loads', '-')}", str(px.get("smem_bytes", "-")),
-                     str(e.get("triton_smem_bytes", "-")), _widths(sass.get("LDG")), _widths(sass.get("STG"))])
+        body.append(
+            [
+                name,
+                str(e["threads"] or "-"),
+                _widths(mem.get("ld.global", {}).get("by_bytes")),
+                _widths(mem.get("st.global", {}).get("by_bytes")),
+                str(sum(mem.get(c, {}).get("total", 0) for c in ("atom", "red"))),
+                _widths(mem.get("cp.async", {}).get("by_bytes")),
+                str(px.get("registers", "-")),
+                f"{px.get('spill_stores', '-')}/{px.get('spill_loads', '-')}",
+                str(px.get("smem_bytes", "-")),
+                str(e.get("triton_smem_bytes", "-")),
+                _widths(sass.get("LDG")),
+                _widths(sass.get("STG")),
+            ]
+        )
     return header, body
 
 
 def ncu_rows(ncu: dict):
-    header = ["kernel", "us", "DRAM read MB", "GB/s", "DRAM % peak", "sectors/req", "regs", "grid", "block",
-              "warps active %"]
+    header = [
+        "kernel",
+        "us",
+        "DRAM read MB",
+        "GB/s",
+        "DRAM % peak",
+        "sectors/req",
+        "regs",
+        "grid",
+        "block",
+        "warps active %",
+    ]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    body = [[s["kernel"][:40], fmt(s["us"], ".2f"), fmt(s["dram_read_bytes"] and s["dram_read_bytes"] / 1e6, ".2f"),
-             fmt(s["dram_read_gbps"], ".0f"), fmt(s["dram_pct_peak"], ".1f"), fmt(s["sectors_per_request"], ".1f"),
-             fmt(s["registers"], ".0f"), fmt(s["grid"], ".0f"), fmt(s["block"], ".0f"),
-             fmt(s["warps_active_pct"], ".1f")] for s in ncu.get("summary", [])]
+    body = [
+        [
+            s["kernel"][:40],
+            fmt(s["us"], ".2f"),
+            fmt(s["dram_read_bytes"] and s["dram_read_bytes"] / 1e6, ".2f"),
+            fmt(s["dram_read_gbps"], ".0f"),
+            fmt(s["dram_pct_peak"], ".1f"),
+            fmt(s["sectors_per_request"], ".1f"),
+            fmt(s["registers"], ".0f"),
+            fmt(s["grid"], ".0f"),
+            fmt(s["block"], ".0f"),
+            fmt(s["warps_active_pct"], ".1f"),
+        ]
+        for s in ncu.get("summary", [])
+    ]
     return header, body
 
 
 def render_markdown(data: dict) -> str:
     c = data["config"]
-    lines = [f"# Sparse-MLP kernels: what the compiler emitted - {data['card']}", "",
-             f"- date: {data['date']}", f"- command: `{data['command']}`", f"- commit: {data['commit']}",
-             f"- jax: {data['jax']}",
-             f"- config: {c['shape']} (d {c['d']}, ffn {c['ffn']}), batch {c['batch']}, density {c['density']:g} "
-             f"(K {c['k']}), variant {c['variant']}, fp16; plan {data['plan']}",
-             f"- floor bytes (K rows of fc1_w and fc2_w_t, biases, x): {data['floor_bytes'] / 1e6:.2f} MB",
-             "- pallas_calls: " + ", ".join(f"{p['name']} grid {p['grid']} w{p['num_warps']} s{p['num_stages']}"
-                                             for p in data["pallas_calls"]),
-             f"- launches in the optimized HLO ENTRY ({len(data['launches'])}): "
-             + ("; ".join(data["launches"]) or "-"),
-             f"- PTX sources: {', '.join(data['ptx_sources']) or 'none'}", ""]
+    lines = [
+        f"# Sparse-MLP kernels: what the compiler emitted - {data['card']}",
+        "",
+        f"- date: {data['date']}",
+        f"- command: `{data['command']}`",
+        f"- commit: {data['commit']}",
+        f"- jax: {data['jax']}",
+        f"- config: {c['shape']} (d {c['d']}, ffn {c['ffn']}), batch {c['batch']}, density {c['density']:g} "
+        f"(K {c['k']}), variant {c['variant']}, fp16; plan {data['plan']}",
+        f"- floor bytes (K rows of fc1_w and fc2_w_t, biases, x): {data['floor_bytes'] / 1e6:.2f} MB",
+        "- pallas_calls: "
+        + ", ".join(f"{p['name']} grid {p['grid']} w{p['num_warps']} s{p['num_stages']}" for p in data["pallas_calls"]),
+        f"- launches in the optimized HLO ENTRY ({len(data['launches'])}): " + ("; ".join(data["launches"]) or "-"),
+        f"- PTX sources: {', '.join(data['ptx_sources']) or 'none'}",
+        "",
+    ]
     if not data["names_matched"]:
         lines += ["**No PTX entry matched the pallas_call names; all entries are shown.**", ""]
-    lines += ["## PTX / ptxas / SASS (static instruction counts; `NxWB` = N instructions moving W bytes a thread)",
-              "", to_markdown(*kernel_rows(data["entries"], data["kernels"])), ""]
+    lines += [
+        "## PTX / ptxas / SASS (static instruction counts; `NxWB` = N instructions moving W bytes a thread)",
+        "",
+        to_markdown(*kernel_rows(data["entries"], data["kernels"])),
+        "",
+    ]
     others = sorted(set(data["entries"]) - set(data["kernels"]))
     if others:
         lines += [f"Other entries in the PTX (XLA's own kernels; counts in the JSON): {', '.join(others)}", ""]
@@ -745,19 +890,35 @@ def render_markdown(data: dict) -> str:
     elif "error" in data["ncu"]:
         lines += [f"ncu failed: {data['ncu']['error'][:1500]}", ""]
     else:
-        lines += [to_markdown(*ncu_rows(data["ncu"])), "",
-                  "sectors/req: 32-byte sectors per global-load request of a warp (LSU loads; cp.async / "
-                  "LDGSTS are not in it); 16 means fully coalesced 16-byte loads, 4 means 4-byte ones.", ""]
+        lines += [
+            to_markdown(*ncu_rows(data["ncu"])),
+            "",
+            "sectors/req: 32-byte sectors per global-load request of a warp (LSU loads; cp.async / "
+            "LDGSTS are not in it); 16 means fully coalesced 16-byte loads, 4 means 4-byte ones.",
+            "",
+        ]
     sass = {k: v for k, v in data.get("ncu_sass", {}).items() if "opcodes" in v}
     if sass:
-        lines += ["## SASS memory instructions (ncu source page, static counts; `NxWB` = N instructions moving W "
-                  "bytes a thread: LDG.E.128 = 16 B)", "",
-                  to_markdown(["kernel", "LDG", "STG", "LDGSTS", "shared LDS/STS", "local LDL/STL"],
-                              [[name, _widths(v["by_width"].get("LDG")), _widths(v["by_width"].get("STG")),
-                                _widths(v["by_width"].get("LDGSTS")),
-                                f"{_widths(v['by_width'].get('LDS'))} / {_widths(v['by_width'].get('STS'))}",
-                                f"{_widths(v['by_width'].get('LDL'))} / {_widths(v['by_width'].get('STL'))}"]
-                               for name, v in sass.items()]), ""]
+        lines += [
+            "## SASS memory instructions (ncu source page, static counts; `NxWB` = N instructions moving W "
+            "bytes a thread: LDG.E.128 = 16 B)",
+            "",
+            to_markdown(
+                ["kernel", "LDG", "STG", "LDGSTS", "shared LDS/STS", "local LDL/STL"],
+                [
+                    [
+                        name,
+                        _widths(v["by_width"].get("LDG")),
+                        _widths(v["by_width"].get("STG")),
+                        _widths(v["by_width"].get("LDGSTS")),
+                        f"{_widths(v['by_width'].get('LDS'))} / {_widths(v['by_width'].get('STS'))}",
+                        f"{_widths(v['by_width'].get('LDL'))} / {_widths(v['by_width'].get('STL'))}",
+                    ]
+                    for name, v in sass.items()
+                ],
+            ),
+            "",
+        ]
     problems = [f"- {k}: {v}" for k, v in data["problems"].items() if v]
     if problems:
         lines += ["## What could not be collected", "", *problems, ""]
@@ -765,18 +926,29 @@ def render_markdown(data: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.ptx_report", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tools.ptx_report",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--shape", default="opt-13b", help="opt-6.7b, opt-13b, opt-30b, opt-66b or DxFFN")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--variant", default="auto", choices=list(PALLAS_VARIANTS),
-                   help="a Pallas variant (knob setting) of bench/kernels_mlp.py (default auto)")
+    p.add_argument(
+        "--variant",
+        default="auto",
+        choices=list(PALLAS_VARIANTS),
+        help="a Pallas variant (knob setting) of bench/kernels_mlp.py (default auto)",
+    )
     p.add_argument("--ncu", action="store_true", help="also profile one call under ncu (when on PATH)")
     p.add_argument("--ncu-launch-count", type=int, default=8, help="ncu --launch-count (default 8)")
     p.add_argument("--keep", default=None, help="keep the dumps, PTX and cubins in this directory")
-    p.add_argument("--out", default=None, help="markdown path (JSON beside it); default "
-                   "bench/results/ptx_sparse_mlp_<shape>_b<B>_<density>_<variant>_<card>_<date>.md")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="markdown path (JSON beside it); default "
+        "bench/results/ptx_sparse_mlp_<shape>_b<B>_<density>_<variant>_<card>_<date>.md",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for each subprocess (default 300)")
     p.add_argument("--interpret", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -787,8 +959,9 @@ def parse_config(args) -> Config:
     try:
         shape, d, ffn = parse_shape(args.shape)
     except ValueError:
-        raise ValueError(f"--shape takes one of {sorted(SHAPES)} or DxFFN (e.g. 4096x16384). "
-                         f"Got {args.shape!r}") from None
+        raise ValueError(
+            f"--shape takes one of {sorted(SHAPES)} or DxFFN (e.g. 4096x16384). Got {args.shape!r}"
+        ) from None
     if not 1 <= args.batch <= 128:
         raise ValueError(f"--batch must be in [1, 128]. Got {args.batch}")
     if not 0.0 < args.density <= 1.0:
@@ -805,8 +978,14 @@ def run_worker(config: Config, workdir: Path, timeout: float) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={workdir / 'xla_dump'}").strip()
     try:
-        proc = subprocess.run(worker_command(config, workdir / "worker"), capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=REPO_ROOT)
+        proc = subprocess.run(
+            worker_command(config, workdir / "worker"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=REPO_ROOT,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"the worker did not finish in {timeout:g} s"}
     if proc.returncode == WORKER_NO_GPU:  # Its last line says why.
@@ -826,15 +1005,25 @@ def evidence(config: Config, meta: dict, sources: dict[str, Path], workdir: Path
                 entries[name]["triton_smem_bytes"] = kernel.get("smem_bytes")
     tool_files = add_tool_reports(entries, chosen, sources, workdir)
     hlo = workdir / "worker" / "optimized_hlo.txt"
-    return {**meta["provenance"], "config": {**dataclasses.asdict(config), "k": config.k},
-            "floor_bytes": floor_bytes(config.batch, config.k, config.d, 2), "plan": meta["plan"],
-            "pallas_calls": meta["pallas_calls"], "triton_captured": meta["captured"],
-            "launches": hlo_launches(hlo.read_text()) if hlo.exists() else [],
-            "ptx_sources": list(sources), "names_matched": matched, "kernels": chosen, "entries": entries,
-            "tool_files": tool_files,
-            "problems": {"triton capture": meta["capture_error"],
-                         "ptxas": "; ".join(f["ptxas_error"] for f in tool_files if "ptxas_error" in f),
-                         "sass": "; ".join(f["sass_error"] for f in tool_files if "sass_error" in f)}}
+    return {
+        **meta["provenance"],
+        "config": {**dataclasses.asdict(config), "k": config.k},
+        "floor_bytes": floor_bytes(config.batch, config.k, config.d, 2),
+        "plan": meta["plan"],
+        "pallas_calls": meta["pallas_calls"],
+        "triton_captured": meta["captured"],
+        "launches": hlo_launches(hlo.read_text()) if hlo.exists() else [],
+        "ptx_sources": list(sources),
+        "names_matched": matched,
+        "kernels": chosen,
+        "entries": entries,
+        "tool_files": tool_files,
+        "problems": {
+            "triton capture": meta["capture_error"],
+            "ptxas": "; ".join(f["ptxas_error"] for f in tool_files if "ptxas_error" in f),
+            "sass": "; ".join(f["sass_error"] for f in tool_files if "sass_error" in f),
+        },
+    }
 
 
 def print_summary(data: dict) -> None:
@@ -850,8 +1039,10 @@ def print_summary(data: dict) -> None:
 
 def report(args, config: Config, workdir: Path, argv) -> int:
     """Worker, PTX sources, evidence, optional ncu, then the table and the result files."""
-    log(f"ptx: {config.shape} b{config.batch} density {config.density:g} (K {config.k}) {config.variant}; "
-        f"worker with XLA dump in {workdir}")
+    log(
+        f"ptx: {config.shape} b{config.batch} density {config.density:g} (K {config.k}) {config.variant}; "
+        f"worker with XLA dump in {workdir}"
+    )
     meta = run_worker(config, workdir, args.timeout)
     if "error" in meta:
         print(f"error: {meta['error']}", file=sys.stderr)
@@ -860,8 +1051,10 @@ def report(args, config: Config, workdir: Path, argv) -> int:
     no_ptx = None
     if not sources:
         # jax 0.11's XLA compiles the Triton IR itself and dumps no PTX of it: the SASS then comes from ncu.
-        no_ptx = (f"no PTX found: nothing from jaxlib's Triton compile ({meta['capture_error'] or 'no kernels'}), "
-                  f"no file holding `.entry` under {workdir / 'xla_dump'}, nothing in the StableHLO")
+        no_ptx = (
+            f"no PTX found: nothing from jaxlib's Triton compile ({meta['capture_error'] or 'no kernels'}), "
+            f"no file holding `.entry` under {workdir / 'xla_dump'}, nothing in the StableHLO"
+        )
         log(f"ptx: {no_ptx}" + ("; continuing with ncu" if args.ncu else ""))
         if not args.ncu:
             print(f"error: {no_ptx}; pass --ncu to read the kernels' SASS through ncu instead", file=sys.stderr)
@@ -872,16 +1065,18 @@ def report(args, config: Config, workdir: Path, argv) -> int:
     if args.ncu:
         log("ptx: profiling one call under ncu ...")
         names = [p["name"] for p in meta["pallas_calls"]]
-        data["ncu"] = ncu_profile(worker_command(config, workdir / "ncu_worker"), names, args.ncu_launch_count,
-                                  args.timeout)
+        data["ncu"] = ncu_profile(
+            worker_command(config, workdir / "ncu_worker"), names, args.ncu_launch_count, args.timeout
+        )
         data["problems"]["ncu"] = data["ncu"].get("error")
         log("ptx: the kernels' SASS through ncu's source page ...")
-        data["ncu_sass"] = ncu_sass(worker_command(config, workdir / "ncu_sass_worker"), names, workdir,
-                                    args.timeout)
+        data["ncu_sass"] = ncu_sass(worker_command(config, workdir / "ncu_sass_worker"), names, workdir, args.timeout)
         data["problems"]["ncu sass"] = "; ".join(v["error"] for v in data["ncu_sass"].values() if "error" in v)
     print_summary(data)
-    stem = (f"ptx_sparse_mlp_{config.shape}_b{config.batch}_{config.density:g}_{config.variant}_"
-            f"{card_slug(data['card'])}_{data['date']}")
+    stem = (
+        f"ptx_sparse_mlp_{config.shape}_b{config.batch}_{config.density:g}_{config.variant}_"
+        f"{card_slug(data['card'])}_{data['date']}"
+    )
     path = write_results(stem, render_markdown(data), json.loads(json.dumps(data, default=str)), args.out)
     print(f"wrote {path} and {path.with_suffix('.json').name}")
     return 0
@@ -898,8 +1093,11 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(config, Path(args.worker))
     if args.interpret:
-        print("error: --interpret runs the Pallas interpreter, which compiles no PTX; run `python -m tools.ptx_report` "
-              "without it on a GPU machine", file=sys.stderr)
+        print(
+            "error: --interpret runs the Pallas interpreter, which compiles no PTX; run `python -m tools.ptx_report` "
+            "without it on a GPU machine",
+            file=sys.stderr,
+        )
         return 2
     if args.keep:
         workdir = Path(args.keep).resolve()

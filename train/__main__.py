@@ -29,94 +29,169 @@ Example (the reference model):
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common")
-    g.add_argument("--work-dir", type=Path, default=None,
-                   help="where activations, predictors and reports go (default: runs/<model directory name>)")
-    g.add_argument("--predictors", type=Path, default=None,
-                   help="predictor directory that fit writes and calibrate reads and rewrites (default: "
-                        "WORK_DIR/predictors)")
+    g.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where activations, predictors and reports go (default: runs/<model directory name>)",
+    )
+    g.add_argument(
+        "--predictors",
+        type=Path,
+        default=None,
+        help="predictor directory that fit writes and calibrate reads and rewrites (default: WORK_DIR/predictors)",
+    )
     g.add_argument("--json", action="store_true", help="print a JSON summary on stdout (logs go to stderr)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-layer logs")
 
 
 def _collect_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("collect")
-    g.add_argument("--model", required=required,
-                   help="converted model dir, Hugging Face OPT checkpoint dir, or hub id" +
-                        ("" if required else " (only names the default --work-dir here)"))
+    g.add_argument(
+        "--model",
+        required=required,
+        help="converted model dir, Hugging Face OPT checkpoint dir, or hub id"
+        + ("" if required else " (only names the default --work-dir here)"),
+    )
     if not required:
         return
-    g.add_argument("--data", required=True,
-                   help='corpus: .jsonl / .jsonl.xz (a "text" field per line), .txt, or a datasets.save_to_disk dir; '
-                        'documents without text are skipped')
-    g.add_argument("--max-tokens", type=int, default=400_000,
-                   help="token budget: rows to collect, padding excluded (default 400000); raising it later "
-                        "continues a finished collection")
-    g.add_argument("--seq-len", type=int, default=512,
-                   help="window length: the token stream (documents with BOS, concatenated) is cut into windows "
-                        "of this many tokens (default 512)")
+    g.add_argument(
+        "--data",
+        required=True,
+        help='corpus: .jsonl / .jsonl.xz (a "text" field per line), .txt, or a datasets.save_to_disk dir; '
+        "documents without text are skipped",
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=400_000,
+        help="token budget: rows to collect, padding excluded (default 400000); raising it later "
+        "continues a finished collection",
+    )
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="window length: the token stream (documents with BOS, concatenated) is cut into windows "
+        "of this many tokens (default 512)",
+    )
     g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    g.add_argument("--shard-tokens", type=int, default=16384,
-                   help="rows per shard file; each shard is written atomically (default 16384)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype of the dense model (default float32); activations are stored float16")
-    g.add_argument("--overwrite", action="store_true",
-                   help="discard activations in WORK_DIR/activations instead of resuming them")
+    g.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=16384,
+        help="rows per shard file; each shard is written atomically (default 16384)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="compute dtype of the dense model (default float32); activations are stored float16",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="discard activations in WORK_DIR/activations instead of resuming them"
+    )
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
     from train.fit import LOSSES
     from dejavu_jax.predictors import MLP_INPUTS
+
     g = p.add_argument_group("fit")
     g.add_argument("--rank", type=int, default=None, help="predictor rank r (default min(1000, d_model/2))")
-    g.add_argument("--mlp-input", default="attn_input", choices=MLP_INPUTS,
-                   help="what the MLP predictor of layer l reads: the residual before layer l's attention "
-                        "LayerNorm (attn_input, default: runs beside attention) or before its MLP LayerNorm "
-                        "(mlp_input)")
-    g.add_argument("--loss", default="bce", choices=LOSSES,
-                   help="bce (default: unweighted binary cross-entropy, best top-K recall in our measurements) or "
-                        "weighted_bce (DejaVu: negatives weighted by the label density + 0.005)")
+    g.add_argument(
+        "--mlp-input",
+        default="attn_input",
+        choices=MLP_INPUTS,
+        help="what the MLP predictor of layer l reads: the residual before layer l's attention "
+        "LayerNorm (attn_input, default: runs beside attention) or before its MLP LayerNorm "
+        "(mlp_input)",
+    )
+    g.add_argument(
+        "--loss",
+        default="bce",
+        choices=LOSSES,
+        help="bce (default: unweighted binary cross-entropy, best top-K recall in our measurements) or "
+        "weighted_bce (DejaVu: negatives weighted by the label density + 0.005)",
+    )
     g.add_argument("--epochs", type=int, default=5, help="passes over the training rows per predictor (default 5)")
     g.add_argument("--train-batch-size", type=int, default=2048, help="rows per optimizer step (default 2048)")
-    g.add_argument("--learning-rate", type=float, default=5e-3,
-                   help="Adam peak learning rate, warmup then cosine decay (default 5e-3)")
+    g.add_argument(
+        "--learning-rate",
+        type=float,
+        default=5e-3,
+        help="Adam peak learning rate, warmup then cosine decay (default 5e-3)",
+    )
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0: Adam)")
-    g.add_argument("--holdout", type=float, default=0.1,
-                   help="fraction of rows (the last ones collected) held out for calibration and testing "
-                        "(default 0.1)")
-    g.add_argument("--head-label-mass", type=float, default=0.9,
-                   help="head label: the fewest heads (by decreasing output norm) carrying this share of the "
-                        "token's head-norm mass (default 0.9)")
-    g.add_argument("--no-input-norm", action="store_true",
-                   help="feed the raw residual to the predictors instead of standardizing it per token")
+    g.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="fraction of rows (the last ones collected) held out for calibration and testing (default 0.1)",
+    )
+    g.add_argument(
+        "--head-label-mass",
+        type=float,
+        default=0.9,
+        help="head label: the fewest heads (by decreasing output norm) carrying this share of the "
+        "token's head-norm mass (default 0.9)",
+    )
+    g.add_argument(
+        "--no-input-norm",
+        action="store_true",
+        help="feed the raw residual to the predictors instead of standardizing it per token",
+    )
     g.add_argument("--seed", type=int, default=0, help="initialization and shuffling seed (default 0)")
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibrate")
-    g.add_argument("--recall-target", type=float, default=0.99,
-                   help="MLP: K per layer is the smallest top-K whose mean recall of the truly active neurons "
-                        "reaches this, in (0, 1] (default 0.99)")
-    g.add_argument("--head-recall-target", type=float, default=0.99,
-                   help="heads: the same, for the mean share of the head-norm mass kept (default 0.99)")
-    g.add_argument("--block", type=int, default=1,
-                   help="MLP K (top-K selection) is rounded up to a multiple of this, capped at ffn (default 1: "
-                        "the row-masked kernels compute exactly the chosen rows, so no rounding is needed)")
-    g.add_argument("--head-block", type=int, default=1,
-                   help="head K is rounded up to a multiple of this, capped at the head count (default 1)")
-    g.add_argument("--save-to", type=Path, default=None,
-                   help="also write the calibrated predictors to MODEL_DIR/predictors/ (a converted model "
-                        "directory, see python -m dejavu_jax.convert), where load_predictors(MODEL_DIR) finds them")
+    g.add_argument(
+        "--recall-target",
+        type=float,
+        default=0.99,
+        help="MLP: K per layer is the smallest top-K whose mean recall of the truly active neurons "
+        "reaches this, in (0, 1] (default 0.99)",
+    )
+    g.add_argument(
+        "--head-recall-target",
+        type=float,
+        default=0.99,
+        help="heads: the same, for the mean share of the head-norm mass kept (default 0.99)",
+    )
+    g.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="MLP K (top-K selection) is rounded up to a multiple of this, capped at ffn (default 1: "
+        "the row-masked kernels compute exactly the chosen rows, so no rounding is needed)",
+    )
+    g.add_argument(
+        "--head-block",
+        type=int,
+        default=1,
+        help="head K is rounded up to a multiple of this, capped at the head count (default 1)",
+    )
+    g.add_argument(
+        "--save-to",
+        type=Path,
+        default=None,
+        help="also write the calibrated predictors to MODEL_DIR/predictors/ (a converted model "
+        "directory, see python -m dejavu_jax.convert), where load_predictors(MODEL_DIR) finds them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{collect,fit,calibrate,all}")
     for name, help_text, parts in (
-            ("collect", "collect dense activations", (True, False, False)),
-            ("fit", "train the predictors", (False, True, False)),
-            ("calibrate", "choose K and a threshold per layer and write the report", (False, False, True)),
-            ("all", "collect, fit, calibrate", (True, True, True))):
+        ("collect", "collect dense activations", (True, False, False)),
+        ("fit", "train the predictors", (False, True, False)),
+        ("calibrate", "choose K and a threshold per layer and write the report", (False, False, True)),
+        ("all", "collect, fit, calibrate", (True, True, True)),
+    ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         _common(p)
         _collect_args(p, required=parts[0])
@@ -131,6 +206,7 @@ def _options(args):
     from train.calibrate import CalibrateOptions
     from train.collect import CollectOptions
     from train.fit import FitOptions
+
     if args.work_dir is None:
         if not args.model:
             raise ValueError("pass --work-dir (or --model, whose directory name names the default runs/<name>)")
@@ -138,19 +214,39 @@ def _options(args):
     predictors_dir = args.predictors or args.work_dir / "predictors"
     collect = fit = calibrate = None
     if args.command in ("collect", "all"):
-        collect = CollectOptions(model=args.model, data=args.data, out_dir=args.work_dir / "activations",
-                                 max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                 shard_tokens=args.shard_tokens, dtype=args.dtype)
+        collect = CollectOptions(
+            model=args.model,
+            data=args.data,
+            out_dir=args.work_dir / "activations",
+            max_tokens=args.max_tokens,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            shard_tokens=args.shard_tokens,
+            dtype=args.dtype,
+        )
         collect.validate()
     if args.command in ("fit", "all"):
-        fit = FitOptions(rank=args.rank, mlp_input=args.mlp_input, loss=args.loss, epochs=args.epochs,
-                         batch_size=args.train_batch_size, learning_rate=args.learning_rate,
-                         weight_decay=args.weight_decay, holdout=args.holdout, head_label_mass=args.head_label_mass,
-                         normalize_input=not args.no_input_norm, seed=args.seed)
+        fit = FitOptions(
+            rank=args.rank,
+            mlp_input=args.mlp_input,
+            loss=args.loss,
+            epochs=args.epochs,
+            batch_size=args.train_batch_size,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            holdout=args.holdout,
+            head_label_mass=args.head_label_mass,
+            normalize_input=not args.no_input_norm,
+            seed=args.seed,
+        )
         fit.validate()
     if args.command in ("calibrate", "all"):
-        calibrate = CalibrateOptions(recall_target=args.recall_target, head_recall_target=args.head_recall_target,
-                                     block=args.block, head_block=args.head_block)
+        calibrate = CalibrateOptions(
+            recall_target=args.recall_target,
+            head_recall_target=args.head_recall_target,
+            block=args.block,
+            head_block=args.head_block,
+        )
         calibrate.validate()
         if args.save_to is not None:
             _check_save_to(args.save_to)
@@ -159,53 +255,72 @@ def _options(args):
 
 def _check_save_to(model_dir: Path) -> None:
     from dejavu_jax.checkpoint import is_converted_model
+
     if not model_dir.is_dir() or not is_converted_model(model_dir):
-        raise ValueError(f"--save-to {model_dir} is not a converted model directory (no dejavu_jax.json); convert "
-                         f"it first with python -m dejavu_jax.convert --hf HF_DIR --out {model_dir}")
+        raise ValueError(
+            f"--save-to {model_dir} is not a converted model directory (no dejavu_jax.json); convert "
+            f"it first with python -m dejavu_jax.convert --hf HF_DIR --out {model_dir}"
+        )
 
 
 def run(args, log) -> dict:
     from dejavu_jax.predictor_store import PREDICTORS_DIR
+
     collect_opts, fit_opts, calibrate_opts, predictors_dir = _options(args)  # every option checked before work
     progress = not args.quiet
     summary = {"work_dir": str(args.work_dir)}
     if collect_opts is not None:
         from train.collect import collect
+
         start = time.perf_counter()
         summary["collect"] = collect(collect_opts, overwrite=args.overwrite, progress=progress)
         summary["collect"]["seconds"] = time.perf_counter() - start
         c = summary["collect"]
-        log(f"collect: {c['rows']:,} tokens in {c['shards']} shards ({c['new_rows']:,} new, "
-            f"{c['documents_consumed']} documents) -> {c['activations']}")
+        log(
+            f"collect: {c['rows']:,} tokens in {c['shards']} shards ({c['new_rows']:,} new, "
+            f"{c['documents_consumed']} documents) -> {c['activations']}"
+        )
     if fit_opts is None and calibrate_opts is None:
         return summary
     from train.activations import ActivationStore
+
     store = ActivationStore(args.work_dir / "activations")
     if fit_opts is not None:
         from train.fit import fit
+
         log(f"fit: {store.num_rows:,} rows, {store.config.num_hidden_layers} layers")
-        summary["fit"] = fit(store, fit_opts, args.work_dir, predictors_dir, log=log if progress else None,
-                             progress=progress)
+        summary["fit"] = fit(
+            store, fit_opts, args.work_dir, predictors_dir, log=log if progress else None, progress=progress
+        )
         reused = len(summary["fit"]["reused"])
-        log(f"fit: rank {summary['fit']['rank']}, {summary['fit']['seconds']:.0f} s -> {predictors_dir}" +
-            (f" ({reused} of {2 * store.config.num_hidden_layers} predictors reused from an earlier run)"
-             if reused else ""))
+        log(
+            f"fit: rank {summary['fit']['rank']}, {summary['fit']['seconds']:.0f} s -> {predictors_dir}"
+            + (
+                f" ({reused} of {2 * store.config.num_hidden_layers} predictors reused from an earlier run)"
+                if reused
+                else ""
+            )
+        )
     if calibrate_opts is not None:
         from train.calibrate import calibrate
         from train.report import mean_mlp_density, write_report
+
         save_to = None if args.save_to is None else args.save_to / PREDICTORS_DIR
-        log(f"calibrate: recall target {calibrate_opts.recall_target} (MLP), "
-            f"{calibrate_opts.head_recall_target} (head-norm mass)")
+        log(
+            f"calibrate: recall target {calibrate_opts.recall_target} (MLP), "
+            f"{calibrate_opts.head_recall_target} (head-norm mass)"
+        )
         result = calibrate(store, predictors_dir, calibrate_opts, save_to=save_to, log=log if progress else None)
         stem = "report" if predictors_dir.name == PREDICTORS_DIR else f"report-{predictors_dir.name}"
         result["report_files"] = write_report(result, args.work_dir, stem)
-        summary["calibrate"] = {k: result[k] for k in ("predictors", "saved_to", "mlp_k", "head_k",
-                                                        "report_files")}
+        summary["calibrate"] = {k: result[k] for k in ("predictors", "saved_to", "mlp_k", "head_k", "report_files")}
         summary["calibrate"]["mean_mlp_density_layers_1_plus"] = mean_mlp_density(result)
         summary["calibrate"]["mlp_test_recall"] = [e["mlp"]["test"]["recall"] for e in result["layers"]]
         summary["calibrate"]["head_test_mass_recall"] = [e["heads"]["test"]["recall"] for e in result["layers"]]
-        log(f"calibrate: MLP K {result['mlp_k']}, heads K {result['head_k']}; mean MLP density (layers 1+) "
-            f"{mean_mlp_density(result):.1%}; report {result['report_files']['markdown']}")
+        log(
+            f"calibrate: MLP K {result['mlp_k']}, heads K {result['head_k']}; mean MLP density (layers 1+) "
+            f"{mean_mlp_density(result):.1%}; report {result['report_files']['markdown']}"
+        )
     return summary
 
 
@@ -216,11 +331,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dejavu_jax.corpus import CorpusError
     from dejavu_jax.hf_checkpoint import CheckpointError
+
     out = sys.stderr if args.json else sys.stdout
 
     def log(message: str) -> None:
         if not args.quiet:
             print(message, file=out, flush=True)
+
     try:
         summary = run(args, log)
     except (CheckpointError, CorpusError, ValueError, FileExistsError) as e:

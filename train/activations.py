@@ -72,8 +72,9 @@ def remove_uncounted(directory: Path, manifest: dict) -> list[str]:
     counted = {s["name"] for s in manifest["shards"]}
     removed = []
     for entry in directory.iterdir():
-        if entry.is_dir() and (entry.name.startswith(".shard_") or
-                               (entry.name.startswith("shard_") and entry.name not in counted)):
+        if entry.is_dir() and (
+            entry.name.startswith(".shard_") or (entry.name.startswith("shard_") and entry.name not in counted)
+        ):
             shutil.rmtree(entry)
             removed.append(entry.name)
         elif entry.name.startswith(f".{MANIFEST}.tmp-"):
@@ -88,11 +89,13 @@ class ActivationStore:
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
         if manifest is None:
-            raise ActivationStoreError(f"no activations in {self.directory} (no {MANIFEST}); run "
-                                       f"`python -m train collect` first")
+            raise ActivationStoreError(
+                f"no activations in {self.directory} (no {MANIFEST}); run `python -m train collect` first"
+            )
         if manifest.get("format") != FORMAT_VERSION:
-            raise ActivationStoreError(f"{self.directory} has format {manifest.get('format')!r}, expected "
-                                       f"{FORMAT_VERSION}; collect again")
+            raise ActivationStoreError(
+                f"{self.directory} has format {manifest.get('format')!r}, expected {FORMAT_VERSION}; collect again"
+            )
         self.manifest = manifest
         self.config = OPTConfig.from_hf_dict(manifest["config"])
         self.shards = manifest["shards"]

@@ -66,8 +66,13 @@ def _curves(predictor, x, targets, calib, test, num_outputs, mass_norms=None):
     return curves
 
 
-def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptions,
-              save_to: Optional[Path] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+def calibrate(
+    store: ActivationStore,
+    predictors_dir: Path,
+    opts: CalibrateOptions,
+    save_to: Optional[Path] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Calibrate K per layer; rewrite `predictors_dir` (and `save_to`, a predictors dir) with K and metrics."""
     opts.validate()
     start_time = time.perf_counter()
@@ -79,8 +84,10 @@ def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptio
     label_mass = float(fit_options.get("head_label_mass", 0.9))
     n_train, calib, test = holdout_split(store, holdout)
     if meta.get("training_tokens") is not None and int(meta["training_tokens"]) != n_train:
-        raise ValueError(f"the predictors in {predictors_dir} were fit on {meta['training_tokens']} rows, but the "
-                         f"activation store now splits at {n_train} (it holds {store.num_rows}); run fit again")
+        raise ValueError(
+            f"the predictors in {predictors_dir} were fit on {meta['training_tokens']} rows, but the "
+            f"activation store now splits at {n_train} (it holds {store.num_rows}); run fit again"
+        )
     L = config.num_hidden_layers
     layers = []
     for layer in range(L):
@@ -98,33 +105,50 @@ def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptio
 
         x_head = store.read(max(layer - 1, 0), "attn_input", n_train)
         norms = store.read(layer, "head_norm", n_train)
-        head_curves = _curves(predictors.heads[layer], x_head, head_labels(norms, label_mass), calib, test,
-                              config.num_attention_heads, mass_norms=norms)
+        head_curves = _curves(
+            predictors.heads[layer],
+            x_head,
+            head_labels(norms, label_mass),
+            calib,
+            test,
+            config.num_attention_heads,
+            mass_norms=norms,
+        )
         del x_head
         oracle = TopKCurve(config.num_attention_heads)  # the heads with the largest true norms
         test_norms = norms[test]
         oracle.update_mass(test_norms, test_norms, head_labels(test_norms, label_mass))
-        head_raw, head_k = smallest_k(head_curves["calibration"].recall(), opts.head_recall_target,
-                                      opts.head_block)
+        head_raw, head_k = smallest_k(head_curves["calibration"].recall(), opts.head_recall_target, opts.head_block)
         entry = {
             "layer": layer,
-            "mlp": {"k_raw": mlp_raw, "k": mlp_k, "calibration": curves["calibration"].at(mlp_k),
-                    "test": curves["test"].at(mlp_k), "threshold": threshold,
-                    "threshold_test": threshold_test.result(),
-                    "recall_curve": [round(float(v), 5) for v in curves["test"].recall()]},
-            "heads": {"k_raw": head_raw, "k": head_k, "calibration": head_curves["calibration"].at(head_k),
-                      "test": head_curves["test"].at(head_k),
-                      "mass_recall_curve": [round(float(v), 5) for v in head_curves["test"].recall()],
-                      "oracle_mass_recall_curve": [round(float(v), 5) for v in oracle.recall()]},
+            "mlp": {
+                "k_raw": mlp_raw,
+                "k": mlp_k,
+                "calibration": curves["calibration"].at(mlp_k),
+                "test": curves["test"].at(mlp_k),
+                "threshold": threshold,
+                "threshold_test": threshold_test.result(),
+                "recall_curve": [round(float(v), 5) for v in curves["test"].recall()],
+            },
+            "heads": {
+                "k_raw": head_raw,
+                "k": head_k,
+                "calibration": head_curves["calibration"].at(head_k),
+                "test": head_curves["test"].at(head_k),
+                "mass_recall_curve": [round(float(v), 5) for v in head_curves["test"].recall()],
+                "oracle_mass_recall_curve": [round(float(v), 5) for v in oracle.recall()],
+            },
         }
         layers.append(entry)
         if log:
             m, h = entry["mlp"]["test"], entry["heads"]["test"]
             t = entry["mlp"]["threshold_test"]
-            log(f"  layer {layer}: MLP K {mlp_k:5d}/{config.ffn_dim} ({m['predicted_density']:.1%}, true "
+            log(
+                f"  layer {layer}: MLP K {mlp_k:5d}/{config.ffn_dim} ({m['predicted_density']:.1%}, true "
                 f"{m['true_density']:.1%}) recall {m['recall']:.4f}; threshold {threshold:.3f}: density "
                 f"{t['density']:.1%} recall {t['recall']:.4f} | heads K {head_k}/{config.num_attention_heads}"
-                f" mass recall {h['recall']:.4f}")
+                f" mass recall {h['recall']:.4f}"
+            )
 
     calibrated = predictors.with_k([e["mlp"]["k"] for e in layers], [e["heads"]["k"] for e in layers])
     calibrated = calibrated.with_threshold([e["mlp"]["threshold"] for e in layers])
@@ -140,16 +164,30 @@ def calibrate(store: ActivationStore, predictors_dir: Path, opts: CalibrateOptio
         "layers": [{k: v for k, v in e.items()} for e in layers],
     }
     metadata = {k: v for k, v in meta.items() if k not in ("calibration",)}
-    metadata.update({"stage": "calibrated", "recall_target": opts.recall_target,
-                     "head_recall_target": opts.head_recall_target, "calibration": _without_curves(calibration)})
+    metadata.update(
+        {
+            "stage": "calibrated",
+            "recall_target": opts.recall_target,
+            "head_recall_target": opts.head_recall_target,
+            "calibration": _without_curves(calibration),
+        }
+    )
     save_predictors(calibrated, predictors_dir, metadata)
     if save_to is not None:
         save_predictors(calibrated, save_to, metadata)
-    return {"predictors": str(predictors_dir), "saved_to": None if save_to is None else str(save_to),
-            "mlp_k": list(calibrated.mlp_k), "head_k": list(calibrated.head_k), **calibration,
-            "fit": meta.get("fit_metrics"), "fit_options": fit_options,
-            "training_tokens": meta.get("training_tokens"), "mlp_input": predictors.mlp_input,
-            "model": meta.get("model"), "activations": meta.get("activations")}
+    return {
+        "predictors": str(predictors_dir),
+        "saved_to": None if save_to is None else str(save_to),
+        "mlp_k": list(calibrated.mlp_k),
+        "head_k": list(calibrated.head_k),
+        **calibration,
+        "fit": meta.get("fit_metrics"),
+        "fit_options": fit_options,
+        "training_tokens": meta.get("training_tokens"),
+        "mlp_input": predictors.mlp_input,
+        "model": meta.get("model"),
+        "activations": meta.get("activations"),
+    }
 
 
 def _calibrate_threshold(predictor, x, labels, calib, target: float) -> float:
@@ -164,8 +202,12 @@ def _calibrate_threshold(predictor, x, labels, calib, target: float) -> float:
 
 def _without_curves(calibration: dict) -> dict:
     out = dict(calibration)
-    out["layers"] = [{"layer": e["layer"],
-                      "mlp": {k: v for k, v in e["mlp"].items() if k != "recall_curve"},
-                      "heads": {k: v for k, v in e["heads"].items() if not k.endswith("_curve")}}
-                     for e in calibration["layers"]]
+    out["layers"] = [
+        {
+            "layer": e["layer"],
+            "mlp": {k: v for k, v in e["mlp"].items() if k != "recall_curve"},
+            "heads": {k: v for k, v in e["heads"].items() if not k.endswith("_curve")},
+        }
+        for e in calibration["layers"]
+    ]
     return out

@@ -32,8 +32,15 @@ from tqdm import tqdm
 from dejavu_jax.atomic import write_json_atomic
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.corpus import CorpusError, corpus_kind, iter_documents
-from train.activations import (FIELDS, FORMAT_VERSION, ActivationStoreError, read_manifest, remove_uncounted,
-                               shard_name, write_shard)
+from train.activations import (
+    FIELDS,
+    FORMAT_VERSION,
+    ActivationStoreError,
+    read_manifest,
+    remove_uncounted,
+    shard_name,
+    write_shard,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +86,10 @@ def iter_windows(tokenizer, path, seq_len: int, start: StreamPosition = StreamPo
         ids = np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
         offset = start.offset if document == start.document else 0
         if offset > len(ids):
-            raise CorpusError(f"document {document} of {path} has {len(ids)} tokens but the manifest resumes at "
-                              f"token {offset}: the corpus changed since collection started")
+            raise CorpusError(
+                f"document {document} of {path} has {len(ids)} tokens but the manifest resumes at "
+                f"token {offset}: the corpus changed since collection started"
+            )
         if offset < len(ids):
             pieces.append((document, offset, ids[offset:]))
             buffered += len(ids) - offset
@@ -114,24 +123,32 @@ def dense_activations(params, input_ids, attention_mask, *, config: OPTConfig):
     """[B, T] -> per layer (attn_input f16 [B,T,d], mlp_input f16 [B,T,d], packed labels u8 [B,T,ffn/8],
     head norms f32 [B,T,heads]). The logits are dead code here, so XLA drops the LM head."""
     from dejavu_jax.model import OPTForCausalLM
+
     model = OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
     _, state = model.apply({"params": params}, input_ids, attention_mask, mutable=["intermediates"])
     inter = state["intermediates"]
     out = []
     for i in range(config.num_hidden_layers):
         layer = inter[f"layers_{i}"]
-        out.append({
-            "attn_input": layer["attn_input"][0].astype(jnp.float16),
-            "mlp_input": layer["mlp_input"][0].astype(jnp.float16),
-            "mlp_active": jnp.packbits(layer["mlp"]["fc1_active"][0], axis=-1),
-            "head_norm": layer["self_attn"]["head_norm"][0].astype(jnp.float32),
-        })
+        out.append(
+            {
+                "attn_input": layer["attn_input"][0].astype(jnp.float16),
+                "mlp_input": layer["mlp_input"][0].astype(jnp.float16),
+                "mlp_active": jnp.packbits(layer["mlp"]["fc1_active"][0], axis=-1),
+                "head_norm": layer["self_attn"]["head_norm"][0].astype(jnp.float32),
+            }
+        )
     return out
 
 
 def _settings(opts: CollectOptions, config: Optional[OPTConfig]) -> dict:
-    settings = {"model": _canonical(opts.model), "data": _canonical(opts.data), "seq_len": opts.seq_len,
-                "shard_tokens": opts.shard_tokens, "compute_dtype": opts.dtype}
+    settings = {
+        "model": _canonical(opts.model),
+        "data": _canonical(opts.data),
+        "seq_len": opts.seq_len,
+        "shard_tokens": opts.shard_tokens,
+        "compute_dtype": opts.dtype,
+    }
     if config is not None:
         settings["config"] = config.to_hf_dict()
     return settings
@@ -144,15 +161,17 @@ def _canonical(path: str) -> str:
 
 def _check_resumable(manifest: dict, opts: CollectOptions, out_dir: Path) -> None:
     if manifest.get("format") != FORMAT_VERSION:
-        raise ActivationStoreError(f"{out_dir} holds activations of format {manifest.get('format')!r}; delete it "
-                                   f"or pass another --work-dir")
+        raise ActivationStoreError(
+            f"{out_dir} holds activations of format {manifest.get('format')!r}; delete it or pass another --work-dir"
+        )
     want = _settings(opts, None)
     have = {k: manifest.get(k) for k in want}
     if have != want:
         diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
         raise ActivationStoreError(
             f"{out_dir} holds activations collected with other settings ({', '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in diff.items())}); "
-            f"pass --overwrite to start again, or another --work-dir")
+            f"pass --overwrite to start again, or another --work-dir"
+        )
 
 
 class _Segment(NamedTuple):
@@ -163,13 +182,18 @@ class _Segment(NamedTuple):
     layers: list  # per layer {field: [n, ...]}
 
 
-def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True,
-            on_shard: Optional[Callable[[int, int], None]] = None) -> dict:
+def collect(
+    opts: CollectOptions,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard: Optional[Callable[[int, int], None]] = None,
+) -> dict:
     """Collect up to `opts.max_tokens` rows into `opts.out_dir`, resuming what is there. Returns a summary.
 
     `on_shard(shard_index, rows_done)` runs after each shard is committed (tests interrupt through it).
     """
     from dejavu_jax.checkpoint import load_model
+
     opts.validate()
     corpus_kind(opts.data)  # a missing or unknown corpus fails before anything is loaded or written
     out_dir = Path(opts.out_dir)
@@ -181,8 +205,9 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
         if manifest["rows_done"] >= opts.max_tokens or manifest.get("exhausted"):
             return _summary(manifest, out_dir, resumed=True, new_rows=0)
     elif out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ActivationStoreError(f"{out_dir} exists and is not an activation directory; pass another "
-                                   f"--work-dir or --overwrite")
+        raise ActivationStoreError(
+            f"{out_dir} exists and is not an activation directory; pass another --work-dir or --overwrite"
+        )
 
     model = load_model(opts.model, opts.dtype)
     config = model.config
@@ -199,12 +224,23 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
     else:
         # Written to disk with the first shard (`start_store`): a run that fails before any row arrives (a corrupt
         # or empty corpus) leaves no directory behind, and --overwrite discards old activations only then.
-        manifest = {"format": FORMAT_VERSION, **_settings(opts, config),
-                    "storage": {"attn_input": "float16", "mlp_input": "float16",
-                                "mlp_active": "uint8 np.packbits(fc1 > 0, axis=-1), big-endian bit order",
-                                "head_norm": "float32", "tokens": "int32"},
-                    "rows_done": 0, "position": {"document": 0, "offset": 0, "skip_rows": 0},
-                    "documents_consumed": 0, "shards": [], "complete": False, "exhausted": False}
+        manifest = {
+            "format": FORMAT_VERSION,
+            **_settings(opts, config),
+            "storage": {
+                "attn_input": "float16",
+                "mlp_input": "float16",
+                "mlp_active": "uint8 np.packbits(fc1 > 0, axis=-1), big-endian bit order",
+                "head_norm": "float32",
+                "tokens": "int32",
+            },
+            "rows_done": 0,
+            "position": {"document": 0, "offset": 0, "skip_rows": 0},
+            "documents_consumed": 0,
+            "shards": [],
+            "complete": False,
+            "exhausted": False,
+        }
     store_exists = resumed
 
     def start_store() -> None:
@@ -222,13 +258,15 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
     rows_seen = start_rows  # committed + pending
     position = manifest["position"]
     skip_rows = position["skip_rows"]
-    windows = iter_windows(model.tokenizer, opts.data, opts.seq_len,
-                           StreamPosition(position["document"], position["offset"]))
+    windows = iter_windows(
+        model.tokenizer, opts.data, opts.seq_len, StreamPosition(position["document"], position["offset"])
+    )
     B, T = opts.batch_size, opts.seq_len
     pending: list[_Segment] = []
     pending_rows = 0
-    bar = tqdm(total=opts.max_tokens, initial=rows_done, unit="tok", desc="collect", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=opts.max_tokens, initial=rows_done, unit="tok", desc="collect", disable=not progress, dynamic_ncols=True
+    )
 
     def commit(n_rows: int) -> None:
         """Write the first n_rows pending rows as the next shard, then count them in the manifest."""
@@ -247,8 +285,10 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
                 rest.append(seg)
         last = taken[-1]
         tokens = np.concatenate([s.tokens for s in taken])
-        layers = [{f: np.concatenate([s.layers[i][f] for s in taken]) for f in FIELDS}
-                  for i in range(config.num_hidden_layers)]
+        layers = [
+            {f: np.concatenate([s.layers[i][f] for s in taken]) for f in FIELDS}
+            for i in range(config.num_hidden_layers)
+        ]
         index = len(manifest["shards"])
         if not store_exists:
             start_store()
@@ -257,8 +297,11 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
         if last.row_hi == len(last.window.tokens):
             next_pos = {"document": last.window.end.document, "offset": last.window.end.offset, "skip_rows": 0}
         else:
-            next_pos = {"document": last.window.start.document, "offset": last.window.start.offset,
-                        "skip_rows": last.row_hi}
+            next_pos = {
+                "document": last.window.start.document,
+                "offset": last.window.start.offset,
+                "skip_rows": last.row_hi,
+            }
         manifest["shards"].append({"name": shard_name(index), "rows": int(len(tokens))})
         manifest["rows_done"] = rows_done
         manifest["position"] = next_pos
@@ -276,8 +319,8 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
         ids = np.full((B, T), config.pad_token_id, np.int32)
         mask = np.zeros((B, T), np.int32)
         for b, window in enumerate(batch):
-            ids[b, :len(window.tokens)] = window.tokens
-            mask[b, :len(window.tokens)] = 1
+            ids[b, : len(window.tokens)] = window.tokens
+            mask[b, : len(window.tokens)] = 1
         return batch, dense_activations(model.params, jnp.asarray(ids), jnp.asarray(mask), config=config)
 
     try:
@@ -313,8 +356,10 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
         write_json_atomic(out_dir / "manifest.json", manifest)
     except CorpusError as e:
         if rows_done:  # the shards before the damage are complete and counted: keep them
-            raise CorpusError(f"{e}. The {rows_done:,} tokens collected before it are kept in {out_dir}; rerun "
-                              f"the same command to continue once the corpus is replaced") from e
+            raise CorpusError(
+                f"{e}. The {rows_done:,} tokens collected before it are kept in {out_dir}; rerun "
+                f"the same command to continue once the corpus is replaced"
+            ) from e
         raise
     finally:
         bar.close()
@@ -323,11 +368,23 @@ def collect(opts: CollectOptions, overwrite: bool = False, progress: bool = True
 
 def _slice(seg: _Segment, lo: int, hi: int) -> _Segment:
     """Rows [lo, hi) of a segment (relative to the segment)."""
-    return _Segment(seg.window, seg.row_lo + lo, seg.row_lo + hi, seg.tokens[lo:hi],
-                    [{f: a[lo:hi] for f, a in layer.items()} for layer in seg.layers])
+    return _Segment(
+        seg.window,
+        seg.row_lo + lo,
+        seg.row_lo + hi,
+        seg.tokens[lo:hi],
+        [{f: a[lo:hi] for f, a in layer.items()} for layer in seg.layers],
+    )
 
 
 def _summary(manifest: dict, out_dir: Path, resumed: bool, new_rows: int) -> dict:
-    return {"activations": str(out_dir), "rows": manifest["rows_done"], "new_rows": new_rows,
-            "shards": len(manifest["shards"]), "documents_consumed": manifest["documents_consumed"],
-            "complete": manifest["complete"], "exhausted": manifest.get("exhausted", False), "resumed": resumed}
+    return {
+        "activations": str(out_dir),
+        "rows": manifest["rows_done"],
+        "new_rows": new_rows,
+        "shards": len(manifest["shards"]),
+        "documents_consumed": manifest["documents_consumed"],
+        "complete": manifest["complete"],
+        "exhausted": manifest.get("exhausted", False),
+        "resumed": resumed,
+    }

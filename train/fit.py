@@ -86,14 +86,19 @@ def split_rows(num_rows: int, holdout: float, corpus_ended: bool = False) -> tup
     `corpus_ended`: the collection stopped because the corpus ran out, so a larger --max-tokens cannot help."""
     n_train = int(num_rows * (1 - holdout))
     if n_train < 1 or num_rows - n_train < 2:
-        remedy = ("the corpus ended there: collect from a larger one (--data)" if corpus_ended else
-                  "collect more (--max-tokens)")
-        raise ValueError(f"{num_rows} collected rows are too few to hold out {holdout:.0%} for calibration and "
-                         f"testing; {remedy}")
+        remedy = (
+            "the corpus ended there: collect from a larger one (--data)"
+            if corpus_ended
+            else "collect more (--max-tokens)"
+        )
+        raise ValueError(
+            f"{num_rows} collected rows are too few to hold out {holdout:.0%} for calibration and testing; {remedy}"
+        )
     return n_train, n_train + (num_rows - n_train) // 2
 
 
 # ---- the training step ------------------------------------------------------------------------------------------
+
 
 def _loss(predictor: LowRankPredictor, x, labels, loss: str):
     logits = predictor_scores(predictor, x)
@@ -107,6 +112,7 @@ def _loss(predictor: LowRankPredictor, x, labels, loss: str):
 @functools.partial(jax.jit, static_argnames=("optimizer", "loss", "num_outputs"), donate_argnums=(0, 1))
 def _train_steps(predictor, opt_state, x_all, packed_all, batch_idx, *, optimizer, loss: str, num_outputs: int):
     """len(batch_idx) optimizer steps in one lax.scan; x_all [N, d] f16 and packed_all [N, bytes] u8 live on device."""
+
     def step(carry, idx):
         predictor, opt_state = carry
         x = jnp.take(x_all, idx, axis=0)
@@ -114,6 +120,7 @@ def _train_steps(predictor, opt_state, x_all, packed_all, batch_idx, *, optimize
         value, grads = jax.value_and_grad(_loss)(predictor, x, labels, loss)
         updates, opt_state = optimizer.update(grads, opt_state, predictor)
         return (optax.apply_updates(predictor, updates), opt_state), value
+
     (predictor, opt_state), losses = jax.lax.scan(step, (predictor, opt_state), batch_idx)
     return predictor, opt_state, losses.mean()
 
@@ -126,29 +133,39 @@ def _scores(predictor, x):
 def score_rows(predictor: LowRankPredictor, x: np.ndarray, chunk: int = 8192):
     """Yield (start, scores [n, out] np.float32) over x in chunks (bounded memory)."""
     for start in range(0, len(x), chunk):
-        block = x[start:start + chunk]
+        block = x[start : start + chunk]
         if len(block) < chunk:  # pad to one compiled shape
             padded = np.zeros((chunk,) + block.shape[1:], block.dtype)
-            padded[:len(block)] = block
-            yield start, np.asarray(_scores(predictor, jnp.asarray(padded)))[:len(block)]
+            padded[: len(block)] = block
+            yield start, np.asarray(_scores(predictor, jnp.asarray(padded)))[: len(block)]
         else:
             yield start, np.asarray(_scores(predictor, jnp.asarray(block)))
 
 
-def train_predictor(x: np.ndarray, packed: np.ndarray, num_outputs: int, rank: int, opts: FitOptions, rng,
-                    desc: str = "fit", progress: bool = True) -> tuple[LowRankPredictor, dict]:
+def train_predictor(
+    x: np.ndarray,
+    packed: np.ndarray,
+    num_outputs: int,
+    rank: int,
+    opts: FitOptions,
+    rng,
+    desc: str = "fit",
+    progress: bool = True,
+) -> tuple[LowRankPredictor, dict]:
     """Fit one d -> rank -> num_outputs predictor on x [N, d] and packed labels [N, ceil(out/8)]."""
     n, d = x.shape
     batch = min(opts.batch_size, n)
     steps_per_epoch = max(n // batch, 1)
     total_steps = steps_per_epoch * opts.epochs
-    labels_rate = np.unpackbits(packed[:min(n, 65536)], axis=-1, count=num_outputs).mean(0)
+    labels_rate = np.unpackbits(packed[: min(n, 65536)], axis=-1, count=num_outputs).mean(0)
     rate = np.clip(labels_rate, 1e-4, 1 - 1e-4)
     init_rng, data_rng = jax.random.split(rng)
-    predictor = init_low_rank(init_rng, d, rank, num_outputs, opts.normalize_input,
-                              output_bias=np.log(rate / (1 - rate)))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, opts.learning_rate, min(100, total_steps // 10 + 1),
-                                                  total_steps, end_value=opts.learning_rate * 0.05)
+    predictor = init_low_rank(
+        init_rng, d, rank, num_outputs, opts.normalize_input, output_bias=np.log(rate / (1 - rate))
+    )
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, opts.learning_rate, min(100, total_steps // 10 + 1), total_steps, end_value=opts.learning_rate * 0.05
+    )
     optimizer = optax.adamw(schedule, weight_decay=opts.weight_decay) if opts.weight_decay else optax.adam(schedule)
     opt_state = optimizer.init(predictor)
     x_dev, packed_dev = jnp.asarray(x), jnp.asarray(packed)
@@ -158,54 +175,88 @@ def train_predictor(x: np.ndarray, packed: np.ndarray, num_outputs: int, rank: i
     bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
     try:
         for _ in range(opts.epochs):
-            perm = order_rng.permutation(n)[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
+            perm = order_rng.permutation(n)[: steps_per_epoch * batch].reshape(steps_per_epoch, batch)
             for s in range(0, steps_per_epoch, opts.steps_per_call):
-                idx = jnp.asarray(perm[s:s + opts.steps_per_call].astype(np.int32))
-                predictor, opt_state, loss = _train_steps(predictor, opt_state, x_dev, packed_dev, idx,
-                                                          optimizer=optimizer, loss=opts.loss,
-                                                          num_outputs=num_outputs)
+                idx = jnp.asarray(perm[s : s + opts.steps_per_call].astype(np.int32))
+                predictor, opt_state, loss = _train_steps(
+                    predictor,
+                    opt_state,
+                    x_dev,
+                    packed_dev,
+                    idx,
+                    optimizer=optimizer,
+                    loss=opts.loss,
+                    num_outputs=num_outputs,
+                )
                 bar.update(len(idx))
                 losses.append(float(loss))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
         bar.close()
-    return predictor, {"steps": total_steps, "train_rows": int(n), "final_loss": losses[-1],
-                       "seconds": time.perf_counter() - start}
+    return predictor, {
+        "steps": total_steps,
+        "train_rows": int(n),
+        "final_loss": losses[-1],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def threshold_metrics(predictor: LowRankPredictor, x: np.ndarray, labels: np.ndarray) -> dict:
     counts = BinaryCounts()
     for start, scores in score_rows(predictor, x):
-        counts.update(scores > 0, labels[start:start + len(scores)])
+        counts.update(scores > 0, labels[start : start + len(scores)])
     return counts.result()
 
 
 # ---- per-layer driver -------------------------------------------------------------------------------------------
 
+
 def _fit_key(opts: FitOptions, store: ActivationStore) -> str:
-    blob = json.dumps({"opts": dataclasses.asdict(opts), "rows": store.num_rows,
-                       "shards": store.manifest["shards"], "settings": {k: store.manifest.get(k) for k in
-                                                                          ("model", "data", "seq_len")}},
-                      sort_keys=True)
+    blob = json.dumps(
+        {
+            "opts": dataclasses.asdict(opts),
+            "rows": store.num_rows,
+            "shards": store.manifest["shards"],
+            "settings": {k: store.manifest.get(k) for k in ("model", "data", "seq_len")},
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _save_layer(path: Path, predictor: LowRankPredictor, info: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, w1=np.asarray(predictor.w1), b1=np.asarray(predictor.b1), w2=np.asarray(predictor.w2),
-             b2=np.asarray(predictor.b2), info=np.asarray(json.dumps(info)))
+    np.savez(
+        tmp,
+        w1=np.asarray(predictor.w1),
+        b1=np.asarray(predictor.b1),
+        w2=np.asarray(predictor.w2),
+        b2=np.asarray(predictor.b2),
+        info=np.asarray(json.dumps(info)),
+    )
     os.replace(tmp, path)
 
 
 def _load_layer(path: Path, normalize_input: bool) -> tuple[LowRankPredictor, dict]:
     with np.load(path) as f:
-        predictor = LowRankPredictor(w1=jnp.asarray(f["w1"]), b1=jnp.asarray(f["b1"]), w2=jnp.asarray(f["w2"]),
-                                     b2=jnp.asarray(f["b2"]), normalize_input=normalize_input)
+        predictor = LowRankPredictor(
+            w1=jnp.asarray(f["w1"]),
+            b1=jnp.asarray(f["b1"]),
+            w2=jnp.asarray(f["w2"]),
+            b2=jnp.asarray(f["b2"]),
+            normalize_input=normalize_input,
+        )
         return predictor, json.loads(str(f["info"]))
 
 
-def fit(store: ActivationStore, opts: FitOptions, work_dir: Path, predictors_dir: Path,
-        log: Optional[Callable[[str], None]] = None, progress: bool = True) -> dict:
+def fit(
+    store: ActivationStore,
+    opts: FitOptions,
+    work_dir: Path,
+    predictors_dir: Path,
+    log: Optional[Callable[[str], None]] = None,
+    progress: bool = True,
+) -> dict:
     """Train every layer's MLP and head predictors; save them (uncalibrated) to `predictors_dir`."""
     opts.validate()
     config = store.config
@@ -230,27 +281,36 @@ def fit(store: ActivationStore, opts: FitOptions, work_dir: Path, predictors_dir
             reused_layers.append(f"{kind} {layer}")
         else:
             key = jax.random.fold_in(jax.random.fold_in(rng, layer), 0 if kind == "mlp" else 1)
-            predictor, layer_info = train_predictor(x[:n_train], packed[:n_train], out, rank, opts, key,
-                                                    desc=f"fit {kind} layer {layer}", progress=progress)
+            predictor, layer_info = train_predictor(
+                x[:n_train], packed[:n_train], out, rank, opts, key, desc=f"fit {kind} layer {layer}", progress=progress
+            )
             layer_info.update(threshold_metrics(predictor, x[n_train:], labels_holdout))
             _save_layer(path, predictor, layer_info)
         (mlp if kind == "mlp" else heads)[layer] = predictor
         info[kind][layer] = layer_info
         if log:
             how = "reused" if reused else f"{layer_info['seconds']:.0f} s"
-            log(f"  {kind:5s} layer {layer}: recall {layer_info['recall']:.3f} precision "
+            log(
+                f"  {kind:5s} layer {layer}: recall {layer_info['recall']:.3f} precision "
                 f"{layer_info['precision']:.3f} true density {layer_info['true_density']:.3f} predicted "
-                f"{layer_info['predicted_density']:.3f} ({how})")
+                f"{layer_info['predicted_density']:.3f} ({how})"
+            )
 
     for layer in range(L):
         attn_in = store.read(layer, "attn_input")
         # Head predictor of layer l+1 reads this layer's attention input (lookahead); layer 0 reads its own.
-        for head_layer in ([0, 1] if layer == 0 else [layer + 1]):
+        for head_layer in [0, 1] if layer == 0 else [layer + 1]:
             if head_layer < L:
                 norms = store.read(head_layer, "head_norm")
                 labels = head_labels(norms, opts.head_label_mass)
-                run("heads", head_layer, attn_in, np.packbits(labels, axis=-1), labels[n_train:],
-                    config.num_attention_heads)
+                run(
+                    "heads",
+                    head_layer,
+                    attn_in,
+                    np.packbits(labels, axis=-1),
+                    labels[n_train:],
+                    config.num_attention_heads,
+                )
         x = attn_in if opts.mlp_input == "attn_input" else store.read(layer, "mlp_input")
         del attn_in
         packed = store.read(layer, "mlp_active")
@@ -270,5 +330,11 @@ def fit(store: ActivationStore, opts: FitOptions, work_dir: Path, predictors_dir
         "fit_seconds": time.perf_counter() - start,
     }
     save_predictors(predictors, predictors_dir, metadata)
-    return {"predictors": str(predictors_dir), "rank": rank, "training_tokens": n_train,
-            "seconds": metadata["fit_seconds"], "reused": reused_layers, "metrics": info}
+    return {
+        "predictors": str(predictors_dir),
+        "rank": rank,
+        "training_tokens": n_train,
+        "seconds": metadata["fit_seconds"],
+        "reused": reused_layers,
+        "metrics": info,
+    }

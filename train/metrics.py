@@ -43,10 +43,12 @@ class BinaryCounts:
         self.n += label.size
 
     def result(self) -> dict:
-        return {"recall": self.tp / self.n_label if self.n_label else 1.0,
-                "precision": self.tp / self.n_pred if self.n_pred else 1.0,
-                "true_density": self.n_label / self.n if self.n else 0.0,
-                "predicted_density": self.n_pred / self.n if self.n else 0.0}
+        return {
+            "recall": self.tp / self.n_label if self.n_label else 1.0,
+            "precision": self.tp / self.n_pred if self.n_pred else 1.0,
+            "true_density": self.n_label / self.n if self.n else 0.0,
+            "predicted_density": self.n_pred / self.n if self.n else 0.0,
+        }
 
 
 class TopKCurve:
@@ -94,11 +96,14 @@ class TopKCurve:
     def at(self, k: int) -> dict:
         assert 1 <= k <= self.m, k
         n = max(self.n_tokens, 1)
-        return {"k": int(k), "recall": float(self.recall_sum[k - 1] / n),
-                "precision": float(self.hits_sum[k - 1] / (n * k)),
-                "label_recall": float(self.hits_sum[k - 1] / self.n_active) if self.n_active else 1.0,
-                "true_density": self.n_active / (n * self.m),
-                "predicted_density": k / self.m}
+        return {
+            "k": int(k),
+            "recall": float(self.recall_sum[k - 1] / n),
+            "precision": float(self.hits_sum[k - 1] / (n * k)),
+            "label_recall": float(self.hits_sum[k - 1] / self.n_active) if self.n_active else 1.0,
+            "true_density": self.n_active / (n * self.m),
+            "predicted_density": k / self.m,
+        }
 
 
 def smallest_k(recall_curve: np.ndarray, target: float, block: int) -> tuple[int, int]:
@@ -130,7 +135,16 @@ class ThresholdCalibration:
         self.scores.append(np.asarray(scores, np.float32)[labels])
         self.weights.append(1.0 / n_pos[rows])
 
+    # The threshold sits this far (relative) below the score that reaches the target, so the same scores computed
+    # in another batch shape or precision (a few fp32 ulps apart) still clear it.
+    MARGIN = 1e-5
+
     def threshold(self, target: float) -> float:
+        """The score that reaches `target` (`score_at`), lowered by a relative MARGIN."""
+        s = self.score_at(target)
+        return s - self.MARGIN * (1.0 + abs(s)) if np.isfinite(s) else s
+
+    def score_at(self, target: float) -> float:
         """The largest threshold whose mean recall over the tokens seen reaches `target`."""
         need = target * self.n_tokens - self.n_empty - 1e-9
         if need <= 0 or not self.scores:
@@ -160,7 +174,11 @@ class ThresholdCounts:
     def result(self) -> dict:
         counts = np.concatenate(self.counts) if self.counts else np.zeros(0, np.int64)
         n = max(len(counts), 1)
-        return {"threshold": self.t, "recall": self.recall_sum / n, "density": float(counts.sum() / (n * self.m)),
-                "max_density": float(counts.max() / self.m) if len(counts) else 0.0,
-                "p99_density": float(np.percentile(counts, 99) / self.m) if len(counts) else 0.0,
-                "above_k_fraction": float((counts > self.k).mean()) if len(counts) else 0.0}
+        return {
+            "threshold": self.t,
+            "recall": self.recall_sum / n,
+            "density": float(counts.sum() / (n * self.m)),
+            "max_density": float(counts.max() / self.m) if len(counts) else 0.0,
+            "p99_density": float(np.percentile(counts, 99) / self.m) if len(counts) else 0.0,
+            "above_k_fraction": float((counts > self.k).mean()) if len(counts) else 0.0,
+        }
