@@ -41,6 +41,9 @@ class AttentionImpl(str, enum.Enum):
     XLA = "xla"
     PALLAS = "pallas"
 
+    def __str__(self) -> str:
+        return self.value
+
 
 ATTENTION_IMPLS = tuple(a.value for a in AttentionImpl)
 
