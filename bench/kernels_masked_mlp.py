@@ -30,6 +30,7 @@ from jax import lax
 
 from bench.common import copy_bandwidth, provenance, time_chained, write_results
 from dejavu_jax.config import shape_config
+from dejavu_jax.predictors import standardize
 from kernels.masked_mlp import masked_fc1, nonzero_fc2, threshold_fc1
 from kernels.sparse_mlp import sparse_mlp
 
@@ -51,12 +52,6 @@ FC2_KNOBS = (
     {"fc2_segment": 512, "fc2_block_d": 256, "fc2_warps": 8},
     {"fc2_segment": 1024, "fc2_block_d": 64},
 )
-
-
-def standardize(x):
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    return (x - mean) * lax.rsqrt(jnp.square(x - mean).mean(-1, keepdims=True) + 1e-5)
 
 
 def layer_sets(key, d, ffn, rank, n, dtype=jnp.float16):

@@ -117,10 +117,10 @@ def main(argv=None) -> int:
         sampling = sampling_from_args(args)
         from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
-        check_sparsity_args(args)
+        policy = check_sparsity_args(args)
         model = load_model(args.model, args.dtype)
         sampling.check_vocab(model.config.vocab_size)
-        policy, sparse_weights = load_sparsity(args, model)
+        sparse_weights = load_sparsity(policy, args, model)
         results = generate_text(
             model,
             args.prompt,

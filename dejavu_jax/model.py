@@ -170,10 +170,10 @@ class OPTMLP(nn.Module):
             self.sow("intermediates", "mlp_density", jnp.mean(hidden != 0, axis=-1))
             return out
         if rows.kind == "mask" and rows.mask.ndim == 3:  # whole sequence, per token
-            out, _ = mlp_per_token_rows(x, *weights, rows.mask)
+            out = mlp_per_token_rows(x, *weights, rows.mask)
             self.sow("intermediates", "mlp_density", jnp.mean(rows.mask, axis=-1))
             return out
-        out, hidden = mlp_decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor)
+        out = mlp_decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor)
         return out.reshape(B, T, d)
 
 

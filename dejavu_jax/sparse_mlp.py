@@ -48,13 +48,13 @@ def mlp_dense(x, fc1_w, fc1_b, fc2_w_t, fc2_b, return_hidden: bool = False):
 
 
 def mlp_per_token_rows(x, fc1_w, fc1_b, fc2_w_t, fc2_b, chosen):
-    """x [..., d], chosen [..., ffn] bool -> (out [..., d], h [..., ffn]): each token's MLP over its chosen neurons."""
+    """x [..., d], chosen [..., ffn] bool -> out [..., d]: each token's MLP over its chosen neurons."""
     h = jnp.where(chosen, mlp_hidden(x, fc1_w, fc1_b), 0).astype(x.dtype)
-    return mlp_output(h, fc2_w_t, fc2_b), h
+    return mlp_output(h, fc2_w_t, fc2_b)
 
 
 def mlp_decode_rows(x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, hidden=None, predictor=None):
-    """x [B, d] (one decode step) -> (out [B, d], h [B, ffn]) on the row-masked kernels.
+    """x [B, d] (one decode step) -> out [B, d] on the row-masked kernels.
 
     kind "mask": the rows where mask [ffn] != 0; "threshold": the rows whose score from `hidden` [B, r] and
     `predictor` (a `sparsity.MLPPredictor`) reaches its threshold, chosen inside the fc1 kernel; "lossless": dense
@@ -68,4 +68,4 @@ def mlp_decode_rows(x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, hidde
         h = mlp_hidden(x, fc1_w, fc1_b)
     else:
         raise ValueError(f"kind must be 'mask', 'threshold' or 'lossless'. Got {kind!r}")
-    return nonzero_fc2(h, fc2_w_t, fc2_b), h
+    return nonzero_fc2(h, fc2_w_t, fc2_b)

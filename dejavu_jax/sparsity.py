@@ -194,8 +194,7 @@ def mlp_rows(
         return MLPRows("dense")
     if policy.mlp == MLPSparsity.LOSSLESS:
         return MLPRows("lossless") if kernels or not (decode and policy.decode_kernels) else MLPRows("dense")
-    if weights is None or weights.mlp is None:
-        raise ValueError("predicted MLP sparsity needs predictors (SparseWeights.mlp)")
+    check_sparsity(policy, weights)
     predictor = weights.mlp[layer]
     if decode and not kernels and policy.decode_kernels:
         return MLPRows("dense")  # the batch's union would be nearly every row: dense is exact and faster

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparsityPolicy, sparse_weights_from_predictors
+from dejavu_jax.sparsity import MLPSparsity, Selection, SparsityPolicy, sparse_weights_from_predictors
 
 
 def add_sparsity_args(p: argparse.ArgumentParser) -> None:
@@ -45,14 +45,13 @@ def check_sparsity_args(args) -> SparsityPolicy:
     return SparsityPolicy(mode, Selection(args.selection or "threshold"))
 
 
-def load_sparsity(args, model):
-    """(policy, sparse weights or None) for a loaded model (`checkpoint.LoadedModel`): predictors checked against
-    its config, in its compute dtype."""
-    policy = check_sparsity_args(args)
-    if policy == DENSE or not policy.needs_weights:
-        return policy, None
+def load_sparsity(policy: SparsityPolicy, args, model):
+    """The sparse weights `policy` (from `check_sparsity_args`) needs, or None, for a loaded model
+    (`checkpoint.LoadedModel`): predictors checked against its config, in its compute dtype."""
+    if not policy.needs_weights:
+        return None
     from dejavu_jax.predictor_store import load_predictors
 
     predictors = load_predictors(args.predictors, model.config)
     dtype = model.params["embed_tokens"]["embedding"].dtype
-    return policy, sparse_weights_from_predictors(predictors, dtype, selection=policy.selection)
+    return sparse_weights_from_predictors(predictors, dtype, selection=policy.selection)

@@ -82,11 +82,11 @@ def run_ppl(args) -> dict:
     from dejavu_jax.sparsity import DENSE
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
-    check_sparsity_args(args)
+    policy = check_sparsity_args(args)
     model = load_model(args.model, args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files")
-    policy, sparse_weights = load_sparsity(args, model)
+    sparse_weights = load_sparsity(policy, args, model)
     max_tokens = None if args.max_windows is None else args.max_windows * args.seq_len
     windows = make_windows(token_stream(model.tokenizer, args.data, max_tokens), args.seq_len, args.max_windows)
     result = perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json)

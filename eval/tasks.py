@@ -104,7 +104,7 @@ def run_tasks(args) -> dict:
     out = Path(args.out) if args.out else None
     results = _load_previous(out, settings)  # checked before the model loads, so a bad --out costs no wait
     model = load_model(args.model, args.dtype)
-    policy, sparse_weights = load_sparsity(args, model)
+    sparse_weights = load_sparsity(policy, args, model)
     progress = not args.json
     dense_lm = JaxOPT(model, batch_size=args.batch_size, progress=progress, desc="dense")
     sparse_lm = (

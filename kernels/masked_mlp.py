@@ -237,20 +237,24 @@ def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret):
 # ---- public wrappers -------------------------------------------------------------------------------------------
 
 
+def _check_sizes(batch, dtype, d, ffn):
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"batch must be in [1, {MAX_BATCH}] (use the dense MLP for larger batches). Got {batch}")
+    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype must be float32, bfloat16 or float16. Got {dtype}")
+    if d % 16 or ffn % 16:
+        raise ValueError(f"d and ffn must be multiples of 16. Got d={d}, ffn={ffn}")
+
+
 def _check_weights(x, w, b, name):
     if x.ndim != 2:
         raise ValueError(f"x must be [batch, d]. Got shape {x.shape}")
     batch, d = x.shape
-    if not 1 <= batch <= MAX_BATCH:
-        raise ValueError(f"batch must be in [1, {MAX_BATCH}] (use the dense MLP for larger batches). Got {batch}")
-    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-        raise ValueError(f"x dtype must be float32, bfloat16 or float16. Got {x.dtype}")
     if w.ndim != 2 or w.shape[1] != d:
         raise ValueError(f"{name} must be [ffn, d] with d = x.shape[1]. Got {w.shape} and x {x.shape}")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"the bias of {name} must be [{w.shape[0]}]. Got {b.shape}")
-    if d % 16 or w.shape[0] % 16:
-        raise ValueError(f"d and ffn must be multiples of 16. Got d={d}, ffn={w.shape[0]}")
+    _check_sizes(batch, x.dtype, d, w.shape[0])
 
 
 def _plan(batch, d, ffn, knobs, rank=0) -> MaskedMLPPlan:
@@ -318,7 +322,7 @@ def nonzero_fc2(h, fc2_w_t, fc2_b, *, knobs=None, interpret=None):
         raise ValueError(f"need h [batch, ffn] and fc2_w_t [ffn, d]. Got {h.shape} and {fc2_w_t.shape}")
     batch, ffn = h.shape
     d = fc2_w_t.shape[1]
-    _check_weights(jnp.zeros((batch, ffn), h.dtype), fc2_w_t.T, None, "fc2_w_t transposed")
+    _check_sizes(batch, h.dtype, d, ffn)
     if fc2_b.shape != (d,):
         raise ValueError(f"fc2_b must be [d] = [{d}]. Got {fc2_b.shape}")
     plan = _plan(batch, d, ffn, knobs)

@@ -55,7 +55,7 @@ def test_per_token_rows_match_a_float64_gather(tokens, density):
     )
     b1, b2 = rng.standard_normal(ffn) * 0.1, rng.standard_normal(d)
     chosen = rng.random((tokens, ffn)) < density
-    out, _ = mlp_per_token_rows(*(jnp.asarray(a, jnp.float32) for a in (x, w1, b1, w2t, b2)), jnp.asarray(chosen))
+    out = mlp_per_token_rows(*(jnp.asarray(a, jnp.float32) for a in (x, w1, b1, w2t, b2)), jnp.asarray(chosen))
     ref = np.empty_like(x)
     for t in range(tokens):
         rows = np.flatnonzero(chosen[t])
