@@ -37,7 +37,16 @@ from dejavu_jax.generation import AUTOTUNE_MODES, generation_program
 from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, check_attention_impl
 from dejavu_jax.predictors import init_low_rank
 from dejavu_jax.sampling import SamplingConfig
-from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparseWeights, SparsityPolicy, decode_predictor
+from dejavu_jax.sparsity import (
+    DENSE,
+    DecodeTuning,
+    MLPSparsity,
+    Selection,
+    SparseWeights,
+    SparsityPolicy,
+    decode_predictor,
+    for_decode_batch,
+)
 
 
 def random_params(config, dtype):
@@ -99,6 +108,26 @@ def planted_predictors(config, rows, rank: int) -> SparseWeights:
     return SparseWeights(mlp=tuple(layers))
 
 
+SPARSE_VARIANTS = ("fixed", "lossless", "predicted")
+
+
+def parse_tuning(spec: str) -> tuple:
+    """ "fc1_segment=128,hidden=xla" -> (("fc1_segment", 128), ("hidden", "xla")), checked by DecodeTuning."""
+    pairs = []
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"expected NAME=VALUE items separated by commas. Got {spec!r}")
+        value = value.strip()
+        pairs.append((name.strip(), int(value) if value.lstrip("-").isdigit() else value))
+    DecodeTuning.parse(tuple(pairs))
+    return tuple(pairs)
+
+
+def format_tuning(tuning: tuple) -> str:
+    return ",".join(f"{name}={value}" for name, value in tuning)
+
+
 def time_jax(
     config,
     batch,
@@ -119,6 +148,7 @@ def time_jax(
     mask = jnp.ones_like(ids)
     sampling = SamplingConfig().to_device()
     num_slots = prompt_len + new_tokens
+    policy, sparse_weights = for_decode_batch(policy, sparse_weights, batch)  # as generation runs it
     static = dict(config=no_eos, num_slots=num_slots, policy=policy, attention_impl=attention_impl)
     program = generation_program(autotune)
 
@@ -221,6 +251,21 @@ def main(argv=None) -> int:
         default="threshold,topk",
         help="with --mlp-density: comma list of predicted selections, threshold and/or topk (default both)",
     )
+    p.add_argument(
+        "--variants",
+        default=",".join(SPARSE_VARIANTS),
+        help=f"with --mlp-density: comma list of the sparse rows to time beside dense (default all: "
+        f"{','.join(SPARSE_VARIANTS)})",
+    )
+    p.add_argument(
+        "--tuning",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE,...",
+        help="with --mlp-density: also time every --variants row with these decode-kernel overrides "
+        "(dejavu_jax.sparsity.DecodeTuning: hidden=pallas|xla, scores=fc1|xla, or MaskedMLPPlan fields such as "
+        "fc1_segment=128); repeat for several",
+    )
     p.add_argument("--batches", default=None, help="comma list of batch sizes to time in this run (default --batch)")
     p.add_argument(
         "--attention",
@@ -249,6 +294,13 @@ def main(argv=None) -> int:
         batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
     except ValueError as e:
         p.error(f"--predictor-rank, --selection and --batches are comma lists ({e})")
+    variant_names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not set(variant_names) <= set(SPARSE_VARIANTS):
+        p.error(f"--variants takes {','.join(SPARSE_VARIANTS)}. Got {args.variants!r}")
+    try:
+        tunings = [()] + [parse_tuning(spec) for spec in args.tuning]
+    except ValueError as e:
+        p.error(f"--tuning: {e}")
     if min(ranks) < 1 or min(batches) < 1:
         p.error("ranks and batches must be >= 1")
     if args.mlp_density is not None and not 0 < args.fire_rate <= args.mlp_density:
@@ -267,13 +319,24 @@ def main(argv=None) -> int:
             planted = planted_rows(config, args.mlp_density, args.fire_rate)
             params = plant_firing(params, planted)
             fixed = SparseWeights(fixed_rows=tuple(jnp.asarray(c, jnp.int32) for _, c in planted))
-            variants += [("fixed rows", DENSE, fixed, {}), ("lossless", SparsityPolicy(MLPSparsity.LOSSLESS), None, {})]
-            for rank in ranks:
-                weights = planted_predictors(config, planted, rank)
-                for sel in selections:
+            predictors = {rank: planted_predictors(config, planted, rank) for rank in ranks}
+            for tuning in tunings:
+                tag = f" [{format_tuning(tuning)}]" if tuning else ""
+                extra = {"tuning": format_tuning(tuning)} if tuning else {}
+                if "fixed" in variant_names:
+                    variants.append((f"fixed rows{tag}", SparsityPolicy(tuning=tuning), fixed, extra))
+                if "lossless" in variant_names:
                     variants.append(
-                        (f"predicted, {sel.value}", SparsityPolicy(MLPSparsity.PREDICTED, sel), weights, {"rank": rank})
+                        (f"lossless{tag}", SparsityPolicy(MLPSparsity.LOSSLESS, tuning=tuning), None, extra)
                     )
+                if "predicted" not in variant_names:
+                    continue
+                for rank in ranks:
+                    for sel in selections:
+                        policy = SparsityPolicy(MLPSparsity.PREDICTED, sel, tuning=tuning)
+                        variants.append(
+                            (f"predicted, {sel.value}{tag}", policy, predictors[rank], {"rank": rank, **extra})
+                        )
         for batch in batches:
             read = bytes_read_per_token(config, batch, args.prompt_len, args.new_tokens)
             floor_ms = (read["weights"] + read["kv"]) / bw * 1e3

@@ -21,7 +21,7 @@ from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
-from dejavu_jax.sparsity import DENSE, SparseWeights, SparsityPolicy
+from dejavu_jax.sparsity import DENSE, SparseWeights, SparsityPolicy, for_decode_batch
 
 
 @struct.dataclass
@@ -233,6 +233,7 @@ def generate_ids(
     prompt_len = bucket(max(len(p) for p in prompts), 8)
     ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)
     num_slots = prompt_len + bucket(max_new_tokens, 16)
+    policy, sparse_weights = for_decode_batch(policy, sparse_weights, len(prompts))
     tokens, counts = program(
         params,
         jnp.asarray(ids),

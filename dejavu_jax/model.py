@@ -173,7 +173,9 @@ class OPTMLP(nn.Module):
             out = mlp_per_token_rows(x, *weights, rows.mask)
             self.sow("intermediates", "mlp_density", jnp.mean(rows.mask, axis=-1))
             return out
-        out = mlp_decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor)
+        out = mlp_decode_rows(
+            x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs
+        )
         return out.reshape(B, T, d)
 
 

@@ -27,7 +27,7 @@ from flax import struct
 
 MLP_INPUTS = ("attn_input", "mlp_input")
 HEAD_INPUT = "attn_input of layer l-1 (layer 0: its own)"
-_NORM_EPS = 1e-5
+NORM_EPS = 1e-5
 
 
 @struct.dataclass
@@ -133,7 +133,7 @@ def standardize(x):
     x = x.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + _NORM_EPS)
+    return (x - mean) * jax.lax.rsqrt(var + NORM_EPS)
 
 
 def predictor_scores(predictor: LowRankPredictor, x):

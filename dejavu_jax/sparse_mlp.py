@@ -53,19 +53,23 @@ def mlp_per_token_rows(x, fc1_w, fc1_b, fc2_w_t, fc2_b, chosen):
     return mlp_output(h, fc2_w_t, fc2_b)
 
 
-def mlp_decode_rows(x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, hidden=None, predictor=None):
+def mlp_decode_rows(
+    x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, hidden=None, predictor=None, knobs: tuple = ()
+):
     """x [B, d] (one decode step) -> out [B, d] on the row-masked kernels.
 
     kind "mask": the rows where mask [ffn] != 0; "threshold": the rows whose score from `hidden` [B, r] and
     `predictor` (a `sparsity.MLPPredictor`) reaches its threshold, chosen inside the fc1 kernel; "lossless": dense
-    fc1 (XLA). fc2 reads only the rows whose h is nonzero for some batch row.
+    fc1 (XLA). fc2 reads only the rows whose h is nonzero for some batch row. `knobs`: the kernels' plan overrides
+    (`kernels.masked_mlp.MaskedMLPPlan` fields; empty = its per-shape defaults).
     """
+    knobs = knobs or None
     if kind == "mask":
-        h = masked_fc1(x, fc1_w, fc1_b, mask)
+        h = masked_fc1(x, fc1_w, fc1_b, mask, knobs=knobs)
     elif kind == "threshold":
-        h = threshold_fc1(x, fc1_w, fc1_b, hidden, predictor.w2_t, predictor.b2, predictor.threshold)
+        h = threshold_fc1(x, fc1_w, fc1_b, hidden, predictor.w2_t, predictor.b2, predictor.threshold, knobs=knobs)
     elif kind == "lossless":
         h = mlp_hidden(x, fc1_w, fc1_b)
     else:
         raise ValueError(f"kind must be 'mask', 'threshold' or 'lossless'. Got {kind!r}")
-    return nonzero_fc2(h, fc2_w_t, fc2_b)
+    return nonzero_fc2(h, fc2_w_t, fc2_b, knobs=knobs)

@@ -37,7 +37,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dejavu_jax.predictors import LowRankPredictor, Predictors, standardize
+from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, standardize
+from kernels.masked_mlp import MaskedMLPPlan
+from kernels.predictor_hidden import predictor_hidden
 
 # Decode steps of at most this many sequences use the row-masked kernels; larger batches fall back to the dense MLP.
 SPARSE_DECODE_MAX_BATCH = 1
@@ -55,6 +57,39 @@ class Selection(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodeTuning:
+    """How a batch-1 decode step computes what the policy chose (never what it chooses):
+
+    - `hidden`: the predictor's first layer on the `predictor_hidden` Pallas kernel ("pallas") or in XLA ("xla");
+    - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1") or an XLA GEMV and a row mask ("xla");
+    - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults.
+    """
+
+    hidden: str = "pallas"
+    scores: str = "fc1"
+    knobs: tuple = ()
+
+    CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla")}
+
+    @classmethod
+    def parse(cls, pairs: tuple) -> "DecodeTuning":
+        plan_fields = {f.name for f in dataclasses.fields(MaskedMLPPlan)} - {"batch", "d", "ffn", "rank"}
+        choices, knobs = {}, []
+        for name, value in pairs:
+            if name in cls.CHOICES:
+                if value not in cls.CHOICES[name]:
+                    raise ValueError(f"tuning {name} must be one of {cls.CHOICES[name]}. Got {value!r}")
+                choices[name] = value
+            elif name in plan_fields:
+                knobs.append((name, int(value)))
+            else:
+                raise ValueError(
+                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES)} or a MaskedMLPPlan field {sorted(plan_fields)}"
+                )
+        return cls(knobs=tuple(knobs), **choices)
+
+
+@dataclasses.dataclass(frozen=True)
 class SparsityPolicy:
     """What is sparse and how it is chosen (static under jit)."""
 
@@ -62,10 +97,14 @@ class SparsityPolicy:
     selection: Selection = Selection.THRESHOLD
     # Decode steps use the row-masked kernels (False: the per-token path, the kernels' reference).
     decode_kernels: bool = True
+    # Overrides of the decode kernels' defaults, for benchmarks and tuning: (name, value) pairs, see `DecodeTuning`.
+    tuning: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "mlp", MLPSparsity(self.mlp))
         object.__setattr__(self, "selection", Selection(self.selection))
+        object.__setattr__(self, "tuning", tuple(tuple(pair) for pair in self.tuning))
+        DecodeTuning.parse(self.tuning)  # bad names or values fail here, not inside a trace
 
     @property
     def needs_weights(self) -> bool:
@@ -101,8 +140,17 @@ class MLPPredictor:
 
     def scores(self, x):
         """x [..., d] -> fp32 scores [..., ffn]."""
-        s = jnp.einsum("...r,nr->...n", self.hidden(x), self.w2_t, preferred_element_type=jnp.float32)
-        return s + self.b2
+        return self.scores_from_hidden(self.hidden(x))
+
+    def scores_from_hidden(self, p):
+        """p [..., r] (from `hidden`) -> fp32 scores [..., ffn]."""
+        return jnp.einsum("...r,nr->...n", p, self.w2_t, preferred_element_type=jnp.float32) + self.b2
+
+    def decode_hidden(self, x, tuning: "DecodeTuning"):
+        """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA."""
+        if tuning.hidden == "xla":
+            return self.hidden(x)
+        return predictor_hidden(x, self.w1_t, self.b1, normalize=self.normalize_input, eps=NORM_EPS)
 
 
 def decode_predictor(p: LowRankPredictor, threshold: Optional[float], dtype=None) -> MLPPredictor:
@@ -166,6 +214,7 @@ class MLPRows:
     mask: Optional[jax.Array] = None
     hidden: Optional[jax.Array] = None
     predictor: Optional[MLPPredictor] = None
+    knobs: tuple = struct.field(pytree_node=False, default=())  # the decode kernels' plan overrides
 
 
 def _topk_mask(scores, k: int):
@@ -183,31 +232,51 @@ def mlp_rows(
     """
     batch, tokens = predictor_input.shape[:2]
     kernels = policy.decode_kernels and decode and tokens == 1 and batch <= SPARSE_DECODE_MAX_BATCH
+    tuning = DecodeTuning.parse(policy.tuning)
     if weights is not None and weights.fixed_rows is not None:
         mask = weights.fixed_rows[layer]
         return (
-            MLPRows("mask", mask=mask)
+            MLPRows("mask", mask=mask, knobs=tuning.knobs)
             if kernels
             else MLPRows("mask", mask=jnp.broadcast_to(mask != 0, (batch, tokens, mask.shape[0])))
         )
     if policy.mlp == MLPSparsity.NONE:
         return MLPRows("dense")
     if policy.mlp == MLPSparsity.LOSSLESS:
-        return MLPRows("lossless") if kernels or not (decode and policy.decode_kernels) else MLPRows("dense")
+        if kernels or not (decode and policy.decode_kernels):
+            return MLPRows("lossless", knobs=tuning.knobs)
+        return MLPRows("dense")
     check_sparsity(policy, weights)
     predictor = weights.mlp[layer]
     if decode and not kernels and policy.decode_kernels:
         return MLPRows("dense")  # the batch's union would be nearly every row: dense is exact and faster
-    if kernels and policy.selection == Selection.THRESHOLD:
-        return MLPRows("threshold", hidden=predictor.hidden(predictor_input[:, 0]), predictor=predictor)
-    scores = predictor.scores(predictor_input)  # [B, T, ffn]
-    if policy.selection == Selection.THRESHOLD:
-        chosen = scores >= predictor.threshold
-    else:
-        chosen = _topk_mask(scores, predictor.k)
     if kernels:
-        return MLPRows("mask", mask=jnp.any(chosen[:, 0], axis=0).astype(jnp.int32))
-    return MLPRows("mask", mask=chosen)
+        hidden = predictor.decode_hidden(predictor_input[:, 0], tuning)  # [B, r]
+        if policy.selection == Selection.THRESHOLD and tuning.scores == "fc1":
+            return MLPRows("threshold", hidden=hidden, predictor=predictor, knobs=tuning.knobs)
+        chosen = _choose(policy, predictor, predictor.scores_from_hidden(hidden))  # [B, ffn]
+        return MLPRows("mask", mask=jnp.any(chosen, axis=0).astype(jnp.int32), knobs=tuning.knobs)
+    return MLPRows("mask", mask=_choose(policy, predictor, predictor.scores(predictor_input)))
+
+
+def _choose(policy: SparsityPolicy, predictor: MLPPredictor, scores):
+    """[..., ffn] scores -> [..., ffn] bool: the chosen neurons of each token."""
+    if policy.selection == Selection.THRESHOLD:
+        return scores >= predictor.threshold
+    return _topk_mask(scores, predictor.k)
+
+
+def for_decode_batch(
+    policy: SparsityPolicy, weights: Optional[SparseWeights], batch: int
+) -> tuple[SparsityPolicy, Optional[SparseWeights]]:
+    """The (policy, weights) a generation of `batch` sequences compiles with. Above `SPARSE_DECODE_MAX_BATCH` the
+    decode steps of a kernel policy run the dense MLP anyway (and the prefill is dense), so the generation is handed
+    the dense policy and no weights: it then runs the dense program itself (one compile, shared with dense
+    generation), not merely an equivalent one. Fixed row masks (benchmarks' ceiling) are kept as given."""
+    fixed = weights is not None and weights.fixed_rows is not None
+    if batch > SPARSE_DECODE_MAX_BATCH and policy.decode_kernels and not fixed:
+        return DENSE, None
+    return policy, weights
 
 
 def check_sparsity(policy: SparsityPolicy, weights: Optional[SparseWeights]) -> None:

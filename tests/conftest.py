@@ -85,3 +85,17 @@ def lowered_text_for_cuda(fn, *args) -> str:
         if "cuda" in str(e).lower() and "platform" in str(e).lower():
             pytest.skip(f"cannot lower for cuda here: {e}")
         raise
+
+
+class CompiledKernelCases:
+    """Base of a kernel test class: its cases run compiled on a GPU (skipped elsewhere); a subclass with
+    `INTERPRET = True` re-runs every case in the Pallas interpreter on any backend."""
+
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _needs_gpu(self):
+        import jax
+
+        if not self.INTERPRET and jax.default_backend() != "gpu":
+            pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret subclass covers CPU")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import lowered_text_for_cuda
+from conftest import CompiledKernelCases, lowered_text_for_cuda
 from kernels.masked_mlp import MaskedMLPPlan, masked_fc1, nonzero_fc2, threshold_fc1
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
@@ -41,14 +41,7 @@ def row_err(out, ref):
     return (np.linalg.norm(out - ref, axis=-1) / np.maximum(np.linalg.norm(ref, axis=-1), 1e-30)).max()
 
 
-class TestMaskedMLP:
-    INTERPRET = False
-
-    @pytest.fixture(autouse=True)
-    def _needs_gpu(self):
-        if not self.INTERPRET and jax.default_backend() != "gpu":
-            pytest.skip("compiled Pallas GPU kernels need a GPU; the interpret subclass covers CPU")
-
+class TestMaskedMLP(CompiledKernelCases):
     @pytest.mark.parametrize(
         "batch, d, ffn, density, knobs",
         [

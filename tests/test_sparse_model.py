@@ -1,6 +1,8 @@
 """MLP sparsity inside the model: the policy (none / lossless / predicted with threshold or top-K selection), the
 per-token path of whole-sequence forwards, and the row-masked kernels of decode steps (interpret mode on CPU)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,10 @@ from dejavu_jax.sparsity import (
     MLPSparsity,
     Selection,
     SparseWeights,
+    DENSE,
     SparsityPolicy,
     check_sparsity,
+    for_decode_batch,
     sparse_weights_from_predictors,
 )
 
@@ -104,13 +108,21 @@ def decode_logits(params, prompt, continuation, policy, weights):
 
 
 @pytest.mark.parametrize(
-    "policy, predictors", [(PREDICTED, random_predictors(CONFIG, 48, 0.5)), (TOPK, random_predictors(CONFIG, 8))]
+    "policy, predictors",
+    [
+        (PREDICTED, random_predictors(CONFIG, 48, 0.5)),
+        (dataclasses.replace(PREDICTED, tuning=(("hidden", "xla"),)), random_predictors(CONFIG, 48, 0.5)),
+        (
+            dataclasses.replace(PREDICTED, tuning=(("scores", "xla"), ("fc1_segment", 16))),
+            random_predictors(CONFIG, 48, 0.5),
+        ),
+        (TOPK, random_predictors(CONFIG, 8)),
+    ],
+    ids=["threshold", "threshold-xla-hidden", "threshold-xla-scores", "topk"],
 )
 def test_decode_kernels_equal_the_per_token_path_and_differ_from_dense(policy, predictors):
     """At batch 1 the row-masked kernels (interpret mode) in the compiled decode step give what the per-token
-    path gives for the same token, and both differ from dense."""
-    import dataclasses
-
+    path gives for the same token, and both differ from dense; so does every `DecodeTuning` of the same policy."""
     params = init_params(CONFIG, jax.random.PRNGKey(4))
     prompt = jax.random.randint(jax.random.PRNGKey(5), (1, 5), 3, 64)
     continuation = jax.random.randint(jax.random.PRNGKey(6), (1, 4), 3, 64)
@@ -239,3 +251,16 @@ def test_sparse_generation_choosing_everything_equals_dense(reference_model_dir,
     ):
         assert generate_main(argv + extra) == 0
         assert capsys.readouterr().out == dense, extra
+
+
+def test_decode_tuning_is_checked_and_batches_above_the_kernels_get_the_dense_program():
+    with pytest.raises(ValueError, match="hidden must be one of"):
+        SparsityPolicy(MLPSparsity.PREDICTED, tuning=(("hidden", "cuda"),))
+    with pytest.raises(ValueError, match="unknown tuning 'fc3_segment'"):
+        SparsityPolicy(tuning=(("fc3_segment", 64),))
+    weights = sparse_weights_from_predictors(random_predictors(CONFIG, 48, 0.5))
+    assert for_decode_batch(PREDICTED, weights, 1) == (PREDICTED, weights)
+    assert for_decode_batch(PREDICTED, weights, 2) == (DENSE, None)
+    assert for_decode_batch(LOSSLESS, None, 4) == (DENSE, None)
+    fixed = SparseWeights(fixed_rows=(jnp.ones((48,), jnp.int32),) * 2)
+    assert for_decode_batch(DENSE, fixed, 4) == (DENSE, fixed)  # the benchmarks' ceiling stays as given

@@ -1,0 +1,97 @@
+"""The low-rank predictor's first layer at decode, one launch: p = standardize(x) · w1_tᵀ + b1.
+
+    x [B, d] (the layer's residual), w1_t [r, d] (output-major: a hidden unit's weights are one row), b1 [r]
+    -> p [B, r] in w1_t's dtype, the input of the predictor's second matmul (fused into `masked_mlp.threshold_fc1`).
+
+`standardize` is a LayerNorm without affine (zero mean, unit variance over d, in fp32). XLA runs it as a reduction
+fusion and then the GEMV as a second one whose few hundred output rows leave most of the GPU idle; here every
+program recomputes the statistics of x (a few KB, from L2) and reads `block_r` rows of w1_t, so the 2–10 MB of
+weights are spread over many programs and the normalised x never reaches memory.
+
+Numerics follow `predictor_hidden_reference` (the runtime's `MLPPredictor.hidden`): the normalised x is rounded
+to w1_t's dtype, products are summed in fp32, b1 added in fp32, the result rounded to w1_t's dtype.
+
+Shapes: batch 1..`MAX_BATCH` (unrolled per row); r and d multiples of 16; d is read in power-of-two column blocks
+that divide it. Triton lowering, with an `interpret` mode for CPU tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.block_math import prev_pow2
+from kernels.platform import resolve_interpret
+
+MAX_BATCH = 16
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    return min(n & -n, prev_pow2(cap))
+
+
+def _hidden_kernel(x_ref, w_ref, b_ref, p_ref, *, batch, d, block_r, block_d, normalize, eps):
+    # x_ref [B, d], w_ref [r, d], b_ref [r]; p_ref [B, r].
+    rows = pl.ds(pl.multiple_of(pl.program_id(0) * block_r, block_r), block_r)
+    chunks = [pl.ds(c0, block_d) for c0 in range(0, d, block_d)]  # static
+    w = [w_ref[rows, c].astype(jnp.float32) for c in chunks]  # issue every weight load first
+    bias = b_ref[rows].astype(jnp.float32)
+    for b in range(batch):
+        xs = [x_ref[b, c].astype(jnp.float32) for c in chunks]
+        if normalize:
+            mean = sum(jnp.sum(v) for v in xs) / d
+            var = sum(jnp.sum(jnp.square(v - mean)) for v in xs) / d
+            scale = jax.lax.rsqrt(var + eps)
+            xs = [((v - mean) * scale).astype(w_ref.dtype).astype(jnp.float32) for v in xs]
+        else:
+            xs = [v.astype(w_ref.dtype).astype(jnp.float32) for v in xs]
+        acc = bias
+        for wc, xc in zip(w, xs):
+            acc = acc + jnp.sum(wc * xc[None, :], axis=1)
+        p_ref[b, rows] = acc.astype(p_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret"))
+def predictor_hidden(x, w1_t, b1, *, normalize=True, eps=1e-5, block_r=None, block_d=2048, num_warps=4, interpret=None):
+    """p [B, r] in w1_t.dtype = (standardize(x) if normalize else x) · w1_tᵀ + b1.
+
+    x [B, d], w1_t [r, d], b1 [r]. `block_r`: rows of w1_t per program (None: r / 64, at least 1, at most 16);
+    `block_d`: columns per load (capped to a power of two dividing d). `interpret` None = decided by the backend.
+    """
+    if x.ndim != 2 or w1_t.ndim != 2 or w1_t.shape[1] != x.shape[1]:
+        raise ValueError(f"need x [batch, d] and w1_t [r, d]. Got {x.shape} and {w1_t.shape}")
+    batch, d = x.shape
+    r = w1_t.shape[0]
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"batch must be in [1, {MAX_BATCH}]. Got {batch}")
+    if b1.shape != (r,):
+        raise ValueError(f"b1 must be [r] = [{r}]. Got {b1.shape}")
+    if d % 16 or r % 16:
+        raise ValueError(f"d and r must be multiples of 16. Got d={d}, r={r}")
+    block_r = _pow2_divisor(r, block_r or max(1, min(16, r // 64)))
+    block_d = _pow2_divisor(d, block_d)
+    kernel = functools.partial(
+        _hidden_kernel, batch=batch, d=d, block_r=block_r, block_d=block_d, normalize=normalize, eps=eps
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, r), w1_t.dtype),
+        grid=(r // block_r,),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=resolve_interpret(interpret),
+        name="predictor_hidden",
+    )(x, w1_t, b1)
+
+
+def predictor_hidden_reference(x, w1_t, b1, *, normalize=True, eps=1e-5):
+    h = x.astype(jnp.float32)
+    if normalize:
+        mean = h.mean(-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(jnp.square(h - mean).mean(-1, keepdims=True) + eps)
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(w1_t.dtype) == jnp.float32 else None
+    p = jnp.einsum("bd,rd->br", h.astype(w1_t.dtype), w1_t, preferred_element_type=jnp.float32, precision=precision)
+    return (p + b1.astype(jnp.float32)).astype(w1_t.dtype)
