@@ -266,6 +266,11 @@ def main(argv=None) -> int:
         "(dejavu_jax.sparsity.DecodeTuning: hidden=pallas|xla, scores=fc1|xla, or MaskedMLPPlan fields such as "
         "fc1_segment=128); repeat for several",
     )
+    p.add_argument(
+        "--tuned-variants",
+        default=None,
+        help="comma list of the rows each --tuning times (default: --variants)",
+    )
     p.add_argument("--batches", default=None, help="comma list of batch sizes to time in this run (default --batch)")
     p.add_argument(
         "--attention",
@@ -295,8 +300,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(f"--predictor-rank, --selection and --batches are comma lists ({e})")
     variant_names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not set(variant_names) <= set(SPARSE_VARIANTS):
-        p.error(f"--variants takes {','.join(SPARSE_VARIANTS)}. Got {args.variants!r}")
+    tuned_names = [v.strip() for v in (args.tuned_variants or args.variants).split(",") if v.strip()]
+    if not set(variant_names) | set(tuned_names) <= set(SPARSE_VARIANTS):
+        p.error(f"--variants and --tuned-variants take {','.join(SPARSE_VARIANTS)}. Got {args.variants!r}")
     try:
         tunings = [()] + [parse_tuning(spec) for spec in args.tuning]
     except ValueError as e:
@@ -321,15 +327,16 @@ def main(argv=None) -> int:
             fixed = SparseWeights(fixed_rows=tuple(jnp.asarray(c, jnp.int32) for _, c in planted))
             predictors = {rank: planted_predictors(config, planted, rank) for rank in ranks}
             for tuning in tunings:
+                names = tuned_names if tuning else variant_names
                 tag = f" [{format_tuning(tuning)}]" if tuning else ""
                 extra = {"tuning": format_tuning(tuning)} if tuning else {}
-                if "fixed" in variant_names:
+                if "fixed" in names:
                     variants.append((f"fixed rows{tag}", SparsityPolicy(tuning=tuning), fixed, extra))
-                if "lossless" in variant_names:
+                if "lossless" in names:
                     variants.append(
                         (f"lossless{tag}", SparsityPolicy(MLPSparsity.LOSSLESS, tuning=tuning), None, extra)
                     )
-                if "predicted" not in variant_names:
+                if "predicted" not in names:
                     continue
                 for rank in ranks:
                     for sel in selections:
