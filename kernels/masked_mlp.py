@@ -47,6 +47,10 @@ from kernels.platform import resolve_interpret
 MAX_BATCH = 16
 SELECTIONS = ("mask", "threshold")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# fc1 gathers block_k whole rows per step, all d columns in flight at once; past this many elements per step the
+# tile no longer fits the registers of one program (H100: 16 rows at d = 4096 and 8 at d = 5120 measured fastest
+# end to end, 16 at d = 5120 was 7% slower; bench/results/NOTES.md, "Tuning the masked kernels in the decode loop").
+FC1_STEP_ELEMENTS = 1 << 16
 
 
 def pow2_divisor(n: int, cap: int) -> int:
@@ -63,7 +67,7 @@ class MaskedMLPPlan:
     ffn: int
     rank: int = 0  # predictor rank with selection="threshold"
     fc1_segment: int = 64  # rows whose choice one fc1 program reads (and whose h it writes)
-    fc1_block_k: int = 16  # chosen rows gathered per fc1 step
+    fc1_block_k: int = 0  # chosen rows gathered per fc1 step; 0 = `FC1_STEP_ELEMENTS` // d, at most 16
     fc1_block_d: int = 2048  # columns per fc1 load (capped to a power of two dividing d)
     fc1_warps: int = 4
     fc2_segment: int = 256  # rows of fc2_w_t one fc2 program owns (one fp32 partial output each)
@@ -74,6 +78,8 @@ class MaskedMLPPlan:
     def __post_init__(self):
         for name in ("fc1_segment", "fc1_block_k", "fc1_block_d", "fc2_segment", "fc2_block_k", "fc2_block_d"):
             value = getattr(self, name)
+            if name == "fc1_block_k" and value == 0:
+                continue
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two. Got {value}")
 
@@ -84,6 +90,12 @@ class MaskedMLPPlan:
     @property
     def seg2(self) -> int:
         return min(self.fc2_segment, pow2_divisor(self.ffn, self.ffn))
+
+    @property
+    def bk1(self) -> int:
+        if self.fc1_block_k:
+            return self.fc1_block_k
+        return max(1, min(16, prev_pow2(max(1, FC1_STEP_ELEMENTS // self.d))))
 
     @property
     def bd1(self) -> int:
@@ -153,7 +165,7 @@ def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref):
 def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selection: str, masked: bool):
     # x_ref [B, d], w_ref [ffn, d], b_ref [ffn]; refs: the selection's inputs, then h_ref [B, ffn].
     *sel_refs, h_ref = refs
-    seg, bk, bd = plan.seg1, plan.fc1_block_k, plan.bd1
+    seg, bk, bd = plan.seg1, plan.bk1, plan.bd1
     base = pl.multiple_of(pl.program_id(0) * seg, seg)
     if selection == "mask":
         (mask_ref,) = sel_refs

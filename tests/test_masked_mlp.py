@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import CompiledKernelCases, lowered_text_for_cuda
-from kernels.masked_mlp import MaskedMLPPlan, masked_fc1, nonzero_fc2, threshold_fc1
+from kernels.masked_mlp import FC1_STEP_ELEMENTS, MaskedMLPPlan, masked_fc1, nonzero_fc2, threshold_fc1
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 
@@ -148,3 +148,16 @@ def test_bad_inputs_raise(call, args, match):
 def test_plan_rejects_bad_blocks():
     with pytest.raises(ValueError, match="power of two"):
         MaskedMLPPlan(batch=1, d=64, ffn=64, fc1_segment=48)
+    with pytest.raises(ValueError, match="power of two"):
+        MaskedMLPPlan(batch=1, d=64, ffn=64, fc1_block_k=12)
+
+
+@pytest.mark.parametrize("d", [256, 768, 2048, 4096, 5120, 7168, 9216, 12288, 1 << 17])
+def test_default_fc1_step_fits_the_element_budget(d):
+    """Unset, fc1_block_k is the largest power of two <= 16 whose step tile [block_k, d] fits FC1_STEP_ELEMENTS
+    (at least one row); set, it is used as given."""
+    bk = MaskedMLPPlan(batch=1, d=d, ffn=4 * d).bk1
+    assert bk & (bk - 1) == 0 and 1 <= bk <= 16
+    assert bk == 1 or bk * d <= FC1_STEP_ELEMENTS
+    assert bk == 16 or 2 * bk * d > FC1_STEP_ELEMENTS
+    assert MaskedMLPPlan(batch=1, d=d, ffn=4 * d, fc1_block_k=32).bk1 == 32
