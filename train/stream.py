@@ -44,6 +44,7 @@ from tqdm import tqdm
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.corpus import corpus_kind
 from dejavu_jax.predictors import Predictors
+from train.activations import activation_bytes_per_token
 from train.checkpoint import CheckpointMismatch, load_checkpoint, read_metadata, save_checkpoint
 from train.collect import canonical_path, dense_activations, iter_windows, load_text_model
 from train.fit import (
@@ -580,6 +581,7 @@ def train_stream(
         "held_out_available_tokens": plan.held_out_available,
         "held_out_token_cap": cap,
         "tokens_read": plan.total_tokens,
+        "disk_mode_activation_bytes": activation_bytes_per_token(config) * plan.total_tokens,  # what this avoids
         "exhausted": plan.exhausted,
         "layer_groups": len(groups),
         "epochs": fit_opts.epochs,
@@ -658,8 +660,6 @@ def read_config(model: str) -> OPTConfig:
 
 def choose_store(store: str, config: OPTConfig, max_tokens: int, disk_budget_gb: float) -> tuple[str, str]:
     """(disk or stream, why): `auto` streams when the activations of `max_tokens` would exceed the disk budget."""
-    from train.activations import activation_bytes_per_token
-
     if store not in STORES:
         raise ValueError(f"--store must be one of {', '.join(STORES)}. Got {store!r}")
     if not disk_budget_gb > 0:
@@ -708,6 +708,7 @@ def run_stream(
     }
     save_predictors(predictors, predictors_dir, metadata)
     summary["predictors"] = str(predictors_dir)
+    summary["device"] = getattr(jax.devices()[0], "device_kind", jax.devices()[0].platform)
     summary["peak_device_bytes"] = device_peak_bytes()
     summary["peak_host_rss_bytes"] = host_peak_rss_bytes()
     return held_out, summary
