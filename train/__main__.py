@@ -24,7 +24,7 @@ Train DejaVu predictors for an OPT model.
              fit are one pass over the corpus on the accelerator and no activations are written (see below)
 
 Storage (all): disk mode stores about 2*d*2 bytes per token and layer (plus labels and head norms) under
-WORK_DIR/activations/: ~5.6 GB for the reference model at the default 400k tokens, ~210 GB for opt-6.7b. Stream
+WORK_DIR/activations/: ~5.6 GB for the reference model at the default 400k tokens, ~237 GB for opt-6.7b. Stream
 mode stores none: each batch of windows runs the dense model under jit and the same compiled step updates every
 layer's predictors (the same loss, init, optimizer and epochs as fit); calibration and the report use a held-out
 sample kept in host memory. --store auto (the default) streams when the activations would exceed
