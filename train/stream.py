@@ -532,12 +532,14 @@ def train_stream(
                     )
                     t0 = time.perf_counter()
                     state = _train_batch(state, model.params, ids, mask, key, spec=spec)
+                    # Wait for the batch (preparing the next one takes the host far less than the device takes
+                    # for this one), so that the progress bar and its rate count finished work.
+                    jax.block_until_ready(state["loss"])
                     tokens = int(mask.sum())
                     done_tokens += tokens
                     batch_index += 1
                     batches_done += 1
                     if clock_start is None:  # the first batch compiles: the rate clock starts after it
-                        jax.block_until_ready(state)
                         compile_s = time.perf_counter() - t0
                         clock_start = time.perf_counter()
                         bar = tqdm(
