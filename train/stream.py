@@ -132,9 +132,10 @@ class WindowPlan(NamedTuple):
         return sum(len(w.tokens) for w in self.held_out)
 
     def fingerprint(self) -> str:
-        """A hash of every token of the plan, in order: a resumed run must see the same windows."""
+        """A hash of every training token, in order: a resumed run must train on the same windows (the held-out
+        sample may differ: it does not enter training)."""
         h = hashlib.sha256()
-        for w in self.train + self.held_out:
+        for w in self.train:
             h.update(np.ascontiguousarray(w.tokens, np.int32).tobytes())
         return h.hexdigest()[:16]
 
@@ -300,7 +301,8 @@ def layer_groups(num_layers: int, groups: int) -> list[tuple[int, ...]]:
 
 
 def _settings(opts: StreamOptions, fit_opts: FitOptions, config: OPTConfig) -> dict:
-    """What must match for a checkpoint to be resumed (the calibration options may change freely)."""
+    """What must match for a checkpoint to be resumed (the calibration options and the held-out sample's memory may
+    change freely)."""
     fit = dataclasses.asdict(fit_opts)
     fit["rank"] = fit_opts.resolved_rank(config.hidden_size)
     fit.pop("steps_per_call")  # disk mode's dispatch granularity, unused here
@@ -313,7 +315,6 @@ def _settings(opts: StreamOptions, fit_opts: FitOptions, config: OPTConfig) -> d
         "batch_size": opts.batch_size,
         "compute_dtype": opts.dtype,
         "layer_groups": opts.layer_groups,
-        "holdout_memory_gb": opts.holdout_memory_gb,
         "fit": fit,
     }
 
