@@ -1,10 +1,10 @@
-"""python -m bench {generate,kernels,select,profile,convert-memory} ...  (each has --help)"""
+"""python -m bench {generate,kernels,select,profile,convert-memory,train-stream} ...  (each has --help)"""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bench {generate,kernels,select,profile,convert-memory} [options]
+USAGE = """usage: python -m bench {generate,kernels,select,profile,convert-memory,train-stream} [options]
 
   generate            decode latency: JAX dense and sparse (fixed rows, lossless, predicted) vs HF eager vs
                       the bandwidth floor
@@ -16,6 +16,8 @@ USAGE = """usage: python -m bench {generate,kernels,select,profile,convert-memor
                       selection alternatives (GPU)
   profile             kernel-by-kernel time of the compiled decode program (GPU, from a profiler trace)
   convert-memory      peak host memory of converting a random-weight HF checkpoint of a real shape
+  train-stream        streaming predictor training (python -m train --store stream) on a random-weight model of
+                      a real shape: tokens/s, peak device and host memory, disk written
 
 Run `python -m bench COMMAND --help` for a command's options. Results go to bench/results/.
 """
@@ -41,6 +43,10 @@ def main(argv=None) -> int:
         return run(rest)
     if command == "convert-memory":
         from bench.convert_memory import main as run
+
+        return run(rest)
+    if command == "train-stream":
+        from bench.train_stream import main as run
 
         return run(rest)
     if command == "kernels":

@@ -74,6 +74,22 @@ def restore_params(directory: Path, config: OPTConfig, dtype: str):
     return params
 
 
+def write_model_directory(
+    out: str | os.PathLike, config: OPTConfig, groups, dtype: str, tokenizer, source: str, replace: bool = False
+) -> Path:
+    """Write a converted model directory atomically from `groups`, (name, parameter subtree) pairs in the layout
+    `abstract_params(config)` gives, stored as `dtype`; `tokenizer` (a transformers tokenizer or None) is saved
+    beside them, and `source` recorded in the manifest."""
+    with atomic_directory(out, replace=replace) as tmp:
+        save_param_groups(tmp, groups)
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = {"format": FORMAT_VERSION, "dtype": dtype, "source": source, "num_params": config.num_params}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return Path(out)
+
+
 def convert_to_directory(
     hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float16", force: bool = False
 ) -> dict:
@@ -88,13 +104,8 @@ def convert_to_directory(
     reader = HFTensorReader(hf_dir)
     numpy_dtype(dtype)
     tokenizer = load_tokenizer(hf_dir, required=False)
-    with atomic_directory(out, replace=force) as tmp:
-        save_param_groups(tmp, iter_converted_groups(reader, config, dtype, progress=True))
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        manifest = {"format": FORMAT_VERSION, "dtype": dtype, "source": str(hf_dir), "num_params": config.num_params}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    groups = iter_converted_groups(reader, config, dtype, progress=True)
+    write_model_directory(out, config, groups, dtype, tokenizer, source=str(hf_dir), replace=force)
     return {
         "source": str(hf_dir),
         "out": str(out),

@@ -20,7 +20,15 @@ Train DejaVu predictors for an OPT model.
              optax; save them (uncalibrated) to WORK_DIR/predictors/
   calibrate  choose K and a score threshold per layer on held-out tokens for a recall target; store them with
              the predictors; write WORK_DIR/report.{json,md,png}
-  all        collect, fit, calibrate (the default when no subcommand is given)
+  all        collect, fit, calibrate (the default when no subcommand is given); with --store stream, collect and
+             fit are one pass over the corpus on the accelerator and no activations are written (see below)
+
+Storage (all): disk mode stores about 2*d*2 bytes per token and layer (plus labels and head norms) under
+WORK_DIR/activations/: ~5.6 GB for the reference model at the default 400k tokens, ~237 GB for opt-6.7b. Stream
+mode stores none: each batch of windows runs the dense model under jit and the same compiled step updates every
+layer's predictors (the same loss, init, optimizer and epochs as fit); calibration and the report use a held-out
+sample kept in host memory. --store auto (the default) streams when the activations would exceed
+--disk-budget-gb (default 20), and says which mode it chose and why.
 
 Example (the reference model):
   python -m train --model ../shared/models/opt-21m-wiki --data ../shared/data/wiki2015/train-00-of-08.jsonl.xz
@@ -89,7 +97,54 @@ def _collect_args(p: argparse.ArgumentParser, required: bool) -> None:
         help="compute dtype of the dense model (default float32); activations are stored float16",
     )
     g.add_argument(
-        "--overwrite", action="store_true", help="discard activations in WORK_DIR/activations instead of resuming them"
+        "--overwrite",
+        action="store_true",
+        help="discard activations in WORK_DIR/activations (stream mode: the training checkpoint in "
+        "WORK_DIR/stream-state) instead of resuming them",
+    )
+
+
+def _stream_args(p: argparse.ArgumentParser) -> None:
+    from dejavu_jax.config import shape_config
+    from train.stream import held_out_token_cap
+
+    g = p.add_argument_group("storage (disk or stream)")
+    g.add_argument(
+        "--store",
+        default="auto",
+        metavar="{auto,disk,stream}",
+        help="auto (default): stream when the activations of --max-tokens would exceed --disk-budget-gb, else "
+        "disk; disk: collect to WORK_DIR/activations, then fit; stream: collect and fit in one pass over the "
+        "corpus on the accelerator, writing no activations",
+    )
+    g.add_argument(
+        "--disk-budget-gb",
+        type=float,
+        default=20.0,
+        help="--store auto streams above this many GB of activations (default 20)",
+    )
+    g.add_argument(
+        "--layer-groups",
+        type=int,
+        default=1,
+        help="stream: train the layers in this many passes over the corpus, each holding only its layers' "
+        "predictors and optimizer state on the device (default 1: all layers in one pass)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="stream: save the training state every this many forward batches (and at the end); a rerun with "
+        "the same arguments resumes from it (default 100)",
+    )
+    cap = held_out_token_cap(shape_config("opt-13b"), "attn_input", 2.0)
+    g.add_argument(
+        "--holdout-memory-gb",
+        type=float,
+        default=2.0,
+        help="stream: host memory for the held-out sample that calibration and the report use: the first "
+        "held-out tokens (of the --holdout share) whose per-layer inputs, labels and head norms fit in it "
+        f"(default 2: {cap:,} tokens at opt-13b; every held-out token of the reference model); the count is logged",
     )
 
 
@@ -199,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
             _fit_args(p)
         if parts[2]:
             _calibrate_args(p)
+        if name == "all":
+            _stream_args(p)
     return parser
 
 
@@ -212,7 +269,7 @@ def _options(args):
             raise ValueError("pass --work-dir (or --model, whose directory name names the default runs/<name>)")
         args.work_dir = Path("runs") / Path(str(args.model).rstrip("/")).name
     predictors_dir = args.predictors or args.work_dir / "predictors"
-    collect = fit = calibrate = None
+    collect = fit = calibrate = stream = None
     if args.command in ("collect", "all"):
         collect = CollectOptions(
             model=args.model,
@@ -250,7 +307,40 @@ def _options(args):
         calibrate.validate()
         if args.save_to is not None:
             _check_save_to(args.save_to)
-    return collect, fit, calibrate, predictors_dir
+    if args.command == "all":
+        stream = _stream_options(args, collect)
+        if stream is not None:
+            collect = None
+    return collect, fit, calibrate, predictors_dir, stream
+
+
+def _stream_options(args, collect):
+    """StreamOptions when `all` streams (args.store_reason says why), None for disk mode."""
+    from dejavu_jax.corpus import corpus_kind
+    from train.stream import STORES, StreamOptions, choose_store, layer_groups, read_config
+
+    if args.store not in STORES:
+        raise ValueError(f"--store must be one of {', '.join(STORES)}. Got {args.store!r}")
+    stream = StreamOptions(
+        model=args.model,
+        data=args.data,
+        work_dir=args.work_dir,
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        layer_groups=args.layer_groups,
+        checkpoint_every=args.checkpoint_every,
+        holdout_memory_gb=args.holdout_memory_gb,
+    )
+    stream.validate()
+    corpus_kind(args.data)  # a bad corpus is reported before the model is looked at
+    config = read_config(args.model)
+    args.store, args.store_reason = choose_store(args.store, config, args.max_tokens, args.disk_budget_gb)
+    if args.store == "disk":
+        return None
+    layer_groups(config.num_hidden_layers, stream.layer_groups)
+    return stream
 
 
 def _check_save_to(model_dir: Path) -> None:
@@ -264,11 +354,25 @@ def _check_save_to(model_dir: Path) -> None:
 
 
 def run(args, log) -> dict:
-    from dejavu_jax.predictor_store import PREDICTORS_DIR
-
-    collect_opts, fit_opts, calibrate_opts, predictors_dir = _options(args)  # every option checked before work
+    collect_opts, fit_opts, calibrate_opts, predictors_dir, stream_opts = _options(args)  # checked before work
     progress = not args.quiet
     summary = {"work_dir": str(args.work_dir)}
+    if args.command == "all":
+        summary["store"] = {"mode": args.store, "reason": args.store_reason}
+        log(f"store: {args.store} ({args.store_reason})")
+    if stream_opts is not None:
+        from train.stream import run_stream
+
+        held_out, summary["stream"] = run_stream(
+            stream_opts, fit_opts, predictors_dir, overwrite=args.overwrite, progress=progress, log=log
+        )
+        s = summary["stream"]
+        log(
+            f"stream: rank {s['rank']}, {s['training_tokens']:,} training tokens x {s['epochs']} epochs, "
+            f"{s['held_out_tokens']:,} held-out tokens in memory; {s['seconds']:.0f} s -> {predictors_dir}"
+        )
+        summary["calibrate"] = _calibrate(held_out, args, calibrate_opts, predictors_dir, progress, log)
+        return summary
     if collect_opts is not None:
         from train.collect import collect
 
@@ -283,7 +387,14 @@ def run(args, log) -> dict:
     if fit_opts is None and calibrate_opts is None:
         return summary
     from train.activations import ActivationStore
+    from train.stream import STATE_DIR
 
+    if not (args.work_dir / "activations").exists() and (args.work_dir / STATE_DIR).exists():
+        raise ValueError(
+            f"{args.work_dir} was trained with --store stream and holds no activations; rerun the same "
+            f"`python -m train all --store stream ...` command (with the new calibration options) to recalibrate "
+            f"from its checkpoint"
+        )
     store = ActivationStore(args.work_dir / "activations")
     if fit_opts is not None:
         from train.fit import fit
@@ -302,25 +413,33 @@ def run(args, log) -> dict:
             )
         )
     if calibrate_opts is not None:
-        from train.calibrate import calibrate
-        from train.report import mean_mlp_density, write_report
+        summary["calibrate"] = _calibrate(store, args, calibrate_opts, predictors_dir, progress, log)
+    return summary
 
-        save_to = None if args.save_to is None else args.save_to / PREDICTORS_DIR
-        log(
-            f"calibrate: recall target {calibrate_opts.recall_target} (MLP), "
-            f"{calibrate_opts.head_recall_target} (head-norm mass)"
-        )
-        result = calibrate(store, predictors_dir, calibrate_opts, save_to=save_to, log=log if progress else None)
-        stem = "report" if predictors_dir.name == PREDICTORS_DIR else f"report-{predictors_dir.name}"
-        result["report_files"] = write_report(result, args.work_dir, stem)
-        summary["calibrate"] = {k: result[k] for k in ("predictors", "saved_to", "mlp_k", "head_k", "report_files")}
-        summary["calibrate"]["mean_mlp_density_layers_1_plus"] = mean_mlp_density(result)
-        summary["calibrate"]["mlp_test_recall"] = [e["mlp"]["test"]["recall"] for e in result["layers"]]
-        summary["calibrate"]["head_test_mass_recall"] = [e["heads"]["test"]["recall"] for e in result["layers"]]
-        log(
-            f"calibrate: MLP K {result['mlp_k']}, heads K {result['head_k']}; mean MLP density (layers 1+) "
-            f"{mean_mlp_density(result):.1%}; report {result['report_files']['markdown']}"
-        )
+
+def _calibrate(rows, args, opts, predictors_dir: Path, progress: bool, log) -> dict:
+    """Calibrate on `rows` (an ActivationStore, or a held-out sample in memory), write the report; its summary."""
+    from dejavu_jax.predictor_store import PREDICTORS_DIR
+    from train.activations import ActivationStore
+    from train.calibrate import calibrate, calibrate_held_out
+    from train.report import mean_mlp_density, write_report
+
+    save_to = None if args.save_to is None else args.save_to / PREDICTORS_DIR
+    log(f"calibrate: recall target {opts.recall_target} (MLP), {opts.head_recall_target} (head-norm mass)")
+    run = calibrate if isinstance(rows, ActivationStore) else calibrate_held_out
+    result = run(rows, predictors_dir, opts, save_to=save_to, log=log if progress else None)
+    stem = "report" if predictors_dir.name == PREDICTORS_DIR else f"report-{predictors_dir.name}"
+    result["report_files"] = write_report(result, args.work_dir, stem)
+    summary = {k: result[k] for k in ("predictors", "saved_to", "mlp_k", "head_k", "report_files")}
+    summary["mean_mlp_density_layers_1_plus"] = mean_mlp_density(result)
+    summary["mlp_test_recall"] = [e["mlp"]["test"]["recall"] for e in result["layers"]]
+    summary["head_test_mass_recall"] = [e["heads"]["test"]["recall"] for e in result["layers"]]
+    summary["calibration_tokens"] = result["calibration_tokens"]
+    summary["test_tokens"] = result["test_tokens"]
+    log(
+        f"calibrate: MLP K {result['mlp_k']}, heads K {result['head_k']}; mean MLP density (layers 1+) "
+        f"{mean_mlp_density(result):.1%}; report {result['report_files']['markdown']}"
+    )
     return summary
 
 

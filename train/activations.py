@@ -35,6 +35,12 @@ class ActivationStoreError(ValueError):
     """An activation directory that is missing, incomplete or made with other settings."""
 
 
+def activation_bytes_per_token(config: OPTConfig) -> int:
+    """Bytes one row takes in the store: per layer two float16 inputs, packed MLP labels, float32 head norms."""
+    per_layer = 2 * config.hidden_size * 2 + -(-config.ffn_dim // 8) + config.num_attention_heads * 4
+    return config.num_hidden_layers * per_layer + 4  # + the int32 token id
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
 

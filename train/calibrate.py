@@ -1,9 +1,10 @@
 """calibrate: choose K per layer on held-out tokens for a recall target, and store it with the predictors.
 
-The held-out rows (the last `holdout` fraction of the collection, later documents than any training row) are
-split by window: even windows calibrate, odd windows test. Per layer, K is the smallest count of top-scored
-outputs whose mean recall over the calibration tokens reaches the target (MLP: of the truly active neurons; heads:
-of the head-norm mass), rounded up to a multiple of `block` / `head_block` and capped at the layer's width. The
+The held-out rows (`train/heldout.py`: the last `holdout` fraction of the collection, later documents than any
+training row, read from the activation store; or the sample the streaming trainer keeps in memory) are split by
+window: even windows calibrate, odd windows test. Per layer, K is the smallest count of top-scored outputs whose
+mean recall over the calibration tokens reaches the target (MLP: of the truly active neurons; heads: of the
+head-norm mass), rounded up to a multiple of `block` / `head_block` and capped at the layer's width. The
 MLP's threshold is the largest score threshold whose mean recall over the calibration tokens reaches the same
 target (threshold selection: no sort, the count varies per token). Test-half metrics at that K and threshold
 (recall, density, and how often a token's count exceeds K) are what the report shows.
@@ -20,7 +21,8 @@ import numpy as np
 
 from dejavu_jax.predictor_store import load_predictors, predictor_metadata, save_predictors
 from train.activations import ActivationStore
-from train.fit import score_rows, split_rows
+from train.fit import score_rows
+from train.heldout import HeldOut, StoreHeldOut
 from train.metrics import ThresholdCalibration, ThresholdCounts, TopKCurve, head_labels, smallest_k
 
 
@@ -44,12 +46,8 @@ class CalibrateOptions:
 
 def holdout_split(store: ActivationStore, holdout: float) -> tuple[int, np.ndarray, np.ndarray]:
     """(n_train, calibration mask, test mask) over the held-out rows [n_train, num_rows), split by window."""
-    n_train, _ = split_rows(store.num_rows, holdout)
-    window = np.arange(n_train, store.num_rows) // int(store.manifest["seq_len"])
-    calib = window % 2 == 0
-    if calib.all() or not calib.any():  # the held-out rows lie in one window: split it in halves instead
-        calib = np.arange(store.num_rows - n_train) < (store.num_rows - n_train) // 2
-    return n_train, calib, ~calib
+    rows = StoreHeldOut(store, holdout)
+    return rows.n_train, rows.calibration, rows.test
 
 
 def _curves(predictor, x, targets, calib, test, num_outputs, mass_norms=None):
@@ -73,26 +71,41 @@ def calibrate(
     save_to: Optional[Path] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> dict:
-    """Calibrate K per layer; rewrite `predictors_dir` (and `save_to`, a predictors dir) with K and metrics."""
+    """Calibrate K per layer on the store's held-out rows; rewrite `predictors_dir` (and `save_to`, a predictors
+    dir) with K and metrics."""
+    opts.validate()
+    meta = predictor_metadata(predictors_dir)
+    held_out = StoreHeldOut(store, float(meta.get("fit_options", {}).get("holdout", 0.1)))
+    if meta.get("training_tokens") is not None and int(meta["training_tokens"]) != held_out.n_train:
+        raise ValueError(
+            f"the predictors in {predictors_dir} were fit on {meta['training_tokens']} rows, but the "
+            f"activation store now splits at {held_out.n_train} (it holds {store.num_rows}); run fit again"
+        )
+    return calibrate_held_out(held_out, predictors_dir, opts, save_to=save_to, log=log)
+
+
+def calibrate_held_out(
+    held_out: HeldOut,
+    predictors_dir: Path,
+    opts: CalibrateOptions,
+    save_to: Optional[Path] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Calibrate K and the threshold per layer on `held_out`'s calibration rows, measure them on its test rows;
+    rewrite `predictors_dir` (and `save_to`) with K, thresholds and metrics. Returns the report's result."""
     opts.validate()
     start_time = time.perf_counter()
-    config = store.config
+    config = held_out.config
     predictors = load_predictors(predictors_dir, config)
     meta = predictor_metadata(predictors_dir)
     fit_options = meta.get("fit_options", {})
-    holdout = float(fit_options.get("holdout", 0.1))
     label_mass = float(fit_options.get("head_label_mass", 0.9))
-    n_train, calib, test = holdout_split(store, holdout)
-    if meta.get("training_tokens") is not None and int(meta["training_tokens"]) != n_train:
-        raise ValueError(
-            f"the predictors in {predictors_dir} were fit on {meta['training_tokens']} rows, but the "
-            f"activation store now splits at {n_train} (it holds {store.num_rows}); run fit again"
-        )
+    calib, test = held_out.calibration, held_out.test
     L = config.num_hidden_layers
     layers = []
     for layer in range(L):
-        x_mlp = store.read(layer, predictors.mlp_input, n_train)
-        labels = store.read_labels(layer, n_train)
+        x_mlp = held_out.read(layer, predictors.mlp_input)
+        labels = held_out.read_labels(layer)
         curves = _curves(predictors.mlp[layer], x_mlp, labels, calib, test, config.ffn_dim)
         mlp_raw, mlp_k = smallest_k(curves["calibration"].recall(), opts.recall_target, opts.block)
         threshold = _calibrate_threshold(predictors.mlp[layer], x_mlp, labels, calib, opts.recall_target)
@@ -103,8 +116,8 @@ def calibrate(
                 threshold_test.update(scores[test[rows]], labels[rows][test[rows]])
         del x_mlp, labels
 
-        x_head = store.read(max(layer - 1, 0), "attn_input", n_train)
-        norms = store.read(layer, "head_norm", n_train)
+        x_head = held_out.read(max(layer - 1, 0), "attn_input")
+        norms = held_out.read(layer, "head_norm")
         head_curves = _curves(
             predictors.heads[layer],
             x_head,
@@ -159,7 +172,7 @@ def calibrate(
         "head_block": opts.head_block,
         "calibration_tokens": int(calib.sum()),
         "test_tokens": int(test.sum()),
-        "split": "held-out rows (after the training rows), even windows calibrate, odd windows test",
+        "split": held_out.split,
         "seconds": time.perf_counter() - start_time,
         "layers": [{k: v for k, v in e.items()} for e in layers],
     }

@@ -141,10 +141,22 @@ def dense_activations(params, input_ids, attention_mask, *, config: OPTConfig):
     return out
 
 
+def load_text_model(model: str, dtype: str, seq_len: int):
+    """The model (`dejavu_jax.checkpoint.load_model`), checked to have a tokenizer and `seq_len` positions."""
+    from dejavu_jax.checkpoint import load_model
+
+    loaded = load_model(model, dtype)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer files; reading text needs one")
+    if seq_len > loaded.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's {loaded.config.max_position_embeddings} positions")
+    return loaded
+
+
 def _settings(opts: CollectOptions, config: Optional[OPTConfig]) -> dict:
     settings = {
-        "model": _canonical(opts.model),
-        "data": _canonical(opts.data),
+        "model": canonical_path(opts.model),
+        "data": canonical_path(opts.data),
         "seq_len": opts.seq_len,
         "shard_tokens": opts.shard_tokens,
         "compute_dtype": opts.dtype,
@@ -154,7 +166,7 @@ def _settings(opts: CollectOptions, config: Optional[OPTConfig]) -> dict:
     return settings
 
 
-def _canonical(path: str) -> str:
+def canonical_path(path: str) -> str:
     p = Path(path)
     return str(p.resolve()) if p.exists() else path
 
@@ -192,8 +204,6 @@ def collect(
 
     `on_shard(shard_index, rows_done)` runs after each shard is committed (tests interrupt through it).
     """
-    from dejavu_jax.checkpoint import load_model
-
     opts.validate()
     corpus_kind(opts.data)  # a missing or unknown corpus fails before anything is loaded or written
     out_dir = Path(opts.out_dir)
@@ -209,12 +219,8 @@ def collect(
             f"{out_dir} exists and is not an activation directory; pass another --work-dir or --overwrite"
         )
 
-    model = load_model(opts.model, opts.dtype)
+    model = load_text_model(opts.model, opts.dtype, opts.seq_len)
     config = model.config
-    if model.tokenizer is None:
-        raise ValueError(f"{opts.model} has no tokenizer files; collection needs one to read text")
-    if opts.seq_len > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {opts.seq_len} exceeds the model's {config.max_position_embeddings} positions")
 
     resumed = manifest is not None
     if resumed:

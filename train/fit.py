@@ -100,13 +100,45 @@ def split_rows(num_rows: int, holdout: float, corpus_ended: bool = False) -> tup
 # ---- the training step ------------------------------------------------------------------------------------------
 
 
-def _loss(predictor: LowRankPredictor, x, labels, loss: str):
+LABEL_RATE_ROWS = 65536  # the first training rows whose label rates set each predictor's initial output bias
+
+
+def predictor_key(seed: int, layer: int, kind: str):
+    """The PRNG key of one predictor (`kind` "mlp" or "heads"): its init and, on disk, its row order."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), layer), 0 if kind == "mlp" else 1)
+
+
+def initial_predictor(rng, d: int, rank: int, num_outputs: int, label_rate: np.ndarray, normalize_input: bool):
+    """(predictor, data rng): random init, output bias = logit of each output's label rate in the training rows."""
+    rate = np.clip(label_rate, 1e-4, 1 - 1e-4)
+    init_rng, data_rng = jax.random.split(rng)
+    predictor = init_low_rank(init_rng, d, rank, num_outputs, normalize_input, output_bias=np.log(rate / (1 - rate)))
+    return predictor, data_rng
+
+
+def make_optimizer(opts: FitOptions, total_steps: int):
+    """Adam(W): linear warmup to the peak learning rate, then cosine decay to 5% of it at `total_steps`."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, opts.learning_rate, min(100, total_steps // 10 + 1), total_steps, end_value=opts.learning_rate * 0.05
+    )
+    return optax.adamw(schedule, weight_decay=opts.weight_decay) if opts.weight_decay else optax.adam(schedule)
+
+
+def predictor_loss(predictor: LowRankPredictor, x, labels, loss: str, row_weight=None):
+    """Mean per-element (weighted) BCE over rows x [N, d] and labels [N, out] in {0, 1}. `row_weight` [N] in {0, 1}
+    leaves rows out (padding); without it every row counts."""
     logits = predictor_scores(predictor, x)
     per_element = optax.sigmoid_binary_cross_entropy(logits, labels)
+    if row_weight is None:
+        if loss == "weighted_bce":
+            w = jax.lax.stop_gradient(labels.mean()) + 0.005
+            per_element = per_element * jnp.where(labels > 0, 1.0, w)
+        return per_element.mean()
+    count = jnp.maximum(row_weight.sum(), 1.0)
     if loss == "weighted_bce":
-        w = jax.lax.stop_gradient(labels.mean()) + 0.005
+        w = jax.lax.stop_gradient((labels.mean(-1) * row_weight).sum() / count) + 0.005
         per_element = per_element * jnp.where(labels > 0, 1.0, w)
-    return per_element.mean()
+    return (per_element.mean(-1) * row_weight).sum() / count
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "loss", "num_outputs"), donate_argnums=(0, 1))
@@ -117,7 +149,7 @@ def _train_steps(predictor, opt_state, x_all, packed_all, batch_idx, *, optimize
         predictor, opt_state = carry
         x = jnp.take(x_all, idx, axis=0)
         labels = jnp.unpackbits(jnp.take(packed_all, idx, axis=0), axis=-1, count=num_outputs).astype(jnp.float32)
-        value, grads = jax.value_and_grad(_loss)(predictor, x, labels, loss)
+        value, grads = jax.value_and_grad(predictor_loss)(predictor, x, labels, loss)
         updates, opt_state = optimizer.update(grads, opt_state, predictor)
         return (optax.apply_updates(predictor, updates), opt_state), value
 
@@ -157,16 +189,9 @@ def train_predictor(
     batch = min(opts.batch_size, n)
     steps_per_epoch = max(n // batch, 1)
     total_steps = steps_per_epoch * opts.epochs
-    labels_rate = np.unpackbits(packed[: min(n, 65536)], axis=-1, count=num_outputs).mean(0)
-    rate = np.clip(labels_rate, 1e-4, 1 - 1e-4)
-    init_rng, data_rng = jax.random.split(rng)
-    predictor = init_low_rank(
-        init_rng, d, rank, num_outputs, opts.normalize_input, output_bias=np.log(rate / (1 - rate))
-    )
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, opts.learning_rate, min(100, total_steps // 10 + 1), total_steps, end_value=opts.learning_rate * 0.05
-    )
-    optimizer = optax.adamw(schedule, weight_decay=opts.weight_decay) if opts.weight_decay else optax.adam(schedule)
+    label_rate = np.unpackbits(packed[: min(n, LABEL_RATE_ROWS)], axis=-1, count=num_outputs).mean(0)
+    predictor, data_rng = initial_predictor(rng, d, rank, num_outputs, label_rate, opts.normalize_input)
+    optimizer = make_optimizer(opts, total_steps)
     opt_state = optimizer.init(predictor)
     x_dev, packed_dev = jnp.asarray(x), jnp.asarray(packed)
     order_rng = np.random.default_rng(np.asarray(jax.random.key_data(data_rng)).ravel()[-1])
@@ -267,7 +292,6 @@ def fit(
     state_dir.mkdir(parents=True, exist_ok=True)
     if log and any(state_dir.glob("layer_*.npz")):
         log(f"  resuming: predictors an earlier run trained with these settings ({state_dir}) are reused")
-    rng = jax.random.PRNGKey(opts.seed)
     mlp, heads = [None] * L, [None] * L
     info = {"mlp": [None] * L, "heads": [None] * L}
     reused_layers: list[str] = []  # predictors loaded from fit-state instead of trained now
@@ -280,7 +304,7 @@ def fit(
             predictor, layer_info = _load_layer(path, opts.normalize_input)
             reused_layers.append(f"{kind} {layer}")
         else:
-            key = jax.random.fold_in(jax.random.fold_in(rng, layer), 0 if kind == "mlp" else 1)
+            key = predictor_key(opts.seed, layer, kind)
             predictor, layer_info = train_predictor(
                 x[:n_train], packed[:n_train], out, rank, opts, key, desc=f"fit {kind} layer {layer}", progress=progress
             )

@@ -14,18 +14,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def head_labels(norms: np.ndarray, mass: float) -> np.ndarray:
+def head_labels(norms, mass: float, xp=np):
     """[N, H] norms -> [N, H] bool: the fewest heads, taken by decreasing norm, whose norms reach `mass` of the
-    token's total (a head is in when the mass of the heads before it is still short of the target)."""
-    norms = np.asarray(norms, np.float64)
-    order = np.argsort(-norms, axis=1, kind="stable")
-    sorted_norms = np.take_along_axis(norms, order, axis=1)
-    before = np.cumsum(sorted_norms, axis=1) - sorted_norms
+    token's total (a head is in when the mass of the heads before it is still short of the target).
+
+    `xp` is numpy (float64, on the host) or jax.numpy (float32, traceable: the streaming trainer labels on device).
+    """
+    norms = xp.asarray(norms, np.float64 if xp is np else np.float32)
+    order = xp.argsort(-norms, axis=1, stable=True)
+    sorted_norms = xp.take_along_axis(norms, order, axis=1)
+    before = xp.cumsum(sorted_norms, axis=1) - sorted_norms
     total = sorted_norms.sum(axis=1, keepdims=True)
     active_sorted = before < mass * total
-    labels = np.zeros_like(active_sorted)
-    np.put_along_axis(labels, order, active_sorted, axis=1)
-    return labels
+    # Back to head order: the inverse of a permutation is its argsort.
+    return xp.take_along_axis(active_sorted, xp.argsort(order, axis=1), axis=1)
 
 
 class BinaryCounts:

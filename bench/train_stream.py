@@ -1,0 +1,177 @@
+"""Streaming predictor training (`python -m train --store stream`) on a random-weight OPT of a real shape.
+
+    python -m bench train-stream --shape opt-6.7b --data CORPUS --tokenizer TOKENIZER_DIR [--ranks 256,default]
+
+Writes a random fp16 converted model of the shape (`dejavu_jax.checkpoint.write_model_directory`, loadable by
+`--model`; kept in --workdir for the next run), then, per rank, runs `python -m train all --store stream` on it in
+a child process (the bench process never touches the accelerator while it runs) and records what the child
+reports: tokens/s after the first compiled batch, compile and wall time, peak device memory, peak host RSS, and
+the bytes it left under its work dir, next to what disk mode would have stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import card_slug, provenance, write_results
+from dejavu_jax.config import OPT_SHAPES, shape_config
+
+
+def random_groups(config, dtype: str, seed: int = 0):
+    """(group name, parameter subtree) in the model's layout: LayerNorm scales 1, biases 0, weights N(0, 0.02),
+    made on the host one group at a time (the bench process never starts the accelerator)."""
+    import jax
+
+    from dejavu_jax.model import abstract_params
+
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        name = str(path[-1].key)
+        if name == "scale":
+            return np.ones(spec.shape, dtype)
+        if name == "bias" or name.endswith("_b"):
+            return np.zeros(spec.shape, dtype)
+        return (rng.standard_normal(spec.shape, dtype=np.float32) * 0.02).astype(dtype)
+
+    for name, group in abstract_params(config).items():
+        yield name, jax.tree_util.tree_map_with_path(leaf, group)
+
+
+def random_model(shape: str, tokenizer_dir: Path, out: Path) -> tuple[Path, dict]:
+    """A converted random fp16 model of `shape` at `out` (reused when present); (path, its config as HF dict)."""
+    from dejavu_jax.checkpoint import is_converted_model, write_model_directory
+    from dejavu_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = shape_config(shape)
+    if config.vocab_size < len(tokenizer):  # the tiny smoke shape: room for every token id
+        config = dataclasses.replace(config, vocab_size=len(tokenizer))
+    if not is_converted_model(out):
+        write_model_directory(out, config, random_groups(config, "float16"), "float16", tokenizer, f"random {shape}")
+    return out, config.to_hf_dict()
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench train-stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", default="opt-6.7b", choices=sorted(OPT_SHAPES))
+    p.add_argument("--data", required=True, help="corpus (.jsonl / .jsonl.xz / .txt)")
+    p.add_argument("--tokenizer", required=True, type=Path, help="directory with OPT's tokenizer files")
+    p.add_argument(
+        "--ranks", default="256", help="comma-separated predictor ranks; 'default' = train's default (default 256)"
+    )
+    p.add_argument("--max-tokens", type=int, default=400_000, help="token budget (default 400000, train's default)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--layer-groups", type=int, default=1)
+    p.add_argument("--dtype", default="float16", help="compute dtype of the dense model (default float16)")
+    p.add_argument("--workdir", default=None, help="where the random model and runs go (kept; default: a temp dir)")
+    p.add_argument("--out", default=None, help="markdown path (default bench/results/train_stream_<card>_<shape>.md)")
+    args = p.parse_args(argv)
+    ranks = [r.strip() for r in args.ranks.split(",") if r.strip()]
+    for r in ranks:
+        if r != "default" and not (r.isdigit() and int(r) > 0):
+            print(f"error: --ranks takes positive integers or 'default'. Got {r!r}", file=sys.stderr)
+            return 2
+
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="train-stream-"))
+    start = time.perf_counter()
+    model_dir, config = random_model(args.shape, args.tokenizer, root / f"model-{args.shape}")
+    model_s = time.perf_counter() - start
+    print(f"random {args.shape} model: {model_dir} ({dir_bytes(model_dir) / 1e9:.2f} GB, {model_s:.0f} s)", flush=True)
+    rows = []
+    for rank in ranks:
+        work = root / f"run-{args.shape}-rank-{rank}"
+        if work.exists():
+            shutil.rmtree(work)  # a fresh run each time: resuming would time nothing
+        cmd = [sys.executable, "-m", "train", "all", "--model", str(model_dir), "--data", args.data]
+        cmd += ["--work-dir", str(work), "--store", "stream", "--max-tokens", str(args.max_tokens)]
+        cmd += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs)]
+        cmd += ["--layer-groups", str(args.layer_groups), "--dtype", args.dtype, "--json", "--quiet"]
+        cmd += [] if rank == "default" else ["--rank", rank]
+        print("$ " + " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - t0
+        if child.returncode != 0:
+            print(f"error: the training run for rank {rank} failed (exit {child.returncode})", file=sys.stderr)
+            return 1
+        summary = json.loads(child.stdout)
+        s = summary["stream"]
+        rows.append(
+            {
+                "rank": s["rank"],
+                "device": s["device"],
+                "training_tokens": s["training_tokens"],
+                "held_out_tokens": s["held_out_tokens"],
+                "epochs": s["epochs"],
+                "tokens_per_s": s["tokens_per_s"],
+                "compile_s": s["compile_s"],
+                "train_s_after_compile": s["train_s_after_compile"],
+                "train_s": s["seconds"],
+                "wall_s": wall,
+                "peak_device_bytes": s["peak_device_bytes"],
+                "peak_host_rss_bytes": s["peak_host_rss_bytes"],
+                "work_dir_bytes": dir_bytes(work),
+                "disk_mode_activation_bytes": s["disk_mode_activation_bytes"],
+                "mean_mlp_density_layers_1_plus": summary["calibrate"]["mean_mlp_density_layers_1_plus"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    info = provenance()  # only now: the bench process starts the accelerator after the children are done
+    info["command"] = "python -m bench train-stream " + " ".join(sys.argv[1:] if argv is None else argv)
+    card = rows[0]["device"] if rows else info["card"]
+
+    def gb(v):
+        return "n/a" if v is None else f"{v / 1e9:.2f}"
+
+    md = [
+        f"# Streaming predictor training, random-weight {args.shape}",
+        "",
+        f"- card: {card}; date {info['date']}; commit `{info['commit']}`; jax {info['jax']}",
+        f"- command: `{info['command']}`",
+        f"- corpus `{args.data}`, {args.max_tokens:,} tokens ({args.seq_len}-token windows, {args.batch_size} a "
+        f"batch), {args.epochs} epochs, dense model in {args.dtype}, {args.layer_groups} layer group(s); "
+        f"writing the random model took {model_s:.0f} s (not counted below)",
+        "- tokens/s: training tokens (every epoch) per second after the first batch, whose compilation is apart",
+        "",
+        "| rank | tokens/s | compile + first batch s | training s | child wall s | peak device GB | peak host RSS GB "
+        "| work dir GB | disk mode would store GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['rank']} | {r['tokens_per_s']:,.0f} | {r['compile_s']:.1f} | {r['train_s']:.0f} | {r['wall_s']:.0f} "
+            f"| {gb(r['peak_device_bytes'])} | {gb(r['peak_host_rss_bytes'])} | {gb(r['work_dir_bytes'])} "
+            f"| {gb(r['disk_mode_activation_bytes'])} |"
+        )
+    text = "\n".join(md) + "\n"
+    data = {**info, "card": card, "shape": args.shape, "config": config, "model_write_s": model_s, "runs": rows}
+    path = write_results(f"train_stream_{card_slug(card)}_{args.shape}", text, data, args.out)
+    print(text)
+    print(f"wrote {path}")
+    if not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
