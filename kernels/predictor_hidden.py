@@ -28,6 +28,10 @@ from kernels.block_math import prev_pow2
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
+# Every program issues all its weight loads before reducing, so its tile [block_r, d] must fit its registers: 4 rows
+# at d = 4096 and 5120 (rank 256) beat XLA on an H100; 16 rows at d = 5120 (rank 1024) made decoding slower than
+# XLA (bench/results/NOTES.md, "Tuning the masked kernels in the decode loop").
+STEP_ELEMENTS = 20480
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -61,6 +65,7 @@ def predictor_hidden(x, w1_t, b1, *, normalize=True, eps=1e-5, block_r=None, blo
 
     x [B, d], w1_t [r, d], b1 [r]. `block_r`: rows of w1_t per program (None: r / 64, at least 1, at most 16);
     `block_d`: columns per load (capped to a power of two dividing d). `interpret` None = decided by the backend.
+    The default block_r is r / 64 (64 programs), at most 16, and at most `STEP_ELEMENTS` / d.
     """
     if x.ndim != 2 or w1_t.ndim != 2 or w1_t.shape[1] != x.shape[1]:
         raise ValueError(f"need x [batch, d] and w1_t [r, d]. Got {x.shape} and {w1_t.shape}")
@@ -72,7 +77,7 @@ def predictor_hidden(x, w1_t, b1, *, normalize=True, eps=1e-5, block_r=None, blo
         raise ValueError(f"b1 must be [r] = [{r}]. Got {b1.shape}")
     if d % 16 or r % 16:
         raise ValueError(f"d and r must be multiples of 16. Got d={d}, r={r}")
-    block_r = _pow2_divisor(r, block_r or max(1, min(16, r // 64)))
+    block_r = _pow2_divisor(r, block_r or max(1, min(16, r // 64, STEP_ELEMENTS // d)))
     block_d = _pow2_divisor(d, block_d)
     kernel = functools.partial(
         _hidden_kernel, batch=batch, d=d, block_r=block_r, block_d=block_d, normalize=normalize, eps=eps
