@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,7 +64,29 @@ def random_model(shape: str, tokenizer_dir: Path, out: Path) -> tuple[Path, dict
 
 
 def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    total = 0
+    for p in Path(path).rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except FileNotFoundError:  # a temp file renamed or removed while we walk
+            pass
+    return total
+
+
+def run_watching_disk(cmd: list[str], work: Path, every_s: float = 0.5) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `cmd`, sampling the bytes under `work` every `every_s` seconds: (the finished child, the peak seen).
+    A sample can miss a peak shorter than the interval (e.g. a checkpoint's temp file and its predecessor)."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    peak = 0
+    out = []
+    reader = threading.Thread(target=lambda: out.append(child.stdout.read()), daemon=True)
+    reader.start()
+    while child.poll() is None:
+        peak = max(peak, dir_bytes(work) if work.exists() else 0)
+        time.sleep(every_s)
+    reader.join()
+    peak = max(peak, dir_bytes(work) if work.exists() else 0)
+    return subprocess.CompletedProcess(cmd, child.returncode, "".join(out)), peak
 
 
 def main(argv=None) -> int:
@@ -108,7 +131,7 @@ def main(argv=None) -> int:
         cmd += [] if rank == "default" else ["--rank", rank]
         print("$ " + " ".join(cmd), flush=True)
         t0 = time.perf_counter()
-        child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        child, peak_disk = run_watching_disk(cmd, work)
         wall = time.perf_counter() - t0
         if child.returncode != 0:
             print(f"error: the training run for rank {rank} failed (exit {child.returncode})", file=sys.stderr)
@@ -130,6 +153,7 @@ def main(argv=None) -> int:
                 "peak_device_bytes": s["peak_device_bytes"],
                 "peak_host_rss_bytes": s["peak_host_rss_bytes"],
                 "work_dir_bytes": dir_bytes(work),
+                "peak_work_dir_bytes": peak_disk,
                 "disk_mode_activation_bytes": s["disk_mode_activation_bytes"],
                 "mean_mlp_density_layers_1_plus": summary["calibrate"]["mean_mlp_density_layers_1_plus"],
             }
@@ -154,13 +178,14 @@ def main(argv=None) -> int:
         "- tokens/s: training tokens (every epoch) per second after the first batch, whose compilation is apart",
         "",
         "| rank | tokens/s | compile + first batch s | training s | child wall s | peak device GB | peak host RSS GB "
-        "| work dir GB | disk mode would store GB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| work dir GB at the end | peak work dir GB (sampled) | disk mode would store GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         md.append(
             f"| {r['rank']} | {r['tokens_per_s']:,.0f} | {r['compile_s']:.1f} | {r['train_s']:.0f} | {r['wall_s']:.0f} "
             f"| {gb(r['peak_device_bytes'])} | {gb(r['peak_host_rss_bytes'])} | {gb(r['work_dir_bytes'])} "
+            f"| {gb(r['peak_work_dir_bytes'])} "
             f"| {gb(r['disk_mode_activation_bytes'])} |"
         )
     text = "\n".join(md) + "\n"
