@@ -48,8 +48,9 @@ MAX_BATCH = 16
 SELECTIONS = ("mask", "threshold")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # fc1 gathers block_k whole rows per step, all d columns in flight at once; past this many elements per step the
-# tile no longer fits the registers of one program (H100: 16 rows at d = 4096 and 8 at d = 5120 measured fastest
-# end to end, 16 at d = 5120 was 7% slower; bench/results/NOTES.md, "Tuning the masked kernels in the decode loop").
+# tile no longer fits the registers of one program. On an H100, 16 rows at d = 4096 and 8 at d = 5120 measured
+# fastest end to end; 16 at d = 5120 decoded 4% (fixed rows) to 8% (predicted) slower (bench/results/NOTES.md,
+# "The predictor's first layer on a kernel, and tuning in the decode loop").
 FC1_STEP_ELEMENTS = 1 << 16
 
 

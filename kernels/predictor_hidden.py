@@ -30,7 +30,7 @@ from kernels.platform import resolve_interpret
 MAX_BATCH = 16
 # Every program issues all its weight loads before reducing, so its tile [block_r, d] must fit its registers: 4 rows
 # at d = 4096 and 5120 (rank 256) beat XLA on an H100; 16 rows at d = 5120 (rank 1024) made decoding slower than
-# XLA (bench/results/NOTES.md, "Tuning the masked kernels in the decode loop").
+# XLA (bench/results/NOTES.md, "The predictor's first layer on a kernel, and tuning in the decode loop").
 STEP_ELEMENTS = 20480
 
 
