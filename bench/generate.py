@@ -16,6 +16,8 @@ the same fc2 rule (only rows with a nonzero ReLU output are read):
 A random-weight fp16 OPT of the real shape. Decode time per token is (T(N) - T(1)) / (N - 1) where T(n) is the
 median time of one full generation call of n tokens: the same compiled program (n is traced), so compile and
 prefill cancel; T(1) is reported as the prefill (+ first token). EOS is disabled so every run makes N tokens.
+The rows of one shape, batch and attention are compiled first, then timed in `--repeats` interleaved rounds (each
+round runs every row once), so a drift of the card during the run does not favour the rows timed first.
 The floor is (weight bytes + mean KV-cache bytes read per decode step) / the device copy bandwidth measured in
 the same run.
 """
@@ -128,18 +130,18 @@ def format_tuning(tuning: tuple) -> str:
     return ",".join(f"{name}={value}" for name, value in tuning)
 
 
-def time_jax(
+def prepare_jax(
     config,
     batch,
     prompt_len,
     new_tokens,
-    repeats,
     params=None,
     policy=DENSE,
     sparse_weights=None,
     attention_impl="xla",
     autotune="default",
-) -> dict:
+):
+    """Compile one generation program and check it makes `new_tokens` tokens: (run(n) -> blocks, compile seconds)."""
     if params is None:
         params = random_params(config, jnp.float16)
     jax.block_until_ready(params)
@@ -164,14 +166,31 @@ def time_jax(
     compile_s = time.perf_counter() - start
     counts = run(new_tokens)
     assert int(np.min(counts)) == new_tokens, f"generated {counts}, wanted {new_tokens}"
-    t_full, _ = median_seconds(lambda: run(new_tokens), repeats)
-    t_one, _ = median_seconds(lambda: run(1), repeats)
-    return {
-        "compile_s": compile_s,
-        "prefill_ms": t_one * 1e3,
-        "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3,
-        "total_ms": t_full * 1e3,
-    }
+    return run, compile_s
+
+
+def time_interleaved(runs: list, new_tokens: int, repeats: int) -> list[dict]:
+    """Time every prepared `run` in rounds (each round runs every program once at N and at 1 token), so a slow drift
+    of the card (clocks, temperature) spreads over all rows instead of favouring the ones timed first."""
+    full = [[] for _ in runs]
+    one = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            for n, times in ((new_tokens, full[i]), (1, one[i])):
+                start = time.perf_counter()
+                run(n)
+                times.append(time.perf_counter() - start)
+    out = []
+    for f, o in zip(full, one):
+        t_full, t_one = float(np.median(f)), float(np.median(o))
+        out.append(
+            {
+                "prefill_ms": t_one * 1e3,
+                "decode_ms_per_token": (t_full - t_one) / (new_tokens - 1) * 1e3,
+                "total_ms": t_full * 1e3,
+            }
+        )
+    return out
 
 
 def time_hf(config, batch, prompt_len, new_tokens, repeats) -> dict | None:
@@ -349,22 +368,27 @@ def main(argv=None) -> int:
             floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
             hf = None if args.no_hf else time_hf(config, batch, args.prompt_len, args.new_tokens, args.repeats)
             for impl in args.attention:
-                dense_ms = None
+                prepared, compile_times = [], []
                 for label, policy, weights, extra in variants:
-                    jx = time_jax(
+                    run, compile_s = prepare_jax(
                         config,
                         batch,
                         args.prompt_len,
                         args.new_tokens,
-                        args.repeats,
                         params,
                         policy,
                         weights,
                         attention_impl=impl,
                         autotune=args.autotune,
                     )
+                    prepared.append(run)
+                    compile_times.append(compile_s)
+                    print(f"{name} b{batch} [{impl}] {label}: compiled in {compile_s:.1f} s", flush=True)
+                timings = time_interleaved(prepared, args.new_tokens, args.repeats)
+                dense_ms = timings[0]["decode_ms_per_token"]
+                for (label, _, _, extra), jx, compile_s in zip(variants, timings, compile_times):
+                    jx = {"compile_s": compile_s, **jx}
                     ms = jx["decode_ms_per_token"]
-                    dense_ms = ms if dense_ms is None else dense_ms
                     row = {
                         "shape": name,
                         "attention": impl,
