@@ -1,0 +1,333 @@
+"""Head-sparse attention projections: the q/k/v and out projections of the chosen heads only, reading their weight
+rows in place (no gathered copy of the weights).
+
+    head_qkv:      out[p, b, j] = x[b] · qkv_w[parts[p], head_idx[j]]ᵀ + qkv_b[parts[p], head_idx[j]]
+    head_out_proj: out[b]       = Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b
+
+in the model's layout (dejavu_jax/model.py, `OPTAttention`): `qkv_w` [3, H, hd, d] and `out_w` [H, hd, d], so a head
+is a contiguous block of hd rows of d values in qkv_w[z] and in out_w. `x` [B, d]; `heads_out` [B, h, hd], the
+attention output of the chosen heads; `head_idx` [h] int32 (unsorted, duplicates computed once per copy, h >= 1).
+With head_idx = arange(H) both equal the dense projections. `parts` (static) picks which of Q (0), K (1), V (2) to
+project, e.g. (0,) for Q alone or (1, 2) for K and V.
+
+Numerics follow the model's dense einsums run in the activation dtype: products summed in fp32, biases added in fp32,
+one rounding to the activation dtype at the end. `head_out_proj` sums fp32 partials over head groups (one per grid
+row) outside the kernel, in a fixed order (deterministic).
+
+Design (Triton-lowered Pallas):
+* `head_qkv`: grid (part, chosen head, row block). Program (p, j, r) loads head_idx[j] as a scalar (the gather is the
+  grid) and reads rows [r·block_rows, (r+1)·block_rows) of qkv_w[parts[p], head_idx[j]] with plain 2-D tile loads,
+  walking d in power-of-two column blocks. Rows are blocked by the largest power of two dividing hd (at most
+  `block_rows`): hd = 80 gives blocks of 16, so every load is unmasked and no byte is read twice.
+* `head_out_proj`: grid (head group, column block of d). Program (g, c) walks its group's chosen heads (a
+  `fori_loop`), reading out_w[head_idx[j], rows, cols] in row blocks, and writes an fp32 partial [B, block_d]; the
+  wrapper sums the groups and adds out_b. Groups multiply the programs when d has few column blocks.
+* Batch: below `DOT_MIN_BATCH` rows both kernels multiply and sum on the CUDA cores, unrolled over the rows; from
+  `DOT_MIN_BATCH` rows (and row blocks of at least 16) x / heads_out are padded to a power of two >= 16 rows and the
+  tiles go through `dot` (Triton's dot needs >= 16 on each side). Up to `MAX_BATCH` rows.
+
+Index contract: head_idx is not range-checked inside the kernels (on GPU an out-of-range head reads outside the
+weights). Shapes: d a multiple of 16, any hd >= 1. `interpret=None` runs the Pallas interpreter unless the default
+backend is a GPU (kernels/platform.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.block_math import cdiv, next_pow2
+from kernels.masked_mlp import pow2_divisor
+from kernels.platform import resolve_interpret
+
+DOT_MIN_BATCH = 16
+MAX_BATCH = 64
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Elements of one weight tile (and of one padded-x tile on the dot path) per step: 16 KiB of fp16.
+TILE_ELEMENTS = 8192
+# Two programs per H100 SM (132 SMs): head_out_proj splits the heads into groups until it has this many programs.
+TARGET_PROGRAMS = 264
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSparsePlan:
+    """Static launch configuration of both kernels (block sizes are powers of two)."""
+
+    batch: int
+    d: int
+    head_dim: int
+    heads: int  # h, chosen heads
+    qkv_block_rows: int = 16  # rows of a head one head_qkv program owns (capped to a power of two dividing hd)
+    qkv_block_d: int = 512  # columns per head_qkv step (capped to a power of two dividing d, and on dots)
+    qkv_warps: int = 4
+    out_block_rows: int = 32  # rows of a head per head_out_proj step
+    out_block_d: int = 256  # columns of d per head_out_proj program
+    out_groups: int = 0  # head groups of head_out_proj (fp32 partials); 0 = enough for `TARGET_PROGRAMS`
+    out_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
+        for name in ("qkv_warps", "out_warps", "out_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "out_groups" else 1):
+                raise ValueError(
+                    f"{name} must be a {'non-negative' if name == 'out_groups' else 'positive'} int. Got {value!r}"
+                )
+
+    @property
+    def rows_qkv(self) -> int:
+        return pow2_divisor(self.head_dim, self.qkv_block_rows)
+
+    @property
+    def rows_out(self) -> int:
+        return pow2_divisor(self.head_dim, self.out_block_rows)
+
+    @property
+    def qkv_dot(self) -> bool:
+        return self.batch >= DOT_MIN_BATCH and self.rows_qkv >= 16
+
+    @property
+    def out_dot(self) -> bool:
+        return self.batch >= DOT_MIN_BATCH and self.rows_out >= 16
+
+    def batch_rows(self, dot: bool) -> int:
+        """Rows a kernel computes: B, or B padded to a power of two >= 16 for dots."""
+        return max(16, next_pow2(self.batch)) if dot else self.batch
+
+    def _block_d(self, cap: int, dot: bool) -> int:
+        """Columns per tile: a power of two dividing d, at most cap (and on dots at most `TILE_ELEMENTS` / rows)."""
+        if dot:
+            cap = min(cap, max(16, TILE_ELEMENTS // self.batch_rows(True)))
+        return pow2_divisor(self.d, cap)
+
+    @property
+    def bd_qkv(self) -> int:
+        return self._block_d(self.qkv_block_d, self.qkv_dot)
+
+    @property
+    def bd_out(self) -> int:
+        return self._block_d(self.out_block_d, self.out_dot)
+
+    @property
+    def heads_per_group(self) -> int:
+        groups = self.out_groups or cdiv(TARGET_PROGRAMS, self.d // self.bd_out)
+        return cdiv(self.heads, max(1, min(self.heads, groups)))
+
+    @property
+    def groups(self) -> int:
+        return cdiv(self.heads, self.heads_per_group)  # no empty group
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _head_qkv_kernel(part_ref, head_idx_ref, x_ref, w_ref, b_ref, out_ref, *, plan: HeadSparsePlan):
+    # part_ref [P] int32, head_idx_ref [h] int32, x_ref [Bp, d], w_ref [3, H, hd, d], b_ref [3, H, hd];
+    # out_ref [P, Bp, h, hd].
+    p, j = pl.program_id(0), pl.program_id(1)
+    z, head = part_ref[p], head_idx_ref[j]  # scalars
+    rb, bd, dot = plan.rows_qkv, plan.bd_qkv, plan.qkv_dot
+    rows = pl.ds(pl.multiple_of(pl.program_id(2) * rb, rb), rb)
+    n_rows = plan.batch_rows(dot)
+
+    def step(c, acc):
+        cols = pl.ds(pl.multiple_of(c * bd, bd), bd)
+        w = w_ref[z, head, rows, cols]  # [rb, bd]
+        if dot:
+            return acc + plgpu.dot(x_ref[:, cols], w, trans_b=True, precision=_dot_precision(w.dtype))
+        w = w.astype(jnp.float32)
+        return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1) for b, a in enumerate(acc))
+
+    init = jnp.zeros((n_rows, rb), jnp.float32) if dot else tuple(jnp.zeros((rb,), jnp.float32) for _ in range(n_rows))
+    acc = lax.fori_loop(0, plan.d // bd, step, init)
+    bias = b_ref[z, head, rows].astype(jnp.float32)  # [rb]
+    if dot:
+        out_ref[p, :, j, rows] = (acc + bias[None, :]).astype(out_ref.dtype)
+    else:
+        for b in range(n_rows):
+            out_ref[p, b, j, rows] = (acc[b] + bias).astype(out_ref.dtype)
+
+
+def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSparsePlan):
+    # head_idx_ref [h] int32, h_ref [Bp, h, hd], w_ref [H, hd, d]; out_ref [groups, Bp, d] fp32.
+    g = pl.program_id(0)
+    rb, bd, dot, hpg = plan.rows_out, plan.bd_out, plan.out_dot, plan.heads_per_group
+    cols = pl.ds(pl.multiple_of(pl.program_id(1) * bd, bd), bd)
+    n_rows = plan.batch_rows(dot)
+
+    def step(j, acc):
+        head = head_idx_ref[j]  # scalar
+        for r0 in range(0, plan.head_dim, rb):  # static
+            rows = pl.ds(r0, rb)
+            w = w_ref[head, rows, cols]  # [rb, bd]
+            if dot:
+                acc = acc + plgpu.dot(h_ref[:, j, rows], w, precision=_dot_precision(w.dtype))
+            else:
+                w = w.astype(jnp.float32)
+                acc = tuple(
+                    a + jnp.sum(h_ref[b, j, rows].astype(jnp.float32)[:, None] * w, axis=0) for b, a in enumerate(acc)
+                )
+        return acc
+
+    init = jnp.zeros((n_rows, bd), jnp.float32) if dot else tuple(jnp.zeros((bd,), jnp.float32) for _ in range(n_rows))
+    acc = lax.fori_loop(g * hpg, jnp.minimum((g + 1) * hpg, plan.heads), step, init)
+    if dot:
+        out_ref[g, :, cols] = acc
+    else:
+        for b in range(n_rows):
+            out_ref[g, b, cols] = acc[b]
+
+
+# ---- pallas_call layer -----------------------------------------------------------------------------------------
+
+
+def _head_qkv_call(part_idx, head_idx, x, qkv_w, qkv_b, *, plan, interpret):
+    n_parts = part_idx.shape[0]
+    return pl.pallas_call(
+        functools.partial(_head_qkv_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct((n_parts, x.shape[0], plan.heads, plan.head_dim), x.dtype),
+        grid=(n_parts, plan.heads, plan.head_dim // plan.rows_qkv),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.qkv_warps, num_stages=1),
+        interpret=interpret,
+        name="head_qkv",
+    )(part_idx, head_idx, x, qkv_w, qkv_b)
+
+
+def _head_out_proj_call(head_idx, heads_out, out_w, *, plan, interpret):
+    return pl.pallas_call(
+        functools.partial(_head_out_proj_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct((plan.groups, heads_out.shape[0], plan.d), jnp.float32),
+        grid=(plan.groups, plan.d // plan.bd_out),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.out_warps, num_stages=1),
+        interpret=interpret,
+        name="head_out_proj",
+    )(head_idx, heads_out, out_w)
+
+
+# ---- public wrappers -------------------------------------------------------------------------------------------
+
+
+def _check_common(act, act_name, head_idx, n_heads, hd, d, weight, weight_name):
+    batch = act.shape[0]
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(
+            f"batch must be in [1, {MAX_BATCH}] (use the dense projection for larger batches). Got {batch}"
+        )
+    if jnp.dtype(act.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"{act_name} dtype must be float32, bfloat16 or float16. Got {act.dtype}")
+    if weight.dtype != act.dtype:
+        raise ValueError(f"{weight_name} must have {act_name}'s dtype. Got {weight.dtype} and {act.dtype}")
+    if d % 16 or hd < 1 or n_heads < 1:
+        raise ValueError(
+            f"d must be a multiple of 16, with at least one head of hd >= 1. Got d={d}, {weight_name} {weight.shape}"
+        )
+    if head_idx.ndim != 1 or not jnp.issubdtype(head_idx.dtype, jnp.integer):
+        raise ValueError(f"head_idx must be a rank-1 integer array [h]. Got shape {head_idx.shape}, {head_idx.dtype}")
+    if head_idx.shape[0] < 1:
+        raise ValueError("head_idx must choose at least one head. Got an empty head_idx")
+
+
+def _plan(batch, d, hd, heads, knobs) -> HeadSparsePlan:
+    return HeadSparsePlan(batch=batch, d=d, head_dim=hd, heads=heads, **dict(knobs or ()))
+
+
+def _pad_rows(a, rows):
+    return a if a.shape[0] == rows else jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("parts", "knobs", "interpret"))
+def head_qkv(x, qkv_w, qkv_b, head_idx, *, parts=(0, 1, 2), knobs=None, interpret=None):
+    """[len(parts), B, h, hd] in x.dtype: x · qkv_w[z, head_idx[j]]ᵀ + qkv_b[z, head_idx[j]] for z in `parts`.
+
+    x [B, d], qkv_w [3, H, hd, d], qkv_b [3, H, hd], head_idx [h] int. `parts`: a non-empty tuple of distinct
+    values in {0, 1, 2} (Q, K, V). `knobs`: a tuple of (field, value) pairs of `HeadSparsePlan`; None = defaults.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"x must be [batch, d]. Got shape {x.shape}")
+    if qkv_w.ndim != 4 or qkv_w.shape[0] != 3 or qkv_w.shape[3] != x.shape[1]:
+        raise ValueError(f"qkv_w must be [3, H, hd, d] with d = x.shape[1]. Got {qkv_w.shape} and x {x.shape}")
+    _, n_heads, hd, d = qkv_w.shape
+    _check_common(x, "x", head_idx, n_heads, hd, d, qkv_w, "qkv_w")
+    if qkv_b.shape != (3, n_heads, hd):
+        raise ValueError(f"qkv_b must be [3, H, hd] = {(3, n_heads, hd)}. Got {qkv_b.shape}")
+    parts = tuple(parts)
+    if not parts or len(set(parts)) != len(parts) or not set(parts) <= {0, 1, 2}:
+        raise ValueError(f"parts must be a non-empty tuple of distinct values in (0, 1, 2). Got {parts}")
+    plan = _plan(x.shape[0], d, hd, head_idx.shape[0], knobs)
+    out = _head_qkv_call(
+        jnp.asarray(parts, jnp.int32),
+        head_idx.astype(jnp.int32),
+        _pad_rows(x, plan.batch_rows(plan.qkv_dot)),
+        qkv_w,
+        qkv_b.astype(x.dtype),
+        plan=plan,
+        interpret=resolve_interpret(interpret),
+    )
+    return out[:, : plan.batch]
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def head_out_proj(heads_out, out_w, out_b, head_idx, *, knobs=None, interpret=None):
+    """[B, d] in heads_out.dtype: Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b.
+
+    heads_out [B, h, hd], out_w [H, hd, d], out_b [d], head_idx [h] int.
+    """
+    if heads_out.ndim != 3:
+        raise ValueError(f"heads_out must be [batch, h, hd]. Got shape {heads_out.shape}")
+    if out_w.ndim != 3 or out_w.shape[1] != heads_out.shape[2]:
+        raise ValueError(
+            f"out_w must be [H, hd, d] with hd = heads_out.shape[2]. Got {out_w.shape} and heads_out {heads_out.shape}"
+        )
+    n_heads, hd, d = out_w.shape
+    _check_common(heads_out, "heads_out", head_idx, n_heads, hd, d, out_w, "out_w")
+    if head_idx.shape[0] != heads_out.shape[1]:
+        raise ValueError(
+            f"head_idx must be [h] with h = heads_out.shape[1]. Got {head_idx.shape} and {heads_out.shape}"
+        )
+    if out_b.shape != (d,):
+        raise ValueError(f"out_b must be [d] = [{d}]. Got {out_b.shape}")
+    plan = _plan(heads_out.shape[0], d, hd, head_idx.shape[0], knobs)
+    partials = _head_out_proj_call(
+        head_idx.astype(jnp.int32),
+        _pad_rows(heads_out, plan.batch_rows(plan.out_dot)),
+        out_w,
+        plan=plan,
+        interpret=resolve_interpret(interpret),
+    )
+    out = jnp.sum(partials[:, : plan.batch], axis=0) + out_b.astype(jnp.float32)
+    return out.astype(heads_out.dtype)
+
+
+# ---- references ------------------------------------------------------------------------------------------------
+
+
+def head_qkv_reference(x, qkv_w, qkv_b, head_idx, *, parts=(0, 1, 2)):
+    """The gathered dense projection (what the model's `qkv_w[:, head_idx]` path computes)."""
+    zs = jnp.asarray(parts, jnp.int32)
+    w = qkv_w[zs][:, head_idx]  # [P, h, hd, d]
+    out = jnp.einsum("bd,zhkd->zbhk", x, w, preferred_element_type=jnp.float32, precision=_dot_precision(x.dtype))
+    return (out + qkv_b[zs][:, head_idx][:, None].astype(jnp.float32)).astype(x.dtype)
+
+
+def head_out_proj_reference(heads_out, out_w, out_b, head_idx):
+    out = jnp.einsum(
+        "bhk,hkd->bd",
+        heads_out,
+        out_w[head_idx],
+        preferred_element_type=jnp.float32,
+        precision=_dot_precision(heads_out.dtype),
+    )
+    return (out + out_b.astype(jnp.float32)).astype(heads_out.dtype)

@@ -1,0 +1,157 @@
+"""The head-sparse q/k/v and out projection kernels against float64 references (gathered heads), and against the
+dense projections with every head chosen; compiled on a GPU, in the interpreter on CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import CompiledKernelCases, lowered_text_for_cuda
+from kernels.head_sparse import (
+    MAX_BATCH,
+    head_out_proj,
+    head_out_proj_reference,
+    head_qkv,
+    head_qkv_reference,
+)
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
+SMALL_BLOCKS = (("qkv_block_rows", 32), ("qkv_block_d", 32), ("out_block_rows", 16), ("out_block_d", 32))
+
+# (batch, H, hd, d, head_idx, dtype, knobs): unsorted subsets, one head, duplicates, every head in order; hd 80 (row
+# blocks of 16), 64 and 128; batch 1 and 3 (multiply and sum) and 20 (padded to 32 rows, dots).
+CASES = [
+    (1, 4, 80, 160, [2, 0], jnp.float32, None),
+    (3, 6, 64, 128, [5, 1, 5], jnp.float16, None),
+    (1, 4, 128, 256, [3], jnp.bfloat16, None),
+    (3, 3, 80, 320, [0, 1, 2], jnp.float32, SMALL_BLOCKS),
+    (20, 4, 80, 128, [3, 0, 2], jnp.float32, None),
+    (20, 8, 64, 192, [7, 2, 2, 4], jnp.bfloat16, None),
+    (20, 4, 128, 128, [0, 1, 2, 3], jnp.float16, None),
+]
+PARTS = [(0, 1, 2), (1, 2), (0,), (0, 1, 2), (1, 2), (0,), (0, 1, 2)]
+
+
+def row_err(out, ref):
+    """Largest error of an output vector (last axis) relative to that vector's norm."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return (np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)).max()
+
+
+def random_case(batch, n_heads, hd, d, h, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, d)), dtype)
+    qkv_w = jnp.asarray(rng.standard_normal((3, n_heads, hd, d)) / d**0.5, dtype)
+    qkv_b = jnp.asarray(rng.standard_normal((3, n_heads, hd)), dtype)
+    heads_out = jnp.asarray(rng.standard_normal((batch, h, hd)), dtype)
+    out_w = jnp.asarray(rng.standard_normal((n_heads, hd, d)) / (h * hd) ** 0.5, dtype)
+    out_b = jnp.asarray(rng.standard_normal(d), dtype)
+    return x, qkv_w, qkv_b, heads_out, out_w, out_b
+
+
+def f64(*arrays):
+    return tuple(np.asarray(a, np.float64) for a in arrays)
+
+
+class TestHeadSparse(CompiledKernelCases):
+    @pytest.mark.parametrize("case, parts", list(zip(CASES, PARTS)))
+    def test_qkv_matches_float64(self, case, parts):
+        batch, n_heads, hd, d, idx, dtype, knobs = case
+        x, qkv_w, qkv_b, *_ = random_case(batch, n_heads, hd, d, len(idx), dtype, seed=batch * 100 + d + hd)
+        head_idx = jnp.asarray(idx, jnp.int32)
+        out = head_qkv(x, qkv_w, qkv_b, head_idx, parts=parts, knobs=knobs, interpret=self.INTERPRET)
+        assert out.shape == (len(parts), batch, len(idx), hd) and out.dtype == jnp.dtype(dtype)
+        xs, w, b = f64(x, qkv_w, qkv_b)
+        zs = list(parts)
+        ref = np.einsum("bd,zhkd->zbhk", xs, w[zs][:, idx]) + b[zs][:, idx][:, None]
+        assert row_err(out, ref) <= TOLERANCE[dtype]
+        twin = head_qkv_reference(x, qkv_w, qkv_b, head_idx, parts=parts)
+        assert row_err(out, twin) <= TOLERANCE[dtype]
+        if idx == list(range(n_heads)):  # every head in order: the model's dense projection
+            dense = jnp.einsum("bd,zhkd->zbhk", x, qkv_w, preferred_element_type=jnp.float32)
+            dense = (dense + qkv_b[:, None].astype(jnp.float32)).astype(dtype)[jnp.asarray(zs)]
+            assert row_err(out, dense) <= TOLERANCE[dtype]
+
+    @pytest.mark.parametrize("case", CASES)
+    def test_out_proj_matches_float64(self, case):
+        batch, n_heads, hd, d, idx, dtype, knobs = case
+        *_, heads_out, out_w, out_b = random_case(batch, n_heads, hd, d, len(idx), dtype, seed=batch * 10 + d + hd)
+        head_idx = jnp.asarray(idx, jnp.int32)
+        if knobs is not None:
+            knobs = knobs + (("out_groups", 2),)  # groups of 2 and 1 heads
+        out = head_out_proj(heads_out, out_w, out_b, head_idx, knobs=knobs, interpret=self.INTERPRET)
+        assert out.shape == (batch, d) and out.dtype == jnp.dtype(dtype)
+        h, w, b = f64(heads_out, out_w, out_b)
+        ref = np.einsum("bhk,hkd->bd", h, w[idx]) + b
+        assert row_err(out, ref) <= TOLERANCE[dtype]
+        assert row_err(out, head_out_proj_reference(heads_out, out_w, out_b, head_idx)) <= TOLERANCE[dtype]
+        if idx == list(range(n_heads)):
+            dense = jnp.einsum("bhk,hkd->bd", heads_out, out_w, preferred_element_type=jnp.float32)
+            assert row_err(out, (dense + out_b.astype(jnp.float32)).astype(dtype)) <= TOLERANCE[dtype]
+
+    def test_bad_input(self):
+        kw = dict(interpret=self.INTERPRET)
+        x, w, b = jnp.zeros((2, 64)), jnp.zeros((3, 4, 16, 64)), jnp.zeros((3, 4, 16))
+        idx = jnp.asarray([1, 2], jnp.int32)
+        with pytest.raises(ValueError, match="x must be"):
+            head_qkv(x[0], w, b, idx, **kw)
+        with pytest.raises(ValueError, match="qkv_w must be"):
+            head_qkv(x, w[0], b, idx, **kw)
+        with pytest.raises(ValueError, match="qkv_b must be"):
+            head_qkv(x, w, b[:, :2], idx, **kw)
+        with pytest.raises(ValueError, match="at least one head"):
+            head_qkv(x, w, b, jnp.zeros((0,), jnp.int32), **kw)
+        with pytest.raises(ValueError, match="head_idx must be a rank-1"):
+            head_qkv(x, w, b, idx[None], **kw)
+        with pytest.raises(ValueError, match="batch must be"):
+            head_qkv(jnp.zeros((MAX_BATCH + 1, 64)), w, b, idx, **kw)
+        with pytest.raises(ValueError, match="multiple of 16"):
+            head_qkv(jnp.zeros((2, 40)), jnp.zeros((3, 4, 16, 40)), b, idx, **kw)
+        with pytest.raises(ValueError, match="parts must be"):
+            head_qkv(x, w, b, idx, parts=(0, 3), **kw)
+        with pytest.raises(ValueError, match="dtype"):
+            head_qkv(x.astype(jnp.float16), w, b, idx, **kw)
+        with pytest.raises(ValueError, match="power of two"):
+            head_qkv(x, w, b, idx, knobs=(("qkv_block_d", 48),), **kw)
+        ho, ow, ob = jnp.zeros((2, 2, 16)), jnp.zeros((4, 16, 64)), jnp.zeros(64)
+        with pytest.raises(ValueError, match="heads_out must be"):
+            head_out_proj(ho[0], ow, ob, idx, **kw)
+        with pytest.raises(ValueError, match="out_w must be"):
+            head_out_proj(ho, ow[:, :8], ob, idx, **kw)
+        with pytest.raises(ValueError, match="out_b must be"):
+            head_out_proj(ho, ow, ob[:32], idx, **kw)
+        with pytest.raises(ValueError, match="h = heads_out"):
+            head_out_proj(ho, ow, ob, idx[:1], **kw)
+        with pytest.raises(ValueError, match="at least one head"):
+            head_out_proj(ho[:, :0], ow, ob, jnp.zeros((0,), jnp.int32), **kw)
+        with pytest.raises(ValueError, match="batch must be"):
+            head_out_proj(jnp.zeros((MAX_BATCH + 1, 2, 16)), ow, ob, idx, **kw)
+        with pytest.raises(ValueError, match="multiple of 16"):
+            head_out_proj(ho, jnp.zeros((4, 16, 40)), jnp.zeros(40), idx, **kw)
+
+
+class TestHeadSparseInterpret(TestHeadSparse):
+    INTERPRET = True
+
+
+# opt-6.7b (H 32, hd 128, d 4096) and opt-2.7b (H 32, hd 80, d 2560); batch 1 (multiply and sum) and 32 (dots).
+@pytest.mark.parametrize("batch, n_heads, hd, d, h", [(1, 32, 128, 4096, 12), (32, 32, 80, 2560, 32)])
+def test_lowers_for_gpu(batch, n_heads, hd, d, h):
+    s = jax.ShapeDtypeStruct
+    idx = s((h,), jnp.int32)
+    text = lowered_text_for_cuda(
+        jax.jit(lambda *a: head_qkv(*a, interpret=False)),
+        s((batch, d), jnp.float16),
+        s((3, n_heads, hd, d), jnp.float16),
+        s((3, n_heads, hd), jnp.float16),
+        idx,
+    )
+    assert "head_qkv" in text
+    text = lowered_text_for_cuda(
+        jax.jit(lambda *a: head_out_proj(*a, interpret=False)),
+        s((batch, h, hd), jnp.float16),
+        s((n_heads, hd, d), jnp.float16),
+        s((d,), jnp.float16),
+        idx,
+    )
+    assert "head_out_proj" in text
