@@ -12,6 +12,7 @@ USAGE = """usage: python -m bench {generate,kernels,select,profile,convert-memor
   kernels --op masked-mlp  the row-masked MLP kernels (threshold selection fused into fc1) vs the index-list
                       path, per layer
   kernels --op attention  the decode-attention Pallas kernel vs XLA
+  kernels --op head-sparse  q/k/v and out_proj of the chosen heads (Pallas) vs XLA dense and gathered
   select              what choosing a decode step's neurons costs: predictor matmuls by rank, top-K
                       selection alternatives (GPU)
   profile             kernel-by-kernel time of the compiled decode program (GPU, from a profiler trace)
@@ -60,12 +61,16 @@ def main(argv=None) -> int:
             from bench.kernels_attention import main as run
 
             return run(rest) or 0
+        if op == "head-sparse":
+            from bench.kernels_head_sparse import main as run
+
+            return run(rest) or 0
         if op == "masked-mlp":
             from bench.kernels_masked_mlp import main as run
 
             return run(rest) or 0
         if op != "mlp":
-            print(f"error: unknown --op {op!r}; available: mlp, masked-mlp, attention", file=sys.stderr)
+            print(f"error: unknown --op {op!r}; available: mlp, masked-mlp, attention, head-sparse", file=sys.stderr)
             return 2
         from bench.kernels_mlp import main as run
 
