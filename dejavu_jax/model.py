@@ -19,6 +19,7 @@ block's input, the post-ReLU fc1 output and each head's output norm before out_p
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -28,7 +29,7 @@ from flax import linen as nn
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_dense, mlp_per_token_rows
-from dejavu_jax.sparsity import DENSE, MLPRows, SparseWeights, SparsityPolicy, mlp_rows
+from dejavu_jax.sparsity import DENSE, HeadRows, MLPRows, SparseWeights, SparsityPolicy, head_rows, mlp_rows, topk_mask
 from kernels.decode_attention import decode_attention_append
 
 
@@ -93,14 +94,18 @@ class OPTAttention(nn.Module):
         self.out_w = self.param("out_w", _init(), (H, hd, d), self.dtype)
         self.out_b = self.param("out_b", nn.initializers.zeros, (d,), self.dtype)
 
-    def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None):
+    def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None, heads: HeadRows = HeadRows()):
         """x [B, T, d] (after the LayerNorm); allowed [B, T, S] bool: query t may read key slot s.
 
         layer_kv: (keys, values) each [B, heads, S, head_dim], the chunk is written at slot `cursor`;
-        None: S == T and the keys are the chunk's own. head_idx: heads to compute, None = all.
+        None: S == T and the keys are the chunk's own. head_idx: heads to compute, None = all. `heads`: which
+        heads' outputs reach out_proj per token (`sparsity.head_rows`; every head is computed, K/V stay exact).
         Returns (out [B, T, d], new layer_kv or None).
         """
         c = self.config
+        if head_idx is not None and heads.kind != "all":
+            raise ValueError("head_idx and per-token head selection cannot be combined")
+        project_out = functools.partial(self._project_out, heads=heads)
         qkv_w, qkv_b, out_w = self.qkv_w, self.qkv_b, self.out_w
         if head_idx is not None:
             qkv_w, qkv_b, out_w = qkv_w[:, head_idx], qkv_b[:, head_idx], out_w[head_idx]
@@ -115,7 +120,7 @@ class OPTAttention(nn.Module):
                 heads_out, keys, values = decode_attention_append(
                     q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv, allowed[:, 0], cursor, head_idx
                 )
-            return self._project_out(heads_out[:, None], out_w, x.dtype), (keys, values)
+            return project_out(heads_out[:, None], out_w, x.dtype), (keys, values)
         if layer_kv is None:
             keys, values, new_kv = k_new, v_new, None
         else:
@@ -136,11 +141,17 @@ class OPTAttention(nn.Module):
             scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
             heads_out = jnp.einsum("bhts,bhsk->bthk", probs, values, preferred_element_type=jnp.float32)
-        return self._project_out(heads_out, out_w, x.dtype), new_kv
+        return project_out(heads_out, out_w, x.dtype), new_kv
 
-    def _project_out(self, heads_out, out_w, dtype):
-        """heads_out [B, T, h, hd] -> out_proj(...) [B, T, d] in dtype."""
-        self.sow("intermediates", "head_norm", jnp.linalg.norm(heads_out.astype(jnp.float32), axis=-1))  # [B, T, h]
+    def _project_out(self, heads_out, out_w, dtype, heads: HeadRows = HeadRows()):
+        """heads_out [B, T, h, hd] -> out_proj(...) [B, T, d] in dtype, over the heads `heads` keeps per token."""
+        norms = jnp.linalg.norm(heads_out.astype(jnp.float32), axis=-1)  # [B, T, h]
+        self.sow("intermediates", "head_norm", norms)
+        if heads.kind != "all":
+            keep = topk_mask(norms, min(heads.k, norms.shape[-1])) if heads.kind == "oracle" else heads.mask
+            heads_out = jnp.where(keep[..., None], heads_out, 0)
+            self.sow("intermediates", "heads_kept", keep)  # [B, T, h] bool
+            self.sow("intermediates", "head_density", jnp.mean(keep, axis=-1))
         with jax.named_scope("out_proj"):
             out = jnp.einsum("bthk,hkd->btd", heads_out.astype(dtype), out_w, preferred_element_type=jnp.float32)
             return (out + self.out_b.astype(jnp.float32)).astype(dtype)
@@ -190,14 +201,15 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(self.config, self.dtype)
         self.mlp = OPTMLP(self.config, self.dtype)
 
-    def __call__(self, h, allowed, layer_kv=None, cursor=None, head_idx=None, rows_for=None):
-        """`rows_for(attn_input, mlp_input) -> MLPRows` chooses the MLP's neurons (None: dense)."""
+    def __call__(self, h, allowed, layer_kv=None, cursor=None, head_idx=None, rows_for=None, heads=HeadRows()):
+        """`rows_for(attn_input, mlp_input) -> MLPRows` chooses the MLP's neurons (None: dense); `heads` the heads
+        whose outputs reach out_proj (`sparsity.head_rows`)."""
         pre_ln = self.config.do_layer_norm_before
         self.sow("intermediates", "attn_input", h)
         attn_input = h
         with jax.named_scope("attention_block"):
             x = self.self_attn_layer_norm(h) if pre_ln else h
-            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, head_idx)
+            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, head_idx, heads)
             h = h + attn_out
             if not pre_ln:
                 h = self.self_attn_layer_norm(h)
@@ -297,8 +309,11 @@ class OPTForCausalLM(nn.Module):
             )
 
         new_keys, new_values = [], []
+        lookahead = h  # layer l's head predictor reads layer l-1's input (layer 0: its own)
         for i, layer in enumerate(self.layers):
             layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
+            heads = head_rows(policy, sparse_weights, i, lookahead)
+            lookahead = h
             with jax.named_scope(f"layer_{i}"):
                 h, kv = layer(
                     h,
@@ -307,6 +322,7 @@ class OPTForCausalLM(nn.Module):
                     None if cache is None else cache.cursor,
                     None if head_idx is None else head_idx[i],
                     rows_for(i),
+                    heads,
                 )
             if kv is not None:
                 new_keys.append(kv[0])

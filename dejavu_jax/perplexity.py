@@ -16,14 +16,14 @@ from tqdm import tqdm
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.model import OPTForCausalLM
-from dejavu_jax.sparsity import DENSE, SparsityPolicy
+from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, SparsityPolicy
 
 
-def layer_densities(intermediates, num_layers: int):
-    """Per layer, the summed per-token `mlp_density` the model sowed ([L] fp32; zeros where none was sown)."""
+def layer_densities(intermediates, num_layers: int, block: str = "mlp", name: str = "mlp_density"):
+    """Per layer, the summed per-token density `name` that `block` sowed ([L] fp32; zeros where none was sown)."""
     out = []
     for i in range(num_layers):
-        sown = intermediates.get(f"layers_{i}", {}).get("mlp", {}).get("mlp_density")
+        sown = intermediates.get(f"layers_{i}", {}).get(block, {}).get(name)
         out.append(jnp.float32(0) if sown is None else sown[0].astype(jnp.float32).sum())
     return jnp.stack(out)
 
@@ -31,7 +31,8 @@ def layer_densities(intermediates, num_layers: int):
 @functools.partial(jax.jit, static_argnames=("config", "policy"))
 def window_nll(params, windows, sparse_weights=None, *, config: OPTConfig, policy: SparsityPolicy = DENSE):
     """windows [B, L] -> (summed negative log-likelihood of tokens 1..L-1 given their prefixes (fp32), per layer
-    the summed fraction of MLP rows computed per token [L]) under `policy` (dejavu_jax.sparsity)."""
+    the summed fraction of MLP rows computed per token [L], per layer the summed fraction of heads kept per token
+    [L]) under `policy` (dejavu_jax.sparsity)."""
     model = OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
     (logits, _), state = model.apply(
         {"params": params}, windows, policy=policy, sparse_weights=sparse_weights, mutable=["intermediates"]
@@ -39,7 +40,8 @@ def window_nll(params, windows, sparse_weights=None, *, config: OPTConfig, polic
     log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     targets = windows[:, 1:]
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).sum()
-    return nll, layer_densities(state["intermediates"], config.num_hidden_layers)
+    sown, layers = state["intermediates"], config.num_hidden_layers
+    return nll, layer_densities(sown, layers), layer_densities(sown, layers, "self_attn", "head_density")
 
 
 def make_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
@@ -63,20 +65,24 @@ def perplexity(
     sparse_weights=None,
     desc: str = "perplexity",
 ) -> dict:
-    """Perplexity of `windows`; with a sparse policy also "mlp_density": per layer the mean fraction of MLP rows
-    computed per token (for lossless, of fc2 rows read) over every token of the windows."""
+    """Perplexity of `windows`; with MLP sparsity also "mlp_density": per layer the mean fraction of MLP rows
+    computed per token (for lossless, of fc2 rows read) over every token of the windows, and with head sparsity "head_density": per layer the mean
+    fraction of heads kept per token."""
     if windows.shape[1] > config.max_position_embeddings:
         raise ValueError(f"seq_len {windows.shape[1]} exceeds the model's {config.max_position_embeddings} positions")
-    total, density = 0.0, np.zeros(config.num_hidden_layers)
+    total, density, head_density = 0.0, np.zeros(config.num_hidden_layers), np.zeros(config.num_hidden_layers)
     batches = range(0, len(windows), batch_size)
     for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        nll, dens = window_nll(
+        nll, dens, head_dens = window_nll(
             params, jnp.asarray(windows[start : start + batch_size]), sparse_weights, config=config, policy=policy
         )
         total += float(nll)
         density += np.asarray(dens, np.float64)
+        head_density += np.asarray(head_dens, np.float64)
     scored = windows.shape[0] * (windows.shape[1] - 1)
     result = {"ppl": math.exp(total / scored), "tokens": int(scored), "windows": int(windows.shape[0])}
-    if policy != DENSE:
+    if policy.mlp != MLPSparsity.NONE:
         result["mlp_density"] = [float(v) for v in density / windows.size]
+    if policy.heads != HeadSparsity.NONE:
+        result["head_density"] = [float(v) for v in head_density / windows.size]
     return result

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, standardize
+from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, predictor_scores, standardize
 from kernels.masked_mlp import MaskedMLPPlan
 from kernels.predictor_hidden import predictor_hidden
 
@@ -49,6 +49,12 @@ class MLPSparsity(str, enum.Enum):
     NONE = "none"
     LOSSLESS = "lossless"
     PREDICTED = "predicted"
+
+
+class HeadSparsity(str, enum.Enum):
+    NONE = "none"
+    PREDICTED = "predicted"  # each token's K best heads by the layer's head predictor (lookahead input)
+    ORACLE = "oracle"  # each token's K heads of largest true output norm (a study's upper bound, no predictor)
 
 
 class Selection(str, enum.Enum):
@@ -99,21 +105,32 @@ class SparsityPolicy:
     decode_kernels: bool = True
     # Overrides of the decode kernels' defaults, for benchmarks and tuning: (name, value) pairs, see `DecodeTuning`.
     tuning: tuple = ()
+    # Attention heads: which heads' outputs reach out_proj, per token (see `head_rows`); every head's K/V is kept
+    # exact. `head_k`: heads kept per token in every layer (0 = each layer's calibrated K; oracle needs it).
+    heads: HeadSparsity = HeadSparsity.NONE
+    head_k: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "mlp", MLPSparsity(self.mlp))
         object.__setattr__(self, "selection", Selection(self.selection))
+        object.__setattr__(self, "heads", HeadSparsity(self.heads))
+        if not isinstance(self.head_k, int) or self.head_k < 0:
+            raise ValueError(f"head_k must be a non-negative int (0 = the calibrated K). Got {self.head_k!r}")
+        if self.heads == HeadSparsity.ORACLE and self.head_k == 0:
+            raise ValueError("the oracle head selection needs head_k (how many heads each token keeps)")
         object.__setattr__(self, "tuning", tuple(tuple(pair) for pair in self.tuning))
         DecodeTuning.parse(self.tuning)  # bad names or values fail here, not inside a trace
 
     @property
     def needs_weights(self) -> bool:
-        return self.mlp == MLPSparsity.PREDICTED
+        return self.mlp == MLPSparsity.PREDICTED or self.heads == HeadSparsity.PREDICTED
 
     def describe(self) -> str:
-        if self.mlp == MLPSparsity.PREDICTED:
-            return f"predicted ({self.selection.value})"
-        return self.mlp.value
+        mlp = f"predicted ({self.selection.value})" if self.mlp == MLPSparsity.PREDICTED else self.mlp.value
+        if self.heads == HeadSparsity.NONE:
+            return mlp
+        k = f"K={self.head_k}" if self.head_k else "calibrated K"
+        return f"MLP {mlp}, heads {self.heads.value} ({k})"
 
 
 DENSE = SparsityPolicy()
@@ -180,14 +197,18 @@ class SparseWeights:
 
     mlp: Optional[tuple] = None  # tuple[MLPPredictor, ...], one per layer
     fixed_rows: Optional[tuple] = None  # tuple of [ffn] int32 masks, one per layer
+    heads: Optional[tuple] = None  # tuple[LowRankPredictor, ...]: layer l's head predictor (reads layer l-1's input)
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
 
 
 def sparse_weights_from_predictors(
-    predictors: Predictors, dtype=None, thresholds=None, selection: Selection = Selection.THRESHOLD
+    predictors: Predictors, dtype=None, thresholds=None, selection: Selection = Selection.THRESHOLD, mlp: bool = True
 ) -> SparseWeights:
-    """Decode-layout predictors; `thresholds` (one per layer) override the calibrated ones (e.g. −inf = all).
-    Top-K selection needs no threshold."""
+    """Decode-layout MLP predictors (unless `mlp` is False) and the head predictors; `thresholds` (one per layer)
+    override the calibrated ones (e.g. −inf = all). Top-K selection needs no threshold."""
+    heads = tuple(p.replace(**_cast(p, dtype)) for p in predictors.heads)
+    if not mlp:
+        return SparseWeights(heads=heads, mlp_input=predictors.mlp_input)
     if Selection(selection) == Selection.TOPK and thresholds is None and predictors.mlp_threshold is None:
         thresholds = [None] * predictors.num_layers
     if thresholds is None:
@@ -201,8 +222,13 @@ def sparse_weights_from_predictors(
         raise ValueError(f"need one threshold per layer ({predictors.num_layers}). Got {len(thresholds)}")
     return SparseWeights(
         mlp=tuple(decode_predictor(p, t, dtype) for p, t in zip(predictors.mlp, thresholds)),
+        heads=heads,
         mlp_input=predictors.mlp_input,
     )
+
+
+def _cast(p: LowRankPredictor, dtype) -> dict:
+    return {} if dtype is None else {"w1": p.w1.astype(dtype), "w2": p.w2.astype(dtype)}
 
 
 @struct.dataclass
@@ -217,7 +243,7 @@ class MLPRows:
     knobs: tuple = struct.field(pytree_node=False, default=())  # the decode kernels' plan overrides
 
 
-def _topk_mask(scores, k: int):
+def topk_mask(scores, k: int):
     """[..., ffn] scores -> [..., ffn] bool: each token's k best."""
     kth = jax.lax.top_k(scores, k)[0][..., -1:]
     return scores >= kth
@@ -263,7 +289,7 @@ def _choose(policy: SparsityPolicy, predictor: MLPPredictor, scores):
     """[..., ffn] scores -> [..., ffn] bool: the chosen neurons of each token."""
     if policy.selection == Selection.THRESHOLD:
         return scores >= predictor.threshold
-    return _topk_mask(scores, predictor.k)
+    return topk_mask(scores, predictor.k)
 
 
 def for_decode_batch(
@@ -272,14 +298,45 @@ def for_decode_batch(
     """The (policy, weights) a generation of `batch` sequences compiles with. Above `SPARSE_DECODE_MAX_BATCH` the
     decode steps of a kernel policy run the dense MLP anyway (and the prefill is dense), so the generation is handed
     the dense policy and no weights: it then runs the dense program itself (one compile, shared with dense
-    generation), not merely an equivalent one. Fixed row masks (benchmarks' ceiling) are kept as given."""
+    generation), not merely an equivalent one; a head policy keeps its heads (and weights) with a dense MLP. Fixed row
+    masks (benchmarks' ceiling) are kept as given."""
     fixed = weights is not None and weights.fixed_rows is not None
     if batch > SPARSE_DECODE_MAX_BATCH and policy.decode_kernels and not fixed:
-        return DENSE, None
+        if policy.heads == HeadSparsity.NONE:
+            return DENSE, None
+        return dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=()), weights
     return policy, weights
+
+
+@struct.dataclass
+class HeadRows:
+    """Which heads' outputs reach out_proj. `kind` (static): "all"; "mask" (per token [B, T, heads] bool);
+    "oracle" (the `k` heads of largest output norm per token, decided inside attention)."""
+
+    kind: str = struct.field(pytree_node=False, default="all")
+    mask: Optional[jax.Array] = None
+    k: int = struct.field(pytree_node=False, default=0)
+
+
+def head_rows(policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, lookahead_input) -> HeadRows:
+    """The heads layer `layer` keeps for tokens whose lookahead input (layer l-1's residual before its attention
+    LayerNorm; layer 0: its own) is `lookahead_input` [B, T, d]. Every head is still computed, so the KV cache stays
+    exact (a skipped head's K/V is there when a later token chooses it); the saving is the kernels' to take."""
+    if policy.heads == HeadSparsity.NONE:
+        return HeadRows()
+    if policy.heads == HeadSparsity.ORACLE:
+        return HeadRows("oracle", k=policy.head_k)
+    check_sparsity(policy, weights)
+    predictor = weights.heads[layer]
+    k = policy.head_k or predictor.keep
+    if k >= predictor.num_outputs:
+        return HeadRows()
+    return HeadRows("mask", mask=topk_mask(predictor_scores(predictor, lookahead_input), k))
 
 
 def check_sparsity(policy: SparsityPolicy, weights: Optional[SparseWeights]) -> None:
     """A clear error for a policy that lacks what it needs."""
-    if policy.needs_weights and (weights is None or weights.mlp is None):
+    if policy.mlp == MLPSparsity.PREDICTED and (weights is None or weights.mlp is None):
         raise ValueError(f"MLP sparsity {policy.describe()} needs trained predictors (--predictors DIR)")
+    if policy.heads == HeadSparsity.PREDICTED and (weights is None or weights.heads is None):
+        raise ValueError(f"head sparsity {policy.describe()} needs trained predictors (--predictors DIR)")

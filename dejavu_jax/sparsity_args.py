@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from dejavu_jax.sparsity import MLPSparsity, Selection, SparsityPolicy, sparse_weights_from_predictors
+from dejavu_jax.sparsity import HeadSparsity, MLPSparsity, Selection, SparsityPolicy, sparse_weights_from_predictors
 
 
 def add_sparsity_args(p: argparse.ArgumentParser) -> None:
@@ -13,7 +13,8 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
         "--predictors",
         default=None,
         help="trained, calibrated predictors (from python -m train: a predictors dir, or a model dir "
-        "holding predictors/); alone it implies --mlp-sparsity predicted",
+        "holding predictors/); alone it implies --mlp-sparsity predicted (with --head-sparsity predicted: "
+        "heads only, unless --mlp-sparsity predicted is also given)",
     )
     p.add_argument(
         "--mlp-sparsity",
@@ -31,18 +32,44 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
         "calibrated threshold (no sort, the count varies per token); topk keeps the layer's "
         "calibrated K best",
     )
+    p.add_argument(
+        "--head-sparsity",
+        default="none",
+        choices=[h.value for h in HeadSparsity],
+        help="attention heads whose outputs reach out_proj, per token: none (default, every head); predicted: the "
+        "K best by the layer's head predictor (needs --predictors; reads layer l-1's input); oracle: the K heads "
+        "of largest output norm (a study's bound, needs --head-k). Every head's K/V stays exact; decoding does "
+        "not yet read fewer attention weights",
+    )
+    p.add_argument(
+        "--head-k",
+        type=int,
+        default=0,
+        help="with --head-sparsity: heads kept per token in every layer (default: each layer's calibrated K)",
+    )
 
 
 def check_sparsity_args(args) -> SparsityPolicy:
     """The policy the flags ask for; a ValueError (before anything loads) for contradicting flags."""
-    mode = MLPSparsity(args.mlp_sparsity or ("predicted" if args.predictors else "none"))
-    if mode == MLPSparsity.PREDICTED and not args.predictors:
-        raise ValueError("--mlp-sparsity predicted needs --predictors DIR (train them with python -m train)")
-    if mode != MLPSparsity.PREDICTED and args.predictors:
-        raise ValueError(f"--predictors goes with --mlp-sparsity predicted. Got --mlp-sparsity {mode.value}")
+    heads = HeadSparsity(getattr(args, "head_sparsity", None) or "none")
+    head_k = getattr(args, "head_k", 0) or 0
+    default_mlp = "predicted" if args.predictors and heads != HeadSparsity.PREDICTED else "none"
+    mode = MLPSparsity(args.mlp_sparsity or default_mlp)
+    needs = mode == MLPSparsity.PREDICTED or heads == HeadSparsity.PREDICTED
+    if needs and not args.predictors:
+        raise ValueError("predicted sparsity needs --predictors DIR (train them with python -m train)")
+    if not needs and args.predictors:
+        raise ValueError(
+            f"--predictors goes with --mlp-sparsity predicted or --head-sparsity predicted. Got --mlp-sparsity "
+            f"{mode.value} and --head-sparsity {heads.value}"
+        )
     if mode != MLPSparsity.PREDICTED and args.selection:
         raise ValueError(f"--selection applies to --mlp-sparsity predicted. Got --mlp-sparsity {mode.value}")
-    return SparsityPolicy(mode, Selection(args.selection or "threshold"))
+    if head_k < 0 or (head_k and heads == HeadSparsity.NONE):
+        raise ValueError(f"--head-k takes a positive count with --head-sparsity predicted|oracle. Got {head_k}")
+    if heads == HeadSparsity.ORACLE and not head_k:
+        raise ValueError("--head-sparsity oracle needs --head-k N (how many heads each token keeps)")
+    return SparsityPolicy(mode, Selection(args.selection or "threshold"), heads=heads, head_k=head_k)
 
 
 def load_sparsity(policy: SparsityPolicy, args, model):
@@ -54,4 +81,10 @@ def load_sparsity(policy: SparsityPolicy, args, model):
 
     predictors = load_predictors(args.predictors, model.config)
     dtype = model.params["embed_tokens"]["embedding"].dtype
-    return sparse_weights_from_predictors(predictors, dtype, selection=policy.selection)
+    weights = sparse_weights_from_predictors(
+        predictors, dtype, selection=policy.selection, mlp=policy.mlp == MLPSparsity.PREDICTED
+    )
+    for layer, p in enumerate(predictors.heads):
+        if policy.head_k > p.num_outputs:
+            raise ValueError(f"--head-k {policy.head_k} exceeds layer {layer}'s {p.num_outputs} heads")
+    return weights

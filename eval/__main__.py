@@ -105,10 +105,13 @@ def run_ppl(args) -> dict:
             sparse_ppl=sparse["ppl"],
             ppl_change=sparse["ppl"] / result["ppl"] - 1,
             mlp_sparsity=policy.mlp.value,
-            mlp_density=sparse["mlp_density"],
         )
-        if policy.needs_weights:
+        if "mlp_density" in sparse:
+            result.update(mlp_density=sparse["mlp_density"])
+        if policy.mlp.value == "predicted":
             result.update(selection=policy.selection.value, mlp_k=[p.k for p in sparse_weights.mlp])
+        if "head_density" in sparse:
+            result.update(head_sparsity=policy.heads.value, head_density=sparse["head_density"])
     return result
 
 
@@ -138,15 +141,22 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         keys = ("ppl", "tokens", "sparse_ppl", "ppl_change", "mlp_sparsity", "selection", "mlp_density", "mlp_k")
+        keys += ("head_sparsity", "head_density")
         print(json.dumps({k: result[k] for k in keys if k in result}))
     else:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens ({result['windows']} windows)")
         if "sparse_ppl" in result:
-            how = result["mlp_sparsity"] + (f", {result['selection']}" if "selection" in result else "")
-            density = ", ".join(f"{v:.1%}" for v in result["mlp_density"])
+            parts = []
+            if "mlp_density" in result:
+                how = result["mlp_sparsity"] + (f", {result['selection']}" if "selection" in result else "")
+                density = ", ".join(f"{v:.1%}" for v in result["mlp_density"])
+                parts.append(f"MLP {how}, measured density per layer {density}")
+            if "head_density" in result:
+                heads = ", ".join(f"{v:.1%}" for v in result["head_density"])
+                parts.append(f"heads {result['head_sparsity']}, kept per layer {heads}")
             print(
-                f"sparse MLP ({how}; measured density per layer {density}): perplexity "
-                f"{result['sparse_ppl']:.3f} ({result['ppl_change']:+.2%} vs dense)"
+                f"sparse ({'; '.join(parts)}): perplexity {result['sparse_ppl']:.3f} "
+                f"({result['ppl_change']:+.2%} vs dense)"
             )
     return 0
 

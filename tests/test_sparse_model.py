@@ -213,6 +213,9 @@ def test_eval_ppl_json_dense_vs_sparse(reference_model_dir, tmp_path, capsys):
     [
         (["--mlp-sparsity", "predicted"], "needs --predictors"),
         (["--mlp-sparsity", "lossless", "--predictors", "x"], "goes with --mlp-sparsity predicted"),
+        (["--head-sparsity", "oracle"], "needs --head-k"),
+        (["--head-k", "3"], "--head-k takes a positive count"),
+        (["--head-sparsity", "predicted"], "needs --predictors"),
         (["--selection", "topk"], "applies to --mlp-sparsity predicted"),
     ],
 )
