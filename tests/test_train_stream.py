@@ -56,21 +56,23 @@ def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, cor
     class Stop(Exception):
         pass
 
-    def stop_in_the_second_group(batches_done):
-        if batches_done == 23:  # the last checkpoint was after batch 21: batches 22 and 23 are lost
-            raise Stop
+    # Batch 20: the last checkpoint is the one written between the two groups (after batch 18, no training state);
+    # batch 23: the last one was after batch 21, mid-group. Batches after the checkpoint are lost and rerun.
+    for stop_after, last_checkpoint in ((20, 18), (23, 21)):
 
-    work = tmp_path / "resumed"
-    with pytest.raises(Stop):
-        train_stream(
-            *_options(reference_model_dir, corpus, work, **settings), progress=False, on_batch=stop_in_the_second_group
-        )
-    assert sorted(p.name for p in (work / "stream-state").iterdir()) == ["checkpoint.npz"]  # no temp file left
-    resumed, _, summary = train_stream(*_options(reference_model_dir, corpus, work, **settings), progress=False)
-    assert summary["forward_batches_run"] == 36 - 21
-    for a, b in zip(_arrays(full), _arrays(resumed), strict=True):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(full_summary["final_loss"], summary["final_loss"])
+        def stop(batches_done, stop_after=stop_after):
+            if batches_done == stop_after:
+                raise Stop
+
+        work = tmp_path / f"resumed-{stop_after}"
+        with pytest.raises(Stop):
+            train_stream(*_options(reference_model_dir, corpus, work, **settings), progress=False, on_batch=stop)
+        assert sorted(p.name for p in (work / "stream-state").iterdir()) == ["checkpoint.npz"]  # no temp file left
+        resumed, _, summary = train_stream(*_options(reference_model_dir, corpus, work, **settings), progress=False)
+        assert summary["forward_batches_run"] == 36 - last_checkpoint
+        for a, b in zip(_arrays(full), _arrays(resumed), strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(full_summary["final_loss"], summary["final_loss"])
     # Finished: a rerun trains nothing and returns the same predictors.
     again, _, summary = train_stream(*_options(reference_model_dir, corpus, work, **settings), progress=False)
     assert summary["forward_batches_run"] == 0

@@ -33,7 +33,8 @@ def save_checkpoint(path: Path, tree, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {key: np.asarray(leaf) for key, leaf in _flat(tree).items()}
     assert _METADATA_KEY not in arrays
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # One fixed temp name: a write killed outright (SIGKILL, OOM) leaves a file that the next write replaces.
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays, **{_METADATA_KEY: np.asarray(json.dumps(metadata))})

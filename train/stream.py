@@ -457,12 +457,13 @@ def train_stream(
         abstract_pred = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), t["state"]["mlp"])
         abstract_head = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), t["state"]["heads"])
         t["finished"] = {"mlp": [abstract_pred] * n_done, "heads": [abstract_head] * n_done}
-        if meta["complete"]:
+        has_state = not meta["complete"] and meta.get("has_state", True)
+        if not has_state:  # training is complete, or it stopped between two layer groups
             del t["state"]
         tree, meta = load_checkpoint(path, t)
         finished_mlp, finished_heads = list(tree["finished"]["mlp"]), list(tree["finished"]["heads"])
         final_loss = [list(x) for x in meta["final_loss"]]
-        if not meta["complete"]:
+        if has_state:
             state = jax.tree.map(jnp.asarray, tree["state"])
         if log:
             where = "training is complete" if meta["complete"] else f"group {group}, epoch {epoch}, batch {batch_index}"
@@ -491,7 +492,7 @@ def train_stream(
 
     def checkpoint(complete: bool) -> None:
         tree = {"finished": {"mlp": finished_mlp, "heads": finished_heads}}
-        if not complete:
+        if state is not None:  # None between two layer groups: the next group starts from its initial state
             tree["state"] = state
         save_checkpoint(
             path,
@@ -503,6 +504,7 @@ def train_stream(
                 "epoch": epoch,
                 "batch": batch_index,
                 "complete": complete,
+                "has_state": state is not None,
                 "final_loss": final_loss,
             },
         )
