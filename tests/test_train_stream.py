@@ -44,20 +44,26 @@ def _arrays(predictors):
     return [np.asarray(leaf) for leaf in jax.tree.leaves((predictors.mlp, predictors.heads))]
 
 
-def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, corpus, tmp_path):
+# One batch a pool: checkpoints after batches 3, 6, ..., 21. Pools of 2 batches (an epoch's 9 batches in pools of
+# 2, 2, 2, 2, 1): a checkpoint after the pool that reaches a multiple of 3, after batches 4, 6, 9, 13, ..., 22.
+@pytest.mark.parametrize("mix_tokens,last_checkpoint", [(128, 21), (256, 22)])
+def test_interrupted_run_resumes_to_the_same_predictors(
+    reference_model_dir, corpus, tmp_path, mix_tokens, last_checkpoint
+):
     from train.stream import train_stream
 
-    settings = dict(layer_groups=2, checkpoint_every=3)  # 2 groups x 2 epochs x 9 batches
+    settings = dict(layer_groups=2, checkpoint_every=3, mix_tokens=mix_tokens)  # 2 groups x 2 epochs x 9 batches
     full, _, full_summary = train_stream(
         *_options(reference_model_dir, corpus, tmp_path / "full", **settings), progress=False
     )
     assert full_summary["forward_batches_run"] == 36 and full_summary["layer_groups"] == 2
+    assert full_summary["pool_batches"] == mix_tokens // 128
 
     class Stop(Exception):
         pass
 
     def stop_in_the_second_group(batches_done):
-        if batches_done == 23:  # the last checkpoint was after batch 21: batches 22 and 23 are lost
+        if batches_done == 23:  # batches after the last checkpoint are lost
             raise Stop
 
     work = tmp_path / "resumed"
@@ -67,7 +73,7 @@ def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, cor
         )
     assert sorted(p.name for p in (work / "stream-state").iterdir()) == ["checkpoint.npz"]  # no temp file left
     resumed, _, summary = train_stream(*_options(reference_model_dir, corpus, work, **settings), progress=False)
-    assert summary["forward_batches_run"] == 36 - 21
+    assert summary["forward_batches_run"] == 36 - last_checkpoint
     for a, b in zip(_arrays(full), _arrays(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(full_summary["final_loss"], summary["final_loss"])
@@ -76,6 +82,28 @@ def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, cor
     assert summary["forward_batches_run"] == 0
     for a, b in zip(_arrays(full), _arrays(again), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_pool_of_batches_trains_as_one_batch_of_their_windows(reference_model_dir, corpus, tmp_path):
+    """Pools of 4 batches of 2 windows and batches of 8 windows without pooling: the same windows and row order in
+    every round of steps, so the same predictors (up to the forward pass's rounding at another batch size); one
+    batch of 2 windows a round differs."""
+    from train.stream import train_stream
+
+    def train(name, batch_size, mix_tokens):
+        opts = _options(reference_model_dir, corpus, tmp_path / name, batch_size=batch_size, mix_tokens=mix_tokens)
+        predictors, _, summary = train_stream(*opts, progress=False)
+        return _arrays(predictors), summary
+
+    pooled, pooled_summary = train("pooled", 2, 256)
+    batch, batch_summary = train("batch", 8, 256)
+    alone, _ = train("alone", 2, 64)
+    assert (pooled_summary["pool_batches"], batch_summary["pool_batches"]) == (4, 1)
+    assert pooled_summary["forward_batches_run"] == 4 * batch_summary["forward_batches_run"]
+    assert pooled_summary["steps_per_layer"] == batch_summary["steps_per_layer"]
+    for a, b in zip(pooled, batch, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert max(np.abs(a - b).max() for a, b in zip(pooled, alone, strict=True)) > 1e-2
 
 
 def test_held_out_tokens_never_overlap_training_tokens(reference_model_dir, corpus):
@@ -192,6 +220,7 @@ def test_resume_with_other_settings_is_refused_and_recalibration_reuses_training
         (["--store", "stream", "--layer-groups", "0"], "--layer-groups must be a positive integer"),
         (["--store", "stream", "--layer-groups", "9"], "--layer-groups (9) must not exceed the model's 8 layers"),
         (["--store", "stream", "--checkpoint-every", "-1"], "--checkpoint-every must be a positive integer"),
+        (["--store", "stream", "--mix-tokens", "0"], "--mix-tokens must be a positive integer"),
         (["--store", "stream", "--holdout-memory-gb", "0"], "--holdout-memory-gb must be > 0"),
         (["--disk-budget-gb", "0"], "--disk-budget-gb must be > 0"),
     ],
