@@ -2,6 +2,7 @@
 close to disk mode's, and bad input refused before anything is written."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import lzma
@@ -44,21 +45,25 @@ def _arrays(predictors):
     return [np.asarray(leaf) for leaf in jax.tree.leaves((predictors.mlp, predictors.heads))]
 
 
-def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, corpus, tmp_path):
+# One batch a pool: checkpoints after batches 3, 6, ..., 21. Pools of 2 batches (an epoch's 9 batches in pools of
+# 2, 2, 2, 2, 1): a checkpoint after the pool that reaches a multiple of 3, after batches 4, 6, 9, 13, ..., 22.
+# Stopped after batch 20, the last checkpoint is the one written between the two layer groups (after batch 18,
+# with no training state in it).
+@pytest.mark.parametrize("mix_tokens,stops", [(128, ((20, 18), (23, 21))), (256, ((23, 22),))])
+def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, corpus, tmp_path, mix_tokens, stops):
     from train.stream import train_stream
 
-    settings = dict(layer_groups=2, checkpoint_every=3)  # 2 groups x 2 epochs x 9 batches
+    settings = dict(layer_groups=2, checkpoint_every=3, mix_tokens=mix_tokens)  # 2 groups x 2 epochs x 9 batches
     full, _, full_summary = train_stream(
         *_options(reference_model_dir, corpus, tmp_path / "full", **settings), progress=False
     )
     assert full_summary["forward_batches_run"] == 36 and full_summary["layer_groups"] == 2
+    assert full_summary["pool_batches"] == mix_tokens // 128
 
     class Stop(Exception):
         pass
 
-    # Batch 20: the last checkpoint is the one written between the two groups (after batch 18, no training state);
-    # batch 23: the last one was after batch 21, mid-group. Batches after the checkpoint are lost and rerun.
-    for stop_after, last_checkpoint in ((20, 18), (23, 21)):
+    for stop_after, last_checkpoint in stops:  # batches after the last checkpoint are lost and rerun
 
         def stop(batches_done, stop_after=stop_after):
             if batches_done == stop_after:
@@ -78,6 +83,29 @@ def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, cor
     assert summary["forward_batches_run"] == 0
     for a, b in zip(_arrays(full), _arrays(again), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_pool_of_batches_trains_as_one_batch_of_their_windows(reference_model_dir, corpus, tmp_path):
+    """Pools of 4 batches of 2 windows and batches of 8 windows without pooling: the same windows and row order in
+    every round of steps, so the same predictors (up to the forward pass's rounding at another batch size); one
+    batch of 2 windows a round differs."""
+    from train.stream import train_stream
+
+    def train(name, batch_size, mix_tokens):
+        stream, fit = _options(reference_model_dir, corpus, tmp_path / name, mix_tokens=mix_tokens)
+        stream = dataclasses.replace(stream, batch_size=batch_size)  # windows a forward pass; rows a step stay 64
+        predictors, _, summary = train_stream(stream, fit, progress=False)
+        return _arrays(predictors), summary
+
+    pooled, pooled_summary = train("pooled", 2, 256)
+    batch, batch_summary = train("batch", 8, 256)
+    alone, _ = train("alone", 2, 64)
+    assert (pooled_summary["pool_batches"], batch_summary["pool_batches"]) == (4, 1)
+    assert (pooled_summary["forward_batches_run"], batch_summary["forward_batches_run"]) == (2 * 17, 2 * 5)
+    assert pooled_summary["steps_per_layer"] == batch_summary["steps_per_layer"]
+    for a, b in zip(pooled, batch, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert max(np.abs(a - b).max() for a, b in zip(pooled, alone, strict=True)) > 1e-2
 
 
 def test_held_out_tokens_never_overlap_training_tokens(reference_model_dir, corpus):
@@ -194,6 +222,7 @@ def test_resume_with_other_settings_is_refused_and_recalibration_reuses_training
         (["--store", "stream", "--layer-groups", "0"], "--layer-groups must be a positive integer"),
         (["--store", "stream", "--layer-groups", "9"], "--layer-groups (9) must not exceed the model's 8 layers"),
         (["--store", "stream", "--checkpoint-every", "-1"], "--checkpoint-every must be a positive integer"),
+        (["--store", "stream", "--mix-tokens", "0"], "--mix-tokens must be a positive integer"),
         (["--store", "stream", "--holdout-memory-gb", "0"], "--holdout-memory-gb must be > 0"),
         (["--disk-budget-gb", "0"], "--disk-budget-gb must be > 0"),
     ],

@@ -10,18 +10,26 @@ token budget; the first windows covering (1 - holdout) of the budget train, the 
 are all whole. A bounded sample of the held-out windows (the first ones, up to what fits in `holdout_memory_gb` of
 host memory) is kept for calibration and the report: every field the calibration reads, per layer, as numpy.
 
-Batches and steps: each epoch visits the training windows in a seeded random order, `batch_size` windows per
-forward pass (the last batch padded with empty windows). Inside a batch the real tokens are shuffled and cut into
-optimizer steps of `min(train_batch_size, batch_size * seq_len)` rows; padding never enters a loss. Every layer has
-its own predictor and optimizer state (as in disk mode); the learning-rate schedule spans the run's step count.
+Batches, pools and steps: each epoch visits the training windows in a seeded random order, `batch_size` windows
+per forward pass (the last batch padded with empty windows). The layer inputs and labels of `pool_batches` forward
+batches in a row (`mix_tokens // (batch_size * seq_len)`, at least 1) are pooled on the device; the pool's real
+tokens are shuffled and cut into optimizer steps of `min(train_batch_size, pool tokens)` rows; padding never enters
+a loss. Pooling sets how many windows one step's rows come from: at 8 windows a step (one batch of 8, no pooling)
+the predictors of the reference model needed 1.6 points more MLP density than disk mode's, whose steps draw from
+the whole training set, for the same recall (bench/results/train_stream_vs_disk_opt-21m-wiki.md). A pool of P
+batches of B windows trains exactly as one batch of P * B windows would, with the forward pass's own memory that
+of B windows. Every layer has its own predictor and optimizer state (as in disk mode); the learning-rate schedule
+spans the run's step count.
 
-Memory: the model, one batch of activations, and the predictors and Adam state of one layer group live on the
-device; with `layer_groups` G > 1 the layers are trained in G passes over the corpus (finished groups wait on the
-host). Host memory: the token windows (4 bytes a token) and the held-out sample.
+Memory: the model, one batch's forward pass, the pool (`pool_bytes_per_token` per token: the group's layers'
+inputs, packed labels and head labels) and the predictors and Adam state of one layer group live on the device;
+with `layer_groups` G > 1 the layers are trained in G passes over the corpus (finished groups wait on the host).
+Host memory: the token windows (4 bytes a token) and the held-out sample.
 
 Resume: the predictors, optimizer state, losses and stream position (group, epoch, batch) are checkpointed every
-`checkpoint_every` batches and at the end of each group (`train/checkpoint.py`); the shuffles and each batch's
-row order derive from (seed, group, epoch, batch), so a resumed run repeats exactly what an uninterrupted one
+`checkpoint_every` forward batches (at the end of the pool that reaches the count: a checkpoint always falls
+between pools) and at the end of each group (`train/checkpoint.py`); the shuffles and each pool's row order derive
+from (seed, group, epoch, the pool's first window), so a resumed run repeats exactly what an uninterrupted one
 computes. A checkpoint made with other settings (or another corpus) is refused.
 """
 
@@ -72,13 +80,14 @@ class StreamOptions:
     max_tokens: int = 400_000  # token budget, training and held-out together
     seq_len: int = 512
     batch_size: int = 8  # windows per forward pass
+    mix_tokens: int = 16384  # tokens of forward batches pooled before the optimizer steps over them
     dtype: str = "float32"  # compute dtype of the dense model
     layer_groups: int = 1  # passes over the corpus, each training a contiguous group of layers
     checkpoint_every: int = 100  # forward batches between checkpoints
     holdout_memory_gb: float = 2.0  # host memory for the held-out sample
 
     def validate(self) -> None:
-        for name in ("max_tokens", "seq_len", "batch_size", "layer_groups", "checkpoint_every"):
+        for name in ("max_tokens", "seq_len", "batch_size", "mix_tokens", "layer_groups", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer. Got {value!r}")
@@ -90,6 +99,11 @@ class StreamOptions:
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.work_dir) / STATE_DIR / CHECKPOINT
+
+    @property
+    def pool_batches(self) -> int:
+        """Forward batches whose tokens one round of optimizer steps mixes: `mix_tokens` in whole batches, >= 1."""
+        return max(1, self.mix_tokens // (self.batch_size * self.seq_len))
 
 
 # ---- windows: which train, which are held out -------------------------------------------------------------------
@@ -108,6 +122,12 @@ def held_out_bytes_per_token(config: OPTConfig, mlp_input: str) -> int:
         "head_norm": 4 * config.num_attention_heads,
     }
     return config.num_hidden_layers * sum(per[f] for f in held_out_fields(mlp_input))
+
+
+def pool_bytes_per_token(config: OPTConfig, layers: int) -> int:
+    """Device bytes a pooled token takes for `layers` layers: MLP and head inputs (f16), packed MLP labels, head
+    labels (f32), and its weight."""
+    return layers * (4 * config.hidden_size + -(-config.ffn_dim // 8) + 4 * config.num_attention_heads) + 4
 
 
 def held_out_token_cap(config: OPTConfig, mlp_input: str, memory_gb: float) -> int:
@@ -232,14 +252,47 @@ def _update(spec: _StepSpec, predictor, opt_state, x, labels, weight, valid):
     return jax.tree.map(keep, new_predictor, predictor), jax.tree.map(keep, new_opt_state, opt_state), value
 
 
+def empty_pool(spec: _StepSpec, tokens: int) -> dict:
+    """A pool of `tokens` rows for the group's layers (`_forward_into` fills it one batch at a time)."""
+    c, g = spec.config, len(spec.layers)
+    return {
+        "mlp_x": jnp.zeros((g, tokens, c.hidden_size), jnp.float16),
+        "head_x": jnp.zeros((g, tokens, c.hidden_size), jnp.float16),
+        "mlp_packed": jnp.zeros((g, tokens, -(-c.ffn_dim // 8)), jnp.uint8),
+        "head_y": jnp.zeros((g, tokens, c.num_attention_heads), jnp.float32),
+        "weight": jnp.zeros((tokens,), jnp.float32),
+    }
+
+
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(0,))
-def _train_batch(state, params, input_ids, attention_mask, key, *, spec: _StepSpec):
-    """Forward one batch [B, T], then every optimizer step its real tokens make, for every layer of the group."""
+def _forward_into(pool, params, input_ids, attention_mask, slot, *, spec: _StepSpec):
+    """Forward one batch [B, T] and write its layer inputs, labels and token weights into rows
+    [slot * B * T, (slot + 1) * B * T) of the pool."""
     batch, seq = input_ids.shape
     n = batch * seq
     acts = dense_activations(params, input_ids, attention_mask, config=spec.config)
     mlp_x, head_x, mlp_packed, head_y = _layer_inputs(acts, spec, n)
     weight = attention_mask.reshape(n).astype(jnp.float32)
+    start = slot * n
+
+    def put(dst, src, axis):
+        return jax.lax.dynamic_update_slice_in_dim(dst, src.astype(dst.dtype), start, axis)
+
+    return {
+        "mlp_x": put(pool["mlp_x"], mlp_x, 1),
+        "head_x": put(pool["head_x"], head_x, 1),
+        "mlp_packed": put(pool["mlp_packed"], mlp_packed, 1),
+        "head_y": put(pool["head_y"], head_y, 1),
+        "weight": put(pool["weight"], weight, 0),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(0,))
+def _train_pool(state, pool, filled, key, *, spec: _StepSpec):
+    """Every optimizer step the pool's real tokens make (its first `filled` rows; later ones are stale), for every
+    layer of the group."""
+    n = pool["weight"].shape[0]
+    weight = jnp.where(jnp.arange(n) < filled, pool["weight"], 0.0)
     # Real tokens first, in a random order; padding last, so only trailing steps can be empty (and are skipped).
     order = jnp.argsort(jnp.where(weight > 0, jax.random.uniform(key, (n,)), 2.0))
     rows = spec.rows_per_step
@@ -262,7 +315,16 @@ def _train_batch(state, params, input_ids, attention_mask, key, *, spec: _StepSp
             )
             return None, (mlp, mlp_opt, heads, heads_opt, jnp.stack([loss_m, loss_h]))
 
-        xs = (state["mlp"], state["mlp_opt"], state["heads"], state["heads_opt"], mlp_x, head_x, mlp_packed, head_y)
+        xs = (
+            state["mlp"],
+            state["mlp_opt"],
+            state["heads"],
+            state["heads_opt"],
+            pool["mlp_x"],
+            pool["head_x"],
+            pool["mlp_packed"],
+            pool["head_y"],
+        )
         _, (mlp, mlp_opt, heads, heads_opt, losses) = jax.lax.scan(layer, None, xs)
         losses = jnp.where(valid, losses, state["loss"])
         return {"mlp": mlp, "mlp_opt": mlp_opt, "heads": heads, "heads_opt": heads_opt, "loss": losses}, None
@@ -313,6 +375,7 @@ def _settings(opts: StreamOptions, fit_opts: FitOptions, config: OPTConfig) -> d
         "max_tokens": opts.max_tokens,
         "seq_len": opts.seq_len,
         "batch_size": opts.batch_size,
+        "pool_batches": opts.pool_batches,
         "compute_dtype": opts.dtype,
         "layer_groups": opts.layer_groups,
         "fit": fit,
@@ -419,13 +482,20 @@ def train_stream(
             f"--holdout-memory-gb {opts.holdout_memory_gb:g} holds {cap:,} at "
             f"{held_out_bytes_per_token(config, fit_opts.mlp_input):,} bytes a token)"
         )
+        largest = max(len(g) for g in groups)
+        log(
+            f"stream: each round of optimizer steps mixes {opts.pool_batches} forward batches ("
+            f"{opts.pool_batches * opts.batch_size * opts.seq_len:,} tokens, --mix-tokens {opts.mix_tokens:,}), "
+            f"pooled on the device in "
+            f"{opts.pool_batches * opts.batch_size * opts.seq_len * pool_bytes_per_token(config, largest) / 1e9:.3g} GB"
+        )
 
     rank = fit_opts.resolved_rank(config.hidden_size)
-    B, T = opts.batch_size, opts.seq_len
-    rows_per_step = min(fit_opts.batch_size, B * T)
+    B, T, P = opts.batch_size, opts.seq_len, opts.pool_batches
+    rows_per_step = min(fit_opts.batch_size, P * B * T)
     batches_per_epoch = -(-len(plan.train) // B)
-    steps_per_epoch = sum(
-        _steps_in_batch(min(B, len(plan.train) - i) * T, rows_per_step) for i in range(0, len(plan.train), B)
+    steps_per_epoch = sum(  # pools of P batches from the start of each epoch, the last one maybe shorter
+        _steps_in_batch(min(P * B, len(plan.train) - i) * T, rows_per_step) for i in range(0, len(plan.train), P * B)
     )
     optimizer = _optimizer(fit_opts, steps_per_epoch * fit_opts.epochs)
     specs = [
@@ -524,25 +594,32 @@ def train_stream(
             if state is None:
                 mlp_rate, head_rate = rates()
                 state = _initial_state(spec, fit_opts, rank, mlp_rate, head_rate)
+            pool = empty_pool(spec, P * B * T)
             while epoch < fit_opts.epochs:
                 batches = epoch_batches(plan, B, fit_opts.seed, group, epoch)
                 while batch_index < batches_per_epoch:
-                    windows = [plan.train[i] for i in batches[batch_index]]
-                    ids, mask = _batch_arrays(windows, B, T, config.pad_token_id)
+                    first, last = batch_index, min(batch_index + P, batches_per_epoch)
+                    t0 = time.perf_counter()
+                    tokens = 0
+                    for slot, b in enumerate(range(first, last)):
+                        windows = [plan.train[i] for i in batches[b]]
+                        ids, mask = _batch_arrays(windows, B, T, config.pad_token_id)
+                        pool = _forward_into(pool, model.params, ids, mask, slot, spec=spec)
+                        tokens += int(mask.sum())
+                        batches_done += 1
+                        if b + 1 < last and on_batch is not None:
+                            on_batch(batches_done)
                     key = jax.random.fold_in(
                         jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(fit_opts.seed), group), epoch),
-                        batch_index,
-                    )
-                    t0 = time.perf_counter()
-                    state = _train_batch(state, model.params, ids, mask, key, spec=spec)
-                    # Wait for the batch (preparing the next one takes the host far less than the device takes
+                        first * B,  # the pool's first window in the epoch's order: a pool of P batches of B
+                    )  # windows shuffles its rows as one batch of P * B windows does
+                    state = _train_pool(state, pool, np.int32((last - first) * B * T), key, spec=spec)
+                    # Wait for the pool (preparing the next one takes the host far less than the device takes
                     # for this one), so that the progress bar and its rate count finished work.
                     jax.block_until_ready(state["loss"])
-                    tokens = int(mask.sum())
                     done_tokens += tokens
-                    batch_index += 1
-                    batches_done += 1
-                    if clock_start is None:  # the first batch compiles: the rate clock starts after it
+                    batch_index = last
+                    if clock_start is None:  # the first pool compiles: the rate clock starts after it
                         compile_s = time.perf_counter() - t0
                         clock_start = time.perf_counter()
                         bar = tqdm(
@@ -557,7 +634,7 @@ def train_stream(
                     else:
                         clock_tokens += tokens
                         bar.update(tokens)
-                    if batches_done % opts.checkpoint_every == 0:
+                    if batches_done // opts.checkpoint_every > (batches_done - (last - first)) // opts.checkpoint_every:
                         checkpoint(complete=False)
                     if on_batch is not None:
                         on_batch(batches_done)
@@ -565,7 +642,7 @@ def train_stream(
             final_loss.extend(np.asarray(state["loss"]).tolist())
             finished_mlp.extend(_unstack(state["mlp"]))
             finished_heads.extend(_unstack(state["heads"]))
-            state = None
+            state = pool = None
             group, epoch = group + 1, 0
             checkpoint(complete=group == len(groups))
     finally:
@@ -590,11 +667,13 @@ def train_stream(
         "exhausted": plan.exhausted,
         "layer_groups": len(groups),
         "epochs": fit_opts.epochs,
+        "pool_batches": P,
+        "pool_tokens": P * B * T,
         "rows_per_step": rows_per_step,
         "steps_per_layer": steps_per_epoch * fit_opts.epochs,
         "final_loss": final_loss,
         "forward_batches_run": batches_done,
-        "compile_s": compile_s,  # the first batch of this process: compilation and one batch
+        "compile_s": compile_s,  # the first pool of this process: compilation and one pool
         "train_s_after_compile": train_s,
         "tokens_per_s": clock_tokens / train_s if train_s > 0 else None,
         "seconds": time.perf_counter() - start,
