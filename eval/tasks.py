@@ -96,7 +96,9 @@ def run_tasks(args) -> dict:
         "model": str(args.model),
         "predictors": args.predictors,
         "mlp_sparsity": policy.mlp.value,
-        "selection": policy.selection.value if policy.needs_weights else None,
+        "selection": policy.selection.value if policy.mlp.value == "predicted" else None,
+        "head_sparsity": policy.heads.value,
+        "head_k": policy.head_k or None,
         "dtype": args.dtype,
         "limit": args.limit,
         "tasks_dir": str(args.tasks_dir),
@@ -124,7 +126,7 @@ def run_tasks(args) -> dict:
         if out is not None:
             write_json_atomic(out, {"settings": settings, "tasks": results})
     report = {"settings": settings, "tasks": {n: results[n] for n in names}}
-    if sparse_weights is not None:
+    if sparse_weights is not None and sparse_weights.mlp is not None:
         report["mlp_k"] = [p.k for p in sparse_weights.mlp]
     return report
 
