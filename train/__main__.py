@@ -92,9 +92,11 @@ def _collect_args(p: argparse.ArgumentParser, required: bool) -> None:
     )
     g.add_argument(
         "--dtype",
-        default="float32",
+        default=None,
         choices=("float32", "bfloat16", "float16"),
-        help="compute dtype of the dense model (default float32); activations are stored float16",
+        help="compute dtype of the dense model (default: float32 for the disk store, whose activations are stored "
+        "float16; when streaming, float16 on a GPU (OPT's own dtype: a real-size model in float32 would take "
+        "twice the memory and run full-precision float32 matmuls), float32 elsewhere)",
     )
     g.add_argument(
         "--overwrite",
@@ -290,7 +292,7 @@ def _options(args):
             seq_len=args.seq_len,
             batch_size=args.batch_size,
             shard_tokens=args.shard_tokens,
-            dtype=args.dtype,
+            dtype=args.dtype or "float32",
         )
         collect.validate()
     if args.command in ("fit", "all"):
@@ -325,6 +327,14 @@ def _options(args):
     return collect, fit, calibrate, predictors_dir, stream
 
 
+def _stream_dtype() -> str:
+    """Streaming's default compute dtype: OPT's own float16 on a GPU (tensor-core matmuls, half the memory),
+    float32 elsewhere (a CPU gains nothing from float16)."""
+    import jax
+
+    return "float16" if jax.default_backend() == "gpu" else "float32"
+
+
 def _stream_options(args, collect):
     """StreamOptions when `all` streams (args.store_reason says why), None for disk mode."""
     from dejavu_jax.corpus import corpus_kind
@@ -340,7 +350,7 @@ def _stream_options(args, collect):
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         mix_tokens=args.mix_tokens,
-        dtype=args.dtype,
+        dtype=args.dtype or _stream_dtype(),
         layer_groups=args.layer_groups,
         checkpoint_every=args.checkpoint_every,
         holdout_memory_gb=args.holdout_memory_gb,
