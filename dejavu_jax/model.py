@@ -236,7 +236,10 @@ class OPTForCausalLM(nn.Module):
     With a cache the chunk is appended at `cache.cursor` and attends to everything before it; without one it is
     the whole sequence. `policy` (static) and `sparse_weights` (traced) choose each layer's MLP neurons through
     `sparsity.mlp_rows`: a one-token step with a cache is a decode step (row-masked kernels), anything else chooses
-    per token. `head_idx` (one [heads kept] array per layer, or None) restricts attention to those heads. `logits_for="last"` computes the LM head for the last position only (prefill).
+    per token; `policy.heads` keeps per token the heads `sparsity.head_rows` chooses (every head's K/V stays exact).
+    `head_idx` (one [heads kept] array per layer, or None) restricts attention to those heads, writing only their
+    K/V (a seam for kernels, not exact on its own). `logits_for="last"` computes the LM head for the last position
+    only (prefill).
     `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter.
     """
 

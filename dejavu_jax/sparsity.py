@@ -25,6 +25,12 @@ Two ways of applying the choice, by the shape of the forward pass:
 - a whole-sequence forward (perplexity, tasks) chooses per token and computes relu(fc1) on the chosen neurons and
   exact zeros elsewhere before fc2: the same function as the decode kernels (unchosen neurons add exact zeros), in
   one batched pass.
+
+Heads (`HeadSparsity`, `head_rows`): each token keeps K heads per layer, chosen by the layer's head predictor from
+layer l-1's input (lookahead) or by an oracle (largest output norm); only the kept heads' outputs reach out_proj.
+Every head's K/V is still computed and cached, so a head attends over exact keys and values whenever a later token
+keeps it, and a decode step equals the whole-sequence forward. `DecodeTuning` says how a decode step computes what
+the policy chose (kernel choices and block sizes), never what it chooses.
 """
 
 from __future__ import annotations
