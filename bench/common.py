@@ -49,12 +49,25 @@ def git_commit() -> str:
         return "unknown"
 
 
+def invoked_command(argv: list[str]) -> str:
+    """The command line as typed: `python -m bench ...` through bench/__main__.py, `python -m bench.NAME ...` when a
+    bench module ran directly, else the script path."""
+    if not argv:
+        return ""
+    script = Path(argv[0])
+    if script.parent.name == "bench":
+        prefix = "python -m bench" if script.stem == "__main__" else f"python -m bench.{script.stem}"
+    else:
+        prefix = f"python {argv[0]}"
+    return " ".join([prefix, *argv[1:]])
+
+
 def provenance() -> dict:
     return {
         "card": card_name(),
         "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
-        "command": "python -m bench " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "command": invoked_command(sys.argv),
         "jax": jax.__version__,
     }
 

@@ -34,3 +34,14 @@ def test_time_chained_without_a_first_call():
     timing = time_chained(lambda x, ops: x + ops, jnp.zeros((2,)), jnp.ones((2,)), steps=4, repeats=1)
     assert timing.calls == 4
     assert timing.first.tolist() == [0.0, 0.0] and timing.last.tolist() == [4.0, 4.0]
+
+
+def test_invoked_command_names_the_module_that_ran():
+    from bench.common import invoked_command
+
+    assert invoked_command(["/repo/bench/__main__.py", "generate", "--shape", "opt-6.7b"]) == (
+        "python -m bench generate --shape opt-6.7b"
+    )
+    assert invoked_command(["/repo/bench/generate.py", "--shape", "tiny"]) == "python -m bench.generate --shape tiny"
+    assert invoked_command(["tools/x.py", "-q"]) == "python tools/x.py -q"
+    assert invoked_command([]) == ""
