@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,12 +28,47 @@ def _flat(tree) -> dict[str, Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
-def save_checkpoint(path: Path, tree, metadata: dict) -> None:
-    """Write `tree` (arrays, fetched to the host) and `metadata` to `path`, replacing it atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {key: np.asarray(leaf) for key, leaf in _flat(tree).items()}
+def _host_arrays(tree) -> dict[str, np.ndarray]:
+    # Copies, not views: the device buffers may be donated to the next training step while a writer holds these.
+    arrays = {key: np.array(leaf, copy=True) for key, leaf in _flat(tree).items()}
     assert _METADATA_KEY not in arrays
+    return arrays
+
+
+class BackgroundCheckpointWriter:
+    """`save` fetches the tree (arrays) to the host and returns; the file is written on a background thread while
+    training goes on, replacing the previous one atomically. One write at a time: `save` and `wait` first finish
+    the previous one, and `wait` re-raises an error a write hit. Call `wait` before the process may end."""
+
+    def __init__(self):
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def save(self, path: Path, tree, metadata: dict) -> None:
+        self.wait()
+        arrays = _host_arrays(tree)
+        metadata = json.loads(json.dumps(metadata))  # a snapshot: the caller goes on changing its lists
+
+        def write():
+            try:
+                _write(Path(path), arrays, metadata)
+            except BaseException as e:  # handed to the training thread at the next wait
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _write(path: Path, arrays: dict, metadata: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     # One fixed temp name: a write killed outright (SIGKILL, OOM) leaves a file that the next write replaces.
     tmp = path.with_name(f".{path.name}.tmp")
     try:

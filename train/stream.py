@@ -53,7 +53,7 @@ from dejavu_jax.config import OPTConfig
 from dejavu_jax.corpus import corpus_kind
 from dejavu_jax.predictors import Predictors
 from train.activations import activation_bytes_per_token
-from train.checkpoint import CheckpointMismatch, load_checkpoint, read_metadata, save_checkpoint
+from train.checkpoint import BackgroundCheckpointWriter, CheckpointMismatch, load_checkpoint, read_metadata
 from train.collect import canonical_path, dense_activations, iter_windows, load_text_model
 from train.fit import (
     LABEL_RATE_ROWS,
@@ -560,11 +560,13 @@ def train_stream(
             label_rates = (mlp / counted, heads / counted)
         return label_rates
 
+    writer = BackgroundCheckpointWriter()  # the loop goes on while a checkpoint's file is written
+
     def checkpoint(complete: bool) -> None:
         tree = {"finished": {"mlp": finished_mlp, "heads": finished_heads}}
         if state is not None:  # None between two layer groups: the next group starts from its initial state
             tree["state"] = state
-        save_checkpoint(
+        writer.save(
             path,
             tree,
             {
@@ -646,6 +648,7 @@ def train_stream(
             group, epoch = group + 1, 0
             checkpoint(complete=group == len(groups))
     finally:
+        writer.wait()  # a checkpoint is on disk before this returns or raises
         if bar is not None:
             bar.close()
     train_s = time.perf_counter() - clock_start if clock_start is not None else 0.0
