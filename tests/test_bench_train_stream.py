@@ -17,7 +17,8 @@ def test_tiny_shape_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the child process too
     work, out = tmp_path / "work", tmp_path / "result.md"
     argv = ["--shape", "tiny", "--data", str(corpus), "--tokenizer", str(OPT_TOKENIZER), "--ranks", "8"]
-    argv += ["--max-tokens", "640", "--seq-len", "32", "--batch-size", "4", "--epochs", "1"]
+    # Two epochs: the whole epoch is one pool of forward batches, and the rate clock starts after the first.
+    argv += ["--max-tokens", "640", "--seq-len", "32", "--batch-size", "4", "--epochs", "2"]
     assert main(argv + ["--workdir", str(work), "--out", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     (run,) = data["runs"]

@@ -118,8 +118,10 @@ def initial_predictor(rng, d: int, rank: int, num_outputs: int, label_rate: np.n
 
 def make_optimizer(opts: FitOptions, total_steps: int):
     """Adam(W): linear warmup to the peak learning rate, then cosine decay to 5% of it at `total_steps`."""
+    warmup = min(100, total_steps // 10 + 1)
+    # At least one step of decay after the warmup: optax refuses a schedule without one (a tiny run of one step).
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, opts.learning_rate, min(100, total_steps // 10 + 1), total_steps, end_value=opts.learning_rate * 0.05
+        0.0, opts.learning_rate, warmup, max(total_steps, warmup + 1), end_value=opts.learning_rate * 0.05
     )
     return optax.adamw(schedule, weight_decay=opts.weight_decay) if opts.weight_decay else optax.adam(schedule)
 
