@@ -9,6 +9,11 @@ def prev_pow2(n: int) -> int:
     return 1 << (int(n).bit_length() - 1)
 
 
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides n and is at most cap."""
+    return min(n & -n, prev_pow2(cap))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -42,8 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_math import cdiv, next_pow2
-from kernels.masked_mlp import pow2_divisor
+from kernels.block_math import cdiv, next_pow2, pow2_divisor
 from kernels.platform import resolve_interpret
 
 DOT_MIN_BATCH = 16

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_math import prev_pow2
+from kernels.block_math import pow2_divisor, prev_pow2
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
@@ -52,11 +52,6 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(j
 # fastest end to end; 16 at d = 5120 decoded 4% (fixed rows) to 8% (predicted) slower (bench/results/NOTES.md,
 # "The predictor's first layer on a kernel, and tuning in the decode loop").
 FC1_STEP_ELEMENTS = 1 << 16
-
-
-def pow2_divisor(n: int, cap: int) -> int:
-    """The largest power of two that divides n and is at most cap."""
-    return min(n & -n, prev_pow2(cap))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_math import prev_pow2
+from kernels.block_math import pow2_divisor
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
@@ -32,10 +32,6 @@ MAX_BATCH = 16
 # at d = 4096 and 5120 (rank 256) beat XLA on an H100; 16 rows at d = 5120 (rank 1024) made decoding slower than
 # XLA (bench/results/NOTES.md, "The predictor's first layer on a kernel, and tuning in the decode loop").
 STEP_ELEMENTS = 20480
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    return min(n & -n, prev_pow2(cap))
 
 
 def _hidden_kernel(x_ref, w_ref, b_ref, p_ref, *, batch, d, block_r, block_d, normalize, eps):
@@ -77,8 +73,8 @@ def predictor_hidden(x, w1_t, b1, *, normalize=True, eps=1e-5, block_r=None, blo
         raise ValueError(f"b1 must be [r] = [{r}]. Got {b1.shape}")
     if d % 16 or r % 16:
         raise ValueError(f"d and r must be multiples of 16. Got d={d}, r={r}")
-    block_r = _pow2_divisor(r, block_r or max(1, min(16, r // 64, STEP_ELEMENTS // d)))
-    block_d = _pow2_divisor(d, block_d)
+    block_r = pow2_divisor(r, block_r or max(1, min(16, r // 64, STEP_ELEMENTS // d)))
+    block_d = pow2_divisor(d, block_d)
     kernel = functools.partial(
         _hidden_kernel, batch=batch, d=d, block_r=block_r, block_d=block_d, normalize=normalize, eps=eps
     )
