@@ -63,7 +63,6 @@ def mlp_decode_rows(
     fc1 (XLA). fc2 reads only the rows whose h is nonzero for some batch row. `knobs`: the kernels' plan overrides
     (`kernels.masked_mlp.MaskedMLPPlan` fields; empty = its per-shape defaults).
     """
-    knobs = knobs or None
     if kind == "mask":
         h = masked_fc1(x, fc1_w, fc1_b, mask, knobs=knobs)
     elif kind == "threshold":

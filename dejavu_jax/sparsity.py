@@ -109,8 +109,9 @@ class SparsityPolicy:
     selection: Selection = Selection.THRESHOLD
     # Decode steps use the row-masked kernels (False: the per-token path, the kernels' reference).
     decode_kernels: bool = True
-    # Overrides of the decode kernels' defaults, for benchmarks and tuning: (name, value) pairs, see `DecodeTuning`.
-    tuning: tuple = ()
+    # Overrides of the decode kernels' defaults, for benchmarks and tuning: given as (name, value) pairs, held as the
+    # `DecodeTuning` they parse to.
+    tuning: "DecodeTuning | tuple" = ()
     # Attention heads: which heads' outputs reach out_proj, per token (see `head_rows`); every head's K/V is kept
     # exact. `head_k`: heads kept per token in every layer (0 = each layer's calibrated K; oracle needs it).
     heads: HeadSparsity = HeadSparsity.NONE
@@ -124,8 +125,8 @@ class SparsityPolicy:
             raise ValueError(f"head_k must be a non-negative int (0 = the calibrated K). Got {self.head_k!r}")
         if self.heads == HeadSparsity.ORACLE and self.head_k == 0:
             raise ValueError("the oracle head selection needs head_k (how many heads each token keeps)")
-        object.__setattr__(self, "tuning", tuple(tuple(pair) for pair in self.tuning))
-        DecodeTuning.parse(self.tuning)  # bad names or values fail here, not inside a trace
+        if not isinstance(self.tuning, DecodeTuning):  # bad names or values fail here, not inside a trace
+            object.__setattr__(self, "tuning", DecodeTuning.parse(self.tuning))
 
     @property
     def needs_weights(self) -> bool:
@@ -264,7 +265,7 @@ def mlp_rows(
     """
     batch, tokens = predictor_input.shape[:2]
     kernels = policy.decode_kernels and decode and tokens == 1 and batch <= SPARSE_DECODE_MAX_BATCH
-    tuning = DecodeTuning.parse(policy.tuning)
+    tuning = policy.tuning
     if weights is not None and weights.fixed_rows is not None:
         mask = weights.fixed_rows[layer]
         return (
