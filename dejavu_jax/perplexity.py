@@ -66,8 +66,8 @@ def perplexity(
     desc: str = "perplexity",
 ) -> dict:
     """Perplexity of `windows`; with MLP sparsity also "mlp_density": per layer the mean fraction of MLP rows
-    computed per token (for lossless, of fc2 rows read) over every token of the windows, and with head sparsity "head_density": per layer the mean
-    fraction of heads kept per token."""
+    computed per token (for lossless, of fc2 rows read) over every token of the windows; with head sparsity also
+    "head_density": per layer the mean fraction of heads kept per token."""
     if windows.shape[1] > config.max_position_embeddings:
         raise ValueError(f"seq_len {windows.shape[1]} exceeds the model's {config.max_position_embeddings} positions")
     total, density, head_density = 0.0, np.zeros(config.num_hidden_layers), np.zeros(config.num_hidden_layers)

@@ -51,8 +51,7 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
 
 def check_sparsity_args(args) -> SparsityPolicy:
     """The policy the flags ask for; a ValueError (before anything loads) for contradicting flags."""
-    heads = HeadSparsity(getattr(args, "head_sparsity", None) or "none")
-    head_k = getattr(args, "head_k", 0) or 0
+    heads, head_k = HeadSparsity(args.head_sparsity), args.head_k
     default_mlp = "predicted" if args.predictors and heads != HeadSparsity.PREDICTED else "none"
     mode = MLPSparsity(args.mlp_sparsity or default_mlp)
     needs = mode == MLPSparsity.PREDICTED or heads == HeadSparsity.PREDICTED

@@ -79,7 +79,7 @@ def run_ppl(args) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1. Got {args.batch_size}")
     corpus_kind(args.data)  # a missing, unknown or non-xz corpus fails before the model loads
-    from dejavu_jax.sparsity import DENSE
+    from dejavu_jax.sparsity import DENSE, MLPSparsity
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
     policy = check_sparsity_args(args)
@@ -108,7 +108,7 @@ def run_ppl(args) -> dict:
         )
         if "mlp_density" in sparse:
             result.update(mlp_density=sparse["mlp_density"])
-        if policy.mlp.value == "predicted":
+        if policy.mlp == MLPSparsity.PREDICTED:
             result.update(selection=policy.selection.value, mlp_k=[p.k for p in sparse_weights.mlp])
         if "head_density" in sparse:
             result.update(head_sparsity=policy.heads.value, head_density=sparse["head_density"])

@@ -88,7 +88,7 @@ def run_tasks(args) -> dict:
         raise TaskDataError(
             f"--tasks-dir {args.tasks_dir} is not a directory; point it at the local splits (../shared/data/tasks)"
         )
-    from dejavu_jax.sparsity import DENSE
+    from dejavu_jax.sparsity import DENSE, MLPSparsity
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
     policy = check_sparsity_args(args)
@@ -96,7 +96,7 @@ def run_tasks(args) -> dict:
         "model": str(args.model),
         "predictors": args.predictors,
         "mlp_sparsity": policy.mlp.value,
-        "selection": policy.selection.value if policy.mlp.value == "predicted" else None,
+        "selection": policy.selection.value if policy.mlp == MLPSparsity.PREDICTED else None,
         "head_sparsity": policy.heads.value,
         "head_k": policy.head_k or None,
         "dtype": args.dtype,
