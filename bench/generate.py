@@ -336,6 +336,44 @@ def main(argv=None) -> int:
     bw = bandwidth["floor_bandwidth"]
     print(f"{info['card']}: copy bandwidth {bw / 1e12:.2f} TB/s ({bandwidth})", flush=True)
     rows = []
+
+    def write_so_far():
+        """Write every row measured so far, so a run cut off by a time limit keeps its finished groups."""
+        lines = [
+            f"# Decode latency, {info['card']}",
+            "",
+            f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
+            f"- command: `{info['command']}`",
+            f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled; "
+            f"XLA autotuning: {args.autotune}",
+        ]
+        if args.mlp_density is not None:
+            lines.append(
+                f"- sparse rows: {args.mlp_density:.0%} of the neurons chosen per token, {args.fire_rate:.0%} "
+                f"fire (every selection contains them); the floor is the dense one"
+            )
+        lines += [
+            "",
+            "| shape | batch | attention | variant | predictor rank | JAX ms/token | vs dense | tokens/s | "
+            "floor ms | / floor | HF eager ms/token | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            jx, hf = r["jax"], r["hf"]
+            ms = jx["decode_ms_per_token"]
+            hf_cell = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
+            lines.append(
+                f"| {r['shape']} | {r['batch']} | {r['attention']} | {r['variant']} | {r.get('rank', '-')} | "
+                f"{ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
+                f"{ms / r['floor_ms']:.2f} | {hf_cell} | {jx['compile_s']:.1f} |"
+            )
+        markdown = "\n".join(lines) + "\n"
+        card = info["card"].replace(" ", "-")
+        path = write_results(
+            f"generate_{card}_{info['date']}", markdown, {**info, "bandwidth": bandwidth, "rows": rows}, args.out
+        )
+        return path, markdown
+
     for name in shapes:
         config = shape_config(name)
         params = random_params(config, jnp.float16)
@@ -413,42 +451,11 @@ def main(argv=None) -> int:
                         f"{jx['compile_s']:.1f} s",
                         flush=True,
                     )
+                write_so_far()
         del params
         gc.collect()
 
-    lines = [
-        f"# Decode latency, {info['card']}",
-        "",
-        f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
-        f"- command: `{info['command']}`",
-        f"- copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; random fp16 weights; greedy; EOS disabled; "
-        f"XLA autotuning: {args.autotune}",
-    ]
-    if args.mlp_density is not None:
-        lines.append(
-            f"- sparse rows: {args.mlp_density:.0%} of the neurons chosen per token, {args.fire_rate:.0%} "
-            f"fire (every selection contains them); the floor is the dense one"
-        )
-    lines += [
-        "",
-        "| shape | batch | attention | variant | predictor rank | JAX ms/token | vs dense | tokens/s | "
-        "floor ms | / floor | HF eager ms/token | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        jx, hf = r["jax"], r["hf"]
-        ms = jx["decode_ms_per_token"]
-        hf_cell = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
-        lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['attention']} | {r['variant']} | {r.get('rank', '-')} | "
-            f"{ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
-            f"{ms / r['floor_ms']:.2f} | {hf_cell} | {jx['compile_s']:.1f} |"
-        )
-    markdown = "\n".join(lines) + "\n"
-    card = info["card"].replace(" ", "-")
-    path = write_results(
-        f"generate_{card}_{info['date']}", markdown, {**info, "bandwidth": bandwidth, "rows": rows}, args.out
-    )
+    path, markdown = write_so_far()
     print(markdown)
     print(f"wrote {path}")
     return 0
