@@ -27,15 +27,23 @@ import numpy as np
 from bench.common import card_slug, provenance, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
 
+# Normal values the random weights are cut from (see `random_groups`).
+POOL_SIZE = (1 << 24) + 7
+
 
 def random_groups(config, dtype: str, seed: int = 0):
     """(group name, parameter subtree) in the model's layout: LayerNorm scales 1, biases 0, weights N(0, 0.02),
-    made on the host one group at a time (the bench process never starts the accelerator)."""
+    made on the host one group at a time (the bench process never starts the accelerator).
+
+    The weights are windows at random offsets into one pool of `POOL_SIZE` normal values, so making a
+    multi-billion-parameter model costs memory copies, not billions of random draws: this bench times the pipeline's
+    speed and memory, for which repeated weight values are as good as fresh ones."""
     import jax
 
     from dejavu_jax.model import abstract_params
 
     rng = np.random.default_rng(seed)
+    pool = (rng.standard_normal(POOL_SIZE, dtype=np.float32) * 0.02).astype(dtype)
 
     def leaf(path, spec):
         name = str(path[-1].key)
@@ -43,7 +51,9 @@ def random_groups(config, dtype: str, seed: int = 0):
             return np.ones(spec.shape, dtype)
         if name == "bias" or name.endswith("_b"):
             return np.zeros(spec.shape, dtype)
-        return (rng.standard_normal(spec.shape, dtype=np.float32) * 0.02).astype(dtype)
+        size, offset = int(np.prod(spec.shape)), int(rng.integers(POOL_SIZE))
+        copies = -(-(offset + size) // POOL_SIZE)
+        return np.concatenate([pool] * copies)[offset : offset + size].reshape(spec.shape)
 
     for name, group in abstract_params(config).items():
         yield name, jax.tree_util.tree_map_with_path(leaf, group)
