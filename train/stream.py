@@ -490,9 +490,11 @@ def train_stream(
 ) -> tuple[Predictors, InMemoryHeldOut, dict]:
     """Train every layer's predictors from the streamed corpus; return (predictors, the held-out sample, summary).
 
-    Resumes the checkpoint in `opts.work_dir` when its settings match (raises `CheckpointMismatch` when not), and
-    writes nothing before the first checkpoint. `on_batch(batches_done)` runs after each forward batch and its
-    checkpoint, if one is due (tests interrupt through it).
+    Resumes the checkpoint in `opts.work_dir` when its settings match (raises `CheckpointMismatch` when not, and
+    `DiskBudgetError` when no layer grouping fits the disk budget, both before anything is written). Before training
+    it removes the state files no checkpoint refers to (all of them with `overwrite`), and writes nothing before the
+    first checkpoint. `on_batch(batches_done)` runs after each forward batch and its checkpoint, if one is due
+    (tests interrupt through it).
     """
     opts.validate()
     fit_opts.validate()
