@@ -5,8 +5,9 @@
 Writes a random fp16 converted model of the shape (`dejavu_jax.checkpoint.write_model_directory`, loadable by
 `--model`; kept in --workdir for the next run), then, per rank, runs `python -m train all --store stream` on it in
 a child process (the bench process never touches the accelerator while it runs) and records what the child
-reports: tokens/s after the first compiled batch, compile and wall time, peak device memory, peak host RSS, and
-the bytes it left under its work dir, next to what disk mode would have stored.
+reports: tokens/s after the first compiled batch, compile and wall time, peak device memory (n/a where the backend
+does not say, as on a CPU), peak host RSS, the layer groups chosen for the disk budget and the peak disk use the
+child estimated beside the peak this process sampled under its work dir, and what disk mode would have stored.
 """
 
 from __future__ import annotations
@@ -113,7 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--layer-groups", type=int, default=1)
+    p.add_argument(
+        "--layer-groups", type=int, default=None, help="default: the fewest that fit --stream-disk-budget-gb"
+    )
+    p.add_argument(
+        "--stream-disk-budget-gb",
+        type=float,
+        default=None,
+        help="peak disk budget of each training run (default: train's, 2 GB)",
+    )
     p.add_argument("--dtype", default="float16", help="compute dtype of the dense model (default float16)")
     p.add_argument("--workdir", default=None, help="where the random model and runs go (kept; default: a temp dir)")
     p.add_argument("--out", default=None, help="markdown path (default bench/results/train_stream_<card>_<shape>.md)")
@@ -137,7 +146,11 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "train", "all", "--model", str(model_dir), "--data", args.data]
         cmd += ["--work-dir", str(work), "--store", "stream", "--max-tokens", str(args.max_tokens)]
         cmd += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs)]
-        cmd += ["--layer-groups", str(args.layer_groups), "--dtype", args.dtype, "--json", "--quiet"]
+        cmd += ["--dtype", args.dtype, "--json", "--quiet"]
+        cmd += [] if args.layer_groups is None else ["--layer-groups", str(args.layer_groups)]
+        cmd += (
+            [] if args.stream_disk_budget_gb is None else ["--stream-disk-budget-gb", str(args.stream_disk_budget_gb)]
+        )
         cmd += [] if rank == "default" else ["--rank", rank]
         print("$ " + " ".join(cmd), flush=True)
         t0 = time.perf_counter()
@@ -164,6 +177,9 @@ def main(argv=None) -> int:
                 "peak_host_rss_bytes": s["peak_host_rss_bytes"],
                 "work_dir_bytes": dir_bytes(work),
                 "peak_work_dir_bytes": peak_disk,
+                "layer_groups": s["layer_groups"],
+                "estimated_peak_disk_bytes": s["disk_plan"]["estimated_peak_bytes"],
+                "disk_budget_bytes": s["disk_plan"]["budget_bytes"],
                 "disk_mode_activation_bytes": s["disk_mode_activation_bytes"],
                 "mean_mlp_density_layers_1_plus": summary["calibrate"]["mean_mlp_density_layers_1_plus"],
             }
@@ -183,20 +199,24 @@ def main(argv=None) -> int:
         f"- card: {card}; date {info['date']}; commit `{info['commit']}`; jax {info['jax']}",
         f"- command: `{info['command']}`",
         f"- corpus `{args.data}`, {args.max_tokens:,} tokens ({args.seq_len}-token windows, {args.batch_size} a "
-        f"batch), {args.epochs} epochs, dense model in {args.dtype}, {args.layer_groups} layer group(s); "
-        f"writing the random model took {model_s:.0f} s (not counted below)",
+        f"batch), {args.epochs} epochs, dense model in {args.dtype}; writing the random model took {model_s:.0f} s "
+        "(not counted below)",
         "- tokens/s: training tokens (every epoch) per second after the first batch, whose compilation is apart",
         "",
-        "| rank | tokens/s | compile + first batch s | training s | child wall s | peak device GB | peak host RSS GB "
-        "| work dir GB at the end | peak work dir GB (sampled) | disk mode would store GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "- peak disk: the child's estimate (`train/disk_budget.py`) beside the work dir's size sampled every "
+        "0.5 s (a sample can miss a peak shorter than that)",
+        "",
+        "| rank | layer groups | tokens/s | compile + first batch s | training s | child wall s | peak device GB "
+        "| peak host RSS GB | work dir GB at the end | peak disk GB: estimated / sampled (budget) "
+        "| disk mode would store GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         md.append(
-            f"| {r['rank']} | {r['tokens_per_s']:,.0f} | {r['compile_s']:.1f} | {r['train_s']:.0f} | {r['wall_s']:.0f} "
-            f"| {gb(r['peak_device_bytes'])} | {gb(r['peak_host_rss_bytes'])} | {gb(r['work_dir_bytes'])} "
-            f"| {gb(r['peak_work_dir_bytes'])} "
-            f"| {gb(r['disk_mode_activation_bytes'])} |"
+            f"| {r['rank']} | {r['layer_groups']} | {r['tokens_per_s']:,.0f} | {r['compile_s']:.1f} "
+            f"| {r['train_s']:.0f} | {r['wall_s']:.0f} | {gb(r['peak_device_bytes'])} | {gb(r['peak_host_rss_bytes'])} "
+            f"| {gb(r['work_dir_bytes'])} | {gb(r['estimated_peak_disk_bytes'])} / {gb(r['peak_work_dir_bytes'])} "
+            f"({gb(r['disk_budget_bytes'])}) | {gb(r['disk_mode_activation_bytes'])} |"
         )
     text = "\n".join(md) + "\n"
     data = {**info, "card": card, "shape": args.shape, "config": config, "model_write_s": model_s, "runs": rows}

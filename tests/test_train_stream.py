@@ -48,8 +48,9 @@ def _arrays(predictors):
 # One batch a pool: checkpoints after batches 3, 6, ..., 21. Pools of 2 batches (an epoch's 9 batches in pools of
 # 2, 2, 2, 2, 1): a checkpoint after the pool that reaches a multiple of 3, after batches 4, 6, 9, 13, ..., 22.
 # Stopped after batch 20, the last checkpoint is the one written between the two layer groups (after batch 18,
-# with no training state in it).
-@pytest.mark.parametrize("mix_tokens,stops", [(128, ((20, 18), (23, 21))), (256, ((23, 22),))])
+# with no training state in it, the first group's predictors in their own file). Stopped after batch 18, the first
+# group's last batch, its last checkpoint holds its state and no group file is written yet.
+@pytest.mark.parametrize("mix_tokens,stops", [(128, ((18, 18), (20, 18), (23, 21))), (256, ((23, 22),))])
 def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, corpus, tmp_path, mix_tokens, stops):
     from train.stream import train_stream
 
@@ -72,7 +73,8 @@ def test_interrupted_run_resumes_to_the_same_predictors(reference_model_dir, cor
         work = tmp_path / f"resumed-{stop_after}"
         with pytest.raises(Stop):
             train_stream(*_options(reference_model_dir, corpus, work, **settings), progress=False, on_batch=stop)
-        assert sorted(p.name for p in (work / "stream-state").iterdir()) == ["checkpoint.npz"]  # no temp file left
+        group_files = ["predictors-group-000.npz"] if stop_after > 18 else []
+        assert sorted(p.name for p in (work / "stream-state").iterdir()) == ["checkpoint.npz", *group_files]
         resumed, _, summary = train_stream(*_options(reference_model_dir, corpus, work, **settings), progress=False)
         assert summary["forward_batches_run"] == 36 - last_checkpoint
         for a, b in zip(_arrays(full), _arrays(resumed), strict=True):
@@ -225,6 +227,9 @@ def test_resume_with_other_settings_is_refused_and_recalibration_reuses_training
         (["--store", "stream", "--mix-tokens", "0"], "--mix-tokens must be a positive integer"),
         (["--store", "stream", "--holdout-memory-gb", "0"], "--holdout-memory-gb must be > 0"),
         (["--disk-budget-gb", "0"], "--disk-budget-gb must be > 0"),
+        (["--store", "stream", "--stream-disk-budget-gb", "0"], "--stream-disk-budget-gb must be > 0"),
+        (["--store", "stream", "--stream-disk-budget-gb", "0.001"], "stream mode needs at least 0.0"),
+        (["--store", "stream", "--layer-groups", "1", "--stream-disk-budget-gb", "0.009"], "--layer-groups 1 needs"),
     ],
 )
 def test_cli_rejects_bad_stream_options_before_any_work(reference_model_dir, tmp_path, capsys, extra, message):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 SUBCOMMANDS = ("collect", "fit", "calibrate", "all")
+SHARD_TOKENS = 16384  # --shard-tokens' default
 
 DESCRIPTION = """\
 Train DejaVu predictors for an OPT model.
@@ -28,7 +29,9 @@ WORK_DIR/activations/: ~5.6 GB for the reference model at the default 400k token
 mode stores none: each batch of windows runs the dense model under jit and the same compiled step updates every
 layer's predictors (the same loss, init, optimizer and epochs as fit); calibration and the report use a held-out
 sample kept in host memory. --store auto (the default) streams when the activations would exceed
---disk-budget-gb (default 20), and says which mode it chose and why.
+--disk-budget-gb (default 20), and says which mode it chose and why. A stream run keeps its peak disk use
+(resume state, float16 predictors, report) within --stream-disk-budget-gb (default 2) by training the layers in
+as few groups as fit it; it prints the plan (groups, estimated peak) at the start.
 
 Example (the reference model):
   python -m train --model ../shared/models/opt-21m-wiki --data ../shared/data/wiki2015/train-00-of-08.jsonl.xz
@@ -87,8 +90,8 @@ def _collect_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument(
         "--shard-tokens",
         type=int,
-        default=16384,
-        help="rows per shard file; each shard is written atomically (default 16384)",
+        default=None,
+        help=f"rows per shard file; each shard is written atomically (default {SHARD_TOKENS}; disk mode only)",
     )
     g.add_argument(
         "--dtype",
@@ -126,11 +129,23 @@ def _stream_args(p: argparse.ArgumentParser) -> None:
         help="--store auto streams above this many GB of activations (default 20)",
     )
     g.add_argument(
+        "--stream-disk-budget-gb",
+        type=float,
+        default=2.0,
+        help="stream: the most disk the run may use under WORK_DIR: the resume state of the layer group in "
+        "training (float32 predictors and Adam moments, twice while a checkpoint replaces the last one), the "
+        "finished groups' float16 predictors, the predictors directory (twice while calibration rewrites it) and "
+        "the report (default 2). The layer groups are chosen to fit it; a budget that no grouping meets is refused "
+        "at the start with the size needed. --save-to writes outside WORK_DIR and is not counted",
+    )
+    g.add_argument(
         "--layer-groups",
         type=int,
-        default=1,
+        default=None,
         help="stream: train the layers in this many passes over the corpus, each holding only its layers' "
-        "predictors and optimizer state on the device (default 1: all layers in one pass)",
+        "predictors and optimizer state on the device and on disk (default: the fewest that fit "
+        "--stream-disk-budget-gb). Every extra group runs the dense model over the training tokens once more "
+        "(each epoch), which is cheap next to the optimizer steps but not free",
     )
     g.add_argument(
         "--mix-tokens",
@@ -150,13 +165,14 @@ def _stream_args(p: argparse.ArgumentParser) -> None:
         help="stream: save the training state every this many forward batches (and at the end); a rerun with "
         "the same arguments resumes from it (default 100)",
     )
-    cap = held_out_token_cap(shape_config("opt-13b"), "attn_input", 2.0)
+    cap = held_out_token_cap(shape_config("opt-13b"), "attn_input", 2.0, 8 * 512)  # the default batch of windows
     g.add_argument(
         "--holdout-memory-gb",
         type=float,
         default=2.0,
         help="stream: host memory for the held-out sample that calibration and the report use: the first "
-        "held-out tokens (of the --holdout share) whose per-layer inputs, labels and head norms fit in it "
+        "held-out tokens (of the --holdout share) whose per-layer inputs, labels and head norms fit in it, beside "
+        "one layer of one forward batch on its way to the sample "
         f"(default 2: {cap:,} tokens at opt-13b; every held-out token of the reference model); the count is logged",
     )
 
@@ -291,7 +307,7 @@ def _options(args):
             max_tokens=args.max_tokens,
             seq_len=args.seq_len,
             batch_size=args.batch_size,
-            shard_tokens=args.shard_tokens,
+            shard_tokens=args.shard_tokens if args.shard_tokens is not None else SHARD_TOKENS,
             dtype=args.dtype or "float32",
         )
         collect.validate()
@@ -321,7 +337,7 @@ def _options(args):
         if args.save_to is not None:
             _check_save_to(args.save_to)
     if args.command == "all":
-        stream = _stream_options(args, collect)
+        stream = _stream_options(args, fit)
         if stream is not None:
             collect = None
     return collect, fit, calibrate, predictors_dir, stream
@@ -335,13 +351,12 @@ def _stream_dtype() -> str:
     return "float16" if jax.default_backend() == "gpu" else "float32"
 
 
-def _stream_options(args, collect):
+def _stream_options(args, fit):
     """StreamOptions when `all` streams (args.store_reason says why), None for disk mode."""
     from dejavu_jax.corpus import corpus_kind
-    from train.stream import STORES, StreamOptions, choose_store, layer_groups, read_config
+    from train.disk_budget import plan_layer_groups
+    from train.stream import StreamOptions, choose_store, read_config
 
-    if args.store not in STORES:
-        raise ValueError(f"--store must be one of {', '.join(STORES)}. Got {args.store!r}")
     stream = StreamOptions(
         model=args.model,
         data=args.data,
@@ -352,6 +367,7 @@ def _stream_options(args, collect):
         mix_tokens=args.mix_tokens,
         dtype=args.dtype or _stream_dtype(),
         layer_groups=args.layer_groups,
+        disk_budget_gb=args.stream_disk_budget_gb,
         checkpoint_every=args.checkpoint_every,
         holdout_memory_gb=args.holdout_memory_gb,
     )
@@ -361,7 +377,7 @@ def _stream_options(args, collect):
     args.store, args.store_reason = choose_store(args.store, config, args.max_tokens, args.disk_budget_gb)
     if args.store == "disk":
         return None
-    layer_groups(config.num_hidden_layers, stream.layer_groups)
+    plan_layer_groups(config, fit.resolved_rank(config.hidden_size), stream.disk_budget_gb, stream.layer_groups)
     return stream
 
 
@@ -382,6 +398,8 @@ def run(args, log) -> dict:
     if args.command == "all":
         summary["store"] = {"mode": args.store, "reason": args.store_reason}
         log(f"store: {args.store} ({args.store_reason})")
+        if stream_opts is not None and args.shard_tokens is not None:
+            print("warning: --shard-tokens has no effect in stream mode (it writes no activations)", file=sys.stderr)
     if stream_opts is not None:
         from train.stream import run_stream
 
@@ -393,7 +411,9 @@ def run(args, log) -> dict:
             f"stream: rank {s['rank']}, {s['training_tokens']:,} training tokens x {s['epochs']} epochs, "
             f"{s['held_out_tokens']:,} held-out tokens in memory; {s['seconds']:.0f} s -> {predictors_dir}"
         )
-        summary["calibrate"] = _calibrate(held_out, args, calibrate_opts, predictors_dir, progress, log)
+        summary["calibrate"] = _calibrate(
+            held_out, args, calibrate_opts, predictors_dir, progress, log, disk_plan=s["disk_plan"]
+        )
         return summary
     if collect_opts is not None:
         from train.collect import collect
@@ -439,8 +459,9 @@ def run(args, log) -> dict:
     return summary
 
 
-def _calibrate(rows, args, opts, predictors_dir: Path, progress: bool, log) -> dict:
-    """Calibrate on `rows` (an ActivationStore, or a held-out sample in memory), write the report; its summary."""
+def _calibrate(rows, args, opts, predictors_dir: Path, progress: bool, log, disk_plan=None) -> dict:
+    """Calibrate on `rows` (an ActivationStore, or a held-out sample in memory), write the report (with a stream
+    run's disk plan); its summary."""
     from dejavu_jax.predictor_store import PREDICTORS_DIR
     from train.activations import ActivationStore
     from train.calibrate import calibrate, calibrate_held_out
@@ -450,6 +471,8 @@ def _calibrate(rows, args, opts, predictors_dir: Path, progress: bool, log) -> d
     log(f"calibrate: recall target {opts.recall_target} (MLP), {opts.head_recall_target} (head-norm mass)")
     run = calibrate if isinstance(rows, ActivationStore) else calibrate_held_out
     result = run(rows, predictors_dir, opts, save_to=save_to, log=log if progress else None)
+    if disk_plan is not None:
+        result["stream_disk_plan"] = disk_plan
     stem = "report" if predictors_dir.name == PREDICTORS_DIR else f"report-{predictors_dir.name}"
     result["report_files"] = write_report(result, args.work_dir, stem)
     summary = {k: result[k] for k in ("predictors", "saved_to", "mlp_k", "head_k", "report_files")}

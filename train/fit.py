@@ -143,17 +143,27 @@ def predictor_loss(predictor: LowRankPredictor, x, labels, loss: str, row_weight
     return (per_element.mean(-1) * row_weight).sum() / count
 
 
+def gather_rows(x_all, packed_all, idx, num_outputs: int):
+    """Rows `idx` of inputs x_all [N, d] and of packed labels [N, ceil(out/8)]: (x [n, d], labels [n, out] f32)."""
+    labels = jnp.unpackbits(jnp.take(packed_all, idx, axis=0), axis=-1, count=num_outputs).astype(jnp.float32)
+    return jnp.take(x_all, idx, axis=0), labels
+
+
+def optimizer_step(predictor, opt_state, optimizer, x, labels, loss: str, row_weight=None):
+    """One optimizer step on `predictor_loss`: (predictor, optimizer state, loss before the step)."""
+    value, grads = jax.value_and_grad(predictor_loss)(predictor, x, labels, loss, row_weight)
+    updates, opt_state = optimizer.update(grads, opt_state, predictor)
+    return optax.apply_updates(predictor, updates), opt_state, value
+
+
 @functools.partial(jax.jit, static_argnames=("optimizer", "loss", "num_outputs"), donate_argnums=(0, 1))
 def _train_steps(predictor, opt_state, x_all, packed_all, batch_idx, *, optimizer, loss: str, num_outputs: int):
     """len(batch_idx) optimizer steps in one lax.scan; x_all [N, d] f16 and packed_all [N, bytes] u8 live on device."""
 
     def step(carry, idx):
-        predictor, opt_state = carry
-        x = jnp.take(x_all, idx, axis=0)
-        labels = jnp.unpackbits(jnp.take(packed_all, idx, axis=0), axis=-1, count=num_outputs).astype(jnp.float32)
-        value, grads = jax.value_and_grad(predictor_loss)(predictor, x, labels, loss)
-        updates, opt_state = optimizer.update(grads, opt_state, predictor)
-        return (optax.apply_updates(predictor, updates), opt_state), value
+        x, labels = gather_rows(x_all, packed_all, idx, num_outputs)
+        predictor, opt_state, value = optimizer_step(*carry, optimizer, x, labels, loss)
+        return (predictor, opt_state), value
 
     (predictor, opt_state), losses = jax.lax.scan(step, (predictor, opt_state), batch_idx)
     return predictor, opt_state, losses.mean()

@@ -47,9 +47,15 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
             if "threshold_test" in result["layers"][0]["mlp"]
             else ""
         ),
-        "",
     ]
+    plan = result.get("stream_disk_plan")
+    if plan is not None:
+        lines.append(
+            f"- stream mode: {plan['layer_groups']} layer group(s), estimated peak disk "
+            f"{plan['estimated_peak_bytes'] / 1e9:.3g} GB (budget {plan['budget_bytes'] / 1e9:g} GB)"
+        )
     lines += [
+        "",
         "## MLP",
         "",
         "| layer | true density | K (raw) | K / ffn | recall@K calib | recall@K test | precision@K test | "

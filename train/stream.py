@@ -23,14 +23,20 @@ spans the run's step count.
 
 Memory: the model, one batch's forward pass, the pool (`pool_bytes_per_token` per token: the group's layers'
 inputs, packed labels and head labels) and the predictors and Adam state of one layer group live on the device;
-with `layer_groups` G > 1 the layers are trained in G passes over the corpus (finished groups wait on the host).
-Host memory: the token windows (4 bytes a token) and the held-out sample.
+with `layer_groups` G > 1 the layers are trained in G passes over the corpus (finished groups wait on the host),
+each pass running the dense model over every training window again. Host memory: the token windows (4 bytes a
+token) and the held-out sample.
 
-Resume: the predictors, optimizer state, losses and stream position (group, epoch, batch) are checkpointed every
-`checkpoint_every` forward batches (at the end of the pool that reaches the count: a checkpoint always falls
-between pools) and at the end of each group (`train/checkpoint.py`); the shuffles and each pool's row order derive
-from (seed, group, epoch, the pool's first window), so a resumed run repeats exactly what an uninterrupted one
-computes. A checkpoint made with other settings (or another corpus) is refused.
+Disk: G is the fewest groups whose peak disk use fits `disk_budget_gb` (`train/disk_budget.py`), unless given.
+The group in training has its predictors, Adam state, losses and stream position (group, epoch, batch)
+checkpointed every `checkpoint_every` forward batches (at the end of the pool that reaches the count: a
+checkpoint always falls between pools) in `stream-state/checkpoint.npz` (`train/checkpoint.py`). When a group
+ends, its predictors are rounded to float16 (in every run, resumed or not) and written once to
+`stream-state/predictors-group-NNN.npz`, and its state leaves the checkpoint.
+
+Resume: the shuffles and each pool's row order derive from (seed, group, epoch, the pool's first window), so a
+resumed run repeats exactly what an uninterrupted one computes. A checkpoint made with other settings (or another
+corpus) is refused.
 """
 
 from __future__ import annotations
@@ -46,22 +52,23 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.corpus import corpus_kind
 from dejavu_jax.predictors import Predictors
 from train.activations import activation_bytes_per_token
+from train.disk_budget import even_layer_groups, plan_layer_groups
 from train.checkpoint import BackgroundCheckpointWriter, CheckpointMismatch, load_checkpoint, read_metadata
 from train.collect import canonical_path, dense_activations, iter_windows, load_text_model
 from train.fit import (
     LABEL_RATE_ROWS,
     FitOptions,
     initial_predictor,
+    gather_rows,
     make_optimizer,
+    optimizer_step,
     predictor_key,
-    predictor_loss,
     threshold_metrics,
 )
 from train.heldout import InMemoryHeldOut
@@ -69,7 +76,8 @@ from train.metrics import head_labels
 
 STATE_DIR = "stream-state"
 CHECKPOINT = "checkpoint.npz"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the checkpoint holds one group's state; finished groups have their own files
+GROUP_FILE = "predictors-group-{:03d}.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +90,21 @@ class StreamOptions:
     batch_size: int = 8  # windows per forward pass
     mix_tokens: int = 16384  # tokens of forward batches pooled before the optimizer steps over them
     dtype: str = "float32"  # compute dtype of the dense model
-    layer_groups: int = 1  # passes over the corpus, each training a contiguous group of layers
+    layer_groups: Optional[int] = None  # passes over the corpus, each training a contiguous group of layers;
+    # None: the fewest whose peak disk use fits `disk_budget_gb` (train/disk_budget.py)
+    disk_budget_gb: float = 2.0  # peak disk under work_dir: resume state, finished predictors, report
     checkpoint_every: int = 100  # forward batches between checkpoints
     holdout_memory_gb: float = 2.0  # host memory for the held-out sample
 
     def validate(self) -> None:
         for name in ("max_tokens", "seq_len", "batch_size", "mix_tokens", "layer_groups", "checkpoint_every"):
             value = getattr(self, name)
+            if name == "layer_groups" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer. Got {value!r}")
+        if not self.disk_budget_gb > 0:
+            raise ValueError(f"--stream-disk-budget-gb must be > 0. Got {self.disk_budget_gb}")
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be at least 2. Got {self.seq_len}")
         if not self.holdout_memory_gb > 0:
@@ -130,9 +144,12 @@ def pool_bytes_per_token(config: OPTConfig, layers: int) -> int:
     return layers * (4 * config.hidden_size + -(-config.ffn_dim // 8) + 4 * config.num_attention_heads) + 4
 
 
-def held_out_token_cap(config: OPTConfig, mlp_input: str, memory_gb: float) -> int:
-    """How many held-out tokens fit in `memory_gb` of host memory."""
-    return max(1, int(memory_gb * 1e9) // held_out_bytes_per_token(config, mlp_input))
+def held_out_token_cap(config: OPTConfig, mlp_input: str, memory_gb: float, batch_tokens: int) -> int:
+    """How many held-out tokens fit in `memory_gb` of host memory, beside the one layer of one forward batch
+    (`batch_tokens`) that `collect_held_out` copies to the host at a time."""
+    per_token = held_out_bytes_per_token(config, mlp_input)
+    in_flight = batch_tokens * per_token // config.num_hidden_layers
+    return max(1, (int(memory_gb * 1e9) - in_flight) // per_token)
 
 
 class WindowPlan(NamedTuple):
@@ -242,9 +259,9 @@ def _layer_inputs(acts: list, spec: _StepSpec, n: int):
 
 def _update(spec: _StepSpec, predictor, opt_state, x, labels, weight, valid):
     """One optimizer step of one predictor on rows weighted by `weight`; a step without rows changes nothing."""
-    value, grads = jax.value_and_grad(predictor_loss)(predictor, x, labels, spec.loss, weight)
-    updates, new_opt_state = spec.optimizer.update(grads, opt_state, predictor)
-    new_predictor = optax.apply_updates(predictor, updates)
+    new_predictor, new_opt_state, value = optimizer_step(
+        predictor, opt_state, spec.optimizer, x, labels, spec.loss, weight
+    )
 
     def keep(new, old):
         return jnp.where(valid, new, old)
@@ -308,8 +325,7 @@ def _train_pool(state, pool, filled, key, *, spec: _StepSpec):
 
         def layer(_, per_layer):
             mlp, mlp_opt, heads, heads_opt, x_m, x_h, packed, y_h = per_layer
-            y_m = jnp.unpackbits(jnp.take(packed, idx, axis=0), axis=-1, count=ffn).astype(jnp.float32)
-            mlp, mlp_opt, loss_m = _update(spec, mlp, mlp_opt, jnp.take(x_m, idx, axis=0), y_m, w, valid)
+            mlp, mlp_opt, loss_m = _update(spec, mlp, mlp_opt, *gather_rows(x_m, packed, idx, ffn), w, valid)
             heads, heads_opt, loss_h = _update(
                 spec, heads, heads_opt, jnp.take(x_h, idx, axis=0), jnp.take(y_h, idx, axis=0), w, valid
             )
@@ -354,15 +370,7 @@ def _label_counts(params, input_ids, attention_mask, *, config: OPTConfig, head_
 _optimizer = functools.lru_cache(maxsize=8)(make_optimizer)
 
 
-def layer_groups(num_layers: int, groups: int) -> list[tuple[int, ...]]:
-    """`groups` contiguous runs of layers, as even as possible."""
-    if groups > num_layers:
-        raise ValueError(f"--layer-groups ({groups}) must not exceed the model's {num_layers} layers")
-    bounds = np.linspace(0, num_layers, groups + 1).round().astype(int)
-    return [tuple(range(bounds[g], bounds[g + 1])) for g in range(groups)]
-
-
-def _settings(opts: StreamOptions, fit_opts: FitOptions, config: OPTConfig) -> dict:
+def _settings(opts: StreamOptions, fit_opts: FitOptions, config: OPTConfig, layer_groups: int) -> dict:
     """What must match for a checkpoint to be resumed (the calibration options and the held-out sample's memory may
     change freely)."""
     fit = dataclasses.asdict(fit_opts)
@@ -377,7 +385,7 @@ def _settings(opts: StreamOptions, fit_opts: FitOptions, config: OPTConfig) -> d
         "batch_size": opts.batch_size,
         "pool_batches": opts.pool_batches,
         "compute_dtype": opts.dtype,
-        "layer_groups": opts.layer_groups,
+        "layer_groups": layer_groups,  # as chosen from the disk budget, or asked for
         "fit": fit,
     }
 
@@ -429,6 +437,34 @@ def _initial_state(spec: _StepSpec, fit_opts: FitOptions, rank: int, mlp_rate, h
     }
 
 
+def _as_float16(stacked):
+    return jax.tree.map(lambda a: np.asarray(a).astype(np.float16), stacked)
+
+
+def _load_group(path: Path, abstract_state: dict, settings: dict) -> dict:
+    """A finished group's predictors (float16, stacked over its layers), checked against this run's settings."""
+    if not path.exists():
+        raise CheckpointMismatch(f"{path} is missing, but the checkpoint beside it counts on it; pass --overwrite")
+    template = {
+        kind: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float16), abstract_state[kind])
+        for kind in ("mlp", "heads")
+    }
+    tree, meta = load_checkpoint(path, template)
+    if meta.get("settings") != settings:
+        raise CheckpointMismatch(f"{path} was written by a run with other settings; pass --overwrite")
+    return tree
+
+
+def _remove_stale_files(state_dir: Path, keep_checkpoint: bool, keep_groups: int) -> None:
+    """Remove temp files, group files from group `keep_groups` on, and the checkpoint unless `keep_checkpoint`."""
+    if not state_dir.is_dir():
+        return
+    keep = {GROUP_FILE.format(g) for g in range(keep_groups)} | ({CHECKPOINT} if keep_checkpoint else set())
+    for file in state_dir.iterdir():
+        if file.is_file() and file.name not in keep and (file.name.startswith(".") or file.suffix == ".npz"):
+            file.unlink()
+
+
 def _unstack(stacked) -> list:
     return [jax.tree.map(lambda a, i=i: np.asarray(a[i]), stacked) for i in range(stacked.w1.shape[0])]
 
@@ -454,9 +490,11 @@ def train_stream(
 ) -> tuple[Predictors, InMemoryHeldOut, dict]:
     """Train every layer's predictors from the streamed corpus; return (predictors, the held-out sample, summary).
 
-    Resumes the checkpoint in `opts.work_dir` when its settings match (raises `CheckpointMismatch` when not), and
-    writes nothing before the first checkpoint. `on_batch(batches_done)` runs after each forward batch and its
-    checkpoint, if one is due (tests interrupt through it).
+    Resumes the checkpoint in `opts.work_dir` when its settings match (raises `CheckpointMismatch` when not, and
+    `DiskBudgetError` when no layer grouping fits the disk budget, both before anything is written). Before training
+    it removes the state files no checkpoint refers to (all of them with `overwrite`), and writes nothing before the
+    first checkpoint. `on_batch(batches_done)` runs after each forward batch and its checkpoint, if one is due
+    (tests interrupt through it).
     """
     opts.validate()
     fit_opts.validate()
@@ -465,17 +503,20 @@ def train_stream(
     meta = None if overwrite else read_metadata(path)  # an old checkpoint is replaced by the first new one
     model = load_text_model(opts.model, opts.dtype, opts.seq_len)
     config = model.config
-    groups = layer_groups(config.num_hidden_layers, opts.layer_groups)
-    settings = _settings(opts, fit_opts, config)
+    rank = fit_opts.resolved_rank(config.hidden_size)
+    disk = plan_layer_groups(config, rank, opts.disk_budget_gb, opts.layer_groups)
+    groups = even_layer_groups(config.num_hidden_layers, disk.layer_groups)
+    settings = _settings(opts, fit_opts, config, len(groups))
     if meta is not None:
         _check_settings(meta["settings"], settings, path)  # before the corpus is read: a mismatch fails fast
-    cap = held_out_token_cap(config, fit_opts.mlp_input, opts.holdout_memory_gb)
+    cap = held_out_token_cap(config, fit_opts.mlp_input, opts.holdout_memory_gb, opts.batch_size * opts.seq_len)
     plan = plan_windows(model.tokenizer, opts.data, opts.seq_len, opts.max_tokens, fit_opts.holdout, cap)
     if meta is not None and meta["windows"] != plan.fingerprint():
         raise CheckpointMismatch(
             f"{path} was trained on other tokens (the corpus or tokenizer changed); pass --overwrite to start again"
         )
     if log:
+        log(f"stream: plan: {disk.describe()}")
         log(
             f"stream: {plan.train_tokens:,} training tokens in {len(plan.train)} windows, {plan.held_out_tokens:,} "
             f"held-out tokens kept in memory for calibration (of {plan.held_out_available:,} held out; "
@@ -490,7 +531,6 @@ def train_stream(
             f"{opts.pool_batches * opts.batch_size * opts.seq_len * pool_bytes_per_token(config, largest) / 1e9:.3g} GB"
         )
 
-    rank = fit_opts.resolved_rank(config.hidden_size)
     B, T, P = opts.batch_size, opts.seq_len, opts.pool_batches
     rows_per_step = min(fit_opts.batch_size, P * B * T)
     batches_per_epoch = -(-len(plan.train) // B)
@@ -503,14 +543,16 @@ def train_stream(
         for g in groups
     ]
 
-    def template(spec):
+    def abstract_state(spec):
         zeros = np.zeros((config.num_hidden_layers, max(config.ffn_dim, config.num_attention_heads)))
-        state = jax.eval_shape(
+        return jax.eval_shape(
             lambda: _initial_state(
                 spec, fit_opts, rank, zeros[:, : config.ffn_dim], zeros[:, : config.num_attention_heads]
             )
         )
-        return {"state": state, "finished": {"mlp": [], "heads": []}}
+
+    state_dir = path.parent
+    windows_fingerprint = plan.fingerprint()
 
     # Position: group, epoch, batch (within the epoch) of the next forward pass.
     if meta is not None and meta["complete"]:
@@ -522,22 +564,22 @@ def train_stream(
     finished_mlp, finished_heads, final_loss = [], [], []
     state = None
     if meta is not None:
-        t = template(specs[min(group, len(groups) - 1)])
-        n_done = sum(len(g) for g in groups[:group])
-        abstract_pred = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), t["state"]["mlp"])
-        abstract_head = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), t["state"]["heads"])
-        t["finished"] = {"mlp": [abstract_pred] * n_done, "heads": [abstract_head] * n_done}
         has_state = not meta["complete"] and meta.get("has_state", True)
-        if not has_state:  # training is complete, or it stopped between two layer groups
-            del t["state"]
-        tree, meta = load_checkpoint(path, t)
-        finished_mlp, finished_heads = list(tree["finished"]["mlp"]), list(tree["finished"]["heads"])
+        # Without state: training is complete, or it stopped between two layer groups.
+        tree, meta = load_checkpoint(path, {"state": abstract_state(specs[group])} if has_state else {})
         final_loss = [list(x) for x in meta["final_loss"]]
         if has_state:
             state = jax.tree.map(jnp.asarray, tree["state"])
+        for done in range(group):
+            finished = _load_group(state_dir / GROUP_FILE.format(done), abstract_state(specs[done]), settings)
+            finished_mlp.extend(_unstack(finished["mlp"]))
+            finished_heads.extend(_unstack(finished["heads"]))
         if log:
             where = "training is complete" if meta["complete"] else f"group {group}, epoch {epoch}, batch {batch_index}"
             log(f"stream: resuming {path} ({where})")
+    # What no checkpoint refers to (an earlier run's, or a group file written just before a crash) would only
+    # take disk beyond the plan: gone before training starts.
+    _remove_stale_files(state_dir, keep_checkpoint=meta is not None, keep_groups=group)
 
     label_rates = None
 
@@ -563,15 +605,14 @@ def train_stream(
     writer = BackgroundCheckpointWriter()  # the loop goes on while a checkpoint's file is written
 
     def checkpoint(complete: bool) -> None:
-        tree = {"finished": {"mlp": finished_mlp, "heads": finished_heads}}
-        if state is not None:  # None between two layer groups: the next group starts from its initial state
-            tree["state"] = state
+        # Only the group in training: finished groups are in their own files (`finish_group`).
+        tree = {} if state is None else {"state": state}  # None between groups: the next starts from its init
         writer.save(
             path,
             tree,
             {
                 "settings": settings,
-                "windows": plan.fingerprint(),
+                "windows": windows_fingerprint,
                 "group": group,
                 "epoch": epoch,
                 "batch": batch_index,
@@ -642,8 +683,11 @@ def train_stream(
                         on_batch(batches_done)
                 epoch, batch_index = epoch + 1, 0
             final_loss.extend(np.asarray(state["loss"]).tolist())
-            finished_mlp.extend(_unstack(state["mlp"]))
-            finished_heads.extend(_unstack(state["heads"]))
+            # Finished predictors are kept float16 from here on, resumed or not: what the plan counts on disk.
+            finished = {kind: _as_float16(state[kind]) for kind in ("mlp", "heads")}
+            writer.save(state_dir / GROUP_FILE.format(group), finished, {"settings": settings, "group": group})
+            finished_mlp.extend(_unstack(finished["mlp"]))
+            finished_heads.extend(_unstack(finished["heads"]))
             state = pool = None
             group, epoch = group + 1, 0
             checkpoint(complete=group == len(groups))
@@ -669,6 +713,7 @@ def train_stream(
         "disk_mode_activation_bytes": activation_bytes_per_token(config) * plan.total_tokens,  # what this avoids
         "exhausted": plan.exhausted,
         "layer_groups": len(groups),
+        "disk_plan": disk._asdict(),
         "epochs": fit_opts.epochs,
         "pool_batches": P,
         "pool_tokens": P * B * T,
@@ -707,12 +752,16 @@ def collect_held_out(model, plan: WindowPlan, opts: StreamOptions, mlp_input: st
         windows = plan.held_out[i : i + B]
         ids, mask = _batch_arrays(windows, B, T, config.pad_token_id)
         out = dense_activations(model.params, jnp.asarray(ids), jnp.asarray(mask), config=config)
-        out = [{f: np.asarray(layer[f]) for f in fields} for layer in out]
-        for b, window in enumerate(windows):
-            m = len(window.tokens)
-            for layer, arrays in enumerate(layers):
-                for f in fields:
-                    arrays[f][row : row + m] = out[layer][f][b, :m]
+        lengths = [len(window.tokens) for window in windows]
+        for layer, arrays in enumerate(layers):
+            for f in fields:
+                # One layer's field of the batch on the host at a time: `held_out_token_cap` leaves room for it.
+                batch_field = np.asarray(out[layer][f])
+                at = row
+                for b, m in enumerate(lengths):
+                    arrays[f][at : at + m] = batch_field[b, :m]
+                    at += m
+        for b, m in enumerate(lengths):
             window_of_row[row : row + m] = plan.held_out_index[i + b]
             row += m
     assert row == n, (row, n)
