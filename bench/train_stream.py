@@ -146,7 +146,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "train", "all", "--model", str(model_dir), "--data", args.data]
         cmd += ["--work-dir", str(work), "--store", "stream", "--max-tokens", str(args.max_tokens)]
         cmd += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs)]
-        cmd += ["--dtype", args.dtype, "--json", "--quiet"]
+        # No --quiet: the child's progress and logs reach stderr, so a run cut off by a time limit shows how far it got.
+        cmd += ["--dtype", args.dtype, "--json"]
         cmd += [] if args.layer_groups is None else ["--layer-groups", str(args.layer_groups)]
         cmd += (
             [] if args.stream_disk_budget_gb is None else ["--stream-disk-budget-gb", str(args.stream_disk_budget_gb)]
