@@ -68,7 +68,6 @@ class HeadSparsity(str, enum.Enum):
     FIXED = "fixed"
 
 
-
 class Selection(str, enum.Enum):
     THRESHOLD = "threshold"
     TOPK = "topk"
