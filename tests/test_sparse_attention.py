@@ -25,7 +25,14 @@ from dejavu_jax.sparse_attention import (
     window_slots,
     write_recent_inputs,
 )
-from dejavu_jax.sparsity import DecodeTuning, HeadSparsity, SparseWeights, SparsityPolicy, exactly_k_mask
+from dejavu_jax.sparsity import (
+    DecodeTuning,
+    HeadSparsity,
+    SparseWeights,
+    SparsityPolicy,
+    exactly_k_mask,
+    for_decode_batch,
+)
 
 
 @pytest.mark.parametrize("n_heads, window", [(4, 1), (6, 4), (32, 16), (40, 16), (12, 5)])
@@ -265,6 +272,9 @@ def test_tuning_and_cache_errors():
     with pytest.raises(ValueError, match="fixed head selection needs head_k"):
         SparsityPolicy(heads=HeadSparsity.FIXED)
     assert fixed_heads(1, head_kv="all").recent_window == 0 and fixed_heads(1).recent_window == 16
+    # A batch too large for the MLP kernels keeps its head policy, and how the heads' K/V are kept.
+    policy, weights = for_decode_batch(fixed_heads(1, head_kv="all", head_window=4), SCHEDULE, 8)
+    assert (policy.tuning.head_kv, policy.tuning.head_window, weights) == ("all", 4, SCHEDULE)
     params = init_params(CONFIG, jax.random.PRNGKey(9))
     ids = jnp.full((1, 4), 5, jnp.int32)
     _, cache = prefill(params, ids, jnp.ones_like(ids), config=CONFIG, num_slots=8)  # no recent inputs kept
