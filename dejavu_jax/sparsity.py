@@ -109,7 +109,10 @@ class DecodeTuning:
             if name in cls.CHOICES:
                 choices[name] = value  # checked by __post_init__
             elif name in cls.INTS:
-                choices[name] = int(value)
+                try:
+                    choices[name] = int(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"tuning {name} must be a positive int. Got {value!r}") from None
             elif name in plan_fields:
                 knobs.append((name, int(value)))
             else:

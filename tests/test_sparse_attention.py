@@ -13,7 +13,7 @@ import pytest
 from conftest import rel_max_err
 from dejavu_jax.checkpoint import load_model
 from dejavu_jax.config import OPTConfig
-from dejavu_jax.generation import _generate_tokens, decode_step, generate_ids, prefill
+from dejavu_jax.generation import _generate_tokens, decode_step, prefill
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax import sparse_attention
@@ -213,23 +213,31 @@ def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, att
     assert rel_max_err(sparse, whole_sequence_logits(params, ids, mask, continuation)) > 1e-3
 
 
-def test_every_head_chosen_decodes_like_dense():
-    params = init_params(CONFIG, jax.random.PRNGKey(4))
-    ids = jax.random.randint(jax.random.PRNGKey(5), (2, 8), 3, 64)
-    mask = jnp.ones_like(ids).at[0, :2].set(0)
-    continuation = jax.random.randint(jax.random.PRNGKey(6), (2, 12), 3, 64)
-    every_head = fixed_heads(CONFIG.num_attention_heads, head_window=4)
-    sparse = decode_logits(params, SCHEDULE, ids, mask, continuation, policy=every_head)
-    assert rel_max_err(sparse, whole_sequence_logits(params, ids, mask, continuation)) <= 1e-5
-
-
-def test_every_head_chosen_generates_the_dense_tokens_on_the_reference_model(reference_model_dir):
+def test_every_head_chosen_decodes_like_dense_on_the_reference_model(reference_model_dir):
+    """With every head chosen, the head-sparse decode steps (kernels, K/V repair) give dense logits and greedy
+    tokens."""
     model = load_model(reference_model_dir, "float32")
-    prompts = [model.tokenizer("Paris is the capital and largest city")["input_ids"]]
+    ids = jnp.asarray([model.tokenizer("Paris is the capital and largest city")["input_ids"]])
     every_head = fixed_heads(model.config.num_attention_heads, head_window=4)
-    weights = SparseWeights(head_schedule=jax.random.PRNGKey(0))
-    dense = generate_ids(model.params, model.config, prompts, 8)
-    assert generate_ids(model.params, model.config, prompts, 8, policy=every_head, sparse_weights=weights) == dense
+    steps, results = 8, {}
+    for name, policy, weights in (("dense", SparsityPolicy(), None), ("sparse", every_head, SCHEDULE)):
+        last, cache = prefill(
+            model.params,
+            ids,
+            jnp.ones_like(ids),
+            config=model.config,
+            num_slots=ids.shape[1] + steps,
+            recent_window=policy.recent_window,
+        )
+        tokens, logits = [], []
+        for _ in range(steps):
+            token = jnp.argmax(last, axis=-1)
+            tokens.append(int(token[0]))
+            last, cache = decode_step(model.params, cache, token, weights, config=model.config, policy=policy)
+            logits.append(np.asarray(last))
+        results[name] = tokens, np.stack(logits)
+    assert results["sparse"][0] == results["dense"][0]
+    assert rel_max_err(results["sparse"][1], results["dense"][1]) <= 1e-5
 
 
 def _walk(jaxpr):
@@ -269,6 +277,8 @@ def test_tuning_and_cache_errors():
         DecodeTuning(head_kv="some")
     with pytest.raises(ValueError, match="head_window must be a positive int"):
         SparsityPolicy(heads=HeadSparsity.FIXED, head_k=1, tuning=(("head_window", 0),))
+    with pytest.raises(ValueError, match="head_window must be a positive int. Got 'many'"):
+        SparsityPolicy(heads=HeadSparsity.FIXED, head_k=1, tuning=(("head_window", "many"),))
     with pytest.raises(ValueError, match="fixed head selection needs head_k"):
         SparsityPolicy(heads=HeadSparsity.FIXED)
     assert fixed_heads(1, head_kv="all").recent_window == 0 and fixed_heads(1).recent_window == 16
