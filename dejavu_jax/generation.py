@@ -69,8 +69,9 @@ def _generate_tokens(
 ):
     """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B]).
 
-    `policy` (static) and `sparse_weights` (traced: predictors, or fixed rows) choose the decode steps' MLP neurons
-    (`dejavu_jax.sparsity`); the prefill is dense. `attention_impl` picks the decode steps' attention
+    `policy` (static) and `sparse_weights` (traced: predictors, fixed rows, a head schedule) choose the decode steps'
+    MLP neurons and attention heads (`dejavu_jax.sparsity`); the prefill computes every neuron and head (and fills the
+    recent-input buffer a head policy's decode steps need). `attention_impl` picks the decode steps' attention
     (model.ATTENTION_IMPLS).
     """
     batch, prompt_len = input_ids.shape
@@ -79,7 +80,7 @@ def _generate_tokens(
     dtype = params["embed_tokens"]["embedding"].dtype
 
     with jax.named_scope("prefill"):
-        cache = KVCache.create(config, batch, num_slots, dtype)
+        cache = KVCache.create(config, batch, num_slots, dtype, policy.recent_window)
         logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
     rng, key = jax.random.split(rng)
     first = sample_tokens(logits[:, -1], key, sampling)
@@ -148,11 +149,13 @@ def generation_program(autotune: str = "default"):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
-def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: int):
-    """Step-by-step API: a fresh cache holding the prompt, and the last position's logits [B, V]."""
+@functools.partial(jax.jit, static_argnames=("config", "num_slots", "recent_window"))
+def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: int, recent_window: int = 0):
+    """Step-by-step API: a fresh cache holding the prompt, and the last position's logits [B, V].
+    `recent_window`: the recent inputs a head policy's decode steps need (`SparsityPolicy.recent_window`)."""
     model = _model_for(config, params)
-    cache = KVCache.create(config, input_ids.shape[0], num_slots, params["embed_tokens"]["embedding"].dtype)
+    dtype = params["embed_tokens"]["embedding"].dtype
+    cache = KVCache.create(config, input_ids.shape[0], num_slots, dtype, recent_window)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
     return logits[:, -1], cache
 
@@ -163,14 +166,13 @@ def decode_step(
     cache: KVCache,
     tokens,
     sparse_weights=None,
-    head_idx=None,
     *,
     config: OPTConfig,
     policy: SparsityPolicy = DENSE,
     attention_impl: str = "xla",
 ):
     """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache.
-    `head_idx` (per layer, the heads to compute, or None) is the attention seam."""
+    A head policy's "repair" decoding needs a cache with `policy.recent_window` recent inputs."""
     model = _model_for(config, params, attention_impl)
     logits, cache = model.apply(
         {"params": params},
@@ -179,7 +181,6 @@ def decode_step(
         cache,
         policy=policy,
         sparse_weights=sparse_weights,
-        head_idx=head_idx,
     )
     return logits[:, -1], cache
 

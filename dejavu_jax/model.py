@@ -6,9 +6,10 @@ Parameter layout (what `convert` writes), chosen for sparse decoding:
   so the chosen heads are gathered with one index on axis 1; `out_w` [heads, head_dim, d] likewise.
 - MLP `fc1_w` [ffn, d] and `fc2_w_t` [ffn, d]: both neuron-major, so a neuron's weights are two contiguous rows.
 
-The seams: `OPTAttention` takes `head_idx` (the heads to compute; None = all) and `OPTMLP` takes `MLPRows` (the
-neurons to compute). Which rows a layer computes is decided by `dejavu_jax.sparsity.mlp_rows` from the static
-`SparsityPolicy` and the traced `SparseWeights` the forward pass is given; the blocks hold no selection logic.
+The seams: `OPTAttention` takes `HeadRows` (the heads whose outputs count; a small-batch decode step computes only
+those, `dejavu_jax.sparse_attention`) and `OPTMLP` takes `MLPRows` (the neurons to compute). Which heads and rows a
+layer computes is decided by `dejavu_jax.sparsity.head_rows` / `mlp_rows` from the static `SparsityPolicy` and the
+traced `SparseWeights` the forward pass is given; the blocks hold no selection logic.
 
 Activations for predictor training are `sow`n into the `intermediates` collection (free unless requested with
 `mutable=["intermediates"]`): per layer the attention block's input (the residual before its LayerNorm), the MLP
@@ -19,8 +20,7 @@ block's input, the post-ReLU fc1 output and each head's output norm before out_p
 from __future__ import annotations
 
 import enum
-import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,11 @@ from flax import linen as nn
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
+from dejavu_jax.sparse_attention import AttentionWeights, head_sparse_decode, write_recent_inputs
 from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import DENSE, HeadRows, MLPRows, SparseWeights, SparsityPolicy, head_rows, mlp_rows, topk_mask
 from kernels.decode_attention import decode_attention_append
+from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH
 
 
 class AttentionImpl(str, enum.Enum):
@@ -94,56 +96,79 @@ class OPTAttention(nn.Module):
         self.out_w = self.param("out_w", _init(), (H, hd, d), self.dtype)
         self.out_b = self.param("out_b", nn.initializers.zeros, (d,), self.dtype)
 
-    def __call__(self, x, allowed, layer_kv=None, cursor=None, head_idx=None, heads: HeadRows = HeadRows()):
+    def __call__(self, x, allowed, layer_kv=None, cursor=None, heads: HeadRows = HeadRows()):
         """x [B, T, d] (after the LayerNorm); allowed [B, T, S] bool: query t may read key slot s.
 
-        layer_kv: (keys, values) each [B, heads, S, head_dim], the chunk is written at slot `cursor`;
-        None: S == T and the keys are the chunk's own. head_idx: heads to compute, None = all. `heads`: which
-        heads' outputs reach out_proj per token (`sparsity.head_rows`; every head is computed, K/V stay exact).
+        layer_kv: (keys, values, recent): keys / values [B, heads, S, head_dim], the chunk is written at slot
+        `cursor`; recent [B, R, d] or None, the ring buffer of recent inputs (`KVCache.recent_inputs`). None: S == T
+        and the keys are the chunk's own. `heads`: which heads' outputs reach out_proj per token
+        (`sparsity.head_rows`). A decode step (T == 1, with a cache) of at most `HEAD_SPARSE_MAX_BATCH` sequences
+        with a head mask (and `heads.decode_kernels`) computes only the chosen heads
+        (`sparse_attention.head_sparse_decode`); every other forward computes every head and masks the outputs.
+        K/V stay exact either way.
         Returns (out [B, T, d], new layer_kv or None).
         """
         c = self.config
-        if head_idx is not None and heads.kind != "all":
-            raise ValueError("head_idx and per-token head selection cannot be combined")
-        project_out = functools.partial(self._project_out, heads=heads)
-        qkv_w, qkv_b, out_w = self.qkv_w, self.qkv_b, self.out_w
-        if head_idx is not None:
-            qkv_w, qkv_b, out_w = qkv_w[:, head_idx], qkv_b[:, head_idx], out_w[head_idx]
+        B, T, _ = x.shape
+        sparse_decode = heads.kind == "mask" and heads.decode_kernels and B <= HEAD_SPARSE_MAX_BATCH
+        if layer_kv is not None and T == 1 and sparse_decode:
+            return self._decode_chosen_heads(x, allowed, layer_kv, cursor, heads)
+        recent = None if layer_kv is None or layer_kv[2] is None else write_recent_inputs(layer_kv[2], x, cursor)
         with jax.named_scope("qkv_proj"):
-            qkv = jnp.einsum("btd,zhkd->zbhtk", x, qkv_w, preferred_element_type=jnp.float32)
-            qkv = (qkv + qkv_b[:, None, :, None, :].astype(jnp.float32)).astype(x.dtype)
+            qkv = jnp.einsum("btd,zhkd->zbhtk", x, self.qkv_w, preferred_element_type=jnp.float32)
+            qkv = (qkv + self.qkv_b[:, None, :, None, :].astype(jnp.float32)).astype(x.dtype)
         # HF scales the query after q_proj, bias included.
-        q = (qkv[0] * (c.head_dim**-0.5)).astype(x.dtype)  # [B, h, T, hd]
+        q = (qkv[0] * (c.head_dim**-0.5)).astype(x.dtype)  # [B, H, T, hd]
         k_new, v_new = qkv[1], qkv[2]
-        if self.attention_impl == AttentionImpl.PALLAS and layer_kv is not None and x.shape[1] == 1:
+        if self.attention_impl == AttentionImpl.PALLAS and layer_kv is not None and T == 1:
             with jax.named_scope("attention"):
                 heads_out, keys, values = decode_attention_append(
-                    q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv, allowed[:, 0], cursor, head_idx
+                    q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], *layer_kv[:2], allowed[:, 0], cursor
                 )
-            return project_out(heads_out[:, None], out_w, x.dtype), (keys, values)
+            return self._project_out(heads_out[:, None], x.dtype, heads), (keys, values, recent)
         if layer_kv is None:
             keys, values, new_kv = k_new, v_new, None
         else:
-            keys, values = layer_kv
-            if head_idx is None:
-                keys = jax.lax.dynamic_update_slice(keys, k_new.astype(keys.dtype), (0, 0, cursor, 0))
-                values = jax.lax.dynamic_update_slice(values, v_new.astype(values.dtype), (0, 0, cursor, 0))
-            else:
-                # Only the chosen heads get K/V for these slots; the others keep holes (sparse attention fills them).
-                slots = cursor + jnp.arange(x.shape[1])
-                keys = keys.at[:, head_idx[:, None], slots[None, :]].set(k_new.astype(keys.dtype))
-                values = values.at[:, head_idx[:, None], slots[None, :]].set(v_new.astype(values.dtype))
-            new_kv = (keys, values)
-            if head_idx is not None:
-                keys, values = keys[:, head_idx], values[:, head_idx]
+            keys = jax.lax.dynamic_update_slice(layer_kv[0], k_new.astype(layer_kv[0].dtype), (0, 0, cursor, 0))
+            values = jax.lax.dynamic_update_slice(layer_kv[1], v_new.astype(layer_kv[1].dtype), (0, 0, cursor, 0))
+            new_kv = (keys, values, recent)
         with jax.named_scope("attention"):
             scores = jnp.einsum("bhtk,bhsk->bhts", q, keys, preferred_element_type=jnp.float32)
             scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
             heads_out = jnp.einsum("bhts,bhsk->bthk", probs, values, preferred_element_type=jnp.float32)
-        return project_out(heads_out, out_w, x.dtype), new_kv
+        return self._project_out(heads_out, x.dtype, heads), new_kv
 
-    def _project_out(self, heads_out, out_w, dtype, heads: HeadRows = HeadRows()):
+    def _decode_chosen_heads(self, x, allowed, layer_kv, cursor, heads: HeadRows):
+        """The head-sparse decode step: only the chosen heads' weights are read (see `head_sparse_decode`)."""
+        keys, values, recent = layer_kv
+        repair = heads.head_kv == "repair"
+        if repair and recent is not None and recent.shape[1] != heads.window:
+            raise ValueError(
+                f"the cache keeps {recent.shape[1]} recent inputs but the policy's head_window is {heads.window}: "
+                "create the cache with KVCache.create(..., recent_window=policy.recent_window)"
+            )
+        chosen = heads.mask[:, 0]  # [B, H]
+        self.sow("intermediates", "heads_kept", heads.mask)
+        self.sow("intermediates", "head_density", jnp.mean(heads.mask, axis=-1))
+        step = head_sparse_decode(
+            x[:, 0],
+            AttentionWeights(self.qkv_w, self.qkv_b, self.out_w, self.out_b),
+            keys,
+            values,
+            recent if repair else None,
+            chosen,
+            heads.k,
+            cursor,
+            allowed[:, 0],
+            head_kv=heads.head_kv,
+            attention_impl=str(self.attention_impl),
+        )
+        if not repair and recent is not None:  # a buffer the policy does not use is still kept current
+            recent = write_recent_inputs(recent, x, cursor)
+        return step.out[:, None], (step.keys, step.values, step.recent if repair else recent)
+
+    def _project_out(self, heads_out, dtype, heads: HeadRows = HeadRows()):
         """heads_out [B, T, h, hd] -> out_proj(...) [B, T, d] in dtype, over the heads `heads` keeps per token."""
         norms = jnp.linalg.norm(heads_out.astype(jnp.float32), axis=-1)  # [B, T, h]
         self.sow("intermediates", "head_norm", norms)
@@ -153,7 +178,7 @@ class OPTAttention(nn.Module):
             self.sow("intermediates", "heads_kept", keep)  # [B, T, h] bool
             self.sow("intermediates", "head_density", jnp.mean(keep, axis=-1))
         with jax.named_scope("out_proj"):
-            out = jnp.einsum("bthk,hkd->btd", heads_out.astype(dtype), out_w, preferred_element_type=jnp.float32)
+            out = jnp.einsum("bthk,hkd->btd", heads_out.astype(dtype), self.out_w, preferred_element_type=jnp.float32)
             return (out + self.out_b.astype(jnp.float32)).astype(dtype)
 
 
@@ -201,7 +226,7 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(self.config, self.dtype)
         self.mlp = OPTMLP(self.config, self.dtype)
 
-    def __call__(self, h, allowed, layer_kv=None, cursor=None, head_idx=None, rows_for=None, heads=HeadRows()):
+    def __call__(self, h, allowed, layer_kv=None, cursor=None, rows_for=None, heads=HeadRows()):
         """`rows_for(attn_input, mlp_input) -> MLPRows` chooses the MLP's neurons (None: dense); `heads` the heads
         whose outputs reach out_proj (`sparsity.head_rows`)."""
         pre_ln = self.config.do_layer_norm_before
@@ -209,7 +234,7 @@ class OPTDecoderLayer(nn.Module):
         attn_input = h
         with jax.named_scope("attention_block"):
             x = self.self_attn_layer_norm(h) if pre_ln else h
-            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, head_idx, heads)
+            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, heads)
             h = h + attn_out
             if not pre_ln:
                 h = self.self_attn_layer_norm(h)
@@ -236,10 +261,9 @@ class OPTForCausalLM(nn.Module):
     With a cache the chunk is appended at `cache.cursor` and attends to everything before it; without one it is
     the whole sequence. `policy` (static) and `sparse_weights` (traced) choose each layer's MLP neurons through
     `sparsity.mlp_rows`: a one-token step with a cache is a decode step (row-masked kernels), anything else chooses
-    per token; `policy.heads` keeps per token the heads `sparsity.head_rows` chooses (every head's K/V stays exact).
-    `head_idx` (one [heads kept] array per layer, or None) restricts attention to those heads, writing only their
-    K/V (a seam for kernels, not exact on its own). `logits_for="last"` computes the LM head for the last position
-    only (prefill).
+    per token; `policy.heads` keeps per token the heads `sparsity.head_rows` chooses (every head's K/V stays exact;
+    a small-batch decode step computes only the chosen heads). `logits_for="last"` computes the LM head for the last
+    position only (prefill).
     `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter.
     """
 
@@ -277,7 +301,6 @@ class OPTForCausalLM(nn.Module):
         policy: SparsityPolicy = DENSE,
         sparse_weights: Optional[SparseWeights] = None,
         logits_for: str = "all",
-        head_idx: Optional[Sequence] = None,
     ):
         c = self.config
         B, T = input_ids.shape
@@ -311,25 +334,22 @@ class OPTForCausalLM(nn.Module):
                 policy, sparse_weights, i, attn_input if mlp_input == "attn_input" else mlp_in, decode
             )
 
-        new_keys, new_values = [], []
+        new_keys, new_values, new_recent = [], [], []
+        first_slot = 0 if cache is None else cache.cursor
         lookahead = h  # layer l's head predictor reads layer l-1's input (layer 0: its own)
         for i, layer in enumerate(self.layers):
-            layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            heads = head_rows(policy, sparse_weights, i, lookahead)
+            layer_kv = None
+            if cache is not None:
+                recent = None if cache.recent_inputs is None else cache.recent_inputs[i]
+                layer_kv = (cache.keys[i], cache.values[i], recent)
+            heads = head_rows(policy, sparse_weights, i, lookahead, c.num_attention_heads, first_slot)
             lookahead = h
             with jax.named_scope(f"layer_{i}"):
-                h, kv = layer(
-                    h,
-                    allowed,
-                    layer_kv,
-                    None if cache is None else cache.cursor,
-                    None if head_idx is None else head_idx[i],
-                    rows_for(i),
-                    heads,
-                )
+                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, rows_for(i), heads)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
+                new_recent.append(kv[2])
 
         if logits_for == "last":
             h = h[:, -1:]
@@ -342,7 +362,9 @@ class OPTForCausalLM(nn.Module):
             "btp,vp->btv", h.astype(self.dtype), self.embed_tokens.embedding, preferred_element_type=jnp.float32
         )
         if cache is not None:
-            cache = cache.replace(keys=tuple(new_keys), values=tuple(new_values)).advance(chunk_mask)
+            recent = None if cache.recent_inputs is None else tuple(new_recent)
+            cache = cache.replace(keys=tuple(new_keys), values=tuple(new_values), recent_inputs=recent)
+            cache = cache.advance(chunk_mask)
         return logits, cache
 
 

@@ -27,10 +27,11 @@ Two ways of applying the choice, by the shape of the forward pass:
   one batched pass.
 
 Heads (`HeadSparsity`, `head_rows`): each token keeps K heads per layer, chosen by the layer's head predictor from
-layer l-1's input (lookahead) or by an oracle (largest output norm); only the kept heads' outputs reach out_proj.
-Every head's K/V is still computed and cached, so a head attends over exact keys and values whenever a later token
-keeps it, and a decode step equals the whole-sequence forward. `DecodeTuning` says how a decode step computes what
-the policy chose (kernel choices and block sizes), never what it chooses.
+layer l-1's input (lookahead), by a seeded random schedule (benchmarks' stand-in for predictors) or by an oracle
+(largest output norm); only the kept heads' outputs reach out_proj. A whole-sequence forward computes every head and
+masks the outputs; a decode step of a small batch computes only the chosen heads (`dejavu_jax.sparse_attention`),
+keeping every head's K/V exact, so it equals the whole-sequence forward. `DecodeTuning` says how a decode step
+computes what the policy chose (kernel choices, block sizes, how skipped heads' K/V are kept), never what it chooses.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, predictor_scores, standardize
+from dejavu_jax.sparse_attention import HEAD_KV_MODES
 from kernels.masked_mlp import MaskedMLPPlan
 from kernels.predictor_hidden import predictor_hidden
 
@@ -61,6 +63,9 @@ class HeadSparsity(str, enum.Enum):
     NONE = "none"
     PREDICTED = "predicted"  # each token's K best heads by the layer's head predictor (lookahead input)
     ORACLE = "oracle"  # each token's K heads of largest true output norm (a study's upper bound, no predictor)
+    # K random heads per token, layer and sequence from `SparseWeights.head_schedule` (a seeded PRNG key, folded
+    # with the token's cache slot): benchmarks' stand-in for predictors, changing from step to step.
+    FIXED = "fixed"
 
 
 class Selection(str, enum.Enum):
@@ -74,14 +79,27 @@ class DecodeTuning:
 
     - `hidden`: the predictor's first layer on the `predictor_hidden` Pallas kernel ("pallas") or in XLA ("xla");
     - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1") or an XLA GEMV and a row mask ("xla");
-    - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults.
+    - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
+    - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "repair" recomputes a
+      computed head's recent K/V from a ring buffer of inputs, "all" computes every head's K/V each step;
+    - `head_window`: R, the ring buffer's length in tokens ("repair").
     """
 
     hidden: str = "pallas"
     scores: str = "fc1"
     knobs: tuple = ()
+    head_kv: str = "repair"
+    head_window: int = 16
 
-    CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla")}
+    CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla"), "head_kv": HEAD_KV_MODES}
+    INTS = ("head_window",)
+
+    def __post_init__(self):
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"tuning {name} must be one of {allowed}. Got {getattr(self, name)!r}")
+        if not isinstance(self.head_window, int) or isinstance(self.head_window, bool) or self.head_window < 1:
+            raise ValueError(f"tuning head_window must be a positive int. Got {self.head_window!r}")
 
     @classmethod
     def parse(cls, pairs: tuple) -> "DecodeTuning":
@@ -89,14 +107,18 @@ class DecodeTuning:
         choices, knobs = {}, []
         for name, value in pairs:
             if name in cls.CHOICES:
-                if value not in cls.CHOICES[name]:
-                    raise ValueError(f"tuning {name} must be one of {cls.CHOICES[name]}. Got {value!r}")
-                choices[name] = value
+                choices[name] = value  # checked by __post_init__
+            elif name in cls.INTS:
+                try:
+                    choices[name] = int(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"tuning {name} must be a positive int. Got {value!r}") from None
             elif name in plan_fields:
                 knobs.append((name, int(value)))
             else:
                 raise ValueError(
-                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES)} or a MaskedMLPPlan field {sorted(plan_fields)}"
+                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES) + list(cls.INTS)} or a MaskedMLPPlan field "
+                    f"{sorted(plan_fields)}"
                 )
         return cls(knobs=tuple(knobs), **choices)
 
@@ -107,13 +129,14 @@ class SparsityPolicy:
 
     mlp: MLPSparsity = MLPSparsity.NONE
     selection: Selection = Selection.THRESHOLD
-    # Decode steps use the row-masked kernels (False: the per-token path, the kernels' reference).
+    # Decode steps use the row-masked MLP kernels and compute only the chosen heads (False: the per-token paths, every
+    # head computed and masked: the kernels' reference).
     decode_kernels: bool = True
     # Overrides of the decode kernels' defaults, for benchmarks and tuning: given as (name, value) pairs, held as the
     # `DecodeTuning` they parse to.
     tuning: "DecodeTuning | tuple" = ()
     # Attention heads: which heads' outputs reach out_proj, per token (see `head_rows`); every head's K/V is kept
-    # exact. `head_k`: heads kept per token in every layer (0 = each layer's calibrated K; oracle needs it).
+    # exact. `head_k`: heads kept per token in every layer (0 = each layer's calibrated K; oracle and fixed need it).
     heads: HeadSparsity = HeadSparsity.NONE
     head_k: int = 0
 
@@ -123,14 +146,21 @@ class SparsityPolicy:
         object.__setattr__(self, "heads", HeadSparsity(self.heads))
         if not isinstance(self.head_k, int) or self.head_k < 0:
             raise ValueError(f"head_k must be a non-negative int (0 = the calibrated K). Got {self.head_k!r}")
-        if self.heads == HeadSparsity.ORACLE and self.head_k == 0:
-            raise ValueError("the oracle head selection needs head_k (how many heads each token keeps)")
+        if self.heads in (HeadSparsity.ORACLE, HeadSparsity.FIXED) and self.head_k == 0:
+            raise ValueError(f"the {self.heads.value} head selection needs head_k (how many heads each token keeps)")
         if not isinstance(self.tuning, DecodeTuning):  # bad names or values fail here, not inside a trace
             object.__setattr__(self, "tuning", DecodeTuning.parse(self.tuning))
 
     @property
     def needs_weights(self) -> bool:
-        return self.mlp == MLPSparsity.PREDICTED or self.heads == HeadSparsity.PREDICTED
+        return self.mlp == MLPSparsity.PREDICTED or self.heads in (HeadSparsity.PREDICTED, HeadSparsity.FIXED)
+
+    @property
+    def recent_window(self) -> int:
+        """R, the tokens of recent attention inputs the KV cache must keep per layer for this policy's decode steps
+        (`KVCache.recent_inputs`); 0 = none."""
+        chooses = self.heads in (HeadSparsity.PREDICTED, HeadSparsity.FIXED)
+        return self.tuning.head_window if chooses and self.tuning.head_kv == "repair" else 0
 
     def describe(self) -> str:
         mlp = f"predicted ({self.selection.value})" if self.mlp == MLPSparsity.PREDICTED else self.mlp.value
@@ -205,6 +235,7 @@ class SparseWeights:
     mlp: Optional[tuple] = None  # tuple[MLPPredictor, ...], one per layer
     fixed_rows: Optional[tuple] = None  # tuple of [ffn] int32 masks, one per layer
     heads: Optional[tuple] = None  # tuple[LowRankPredictor, ...]: layer l's head predictor (reads layer l-1's input)
+    head_schedule: Optional[jax.Array] = None  # a PRNG key: the random heads of `HeadSparsity.FIXED`
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
 
 
@@ -311,34 +342,80 @@ def for_decode_batch(
     if batch > SPARSE_DECODE_MAX_BATCH and policy.decode_kernels and not fixed:
         if policy.heads == HeadSparsity.NONE:
             return DENSE, None
-        return dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=()), weights
+        heads_tuning = DecodeTuning(head_kv=policy.tuning.head_kv, head_window=policy.tuning.head_window)
+        return (
+            dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=heads_tuning),
+            weights,
+        )
     return policy, weights
 
 
 @struct.dataclass
 class HeadRows:
-    """Which heads' outputs reach out_proj. `kind` (static): "all"; "mask" (per token [B, T, heads] bool);
-    "oracle" (the `k` heads of largest output norm per token, decided inside attention)."""
+    """Which heads' outputs reach out_proj. `kind` (static): "all"; "mask" (per token [B, T, heads] bool, at most
+    `k` heads per token); "oracle" (the `k` heads of largest output norm per token, decided inside attention).
+    `decode_kernels` (static, `SparsityPolicy.decode_kernels`): a small-batch decode step computes only the masked
+    heads (False: every head, outputs masked: the reference); `head_kv` and `window` (static, from `DecodeTuning`)
+    say how it keeps K/V exact."""
 
     kind: str = struct.field(pytree_node=False, default="all")
     mask: Optional[jax.Array] = None
     k: int = struct.field(pytree_node=False, default=0)
+    decode_kernels: bool = struct.field(pytree_node=False, default=True)
+    head_kv: str = struct.field(pytree_node=False, default="repair")
+    window: int = struct.field(pytree_node=False, default=16)
 
 
-def head_rows(policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, lookahead_input) -> HeadRows:
-    """The heads layer `layer` keeps for tokens whose lookahead input (layer l-1's residual before its attention
-    LayerNorm; layer 0: its own) is `lookahead_input` [B, T, d]. Every head is still computed, so the KV cache stays
-    exact (a skipped head's K/V is there when a later token chooses it); the saving is the kernels' to take."""
+def head_rows(
+    policy: SparsityPolicy,
+    weights: Optional[SparseWeights],
+    layer: int,
+    lookahead_input,
+    n_heads: int,
+    first_slot=0,
+) -> HeadRows:
+    """The heads layer `layer` (of `n_heads` heads) keeps for tokens whose lookahead input (layer l-1's residual
+    before its attention LayerNorm; layer 0: its own) is `lookahead_input` [B, T, d], the chunk starting at cache
+    slot `first_slot` (a scheduled choice depends on the slot, so a decode step and the whole-sequence forward
+    choose alike). Predicted heads with K >= n_heads keep every head; scheduled ones still go through the mask
+    (the sparse decode path with every head chosen)."""
     if policy.heads == HeadSparsity.NONE:
         return HeadRows()
     if policy.heads == HeadSparsity.ORACLE:
         return HeadRows("oracle", k=policy.head_k)
     check_sparsity(policy, weights)
+    tuning = policy.tuning
+    how = dict(decode_kernels=policy.decode_kernels, head_kv=tuning.head_kv, window=tuning.head_window)
+    batch, tokens = lookahead_input.shape[:2]
+    if policy.heads == HeadSparsity.FIXED:
+        k = min(policy.head_k, n_heads)
+        mask = scheduled_heads(weights.head_schedule, layer, first_slot, batch, tokens, n_heads, k)
+        return HeadRows("mask", mask=mask, k=k, **how)
     predictor = weights.heads[layer]
     k = policy.head_k or predictor.keep
     if k >= predictor.num_outputs:
         return HeadRows()
-    return HeadRows("mask", mask=topk_mask(predictor_scores(predictor, lookahead_input), k))
+    return HeadRows("mask", mask=exactly_k_mask(predictor_scores(predictor, lookahead_input), k), k=k, **how)
+
+
+def exactly_k_mask(scores, k: int):
+    """[..., n] scores -> [..., n] bool with exactly k True per row (ties broken by `lax.top_k`): a decode step
+    sizes its head list from k, so a tie must not choose more."""
+    chosen = jax.lax.top_k(scores, k)[1]  # [..., k]
+    return jnp.any(chosen[..., :, None] == jnp.arange(scores.shape[-1]), axis=-2)
+
+
+def scheduled_heads(key, layer: int, first_slot, batch: int, tokens: int, n_heads: int, k: int):
+    """[batch, tokens, n_heads] bool: k random heads per (sequence, token), drawn from `key` folded with the layer,
+    the token's cache slot and the sequence's row."""
+    layer_key = jax.random.fold_in(key, layer)
+    slots = first_slot + jnp.arange(tokens)
+
+    def draw(row, slot):
+        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(layer_key, slot), row), (n_heads,))
+
+    scores = jax.vmap(lambda row: jax.vmap(lambda slot: draw(row, slot))(slots))(jnp.arange(batch))
+    return exactly_k_mask(scores, k)
 
 
 def check_sparsity(policy: SparsityPolicy, weights: Optional[SparseWeights]) -> None:
@@ -347,3 +424,7 @@ def check_sparsity(policy: SparsityPolicy, weights: Optional[SparseWeights]) -> 
         raise ValueError(f"MLP sparsity {policy.describe()} needs trained predictors (--predictors DIR)")
     if policy.heads == HeadSparsity.PREDICTED and (weights is None or weights.heads is None):
         raise ValueError(f"head sparsity {policy.describe()} needs trained predictors (--predictors DIR)")
+    if policy.heads == HeadSparsity.FIXED and (weights is None or weights.head_schedule is None):
+        raise ValueError(
+            f"head sparsity {policy.describe()} needs a schedule: SparseWeights(head_schedule=jax.random.PRNGKey(seed))"
+        )

@@ -8,6 +8,10 @@ import argparse
 from dejavu_jax.sparsity import HeadSparsity, MLPSparsity, Selection, SparsityPolicy, sparse_weights_from_predictors
 
 
+# The head choices a user can ask for; "fixed" (a random schedule) is a benchmark's stand-in for predictors.
+CLI_HEAD_SPARSITY = tuple(h.value for h in HeadSparsity if h != HeadSparsity.FIXED)
+
+
 def add_sparsity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--predictors",
@@ -35,11 +39,11 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--head-sparsity",
         default="none",
-        choices=[h.value for h in HeadSparsity],
+        choices=CLI_HEAD_SPARSITY,
         help="attention heads whose outputs reach out_proj, per token: none (default, every head); predicted: the "
         "K best by the layer's head predictor (needs --predictors; reads layer l-1's input); oracle: the K heads "
-        "of largest output norm (a study's bound, needs --head-k). Every head's K/V stays exact; decoding does "
-        "not yet read fewer attention weights",
+        "of largest output norm (a study's bound, needs --head-k; every head is still computed). Every head's K/V "
+        "stays exact; with predicted, decode steps of up to 64 sequences compute only the chosen heads",
     )
     p.add_argument(
         "--head-k",

@@ -85,14 +85,15 @@ def test_predicted_heads_are_each_tokens_k_best_from_the_previous_layers_input()
 
 @pytest.mark.parametrize("policy", [dataclass_k(PREDICTED, 2), SparsityPolicy(heads=HeadSparsity.ORACLE, head_k=1)])
 def test_token_by_token_decoding_equals_the_whole_sequence(policy):
-    """Every head's K/V is cached for every token whether or not the token kept it, so a decode step's head sees
-    exactly what the whole-sequence forward gives it: the logits of each step equal the whole sequence's."""
+    """A decode step's head attends over exact K/V whether or not earlier tokens kept it (predicted: only the chosen
+    heads are computed, skipped heads' K/V repaired from the recent inputs; oracle: every head is computed), so the
+    logits of each step equal the whole sequence's."""
     params = init_params(CONFIG, jax.random.PRNGKey(6))
     ids = jax.random.randint(jax.random.PRNGKey(7), (2, 10), 3, 64)
     weights = sparse_weights_from_predictors(head_predictors(2, seed=8), mlp=False)
     whole, _ = forward(params, ids, policy, weights)
     dense, _ = forward(params, ids)
-    cache = KVCache.create(CONFIG, 2, 16, jnp.float32)
+    cache = KVCache.create(CONFIG, 2, 16, jnp.float32, policy.recent_window)
     steps = []
     for t in range(ids.shape[1]):
         logits, cache = decode_step(params, cache, ids[:, t], weights, config=CONFIG, policy=policy)

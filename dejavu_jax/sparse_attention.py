@@ -1,0 +1,191 @@
+"""Head-sparse decode attention: one decode step of a small batch that reads only the chosen heads' attention
+weights, and keeps every head's K/V exact.
+
+The rule (GUIDE.md, sparse seams): a head, whenever it is computed, attends over exact K/V for every earlier token.
+A step computes Q, attention and the out_proj contribution of the chosen heads only (kernels/head_sparse.py reads
+their weight rows in place). For K/V, two exact ways, chosen by `DecodeTuning.head_kv` (static):
+
+- "repair": only the computed heads get K/V. The cache keeps, per layer, the last R attention inputs of every
+  sequence (`KVCache.recent_inputs` [B, R, d], row = slot mod R). Besides the chosen heads, f = ceil(H / R) heads
+  are forced each step by a rotation (`forced_heads`), so every head is computed at least once every R steps. A
+  computed head (chosen or forced) recomputes its K/V for the window of slots [c-R+1, c] from the buffer (the
+  window's R·B inputs are the batch rows of one `head_qkv`) and writes them to the cache: its previous computation
+  was at most R steps ago, so every slot before the window is already exact. Per step it reads the K/V weights of
+  the chosen and forced heads only; the price is R times the arithmetic on those rows and a scatter of R slots.
+- "all": every head's K/V of the new token each step (`head_qkv` over all heads); Q, attention and out_proj stay
+  sparse. No buffer, but it reads every head's K/V weights (2/3 of the QKV weights) every step.
+
+"repair" is the default because it reads fewer weight bytes whenever few heads are chosen; which one decodes faster
+is measured by the generation benchmark, which times both.
+
+Batch: the step computes the union of the batch's chosen heads (a static list of min(H, B·k) entries, padded with
+repeats of a real head); each sequence's out_proj sums only the heads it chose (the others' outputs are zeroed
+before `head_out_proj`), so a sequence's output does not depend on what its neighbours chose.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels.block_math import cdiv
+from kernels.decode_attention import decode_attention
+from kernels.head_sparse import MAX_BATCH, head_out_proj, head_qkv
+
+HEAD_KV_MODES = ("repair", "all")
+
+
+class AttentionWeights(NamedTuple):
+    qkv_w: jax.Array  # [3, H, hd, d]
+    qkv_b: jax.Array  # [3, H, hd]
+    out_w: jax.Array  # [H, hd, d]
+    out_b: jax.Array  # [d]
+
+
+class HeadSparseStep(NamedTuple):
+    out: jax.Array  # [B, d]: the attention block's output (out_proj of the chosen heads, bias included)
+    keys: jax.Array  # [B, H, S, hd]: the cache after this step
+    values: jax.Array  # [B, H, S, hd]
+    recent: Optional[jax.Array]  # [B, R, d]: the ring buffer after this step ("repair"), else None
+    head_idx: jax.Array  # [n] int32: the heads whose attention was computed (the batch's union, padded)
+    head_used: jax.Array  # [B, n] bool: sequence b's out_proj summed entry j (it chose the head; not a padding copy)
+    heads_out: jax.Array  # [B, n, hd]: attention outputs of head_idx, zero where not head_used
+
+
+def forced_count(n_heads: int, window: int) -> int:
+    """f = ceil(H / R): heads forced per step so that each is computed at least once every R steps."""
+    return cdiv(n_heads, window)
+
+
+def forced_heads(cursor, n_heads: int, window: int):
+    """[f] int32: the heads forced at the step writing slot `cursor`: (cursor·f + j) mod H for j < f.
+
+    Why every head is computed at least once every R steps: the blocks [c·f, c·f + f) of consecutive steps c tile
+    the integers, and head h is forced at step c exactly when one of the integers h + m·H (m = 0, 1, ...) falls in
+    step c's block, i.e. at c_m = floor((h + m·H) / f). Consecutive forcings are therefore c_{m+1} - c_m <=
+    ceil(H / f) steps apart, and f = ceil(H / R) >= H / R gives ceil(H / f) <= R. So any R consecutive steps force
+    every head at least once.
+    """
+    f = forced_count(n_heads, window)
+    return ((cursor * f + jnp.arange(f, dtype=jnp.int32)) % n_heads).astype(jnp.int32)
+
+
+def window_slots(cursor, window: int):
+    """[R] int32: the slot whose input ring-buffer row r holds once slot `cursor` is written: the s in
+    [cursor-R+1, cursor] with s = r (mod R); negative where that slot does not exist yet."""
+    rows = jnp.arange(window, dtype=jnp.int32)
+    return cursor - (cursor - rows) % window
+
+
+def write_recent_inputs(recent, x, first_slot):
+    """recent [B, R, d] with the chunk x [B, T, d] (slots first_slot .. first_slot+T-1) written at row slot mod R;
+    only the last R tokens of a longer chunk stay."""
+    window, tokens = recent.shape[1], x.shape[1]
+    kept = min(tokens, window)
+    slots = first_slot + tokens - kept + jnp.arange(kept, dtype=jnp.int32)
+    return recent.at[:, slots % window].set(x[:, tokens - kept :].astype(recent.dtype))
+
+
+def head_list(chosen_any, size: int):
+    """chosen_any [H] bool -> (idx [size] int32, real [size] bool): the chosen heads in ascending order, padded with
+    repeats of the first (real False on padding). At least one head must be chosen, and at most `size`."""
+    idx = jnp.nonzero(chosen_any, size=size, fill_value=-1)[0].astype(jnp.int32)
+    real = idx >= 0
+    return jnp.where(real, idx, idx[0]), real
+
+
+def _qkv_rows(rows, weights: AttentionWeights, head_idx, parts):
+    """`head_qkv` over any number of rows [N, d]: kernel calls of at most MAX_BATCH rows -> [P, N, h, hd]."""
+    pieces = [
+        head_qkv(rows[i : i + MAX_BATCH], weights.qkv_w, weights.qkv_b, head_idx, parts=parts)
+        for i in range(0, rows.shape[0], MAX_BATCH)
+    ]
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
+def repair_kv(recent, weights: AttentionWeights, head_idx, keys, values, cursor):
+    """K/V of heads `head_idx` for every slot of the window [cursor-R+1, cursor], recomputed from the input ring
+    buffer recent [B, R, d] and written into keys / values [B, H, S, hd]; slots before 0 are left alone."""
+    batch, window, d = recent.shape
+    kv = _qkv_rows(recent.reshape(batch * window, d), weights, head_idx, parts=(1, 2))  # [2, B·R, h, hd]
+    kv = kv.reshape(2, batch, window, head_idx.shape[0], -1).astype(keys.dtype)
+    slots = window_slots(cursor, window)
+    slots = jnp.where(slots >= 0, slots, keys.shape[2])  # out of range: dropped by the scatter
+    # Padding copies of a head write the same values twice: harmless.
+    at = (slice(None), head_idx[None, :], slots[:, None])  # -> [B, R, h, hd]
+    return keys.at[at].set(kv[0], mode="drop"), values.at[at].set(kv[1], mode="drop")
+
+
+def _attention_xla(q, keys, values, allowed, head_idx):
+    """q [B, h, hd] against the cache heads `head_idx` -> [B, h, hd] fp32: the model's masked softmax."""
+    keys, values = keys[:, head_idx], values[:, head_idx]  # [B, h, S, hd]
+    scores = jnp.einsum("bhk,bhsk->bhs", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bhs,bhsk->bhk", probs, values, preferred_element_type=jnp.float32)
+
+
+def head_sparse_decode(
+    x,
+    weights: AttentionWeights,
+    keys,
+    values,
+    recent,
+    chosen,
+    k: int,
+    cursor,
+    allowed,
+    *,
+    head_kv: str = "repair",
+    attention_impl: str = "xla",
+) -> HeadSparseStep:
+    """One decode step of the attention block over the chosen heads.
+
+    x [B, d]: the new tokens' attention input (after the LayerNorm), written at slot `cursor`; keys / values
+    [B, H, S, hd]: the cache, exact for every head up to the rule above; recent [B, R, d]: the input ring buffer
+    ("repair"; None for "all"); chosen [B, H] bool: each sequence's heads, at most `k` (static) per row, at least
+    one; allowed [B, S] bool: the slots the new token may read (its own included). `attention_impl`: "xla" or
+    "pallas" (kernels/decode_attention.py). B <= MAX_BATCH.
+    """
+    batch, d = x.shape
+    n_heads, head_dim = weights.qkv_w.shape[1], weights.qkv_w.shape[2]
+    if head_kv not in HEAD_KV_MODES:
+        raise ValueError(f"head_kv must be one of {HEAD_KV_MODES}. Got {head_kv!r}")
+    if batch > MAX_BATCH:
+        raise ValueError(f"head-sparse decoding takes at most {MAX_BATCH} sequences. Got {batch}")
+    if head_kv == "repair" and recent is None:
+        raise ValueError(
+            "head_kv='repair' needs the cache's recent inputs: create it with "
+            "KVCache.create(..., recent_window=policy.recent_window)"
+        )
+    chosen_any = jnp.any(chosen, axis=0)  # [H]
+    chosen_idx, real = head_list(chosen_any, min(n_heads, batch * k))
+
+    with jax.named_scope("kv_proj"):
+        if head_kv == "repair":
+            window = recent.shape[1]
+            recent = write_recent_inputs(recent, x[:, None], cursor)
+            computed = chosen_any.at[forced_heads(cursor, n_heads, window)].set(True)
+            repair_idx, _ = head_list(computed, min(n_heads, chosen_idx.shape[0] + forced_count(n_heads, window)))
+            keys, values = repair_kv(recent, weights, repair_idx, keys, values, cursor)
+        else:
+            kv = _qkv_rows(x, weights, jnp.arange(n_heads, dtype=jnp.int32), parts=(1, 2))  # [2, B, H, hd]
+            start = (0, 0, cursor, 0)
+            keys = lax.dynamic_update_slice(keys, kv[0][:, :, None].astype(keys.dtype), start)
+            values = lax.dynamic_update_slice(values, kv[1][:, :, None].astype(values.dtype), start)
+    with jax.named_scope("q_proj"):
+        # HF scales the query after q_proj, bias included.
+        q = (_qkv_rows(x, weights, chosen_idx, parts=(0,))[0] * head_dim**-0.5).astype(x.dtype)  # [B, n, hd]
+    with jax.named_scope("attention"):
+        if attention_impl == "pallas":
+            heads_out = decode_attention(q, keys, values, allowed, chosen_idx)
+        else:
+            heads_out = _attention_xla(q, keys, values, allowed, chosen_idx)
+    used = jnp.take(chosen, chosen_idx, axis=1) & real[None, :]  # [B, n]
+    heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
+    with jax.named_scope("out_proj"):
+        out = head_out_proj(heads_out, weights.out_w, weights.out_b, chosen_idx)
+    return HeadSparseStep(out, keys, values, recent, chosen_idx, used, heads_out)

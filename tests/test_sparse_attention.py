@@ -1,0 +1,297 @@
+"""Head-sparse decoding (`dejavu_jax.sparse_attention`): only the chosen heads are computed, and every computed head
+attends over exact K/V: against a float64 reference that computes every head's K/V at every step, in the model
+against the every-head masked decode, with every head chosen against dense, and inside one compiled decode loop."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_max_err
+from dejavu_jax.checkpoint import load_model
+from dejavu_jax.config import OPTConfig
+from dejavu_jax.generation import _generate_tokens, decode_step, prefill
+from dejavu_jax.kv_cache import KVCache
+from dejavu_jax.model import OPTForCausalLM, init_params
+from dejavu_jax import sparse_attention
+from dejavu_jax.sampling import SamplingConfig
+from dejavu_jax.sparse_attention import (
+    AttentionWeights,
+    forced_heads,
+    head_sparse_decode,
+    window_slots,
+    write_recent_inputs,
+)
+from dejavu_jax.sparsity import (
+    DecodeTuning,
+    HeadSparsity,
+    SparseWeights,
+    SparsityPolicy,
+    exactly_k_mask,
+    for_decode_batch,
+)
+
+
+@pytest.mark.parametrize("n_heads, window", [(4, 1), (6, 4), (32, 16), (40, 16), (12, 5)])
+def test_forced_rotation_computes_every_head_in_every_window(n_heads, window):
+    """Any R consecutive steps force every head at least once (the bound the repair's exactness rests on)."""
+    steps = 4 * n_heads + 3 * window
+    forced = np.asarray(jax.vmap(lambda c: forced_heads(c, n_heads, window))(jnp.arange(steps)))
+    hit = np.zeros((steps, n_heads), bool)
+    np.put_along_axis(hit, forced, True, axis=1)
+    for start in range(steps - window + 1):
+        assert hit[start : start + window].any(axis=0).all(), f"a head went unforced in steps {start}..+{window}"
+
+
+def test_ring_buffer_rows_hold_the_window_slots():
+    """After a prompt of 6 slots and each decode write, buffer row r holds the input of window_slots(c)[r]."""
+    window, d = 4, 3
+    inputs = np.arange(1, 1 + 12 * d, dtype=np.float32).reshape(1, 12, d)  # slot s holds inputs[0, s]
+    recent = write_recent_inputs(jnp.zeros((1, window, d)), jnp.asarray(inputs[:, :6]), 0)
+    for c in range(5, 12):
+        if c > 5:
+            recent = write_recent_inputs(recent, jnp.asarray(inputs[:, c : c + 1]), c)
+        slots = np.asarray(window_slots(c, window))
+        assert sorted(slots) == list(range(c - window + 1, c + 1))
+        np.testing.assert_array_equal(np.asarray(recent)[0], inputs[0, slots])
+    early = np.asarray(window_slots(1, window))  # slots before 0 are marked negative (not written)
+    assert sorted(early) == [-2, -1, 0, 1]
+
+
+def random_layer(rng, n_heads, head_dim, d):
+    scale = d**-0.5
+    return AttentionWeights(
+        qkv_w=jnp.asarray(rng.standard_normal((3, n_heads, head_dim, d)) * scale, jnp.float32),
+        qkv_b=jnp.asarray(rng.standard_normal((3, n_heads, head_dim)) * 0.1, jnp.float32),
+        out_w=jnp.asarray(rng.standard_normal((n_heads, head_dim, d)) * scale, jnp.float32),
+        out_b=jnp.asarray(rng.standard_normal(d) * 0.1, jnp.float32),
+    )
+
+
+def reference_step(w64, inputs, slot_mask, chosen, c):
+    """float64: every head's K/V of every slot <= c from its input, the chosen heads' attention outputs [B, H, hd]
+    (zero where not chosen) and the block's output [B, d]."""
+    qkv_w, qkv_b, out_w, out_b = w64
+    head_dim = qkv_w.shape[2]
+    x = inputs[:, : c + 1]  # [B, c+1, d]
+    keys = np.einsum("bsd,hkd->bhsk", x, qkv_w[1]) + qkv_b[1][None, :, None]
+    values = np.einsum("bsd,hkd->bhsk", x, qkv_w[2]) + qkv_b[2][None, :, None]
+    q = (np.einsum("bd,hkd->bhk", x[:, c], qkv_w[0]) + qkv_b[0]) * head_dim**-0.5
+    scores = np.einsum("bhk,bhsk->bhs", q, keys)
+    scores = np.where(slot_mask[:, None, : c + 1], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    heads_out = np.einsum("bhs,bhsk->bhk", probs, values) * chosen[..., None]
+    return heads_out, np.einsum("bhk,hkd->bd", heads_out, out_w) + out_b
+
+
+# (head_kv, R, batch, k, H, hd, attention, rows per kernel call): R = 4 and 3 force heads often (and R = 3 with
+# H = 4 forces two a step); 12 repair rows in calls of 8 take the path of more than MAX_BATCH rows; "all" computes
+# every head's K/V each step.
+LAYER_CASES = [
+    ("repair", 4, 2, 1, 6, 8, "xla", None),
+    ("repair", 3, 3, 2, 4, 16, "pallas", None),
+    ("repair", 4, 3, 1, 4, 8, "xla", 8),
+    ("all", 0, 2, 2, 4, 8, "xla", None),
+]
+
+
+@pytest.mark.parametrize("head_kv, window, batch, k, n_heads, head_dim, attention, rows_per_call", LAYER_CASES)
+def test_every_computed_head_attends_over_exact_kv(
+    head_kv, window, batch, k, n_heads, head_dim, attention, rows_per_call, monkeypatch
+):
+    """A random head schedule over 64 decode steps after a 5-slot prompt (sequence 0 left-padded by 2 slots): each
+    step's chosen heads' attention outputs and the block's output equal a float64 reference that computes every
+    head's K/V at every step."""
+    if rows_per_call:
+        monkeypatch.setattr(sparse_attention, "MAX_BATCH", rows_per_call)
+    prompt, steps, d = 5, 64, n_heads * head_dim
+    rng = np.random.default_rng(window * 100 + batch * 10 + k)
+    weights = random_layer(rng, n_heads, head_dim, d)
+    w64 = tuple(np.asarray(a, np.float64) for a in weights)
+    slots = prompt + steps
+    inputs = rng.standard_normal((batch, slots, d)).astype(np.float32)
+    slot_mask = np.ones((batch, slots), bool)
+    slot_mask[0, :2] = False
+    chosen = np.asarray(exactly_k_mask(jnp.asarray(rng.random((steps, batch, n_heads))), k))
+
+    # The prefill's cache: every head's exact K/V of the prompt, and its last R inputs.
+    x_prompt = jnp.asarray(inputs[:, :prompt])
+    kv = jnp.einsum("btd,zhkd->zbhtk", x_prompt, weights.qkv_w) + weights.qkv_b[:, None, :, None]
+    pad = ((0, 0), (0, 0), (0, steps), (0, 0))
+    keys, values = jnp.pad(kv[1], pad), jnp.pad(kv[2], pad)
+    recent = write_recent_inputs(jnp.zeros((batch, window, d)), x_prompt, 0) if head_kv == "repair" else None
+
+    def step(carry, per_step):
+        keys, values, recent = carry
+        x, chosen_now, c = per_step
+        allowed = jnp.asarray(slot_mask) & (jnp.arange(slots) <= c)[None]
+        out = head_sparse_decode(
+            x, weights, keys, values, recent, chosen_now, k, c, allowed, head_kv=head_kv, attention_impl=attention
+        )
+        return (out.keys, out.values, out.recent), (out.out, out.head_idx, out.head_used, out.heads_out)
+
+    cursors = jnp.arange(prompt, slots, dtype=jnp.int32)
+    xs = (jnp.asarray(inputs[:, prompt:].transpose(1, 0, 2)), jnp.asarray(chosen), cursors)
+    _, (outs, head_idx, used, heads_out) = jax.jit(lambda carry: jax.lax.scan(step, carry, xs))((keys, values, recent))
+    outs, head_idx, used, heads_out = map(np.asarray, (outs, head_idx, used, heads_out))
+
+    worst_head, worst_out = 0.0, 0.0
+    for t, c in enumerate(range(prompt, slots)):
+        ref_heads, ref_out = reference_step(w64, inputs.astype(np.float64), slot_mask, chosen[t], c)
+        for b in range(batch):
+            # Each sequence's used entries are exactly the heads it chose, once each.
+            assert sorted(head_idx[t][used[t, b]]) == list(np.flatnonzero(chosen[t, b]))
+            for j in np.flatnonzero(used[t, b]):
+                ref = ref_heads[b, head_idx[t, j]]
+                worst_head = max(worst_head, np.linalg.norm(heads_out[t, b, j] - ref) / np.linalg.norm(ref))
+            worst_out = max(worst_out, np.linalg.norm(outs[t, b] - ref_out[b]) / np.linalg.norm(ref_out[b]))
+    assert worst_head <= 1e-5 and worst_out <= 1e-5, (worst_head, worst_out)
+
+
+CONFIG = OPTConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=48,
+    max_position_embeddings=96,
+    word_embed_proj_dim=32,
+)
+SCHEDULE = SparseWeights(head_schedule=jax.random.PRNGKey(7))
+
+
+def fixed_heads(k, **tuning):
+    return SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuple(tuning.items()))
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "attention_impl"))
+def decode_logits(params, weights, ids, mask, continuation, *, policy, attention_impl="xla"):
+    """Prefill the prompt [B, P] (every head), then decode `continuation` [B, N] one token a step in one compiled
+    scan: logits [N, B, V]."""
+    model = OPTForCausalLM(CONFIG, jnp.float32, attention_impl)
+    batch, num_slots = ids.shape[0], ids.shape[1] + continuation.shape[1]
+    cache = KVCache.create(CONFIG, batch, num_slots, jnp.float32, policy.recent_window)
+    _, cache = model.apply({"params": params}, ids, mask, cache, logits_for="last")
+
+    def step(cache, token):
+        one = jnp.ones((batch, 1), jnp.int32)
+        logits, cache = model.apply(
+            {"params": params}, token[:, None], one, cache, policy=policy, sparse_weights=weights
+        )
+        return cache, logits[:, -1]
+
+    return jax.lax.scan(step, cache, continuation.T)[1]
+
+
+def whole_sequence_logits(params, ids, mask, continuation):
+    """Dense logits [N, B, V] of the continuation's tokens, from one forward over prompt + continuation."""
+    full = jnp.concatenate([ids, continuation], axis=1)
+    full_mask = jnp.concatenate([mask, jnp.ones_like(continuation)], axis=1)
+    logits, _ = OPTForCausalLM(CONFIG).apply({"params": params}, full, full_mask)
+    return np.asarray(logits[:, ids.shape[1] :]).transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize(
+    "policy, attention_impl",
+    [(fixed_heads(1, head_kv="repair", head_window=4), "xla"), (fixed_heads(2, head_kv="all"), "pallas")],
+)
+def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, attention_impl):
+    """In the model, 64 decode steps of a left-padded batch computing only the chosen heads give the logits of the
+    reference decode that computes every head (decode_kernels=False) and masks the skipped heads' outputs."""
+    params = init_params(CONFIG, jax.random.PRNGKey(1))
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 3, 64)
+    mask = jnp.ones_like(ids).at[1, :3].set(0)
+    continuation = jax.random.randint(jax.random.PRNGKey(3), (2, 64), 3, 64)
+    sparse = decode_logits(params, SCHEDULE, ids, mask, continuation, policy=policy, attention_impl=attention_impl)
+    every_head = dataclasses.replace(policy, decode_kernels=False)
+    assert rel_max_err(sparse, decode_logits(params, SCHEDULE, ids, mask, continuation, policy=every_head)) <= 1e-5
+    # The skipped heads did change something.
+    assert rel_max_err(sparse, whole_sequence_logits(params, ids, mask, continuation)) > 1e-3
+
+
+def test_every_head_chosen_decodes_like_dense_on_the_reference_model(reference_model_dir):
+    """With every head chosen, the head-sparse decode steps (kernels, K/V repair) give dense logits and greedy
+    tokens."""
+    model = load_model(reference_model_dir, "float32")
+    ids = jnp.asarray([model.tokenizer("Paris is the capital and largest city")["input_ids"]])
+    every_head = fixed_heads(model.config.num_attention_heads, head_window=4)
+    steps, results = 8, {}
+    for name, policy, weights in (("dense", SparsityPolicy(), None), ("sparse", every_head, SCHEDULE)):
+        last, cache = prefill(
+            model.params,
+            ids,
+            jnp.ones_like(ids),
+            config=model.config,
+            num_slots=ids.shape[1] + steps,
+            recent_window=policy.recent_window,
+        )
+        tokens, logits = [], []
+        for _ in range(steps):
+            token = jnp.argmax(last, axis=-1)
+            tokens.append(int(token[0]))
+            last, cache = decode_step(model.params, cache, token, weights, config=model.config, policy=policy)
+            logits.append(np.asarray(last))
+        results[name] = tokens, np.stack(logits)
+    assert results["sparse"][0] == results["dense"][0]
+    assert rel_max_err(results["sparse"][1], results["dense"][1]) <= 1e-5
+
+
+def _walk(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs its equations hold (loop bodies, jitted calls, kernels)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, jax.extend.core.ClosedJaxpr):
+                    yield from _walk(v.jaxpr)
+                elif isinstance(v, jax.extend.core.Jaxpr):
+                    yield from _walk(v)
+
+
+def test_head_sparse_generation_is_one_compiled_decode_loop():
+    """The whole generation traces to one while loop (the decode loop) holding the head-sparse kernels, and no host
+    callback anywhere."""
+    params = init_params(CONFIG, jax.random.PRNGKey(8))
+    ids = jnp.ones((1, 8), jnp.int32)
+    policy = fixed_heads(2)
+    jaxpr = jax.make_jaxpr(
+        lambda p, i, m, n, key, s, w: _generate_tokens(
+            p, i, m, n, key, s, w, config=CONFIG, num_slots=24, policy=policy
+        )
+    )(params, ids, jnp.ones_like(ids), jnp.int32(16), jax.random.PRNGKey(0), SamplingConfig().to_device(), SCHEDULE)
+    loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+    assert len(loops) == 1
+    kernels = " ".join(
+        str(e.params) for e in _walk(loops[0].params["body_jaxpr"].jaxpr) if "pallas" in e.primitive.name
+    )
+    assert "head_qkv" in kernels and "head_out_proj" in kernels
+    assert not any("callback" in e.primitive.name for e in _walk(jaxpr.jaxpr))
+
+
+def test_tuning_and_cache_errors():
+    with pytest.raises(ValueError, match="head_kv must be one of"):
+        DecodeTuning(head_kv="some")
+    with pytest.raises(ValueError, match="head_window must be a positive int"):
+        SparsityPolicy(heads=HeadSparsity.FIXED, head_k=1, tuning=(("head_window", 0),))
+    with pytest.raises(ValueError, match="head_window must be a positive int. Got 'many'"):
+        SparsityPolicy(heads=HeadSparsity.FIXED, head_k=1, tuning=(("head_window", "many"),))
+    with pytest.raises(ValueError, match="fixed head selection needs head_k"):
+        SparsityPolicy(heads=HeadSparsity.FIXED)
+    assert fixed_heads(1, head_kv="all").recent_window == 0 and fixed_heads(1).recent_window == 16
+    # A batch too large for the MLP kernels keeps its head policy, and how the heads' K/V are kept.
+    policy, weights = for_decode_batch(fixed_heads(1, head_kv="all", head_window=4), SCHEDULE, 8)
+    assert (policy.tuning.head_kv, policy.tuning.head_window, weights) == ("all", 4, SCHEDULE)
+    params = init_params(CONFIG, jax.random.PRNGKey(9))
+    ids = jnp.full((1, 4), 5, jnp.int32)
+    _, cache = prefill(params, ids, jnp.ones_like(ids), config=CONFIG, num_slots=8)  # no recent inputs kept
+    with pytest.raises(ValueError, match="needs the cache's recent inputs"):
+        decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=fixed_heads(1))
+    _, cache = prefill(params, ids, jnp.ones_like(ids), config=CONFIG, num_slots=8, recent_window=4)
+    with pytest.raises(ValueError, match="head_window is 16"):
+        decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=fixed_heads(1))
+    with pytest.raises(ValueError, match="needs a schedule"):
+        decode_step(params, cache, ids[:, 0], None, config=CONFIG, policy=fixed_heads(1, head_window=4))
