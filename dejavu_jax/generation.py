@@ -20,6 +20,7 @@ from flax import struct
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM
+from dejavu_jax.parallel import constrain_cache, mesh_of
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
 from dejavu_jax.sparsity import DENSE, SparseWeights, SparsityPolicy, for_decode_batch
 
@@ -44,7 +45,7 @@ def _model_for(config: OPTConfig, params, attention_impl: str = "xla") -> OPTFor
 # multi-billion-parameter sizes (measured in bench/results/NOTES.md). The results are kept in a per-fusion cache
 # directory (`autotune_cache_dir()`), so a later compile of the same shapes takes seconds.
 AUTOTUNE_MODES = ("default", "exhaustive")
-_STATIC = ("config", "num_slots", "policy", "attention_impl")
+_STATIC = ("config", "num_slots", "policy", "attention_impl", "mesh")
 
 
 def autotune_cache_dir() -> Path:
@@ -66,12 +67,14 @@ def _generate_tokens(
     num_slots: int,
     policy: SparsityPolicy = DENSE,
     attention_impl: str = "xla",
+    mesh=None,
 ):
     """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B]).
 
     `policy` (static) and `sparse_weights` (traced: predictors, or fixed rows) choose the decode steps' MLP neurons
     (`dejavu_jax.sparsity`); the prefill is dense. `attention_impl` picks the decode steps' attention
-    (model.ATTENTION_IMPLS).
+    (model.ATTENTION_IMPLS). `mesh`: the tp mesh `params` are sharded on (`parallel.mesh_of`), None for one device;
+    the KV cache is then split on heads like them.
     """
     batch, prompt_len = input_ids.shape
     capacity = num_slots - prompt_len
@@ -79,7 +82,7 @@ def _generate_tokens(
     dtype = params["embed_tokens"]["embedding"].dtype
 
     with jax.named_scope("prefill"):
-        cache = KVCache.create(config, batch, num_slots, dtype)
+        cache = constrain_cache(KVCache.create(config, batch, num_slots, dtype), mesh)
         logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
     rng, key = jax.random.split(rng)
     first = sample_tokens(logits[:, -1], key, sampling)
@@ -110,7 +113,7 @@ def _generate_tokens(
         token = jnp.where(s.done, config.pad_token_id, sample_tokens(logits[:, -1], key, sampling))
         return DecodeState(
             step=s.step + 1,
-            cache=cache,
+            cache=constrain_cache(cache, mesh),
             last_token=token,
             done=s.done | (token == config.eos_token_id),
             num_generated=s.num_generated + (~s.done).astype(jnp.int32),
@@ -199,6 +202,13 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
     return ids, mask
 
 
+def check_tp_policy(mesh, policy: SparsityPolicy, sparse_weights: SparseWeights | None) -> None:
+    """Sharded parameters decode dense only: the sparse decode kernels would see whole weights (GSPMD gathers the
+    shards for a kernel it cannot split)."""
+    if mesh is not None and (policy != DENSE or sparse_weights is not None):
+        raise ValueError("tensor-parallel generation (--tp > 1) decodes dense only; drop the sparsity flags")
+
+
 def check_lengths(config: OPTConfig, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int. Got {max_new_tokens!r}")
@@ -234,6 +244,8 @@ def generate_ids(
     ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)
     num_slots = prompt_len + bucket(max_new_tokens, 16)
     policy, sparse_weights = for_decode_batch(policy, sparse_weights, len(prompts))
+    mesh = mesh_of(params)
+    check_tp_policy(mesh, policy, sparse_weights)
     tokens, counts = program(
         params,
         jnp.asarray(ids),
@@ -246,6 +258,7 @@ def generate_ids(
         num_slots=num_slots,
         policy=policy,
         attention_impl=attention_impl,
+        mesh=mesh,
     )
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[i, : counts[i]].tolist() for i in range(len(prompts))]
