@@ -271,3 +271,36 @@ def test_initialize_hosts_needs_all_three_settings(monkeypatch):
         parallel.initialize_hosts()
     with pytest.raises(ValueError, match=r"lie in \[0, number of processes\)"):
         parallel.initialize_hosts("localhost:1234", 2, 2)
+
+
+def test_two_processes_decode_as_one_tp2_program(reference_models):
+    """Two hosts simulated by two processes of one CPU device each (jax.distributed, gloo collectives): the same
+    `generate --tp 2` command in each gives the single-device greedy tokens."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    argv = [sys.executable, "-m", "dejavu_jax.generate", "--model", str(REFERENCE_MODEL), "--prompt", "Hello"]
+    argv += ["--max-new-tokens", "6", "--dtype", "float32", "--tp", "2", "--json"]
+    argv += ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    procs = [
+        subprocess.Popen(argv + ["--process-id", str(i)], env=env, cwd=root, stdout=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    single, _ = reference_models
+    prompt = single.tokenizer("Hello")["input_ids"]
+    want = generate_ids(single.params, single.config, [prompt], 6)[0]
+    for out in outputs:
+        record = json.loads(out.strip().splitlines()[-1])
+        assert record["tp"] == 2 and record["token_ids"] == want
+        assert len(record["param_bytes_per_device"]) == 1  # this process's one device
