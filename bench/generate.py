@@ -22,8 +22,8 @@ round runs every row once), so a drift of the card during the run does not favou
 The floor is (weight bytes + mean KV-cache bytes read per decode step) / the device copy bandwidth measured in
 the same run.
 
-With `--tp`, each value runs the dense model in turn, its random weights created directly into their Megatron
-shardings (`dejavu_jax.parallel`), so no device ever holds the whole model; `--lm-head` says whether the tied
+With `--tp`, each value runs in turn (dense, and with --mlp-density the fixed-rows variant: each device's
+row-masked kernels over its own neurons), its random weights created directly into their Megatron shardings (`dejavu_jax.parallel`), so no device ever holds the whole model; `--lm-head` says whether the tied
 embedding / LM head is replicated or split on the vocabulary. The floor is then per device: the bytes the
 most loaded device reads (its parameter shards, its share of the KV cache) / the copy bandwidth of one device.
 HF eager runs only at --tp 1. The rows of different --tp values are timed one value after another (their weights
@@ -45,7 +45,7 @@ from bench.common import copy_bandwidth, median_seconds, provenance, write_resul
 from dejavu_jax.config import OPT_SHAPES, shape_config
 from dejavu_jax.generation import AUTOTUNE_MODES, generation_program
 from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, abstract_params, check_attention_impl
-from dejavu_jax.parallel import TP_AXIS, mesh_of, param_bytes_per_device, param_shardings, tp_mesh
+from dejavu_jax.parallel import TP_AXIS, mesh_of, param_bytes_per_device, param_shardings, shard_params, tp_mesh
 from dejavu_jax.predictors import init_low_rank
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparsity import (
@@ -371,8 +371,11 @@ def main(argv=None) -> int:
                     tp_mesh(shape_config(name), tp, head == "vocab")
     except ValueError as e:
         p.error(str(e))
-    if args.mlp_density is not None and tps != [1]:
-        p.error("--mlp-density times sparse decoding on one device; use it with --tp 1")
+    if args.mlp_density is not None and tps != [1] and set(variant_names) | set(tuned_names) != {"fixed"}:
+        p.error(
+            "with --tp other than 1, --mlp-density times the fixed-rows variant only (--variants fixed "
+            "--tuned-variants fixed): predicted and lossless decoding are not split over devices yet"
+        )
     # One device has a single LM-head layout.
     layouts = [(tp, head) for tp in tps for head in (lm_heads if tp != 1 else ["replicated"])]
     layouts = list(dict.fromkeys(layouts))
@@ -394,9 +397,10 @@ def main(argv=None) -> int:
             variants = [("dense", DENSE, None, {})]
             if args.mlp_density is not None:
                 planted = planted_rows(config, args.mlp_density, args.fire_rate)
-                params = plant_firing(params, planted)
+                params = shard_params(plant_firing(params, planted), mesh)  # the planted biases split like fc1
                 fixed = SparseWeights(fixed_rows=tuple(jnp.asarray(c, jnp.int32) for _, c in planted))
-                predictors = {rank: planted_predictors(config, planted, rank) for rank in ranks}
+                wants_predictors = "predicted" in set(variant_names) | set(tuned_names)
+                predictors = {rank: planted_predictors(config, planted, rank) for rank in ranks if wants_predictors}
                 for tuning in tunings:
                     names = tuned_names if tuning else variant_names
                     tag = f" [{format_tuning(tuning)}]" if tuning else ""

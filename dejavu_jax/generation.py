@@ -22,7 +22,7 @@ from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM
 from dejavu_jax.parallel import constrain_cache, mesh_of
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
-from dejavu_jax.sparsity import DENSE, SparseWeights, SparsityPolicy, for_decode_batch
+from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, SparseWeights, SparsityPolicy, for_decode_batch
 
 
 @struct.dataclass
@@ -36,8 +36,8 @@ class DecodeState:
     rng: jax.Array
 
 
-def _model_for(config: OPTConfig, params, attention_impl: str = "xla") -> OPTForCausalLM:
-    return OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype, attention_impl)
+def _model_for(config: OPTConfig, params, attention_impl: str = "xla", mesh=None) -> OPTForCausalLM:
+    return OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype, attention_impl, mesh)
 
 
 # How hard XLA searches GEMM tilings when it compiles the generation program. "default": XLA's usual autotuning.
@@ -78,7 +78,7 @@ def _generate_tokens(
     """
     batch, prompt_len = input_ids.shape
     capacity = num_slots - prompt_len
-    model = _model_for(config, params, attention_impl)
+    model = _model_for(config, params, attention_impl, mesh)
     dtype = params["embed_tokens"]["embedding"].dtype
 
     with jax.named_scope("prefill"):
@@ -151,16 +151,18 @@ def generation_program(autotune: str = "default"):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
-def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: int):
-    """Step-by-step API: a fresh cache holding the prompt, and the last position's logits [B, V]."""
-    model = _model_for(config, params)
+@functools.partial(jax.jit, static_argnames=("config", "num_slots", "mesh"))
+def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: int, mesh=None):
+    """Step-by-step API: a fresh cache holding the prompt, and the last position's logits [B, V]. `mesh`: as for
+    `generate_tokens`."""
+    model = _model_for(config, params, mesh=mesh)
     cache = KVCache.create(config, input_ids.shape[0], num_slots, params["embed_tokens"]["embedding"].dtype)
+    cache = constrain_cache(cache, mesh)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_impl", "mesh"), donate_argnames=("cache",))
 def decode_step(
     params,
     cache: KVCache,
@@ -171,10 +173,12 @@ def decode_step(
     config: OPTConfig,
     policy: SparsityPolicy = DENSE,
     attention_impl: str = "xla",
+    mesh=None,
 ):
     """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache.
-    `head_idx` (per layer, the heads to compute, or None) is the attention seam."""
-    model = _model_for(config, params, attention_impl)
+    `head_idx` (per layer, the heads to compute, or None) is the attention seam. `mesh`: as for `generate_tokens`
+    (the sparse decode MLP runs per device on it)."""
+    model = _model_for(config, params, attention_impl, mesh)
     logits, cache = model.apply(
         {"params": params},
         tokens[:, None],
@@ -203,10 +207,22 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
 
 
 def check_tp_policy(mesh, policy: SparsityPolicy, sparse_weights: SparseWeights | None) -> None:
-    """Sharded parameters decode dense only: the sparse decode kernels would see whole weights (GSPMD gathers the
-    shards for a kernel it cannot split)."""
-    if mesh is not None and (policy != DENSE or sparse_weights is not None):
-        raise ValueError("tensor-parallel generation (--tp > 1) decodes dense only; drop the sparsity flags")
+    """Sharded parameters decode dense, or with fixed row masks (each device's kernels over its own neurons,
+    `sparse_mlp.mlp_decode_rows_split`); predicted and lossless selection are not split yet."""
+    if mesh is None:
+        return
+    fixed_rows_only = (
+        sparse_weights is not None
+        and sparse_weights.fixed_rows is not None
+        and sparse_weights.mlp is None
+        and sparse_weights.heads is None
+        and policy.mlp == MLPSparsity.NONE
+        and policy.heads == HeadSparsity.NONE
+    )
+    if (policy != DENSE or sparse_weights is not None) and not fixed_rows_only:
+        raise ValueError(
+            "tensor-parallel generation (--tp > 1) decodes dense or with fixed row masks only; drop the sparsity flags"
+        )
 
 
 def check_lengths(config: OPTConfig, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:

@@ -15,7 +15,7 @@ from dejavu_jax import parallel
 from dejavu_jax.checkpoint import load_model, write_model_directory
 from dejavu_jax.config import OPTConfig, tiny_config
 from dejavu_jax.generation import generate_ids, generate_tokens
-from dejavu_jax.model import OPTForCausalLM, init_params
+from dejavu_jax.model import OPTForCausalLM, abstract_params
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparsity import SparseWeights
 
@@ -36,11 +36,11 @@ def forward_logits(params, config, ids):
 
 @pytest.fixture(scope="module")
 def eight_heads_params():
-    """Random weights, scaled up so every block matters and greedy choices are far from ties."""
-    params = jax.jit(init_params, static_argnums=0)(EIGHT_HEADS, jax.random.PRNGKey(3))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x * 10 if parallel._leaf_name(path) in SPLIT_LEAVES | {"embedding"} else x, params
-    )
+    """Random weights (std 0.2, biases and LayerNorms too), large enough that every block matters and greedy choices
+    are far from ties."""
+    leaves, tree = jax.tree.flatten(abstract_params(EIGHT_HEADS))
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +171,36 @@ def test_tp_values_are_checked():
     assert parallel.tp_mesh(EIGHT_HEADS, "auto").shape["tp"] == 4
 
 
-def test_sparse_decoding_under_tp_is_refused(eight_heads_params):
+def test_fixed_row_sparse_decoding_under_tp4_matches_one_device(eight_heads_params):
+    """Each device runs the row-masked kernels over its own neurons, then one psum: the single-device sparse logits
+    of a decode step, and its greedy tokens."""
+    from dejavu_jax.generation import decode_step, prefill
+
+    rng = np.random.default_rng(4)
+    masks = tuple(jnp.asarray(rng.random(EIGHT_HEADS.ffn_dim) < 0.3, jnp.int32) for _ in range(2))
+    rows = SparseWeights(fixed_rows=masks)
+    mesh = parallel.tp_mesh(EIGHT_HEADS, 4)
+    sharded = parallel.shard_params(eight_heads_params, mesh)
+    ids = jnp.asarray([[2, 31, 7, 99, 4, 18, 250, 3]], jnp.int32)
+
+    def next_logits(params, on, sparse_weights):
+        _, cache = prefill(params, ids, jnp.ones_like(ids), config=EIGHT_HEADS, num_slots=16, mesh=on)
+        return decode_step(params, cache, jnp.asarray([5]), sparse_weights, config=EIGHT_HEADS, mesh=on)[0]
+
+    one_device = next_logits(eight_heads_params, None, rows)
+    assert rel_max_err(one_device, next_logits(eight_heads_params, None, None)) > 1e-2  # the masks matter
+    assert rel_max_err(next_logits(sharded, mesh, rows), one_device) < 1e-5
+    prompts = PROMPTS[:1]  # batch 1: the decode steps run the row-masked kernels
+    want = generate_ids(eight_heads_params, EIGHT_HEADS, prompts, 6, sparse_weights=rows)
+    assert generate_ids(sharded, EIGHT_HEADS, prompts, 6, sparse_weights=rows) == want
+
+
+def test_other_sparse_decoding_under_tp_is_refused(eight_heads_params):
+    from dejavu_jax.sparsity import MLPSparsity, SparsityPolicy
+
     sharded = parallel.shard_params(eight_heads_params, parallel.tp_mesh(EIGHT_HEADS, 2))
-    rows = SparseWeights(fixed_rows=tuple(jnp.ones((EIGHT_HEADS.ffn_dim,), jnp.int32) for _ in range(2)))
-    with pytest.raises(ValueError, match="decodes dense only"):
-        generate_ids(sharded, EIGHT_HEADS, PROMPTS, 4, sparse_weights=rows)
+    with pytest.raises(ValueError, match="dense or with fixed row masks only"):
+        generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=SparsityPolicy(MLPSparsity.LOSSLESS))
 
 
 def test_generate_cli_reports_placement(reference_models, capsys):
@@ -219,10 +244,13 @@ def test_bench_generate_tp(tmp_path, capsys):
 
     out = tmp_path / "g.md"
     argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --tp 2 --lm-head vocab"
+    argv += " --mlp-density 0.25 --fire-rate 0.1 --variants fixed"
     assert main(argv.split() + ["--out", str(out)]) == 0
-    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert row["tp"] == 2 and row["lm_head"] == "vocab" and len(row["param_bytes_per_device"]) == 2
-    assert "| tiny | 2 | vocab | 1 | xla | dense |" in out.read_text()
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "fixed rows"]
+    for row in rows:
+        assert row["tp"] == 2 and row["lm_head"] == "vocab" and len(row["param_bytes_per_device"]) == 2
+    assert "| tiny | 2 | vocab | 1 | xla | fixed rows |" in out.read_text()
     for bad, needle in (("3", "must divide"), ("0", "positive device count")):
         with pytest.raises(SystemExit) as e:
             main(["--shape", "tiny", "--tp", bad])
@@ -230,7 +258,7 @@ def test_bench_generate_tp(tmp_path, capsys):
         _one_error_line(capsys.readouterr().err, needle)
     with pytest.raises(SystemExit):
         main(["--shape", "tiny", "--tp", "2", "--mlp-density", "0.1"])
-    _one_error_line(capsys.readouterr().err, "--tp 1")
+    _one_error_line(capsys.readouterr().err, "fixed-rows variant only")
 
 
 def test_bench_allreduce(tmp_path):
