@@ -253,7 +253,8 @@ def generate_ids(
     attention_impl: str = "xla",
     autotune: str = "default",
 ) -> list[list[int]]:
-    """Token-level generation for a batch of prompts of any lengths; returns the generated ids only."""
+    """Token-level generation for a batch of prompts of any lengths; returns the generated ids only. Parameters
+    sharded over a tp mesh (`parallel.shard_params`, `checkpoint.load_model(tp=...)`) run tensor-parallel."""
     program = generation_program(autotune)
     check_lengths(config, [len(p) for p in prompts], max_new_tokens)
     prompt_len = bucket(max(len(p) for p in prompts), 8)
