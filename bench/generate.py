@@ -471,7 +471,8 @@ def main(argv=None) -> int:
                             f"{jx['compile_s']:.1f} s",
                             flush=True,
                         )
-            del params
+            # the timed programs hold the weights: free both before the next layout's weights are made
+            prepared = run = params = None
             gc.collect()
 
     lines = [

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulat
 EIGHT_HEADS = tiny_config(num_attention_heads=8, vocab_size=256, max_position_embeddings=64)
 # What the Megatron layout splits (the model docstring's parameter layout); everything else is replicated.
 SPLIT_LEAVES = {"qkv_w", "qkv_b", "out_w", "fc1_w", "fc1_b", "fc2_w_t"}
+HEADS_SECOND = {"qkv_w", "qkv_b"}  # [3, H, ...]: split on their second axis, the others on their first
 PROMPTS = [[2, 31, 7, 99, 4], [2, 18, 250, 3, 64, 12, 9]]
 
 
@@ -57,10 +58,6 @@ def eight_heads_reference(eight_heads_params):
 @pytest.fixture(scope="module")
 def reference_models():
     return load_model(REFERENCE_MODEL, "float32"), load_model(REFERENCE_MODEL, "float32", tp=2)
-
-
-def _leaf_names_and_specs(params):
-    return jax.tree_util.tree_leaves_with_path(jax.tree.map(lambda x: x.sharding.spec, params))
 
 
 def test_reference_model_tp2_gives_single_device_logits_and_tokens(reference_models):
@@ -100,6 +97,11 @@ def test_parameters_are_really_split(eight_heads_params, vocab_split):
             split_bytes += leaf.nbytes
         else:
             replicated_bytes += leaf.nbytes
+    for path, leaf in jax.tree_util.tree_leaves_with_path(sharded):
+        name = parallel._leaf_name(path)
+        split = name in SPLIT_LEAVES or (vocab_split and name == "embedding" and "embed_tokens" in str(path))
+        want = (P(None, "tp") if name in HEADS_SECOND else P("tp")) if split else P()
+        assert leaf.sharding.spec == want, (path, leaf.sharding.spec)
     assert split_bytes > replicated_bytes  # the check below is about most of the model
     assert parallel.param_bytes_per_device(sharded) == [replicated_bytes + split_bytes // 4] * 4
     assert parallel.param_bytes_per_device(eight_heads_params) == [split_bytes + replicated_bytes]
