@@ -1,10 +1,10 @@
-"""python -m bench {generate,kernels,select,profile,convert-memory,train-stream} ...  (each has --help)"""
+"""python -m bench {generate,kernels,select,profile,allreduce,convert-memory,train-stream} ...  (each has --help)"""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bench {generate,kernels,select,profile,convert-memory,train-stream} [options]
+USAGE = """usage: python -m bench {generate,kernels,select,profile,allreduce,convert-memory,train-stream} [options]
 
   generate            decode latency: JAX dense and sparse (fixed rows, lossless, predicted) vs HF eager vs
                       the bandwidth floor
@@ -16,6 +16,8 @@ USAGE = """usage: python -m bench {generate,kernels,select,profile,convert-memor
   select              what choosing a decode step's neurons costs: predictor matmuls by rank, top-K
                       selection alternatives (GPU)
   profile             kernel-by-kernel time of the compiled decode program (GPU, from a profiler trace)
+  allreduce           per-call latency of the [batch, d] all-reduce tensor-parallel decoding makes twice a layer,
+                      chained under shard_map, optionally under XLA / NCCL flag variants
   convert-memory      peak host memory of converting a random-weight HF checkpoint of a real shape
   train-stream        streaming predictor training (python -m train --store stream) on a random-weight model of
                       a real shape: tokens/s, peak device and host memory, disk written
@@ -40,6 +42,10 @@ def main(argv=None) -> int:
         return run(rest)
     if command == "profile":
         from bench.profile_decode import main as run
+
+        return run(rest)
+    if command == "allreduce":
+        from bench.allreduce import main as run
 
         return run(rest)
     if command == "convert-memory":

@@ -2,6 +2,7 @@
 
     python -m bench generate --shape opt-6.7b --shape opt-13b [--batch 1] [--prompt-len 128] [--new-tokens 128]
         [--mlp-density 0.1 [--fire-rate 0.05] [--predictor-rank 256,1000] [--selection threshold,topk]]
+        [--tp 1,2 [--lm-head replicated,vocab]]
 
 With --mlp-density, every row below runs in the same process on the same weights. fc1's biases are set so that a
 fixed random `--fire-rate` of each layer's neurons fire for every token (the others never do), and every selection
@@ -20,6 +21,22 @@ The rows of one shape, batch and attention are compiled first, then timed in `--
 round runs every row once), so a drift of the card during the run does not favour the rows timed first.
 The floor is (weight bytes + mean KV-cache bytes read per decode step) / the device copy bandwidth measured in
 the same run.
+
+With --head-density, attention heads are sparse too: each decode step computes only k = round(density · heads)
+heads per layer (kernels/head_sparse.py), every head's K/V kept exact (the "repair" ring buffer by default;
+`--tuning head_kv=all` for the every-head-K/V alternative; dejavu_jax/sparse_attention.py). Rows added:
+- fixed heads: a seeded random k heads per token, layer and step (so the K/V repair runs), MLP dense;
+- fixed rows + fixed heads (with --mlp-density and the fixed variant);
+- predicted + predicted heads (with the predicted variant): random-weight head predictors of the row's rank, top-k
+  on the previous layer's input (the lookahead), beside the MLP predictors.
+The table's "heads kept" column says k of the heads.
+
+With `--tp`, each value runs in turn (dense, and with --mlp-density the fixed-rows variant: each device's
+row-masked kernels over its own neurons), its random weights created directly into their Megatron shardings (`dejavu_jax.parallel`), so no device ever holds the whole model; `--lm-head` says whether the tied
+embedding / LM head is replicated or split on the vocabulary. The floor is then per device: the bytes the
+most loaded device reads (its parameter shards, its share of the KV cache) / the copy bandwidth of one device.
+HF eager runs only at --tp 1. The rows of different --tp values are timed one value after another (their weights
+do not fit side by side), not interleaved.
 """
 
 from __future__ import annotations
@@ -36,12 +53,14 @@ import numpy as np
 from bench.common import copy_bandwidth, median_seconds, provenance, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
 from dejavu_jax.generation import AUTOTUNE_MODES, generation_program
-from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, check_attention_impl
+from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, abstract_params, check_attention_impl
+from dejavu_jax.parallel import TP_AXIS, mesh_of, param_bytes_per_device, param_shardings, shard_params, tp_mesh
 from dejavu_jax.predictors import init_low_rank
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparsity import (
     DENSE,
     DecodeTuning,
+    HeadSparsity,
     MLPSparsity,
     Selection,
     SparseWeights,
@@ -51,18 +70,28 @@ from dejavu_jax.sparsity import (
 )
 
 
-def random_params(config, dtype):
+def random_params(config, dtype, mesh=None, vocab_split: bool = False):
+    """Random weights; with a tp `mesh`, created on the devices straight into their shardings."""
     model = OPTForCausalLM(config, dtype)
-    return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    shardings = None if mesh is None else param_shardings(abstract_params(config, dtype), mesh, vocab_split)
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32))["params"], out_shardings=shardings)
+    return init(jax.random.PRNGKey(0))
 
 
-def bytes_read_per_token(config, batch, prompt_len, new_tokens, itemsize=2) -> dict:
-    """What one decode step must read: every weight once (one row of the position table), and the KV cache."""
+def bytes_read_per_token(config, batch, prompt_len, new_tokens, itemsize=2, params=None) -> dict:
+    """What one decode step must read: every weight once (one row of the position table), and the KV cache. With
+    sharded `params`: what the most loaded device reads (its shards, its heads' share of the cache)."""
     c = config
-    weights = c.num_params - (c.max_position_embeddings + 2 - 1) * c.hidden_size
+    unread_positions = (c.max_position_embeddings + 2 - 1) * c.hidden_size * itemsize
+    weights = c.num_params * itemsize - unread_positions
     kv_per_token = 2 * c.num_hidden_layers * c.hidden_size * itemsize * batch
     mean_context = prompt_len + (new_tokens - 1) / 2
-    return {"weights": weights * itemsize, "kv": kv_per_token * mean_context}
+    tp = 1
+    if params is not None:
+        per_device = param_bytes_per_device(params)
+        tp = len(per_device)
+        weights = max(per_device) - unread_positions
+    return {"weights": weights, "kv": kv_per_token * mean_context / tp}
 
 
 def planted_rows(config, density: float, fire_rate: float, seed: int = 3):
@@ -113,6 +142,53 @@ def planted_predictors(config, rows, rank: int) -> SparseWeights:
 SPARSE_VARIANTS = ("fixed", "lossless", "predicted")
 
 
+def random_head_predictors(config, rank: int) -> tuple:
+    """Random rank-`rank` head predictors, one per layer (layer l reads layer l-1's input): their top-k heads change
+    from token to token, so a timed row's K/V repair runs as it would with trained predictors."""
+    keys = jax.random.split(jax.random.PRNGKey(7), config.num_hidden_layers)
+    return tuple(
+        init_low_rank(key, config.hidden_size, rank, config.num_attention_heads, dtype=jnp.float16) for key in keys
+    )
+
+
+def heads_only(tuning: tuple) -> bool:
+    """The tuning overrides only head-sparse settings (`DecodeTuning.head_*`)."""
+    return all(name.startswith("head_") for name, _ in tuning)
+
+
+def head_variants(config, density: float, tunings: list, ranks, selections, fixed, predictors) -> list:
+    """The --head-density rows: (label, policy, weights, extra) for each (tuning, the variant names it times).
+    `fixed`: the fixed-rows SparseWeights (None without --mlp-density); `predictors`: rank -> MLP SparseWeights."""
+    n_heads = config.num_attention_heads
+    k = max(1, round(density * n_heads))
+    schedule = jax.random.PRNGKey(11)
+    head_predictors = {}
+    out = []
+    for tuning, names in tunings:
+        tag = f" [{format_tuning(tuning)}]" if tuning else ""
+        extra = {"heads_kept": f"{k}/{n_heads}", **({"tuning": format_tuning(tuning)} if tuning else {})}
+        fixed_heads = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuning)
+        if "fixed" in names:
+            out.append((f"fixed heads{tag}", fixed_heads, SparseWeights(head_schedule=schedule), extra))
+            if fixed is not None:
+                out.append(
+                    (f"fixed rows + fixed heads{tag}", fixed_heads, fixed.replace(head_schedule=schedule), extra)
+                )
+        if "predicted" not in names:
+            continue
+        for rank in ranks if predictors else []:
+            if rank not in head_predictors:
+                head_predictors[rank] = random_head_predictors(config, rank)
+            weights = predictors[rank].replace(heads=head_predictors[rank])
+            for sel in selections:
+                policy = SparsityPolicy(
+                    MLPSparsity.PREDICTED, sel, heads=HeadSparsity.PREDICTED, head_k=k, tuning=tuning
+                )
+                label = f"predicted, {sel.value} + predicted heads{tag}"
+                out.append((label, policy, weights, {"rank": rank, **extra}))
+    return out
+
+
 def parse_tuning(spec: str) -> tuple:
     """ "fc1_segment=128,hidden=xla" -> (("fc1_segment", 128), ("hidden", "xla")), checked by DecodeTuning."""
     pairs = []
@@ -151,7 +227,9 @@ def prepare_jax(
     sampling = SamplingConfig().to_device()
     num_slots = prompt_len + new_tokens
     policy, sparse_weights = for_decode_batch(policy, sparse_weights, batch)  # as generation runs it
-    static = dict(config=no_eos, num_slots=num_slots, policy=policy, attention_impl=attention_impl)
+    static = dict(
+        config=no_eos, num_slots=num_slots, policy=policy, attention_impl=attention_impl, mesh=mesh_of(params)
+    )
     program = generation_program(autotune)
 
     def run(n):
@@ -261,6 +339,13 @@ def main(argv=None) -> int:
         help="with --mlp-density: the fraction of neurons that fire (fc1 > 0) per token (default 0.05)",
     )
     p.add_argument(
+        "--head-density",
+        type=float,
+        default=None,
+        help="also time head-sparse decoding (see above): the fraction of each layer's attention heads computed per "
+        "token (k = round(density x heads), at least 1)",
+    )
+    p.add_argument(
         "--predictor-rank",
         default="256,1000",
         help="with --mlp-density: comma list of predictor ranks (default 256,1000)",
@@ -305,6 +390,15 @@ def main(argv=None) -> int:
         help="XLA GEMM autotuning of the JAX program (dejavu_jax.generation.AUTOTUNE_MODES); 'exhaustive' "
         "compiles for minutes the first time, its results cached (see autotune_cache_dir)",
     )
+    from dejavu_jax.parallel_args import add_parallel_args, check_parallel_args
+
+    add_parallel_args(p, several=True)
+    p.add_argument(
+        "--lm-head",
+        default="replicated",
+        help="with --tp > 1: comma list of LM-head (tied embedding) layouts to time, replicated and/or vocab "
+        "(split on the vocabulary) (default replicated)",
+    )
     p.add_argument("--out", default=None, help="markdown path (default bench/results/generate_<card>_<date>.md)")
     args = p.parse_args(argv)
     shapes = args.shape or ["opt-6.7b", "opt-13b"]
@@ -330,6 +424,29 @@ def main(argv=None) -> int:
         p.error("ranks and batches must be >= 1")
     if args.mlp_density is not None and not 0 < args.fire_rate <= args.mlp_density:
         p.error(f"--fire-rate must be in (0, --mlp-density]. Got {args.fire_rate}")
+    if args.head_density is not None and not 0 < args.head_density <= 1:
+        p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
+    lm_heads = [h.strip() for h in args.lm_head.split(",") if h.strip()]
+    if not lm_heads or not set(lm_heads) <= {"replicated", "vocab"}:
+        p.error(f"--lm-head takes a comma list of replicated and vocab. Got {args.lm_head!r}")
+    try:
+        tps = check_parallel_args(args, several=True)
+        for name in shapes:  # every layout checked against every shape before anything is timed
+            for tp in tps:
+                for head in lm_heads:
+                    tp_mesh(shape_config(name), tp, head == "vocab")
+    except ValueError as e:
+        p.error(str(e))
+    if args.mlp_density is not None and tps != [1] and set(variant_names) | set(tuned_names) != {"fixed"}:
+        p.error(
+            "with --tp other than 1, --mlp-density times the fixed-rows variant only (--variants fixed "
+            "--tuned-variants fixed): predicted and lossless decoding are not split over devices yet"
+        )
+    if args.head_density is not None and tps != [1]:
+        p.error("--head-density runs on one device only (--tp 1): head-sparse decoding is not split over devices yet")
+    # One device has a single LM-head layout.
+    layouts = [(tp, head) for tp in tps for head in (lm_heads if tp != 1 else ["replicated"])]
+    layouts = list(dict.fromkeys(layouts))
 
     info = provenance()
     bandwidth = copy_bandwidth()
@@ -354,17 +471,17 @@ def main(argv=None) -> int:
             )
         lines += [
             "",
-            "| shape | batch | attention | variant | predictor rank | JAX ms/token | vs dense | tokens/s | "
-            "floor ms | / floor | HF eager ms/token | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | tp | LM head | batch | attention | variant | predictor rank | heads kept | JAX ms/token | "
+            "vs dense | tokens/s | floor ms | / floor | HF eager ms/token | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             jx, hf = r["jax"], r["hf"]
             ms = jx["decode_ms_per_token"]
             hf_cell = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
             lines.append(
-                f"| {r['shape']} | {r['batch']} | {r['attention']} | {r['variant']} | {r.get('rank', '-')} | "
-                f"{ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
+                f"| {r['shape']} | {r['tp']} | {r['lm_head']} | {r['batch']} | {r['attention']} | {r['variant']} | "
+                f"{r.get('rank', '-')} | {r.get('heads_kept', 'all')} | {ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
                 f"{ms / r['floor_ms']:.2f} | {hf_cell} | {jx['compile_s']:.1f} |"
             )
         markdown = "\n".join(lines) + "\n"
@@ -376,84 +493,106 @@ def main(argv=None) -> int:
 
     for name in shapes:
         config = shape_config(name)
-        params = random_params(config, jnp.float16)
-        variants = [("dense", DENSE, None, {})]
-        if args.mlp_density is not None:
-            planted = planted_rows(config, args.mlp_density, args.fire_rate)
-            params = plant_firing(params, planted)
-            fixed = SparseWeights(fixed_rows=tuple(jnp.asarray(c, jnp.int32) for _, c in planted))
-            predictors = {rank: planted_predictors(config, planted, rank) for rank in ranks}
-            for tuning in tunings:
-                names = tuned_names if tuning else variant_names
-                tag = f" [{format_tuning(tuning)}]" if tuning else ""
-                extra = {"tuning": format_tuning(tuning)} if tuning else {}
-                if "fixed" in names:
-                    variants.append((f"fixed rows{tag}", SparsityPolicy(tuning=tuning), fixed, extra))
-                if "lossless" in names:
-                    variants.append(
-                        (f"lossless{tag}", SparsityPolicy(MLPSparsity.LOSSLESS, tuning=tuning), None, extra)
-                    )
-                if "predicted" not in names:
-                    continue
-                for rank in ranks:
-                    for sel in selections:
-                        policy = SparsityPolicy(MLPSparsity.PREDICTED, sel, tuning=tuning)
+        for tp, lm_head in layouts:
+            vocab_split = lm_head == "vocab"
+            mesh = tp_mesh(config, tp, vocab_split)
+            tp_n = 1 if mesh is None else mesh.shape[TP_AXIS]
+            params = random_params(config, jnp.float16, mesh, vocab_split)
+            placement = {"tp": tp_n, "lm_head": lm_head, "param_bytes_per_device": param_bytes_per_device(params)}
+            where = "" if mesh is None else f" tp{tp_n}" + (" vocab-split" if vocab_split else "")
+            variants = [("dense", DENSE, None, {})]
+            if args.mlp_density is not None:
+                planted = planted_rows(config, args.mlp_density, args.fire_rate)
+                params = shard_params(plant_firing(params, planted), mesh)  # the planted biases split like fc1
+                fixed = SparseWeights(fixed_rows=tuple(jnp.asarray(c, jnp.int32) for _, c in planted))
+                wants_predictors = "predicted" in set(variant_names) | set(tuned_names)
+                predictors = {rank: planted_predictors(config, planted, rank) for rank in ranks if wants_predictors}
+                for tuning in tunings:
+                    if tuning and heads_only(tuning):
+                        continue  # changes nothing in an MLP-only row
+                    names = tuned_names if tuning else variant_names
+                    tag = f" [{format_tuning(tuning)}]" if tuning else ""
+                    extra = {"tuning": format_tuning(tuning)} if tuning else {}
+                    if "fixed" in names:
+                        variants.append((f"fixed rows{tag}", SparsityPolicy(tuning=tuning), fixed, extra))
+                    if "lossless" in names:
                         variants.append(
-                            (f"predicted, {sel.value}{tag}", policy, predictors[rank], {"rank": rank, **extra})
+                            (f"lossless{tag}", SparsityPolicy(MLPSparsity.LOSSLESS, tuning=tuning), None, extra)
                         )
-        for batch in batches:
-            read = bytes_read_per_token(config, batch, args.prompt_len, args.new_tokens)
-            floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
-            hf = None if args.no_hf else time_hf(config, batch, args.prompt_len, args.new_tokens, args.repeats)
-            for impl in args.attention:
-                prepared, compile_times = [], []
-                for label, policy, weights, extra in variants:
-                    run, compile_s = prepare_jax(
-                        config,
-                        batch,
-                        args.prompt_len,
-                        args.new_tokens,
-                        params,
-                        policy,
-                        weights,
-                        attention_impl=impl,
-                        autotune=args.autotune,
-                    )
-                    prepared.append(run)
-                    compile_times.append(compile_s)
-                    print(f"{name} b{batch} [{impl}] {label}: compiled in {compile_s:.1f} s", flush=True)
-                timings = time_interleaved(prepared, args.new_tokens, args.repeats)
-                dense_ms = timings[0]["decode_ms_per_token"]
-                for (label, _, _, extra), jx, compile_s in zip(variants, timings, compile_times):
-                    jx = {"compile_s": compile_s, **jx}
-                    ms = jx["decode_ms_per_token"]
-                    row = {
-                        "shape": name,
-                        "attention": impl,
-                        "batch": batch,
-                        "prompt_len": args.prompt_len,
-                        "new_tokens": args.new_tokens,
-                        "variant": label,
-                        **extra,
-                        "floor_ms": floor_ms,
-                        "bytes_per_token": read,
-                        "jax": jx,
-                        "hf": hf if label == "dense" else None,
-                        "speedup_vs_dense": dense_ms / ms,
-                        "jax_gbs": (read["weights"] + read["kv"]) / ms / 1e6,
-                    }
-                    if args.mlp_density is not None and label != "dense":
-                        row.update(density=args.mlp_density, fire_rate=args.fire_rate)
-                    rows.append(row)
-                    print(
-                        f"{name} b{batch} [{impl}] {label} {extra or ''}: {ms:.2f} ms/token "
-                        f"({dense_ms / ms:.2f}x dense, {ms / floor_ms:.2f}x the dense floor), compile "
-                        f"{jx['compile_s']:.1f} s",
-                        flush=True,
-                    )
-                write_so_far()
-        del params
-        gc.collect()
+                    if "predicted" not in names:
+                        continue
+                    for rank in ranks:
+                        for sel in selections:
+                            policy = SparsityPolicy(MLPSparsity.PREDICTED, sel, tuning=tuning)
+                            variants.append(
+                                (f"predicted, {sel.value}{tag}", policy, predictors[rank], {"rank": rank, **extra})
+                            )
+            if args.head_density is not None:
+                variants += head_variants(
+                    config,
+                    args.head_density,
+                    [(t, tuned_names if t else variant_names) for t in tunings],
+                    ranks,
+                    selections,
+                    fixed if args.mlp_density is not None else None,
+                    predictors if args.mlp_density is not None else {},
+                )
+            for batch in batches:
+                read = bytes_read_per_token(config, batch, args.prompt_len, args.new_tokens, params=params)
+                floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
+                skip_hf = args.no_hf or mesh is not None
+                hf = None if skip_hf else time_hf(config, batch, args.prompt_len, args.new_tokens, args.repeats)
+                for impl in args.attention:
+                    prepared, compile_times = [], []
+                    for label, policy, weights, extra in variants:
+                        run, compile_s = prepare_jax(
+                            config,
+                            batch,
+                            args.prompt_len,
+                            args.new_tokens,
+                            params,
+                            policy,
+                            weights,
+                            attention_impl=impl,
+                            autotune=args.autotune,
+                        )
+                        prepared.append(run)
+                        compile_times.append(compile_s)
+                        print(f"{name}{where} b{batch} [{impl}] {label}: compiled in {compile_s:.1f} s", flush=True)
+                    timings = time_interleaved(prepared, args.new_tokens, args.repeats)
+                    dense_ms = timings[0]["decode_ms_per_token"]
+                    for (label, _, _, extra), jx, compile_s in zip(variants, timings, compile_times):
+                        jx = {"compile_s": compile_s, **jx}
+                        ms = jx["decode_ms_per_token"]
+                        row = {
+                            "shape": name,
+                            "attention": impl,
+                            "batch": batch,
+                            "prompt_len": args.prompt_len,
+                            "new_tokens": args.new_tokens,
+                            "variant": label,
+                            **placement,
+                            **extra,
+                            "floor_ms": floor_ms,
+                            "bytes_per_token": read,
+                            "jax": jx,
+                            "hf": hf if label == "dense" else None,
+                            "speedup_vs_dense": dense_ms / ms,
+                            "jax_gbs": (read["weights"] + read["kv"]) / ms / 1e6,
+                        }
+                        if args.mlp_density is not None and label != "dense":
+                            row.update(density=args.mlp_density, fire_rate=args.fire_rate)
+                        rows.append(row)
+                        print(
+                            f"{name}{where} b{batch} [{impl}] {label} {extra or ''}: {ms:.2f} ms/token "
+                            f"({dense_ms / ms:.2f}x dense, {ms / floor_ms:.2f}x the dense floor), compile "
+                            f"{jx['compile_s']:.1f} s",
+                            flush=True,
+                        )
+                    write_so_far()
+            # the timed programs hold the weights: free both before the next layout's weights are made
+            prepared = run = params = None
+            gc.collect()
 
     path, markdown = write_so_far()
     print(markdown)

@@ -23,6 +23,7 @@ from dejavu_jax.atomic import atomic_directory
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.hf_convert import convert_hf_params, iter_converted_groups, numpy_dtype, read_hf_config
 from dejavu_jax.hf_checkpoint import CheckpointError, HFTensorReader, is_hf_checkpoint
+from dejavu_jax.parallel import abstract_sharded, shard_params, tp_mesh
 from dejavu_jax.tokenizer import load_tokenizer
 
 MANIFEST = "dejavu_jax.json"
@@ -55,18 +56,25 @@ def save_param_groups(directory: Path, groups) -> None:
         del subtree
 
 
-def restore_params(directory: Path, config: OPTConfig, dtype: str):
+def restore_params(directory: Path, config: OPTConfig, dtype: str, mesh=None, vocab_split: bool = False):
+    """The parameter tree of a converted model directory, in `dtype`. With a tp `mesh` (`parallel.tp_mesh`) every
+    array is restored straight into its Megatron sharding: each device reads only its slices, so neither a device
+    nor the host ever holds the whole model."""
     import orbax.checkpoint as ocp
     from dejavu_jax.model import abstract_params
 
     manifest = json.loads((directory / MANIFEST).read_text())
     stored = jnp.dtype(numpy_dtype(manifest["dtype"]))
     want = jnp.dtype(numpy_dtype(dtype))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, stored), abstract_params(config))
+    if mesh is None:
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        targets = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), abstract)
+    else:
+        targets = abstract_sharded(abstract, mesh, vocab_split)
     checkpointer = ocp.StandardCheckpointer()
     params = {}
-    for name, group in abstract_params(config).items():
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, stored, sharding=sharding), group)
+    for name, target in targets.items():
         if not (directory / PARAMS_DIR / name).exists():
             raise CheckpointError(f"{directory} is missing params/{name}; reconvert the model")
         restored = checkpointer.restore(directory.absolute() / PARAMS_DIR / name, target)
@@ -139,17 +147,26 @@ def resolve_model_dir(model: str) -> Path:
     raise CheckpointError(f"model {model!r} is neither a directory nor a hub id like 'facebook/opt-1.3b'")
 
 
-def load_model(model: str | os.PathLike, dtype: str = "float16") -> LoadedModel:
-    """Open a converted model directory, an HF checkpoint directory, or a hub id."""
+def load_model(
+    model: str | os.PathLike, dtype: str = "float16", tp: int | str = 1, vocab_split: bool = False
+) -> LoadedModel:
+    """Open a converted model directory, an HF checkpoint directory, or a hub id.
+
+    `tp` > 1 (or "auto"; `parallel.tp_mesh` checks it against the config before any weight is read) places the
+    parameters in the Megatron layout over that many devices: a converted directory restores straight into the
+    shards; an HF checkpoint is converted on the host, then each device receives its slices."""
     numpy_dtype(dtype)
     path = resolve_model_dir(str(model))
     if is_converted_model(path):
         config = OPTConfig.from_json_file(path / "config.json")
-        params = restore_params(path, config, dtype)
+        params = restore_params(path, config, dtype, tp_mesh(config, tp, vocab_split), vocab_split)
     elif is_hf_checkpoint(path):
         config = read_hf_config(path)
+        mesh = tp_mesh(config, tp, vocab_split)
         host_params = convert_hf_params(HFTensorReader(path), config, dtype)
-        params = jax.tree.map(jnp.asarray, host_params)
+        params = (
+            jax.tree.map(jnp.asarray, host_params) if mesh is None else shard_params(host_params, mesh, vocab_split)
+        )
     elif (path / "config.json").exists():
         read_hf_config(path)  # a non-OPT config gets its own message
         raise CheckpointError(f"{path} has a config.json but no weights (model.safetensors, pytorch_model.bin, ...)")

@@ -3,6 +3,7 @@
 python -m dejavu_jax.generate --model DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
     [--greedy | --temperature T --top-k K --top-p P --seed S] [--dtype ...] [--json]
     [--predictors DIR] [--mlp-sparsity none|lossless|predicted] [--selection threshold|topk]
+    [--tp N|auto] [--coordinator HOST:PORT --num-processes N --process-id I]
 """
 
 from __future__ import annotations
@@ -71,10 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         "H100), cached in $DEJAVU_XLA_AUTOTUNE_CACHE or ~/.cache/dejavu_jax/xla-autotune",
     )
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="compute dtype (default float16)")
+    from dejavu_jax.parallel_args import add_parallel_args
+
+    add_parallel_args(p)
     p.add_argument(
         "--json",
         action="store_true",
-        help='one JSON object per prompt per line: {"prompt", "text" (continuation), "token_ids"}',
+        help='one JSON object per prompt per line: {"prompt", "text" (continuation), "token_ids", "tp", '
+        '"param_bytes_per_device"}',
     )
     return p
 
@@ -115,10 +120,12 @@ def main(argv=None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens: max_new_tokens must be a positive int. Got {args.max_new_tokens}")
         sampling = sampling_from_args(args)
+        from dejavu_jax.parallel_args import check_parallel_args, placement_report
         from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
         policy = check_sparsity_args(args)
-        model = load_model(args.model, args.dtype)
+        tp = check_parallel_args(args)
+        model = load_model(args.model, args.dtype, tp)
         sampling.check_vocab(model.config.vocab_size)
         sparse_weights = load_sparsity(policy, args, model)
         results = generate_text(
@@ -135,9 +142,10 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    placement = placement_report(model.params) if args.json else {}
     for r in results:
         if args.json:
-            print(json.dumps(r))
+            print(json.dumps({**r, **placement}))
         else:
             print(f"{r['prompt']}\033[1m{r['text']}\033[0m" if sys.stdout.isatty() else r["prompt"] + r["text"])
             print()

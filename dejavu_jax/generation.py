@@ -20,8 +20,9 @@ from flax import struct
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM
+from dejavu_jax.parallel import constrain_cache, mesh_of
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
-from dejavu_jax.sparsity import DENSE, SparseWeights, SparsityPolicy, for_decode_batch
+from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, SparseWeights, SparsityPolicy, for_decode_batch
 
 
 @struct.dataclass
@@ -35,8 +36,8 @@ class DecodeState:
     rng: jax.Array
 
 
-def _model_for(config: OPTConfig, params, attention_impl: str = "xla") -> OPTForCausalLM:
-    return OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype, attention_impl)
+def _model_for(config: OPTConfig, params, attention_impl: str = "xla", mesh=None) -> OPTForCausalLM:
+    return OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype, attention_impl, mesh)
 
 
 # How hard XLA searches GEMM tilings when it compiles the generation program. "default": XLA's usual autotuning.
@@ -44,7 +45,7 @@ def _model_for(config: OPTConfig, params, attention_impl: str = "xla") -> OPTFor
 # multi-billion-parameter sizes (measured in bench/results/NOTES.md). The results are kept in a per-fusion cache
 # directory (`autotune_cache_dir()`), so a later compile of the same shapes takes seconds.
 AUTOTUNE_MODES = ("default", "exhaustive")
-_STATIC = ("config", "num_slots", "policy", "attention_impl")
+_STATIC = ("config", "num_slots", "policy", "attention_impl", "mesh")
 
 
 def autotune_cache_dir() -> Path:
@@ -66,21 +67,23 @@ def _generate_tokens(
     num_slots: int,
     policy: SparsityPolicy = DENSE,
     attention_impl: str = "xla",
+    mesh=None,
 ):
     """input_ids, attention_mask [B, P] (left padded) -> (tokens [B, num_slots - P], num_generated [B]).
 
     `policy` (static) and `sparse_weights` (traced: predictors, fixed rows, a head schedule) choose the decode steps'
     MLP neurons and attention heads (`dejavu_jax.sparsity`); the prefill computes every neuron and head (and fills the
     recent-input buffer a head policy's decode steps need). `attention_impl` picks the decode steps' attention
-    (model.ATTENTION_IMPLS).
+    (model.ATTENTION_IMPLS). `mesh`: the tp mesh `params` are sharded on (`parallel.mesh_of`), None for one device;
+    the KV cache is then split on heads like them.
     """
     batch, prompt_len = input_ids.shape
     capacity = num_slots - prompt_len
-    model = _model_for(config, params, attention_impl)
+    model = _model_for(config, params, attention_impl, mesh)
     dtype = params["embed_tokens"]["embedding"].dtype
 
     with jax.named_scope("prefill"):
-        cache = KVCache.create(config, batch, num_slots, dtype, policy.recent_window)
+        cache = constrain_cache(KVCache.create(config, batch, num_slots, dtype, policy.recent_window), mesh)
         logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
     rng, key = jax.random.split(rng)
     first = sample_tokens(logits[:, -1], key, sampling)
@@ -111,7 +114,7 @@ def _generate_tokens(
         token = jnp.where(s.done, config.pad_token_id, sample_tokens(logits[:, -1], key, sampling))
         return DecodeState(
             step=s.step + 1,
-            cache=cache,
+            cache=constrain_cache(cache, mesh),
             last_token=token,
             done=s.done | (token == config.eos_token_id),
             num_generated=s.num_generated + (~s.done).astype(jnp.int32),
@@ -149,18 +152,19 @@ def generation_program(autotune: str = "default"):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_slots", "recent_window"))
-def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: int, recent_window: int = 0):
+@functools.partial(jax.jit, static_argnames=("config", "num_slots", "recent_window", "mesh"))
+def prefill(params, input_ids, attention_mask, *, config: OPTConfig, num_slots: int, recent_window: int = 0, mesh=None):
     """Step-by-step API: a fresh cache holding the prompt, and the last position's logits [B, V].
-    `recent_window`: the recent inputs a head policy's decode steps need (`SparsityPolicy.recent_window`)."""
-    model = _model_for(config, params)
+    `recent_window`: the recent inputs a head policy's decode steps need (`SparsityPolicy.recent_window`). `mesh`: as
+    for `generate_tokens`."""
+    model = _model_for(config, params, mesh=mesh)
     dtype = params["embed_tokens"]["embedding"].dtype
-    cache = KVCache.create(config, input_ids.shape[0], num_slots, dtype, recent_window)
+    cache = constrain_cache(KVCache.create(config, input_ids.shape[0], num_slots, dtype, recent_window), mesh)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask, cache, logits_for="last")
     return logits[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "attention_impl", "mesh"), donate_argnames=("cache",))
 def decode_step(
     params,
     cache: KVCache,
@@ -170,10 +174,12 @@ def decode_step(
     config: OPTConfig,
     policy: SparsityPolicy = DENSE,
     attention_impl: str = "xla",
+    mesh=None,
 ):
     """Step-by-step API: append tokens [B] to the (donated) cache; return their logits [B, V] and the cache.
-    A head policy's "repair" decoding needs a cache with `policy.recent_window` recent inputs."""
-    model = _model_for(config, params, attention_impl)
+    A head policy's "repair" decoding needs a cache with `policy.recent_window` recent inputs. `mesh`: as for
+    `generate_tokens` (the sparse decode MLP runs per device on it)."""
+    model = _model_for(config, params, attention_impl, mesh)
     logits, cache = model.apply(
         {"params": params},
         tokens[:, None],
@@ -198,6 +204,25 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
             ids[row, length - len(seq) :] = seq
             mask[row, length - len(seq) :] = 1
     return ids, mask
+
+
+def check_tp_policy(mesh, policy: SparsityPolicy, sparse_weights: SparseWeights | None) -> None:
+    """Sharded parameters decode dense, or with fixed row masks (each device's kernels over its own neurons,
+    `sparse_mlp.mlp_decode_rows_split`); predicted and lossless selection are not split yet."""
+    if mesh is None:
+        return
+    fixed_rows_only = (
+        sparse_weights is not None
+        and sparse_weights.fixed_rows is not None
+        and sparse_weights.mlp is None
+        and sparse_weights.heads is None
+        and policy.mlp == MLPSparsity.NONE
+        and policy.heads == HeadSparsity.NONE
+    )
+    if (policy != DENSE or sparse_weights is not None) and not fixed_rows_only:
+        raise ValueError(
+            "tensor-parallel generation (--tp > 1) decodes dense or with fixed row masks only; drop the sparsity flags"
+        )
 
 
 def check_lengths(config: OPTConfig, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
@@ -228,13 +253,16 @@ def generate_ids(
     attention_impl: str = "xla",
     autotune: str = "default",
 ) -> list[list[int]]:
-    """Token-level generation for a batch of prompts of any lengths; returns the generated ids only."""
+    """Token-level generation for a batch of prompts of any lengths; returns the generated ids only. Parameters
+    sharded over a tp mesh (`parallel.shard_params`, `checkpoint.load_model(tp=...)`) run tensor-parallel."""
     program = generation_program(autotune)
     check_lengths(config, [len(p) for p in prompts], max_new_tokens)
     prompt_len = bucket(max(len(p) for p in prompts), 8)
     ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)
     num_slots = prompt_len + bucket(max_new_tokens, 16)
     policy, sparse_weights = for_decode_batch(policy, sparse_weights, len(prompts))
+    mesh = mesh_of(params)
+    check_tp_policy(mesh, policy, sparse_weights)
     tokens, counts = program(
         params,
         jnp.asarray(ids),
@@ -247,6 +275,7 @@ def generate_ids(
         num_slots=num_slots,
         policy=policy,
         attention_impl=attention_impl,
+        mesh=mesh,
     )
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[i, : counts[i]].tolist() for i in range(len(prompts))]

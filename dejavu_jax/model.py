@@ -20,7 +20,7 @@ block's input, the post-ReLU fc1 output and each head's output norm before out_p
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from flax import linen as nn
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.sparse_attention import AttentionWeights, head_sparse_decode, write_recent_inputs
-from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_dense, mlp_per_token_rows
+from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import DENSE, HeadRows, MLPRows, SparseWeights, SparsityPolicy, head_rows, mlp_rows, topk_mask
 from kernels.decode_attention import decode_attention_append
 from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH
@@ -185,6 +185,7 @@ class OPTAttention(nn.Module):
 class OPTMLP(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
+    mesh: Any = None  # the tp mesh the weights are split on (`parallel.tp_mesh`), None for one device
 
     def setup(self):
         c = self.config
@@ -209,6 +210,9 @@ class OPTMLP(nn.Module):
             out = mlp_per_token_rows(x, *weights, rows.mask)
             self.sow("intermediates", "mlp_density", jnp.mean(rows.mask, axis=-1))
             return out
+        if self.mesh is not None:  # each device's kernels over its own neurons, then one all-reduce
+            out = mlp_decode_rows_split(self.mesh, x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.knobs)
+            return out.reshape(B, T, d)
         out = mlp_decode_rows(
             x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs
         )
@@ -219,12 +223,13 @@ class OPTDecoderLayer(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
     attention_impl: str = "xla"
+    mesh: Any = None
 
     def setup(self):
         self.self_attn_layer_norm = LayerNorm(self.config, self.dtype)
         self.self_attn = OPTAttention(self.config, self.dtype, self.attention_impl)
         self.final_layer_norm = LayerNorm(self.config, self.dtype)
-        self.mlp = OPTMLP(self.config, self.dtype)
+        self.mlp = OPTMLP(self.config, self.dtype, self.mesh)
 
     def __call__(self, h, allowed, layer_kv=None, cursor=None, rows_for=None, heads=HeadRows()):
         """`rows_for(attn_input, mlp_input) -> MLPRows` chooses the MLP's neurons (None: dense); `heads` the heads
@@ -264,12 +269,15 @@ class OPTForCausalLM(nn.Module):
     per token; `policy.heads` keeps per token the heads `sparsity.head_rows` chooses (every head's K/V stays exact;
     a small-batch decode step computes only the chosen heads). `logits_for="last"` computes the LM head for the last
     position only (prefill).
-    `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter.
+    `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter. `mesh`: the tp
+    mesh the parameters are split on (`dejavu_jax.parallel`), which the sparse decode MLP needs to run its kernels
+    per device; None for one device (the dense model needs no mesh: GSPMD follows the parameters' shardings).
     """
 
     config: OPTConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    mesh: Any = None
 
     def setup(self):
         c = self.config
@@ -290,7 +298,8 @@ class OPTForCausalLM(nn.Module):
             self.final_layer_norm = LayerNorm(c, self.dtype)
         check_attention_impl(self.attention_impl)
         self.layers = [
-            OPTDecoderLayer(c, self.dtype, self.attention_impl, name=f"layers_{i}") for i in range(c.num_hidden_layers)
+            OPTDecoderLayer(c, self.dtype, self.attention_impl, self.mesh, name=f"layers_{i}")
+            for i in range(c.num_hidden_layers)
         ]
 
     def __call__(

@@ -10,12 +10,18 @@ path equals the dense one to accumulation-order rounding.
   the others exact zeros, then fc2 — the function the decode kernels compute, in one batched pass.
 - `mlp_decode_rows`: one decode step on the row-masked Pallas kernels (`kernels/masked_mlp.py`): only chosen rows of
   fc1, and only rows with a nonzero ReLU output of fc2, are read.
+- `mlp_decode_rows_split`: the same over neurons split across a tp mesh (`dejavu_jax.parallel`): each device runs
+  the kernels over its own neurons inside `shard_map`, then one all-reduce adds the partial fc2 outputs.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from dejavu_jax.parallel import TP_AXIS
 
 from kernels.masked_mlp import masked_fc1, nonzero_fc2, threshold_fc1
 
@@ -72,3 +78,26 @@ def mlp_decode_rows(
     else:
         raise ValueError(f"kind must be 'mask', 'threshold' or 'lossless'. Got {kind!r}")
     return nonzero_fc2(h, fc2_w_t, fc2_b, knobs=knobs)
+
+
+def mlp_decode_rows_split(mesh, x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, knobs: tuple = ()):
+    """`mlp_decode_rows` of kind "mask" for weights split on ffn over `mesh`'s tp axis (the Megatron layout):
+    x [B, d] replicated, mask [ffn] split like the neurons. Each device computes fc1 over its chosen neurons and fc2
+    over its nonzero ones, a partial [B, d] without the bias; one psum (fp32) adds them and fc2_b is added once.
+    The partials are rounded to x.dtype before the sum, so in half precision this differs from one device by
+    rounding."""
+    if kind != "mask":
+        raise ValueError(
+            f"sparse decoding over a tp mesh supports fixed row masks (kind 'mask') only. Got kind {kind!r}"
+        )
+
+    def local(x, fc1_w, fc1_b, fc2_w_t, mask):  # this device's neurons: fc1_w, fc2_w_t [ffn/tp, d], mask [ffn/tp]
+        h = masked_fc1(x, fc1_w, fc1_b, mask, knobs=knobs)
+        partial = nonzero_fc2(h, fc2_w_t, jnp.zeros((fc2_w_t.shape[1],), h.dtype), knobs=knobs)
+        return lax.psum(partial.astype(jnp.float32), TP_AXIS)
+
+    split = P(TP_AXIS)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split, split, split), out_specs=P(), check_vma=False)(
+        x, fc1_w, fc1_b, fc2_w_t, mask
+    )
+    return (out + fc2_b.astype(jnp.float32)).astype(x.dtype)

@@ -29,10 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     from dejavu_jax.sparsity_args import add_sparsity_args
 
     add_sparsity_args(ppl)
+    from dejavu_jax.parallel_args import add_parallel_args
+
+    add_parallel_args(ppl)
     ppl.add_argument(
         "--json",
         action="store_true",
-        help='print {"ppl": ..., "tokens": ...}; with a sparse MLP also "sparse_ppl", "ppl_change", '
+        help='print {"ppl": ..., "tokens": ..., "tp": ..., "param_bytes_per_device": [...]}; with a sparse MLP also "sparse_ppl", "ppl_change", '
         '"mlp_sparsity", "selection" and "mlp_density" (per layer, the measured mean fraction of '
         "MLP rows computed per token on these windows; lossless: of fc2 rows read)",
     )
@@ -58,12 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     tasks.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
     add_sparsity_args(tasks)
+    add_parallel_args(tasks)
     tasks.add_argument(
         "--out",
         default=None,
         help="JSON results file, rewritten after each task; a rerun with the same settings skips the tasks it holds",
     )
-    tasks.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    tasks.add_argument(
+        "--json",
+        action="store_true",
+        help='print the results as one JSON object (with "tp" and "param_bytes_per_device")',
+    )
     return parser
 
 
@@ -82,14 +90,18 @@ def run_ppl(args) -> dict:
     from dejavu_jax.sparsity import DENSE, MLPSparsity
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
+    from dejavu_jax.parallel_args import check_parallel_args, placement_report
+
     policy = check_sparsity_args(args)
-    model = load_model(args.model, args.dtype)
+    tp = check_parallel_args(args)
+    model = load_model(args.model, args.dtype, tp)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files")
     sparse_weights = load_sparsity(policy, args, model)
     max_tokens = None if args.max_windows is None else args.max_windows * args.seq_len
     windows = make_windows(token_stream(model.tokenizer, args.data, max_tokens), args.seq_len, args.max_windows)
     result = perplexity(model.params, model.config, windows, args.batch_size, progress=not args.json)
+    result.update(placement_report(model.params))
     if policy != DENSE:
         sparse = perplexity(
             model.params,
@@ -141,7 +153,7 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         keys = ("ppl", "tokens", "sparse_ppl", "ppl_change", "mlp_sparsity", "selection", "mlp_density", "mlp_k")
-        keys += ("head_sparsity", "head_density")
+        keys += ("head_sparsity", "head_density", "tp", "param_bytes_per_device")
         print(json.dumps({k: result[k] for k in keys if k in result}))
     else:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens ({result['windows']} windows)")

@@ -91,7 +91,10 @@ def run_tasks(args) -> dict:
     from dejavu_jax.sparsity import DENSE, MLPSparsity
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
+    from dejavu_jax.parallel_args import check_parallel_args, placement_report
+
     policy = check_sparsity_args(args)
+    tp = check_parallel_args(args)
     settings = {
         "model": str(args.model),
         "predictors": args.predictors,
@@ -105,7 +108,7 @@ def run_tasks(args) -> dict:
     }
     out = Path(args.out) if args.out else None
     results = _load_previous(out, settings)  # checked before the model loads, so a bad --out costs no wait
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, tp)
     sparse_weights = load_sparsity(policy, args, model)
     progress = not args.json
     dense_lm = JaxOPT(model, batch_size=args.batch_size, progress=progress, desc="dense")
@@ -125,7 +128,7 @@ def run_tasks(args) -> dict:
         results[name] = entry
         if out is not None:
             write_json_atomic(out, {"settings": settings, "tasks": results})
-    report = {"settings": settings, "tasks": {n: results[n] for n in names}}
+    report = {"settings": settings, "tasks": {n: results[n] for n in names}, **placement_report(model.params)}
     if sparse_weights is not None and sparse_weights.mlp is not None:
         report["mlp_k"] = [p.k for p in sparse_weights.mlp]
     return report

@@ -4,6 +4,12 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Four simulated CPU devices for the tensor-parallel tests (test_parallel.py), set before JAX starts its backend.
+# Everything else still runs on the first device; the suite's time does not change measurably with it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    + ["--xla_force_host_platform_device_count=4"]
+)
 
 from pathlib import Path
 

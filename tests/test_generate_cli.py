@@ -5,6 +5,7 @@ test_generate.py)."""
 
 import types
 
+import jax.numpy as jnp
 import pytest
 
 import dejavu_jax.checkpoint
@@ -21,9 +22,10 @@ def calls(monkeypatch):
     """Stub load_model (a model of VOCAB tokens) and generate_text (records its arguments); returns the records."""
     record = {"loaded": 0, "generated": []}
 
-    def load_model(path, dtype):
+    def load_model(path, dtype, tp=1):
         record["loaded"] += 1
-        return types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=VOCAB))
+        params = {"embed_tokens": {"embedding": jnp.zeros((VOCAB, 2), jnp.float32)}}
+        return types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=VOCAB), params=params)
 
     def generate_text(model, prompts, max_new_tokens, sampling, seed, *rest):
         record["generated"].append({"sampling": sampling, "seed": seed, "max_new_tokens": max_new_tokens})

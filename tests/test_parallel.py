@@ -1,0 +1,336 @@
+"""Tensor parallelism (`dejavu_jax.parallel`) on simulated CPU devices (conftest forces 4): sharded parameters give
+the single-device logits and greedy tokens through the real generation program, the weights are really split,
+the compiled program makes two all-reduces per layer, checkpoints restore into their shards, and bad --tp values
+fail cleanly on every command that takes the flag."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dejavu_jax import parallel
+from dejavu_jax.checkpoint import load_model, write_model_directory
+from dejavu_jax.config import OPTConfig, tiny_config
+from dejavu_jax.generation import generate_ids, generate_tokens
+from dejavu_jax.model import OPTForCausalLM, abstract_params
+from dejavu_jax.sampling import SamplingConfig
+from dejavu_jax.sparsity import SparseWeights
+
+from conftest import REFERENCE_MODEL, rel_max_err
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulated) devices; see conftest.py")
+
+EIGHT_HEADS = tiny_config(num_attention_heads=8, vocab_size=256, max_position_embeddings=64)
+# What the Megatron layout splits (the model docstring's parameter layout); everything else is replicated.
+SPLIT_LEAVES = {"qkv_w", "qkv_b", "out_w", "fc1_w", "fc1_b", "fc2_w_t"}
+HEADS_SECOND = {"qkv_w", "qkv_b"}  # [3, H, ...]: split on their second axis, the others on their first
+PROMPTS = [[2, 31, 7, 99, 4], [2, 18, 250, 3, 64, 12, 9]]
+
+
+def forward_logits(params, config, ids):
+    model = OPTForCausalLM(config, params["embed_tokens"]["embedding"].dtype)
+    return jax.jit(lambda p, i: model.apply({"params": p}, i)[0])(params, ids)
+
+
+@pytest.fixture(scope="module")
+def eight_heads_params():
+    """Random weights (std 0.2, biases and LayerNorms too), large enough that every block matters and greedy choices
+    are far from ties."""
+    leaves, tree = jax.tree.flatten(abstract_params(EIGHT_HEADS))
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module")
+def eight_heads_reference(eight_heads_params):
+    """Single-device logits of seeded inputs and greedy tokens."""
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, EIGHT_HEADS.vocab_size, (2, 16)), jnp.int32)
+    return (
+        ids,
+        forward_logits(eight_heads_params, EIGHT_HEADS, ids),
+        generate_ids(eight_heads_params, EIGHT_HEADS, PROMPTS, 10),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_models():
+    return load_model(REFERENCE_MODEL, "float32"), load_model(REFERENCE_MODEL, "float32", tp=2)
+
+
+def test_reference_model_tp2_gives_single_device_logits_and_tokens(reference_models):
+    single, sharded = reference_models
+    qkv = sharded.params["layers_0"]["self_attn"]["qkv_w"]
+    assert isinstance(qkv.sharding, NamedSharding) and qkv.sharding.spec == P(None, "tp")
+    assert parallel.tp_size(sharded.params) == 2 and parallel.tp_size(single.params) == 1
+    ids = jnp.asarray(
+        np.random.default_rng(0).integers(3, single.config.vocab_size, (2, 24)), jnp.int32
+    )  # seeded inputs
+    ref = forward_logits(single.params, single.config, ids)
+    out = forward_logits(sharded.params, sharded.config, ids)
+    assert rel_max_err(out, ref) < 1e-5
+    want = generate_ids(single.params, single.config, PROMPTS, 12)
+    assert generate_ids(sharded.params, sharded.config, PROMPTS, 12) == want
+
+
+@pytest.mark.parametrize("vocab_split", [False, True])
+def test_random_8_heads_tp4_gives_single_device_logits_and_tokens(
+    eight_heads_params, eight_heads_reference, vocab_split
+):
+    mesh = parallel.tp_mesh(EIGHT_HEADS, 4, vocab_split)
+    sharded = parallel.shard_params(eight_heads_params, mesh, vocab_split)
+    assert parallel.mesh_of(sharded) is mesh
+    ids, ref, want = eight_heads_reference
+    assert rel_max_err(forward_logits(sharded, EIGHT_HEADS, ids), ref) < 1e-5
+    assert generate_ids(sharded, EIGHT_HEADS, PROMPTS, 10) == want
+
+
+@pytest.mark.parametrize("vocab_split", [False, True])
+def test_parameters_are_really_split(eight_heads_params, vocab_split):
+    sharded = parallel.shard_params(eight_heads_params, parallel.tp_mesh(EIGHT_HEADS, 4, vocab_split), vocab_split)
+    split_bytes = replicated_bytes = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(eight_heads_params):
+        name = parallel._leaf_name(path)
+        if name in SPLIT_LEAVES or (vocab_split and name == "embedding" and "embed_tokens" in str(path)):
+            split_bytes += leaf.nbytes
+        else:
+            replicated_bytes += leaf.nbytes
+    for path, leaf in jax.tree_util.tree_leaves_with_path(sharded):
+        name = parallel._leaf_name(path)
+        split = name in SPLIT_LEAVES or (vocab_split and name == "embedding" and "embed_tokens" in str(path))
+        want = (P(None, "tp") if name in HEADS_SECOND else P("tp")) if split else P()
+        assert leaf.sharding.spec == want, (path, leaf.sharding.spec)
+    assert split_bytes > replicated_bytes  # the check below is about most of the model
+    assert parallel.param_bytes_per_device(sharded) == [replicated_bytes + split_bytes // 4] * 4
+    assert parallel.param_bytes_per_device(eight_heads_params) == [split_bytes + replicated_bytes]
+
+
+def test_generation_program_all_reduces_twice_per_layer(eight_heads_params):
+    """Megatron: one all-reduce after out_proj and one after fc2, in the prefill and in the decode loop; no weight is
+    gathered; the decode loop is one program (a while loop)."""
+    mesh = parallel.tp_mesh(EIGHT_HEADS, 4)
+    sharded = parallel.shard_params(eight_heads_params, mesh)
+    ids = jnp.ones((1, 8), jnp.int32)
+    hlo = (
+        generate_tokens.lower(
+            sharded,
+            ids,
+            ids,
+            jnp.int32(4),
+            jax.random.PRNGKey(0),
+            SamplingConfig().to_device(),
+            None,
+            config=EIGHT_HEADS,
+            num_slots=24,
+            mesh=mesh,
+        )
+        .compile()
+        .as_text()
+    )
+    layers = EIGHT_HEADS.num_hidden_layers
+    assert hlo.count("all-reduce(") == 2 * layers * 2
+    assert hlo.count("all-gather(") == 0 and " while(" in hlo
+
+
+def test_checkpoint_restores_straight_into_shards(eight_heads_params, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    directory = write_model_directory(
+        tmp_path / "model", EIGHT_HEADS, eight_heads_params.items(), "float32", None, source="test"
+    )
+    targets = []
+    restore = ocp.StandardCheckpointer.restore
+
+    def spy(self, path, target=None, *args, **kwargs):
+        targets.append(target)
+        return restore(self, path, target, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", spy)
+    loaded = load_model(directory, "float32", tp=4)
+    want = parallel.param_shardings(eight_heads_params, parallel.tp_mesh(EIGHT_HEADS, 4))
+    # orbax was asked for the shards themselves, never for a whole array on one device
+    asked = {name: jax.tree.map(lambda s: s.sharding, t) for name, t in zip(eight_heads_params, targets)}
+    assert jax.tree.leaves(asked) == jax.tree.leaves(want)
+    got = jax.tree.map(lambda x: x.sharding, loaded.params)
+    assert jax.tree.leaves(got) == jax.tree.leaves(want)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(eight_heads_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tp_values_are_checked():
+    assert parallel.parse_tp("2") == 2 and parallel.parse_tp("auto") == "auto" and parallel.parse_tp(3) == 3
+    for bad in ("0", "-2", "two", "1.5", ""):
+        with pytest.raises(ValueError, match="positive device count or 'auto'"):
+            parallel.parse_tp(bad)
+    six_heads = OPTConfig(hidden_size=48, num_attention_heads=6, ffn_dim=192, num_hidden_layers=1, vocab_size=64)
+    with pytest.raises(ValueError, match=r"--tp 4 must divide the model's 6 attention heads and its ffn width 192"):
+        parallel.tp_mesh(six_heads, 4)
+    with pytest.raises(ValueError, match=r"--tp 8 needs 8 devices, but JAX sees 4"):
+        parallel.tp_mesh(EIGHT_HEADS, 8)
+    assert parallel.tp_mesh(EIGHT_HEADS, 1) is None
+    assert parallel.tp_mesh(EIGHT_HEADS, "auto").shape["tp"] == 4
+
+
+def test_fixed_row_sparse_decoding_under_tp4_matches_one_device(eight_heads_params):
+    """Each device runs the row-masked kernels over its own neurons, then one psum: the single-device sparse logits
+    of a decode step, and its greedy tokens."""
+    from dejavu_jax.generation import decode_step, prefill
+
+    rng = np.random.default_rng(4)
+    masks = tuple(jnp.asarray(rng.random(EIGHT_HEADS.ffn_dim) < 0.3, jnp.int32) for _ in range(2))
+    rows = SparseWeights(fixed_rows=masks)
+    mesh = parallel.tp_mesh(EIGHT_HEADS, 4)
+    sharded = parallel.shard_params(eight_heads_params, mesh)
+    ids = jnp.asarray([[2, 31, 7, 99, 4, 18, 250, 3]], jnp.int32)
+
+    def next_logits(params, on, sparse_weights):
+        _, cache = prefill(params, ids, jnp.ones_like(ids), config=EIGHT_HEADS, num_slots=16, mesh=on)
+        return decode_step(params, cache, jnp.asarray([5]), sparse_weights, config=EIGHT_HEADS, mesh=on)[0]
+
+    one_device = next_logits(eight_heads_params, None, rows)
+    assert rel_max_err(one_device, next_logits(eight_heads_params, None, None)) > 1e-2  # the masks matter
+    assert rel_max_err(next_logits(sharded, mesh, rows), one_device) < 1e-5
+    prompts = PROMPTS[:1]  # batch 1: the decode steps run the row-masked kernels
+    want = generate_ids(eight_heads_params, EIGHT_HEADS, prompts, 6, sparse_weights=rows)
+    assert generate_ids(sharded, EIGHT_HEADS, prompts, 6, sparse_weights=rows) == want
+
+
+def test_other_sparse_decoding_under_tp_is_refused(eight_heads_params):
+    from dejavu_jax.sparsity import MLPSparsity, SparsityPolicy
+
+    sharded = parallel.shard_params(eight_heads_params, parallel.tp_mesh(EIGHT_HEADS, 2))
+    with pytest.raises(ValueError, match="dense or with fixed row masks only"):
+        generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=SparsityPolicy(MLPSparsity.LOSSLESS))
+
+
+def test_generate_cli_reports_placement(reference_models, capsys):
+    from dejavu_jax.generate import main
+
+    # two short prompts and 12 new tokens: the program the reference test compiled
+    argv = ["--model", str(REFERENCE_MODEL), "--prompt", "The history", "--prompt", "In 1990 the city"]
+    assert main(argv + ["--max-new-tokens", "12", "--dtype", "float32", "--tp", "2", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) == 2 and all(r["tp"] == 2 and len(r["param_bytes_per_device"]) == 2 for r in records)
+
+
+def _one_error_line(err: str, *needles):
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "tp, needles", [("4", ("--tp 4", "6 attention heads", "1536")), ("8", ("--tp 8", "JAX sees 4")), ("x", ("--tp",))]
+)
+def test_bad_tp_fails_on_every_command(tp, needles, tmp_path, capsys):
+    from dejavu_jax.generate import main as generate
+    from eval.__main__ import main as evaluate
+
+    model = str(REFERENCE_MODEL)
+    assert generate(["--model", model, "--prompt", "hi", "--tp", tp]) == 2
+    _one_error_line(capsys.readouterr().err, *needles)
+    text = tmp_path / "corpus.txt"
+    text.write_text("some text " * 50)
+    assert evaluate(["ppl", "--model", model, "--data", str(text), "--tp", tp]) == 2
+    _one_error_line(capsys.readouterr().err, *needles)
+    pytest.importorskip("lm_eval")
+    assert evaluate(["tasks", "--model", model, "--tasks-dir", str(tmp_path), "--tasks", "copa", "--tp", tp]) == 2
+    _one_error_line(capsys.readouterr().err, *needles)
+
+
+def test_bench_generate_tp(tmp_path, capsys):
+    from bench.generate import main
+
+    out = tmp_path / "g.md"
+    argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --tp 2 --lm-head vocab"
+    argv += " --mlp-density 0.25 --fire-rate 0.1 --variants fixed"
+    assert main(argv.split() + ["--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "fixed rows"]
+    for row in rows:
+        assert row["tp"] == 2 and row["lm_head"] == "vocab" and len(row["param_bytes_per_device"]) == 2
+    assert "| tiny | 2 | vocab | 1 | xla | fixed rows |" in out.read_text()
+    for bad, needle in (("3", "must divide"), ("0", "positive device count")):
+        with pytest.raises(SystemExit) as e:
+            main(["--shape", "tiny", "--tp", bad])
+        assert e.value.code == 2
+        _one_error_line(capsys.readouterr().err, needle)
+    with pytest.raises(SystemExit):
+        main(["--shape", "tiny", "--tp", "2", "--mlp-density", "0.1"])
+    _one_error_line(capsys.readouterr().err, "fixed-rows variant only")
+
+
+def test_bench_allreduce(tmp_path):
+    from bench.allreduce import main, parse_variant
+
+    out = tmp_path / "a.md"
+    assert main(["--tp", "2", "--dims", "32,48", "--steps", "4", "--repeats", "1", "--out", str(out)]) == 0
+    (result,) = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["d"] for r in result["rows"]] == [32, 48]
+    for r in result["rows"]:
+        assert r["max_rel_err"] < 2e-3 and r["us_per_call"] > 0 and r["tp"] == 2
+    assert parse_variant("NCCL_PROTO=LL --xla_flag=1") == (["--xla_flag=1"], {"NCCL_PROTO": "LL"})
+    for bad in ("LL", "", "1X=2"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+
+
+def test_bench_allreduce_variants_run_in_child_processes(tmp_path):
+    from bench.allreduce import main
+
+    out = tmp_path / "a.md"
+    argv = ["--tp", "2", "--dims", "32", "--steps", "2", "--repeats", "1", "--out", str(out)]
+    assert main(argv + ["--variant=DEJAVU_PROBE=1", "--variant=--xla_no_such_flag=1"]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["baseline", "DEJAVU_PROBE=1", "--xla_no_such_flag=1"]
+    assert results[1]["rows"][0]["max_rel_err"] < 2e-3
+    assert "error" in results[2]  # an unknown XLA flag fails its own row, not the run
+
+
+def test_initialize_hosts_needs_all_three_settings(monkeypatch):
+    for name in parallel.HOST_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize_hosts() is False  # nothing asked: a one-host run
+    with pytest.raises(ValueError, match="coordinator address, the number of processes"):
+        parallel.initialize_hosts(coordinator="localhost:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="must be integers"):
+        parallel.initialize_hosts()
+    with pytest.raises(ValueError, match=r"lie in \[0, number of processes\)"):
+        parallel.initialize_hosts("localhost:1234", 2, 2)
+
+
+def test_two_processes_decode_as_one_tp2_program(reference_models):
+    """Two hosts simulated by two processes of one CPU device each (jax.distributed, gloo collectives): the same
+    `generate --tp 2` command in each gives the single-device greedy tokens."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    argv = [sys.executable, "-m", "dejavu_jax.generate", "--model", str(REFERENCE_MODEL), "--prompt", "Hello"]
+    argv += ["--max-new-tokens", "6", "--dtype", "float32", "--tp", "2", "--json"]
+    argv += ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    procs = [
+        subprocess.Popen(argv + ["--process-id", str(i)], env=env, cwd=root, stdout=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    single, _ = reference_models
+    prompt = single.tokenizer("Hello")["input_ids"]
+    want = generate_ids(single.params, single.config, [prompt], 6)[0]
+    for out in outputs:
+        record = json.loads(out.strip().splitlines()[-1])
+        assert record["tp"] == 2 and record["token_ids"] == want
+        assert len(record["param_bytes_per_device"]) == 1  # this process's one device
