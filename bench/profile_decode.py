@@ -1,7 +1,8 @@
 """Where a decode step's time goes: GPU kernels of the compiled generation program, from a JAX profiler trace.
 
     python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--attention xla|pallas]
-                            [--mlp-density D] [--hlo FILE]
+                            [--mlp-density D] [--head-density D [--heads fixed|predicted] [--head-kv repair|all]]
+                            [--hlo FILE]
 
 Runs one generation of random fp16 weights under `jax.profiler.trace(create_perfetto_trace=True)`, reads the
 perfetto JSON it writes, and prints per kernel name: count per decode step, total and mean time; then kernel time
@@ -23,12 +24,13 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.generate import plant_firing, planted_predictors, planted_rows, random_params
+from bench.generate import plant_firing, planted_predictors, planted_rows, random_head_predictors, random_params
 from dejavu_jax.config import OPT_SHAPES, shape_config
 from dejavu_jax.generation import generate_tokens
 from dejavu_jax.model import ATTENTION_IMPLS
 from dejavu_jax.sampling import SamplingConfig
-from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparsityPolicy
+from dejavu_jax.sparse_attention import HEAD_KV_MODES
+from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, Selection, SparseWeights, SparsityPolicy
 
 
 def device_kernel_events(trace_dir: str) -> list[dict]:
@@ -65,10 +67,26 @@ def main(argv=None) -> int:
     p.add_argument("--fire-rate", type=float, default=0.05, help="with --mlp-density: the firing fraction")
     p.add_argument("--predictor-rank", type=int, default=256, help="with --mlp-density (default 256)")
     p.add_argument("--selection", default="threshold", choices=[s.value for s in Selection])
+    p.add_argument(
+        "--head-density",
+        type=float,
+        default=None,
+        help="also profile head-sparse decoding (as `bench generate` sets it up): this fraction of each layer's heads "
+        "computed per token",
+    )
+    p.add_argument(
+        "--heads",
+        default="fixed",
+        choices=["fixed", "predicted"],
+        help="with --head-density: a seeded random schedule (fixed) or random head predictors of --predictor-rank",
+    )
+    p.add_argument("--head-kv", default="repair", choices=HEAD_KV_MODES, help="with --head-density (default repair)")
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
     args = p.parse_args(argv)
     if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
         p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
+    if args.head_density is not None and not 0 < args.head_density <= 1:
+        p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
 
     config = dataclasses.replace(shape_config(args.shape), eos_token_id=-1)
     params = random_params(config, jnp.float16)
@@ -80,6 +98,15 @@ def main(argv=None) -> int:
         params = plant_firing(params, planted)
         policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection(args.selection))
         sparsity = planted_predictors(config, planted, args.predictor_rank)
+    if args.head_density is not None:
+        k = max(1, round(args.head_density * config.num_attention_heads))
+        heads = HeadSparsity.FIXED if args.heads == "fixed" else HeadSparsity.PREDICTED
+        policy = dataclasses.replace(policy, heads=heads, head_k=k, tuning=(("head_kv", args.head_kv),))
+        sparsity = sparsity or SparseWeights()
+        if heads == HeadSparsity.FIXED:
+            sparsity = sparsity.replace(head_schedule=jax.random.PRNGKey(11))
+        else:
+            sparsity = sparsity.replace(heads=random_head_predictors(config, args.predictor_rank))
     static = dict(
         config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention, policy=policy
     )
