@@ -149,6 +149,7 @@ class OPTAttention(nn.Module):
                 "create the cache with KVCache.create(..., recent_window=policy.recent_window)"
             )
         chosen = heads.mask[:, 0]  # [B, H]
+        chosen_idx = None if heads.idx is None else heads.idx[:, 0]  # [B, k]
         self.sow("intermediates", "heads_kept", heads.mask)
         self.sow("intermediates", "head_density", jnp.mean(heads.mask, axis=-1))
         step = head_sparse_decode(
@@ -161,6 +162,7 @@ class OPTAttention(nn.Module):
             heads.k,
             cursor,
             allowed[:, 0],
+            chosen_idx=chosen_idx,
             head_kv=heads.head_kv,
             attention_impl=str(self.attention_impl),
         )

@@ -9,11 +9,12 @@ their weight rows in place). For K/V, two exact ways, chosen by `DecodeTuning.he
   sequence (`KVCache.recent_inputs` [B, R, d], row = slot mod R). Besides the chosen heads, f = ceil(H / R) heads
   are forced each step by a rotation (`forced_heads`), so every head is computed at least once every R steps. A
   computed head (chosen or forced) recomputes its K/V for the window of slots [c-R+1, c] from the buffer (the
-  window's R·B inputs are the batch rows of one `head_qkv`) and writes them to the cache: its previous computation
-  was at most R steps ago, so every slot before the window is already exact. Per step it reads the K/V weights of
+  window's R·B inputs are the batch rows of one `head_qkv_pairs`, which also gives the chosen heads' Q from the
+  current token's row) and writes them to the cache: its previous computation was at most R steps ago, so every slot
+  before the window is already exact. Per step it reads the K/V weights of
   the chosen and forced heads only; the price is R times the arithmetic on those rows and a scatter of R slots.
-- "all": every head's K/V of the new token each step (`head_qkv` over all heads); Q, attention and out_proj stay
-  sparse. No buffer, but it reads every head's K/V weights (2/3 of the QKV weights) every step.
+- "all": every head's K/V of the new token each step (in the same `head_qkv_pairs` launch as the chosen heads' Q);
+  Q, attention and out_proj stay sparse. No buffer, but it reads every head's K/V weights (2/3 of the QKV weights) every step.
 
 "repair" is the default because it reads fewer weight bytes whenever few heads are chosen; which one decodes faster
 is measured by the generation benchmark, which times both.
@@ -21,6 +22,8 @@ is measured by the generation benchmark, which times both.
 Batch: the step computes the union of the batch's chosen heads (a static list of min(H, B·k) entries, padded with
 repeats of a real head); each sequence's out_proj sums only the heads it chose (the others' outputs are zeroed
 before `head_out_proj`), so a sequence's output does not depend on what its neighbours chose.
+At batch 1 the chosen heads' index list (`sparsity.exactly_k`'s top-k indices) is the step's head list as is: no
+mask to compact, no padding and nothing to zero.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from jax import lax
 
 from kernels.block_math import cdiv
 from kernels.decode_attention import decode_attention
-from kernels.head_sparse import MAX_BATCH, head_out_proj, head_qkv
+from kernels.head_sparse import MAX_BATCH, head_out_proj, head_qkv_pairs
 
 HEAD_KV_MODES = ("repair", "all")
 
@@ -97,26 +100,32 @@ def head_list(chosen_any, size: int):
     return jnp.where(real, idx, idx[0]), real
 
 
-def _qkv_rows(rows, weights: AttentionWeights, head_idx, parts):
-    """`head_qkv` over any number of rows [N, d]: kernel calls of at most MAX_BATCH rows -> [P, N, h, hd]."""
+def _qkv_pairs_rows(rows, weights: AttentionWeights, part_idx, head_idx):
+    """`head_qkv_pairs` over any number of rows [N, d]: kernel calls of at most MAX_BATCH rows -> [N, n, hd]."""
     pieces = [
-        head_qkv(rows[i : i + MAX_BATCH], weights.qkv_w, weights.qkv_b, head_idx, parts=parts)
+        head_qkv_pairs(rows[i : i + MAX_BATCH], weights.qkv_w, weights.qkv_b, part_idx, head_idx)
         for i in range(0, rows.shape[0], MAX_BATCH)
     ]
-    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
 
 
-def repair_kv(recent, weights: AttentionWeights, head_idx, keys, values, cursor):
-    """K/V of heads `head_idx` for every slot of the window [cursor-R+1, cursor], recomputed from the input ring
-    buffer recent [B, R, d] and written into keys / values [B, H, S, hd]; slots before 0 are left alone."""
-    batch, window, d = recent.shape
-    kv = _qkv_rows(recent.reshape(batch * window, d), weights, head_idx, parts=(1, 2))  # [2, B·R, h, hd]
-    kv = kv.reshape(2, batch, window, head_idx.shape[0], -1).astype(keys.dtype)
-    slots = window_slots(cursor, window)
+def kv_q_pairs(kv_heads, q_heads):
+    """(part_idx, head_idx) [2m + n] int32 for one `head_qkv_pairs` launch: K of the m `kv_heads`, then V of them,
+    then Q of the n `q_heads`."""
+    m, n = kv_heads.shape[0], q_heads.shape[0]
+    part_idx = jnp.asarray([1] * m + [2] * m + [0] * n, jnp.int32)  # static: a constant
+    return part_idx, jnp.concatenate([kv_heads, kv_heads, q_heads]).astype(jnp.int32)
+
+
+def write_window_kv(keys, values, kv_heads, new_keys, new_values, cursor):
+    """keys / values [B, H, S, hd] with new_keys / new_values [B, R, m, hd] (heads `kv_heads`, window row r = the
+    slot `window_slots(cursor, R)[r]`) written; slots before 0 are left alone. A head listed twice must come with
+    identical K/V in both entries (it then writes the same values twice)."""
+    slots = window_slots(cursor, new_keys.shape[1])
     slots = jnp.where(slots >= 0, slots, keys.shape[2])  # out of range: dropped by the scatter
-    # Padding copies of a head write the same values twice: harmless.
-    at = (slice(None), head_idx[None, :], slots[:, None])  # -> [B, R, h, hd]
-    return keys.at[at].set(kv[0], mode="drop"), values.at[at].set(kv[1], mode="drop")
+    at = (slice(None), kv_heads[None, :], slots[:, None])  # -> [B, R, m, hd]
+    new_keys, new_values = new_keys.astype(keys.dtype), new_values.astype(values.dtype)
+    return keys.at[at].set(new_keys, mode="drop"), values.at[at].set(new_values, mode="drop")
 
 
 def _attention_xla(q, keys, values, allowed, head_idx):
@@ -139,6 +148,7 @@ def head_sparse_decode(
     cursor,
     allowed,
     *,
+    chosen_idx=None,
     head_kv: str = "repair",
     attention_impl: str = "xla",
 ) -> HeadSparseStep:
@@ -146,9 +156,15 @@ def head_sparse_decode(
 
     x [B, d]: the new tokens' attention input (after the LayerNorm), written at slot `cursor`; keys / values
     [B, H, S, hd]: the cache, exact for every head up to the rule above; recent [B, R, d]: the input ring buffer
-    ("repair"; None for "all"); chosen [B, H] bool: each sequence's heads, at most `k` (static) per row, at least
-    one; allowed [B, S] bool: the slots the new token may read (its own included). `attention_impl`: "xla" or
-    "pallas" (kernels/decode_attention.py). B <= MAX_BATCH.
+    ("repair", in x's dtype; None for "all"); chosen [B, H] bool: each sequence's heads, at most `k` (static) per
+    row, at least one; chosen_idx [B, k] int32 or None: the same choice as index lists (k distinct heads per row,
+    `sparsity.exactly_k`). At B == 1 a given chosen_idx is the step's head list as is (no compaction of the mask;
+    `chosen` may then be None); larger batches compute the union of `chosen`. allowed [B, S] bool: the slots the new
+    token may read (its own included). `attention_impl`: "xla" or "pallas" (kernels/decode_attention.py).
+    B <= MAX_BATCH.
+
+    Launches: one `head_qkv_pairs` (K/V and Q together, below) and one `head_out_proj` per step while the rows fit
+    one kernel call (B·R <= MAX_BATCH in "repair", B <= MAX_BATCH in "all").
     """
     batch, d = x.shape
     n_heads, head_dim = weights.qkv_w.shape[1], weights.qkv_w.shape[2]
@@ -161,31 +177,61 @@ def head_sparse_decode(
             "head_kv='repair' needs the cache's recent inputs: create it with "
             "KVCache.create(..., recent_window=policy.recent_window)"
         )
-    chosen_any = jnp.any(chosen, axis=0)  # [H]
-    chosen_idx, real = head_list(chosen_any, min(n_heads, batch * k))
+    if head_kv == "repair" and recent.dtype != x.dtype:
+        # The window's rows feed the same kernel as x (and give the current token's Q): one dtype.
+        raise ValueError(
+            f"head_kv='repair' needs the cache in the model's dtype. Got a cache of {recent.dtype} and inputs of "
+            f"{x.dtype}: create the cache with the params' dtype"
+        )
+    if chosen_idx is not None and chosen_idx.shape != (batch, k):
+        raise ValueError(f"chosen_idx must be [B, k] = {(batch, k)}. Got {chosen_idx.shape}")
+    as_list = batch == 1 and chosen_idx is not None
+    if chosen is None and not as_list:
+        raise ValueError("chosen [B, H] is needed unless B == 1 and chosen_idx is given. Got chosen=None")
+    if as_list:
+        # k distinct heads, each used by the one sequence: no compaction, no padding.
+        q_heads, real = chosen_idx[0].astype(jnp.int32), None
+    else:
+        q_heads, real = head_list(jnp.any(chosen, axis=0), min(n_heads, batch * k))  # [n]
+    n = q_heads.shape[0]
 
-    with jax.named_scope("kv_proj"):
+    with jax.named_scope("qkv_proj"):
         if head_kv == "repair":
+            # One launch over the window's rows: K/V of the chosen ++ forced heads (a forced head that is also
+            # chosen is listed twice and writes identical K/V twice; no compaction), and Q of the chosen heads,
+            # taken from the buffer row of the current token (it holds x once written, in x's dtype). Weight bytes:
+            # K/V of n + f heads and Q of n, what separate K/V and Q launches read; Q costs R times the arithmetic.
             window = recent.shape[1]
             recent = write_recent_inputs(recent, x[:, None], cursor)
-            computed = chosen_any.at[forced_heads(cursor, n_heads, window)].set(True)
-            repair_idx, _ = head_list(computed, min(n_heads, chosen_idx.shape[0] + forced_count(n_heads, window)))
-            keys, values = repair_kv(recent, weights, repair_idx, keys, values, cursor)
+            kv_heads = jnp.concatenate([q_heads, forced_heads(cursor, n_heads, window)])
+            m = kv_heads.shape[0]
+            rows = _qkv_pairs_rows(recent.reshape(batch * window, d), weights, *kv_q_pairs(kv_heads, q_heads))
+            rows = rows.reshape(batch, window, 2 * m + n, head_dim)
+            keys, values = write_window_kv(keys, values, kv_heads, rows[:, :, :m], rows[:, :, m : 2 * m], cursor)
+            q = lax.dynamic_index_in_dim(rows, cursor % window, axis=1, keepdims=False)[:, 2 * m :]
         else:
-            kv = _qkv_rows(x, weights, jnp.arange(n_heads, dtype=jnp.int32), parts=(1, 2))  # [2, B, H, hd]
+            # One launch: K/V of every head and Q of the chosen ones (2H + n heads' rows). Projecting Q, K and V of
+            # all heads would read H - n more heads' Q rows; all-heads ++ chosen with parts (0, 1, 2) would read
+            # H + 2n more.
+            all_heads = jnp.arange(n_heads, dtype=jnp.int32)
+            rows = _qkv_pairs_rows(x, weights, *kv_q_pairs(all_heads, q_heads))  # [B, 2H + n, hd]
             start = (0, 0, cursor, 0)
-            keys = lax.dynamic_update_slice(keys, kv[0][:, :, None].astype(keys.dtype), start)
-            values = lax.dynamic_update_slice(values, kv[1][:, :, None].astype(values.dtype), start)
-    with jax.named_scope("q_proj"):
-        # HF scales the query after q_proj, bias included.
-        q = (_qkv_rows(x, weights, chosen_idx, parts=(0,))[0] * head_dim**-0.5).astype(x.dtype)  # [B, n, hd]
+            keys = lax.dynamic_update_slice(keys, rows[:, :n_heads, None].astype(keys.dtype), start)
+            values = lax.dynamic_update_slice(values, rows[:, n_heads : 2 * n_heads, None].astype(values.dtype), start)
+            q = rows[:, 2 * n_heads :]
+        # HF scales the query after q_proj, bias included; q is already in x's dtype, so this is one multiply.
+        q = (q * head_dim**-0.5).astype(x.dtype)  # [B, n, hd]
     with jax.named_scope("attention"):
         if attention_impl == "pallas":
-            heads_out = decode_attention(q, keys, values, allowed, chosen_idx)
+            heads_out = decode_attention(q, keys, values, allowed, q_heads)
         else:
-            heads_out = _attention_xla(q, keys, values, allowed, chosen_idx)
-    used = jnp.take(chosen, chosen_idx, axis=1) & real[None, :]  # [B, n]
-    heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
+            heads_out = _attention_xla(q, keys, values, allowed, q_heads)
+    if as_list:
+        used = jnp.ones((1, n), bool)  # every entry is a head the sequence chose: nothing to zero
+        heads_out = heads_out.astype(x.dtype)
+    else:
+        used = jnp.take(chosen, q_heads, axis=1) & real[None, :]  # [B, n]
+        heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
     with jax.named_scope("out_proj"):
-        out = head_out_proj(heads_out, weights.out_w, weights.out_b, chosen_idx)
-    return HeadSparseStep(out, keys, values, recent, chosen_idx, used, heads_out)
+        out = head_out_proj(heads_out, weights.out_w, weights.out_b, q_heads)
+    return HeadSparseStep(out, keys, values, recent, q_heads, used, heads_out)

@@ -354,6 +354,8 @@ def for_decode_batch(
 class HeadRows:
     """Which heads' outputs reach out_proj. `kind` (static): "all"; "mask" (per token [B, T, heads] bool, at most
     `k` heads per token); "oracle" (the `k` heads of largest output norm per token, decided inside attention).
+    `idx` [B, T, k] int32 or None: with "mask", the same choice as index lists (distinct heads, exactly the True
+    entries of `mask`), which a batch-1 decode step uses directly instead of compacting the mask.
     `decode_kernels` (static, `SparsityPolicy.decode_kernels`): a small-batch decode step computes only the masked
     heads (False: every head, outputs masked: the reference); `head_kv` and `window` (static, from `DecodeTuning`)
     say how it keeps K/V exact."""
@@ -361,6 +363,7 @@ class HeadRows:
     kind: str = struct.field(pytree_node=False, default="all")
     mask: Optional[jax.Array] = None
     k: int = struct.field(pytree_node=False, default=0)
+    idx: Optional[jax.Array] = None
     decode_kernels: bool = struct.field(pytree_node=False, default=True)
     head_kv: str = struct.field(pytree_node=False, default="repair")
     window: int = struct.field(pytree_node=False, default=16)
@@ -389,25 +392,32 @@ def head_rows(
     batch, tokens = lookahead_input.shape[:2]
     if policy.heads == HeadSparsity.FIXED:
         k = min(policy.head_k, n_heads)
-        mask = scheduled_heads(weights.head_schedule, layer, first_slot, batch, tokens, n_heads, k)
-        return HeadRows("mask", mask=mask, k=k, **how)
+        mask, idx = scheduled_heads(weights.head_schedule, layer, first_slot, batch, tokens, n_heads, k)
+        return HeadRows("mask", mask=mask, k=k, idx=idx, **how)
     predictor = weights.heads[layer]
     k = policy.head_k or predictor.keep
     if k >= predictor.num_outputs:
         return HeadRows()
-    return HeadRows("mask", mask=exactly_k_mask(predictor_scores(predictor, lookahead_input), k), k=k, **how)
+    mask, idx = exactly_k(predictor_scores(predictor, lookahead_input), k)
+    return HeadRows("mask", mask=mask, k=k, idx=idx, **how)
+
+
+def exactly_k(scores, k: int):
+    """[..., n] scores -> (mask [..., n] bool with exactly k True per row, idx [..., k] int32: the same k entries,
+    distinct, in `lax.top_k` order). Ties are broken by `lax.top_k`: a decode step sizes its head list from k, so a
+    tie must not choose more."""
+    idx = jax.lax.top_k(scores, k)[1].astype(jnp.int32)  # [..., k]
+    return jnp.any(idx[..., :, None] == jnp.arange(scores.shape[-1]), axis=-2), idx
 
 
 def exactly_k_mask(scores, k: int):
-    """[..., n] scores -> [..., n] bool with exactly k True per row (ties broken by `lax.top_k`): a decode step
-    sizes its head list from k, so a tie must not choose more."""
-    chosen = jax.lax.top_k(scores, k)[1]  # [..., k]
-    return jnp.any(chosen[..., :, None] == jnp.arange(scores.shape[-1]), axis=-2)
+    """The mask of `exactly_k`."""
+    return exactly_k(scores, k)[0]
 
 
 def scheduled_heads(key, layer: int, first_slot, batch: int, tokens: int, n_heads: int, k: int):
-    """[batch, tokens, n_heads] bool: k random heads per (sequence, token), drawn from `key` folded with the layer,
-    the token's cache slot and the sequence's row."""
+    """k random heads per (sequence, token), drawn from `key` folded with the layer, the token's cache slot and the
+    sequence's row, as `exactly_k` gives them: (mask [batch, tokens, n_heads] bool, idx [batch, tokens, k] int32)."""
     layer_key = jax.random.fold_in(key, layer)
     slots = first_slot + jnp.arange(tokens)
 
@@ -415,7 +425,7 @@ def scheduled_heads(key, layer: int, first_slot, batch: int, tokens: int, n_head
         return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(layer_key, slot), row), (n_heads,))
 
     scores = jax.vmap(lambda row: jax.vmap(lambda slot: draw(row, slot))(slots))(jnp.arange(batch))
-    return exactly_k_mask(scores, k)
+    return exactly_k(scores, k)
 
 
 def check_sparsity(policy: SparsityPolicy, weights: Optional[SparseWeights]) -> None:

@@ -3,12 +3,15 @@ rows in place (no gathered copy of the weights).
 
     head_qkv:      out[p, b, j] = x[b] · qkv_w[parts[p], head_idx[j]]ᵀ + qkv_b[parts[p], head_idx[j]]
     head_out_proj: out[b]       = Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b
+    head_qkv_pairs: out[b, j]   = x[b] · qkv_w[part_idx[j], head_idx[j]]ᵀ + qkv_b[part_idx[j], head_idx[j]]
 
 in the model's layout (dejavu_jax/model.py, `OPTAttention`): `qkv_w` [3, H, hd, d] and `out_w` [H, hd, d], so a head
 is a contiguous block of hd rows of d values in qkv_w[z] and in out_w. `x` [B, d]; `heads_out` [B, h, hd], the
 attention output of the chosen heads; `head_idx` [h] int32 (unsorted, duplicates computed once per copy, h >= 1).
 With head_idx = arange(H) both equal the dense projections. `parts` (static) picks which of Q (0), K (1), V (2) to
-project, e.g. (0,) for Q alone or (1, 2) for K and V.
+project, e.g. (0,) for Q alone or (1, 2) for K and V. `head_qkv_pairs` takes one (part, head) pair per output entry
+instead, so one launch can project, say, K and V of some heads and Q of others (the same kernel over the weights
+viewed as [1, 3·H, hd, d]: entry j reads "head" part_idx[j]·H + head_idx[j]).
 
 Numerics follow the model's dense einsums run in the activation dtype: products summed in fp32, biases added in fp32,
 one rounding to the activation dtype at the end. `head_out_proj` sums fp32 partials over head groups (one per grid
@@ -279,6 +282,42 @@ def head_qkv(x, qkv_w, qkv_b, head_idx, *, parts=(0, 1, 2), knobs=None, interpre
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def head_qkv_pairs(x, qkv_w, qkv_b, part_idx, head_idx, *, knobs=None, interpret=None):
+    """[B, n, hd] in x.dtype: x · qkv_w[part_idx[j], head_idx[j]]ᵀ + qkv_b[part_idx[j], head_idx[j]].
+
+    x [B, d], qkv_w [3, H, hd, d], qkv_b [3, H, hd], part_idx and head_idx [n] int (parts in {0, 1, 2}; neither is
+    range-checked, as for `head_qkv`). Each entry reads only its own hd rows, so mixed lists (K/V of some heads, Q of
+    others) cost one launch and no weight bytes beyond their rows. `knobs`: as for `head_qkv`.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"x must be [batch, d]. Got shape {x.shape}")
+    if qkv_w.ndim != 4 or qkv_w.shape[0] != 3 or qkv_w.shape[3] != x.shape[1]:
+        raise ValueError(f"qkv_w must be [3, H, hd, d] with d = x.shape[1]. Got {qkv_w.shape} and x {x.shape}")
+    _, n_heads, hd, d = qkv_w.shape
+    _check_common(x, "x", head_idx, n_heads, hd, d, qkv_w, "qkv_w")
+    if qkv_b.shape != (3, n_heads, hd):
+        raise ValueError(f"qkv_b must be [3, H, hd] = {(3, n_heads, hd)}. Got {qkv_b.shape}")
+    if part_idx.shape != head_idx.shape or not jnp.issubdtype(part_idx.dtype, jnp.integer):
+        raise ValueError(
+            f"part_idx must be an integer array shaped like head_idx {head_idx.shape}. "
+            f"Got shape {part_idx.shape}, {part_idx.dtype}"
+        )
+    plan = _plan(x.shape[0], d, hd, head_idx.shape[0], knobs)
+    # A row-major reshape is free: part z's head h is "head" z·H + h of one part.
+    flat_idx = part_idx.astype(jnp.int32) * n_heads + head_idx.astype(jnp.int32)
+    out = _head_qkv_call(
+        jnp.zeros((1,), jnp.int32),
+        flat_idx,
+        _pad_rows(x, plan.batch_rows(plan.qkv_dot)),
+        qkv_w.reshape(1, 3 * n_heads, hd, d),
+        qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),
+        plan=plan,
+        interpret=resolve_interpret(interpret),
+    )
+    return out[0, : plan.batch]
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
 def head_out_proj(heads_out, out_w, out_b, head_idx, *, knobs=None, interpret=None):
     """[B, d] in heads_out.dtype: Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b.
 
@@ -319,6 +358,12 @@ def head_qkv_reference(x, qkv_w, qkv_b, head_idx, *, parts=(0, 1, 2)):
     w = qkv_w[zs][:, head_idx]  # [P, h, hd, d]
     out = jnp.einsum("bd,zhkd->zbhk", x, w, preferred_element_type=jnp.float32, precision=_dot_precision(x.dtype))
     return (out + qkv_b[zs][:, head_idx][:, None].astype(jnp.float32)).astype(x.dtype)
+
+
+def head_qkv_pairs_reference(x, qkv_w, qkv_b, part_idx, head_idx):
+    w = qkv_w[part_idx, head_idx]  # [n, hd, d]
+    out = jnp.einsum("bd,jkd->bjk", x, w, preferred_element_type=jnp.float32, precision=_dot_precision(x.dtype))
+    return (out + qkv_b[part_idx, head_idx][None].astype(jnp.float32)).astype(x.dtype)
 
 
 def head_out_proj_reference(heads_out, out_w, out_b, head_idx):

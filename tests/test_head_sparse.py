@@ -12,6 +12,8 @@ from kernels.head_sparse import (
     head_out_proj,
     head_out_proj_reference,
     head_qkv,
+    head_qkv_pairs,
+    head_qkv_pairs_reference,
     head_qkv_reference,
 )
 
@@ -73,6 +75,25 @@ class TestHeadSparse(CompiledKernelCases):
             assert row_err(out, dense) <= TOLERANCE[dtype]
 
     @pytest.mark.parametrize("case", CASES)
+    def test_qkv_pairs_match_float64(self, case):
+        """Mixed (part, head) lists, as a decode step asks for them: K and V of some heads, Q of others, repeats."""
+        batch, n_heads, hd, d, idx, dtype, knobs = case
+        x, qkv_w, qkv_b, *_ = random_case(batch, n_heads, hd, d, len(idx), dtype, seed=batch * 7 + d + hd)
+        heads = idx + idx + [idx[-1]]
+        parts = [1] * len(idx) + [2] * len(idx) + [0]
+        part_idx, head_idx = jnp.asarray(parts, jnp.int32), jnp.asarray(heads, jnp.int32)
+        out = head_qkv_pairs(x, qkv_w, qkv_b, part_idx, head_idx, knobs=knobs, interpret=self.INTERPRET)
+        assert out.shape == (batch, len(heads), hd) and out.dtype == jnp.dtype(dtype)
+        xs, w, b = f64(x, qkv_w, qkv_b)
+        ref = np.einsum("bd,jkd->bjk", xs, w[parts, heads]) + b[parts, heads][None]
+        assert row_err(out, ref) <= TOLERANCE[dtype]
+        assert row_err(out, head_qkv_pairs_reference(x, qkv_w, qkv_b, part_idx, head_idx)) <= TOLERANCE[dtype]
+        # The same kernel as head_qkv: an entry equals head_qkv's for the same part and head, bit for bit.
+        by_part = head_qkv(x, qkv_w, qkv_b, jnp.asarray(idx, jnp.int32), knobs=knobs, interpret=self.INTERPRET)
+        np.testing.assert_array_equal(np.asarray(out[:, : len(idx)]), np.asarray(by_part[1]))
+        np.testing.assert_array_equal(np.asarray(out[:, -1]), np.asarray(by_part[0, :, -1]))
+
+    @pytest.mark.parametrize("case", CASES)
     def test_out_proj_matches_float64(self, case):
         batch, n_heads, hd, d, idx, dtype, knobs = case
         *_, heads_out, out_w, out_b = random_case(batch, n_heads, hd, d, len(idx), dtype, seed=batch * 10 + d + hd)
@@ -113,6 +134,10 @@ class TestHeadSparse(CompiledKernelCases):
             head_qkv(x.astype(jnp.float16), w, b, idx, **kw)
         with pytest.raises(ValueError, match="power of two"):
             head_qkv(x, w, b, idx, knobs=(("qkv_block_d", 48),), **kw)
+        with pytest.raises(ValueError, match="part_idx must be an integer array shaped like head_idx"):
+            head_qkv_pairs(x, w, b, idx[:1], idx, **kw)
+        with pytest.raises(ValueError, match="qkv_w must be"):
+            head_qkv_pairs(x, w[0], b, idx, idx, **kw)
         ho, ow, ob = jnp.zeros((2, 2, 16)), jnp.zeros((4, 16, 64)), jnp.zeros(64)
         with pytest.raises(ValueError, match="heads_out must be"):
             head_out_proj(ho[0], ow, ob, idx, **kw)
