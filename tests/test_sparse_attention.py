@@ -21,6 +21,7 @@ from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparse_attention import (
     AttentionWeights,
     forced_heads,
+    kv_q_pairs,
     head_sparse_decode,
     window_slots,
     write_recent_inputs,
@@ -30,9 +31,11 @@ from dejavu_jax.sparsity import (
     HeadSparsity,
     SparseWeights,
     SparsityPolicy,
+    exactly_k,
     exactly_k_mask,
     for_decode_batch,
 )
+from kernels.head_sparse import head_qkv_pairs
 
 
 @pytest.mark.parametrize("n_heads, window", [(4, 1), (6, 4), (32, 16), (40, 16), (12, 5)])
@@ -150,6 +153,95 @@ def test_every_computed_head_attends_over_exact_kv(
                 worst_head = max(worst_head, np.linalg.norm(heads_out[t, b, j] - ref) / np.linalg.norm(ref))
             worst_out = max(worst_out, np.linalg.norm(outs[t, b] - ref_out[b]) / np.linalg.norm(ref_out[b]))
     assert worst_head <= 1e-5 and worst_out <= 1e-5, (worst_head, worst_out)
+
+
+def decode_layer(weights, inputs, slot_mask, prompt, head_kv, window, k, chosen, chosen_idx, attention="xla"):
+    """Prefill a cache (every head's exact K/V of the prompt, its last R inputs), then decode the rest of `inputs`
+    [B, S, d] with `head_sparse_decode` in one compiled scan: per step (out, head_idx, head_used, heads_out)."""
+    batch, slots, d = inputs.shape
+    x_prompt = jnp.asarray(inputs[:, :prompt])
+    kv = jnp.einsum("btd,zhkd->zbhtk", x_prompt, weights.qkv_w) + weights.qkv_b[:, None, :, None]
+    pad = ((0, 0), (0, 0), (0, slots - prompt), (0, 0))
+    keys, values = jnp.pad(kv[1], pad), jnp.pad(kv[2], pad)
+    recent = write_recent_inputs(jnp.zeros((batch, window, d)), x_prompt, 0) if head_kv == "repair" else None
+
+    def step(carry, per_step):
+        keys, values, recent = carry
+        x, chosen_now, idx_now, c = per_step
+        allowed = jnp.asarray(slot_mask) & (jnp.arange(slots) <= c)[None]
+        out = head_sparse_decode(
+            x,
+            weights,
+            keys,
+            values,
+            recent,
+            chosen_now,
+            k,
+            c,
+            allowed,
+            chosen_idx=idx_now,
+            head_kv=head_kv,
+            attention_impl=attention,
+        )
+        return (out.keys, out.values, out.recent), (out.out, out.head_idx, out.head_used, out.heads_out)
+
+    cursors = jnp.arange(prompt, slots, dtype=jnp.int32)
+    xs = (jnp.asarray(inputs[:, prompt:].transpose(1, 0, 2)), chosen, chosen_idx, cursors)
+    _, outs = jax.jit(lambda carry, xs: jax.lax.scan(step, carry, xs))((keys, values, recent), xs)
+    return tuple(map(np.asarray, outs))
+
+
+@pytest.mark.parametrize("head_kv, window", [("repair", 4), ("all", 0)])
+def test_batch1_index_lists_and_batch2_union_match_the_reference(head_kv, window):
+    """The same random choices decoded two ways, each against the float64 reference: a batch of 2 through the
+    union of its masks, and each sequence alone at batch 1 through its top-k index list (unsorted, no mask)."""
+    prompt, steps, n_heads, head_dim, k = 5, 64, 6, 8, 2
+    d = n_heads * head_dim
+    rng = np.random.default_rng(11 + window)
+    weights = random_layer(rng, n_heads, head_dim, d)
+    w64 = tuple(np.asarray(a, np.float64) for a in weights)
+    slots = prompt + steps
+    inputs = rng.standard_normal((2, slots, d)).astype(np.float32)
+    slot_mask = np.ones((2, slots), bool)
+    mask, idx = exactly_k(jnp.asarray(rng.random((steps, 2, n_heads))), k)
+    assert (np.sort(np.asarray(idx), -1) != np.asarray(idx)).any()  # the lists reach the kernels unsorted
+    union = decode_layer(weights, inputs, slot_mask, prompt, head_kv, window, k, mask, None)
+    alone = [
+        decode_layer(
+            weights, inputs[b : b + 1], slot_mask[b : b + 1], prompt, head_kv, window, k, None, idx[:, b : b + 1]
+        )
+        for b in range(2)
+    ]
+    mask = np.asarray(mask)
+    worst = 0.0
+    for t, c in enumerate(range(prompt, slots)):
+        ref_heads, ref_out = reference_step(w64, inputs.astype(np.float64), slot_mask, mask[t], c)
+        for b in range(2):
+            for (out, head_idx, used, heads_out), row in ((union, b), (alone[b], 0)):
+                assert sorted(head_idx[t][used[t, row]]) == list(np.flatnonzero(mask[t, b]))
+                for j in np.flatnonzero(used[t, row]):
+                    ref = ref_heads[b, head_idx[t, j]]
+                    worst = max(worst, np.linalg.norm(heads_out[t, row, j] - ref) / np.linalg.norm(ref))
+                worst = max(worst, np.linalg.norm(out[t, row] - ref_out[b]) / np.linalg.norm(ref_out[b]))
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_query_from_the_buffer_row_is_the_query_from_x(dtype):
+    """Repair takes the current token's Q from its ring-buffer row: in the model's dtype that row is x bit for bit,
+    and a kernel row's projection does not depend on the other rows (below the dot path's 16 rows)."""
+    window, d, n_heads, head_dim, cursor = 4, 32, 4, 8, 9
+    rng = np.random.default_rng(3)
+    weights = AttentionWeights(*(a.astype(dtype) for a in random_layer(rng, n_heads, head_dim, d)))
+    recent = jnp.asarray(rng.standard_normal((1, window, d)), dtype)
+    x = jnp.asarray(rng.standard_normal((1, d)), dtype)
+    recent = write_recent_inputs(recent, x[:, None], cursor)
+    row = recent[0, cursor % window]
+    np.testing.assert_array_equal(np.asarray(row), np.asarray(x[0]))
+    pairs = kv_q_pairs(jnp.asarray([2, 0, 3], jnp.int32), jnp.asarray([3, 1], jnp.int32))
+    from_rows = head_qkv_pairs(recent[0], weights.qkv_w, weights.qkv_b, *pairs)
+    from_x = head_qkv_pairs(x, weights.qkv_w, weights.qkv_b, *pairs)
+    np.testing.assert_array_equal(np.asarray(from_rows[cursor % window]), np.asarray(from_x[0]))
 
 
 CONFIG = OPTConfig(
@@ -270,6 +362,41 @@ def test_head_sparse_generation_is_one_compiled_decode_loop():
     )
     assert "head_qkv" in kernels and "head_out_proj" in kernels
     assert not any("callback" in e.primitive.name for e in _walk(jaxpr.jaxpr))
+
+
+def _kernel_name(eqn):
+    name = eqn.params.get("name")
+    return getattr(eqn.params.get("name_and_src_info"), "name", None) if name is None else name
+
+
+def _decode_step_primitives(policy, batch):
+    """Primitive names (pallas_call as "pallas_call:<kernel>") of one decode step's jaxpr, walked into every
+    nested jaxpr."""
+    params = init_params(CONFIG, jax.random.PRNGKey(4))
+    cache = KVCache.create(CONFIG, batch, 16, jnp.float32, policy.recent_window)
+    tokens = jnp.ones((batch,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p, c, t, w: decode_step(p, c, t, w, config=CONFIG, policy=policy))(
+        params, cache, tokens, SCHEDULE
+    )
+    return [
+        f"pallas_call:{_kernel_name(e)}" if e.primitive.name == "pallas_call" else e.primitive.name
+        for e in _walk(jaxpr.jaxpr)
+    ]
+
+
+@pytest.mark.parametrize("head_kv", ["repair", "all"])
+def test_batch1_decode_step_launches_one_projection_per_layer_and_compacts_no_mask(head_kv):
+    """A batch-1 decode step computes each layer's K/V and Q in one head_qkv launch and its out_proj in one
+    head_out_proj launch, and builds no head list from a mask (jnp.nonzero's cumsum) beyond what dense decoding
+    has; batch 2 still builds the union."""
+    policy = fixed_heads(2, head_kv=head_kv, head_window=4)
+    prims = _decode_step_primitives(policy, 1)
+    layers = CONFIG.num_hidden_layers
+    assert prims.count("pallas_call:head_qkv") == layers
+    assert prims.count("pallas_call:head_out_proj") == layers
+    dense = _decode_step_primitives(SparsityPolicy(), 1)
+    assert prims.count("cumsum") == dense.count("cumsum")
+    assert _decode_step_primitives(policy, 2).count("cumsum") > dense.count("cumsum")
 
 
 def test_tuning_and_cache_errors():
