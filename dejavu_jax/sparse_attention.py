@@ -87,6 +87,8 @@ def write_recent_inputs(recent, x, first_slot):
     """recent [B, R, d] with the chunk x [B, T, d] (slots first_slot .. first_slot+T-1) written at row slot mod R;
     only the last R tokens of a longer chunk stay."""
     window, tokens = recent.shape[1], x.shape[1]
+    if tokens == 1:  # a decode step: one row, a dynamic update in place instead of a scatter
+        return lax.dynamic_update_slice(recent, x.astype(recent.dtype), (0, first_slot % window, 0))
     kept = min(tokens, window)
     slots = first_slot + tokens - kept + jnp.arange(kept, dtype=jnp.int32)
     return recent.at[:, slots % window].set(x[:, tokens - kept :].astype(recent.dtype))
