@@ -242,6 +242,19 @@ def _check_common(act, act_name, head_idx, n_heads, hd, d, weight, weight_name):
         raise ValueError("head_idx must choose at least one head. Got an empty head_idx")
 
 
+def _check_qkv(x, qkv_w, qkv_b, head_idx):
+    """The checks both q/k/v wrappers share -> (H, hd, d)."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be [batch, d]. Got shape {x.shape}")
+    if qkv_w.ndim != 4 or qkv_w.shape[0] != 3 or qkv_w.shape[3] != x.shape[1]:
+        raise ValueError(f"qkv_w must be [3, H, hd, d] with d = x.shape[1]. Got {qkv_w.shape} and x {x.shape}")
+    _, n_heads, hd, d = qkv_w.shape
+    _check_common(x, "x", head_idx, n_heads, hd, d, qkv_w, "qkv_w")
+    if qkv_b.shape != (3, n_heads, hd):
+        raise ValueError(f"qkv_b must be [3, H, hd] = {(3, n_heads, hd)}. Got {qkv_b.shape}")
+    return n_heads, hd, d
+
+
 def _plan(batch, d, hd, heads, knobs) -> HeadSparsePlan:
     return HeadSparsePlan(batch=batch, d=d, head_dim=hd, heads=heads, **dict(knobs or ()))
 
@@ -257,14 +270,7 @@ def head_qkv(x, qkv_w, qkv_b, head_idx, *, parts=(0, 1, 2), knobs=None, interpre
     x [B, d], qkv_w [3, H, hd, d], qkv_b [3, H, hd], head_idx [h] int. `parts`: a non-empty tuple of distinct
     values in {0, 1, 2} (Q, K, V). `knobs`: a tuple of (field, value) pairs of `HeadSparsePlan`; None = defaults.
     """
-    if x.ndim != 2:
-        raise ValueError(f"x must be [batch, d]. Got shape {x.shape}")
-    if qkv_w.ndim != 4 or qkv_w.shape[0] != 3 or qkv_w.shape[3] != x.shape[1]:
-        raise ValueError(f"qkv_w must be [3, H, hd, d] with d = x.shape[1]. Got {qkv_w.shape} and x {x.shape}")
-    _, n_heads, hd, d = qkv_w.shape
-    _check_common(x, "x", head_idx, n_heads, hd, d, qkv_w, "qkv_w")
-    if qkv_b.shape != (3, n_heads, hd):
-        raise ValueError(f"qkv_b must be [3, H, hd] = {(3, n_heads, hd)}. Got {qkv_b.shape}")
+    n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, head_idx)
     parts = tuple(parts)
     if not parts or len(set(parts)) != len(parts) or not set(parts) <= {0, 1, 2}:
         raise ValueError(f"parts must be a non-empty tuple of distinct values in (0, 1, 2). Got {parts}")
@@ -289,14 +295,7 @@ def head_qkv_pairs(x, qkv_w, qkv_b, part_idx, head_idx, *, knobs=None, interpret
     range-checked, as for `head_qkv`). Each entry reads only its own hd rows, so mixed lists (K/V of some heads, Q of
     others) cost one launch and no weight bytes beyond their rows. `knobs`: as for `head_qkv`.
     """
-    if x.ndim != 2:
-        raise ValueError(f"x must be [batch, d]. Got shape {x.shape}")
-    if qkv_w.ndim != 4 or qkv_w.shape[0] != 3 or qkv_w.shape[3] != x.shape[1]:
-        raise ValueError(f"qkv_w must be [3, H, hd, d] with d = x.shape[1]. Got {qkv_w.shape} and x {x.shape}")
-    _, n_heads, hd, d = qkv_w.shape
-    _check_common(x, "x", head_idx, n_heads, hd, d, qkv_w, "qkv_w")
-    if qkv_b.shape != (3, n_heads, hd):
-        raise ValueError(f"qkv_b must be [3, H, hd] = {(3, n_heads, hd)}. Got {qkv_b.shape}")
+    n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, head_idx)
     if part_idx.shape != head_idx.shape or not jnp.issubdtype(part_idx.dtype, jnp.integer):
         raise ValueError(
             f"part_idx must be an integer array shaped like head_idx {head_idx.shape}. "

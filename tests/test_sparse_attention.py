@@ -422,3 +422,16 @@ def test_tuning_and_cache_errors():
         decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=fixed_heads(1))
     with pytest.raises(ValueError, match="needs a schedule"):
         decode_step(params, cache, ids[:, 0], None, config=CONFIG, policy=fixed_heads(1, head_window=4))
+
+
+def test_head_sparse_decode_errors():
+    weights = random_layer(np.random.default_rng(0), 4, 8, 32)
+    x, keys = jnp.zeros((2, 32)), jnp.zeros((2, 4, 8, 8))
+    recent, allowed = jnp.zeros((2, 4, 32)), jnp.ones((2, 8), bool)
+    chosen = jnp.zeros((2, 4), bool).at[:, 0].set(True)
+    with pytest.raises(ValueError, match="needs the cache in the model's dtype"):
+        head_sparse_decode(x, weights, keys, keys, recent.astype(jnp.float16), chosen, 1, 5, allowed)
+    with pytest.raises(ValueError, match=r"chosen_idx must be \[B, k\] = \(2, 1\)"):
+        head_sparse_decode(x, weights, keys, keys, recent, chosen, 1, 5, allowed, chosen_idx=jnp.zeros((2, 2), int))
+    with pytest.raises(ValueError, match="chosen .* is needed unless B == 1"):
+        head_sparse_decode(x, weights, keys, keys, recent, None, 1, 5, allowed, chosen_idx=jnp.zeros((2, 1), int))
