@@ -17,7 +17,7 @@ from dejavu_jax.config import OPTConfig, tiny_config
 from dejavu_jax.generation import generate_ids, generate_tokens
 from dejavu_jax.model import OPTForCausalLM, abstract_params
 from dejavu_jax.sampling import SamplingConfig
-from dejavu_jax.sparsity import SparseWeights
+from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparseWeights, SparsityPolicy
 
 from conftest import REFERENCE_MODEL, rel_max_err
 
@@ -197,12 +197,14 @@ def test_fixed_row_sparse_decoding_under_tp4_matches_one_device(eight_heads_para
     assert generate_ids(sharded, EIGHT_HEADS, prompts, 6, sparse_weights=rows) == want
 
 
-def test_other_sparse_decoding_under_tp_is_refused(eight_heads_params):
-    from dejavu_jax.sparsity import MLPSparsity, SparsityPolicy
+def test_head_sparse_decoding_under_tp_is_refused(eight_heads_params):
+    from dejavu_jax.sparsity import HeadSparsity
 
     sharded = parallel.shard_params(eight_heads_params, parallel.tp_mesh(EIGHT_HEADS, 2))
-    with pytest.raises(ValueError, match="dense or with fixed row masks only"):
-        generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=SparsityPolicy(MLPSparsity.LOSSLESS))
+    policy = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=2)
+    weights = SparseWeights(head_schedule=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="does not split head sparsity over devices yet. Got head sparsity fixed"):
+        generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=policy, sparse_weights=weights)
 
 
 def test_generate_cli_reports_placement(reference_models, capsys):
@@ -334,3 +336,142 @@ def test_two_processes_decode_as_one_tp2_program(reference_models):
         record = json.loads(out.strip().splitlines()[-1])
         assert record["tp"] == 2 and record["token_ids"] == want
         assert len(record["param_bytes_per_device"]) == 1  # this process's one device
+
+
+# ---- sparse MLP decoding under tp: each shard chooses among and computes its own neurons ---------------------------
+
+
+def random_mlp_predictors(config, threshold: float = 0.0, k: int = 0, seed: int = 6, rank: int = 12):
+    """Random rank-`rank` MLP predictors (rank padded to 16 in the decode layout) with output biases N(0, 1), so a
+    threshold of 0 chooses about half of each layer's neurons and changes the output."""
+    from dejavu_jax.predictors import init_low_rank
+    from dejavu_jax.sparsity import decode_predictor
+
+    rng = np.random.default_rng(seed)
+    layers = []
+    for layer in range(config.num_hidden_layers):
+        p = init_low_rank(
+            jax.random.PRNGKey(seed + layer),
+            config.hidden_size,
+            rank,
+            config.ffn_dim,
+            output_bias=rng.normal(size=config.ffn_dim),
+        )
+        layers.append(decode_predictor(p.replace(k=k), threshold))
+    return SparseWeights(mlp=tuple(layers))
+
+
+def next_token_logits(params, config, mesh, policy, sparse_weights, ids):
+    """The logits [1, V] of one decode step (token 5) after a dense prefill of ids [1, P]."""
+    from dejavu_jax.generation import decode_step, prefill
+
+    _, cache = prefill(params, ids, jnp.ones_like(ids), config=config, num_slots=2 * ids.shape[1], mesh=mesh)
+    return decode_step(
+        params, cache, jnp.asarray([5]), sparse_weights, config=config, policy=policy, mesh=mesh
+    )[0]
+
+
+SPARSE_POLICIES = {
+    "threshold": SparsityPolicy(MLPSparsity.PREDICTED, Selection.THRESHOLD),
+    "lossless": SparsityPolicy(MLPSparsity.LOSSLESS),
+}
+
+
+def check_sparse_tp_matches_one_device(params, config, tp, kind, prompt, new_tokens):
+    """Threshold-predicted or lossless decoding over `tp` shards: the single-device decode-step logits (fp32) and
+    greedy tokens through the real generation program, on predictors split by `shard_sparse_weights`."""
+    policy = SPARSE_POLICIES[kind]
+    weights = random_mlp_predictors(config) if kind == "threshold" else None
+    mesh = parallel.tp_mesh(config, tp)
+    sharded = parallel.shard_params(params, mesh)
+    sharded_weights = parallel.shard_sparse_weights(weights, mesh)
+    ids = jnp.asarray([prompt], jnp.int32)
+    one_device = next_token_logits(params, config, None, policy, weights, ids)
+    if kind == "threshold":  # the predictors' choice matters (lossless equals dense by design)
+        dense = next_token_logits(params, config, None, DENSE, None, ids)
+        assert rel_max_err(one_device, dense) > 1e-2
+    assert rel_max_err(next_token_logits(sharded, config, mesh, policy, sharded_weights, ids), one_device) < 1e-5
+    want = generate_ids(params, config, [prompt], new_tokens, policy=policy, sparse_weights=weights)
+    got = generate_ids(sharded, config, [prompt], new_tokens, policy=policy, sparse_weights=sharded_weights)
+    assert got == want
+
+
+@pytest.mark.parametrize("kind", ["threshold", "lossless"])
+def test_sparse_decoding_under_tp4_matches_one_device(eight_heads_params, kind):
+    check_sparse_tp_matches_one_device(eight_heads_params, EIGHT_HEADS, 4, kind, [2, 31, 7, 99, 4, 18, 250, 3], 6)
+
+
+@pytest.mark.parametrize("kind", ["threshold", "lossless"])
+def test_reference_model_sparse_decoding_under_tp2_matches_one_device(reference_models, kind):
+    single, _ = reference_models
+    prompt = single.tokenizer("The history of the city")["input_ids"]
+    check_sparse_tp_matches_one_device(single.params, single.config, 2, kind, prompt, 6)
+
+
+def test_predictor_weights_are_really_split(eight_heads_params):
+    """w2_t, b2 and fixed rows split on ffn (each device holds 1/N of them); w1_t, b1 and thresholds replicated."""
+    weights = random_mlp_predictors(EIGHT_HEADS).replace(
+        fixed_rows=tuple(jnp.ones((EIGHT_HEADS.ffn_dim,), jnp.int32) for _ in range(EIGHT_HEADS.num_hidden_layers))
+    )
+    sharded = parallel.shard_sparse_weights(weights, parallel.tp_mesh(EIGHT_HEADS, 4))
+
+    def per_device(leaves):
+        return parallel.param_bytes_per_device(leaves)
+
+    for layer, (before, after) in enumerate(zip(weights.mlp, sharded.mlp)):
+        for name in ("w2_t", "b2"):
+            assert per_device(getattr(after, name)) == [getattr(before, name).nbytes // 4] * 4, (layer, name)
+        for name in ("w1_t", "b1", "threshold"):
+            assert per_device(getattr(after, name)) == [getattr(before, name).nbytes] * 4, (layer, name)
+        np.testing.assert_array_equal(np.asarray(after.w2_t), np.asarray(before.w2_t))
+    assert per_device(sharded.fixed_rows) == [weights.fixed_rows[0].nbytes * len(weights.fixed_rows) // 4] * 4
+    assert parallel.shard_sparse_weights(weights, None) is weights
+
+
+def test_topk_under_tp_keeps_each_shards_share(eight_heads_params):
+    """Top-K over tp shards: each shard keeps the union over the batch of each row's ceil(K / tp) best scores among
+    its own neurons (not the single-device choice): the output of the row-masked MLP over that mask, computed here
+    from the scores shard by shard."""
+    from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split
+
+    tp, k = 4, 20
+    mesh = parallel.tp_mesh(EIGHT_HEADS, tp)
+    mlp = eight_heads_params["layers_0"]["mlp"]
+    weights = (mlp["fc1_w"], mlp["fc1_b"], mlp["fc2_w_t"], mlp["fc2_b"])
+    predictor = random_mlp_predictors(EIGHT_HEADS, k=k).mlp[0]
+    ffn, shard = EIGHT_HEADS.ffn_dim, EIGHT_HEADS.ffn_dim // tp
+    # the global K best all lie in shard 0, so the per-shard choice differs from the single-device one
+    predictor = predictor.replace(b2=predictor.b2 + jnp.where(jnp.arange(ffn) < shard, 10.0, 0.0))
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(1, EIGHT_HEADS.hidden_size)), jnp.float32)
+    hidden = predictor.hidden(x)  # [1, r]
+
+    scores = np.asarray(hidden, np.float64) @ np.asarray(predictor.w2_t, np.float64).T + np.asarray(predictor.b2)
+    per_shard = np.zeros(ffn, np.int32)
+    for s in range(tp):
+        own = scores[0, s * shard : (s + 1) * shard]
+        per_shard[s * shard + np.argsort(-own)[: -(-k // tp)]] = 1
+    global_best = np.zeros(ffn, np.int32)
+    global_best[np.argsort(-scores[0])[:k]] = 1
+    assert (per_shard != global_best).any()
+
+    split = NamedSharding(mesh, P("tp"))  # fc1 and fc2 split on ffn, fc2_b replicated: the Megatron layout
+    sharded_weights = tuple(jax.device_put(w, split) for w in weights[:3]) + (weights[3],)
+    sharded_predictor = parallel.shard_sparse_weights(SparseWeights(mlp=(predictor,)), mesh).mlp[0]
+    got = mlp_decode_rows_split(mesh, x, *sharded_weights, "topk", hidden=hidden, predictor=sharded_predictor)
+    want = mlp_decode_rows(x, *weights, "mask", mask=jnp.asarray(per_shard))
+    assert rel_max_err(got, want) < 1e-5
+    single_choice = mlp_decode_rows(x, *weights, "topk", hidden=hidden, predictor=predictor)
+    assert rel_max_err(single_choice, mlp_decode_rows(x, *weights, "mask", mask=jnp.asarray(global_best))) < 1e-5
+    assert rel_max_err(got, single_choice) > 1e-3
+
+
+def test_topk_generation_under_tp_with_every_neuron_kept_is_dense(eight_heads_params):
+    """Top-K predicted decoding through the tp generation program: with K = ffn each shard keeps all of its neurons,
+    so the tokens are the dense single-device ones (the per-shard choice itself: the test above)."""
+    policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection.TOPK)
+    mesh = parallel.tp_mesh(EIGHT_HEADS, 2)
+    weights = parallel.shard_sparse_weights(random_mlp_predictors(EIGHT_HEADS, k=EIGHT_HEADS.ffn_dim), mesh)
+    sharded = parallel.shard_params(eight_heads_params, mesh)
+    want = generate_ids(eight_heads_params, EIGHT_HEADS, PROMPTS[:1], 4)
+    assert generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=policy, sparse_weights=weights) == want
