@@ -361,14 +361,23 @@ def random_mlp_predictors(config, threshold: float = 0.0, k: int = 0, seed: int 
     return SparseWeights(mlp=tuple(layers))
 
 
-def next_token_logits(params, config, mesh, policy, sparse_weights, ids):
-    """The logits [1, V] of one decode step (token 5) after a dense prefill of ids [1, P]."""
-    from dejavu_jax.generation import decode_step, prefill
+def decode_steps(params, config, mesh, policy, sparse_weights, prompt, new_tokens):
+    """Greedy decoding through the step-by-step API (`prefill`, then `decode_step` per token) with the generation
+    program's padding and cache size: (the first decode step's logits [V], the greedy tokens). One compile of each
+    step, however many tokens."""
+    from dejavu_jax.generation import bucket, decode_step, left_pad, prefill
 
-    _, cache = prefill(params, ids, jnp.ones_like(ids), config=config, num_slots=2 * ids.shape[1], mesh=mesh)
-    return decode_step(
-        params, cache, jnp.asarray([5]), sparse_weights, config=config, policy=policy, mesh=mesh
-    )[0]
+    ids, mask = left_pad([prompt], bucket(len(prompt), 8), config.pad_token_id)
+    num_slots = ids.shape[1] + bucket(new_tokens, 16)
+    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=config, num_slots=num_slots, mesh=mesh)
+    tokens, first_step_logits = [int(jnp.argmax(logits[0]))], None
+    while len(tokens) < new_tokens:
+        logits, cache = decode_step(
+            params, cache, jnp.asarray(tokens[-1:]), sparse_weights, config=config, policy=policy, mesh=mesh
+        )
+        first_step_logits = logits[0] if first_step_logits is None else first_step_logits
+        tokens.append(int(jnp.argmax(logits[0])))
+    return first_step_logits, tokens
 
 
 SPARSE_POLICIES = {
@@ -377,35 +386,35 @@ SPARSE_POLICIES = {
 }
 
 
-def check_sparse_tp_matches_one_device(params, config, tp, kind, prompt, new_tokens):
-    """Threshold-predicted or lossless decoding over `tp` shards: the single-device decode-step logits (fp32) and
-    greedy tokens through the real generation program, on predictors split by `shard_sparse_weights`."""
+def check_sparse_tp_matches_one_device(params, config, tp, kind, prompt, new_tokens=5, check_choice_matters=False):
+    """Threshold-predicted or lossless decoding over `tp` shards, on predictors split by `shard_sparse_weights`: the
+    single-device decode-step logits (fp32), and its greedy tokens through the real generation program.
+    `check_choice_matters`: also check that the predictors' choice changes the dense logits."""
     policy = SPARSE_POLICIES[kind]
     weights = random_mlp_predictors(config) if kind == "threshold" else None
     mesh = parallel.tp_mesh(config, tp)
     sharded = parallel.shard_params(params, mesh)
     sharded_weights = parallel.shard_sparse_weights(weights, mesh)
-    ids = jnp.asarray([prompt], jnp.int32)
-    one_device = next_token_logits(params, config, None, policy, weights, ids)
-    if kind == "threshold":  # the predictors' choice matters (lossless equals dense by design)
-        dense = next_token_logits(params, config, None, DENSE, None, ids)
-        assert rel_max_err(one_device, dense) > 1e-2
-    assert rel_max_err(next_token_logits(sharded, config, mesh, policy, sharded_weights, ids), one_device) < 1e-5
-    want = generate_ids(params, config, [prompt], new_tokens, policy=policy, sparse_weights=weights)
+    one_device_logits, want = decode_steps(params, config, None, policy, weights, prompt, new_tokens)
+    sharded_logits, _ = decode_steps(sharded, config, mesh, policy, sharded_weights, prompt, 2)
+    assert rel_max_err(sharded_logits, one_device_logits) < 1e-5
     got = generate_ids(sharded, config, [prompt], new_tokens, policy=policy, sparse_weights=sharded_weights)
-    assert got == want
+    assert got == [want]
+    if check_choice_matters:
+        dense_logits, _ = decode_steps(params, config, None, DENSE, None, prompt, 2)
+        assert rel_max_err(one_device_logits, dense_logits) > 1e-2
 
 
 @pytest.mark.parametrize("kind", ["threshold", "lossless"])
 def test_sparse_decoding_under_tp4_matches_one_device(eight_heads_params, kind):
-    check_sparse_tp_matches_one_device(eight_heads_params, EIGHT_HEADS, 4, kind, [2, 31, 7, 99, 4, 18, 250, 3], 6)
+    check_sparse_tp_matches_one_device(eight_heads_params, EIGHT_HEADS, 4, kind, PROMPTS[0], 5, kind == "threshold")
 
 
 @pytest.mark.parametrize("kind", ["threshold", "lossless"])
 def test_reference_model_sparse_decoding_under_tp2_matches_one_device(reference_models, kind):
     single, _ = reference_models
     prompt = single.tokenizer("The history of the city")["input_ids"]
-    check_sparse_tp_matches_one_device(single.params, single.config, 2, kind, prompt, 6)
+    check_sparse_tp_matches_one_device(single.params, single.config, 2, kind, prompt)
 
 
 def test_predictor_weights_are_really_split(eight_heads_params):
@@ -464,14 +473,3 @@ def test_topk_under_tp_keeps_each_shards_share(eight_heads_params):
     single_choice = mlp_decode_rows(x, *weights, "topk", hidden=hidden, predictor=predictor)
     assert rel_max_err(single_choice, mlp_decode_rows(x, *weights, "mask", mask=jnp.asarray(global_best))) < 1e-5
     assert rel_max_err(got, single_choice) > 1e-3
-
-
-def test_topk_generation_under_tp_with_every_neuron_kept_is_dense(eight_heads_params):
-    """Top-K predicted decoding through the tp generation program: with K = ffn each shard keeps all of its neurons,
-    so the tokens are the dense single-device ones (the per-shard choice itself: the test above)."""
-    policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection.TOPK)
-    mesh = parallel.tp_mesh(EIGHT_HEADS, 2)
-    weights = parallel.shard_sparse_weights(random_mlp_predictors(EIGHT_HEADS, k=EIGHT_HEADS.ffn_dim), mesh)
-    sharded = parallel.shard_params(eight_heads_params, mesh)
-    want = generate_ids(eight_heads_params, EIGHT_HEADS, PROMPTS[:1], 4)
-    assert generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=policy, sparse_weights=weights) == want
