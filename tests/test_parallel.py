@@ -248,10 +248,12 @@ def test_bench_generate_tp(tmp_path, capsys):
 
     out = tmp_path / "g.md"
     argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --tp 2 --lm-head vocab"
-    argv += " --mlp-density 0.25 --fire-rate 0.1 --variants fixed"
+    argv += " --mlp-density 0.25 --fire-rate 0.1 --variants fixed,lossless,predicted --predictor-rank 16"
+    argv += " --selection topk"  # threshold decoding under tp: the generation tests above
     assert main(argv.split() + ["--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["dense", "fixed rows"]
+    variants = ["dense", "fixed rows", "lossless", "predicted, topk"]
+    assert [r["variant"] for r in rows] == variants
     for row in rows:
         assert row["tp"] == 2 and row["lm_head"] == "vocab" and len(row["param_bytes_per_device"]) == 2
     assert "| tiny | 2 | vocab | 1 | xla | fixed rows |" in out.read_text()
@@ -261,8 +263,21 @@ def test_bench_generate_tp(tmp_path, capsys):
         assert e.value.code == 2
         _one_error_line(capsys.readouterr().err, needle)
     with pytest.raises(SystemExit):
-        main(["--shape", "tiny", "--tp", "2", "--mlp-density", "0.1"])
-    _one_error_line(capsys.readouterr().err, "fixed-rows variant only")
+        main(["--shape", "tiny", "--tp", "2", "--head-density", "0.5"])
+    _one_error_line(capsys.readouterr().err, "--head-density runs on one device only")
+
+
+def test_bench_planted_topk_keeps_every_chosen_row_per_shard():
+    """Under tp each shard keeps ceil(K / tp) rows (`sparse_mlp.shard_topk`): the planted predictors' K lets every
+    shard keep all of its planted rows, which score above every other row."""
+    from bench.generate import planted_predictors, planted_rows
+    from dejavu_jax.sparse_mlp import shard_topk
+
+    tp = 4
+    rows = planted_rows(EIGHT_HEADS, 0.3, 0.1)
+    for (_, chosen), predictor in zip(rows, planted_predictors(EIGHT_HEADS, rows, 16, tp).mlp):
+        per_shard = chosen.reshape(tp, -1).sum(axis=1)
+        assert shard_topk(predictor.k, tp) == per_shard.max() and per_shard.min() < per_shard.max()
 
 
 def test_bench_allreduce(tmp_path):
