@@ -31,8 +31,13 @@ heads per layer (kernels/head_sparse.py), every head's K/V kept exact (the "repa
   on the previous layer's input (the lookahead), beside the MLP predictors.
 The table's "heads kept" column says k of the heads.
 
-With `--tp`, each value runs in turn (dense, and with --mlp-density the fixed-rows variant: each device's
-row-masked kernels over its own neurons), its random weights created directly into their Megatron shardings (`dejavu_jax.parallel`), so no device ever holds the whole model; `--lm-head` says whether the tied
+With `--tp`, each value runs in turn (dense, and with --mlp-density the fixed-rows, lossless and predicted
+variants: each device chooses among and runs the row-masked kernels over its own neurons, the fixed rows and the
+predictors' second layer split like the neurons by `parallel.shard_sparse_weights`; top-K then keeps each shard's
+ceil(K / tp) best, and the planted predictors' K is raised so that each shard keeps all of its chosen rows: a top-K
+row under tp reads a few rows beyond the fixed set, never fewer), its random
+weights created directly into their Megatron shardings (`dejavu_jax.parallel`), so no device ever holds the whole
+model; `--lm-head` says whether the tied
 embedding / LM head is replicated or split on the vocabulary. The floor is then per device: the bytes the
 most loaded device reads (its parameter shards, its share of the KV cache) / the copy bandwidth of one device.
 HF eager runs only at --tp 1. The rows of different --tp values are timed one value after another (their weights
@@ -54,7 +59,15 @@ from bench.common import copy_bandwidth, median_seconds, provenance, write_resul
 from dejavu_jax.config import OPT_SHAPES, shape_config
 from dejavu_jax.generation import AUTOTUNE_MODES, generation_program
 from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, abstract_params, check_attention_impl
-from dejavu_jax.parallel import TP_AXIS, mesh_of, param_bytes_per_device, param_shardings, shard_params, tp_mesh
+from dejavu_jax.parallel import (
+    TP_AXIS,
+    mesh_of,
+    param_bytes_per_device,
+    param_shardings,
+    shard_params,
+    shard_sparse_weights,
+    tp_mesh,
+)
 from dejavu_jax.predictors import init_low_rank
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparsity import (
@@ -122,11 +135,15 @@ def plant_firing(params, rows):
     return params
 
 
-def planted_predictors(config, rows, rank: int) -> SparseWeights:
-    """Random rank-`rank` predictors whose output biases (+100 / -100) put exactly the chosen rows above 0."""
+def planted_predictors(config, rows, rank: int, tp: int = 1) -> SparseWeights:
+    """Random rank-`rank` predictors whose output biases (+100 / -100) put exactly the chosen rows above 0. Their
+    top-K count is the chosen set's size; over `tp` shards, where each keeps ceil(K / tp) (`sparse_mlp.shard_topk`),
+    K is `tp` times the largest shard's share of the set, so every shard keeps all of its chosen rows (and the
+    shards with fewer some others)."""
     keys = jax.random.split(jax.random.PRNGKey(5), config.num_hidden_layers)
     layers = []
     for key, (_, chosen) in zip(keys, rows):
+        k = int(chosen.sum()) if tp == 1 else tp * int(chosen.reshape(tp, -1).sum(axis=1).max())
         p = init_low_rank(
             key,
             config.hidden_size,
@@ -134,7 +151,7 @@ def planted_predictors(config, rows, rank: int) -> SparseWeights:
             config.ffn_dim,
             dtype=jnp.float16,
             output_bias=np.where(chosen, 100.0, -100.0),
-        ).replace(k=int(chosen.sum()))
+        ).replace(k=k)
         layers.append(decode_predictor(p, 0.0, jnp.float16))
     return SparseWeights(mlp=tuple(layers))
 
@@ -437,11 +454,6 @@ def main(argv=None) -> int:
                     tp_mesh(shape_config(name), tp, head == "vocab")
     except ValueError as e:
         p.error(str(e))
-    if args.mlp_density is not None and tps != [1] and set(variant_names) | set(tuned_names) != {"fixed"}:
-        p.error(
-            "with --tp other than 1, --mlp-density times the fixed-rows variant only (--variants fixed "
-            "--tuned-variants fixed): predicted and lossless decoding are not split over devices yet"
-        )
     if args.head_density is not None and tps != [1]:
         p.error("--head-density runs on one device only (--tp 1): head-sparse decoding is not split over devices yet")
     # One device has a single LM-head layout.
@@ -504,9 +516,14 @@ def main(argv=None) -> int:
             if args.mlp_density is not None:
                 planted = planted_rows(config, args.mlp_density, args.fire_rate)
                 params = shard_params(plant_firing(params, planted), mesh)  # the planted biases split like fc1
-                fixed = SparseWeights(fixed_rows=tuple(jnp.asarray(c, jnp.int32) for _, c in planted))
+                fixed_rows = tuple(jnp.asarray(c, jnp.int32) for _, c in planted)
+                fixed = shard_sparse_weights(SparseWeights(fixed_rows=fixed_rows), mesh)  # split like the neurons
                 wants_predictors = "predicted" in set(variant_names) | set(tuned_names)
-                predictors = {rank: planted_predictors(config, planted, rank) for rank in ranks if wants_predictors}
+                predictors = {
+                    rank: shard_sparse_weights(planted_predictors(config, planted, rank, tp_n), mesh)
+                    for rank in ranks
+                    if wants_predictors
+                }
                 for tuning in tunings:
                     if tuning and heads_only(tuning):
                         continue  # changes nothing in an MLP-only row

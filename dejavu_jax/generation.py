@@ -22,7 +22,7 @@ from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM
 from dejavu_jax.parallel import constrain_cache, mesh_of
 from dejavu_jax.sampling import SamplingConfig, SamplingParams, sample_tokens
-from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, SparseWeights, SparsityPolicy, for_decode_batch
+from dejavu_jax.sparsity import DENSE, HeadSparsity, SparseWeights, SparsityPolicy, for_decode_batch
 
 
 @struct.dataclass
@@ -206,22 +206,17 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
     return ids, mask
 
 
-def check_tp_policy(mesh, policy: SparsityPolicy, sparse_weights: SparseWeights | None) -> None:
-    """Sharded parameters decode dense, or with fixed row masks (each device's kernels over its own neurons,
-    `sparse_mlp.mlp_decode_rows_split`); predicted and lossless selection are not split yet."""
+def check_tp_policy(mesh, policy: SparsityPolicy) -> None:
+    """Sharded parameters decode with a dense MLP, fixed row masks, lossless or predicted MLP sparsity (threshold
+    or top-K selection): each device chooses among and computes its own neurons (`sparse_mlp.mlp_decode_rows_split`;
+    top-K then keeps each shard's share of K, not the single-device choice). Sparse heads are not split yet: a
+    ValueError. Sparse weights placed by `parallel.shard_sparse_weights` reach each device without a copy."""
     if mesh is None:
         return
-    fixed_rows_only = (
-        sparse_weights is not None
-        and sparse_weights.fixed_rows is not None
-        and sparse_weights.mlp is None
-        and sparse_weights.heads is None
-        and policy.mlp == MLPSparsity.NONE
-        and policy.heads == HeadSparsity.NONE
-    )
-    if (policy != DENSE or sparse_weights is not None) and not fixed_rows_only:
+    if policy.heads != HeadSparsity.NONE:
         raise ValueError(
-            "tensor-parallel generation (--tp > 1) decodes dense or with fixed row masks only; drop the sparsity flags"
+            f"tensor-parallel generation (--tp > 1) does not split head sparsity over devices yet. Got head "
+            f"sparsity {policy.heads.value}; drop --head-sparsity or run with --tp 1"
         )
 
 
@@ -262,7 +257,7 @@ def generate_ids(
     num_slots = prompt_len + bucket(max_new_tokens, 16)
     policy, sparse_weights = for_decode_batch(policy, sparse_weights, len(prompts))
     mesh = mesh_of(params)
-    check_tp_policy(mesh, policy, sparse_weights)
+    check_tp_policy(mesh, policy)
     tokens, counts = program(
         params,
         jnp.asarray(ids),

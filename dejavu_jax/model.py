@@ -20,6 +20,7 @@ block's input, the post-ReLU fc1 output and each head's output norm before out_p
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Any, Optional
 
 import jax
@@ -212,12 +213,9 @@ class OPTMLP(nn.Module):
             out = mlp_per_token_rows(x, *weights, rows.mask)
             self.sow("intermediates", "mlp_density", jnp.mean(rows.mask, axis=-1))
             return out
-        if self.mesh is not None:  # each device's kernels over its own neurons, then one all-reduce
-            out = mlp_decode_rows_split(self.mesh, x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.knobs)
-            return out.reshape(B, T, d)
-        out = mlp_decode_rows(
-            x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs
-        )
+        # Under tp, each device chooses among and computes its own neurons, then one all-reduce.
+        decode_rows = mlp_decode_rows if self.mesh is None else functools.partial(mlp_decode_rows_split, self.mesh)
+        out = decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs)
         return out.reshape(B, T, d)
 
 

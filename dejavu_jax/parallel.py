@@ -9,6 +9,10 @@ Megatron layout of the parameter tree (`dejavu_jax.model`), over the mesh axis `
 - LayerNorms, positions, `project_in` / `project_out`: replicated;
 - the token embedding (also the tied LM head): replicated, or split on the vocabulary with `vocab_split`.
 
+Sparse weights (`dejavu_jax.sparsity.SparseWeights`) follow the neurons they choose: `shard_sparse_weights` splits
+fixed row masks and the MLP predictors' second layer (w2_t [ffn, r], b2 [ffn]) on ffn and replicates the rest, so
+each device's sparse decode step (`sparse_mlp.mlp_decode_rows_split`) scores and computes only its own neurons.
+
 The KV cache (`dejavu_jax.kv_cache`, per layer [B, H, S, hd]) is split on H like the heads that write it. With
 the parameters placed by `shard_params` (or restored into `param_shardings`), jit compiles the unchanged model
 program under GSPMD, which inserts the two all-reduces per layer; generation (`dejavu_jax.generation`) pins the
@@ -129,12 +133,34 @@ def abstract_sharded(abstract, mesh: Optional[Mesh], vocab_split: bool = False):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
 
 
-def replicate(tree, mesh: Optional[Mesh]):
-    """`tree` (e.g. predictors) copied whole onto every device of `mesh`, so it can meet sharded parameters in one
-    program; as it is for None."""
-    if mesh is None or tree is None:
-        return tree
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+# The `dejavu_jax.sparsity.SparseWeights` leaves split on the tp axis like the MLP neurons (their first axis is ffn):
+# every fixed row mask [ffn], and each MLP predictor's second layer w2_t [ffn, r] and b2 [ffn], so each device scores
+# and chooses only its own neurons. Everything else (w1_t, b1, the threshold, head predictors, the head schedule) is
+# replicated.
+_SPARSE_SPLIT_FIELDS = {"fixed_rows": None, "mlp": {"w2_t", "b2"}}  # field -> its split leaves (None: all)
+
+
+def _sparse_spec(path) -> P:
+    field, leaf = path[0].name, getattr(path[-1], "name", None)
+    if field not in _SPARSE_SPLIT_FIELDS:
+        return P()
+    split_leaves = _SPARSE_SPLIT_FIELDS[field]
+    return P(TP_AXIS) if split_leaves is None or leaf in split_leaves else P()
+
+
+def sparse_weight_shardings(weights, mesh: Mesh):
+    """A tree of NamedSharding matching `weights` (a `sparsity.SparseWeights`): fixed row masks and the MLP
+    predictors' w2_t and b2 split on ffn over the tp axis, the rest replicated."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: NamedSharding(mesh, _sparse_spec(path)), weights)
+
+
+def shard_sparse_weights(weights, mesh: Optional[Mesh]):
+    """`weights` (a `sparsity.SparseWeights`) placed beside parameters in the Megatron layout on `mesh`
+    (`sparse_weight_shardings`: each device receives the scoring rows of its own neurons); as they are for None.
+    `mesh`'s size must divide the ffn width, as `tp_mesh` checks."""
+    if mesh is None or weights is None:
+        return weights
+    return jax.device_put(weights, sparse_weight_shardings(weights, mesh))
 
 
 def mesh_of(params) -> Optional[Mesh]:

@@ -272,7 +272,9 @@ def _cast(p: LowRankPredictor, dtype) -> dict:
 @struct.dataclass
 class MLPRows:
     """The rows one layer's MLP computes. `kind` (static): "dense", "lossless", "mask" (row mask [ffn], or per
-    token [B, T, ffn]), "threshold" (decode: chosen inside the fc1 kernel from `hidden` [B, r] and `predictor`)."""
+    token [B, T, ffn]), "threshold" (decode: chosen inside the fc1 kernel from `hidden` [B, r] and `predictor`),
+    "topk" (decode: each row's `predictor.k` best from `hidden` and `predictor`, chosen beside the fc1 kernel, per
+    shard under tensor parallelism: `sparse_mlp.mlp_decode_rows_split`)."""
 
     kind: str = struct.field(pytree_node=False, default="dense")
     mask: Optional[jax.Array] = None
@@ -318,6 +320,8 @@ def mlp_rows(
         hidden = predictor.decode_hidden(predictor_input[:, 0], tuning)  # [B, r]
         if policy.selection == Selection.THRESHOLD and tuning.scores == "fc1":
             return MLPRows("threshold", hidden=hidden, predictor=predictor, knobs=tuning.knobs)
+        if policy.selection == Selection.TOPK:  # chosen where the neurons are (per shard under tp: sparse_mlp)
+            return MLPRows("topk", hidden=hidden, predictor=predictor, knobs=tuning.knobs)
         chosen = _choose(policy, predictor, predictor.scores_from_hidden(hidden))  # [B, ffn]
         return MLPRows("mask", mask=jnp.any(chosen, axis=0).astype(jnp.int32), knobs=tuning.knobs)
     return MLPRows("mask", mask=_choose(policy, predictor, predictor.scores(predictor_input)))

@@ -90,6 +90,6 @@ def load_sparsity(policy: SparsityPolicy, args, model):
     for layer, p in enumerate(predictors.heads):
         if policy.head_k > p.num_outputs:
             raise ValueError(f"--head-k {policy.head_k} exceeds layer {layer}'s {p.num_outputs} heads")
-    from dejavu_jax.parallel import mesh_of, replicate
+    from dejavu_jax.parallel import mesh_of, shard_sparse_weights
 
-    return replicate(weights, mesh_of(model.params))  # beside sharded parameters: on every device
+    return shard_sparse_weights(weights, mesh_of(model.params))  # split like the neurons they choose

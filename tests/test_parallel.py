@@ -17,7 +17,7 @@ from dejavu_jax.config import OPTConfig, tiny_config
 from dejavu_jax.generation import generate_ids, generate_tokens
 from dejavu_jax.model import OPTForCausalLM, abstract_params
 from dejavu_jax.sampling import SamplingConfig
-from dejavu_jax.sparsity import SparseWeights
+from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparseWeights, SparsityPolicy
 
 from conftest import REFERENCE_MODEL, rel_max_err
 
@@ -197,12 +197,14 @@ def test_fixed_row_sparse_decoding_under_tp4_matches_one_device(eight_heads_para
     assert generate_ids(sharded, EIGHT_HEADS, prompts, 6, sparse_weights=rows) == want
 
 
-def test_other_sparse_decoding_under_tp_is_refused(eight_heads_params):
-    from dejavu_jax.sparsity import MLPSparsity, SparsityPolicy
+def test_head_sparse_decoding_under_tp_is_refused(eight_heads_params):
+    from dejavu_jax.sparsity import HeadSparsity
 
     sharded = parallel.shard_params(eight_heads_params, parallel.tp_mesh(EIGHT_HEADS, 2))
-    with pytest.raises(ValueError, match="dense or with fixed row masks only"):
-        generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=SparsityPolicy(MLPSparsity.LOSSLESS))
+    policy = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=2)
+    weights = SparseWeights(head_schedule=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="does not split head sparsity over devices yet. Got head sparsity fixed"):
+        generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=policy, sparse_weights=weights)
 
 
 def test_generate_cli_reports_placement(reference_models, capsys):
@@ -246,10 +248,12 @@ def test_bench_generate_tp(tmp_path, capsys):
 
     out = tmp_path / "g.md"
     argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --tp 2 --lm-head vocab"
-    argv += " --mlp-density 0.25 --fire-rate 0.1 --variants fixed"
+    argv += " --mlp-density 0.25 --fire-rate 0.1 --variants fixed,lossless,predicted --predictor-rank 16"
+    argv += " --selection topk"  # threshold decoding under tp: the generation tests above
     assert main(argv.split() + ["--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["dense", "fixed rows"]
+    variants = ["dense", "fixed rows", "lossless", "predicted, topk"]
+    assert [r["variant"] for r in rows] == variants
     for row in rows:
         assert row["tp"] == 2 and row["lm_head"] == "vocab" and len(row["param_bytes_per_device"]) == 2
     assert "| tiny | 2 | vocab | 1 | xla | fixed rows |" in out.read_text()
@@ -259,8 +263,21 @@ def test_bench_generate_tp(tmp_path, capsys):
         assert e.value.code == 2
         _one_error_line(capsys.readouterr().err, needle)
     with pytest.raises(SystemExit):
-        main(["--shape", "tiny", "--tp", "2", "--mlp-density", "0.1"])
-    _one_error_line(capsys.readouterr().err, "fixed-rows variant only")
+        main(["--shape", "tiny", "--tp", "2", "--head-density", "0.5"])
+    _one_error_line(capsys.readouterr().err, "--head-density runs on one device only")
+
+
+def test_bench_planted_topk_keeps_every_chosen_row_per_shard():
+    """Under tp each shard keeps ceil(K / tp) rows (`sparse_mlp.shard_topk`): the planted predictors' K lets every
+    shard keep all of its planted rows, which score above every other row."""
+    from bench.generate import planted_predictors, planted_rows
+    from dejavu_jax.sparse_mlp import shard_topk
+
+    tp = 4
+    rows = planted_rows(EIGHT_HEADS, 0.3, 0.1)
+    for (_, chosen), predictor in zip(rows, planted_predictors(EIGHT_HEADS, rows, 16, tp).mlp):
+        per_shard = chosen.reshape(tp, -1).sum(axis=1)
+        assert shard_topk(predictor.k, tp) == per_shard.max() and per_shard.min() < per_shard.max()
 
 
 def test_bench_allreduce(tmp_path):
@@ -334,3 +351,140 @@ def test_two_processes_decode_as_one_tp2_program(reference_models):
         record = json.loads(out.strip().splitlines()[-1])
         assert record["tp"] == 2 and record["token_ids"] == want
         assert len(record["param_bytes_per_device"]) == 1  # this process's one device
+
+
+# ---- sparse MLP decoding under tp: each shard chooses among and computes its own neurons ---------------------------
+
+
+def random_mlp_predictors(config, threshold: float = 0.0, k: int = 0, seed: int = 6, rank: int = 12):
+    """Random rank-`rank` MLP predictors (rank padded to 16 in the decode layout) with output biases N(0, 1), so a
+    threshold of 0 chooses about half of each layer's neurons and changes the output."""
+    from dejavu_jax.predictors import init_low_rank
+    from dejavu_jax.sparsity import decode_predictor
+
+    rng = np.random.default_rng(seed)
+    layers = []
+    for layer in range(config.num_hidden_layers):
+        p = init_low_rank(
+            jax.random.PRNGKey(seed + layer),
+            config.hidden_size,
+            rank,
+            config.ffn_dim,
+            output_bias=rng.normal(size=config.ffn_dim),
+        )
+        layers.append(decode_predictor(p.replace(k=k), threshold))
+    return SparseWeights(mlp=tuple(layers))
+
+
+def decode_steps(params, config, mesh, policy, sparse_weights, prompt, new_tokens):
+    """Greedy decoding through the step-by-step API (`prefill`, then `decode_step` per token) with the generation
+    program's padding and cache size: (the first decode step's logits [V], the greedy tokens). One compile of each
+    step, however many tokens."""
+    from dejavu_jax.generation import bucket, decode_step, left_pad, prefill
+
+    ids, mask = left_pad([prompt], bucket(len(prompt), 8), config.pad_token_id)
+    num_slots = ids.shape[1] + bucket(new_tokens, 16)
+    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=config, num_slots=num_slots, mesh=mesh)
+    tokens, first_step_logits = [int(jnp.argmax(logits[0]))], None
+    while len(tokens) < new_tokens:
+        logits, cache = decode_step(
+            params, cache, jnp.asarray(tokens[-1:]), sparse_weights, config=config, policy=policy, mesh=mesh
+        )
+        first_step_logits = logits[0] if first_step_logits is None else first_step_logits
+        tokens.append(int(jnp.argmax(logits[0])))
+    return first_step_logits, tokens
+
+
+SPARSE_POLICIES = {
+    "threshold": SparsityPolicy(MLPSparsity.PREDICTED, Selection.THRESHOLD),
+    "lossless": SparsityPolicy(MLPSparsity.LOSSLESS),
+}
+
+
+def check_sparse_tp_matches_one_device(params, config, tp, kind, prompt, new_tokens=5, check_choice_matters=False):
+    """Threshold-predicted or lossless decoding over `tp` shards, on predictors split by `shard_sparse_weights`: the
+    single-device decode-step logits (fp32), and its greedy tokens through the real generation program.
+    `check_choice_matters`: also check that the predictors' choice changes the dense logits."""
+    policy = SPARSE_POLICIES[kind]
+    weights = random_mlp_predictors(config) if kind == "threshold" else None
+    mesh = parallel.tp_mesh(config, tp)
+    sharded = parallel.shard_params(params, mesh)
+    sharded_weights = parallel.shard_sparse_weights(weights, mesh)
+    one_device_logits, want = decode_steps(params, config, None, policy, weights, prompt, new_tokens)
+    sharded_logits, _ = decode_steps(sharded, config, mesh, policy, sharded_weights, prompt, 2)
+    assert rel_max_err(sharded_logits, one_device_logits) < 1e-5
+    got = generate_ids(sharded, config, [prompt], new_tokens, policy=policy, sparse_weights=sharded_weights)
+    assert got == [want]
+    if check_choice_matters:
+        dense_logits, _ = decode_steps(params, config, None, DENSE, None, prompt, 2)
+        assert rel_max_err(one_device_logits, dense_logits) > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["threshold", "lossless"])
+def test_sparse_decoding_under_tp4_matches_one_device(eight_heads_params, kind):
+    check_sparse_tp_matches_one_device(eight_heads_params, EIGHT_HEADS, 4, kind, PROMPTS[0], 5, kind == "threshold")
+
+
+@pytest.mark.parametrize("kind", ["threshold", "lossless"])
+def test_reference_model_sparse_decoding_under_tp2_matches_one_device(reference_models, kind):
+    single, _ = reference_models
+    prompt = single.tokenizer("The history of the city")["input_ids"]
+    check_sparse_tp_matches_one_device(single.params, single.config, 2, kind, prompt)
+
+
+def test_predictor_weights_are_really_split(eight_heads_params):
+    """w2_t, b2 and fixed rows split on ffn (each device holds 1/N of them); w1_t, b1 and thresholds replicated."""
+    weights = random_mlp_predictors(EIGHT_HEADS).replace(
+        fixed_rows=tuple(jnp.ones((EIGHT_HEADS.ffn_dim,), jnp.int32) for _ in range(EIGHT_HEADS.num_hidden_layers))
+    )
+    sharded = parallel.shard_sparse_weights(weights, parallel.tp_mesh(EIGHT_HEADS, 4))
+
+    def per_device(leaves):
+        return parallel.param_bytes_per_device(leaves)
+
+    for layer, (before, after) in enumerate(zip(weights.mlp, sharded.mlp)):
+        for name in ("w2_t", "b2"):
+            assert per_device(getattr(after, name)) == [getattr(before, name).nbytes // 4] * 4, (layer, name)
+        for name in ("w1_t", "b1", "threshold"):
+            assert per_device(getattr(after, name)) == [getattr(before, name).nbytes] * 4, (layer, name)
+        np.testing.assert_array_equal(np.asarray(after.w2_t), np.asarray(before.w2_t))
+    assert per_device(sharded.fixed_rows) == [weights.fixed_rows[0].nbytes * len(weights.fixed_rows) // 4] * 4
+    assert parallel.shard_sparse_weights(weights, None) is weights
+
+
+def test_topk_under_tp_keeps_each_shards_share(eight_heads_params):
+    """Top-K over tp shards: each shard keeps the union over the batch of each row's ceil(K / tp) best scores among
+    its own neurons (not the single-device choice): the output of the row-masked MLP over that mask, computed here
+    from the scores shard by shard."""
+    from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split
+
+    tp, k = 4, 20
+    mesh = parallel.tp_mesh(EIGHT_HEADS, tp)
+    mlp = eight_heads_params["layers_0"]["mlp"]
+    weights = (mlp["fc1_w"], mlp["fc1_b"], mlp["fc2_w_t"], mlp["fc2_b"])
+    predictor = random_mlp_predictors(EIGHT_HEADS, k=k).mlp[0]
+    ffn, shard = EIGHT_HEADS.ffn_dim, EIGHT_HEADS.ffn_dim // tp
+    # the global K best all lie in shard 0, so the per-shard choice differs from the single-device one
+    predictor = predictor.replace(b2=predictor.b2 + jnp.where(jnp.arange(ffn) < shard, 10.0, 0.0))
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(1, EIGHT_HEADS.hidden_size)), jnp.float32)
+    hidden = predictor.hidden(x)  # [1, r]
+
+    scores = np.asarray(hidden, np.float64) @ np.asarray(predictor.w2_t, np.float64).T + np.asarray(predictor.b2)
+    per_shard = np.zeros(ffn, np.int32)
+    for s in range(tp):
+        own = scores[0, s * shard : (s + 1) * shard]
+        per_shard[s * shard + np.argsort(-own)[: -(-k // tp)]] = 1
+    global_best = np.zeros(ffn, np.int32)
+    global_best[np.argsort(-scores[0])[:k]] = 1
+    assert (per_shard != global_best).any()
+
+    split = NamedSharding(mesh, P("tp"))  # fc1 and fc2 split on ffn, fc2_b replicated: the Megatron layout
+    sharded_weights = tuple(jax.device_put(w, split) for w in weights[:3]) + (weights[3],)
+    sharded_predictor = parallel.shard_sparse_weights(SparseWeights(mlp=(predictor,)), mesh).mlp[0]
+    got = mlp_decode_rows_split(mesh, x, *sharded_weights, "topk", hidden=hidden, predictor=sharded_predictor)
+    want = mlp_decode_rows(x, *weights, "mask", mask=jnp.asarray(per_shard))
+    assert rel_max_err(got, want) < 1e-5
+    single_choice = mlp_decode_rows(x, *weights, "topk", hidden=hidden, predictor=predictor)
+    assert rel_max_err(single_choice, mlp_decode_rows(x, *weights, "mask", mask=jnp.asarray(global_best))) < 1e-5
+    assert rel_max_err(got, single_choice) > 1e-3
