@@ -75,6 +75,15 @@ def save_hf(tmp_path):
     return save
 
 
+def small_config(**overrides):
+    """The tests' small OPT (d 32, 4 heads, ffn 48, 2 layers, 64 tokens): the library's `tiny_config` at test
+    sizes, with `overrides` on top."""
+    from dejavu_jax.config import tiny_config
+
+    sizes = dict(vocab_size=64, hidden_size=32, ffn_dim=48, max_position_embeddings=32, word_embed_proj_dim=32)
+    return tiny_config(**{**sizes, **overrides})
+
+
 def rel_max_err(out, ref, where=None):
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     if where is not None:

@@ -6,23 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_max_err
-from dejavu_jax.config import OPTConfig
+from conftest import rel_max_err, small_config
 from dejavu_jax.generation import decode_step
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax.predictors import Predictors, init_low_rank
 from dejavu_jax.sparsity import HeadSparsity, MLPSparsity, SparsityPolicy, sparse_weights_from_predictors
 
-CONFIG = OPTConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    ffn_dim=48,
-    max_position_embeddings=32,
-    word_embed_proj_dim=32,
-)
+CONFIG = small_config(num_hidden_layers=3)
 H = CONFIG.num_attention_heads
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_hf_model, rel_max_err, tiny_hf_config
+from conftest import random_hf_model, rel_max_err, small_config, tiny_hf_config
 from dejavu_jax.checkpoint import load_model
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.hf_convert import convert_hf_params
@@ -90,15 +90,7 @@ def test_cached_decoding_equals_full_forward(variant, attention_impl, save_hf):
 
 def test_everything_selected_equals_dense():
     """The sparse seams with every neuron and every head selected compute the dense model."""
-    config = OPTConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        ffn_dim=48,
-        max_position_embeddings=32,
-        word_embed_proj_dim=32,
-    )
+    config = small_config()
     params = init_params(config, jax.random.PRNGKey(4))
     ids = jax.random.randint(jax.random.PRNGKey(5), (2, 9), 3, 64)
     model = OPTForCausalLM(config)
@@ -117,15 +109,7 @@ def test_everything_selected_equals_dense():
 
 
 def test_unknown_attention_impl_raises():
-    config = OPTConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        ffn_dim=48,
-        max_position_embeddings=32,
-        word_embed_proj_dim=32,
-    )
+    config = small_config(num_hidden_layers=1)
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         OPTForCausalLM(config, attention_impl="cuda").init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
 

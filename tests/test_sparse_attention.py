@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_max_err
+from conftest import rel_max_err, small_config
 from dejavu_jax.checkpoint import load_model
-from dejavu_jax.config import OPTConfig
 from dejavu_jax.generation import _generate_tokens, decode_step, prefill
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM, init_params
@@ -244,15 +243,7 @@ def test_query_from_the_buffer_row_is_the_query_from_x(dtype):
     np.testing.assert_array_equal(np.asarray(from_rows[cursor % window]), np.asarray(from_x[0]))
 
 
-CONFIG = OPTConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    ffn_dim=48,
-    max_position_embeddings=96,
-    word_embed_proj_dim=32,
-)
+CONFIG = small_config(max_position_embeddings=96)
 SCHEDULE = SparseWeights(head_schedule=jax.random.PRNGKey(7))
 
 

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_max_err
-from dejavu_jax.config import OPTConfig
+from conftest import rel_max_err, small_config
 from dejavu_jax.generation import decode_step, prefill
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax.predictors import Predictors, init_low_rank
@@ -25,15 +24,7 @@ from dejavu_jax.sparsity import (
     sparse_weights_from_predictors,
 )
 
-CONFIG = OPTConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    ffn_dim=48,
-    max_position_embeddings=32,
-    word_embed_proj_dim=32,
-)
+CONFIG = small_config()
 PREDICTED = SparsityPolicy(MLPSparsity.PREDICTED, Selection.THRESHOLD)
 TOPK = SparsityPolicy(MLPSparsity.PREDICTED, Selection.TOPK)
 LOSSLESS = SparsityPolicy(MLPSparsity.LOSSLESS)
