@@ -182,8 +182,8 @@ def head_variants(config, density: float, tunings: list, ranks, selections, fixe
     head_predictors = {}
     out = []
     for tuning, names in tunings:
-        tag = f" [{format_tuning(tuning)}]" if tuning else ""
-        extra = {"heads_kept": f"{k}/{n_heads}", **({"tuning": format_tuning(tuning)} if tuning else {})}
+        tag, tuned = tuning_label(tuning)
+        extra = {"heads_kept": f"{k}/{n_heads}", **tuned}
         fixed_heads = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuning)
         if "fixed" in names:
             out.append((f"fixed heads{tag}", fixed_heads, SparseWeights(head_schedule=schedule), extra))
@@ -221,6 +221,13 @@ def parse_tuning(spec: str) -> tuple:
 
 def format_tuning(tuning: tuple) -> str:
     return ",".join(f"{name}={value}" for name, value in tuning)
+
+
+def tuning_label(tuning: tuple) -> tuple[str, dict]:
+    """(the suffix a tuned row's label gets, the row's extra fields); empty for the untuned rows."""
+    if not tuning:
+        return "", {}
+    return f" [{format_tuning(tuning)}]", {"tuning": format_tuning(tuning)}
 
 
 def prepare_jax(
@@ -528,8 +535,7 @@ def main(argv=None) -> int:
                     if tuning and heads_only(tuning):
                         continue  # changes nothing in an MLP-only row
                     names = tuned_names if tuning else variant_names
-                    tag = f" [{format_tuning(tuning)}]" if tuning else ""
-                    extra = {"tuning": format_tuning(tuning)} if tuning else {}
+                    tag, extra = tuning_label(tuning)
                     if "fixed" in names:
                         variants.append((f"fixed rows{tag}", SparsityPolicy(tuning=tuning), fixed, extra))
                     if "lossless" in names:
