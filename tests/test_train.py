@@ -126,6 +126,34 @@ def test_topk_curve_by_hand():
     assert smallest_k(curve.recall(), 1.0, 1) == (4, 4)
 
 
+def test_topk_curve_matches_a_per_token_sort_on_random_scores_with_ties():
+    from train.metrics import _descending_order_xla, _labels_in_score_order_xla, descending_order, labels_in_score_order
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, (40, 33)).astype(np.float32)  # few distinct values: many ties
+    labels = rng.random((40, 33)) < 0.2
+    labels[3] = False  # a token with nothing active
+    in_order = labels_in_score_order(scores, labels)
+    # The accelerator's sort (XLA, here on the CPU) gives the same stable order as numpy's.
+    xla = np.unpackbits(np.asarray(_labels_in_score_order_xla(scores, labels)), axis=1, count=33).astype(bool)
+    np.testing.assert_array_equal(xla, in_order)
+    values = scores.ravel()
+    for order in (descending_order(values), np.asarray(_descending_order_xla(values))):
+        np.testing.assert_array_equal(values[order], np.sort(values)[::-1])
+    curve = TopKCurve(33)
+    curve.update(scores[:25], labels[:25])
+    curve.update(scores[25:], labels[25:])
+    want_recall, want_hits = np.zeros(33), np.zeros(33)
+    for s, y in zip(scores, labels):
+        ranked = y[sorted(range(33), key=lambda j: (-s[j], j))]  # by score, ties by index
+        hits = np.cumsum(ranked)
+        want_hits += hits
+        want_recall += hits / y.sum() if y.any() else 1.0
+    np.testing.assert_allclose(curve.recall(), want_recall / 40, rtol=1e-12)
+    np.testing.assert_array_equal(curve.hits_sum, want_hits)
+    assert curve.n_active == labels.sum() and curve.n_tokens == 40
+
+
 def test_head_labels_and_mass_recall_by_hand():
     norms = np.array(
         [
