@@ -66,20 +66,36 @@ def _assert_same_rows(a, b, exact=True):
             assert np.abs(x - y).max() <= 1e-3 * max(np.abs(y).max(), 1.0), key
 
 
-def recall_by_k(scores, labels):
+def recall_by_k(scores, labels, per_token=False):
     """[N, M] scores and bool labels -> [M]: mean over tokens of the share of active outputs in the top K, K = 1..M
-    (a token with nothing active counts 1)."""
+    (a token with nothing active counts 1); [N, M], each token's, with `per_token`."""
     order = np.argsort(-scores, axis=1, kind="stable")
     hits = np.cumsum(np.take_along_axis(labels, order, axis=1), axis=1)
     n_active = labels.sum(1, keepdims=True)
-    return np.where(n_active > 0, hits / np.maximum(n_active, 1), 1.0).mean(0)
+    recall = np.where(n_active > 0, hits / np.maximum(n_active, 1), 1.0)
+    return recall if per_token else recall.mean(0)
 
 
-def mass_recall_by_k(scores, norms):
-    """[N, H] -> [H]: mean over tokens of the share of the head-norm mass in the K best-scored heads."""
+def mass_recall_by_k(scores, norms, per_token=False):
+    """[N, H] -> [H]: mean over tokens of the share of the head-norm mass in the K best-scored heads ([N, H] with
+    `per_token`)."""
     order = np.argsort(-scores, axis=1, kind="stable")
     kept = np.cumsum(np.take_along_axis(norms, order, axis=1), axis=1)
-    return (kept / norms.sum(1, keepdims=True)).mean(0)
+    recall = kept / norms.sum(1, keepdims=True)
+    return recall if per_token else recall.mean(0)
+
+
+def window_lower_bound(per_token, windows, confidence):
+    """[N, ...] per-token recalls, [N] window ids -> [...]: the documented bound, mean - t * SE, with the windows as
+    sampling units (SE from the per-window recall sums, t Student's with windows - 1 degrees of freedom)."""
+    import scipy.stats
+
+    ids = np.unique(windows)
+    sums = np.stack([per_token[windows == w].sum(0) for w in ids])
+    tokens = np.array([(windows == w).sum() for w in ids], np.float64).reshape((-1,) + (1,) * (sums.ndim - 1))
+    mean = per_token.mean(0)
+    se = np.sqrt(len(ids) / (len(ids) - 1) * ((sums - mean * tokens) ** 2).sum(0)) / len(per_token)
+    return mean - scipy.stats.t.ppf(confidence, len(ids) - 1) * se
 
 
 # ---- metrics on hand-made labels ----------------------------------------------------------------------------------
@@ -382,30 +398,43 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     t_recall = np.where(n_active > 0, (chosen & labels).sum(1) / np.maximum(n_active, 1), 1.0).mean()
     assert t_recall == pytest.approx(report["layers"][3]["mlp"]["threshold_test"]["recall"], abs=1e-6)
     assert chosen.mean() == pytest.approx(report["layers"][3]["mlp"]["threshold_test"]["density"], abs=1e-6)
-    # K per layer is the smallest that reaches the target on the calibration tokens: recomputed here from the
-    # documented split (held-out rows, even windows of --seq-len) and the stored predictors, for every layer.
+    # K per layer is the smallest whose lower confidence bound (default confidence, the calibration windows as
+    # sampling units) reaches the target on the calibration tokens, and the threshold's bound reaches it too:
+    # recomputed here from the documented split (held-out rows, even windows of --seq-len) and the stored
+    # predictors, for every layer.
+    from train.calibrate import DEFAULT_RECALL_CONFIDENCE
+
+    assert report["recall_confidence"] == DEFAULT_RECALL_CONFIDENCE and report["sampling_unit"] == "window"
     n_rows = store.num_rows
     n_train = int(n_rows * 0.9)
-    calib = (np.arange(n_train, n_rows) // 128) % 2 == 0
+    window = np.arange(n_train, n_rows) // 128
+    calib = window % 2 == 0
+    assert report["calibration_units"] == len(np.unique(window[calib])) >= 2
     for layer, entry in enumerate(report["layers"]):
         x = store.read(layer, "attn_input", n_train)[calib]
         calib_scores = np.asarray(predictor_scores(predictors.mlp[layer], jnp.asarray(x)))
         calib_labels = store.read_labels(layer, n_train)[calib]
-        curve = recall_by_k(calib_scores, calib_labels)
+        bound = window_lower_bound(
+            recall_by_k(calib_scores, calib_labels, per_token=True), window[calib], DEFAULT_RECALL_CONFIDENCE
+        )
         chosen = calib_scores >= predictors.mlp_threshold[layer]
         n_pos = calib_labels.sum(1)
-        assert np.where(n_pos > 0, (chosen & calib_labels).sum(1) / np.maximum(n_pos, 1), 1.0).mean() >= 0.99
+        t_recall = np.where(n_pos > 0, (chosen & calib_labels).sum(1) / np.maximum(n_pos, 1), 1.0)
+        assert window_lower_bound(t_recall, window[calib], DEFAULT_RECALL_CONFIDENCE) >= 0.99 - 1e-9
         k_raw = entry["mlp"]["k_raw"]
-        assert curve[k_raw - 1] >= 0.99 and (k_raw == 1 or curve[k_raw - 2] < 0.99), (
+        assert bound[k_raw - 1] >= 0.99 - 1e-9 and (k_raw == 1 or bound[k_raw - 2] < 0.99), (
             layer,
             k_raw,
-            curve[k_raw - 2 : k_raw],
+            bound[k_raw - 2 : k_raw],
         )
         x_prev = store.read(max(layer - 1, 0), "attn_input", n_train)[calib]
         norms = store.read(layer, "head_norm", n_train)[calib].astype(np.float64)
-        mass = mass_recall_by_k(np.asarray(predictor_scores(predictors.heads[layer], jnp.asarray(x_prev))), norms)
+        head_scores = np.asarray(predictor_scores(predictors.heads[layer], jnp.asarray(x_prev)))
+        mass = window_lower_bound(
+            mass_recall_by_k(head_scores, norms, per_token=True), window[calib], DEFAULT_RECALL_CONFIDENCE
+        )
         k_raw = entry["heads"]["k_raw"]
-        assert mass[k_raw - 1] >= 0.99 and (k_raw == 1 or mass[k_raw - 2] < 0.99), (layer, k_raw, mass)
+        assert mass[k_raw - 1] >= 0.99 - 1e-9 and (k_raw == 1 or mass[k_raw - 2] < 0.99), (layer, k_raw, mass)
 
     # Rerunning calibrate alone with another target rewrites K (fit and collect are not repeated).
     rc = train_main(["calibrate", "--work-dir", str(work), "--recall-target", "0.5", "--quiet"])
@@ -421,6 +450,9 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
         (["--recall-target", "0"], "--recall-target must be in (0, 1]"),
         (["--recall-target", "1.5"], "--recall-target must be in (0, 1]"),
         (["--head-recall-target", "-0.1"], "--head-recall-target must be in (0, 1]"),
+        (["--recall-confidence", "0.4"], "--recall-confidence must be in [0.5, 1)"),
+        (["--recall-confidence", "1"], "--recall-confidence must be in [0.5, 1)"),
+        (["--recall-confidence", "nan"], "--recall-confidence must be in [0.5, 1)"),
         (["--block", "0"], "--block must be a positive integer"),
         (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
         (["--mlp-input", "attn_input", "--holdout", "1.0"], "--holdout must be in (0, 1)"),
@@ -430,7 +462,7 @@ def test_cli_rejects_bad_options_before_any_work(reference_model_dir, tmp_path, 
     work = tmp_path / "work"
     rc = train_main(["--model", str(reference_model_dir), "--data", str(VALIDATION), "--work-dir", str(work), *extra])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and message in err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not work.exists()
 
 

@@ -229,6 +229,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    from train.calibrate import DEFAULT_RECALL_CONFIDENCE
+
     g = p.add_argument_group("calibrate")
     g.add_argument(
         "--recall-target",
@@ -242,6 +244,17 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.99,
         help="heads: the same, for the mean share of the head-norm mass kept (default 0.99)",
+    )
+    g.add_argument(
+        "--recall-confidence",
+        type=float,
+        default=DEFAULT_RECALL_CONFIDENCE,
+        help="confidence, in [0.5, 1), that the mean recall on unseen tokens reaches the targets: K (MLP and heads) "
+        "and the MLP threshold are chosen where the one-sided lower confidence bound on the calibration tokens' "
+        "mean recall, mean - t*SE, reaches the target; SE comes from the spread between the calibration windows "
+        "(a window's tokens are correlated), t is Student's quantile with (windows - 1) degrees of freedom. 0.5 "
+        "gives t = 0: the mean itself, which leaves the recall on new tokens below the target about half the time "
+        f"(default {DEFAULT_RECALL_CONFIDENCE})",
     )
     g.add_argument(
         "--block",
@@ -330,6 +343,7 @@ def _options(args):
         calibrate = CalibrateOptions(
             recall_target=args.recall_target,
             head_recall_target=args.head_recall_target,
+            recall_confidence=args.recall_confidence,
             block=args.block,
             head_block=args.head_block,
         )
@@ -468,7 +482,10 @@ def _calibrate(rows, args, opts, predictors_dir: Path, progress: bool, log, disk
     from train.report import mean_mlp_density, write_report
 
     save_to = None if args.save_to is None else args.save_to / PREDICTORS_DIR
-    log(f"calibrate: recall target {opts.recall_target} (MLP), {opts.head_recall_target} (head-norm mass)")
+    log(
+        f"calibrate: recall target {opts.recall_target} (MLP), {opts.head_recall_target} (head-norm mass), "
+        f"at confidence {opts.recall_confidence}"
+    )
     run = calibrate if isinstance(rows, ActivationStore) else calibrate_held_out
     result = run(rows, predictors_dir, opts, save_to=save_to, log=log if progress else None)
     if disk_plan is not None:

@@ -3,11 +3,19 @@
 The held-out rows (`train/heldout.py`: the last `holdout` fraction of the collection, later documents than any
 training row, read from the activation store; or the sample the streaming trainer keeps in memory) are split by
 window: even windows calibrate, odd windows test. Per layer, K is the smallest count of top-scored outputs whose
-mean recall over the calibration tokens reaches the target (MLP: of the truly active neurons; heads: of the
+mean recall reaches the target with confidence `recall_confidence` (MLP: of the truly active neurons; heads: of the
 head-norm mass), rounded up to a multiple of `block` / `head_block` and capped at the layer's width. The
-MLP's threshold is the largest score threshold whose mean recall over the calibration tokens reaches the same
-target (threshold selection: no sort, the count varies per token). Test-half metrics at that K and threshold
-(recall, density, and how often a token's count exceeds K) are what the report shows.
+MLP's threshold is the largest score threshold whose mean recall reaches the same target with the same confidence
+(threshold selection: no sort, the count varies per token). Test-half metrics at that K and threshold (recall,
+density, and how often a token's count exceeds K) are what the report shows.
+
+"Reaches the target with confidence c" means the one-sided lower c-confidence bound on the mean recall over unseen
+text reaches it (`train/metrics.py`, `cluster_lower_bound`): the calibration windows are the sampling units (a
+window's tokens share a context, so their recalls are correlated and the tokens are not independent samples), the
+mean's standard error comes from the spread of the per-window recall sums, and the bound is mean - t * SE with t
+Student's quantile at c (G - 1 degrees of freedom for G windows). Stopping where the calibration tokens' mean
+reaches the target (c = 0.5, t = 0) leaves the mean on new tokens below the target about half the time. When the
+calibration rows lie in one window (a held-out part shorter than two windows), tokens are the units instead.
 """
 
 from __future__ import annotations
@@ -23,12 +31,23 @@ from dejavu_jax.predictor_store import load_predictors, predictor_metadata, save
 from train.activations import ActivationStore
 from train.fit import score_rows
 from train.heldout import HeldOut, StoreHeldOut
-from train.metrics import ThresholdCalibration, ThresholdCounts, TopKCurve, head_labels, smallest_k
+from train.metrics import (
+    ThresholdCalibration,
+    ThresholdCounts,
+    TopKCurve,
+    confidence_quantile,
+    head_labels,
+    smallest_k,
+)
+
+
+DEFAULT_RECALL_CONFIDENCE = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrateOptions:
     recall_target: float = 0.99  # MLP: mean fraction of the truly active neurons kept
+    recall_confidence: float = DEFAULT_RECALL_CONFIDENCE  # the targets hold for unseen tokens at this confidence
     head_recall_target: float = 0.99  # heads: mean fraction of the head-norm mass kept
     block: int = 1  # MLP K is a multiple of this (the masked kernels need no rounding)
     head_block: int = 1  # head K is a multiple of this
@@ -38,6 +57,12 @@ class CalibrateOptions:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1]. Got {value!r}")
+        c = self.recall_confidence
+        if not (isinstance(c, (int, float)) and 0.5 <= c < 1):
+            raise ValueError(
+                f"--recall-confidence must be in [0.5, 1) (0.5: the mean over the calibration tokens reaches the "
+                f"target, no margin). Got {c!r}"
+            )
         for name in ("block", "head_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -50,17 +75,26 @@ def holdout_split(store: ActivationStore, holdout: float) -> tuple[int, np.ndarr
     return rows.n_train, rows.calibration, rows.test
 
 
-def _curves(predictor, x, targets, calib, test, num_outputs, mass_norms=None):
+def sampling_units(held_out: HeldOut) -> tuple[np.ndarray, str]:
+    """([n] int: each held-out row's sampling unit, its name): the row's window, or the row itself when the
+    calibration rows lie in fewer than 2 windows (no spread between windows to measure)."""
+    if len(np.unique(held_out.window_of_row[held_out.calibration])) >= 2:
+        return np.asarray(held_out.window_of_row), "window"
+    return np.arange(len(held_out.window_of_row)), "token"
+
+
+def _curves(predictor, x, targets, calib, test, units, num_outputs, mass_norms=None):
     curves = {"calibration": TopKCurve(num_outputs), "test": TopKCurve(num_outputs)}
     for start, scores in score_rows(predictor, x):
         rows = slice(start, start + len(scores))
         for name, mask in (("calibration", calib[rows]), ("test", test[rows])):
             if not mask.any():
                 continue
+            row_units = units[rows][mask] if name == "calibration" else None
             if mass_norms is None:
-                curves[name].update(scores[mask], targets[rows][mask])
+                curves[name].update(scores[mask], targets[rows][mask], row_units)
             else:
-                curves[name].update_mass(scores[mask], mass_norms[rows][mask], targets[rows][mask])
+                curves[name].update_mass(scores[mask], mass_norms[rows][mask], targets[rows][mask], row_units)
     return curves
 
 
@@ -101,14 +135,17 @@ def calibrate_held_out(
     fit_options = meta.get("fit_options", {})
     label_mass = float(fit_options.get("head_label_mass", 0.9))
     calib, test = held_out.calibration, held_out.test
+    units, unit_name = sampling_units(held_out)
+    n_units = len(np.unique(units[calib]))
     L = config.num_hidden_layers
     layers = []
     for layer in range(L):
         x_mlp = held_out.read(layer, predictors.mlp_input)
         labels = held_out.read_labels(layer)
-        curves = _curves(predictors.mlp[layer], x_mlp, labels, calib, test, config.ffn_dim)
-        mlp_raw, mlp_k = smallest_k(curves["calibration"].recall(), opts.recall_target, opts.block)
-        threshold = _calibrate_threshold(predictors.mlp[layer], x_mlp, labels, calib, opts.recall_target)
+        curves = _curves(predictors.mlp[layer], x_mlp, labels, calib, test, units, config.ffn_dim)
+        mlp_bound = curves["calibration"].recall_lower_bound(opts.recall_confidence)
+        mlp_raw, mlp_k = smallest_k(mlp_bound, opts.recall_target, opts.block)
+        threshold = _calibrate_threshold(predictors.mlp[layer], x_mlp, labels, calib, units, opts)
         threshold_test = ThresholdCounts(threshold, config.ffn_dim, mlp_k)
         for start, scores in score_rows(predictors.mlp[layer], x_mlp):
             rows = slice(start, start + len(scores))
@@ -124,6 +161,7 @@ def calibrate_held_out(
             head_labels(norms, label_mass),
             calib,
             test,
+            units,
             config.num_attention_heads,
             mass_norms=norms,
         )
@@ -131,13 +169,14 @@ def calibrate_held_out(
         oracle = TopKCurve(config.num_attention_heads)  # the heads with the largest true norms
         test_norms = norms[test]
         oracle.update_mass(test_norms, test_norms, head_labels(test_norms, label_mass))
-        head_raw, head_k = smallest_k(head_curves["calibration"].recall(), opts.head_recall_target, opts.head_block)
+        head_bound = head_curves["calibration"].recall_lower_bound(opts.recall_confidence)
+        head_raw, head_k = smallest_k(head_bound, opts.head_recall_target, opts.head_block)
         entry = {
             "layer": layer,
             "mlp": {
                 "k_raw": mlp_raw,
                 "k": mlp_k,
-                "calibration": curves["calibration"].at(mlp_k),
+                "calibration": {**curves["calibration"].at(mlp_k), "recall_bound": float(mlp_bound[mlp_k - 1])},
                 "test": curves["test"].at(mlp_k),
                 "threshold": threshold,
                 "threshold_test": threshold_test.result(),
@@ -146,7 +185,10 @@ def calibrate_held_out(
             "heads": {
                 "k_raw": head_raw,
                 "k": head_k,
-                "calibration": head_curves["calibration"].at(head_k),
+                "calibration": {
+                    **head_curves["calibration"].at(head_k),
+                    "recall_bound": float(head_bound[head_k - 1]),
+                },
                 "test": head_curves["test"].at(head_k),
                 "mass_recall_curve": [round(float(v), 5) for v in head_curves["test"].recall()],
                 "oracle_mass_recall_curve": [round(float(v), 5) for v in oracle.recall()],
@@ -168,6 +210,10 @@ def calibrate_held_out(
     calibration = {
         "recall_target": opts.recall_target,
         "head_recall_target": opts.head_recall_target,
+        "recall_confidence": opts.recall_confidence,
+        "confidence_quantile": confidence_quantile(opts.recall_confidence, n_units),
+        "sampling_unit": unit_name,
+        "calibration_units": n_units,
         "block": opts.block,
         "head_block": opts.head_block,
         "calibration_tokens": int(calib.sum()),
@@ -182,6 +228,7 @@ def calibrate_held_out(
             "stage": "calibrated",
             "recall_target": opts.recall_target,
             "head_recall_target": opts.head_recall_target,
+            "recall_confidence": opts.recall_confidence,
             "calibration": _without_curves(calibration),
         }
     )
@@ -203,14 +250,15 @@ def calibrate_held_out(
     }
 
 
-def _calibrate_threshold(predictor, x, labels, calib, target: float) -> float:
-    """The largest score threshold whose mean recall over the calibration rows reaches `target`."""
+def _calibrate_threshold(predictor, x, labels, calib, units, opts: CalibrateOptions) -> float:
+    """The largest score threshold whose mean recall on the calibration rows reaches the MLP target at the
+    options' confidence."""
     cal = ThresholdCalibration()
     for start, scores in score_rows(predictor, x):
         rows = slice(start, start + len(scores))
         if calib[rows].any():
-            cal.update(scores[calib[rows]], labels[rows][calib[rows]])
-    return cal.threshold(target)
+            cal.update(scores[calib[rows]], labels[rows][calib[rows]], units[rows][calib[rows]])
+    return cal.threshold(opts.recall_target, opts.recall_confidence)
 
 
 def _without_curves(calibration: dict) -> dict:

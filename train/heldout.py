@@ -2,8 +2,8 @@
 store (disk mode), or kept in memory (stream mode, `InMemoryHeldOut`).
 
 Both views give the same thing: per layer and field (`attn_input`, `mlp_input`, `mlp_active`, `head_norm`, as in
-`train/activations.py`) the held-out rows in stream order, and two disjoint row masks that split them by window
-(`split_by_window`): even windows calibrate, odd windows test.
+`train/activations.py`) the held-out rows in stream order, each row's window index in the token stream, and two
+disjoint row masks that split them by window (`split_by_window`): even windows calibrate, odd windows test.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from train.fit import split_rows
 
 class HeldOut(Protocol):
     config: OPTConfig
+    window_of_row: np.ndarray  # [n] int: each row's window in the token stream
     calibration: np.ndarray  # [n] bool: rows that calibrate
     test: np.ndarray  # [n] bool: rows that measure (disjoint from `calibration`)
     split: str  # where the rows come from and how they are split, for the report
@@ -47,8 +48,8 @@ class StoreHeldOut:
         self.store = store
         self.config = store.config
         self.n_train, _ = split_rows(store.num_rows, holdout)
-        window = np.arange(self.n_train, store.num_rows) // int(store.manifest["seq_len"])
-        self.calibration, self.test = split_by_window(window)
+        self.window_of_row = np.arange(self.n_train, store.num_rows) // int(store.manifest["seq_len"])
+        self.calibration, self.test = split_by_window(self.window_of_row)
 
     def read(self, layer: int, field: str) -> np.ndarray:
         return self.store.read(layer, field, self.n_train)

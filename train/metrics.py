@@ -8,6 +8,12 @@ Definitions (the report and the tests use these):
   recall@K = mean over tokens of |topK ∩ active| / |active| (a token with nothing active has recall 1),
   precision@K = mean over tokens of |topK ∩ active| / K, predicted density = K / outputs.
 - head mass recall@K = mean over tokens of (sum of the norms of the K best-scored heads) / (sum of all head norms).
+- lower confidence bound on a mean recall (`recall_lower_bound`): the tokens are grouped into sampling units (the
+  512-token windows: tokens of one window are correlated, windows much less so). With G units, S_g the sum of the
+  unit's per-token recalls and n_g its token count, the mean is r = sum S_g / sum n_g and its cluster-robust standard
+  error is SE = sqrt(G / (G - 1) * sum (S_g - r n_g)^2) / sum n_g (the ratio estimator's linearised variance); the
+  bound is r - t * SE, t the `confidence` quantile of Student's t with G - 1 degrees of freedom (0 at confidence
+  0.5, where the bound is the mean itself).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 
 def head_labels(norms, mass: float, xp=np):
@@ -56,8 +63,37 @@ class BinaryCounts:
         }
 
 
+def confidence_quantile(confidence: float, units: int) -> float:
+    """The one-sided Student-t quantile for a lower bound at `confidence` from `units` sampling units (G - 1 degrees
+    of freedom); 0 at confidence 0.5 (the bound is the mean)."""
+    assert 0.5 <= confidence < 1, confidence
+    if confidence == 0.5:
+        return 0.0
+    assert units >= 2, units
+    return float(scipy.stats.t.ppf(confidence, units - 1))
+
+
+def cluster_lower_bound(unit_sums: np.ndarray, unit_tokens: np.ndarray, confidence: float) -> np.ndarray:
+    """unit_sums [G, ...] (per unit, the sum of its tokens' recalls), unit_tokens [G] -> [...]: the mean recall
+    minus t * its cluster-robust standard error (see the module docstring)."""
+    unit_sums = np.asarray(unit_sums, np.float64)
+    unit_tokens = np.asarray(unit_tokens, np.float64).reshape((-1,) + (1,) * (unit_sums.ndim - 1))
+    g, n = len(unit_sums), unit_tokens.sum()
+    mean = unit_sums.sum(axis=0) / n
+    t = confidence_quantile(confidence, g)
+    if t == 0.0:
+        return mean
+    residual = unit_sums - mean * unit_tokens
+    se = np.sqrt(g / (g - 1) * (residual**2).sum(axis=0)) / n
+    return mean - t * se
+
+
 class TopKCurve:
-    """Per-K sums over tokens, for every K = 1..M at once: recall (label or mass) and hits."""
+    """Per-K sums over tokens, for every K = 1..M at once: recall (label or mass) and hits.
+
+    Updates that pass `units` (each token's sampling unit, e.g. its window) also keep per-unit recall sums, for
+    `recall_lower_bound`.
+    """
 
     def __init__(self, num_outputs: int):
         self.m = num_outputs
@@ -65,14 +101,27 @@ class TopKCurve:
         self.hits_sum = np.zeros(num_outputs, np.float64)  # sum over tokens of |topK ∩ active|
         self.n_tokens = 0
         self.n_active = 0
+        self.unit_recall_sums: dict[int, np.ndarray] = {}  # unit -> [M] sum over its tokens of recall@K
+        self.unit_tokens: dict[int, int] = {}
+
+    def _add_units(self, units, per_unit_sums, unit_ids) -> None:
+        counts = np.bincount(units, minlength=len(unit_ids))
+        for i, unit in enumerate(unit_ids.tolist()):
+            if unit in self.unit_recall_sums:
+                self.unit_recall_sums[unit] += per_unit_sums[i]
+                self.unit_tokens[unit] += int(counts[i])
+            else:
+                self.unit_recall_sums[unit] = per_unit_sums[i].copy()
+                self.unit_tokens[unit] = int(counts[i])
 
     def _order(self, scores):
         # Ties broken by index, so the curve is deterministic.
         return np.argsort(-np.asarray(scores, np.float32), axis=1, kind="stable")
 
-    def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
-        """Label recall: labels [N, M] bool. Each active output's rank in its token's score order is a histogram
-        bin (weighted by 1 / the token's active count for recall), and the curves are the histograms' running sums."""
+    def update(self, scores: np.ndarray, labels: np.ndarray, units: np.ndarray | None = None) -> None:
+        """Label recall: labels [N, M] bool (`units` [N] int: each token's sampling unit, optional). Each active
+        output's rank in its token's score order is a histogram bin (weighted by 1 / the token's active count for
+        recall), and the curves are the histograms' running sums; per unit, the bins are (unit, rank)."""
         labels = np.asarray(labels, bool)
         assert scores.shape == labels.shape and labels.shape[1] == self.m, (scores.shape, labels.shape)
         in_order = labels_in_score_order(scores, labels)
@@ -80,17 +129,33 @@ class TopKCurve:
         n_pos = labels.sum(axis=1)
         self.recall_sum += np.cumsum(np.bincount(rank, weights=1.0 / n_pos[token], minlength=self.m))
         self.recall_sum += float((n_pos == 0).sum())  # a token with nothing active has recall 1 at every K
+        if units is not None:
+            unit_ids, local = np.unique(np.asarray(units), return_inverse=True)
+            g = len(unit_ids)
+            bins = np.bincount(local[token] * self.m + rank, weights=1.0 / n_pos[token], minlength=g * self.m)
+            sums = np.cumsum(bins.reshape(g, self.m), axis=1)
+            sums += np.bincount(local, weights=(n_pos == 0).astype(np.float64), minlength=g)[:, None]
+            self._add_units(local, sums, unit_ids)
         self.hits_sum += np.cumsum(np.bincount(rank, minlength=self.m))
         self.n_tokens += labels.shape[0]
         self.n_active += int(n_pos.sum())
 
-    def update_mass(self, scores: np.ndarray, norms: np.ndarray, labels: np.ndarray) -> None:
-        """Mass recall from norms [N, M] (hits counted against `labels`, e.g. head_labels(norms, mass))."""
+    def update_mass(
+        self, scores: np.ndarray, norms: np.ndarray, labels: np.ndarray, units: np.ndarray | None = None
+    ) -> None:
+        """Mass recall from norms [N, M] (hits counted against `labels`, e.g. head_labels(norms, mass); `units` as
+        in `update`)."""
         norms = np.asarray(norms, np.float64)
         order = self._order(scores)
         kept_mass = np.cumsum(np.take_along_axis(norms, order, axis=1), axis=1)
         total = norms.sum(axis=1, keepdims=True)
-        self.recall_sum += np.where(total > 0, kept_mass / np.where(total > 0, total, 1), 1.0).sum(axis=0)
+        per_token = np.where(total > 0, kept_mass / np.where(total > 0, total, 1), 1.0)
+        self.recall_sum += per_token.sum(axis=0)
+        if units is not None:
+            unit_ids, local = np.unique(np.asarray(units), return_inverse=True)
+            sums = np.zeros((len(unit_ids), self.m), np.float64)
+            np.add.at(sums, local, per_token)
+            self._add_units(local, sums, unit_ids)
         labels = np.asarray(labels, bool)
         self.hits_sum += np.cumsum(np.take_along_axis(labels, order, axis=1), axis=1).sum(axis=0)
         self.n_tokens += norms.shape[0]
@@ -99,6 +164,24 @@ class TopKCurve:
     def recall(self) -> np.ndarray:
         """[M]: mean recall at K = 1..M."""
         return self.recall_sum / max(self.n_tokens, 1)
+
+    @property
+    def units(self) -> int:
+        """How many sampling units the updates with `units` saw."""
+        return len(self.unit_tokens)
+
+    def recall_lower_bound(self, confidence: float) -> np.ndarray:
+        """[M]: at K = 1..M, the lower `confidence` bound on the mean recall over the units' population
+        (`cluster_lower_bound`); at confidence 0.5 exactly `recall()`. Needs every update to have passed `units`,
+        and, above 0.5, at least 2 units."""
+        if confidence == 0.5:
+            return self.recall()
+        assert sum(self.unit_tokens.values()) == self.n_tokens, "every update must pass units"
+        if self.units < 2:
+            raise ValueError(f"a confidence bound needs at least 2 sampling units. Got {self.units}")
+        units = sorted(self.unit_tokens)
+        sums = np.stack([self.unit_recall_sums[u] for u in units])
+        return cluster_lower_bound(sums, np.array([self.unit_tokens[u] for u in units]), confidence)
 
     def at(self, k: int) -> dict:
         assert 1 <= k <= self.m, k
@@ -126,14 +209,18 @@ class ThresholdCalibration:
 
     A token's recall at t is (its active outputs with score >= t) / (its active outputs), 1 with none active, so the
     mean over tokens is a weighted count of active (token, output) pairs above t, each pair weighing 1 / (its
-    token's active count): `threshold(target)` is a weighted quantile of the active pairs' scores.
+    token's active count): `threshold(target)` is a weighted quantile of the active pairs' scores. With `units`
+    (each token's sampling unit) passed to every update, `threshold(target, confidence)` is the largest threshold
+    whose lower confidence bound on the mean recall (`cluster_lower_bound`) reaches the target.
     """
 
     def __init__(self):
-        self.scores, self.weights = [], []
+        self.scores, self.weights, self.pair_units = [], [], []
         self.n_tokens = self.n_empty = 0
+        self.unit_tokens: dict[int, int] = {}  # unit -> its token count
+        self.unit_empty: dict[int, int] = {}  # unit -> its tokens with nothing active (recall 1 at any threshold)
 
-    def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
+    def update(self, scores: np.ndarray, labels: np.ndarray, units: np.ndarray | None = None) -> None:
         labels = np.asarray(labels, bool)
         n_pos = labels.sum(axis=1)
         self.n_tokens += labels.shape[0]
@@ -141,18 +228,30 @@ class ThresholdCalibration:
         rows, _ = np.nonzero(labels)
         self.scores.append(np.asarray(scores, np.float32)[labels])
         self.weights.append(1.0 / n_pos[rows])
+        if units is not None:
+            units = np.asarray(units, np.int64)
+            self.pair_units.append(units[rows])
+            unit_ids, local = np.unique(units, return_inverse=True)
+            tokens = np.bincount(local, minlength=len(unit_ids))
+            empty = np.bincount(local, weights=(n_pos == 0), minlength=len(unit_ids))
+            for i, unit in enumerate(unit_ids.tolist()):
+                self.unit_tokens[unit] = self.unit_tokens.get(unit, 0) + int(tokens[i])
+                self.unit_empty[unit] = self.unit_empty.get(unit, 0) + int(empty[i])
 
     # The threshold sits this far (relative) below the score that reaches the target, so the same scores computed
     # in another batch shape or precision (a few fp32 ulps apart) still clear it.
     MARGIN = 1e-5
 
-    def threshold(self, target: float) -> float:
+    def threshold(self, target: float, confidence: float = 0.5) -> float:
         """The score that reaches `target` (`score_at`), lowered by a relative MARGIN."""
-        s = self.score_at(target)
+        s = self.score_at(target, confidence)
         return s - self.MARGIN * (1.0 + abs(s)) if np.isfinite(s) else s
 
-    def score_at(self, target: float) -> float:
-        """The largest threshold whose mean recall over the tokens seen reaches `target`."""
+    def score_at(self, target: float, confidence: float = 0.5) -> float:
+        """The largest threshold whose mean recall over the tokens seen (confidence 0.5), or whose lower
+        `confidence` bound on the mean recall, reaches `target`."""
+        if confidence != 0.5:
+            return self._score_at_bound(target, confidence)
         need = target * self.n_tokens - self.n_empty - 1e-9
         if need <= 0 or not self.scores:
             return float("inf")
@@ -160,6 +259,45 @@ class ThresholdCalibration:
         order = descending_order(scores)  # the order among equal scores cannot change the score returned
         reached = np.nonzero(np.cumsum(weights[order]) >= need)[0]
         return float(scores[order[reached[0]]]) if len(reached) else float(scores.min())
+
+    def _score_at_bound(self, target: float, confidence: float) -> float:
+        assert sum(self.unit_tokens.values()) == self.n_tokens, "every update must pass units"
+        if len(self.unit_tokens) < 2:
+            raise ValueError(f"a confidence bound needs at least 2 sampling units. Got {len(self.unit_tokens)}")
+        unit_ids = np.array(sorted(self.unit_tokens))
+        n_g = np.array([self.unit_tokens[u] for u in unit_ids.tolist()], np.float64)
+        empty_g = np.array([self.unit_empty[u] for u in unit_ids.tolist()], np.float64)
+        g, n, t = len(unit_ids), n_g.sum(), confidence_quantile(confidence, len(unit_ids))
+
+        def bound(sum_s, sum_s2, sum_sn):  # cluster_lower_bound from the sums over units of S, S^2 and S*n
+            mean = sum_s / n
+            residual_ss = np.maximum(sum_s2 - 2 * mean * sum_sn + mean**2 * (n_g**2).sum(), 0.0)
+            return mean - t * np.sqrt(g / (g - 1) * residual_ss) / n
+
+        if bound(empty_g.sum(), (empty_g**2).sum(), (empty_g * n_g).sum()) >= target - 1e-12 or not self.scores:
+            return float("inf")  # choosing nothing already reaches it
+        scores, weights = np.concatenate(self.scores), np.concatenate(self.weights)
+        pair_unit = np.searchsorted(unit_ids, np.concatenate(self.pair_units))
+        order = descending_order(scores)
+        scores, weights, pair_unit = scores[order], weights[order], pair_unit[order]
+        # S_g before each pair joins: its unit's empty tokens plus the unit's earlier pairs (a cumulative sum within
+        # each unit, in score order), so adding pair p raises sum S^2 by 2 S_g a_p + a_p^2.
+        by_unit = np.argsort(pair_unit, kind="stable")
+        cum = np.cumsum(weights[by_unit])
+        unit_start = np.searchsorted(pair_unit[by_unit], np.arange(g))
+        start_offset = np.concatenate([[0.0], cum])[unit_start]
+        before = np.empty_like(weights)
+        before[by_unit] = cum - weights[by_unit] - start_offset[pair_unit[by_unit]]
+        s_before = empty_g[pair_unit] + before
+        sum_s = empty_g.sum() + np.cumsum(weights)
+        sum_s2 = (empty_g**2).sum() + np.cumsum(2 * s_before * weights + weights**2)
+        sum_sn = (empty_g * n_g).sum() + np.cumsum(weights * n_g[pair_unit])
+        # A threshold chooses every pair with an equal score, so only the last pair of each run of equal scores is
+        # a threshold's state.
+        last_of_run = np.nonzero(np.append(scores[1:] != scores[:-1], True))[0]
+        ok = bound(sum_s[last_of_run], sum_s2[last_of_run], sum_sn[last_of_run]) >= target - 1e-12
+        reached = last_of_run[ok]
+        return float(scores[reached[0]]) if len(reached) else float(scores[-1])
 
 
 class ThresholdCounts:

@@ -25,6 +25,17 @@ def mean_threshold_density(result: dict, first_layer: int = 1) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _confidence_line(result: dict) -> str:
+    c = result.get("recall_confidence", 0.5)
+    if c == 0.5:
+        return "- confidence 0.5: K and the threshold stop where the calibration tokens' mean recall reaches the target"
+    return (
+        f"- confidence {c}: K and the threshold stop where the one-sided lower {c} bound on the mean recall, mean - "
+        f"t*SE with t = {result['confidence_quantile']:.3f} (Student, {result['calibration_units']} calibration "
+        f"{result['sampling_unit']}s as the sampling units), reaches the target"
+    )
+
+
 def markdown(result: dict, title: str = "Predictor calibration") -> str:
     fo = result.get("fit_options", {})
     fit = result.get("fit") or {}
@@ -40,6 +51,7 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
         f"{result['block']}); heads mean head-norm mass recall >= {result['head_recall_target']} (blocks of "
         f"{result['head_block']}); head labels = heads carrying the top {fo.get('head_label_mass')} of the "
         f"norm mass",
+        _confidence_line(result),
         f"- mean calibrated MLP density, layers 1..{len(result['layers']) - 1}: "
         f"**{mean_mlp_density(result):.1%}** with top-K"
         + (
