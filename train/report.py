@@ -36,6 +36,12 @@ def _confidence_line(result: dict) -> str:
     )
 
 
+def _calib(kind: dict) -> str:
+    """The calibration tokens' mean recall at K, and its lower confidence bound where there is one."""
+    c = kind["calibration"]
+    return f"{c['recall']:.4f}" + (f" ({c['recall_bound']:.4f})" if "recall_bound" in c else "")
+
+
 def markdown(result: dict, title: str = "Predictor calibration") -> str:
     fo = result.get("fit_options", {})
     fit = result.get("fit") or {}
@@ -70,7 +76,7 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
         "",
         "## MLP",
         "",
-        "| layer | true density | K (raw) | K / ffn | recall@K calib | recall@K test | precision@K test | "
+        "| layer | true density | K (raw) | K / ffn | recall@K calib (lower bound) | recall@K test | precision@K test | "
         "recall (p>0.5) | precision (p>0.5) | predicted density (p>0.5) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -79,7 +85,7 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
         f = (fit.get("mlp") or [None] * (l + 1))[l] or {}
         lines.append(
             f"| {l} | {m['test']['true_density']:.3f} | {m['k']} ({m['k_raw']}) | {m['test']['predicted_density']:.3f} "
-            f"| {m['calibration']['recall']:.4f} | {m['test']['recall']:.4f} | {m['test']['precision']:.3f} | "
+            f"| {_calib(m)} | {m['test']['recall']:.4f} | {m['test']['precision']:.3f} | "
             f"{f.get('recall', float('nan')):.3f} | {f.get('precision', float('nan')):.3f} | "
             f"{f.get('predicted_density', float('nan')):.3f} |"
         )
@@ -101,7 +107,7 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
         "",
         "## Heads",
         "",
-        "| layer | true density (labels) | K (raw) | K / heads | mass recall@K calib | mass recall@K test | "
+        "| layer | true density (labels) | K (raw) | K / heads | mass recall@K calib (lower bound) | mass recall@K test | "
         "label recall@K test | precision@K test | recall (p>0.5) | precision (p>0.5) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -110,7 +116,7 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
         f = (fit.get("heads") or [None] * (l + 1))[l] or {}
         lines.append(
             f"| {l} | {h['test']['true_density']:.3f} | {h['k']} ({h['k_raw']}) | {h['test']['predicted_density']:.3f} "
-            f"| {h['calibration']['recall']:.4f} | {h['test']['recall']:.4f} | {h['test']['label_recall']:.4f} | "
+            f"| {_calib(h)} | {h['test']['recall']:.4f} | {h['test']['label_recall']:.4f} | "
             f"{h['test']['precision']:.3f} | {f.get('recall', float('nan')):.3f} | "
             f"{f.get('precision', float('nan')):.3f} |"
         )
