@@ -184,3 +184,19 @@ def test_a_bound_needs_two_units():
     with pytest.raises(ValueError, match="at least 2 sampling units. Got 1"):
         cal.threshold(0.9, 0.95)
     assert smallest_k(curve.recall_lower_bound(0.5), 0.8, 1) == (1, 1)
+
+
+def test_sampling_units_are_windows_unless_the_calibration_rows_share_one():
+    from types import SimpleNamespace
+
+    from train.calibrate import sampling_units
+    from train.heldout import split_by_window
+
+    windows = np.array([4, 4, 5, 5, 6, 6, 6])
+    calib, _ = split_by_window(windows)
+    units, name = sampling_units(SimpleNamespace(window_of_row=windows, calibration=calib))
+    assert name == "window" and units.tolist() == windows.tolist()
+    one = np.full(6, 3)  # one window: split in halves, and the calibration half's tokens are the units
+    calib, _ = split_by_window(one)
+    units, name = sampling_units(SimpleNamespace(window_of_row=one, calibration=calib))
+    assert name == "token" and units.tolist() == list(range(6))
