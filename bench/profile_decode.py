@@ -80,7 +80,9 @@ def main(argv=None) -> int:
         choices=["fixed", "predicted"],
         help="with --head-density: a seeded random schedule (fixed) or random head predictors of --predictor-rank",
     )
-    p.add_argument("--head-kv", default="repair", choices=HEAD_KV_MODES, help="with --head-density (default repair)")
+    p.add_argument(
+        "--head-kv", default="all", choices=HEAD_KV_MODES, help="with --head-density (default all, as decoding)"
+    )
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
     args = p.parse_args(argv)
     if args.mlp_density is not None and not 0 < args.mlp_density <= 1:

@@ -16,8 +16,12 @@ their weight rows in place). For K/V, two exact ways, chosen by `DecodeTuning.he
 - "all": every head's K/V of the new token each step (in the same `head_qkv_pairs` launch as the chosen heads' Q);
   Q, attention and out_proj stay sparse. No buffer, but it reads every head's K/V weights (2/3 of the QKV weights) every step.
 
-"repair" is the default because it reads fewer weight bytes whenever few heads are chosen; which one decodes faster
-is measured by the generation benchmark, which times both.
+"all" is the default because it decodes faster, though it reads more weight bytes: on an H100 (opt-6.7b, batch 1,
+16 of 32 heads, bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-11-27_head-kv_opt-6.7b.md) every head's K/V took
+5.25 ms a token against 6.11 for the repair (dense 5.32), and 2.87 against 3.65 beside a 10%-row sparse MLP (2.94
+with every head). The repair's one projection launch ran at about 3x its weight bytes (53 µs a layer against 39 µs
+for XLA's dense QKV GEMV, `bench profile --head-density 0.5`): R times the rows, a scatter of R slots, and a
+gather-GEMV slower than XLA's.
 
 Batch: the step computes the union of the batch's chosen heads (a static list of min(H, B·k) entries, padded with
 repeats of a real head); each sequence's out_proj sums only the heads it chose (the others' outputs are zeroed
@@ -151,7 +155,7 @@ def head_sparse_decode(
     allowed,
     *,
     chosen_idx=None,
-    head_kv: str = "repair",
+    head_kv: str = "all",
     attention_impl: str = "xla",
 ) -> HeadSparseStep:
     """One decode step of the attention block over the chosen heads.

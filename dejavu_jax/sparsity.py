@@ -80,15 +80,16 @@ class DecodeTuning:
     - `hidden`: the predictor's first layer on the `predictor_hidden` Pallas kernel ("pallas") or in XLA ("xla");
     - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1") or an XLA GEMV and a row mask ("xla");
     - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
-    - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "repair" recomputes a
-      computed head's recent K/V from a ring buffer of inputs, "all" computes every head's K/V each step;
+    - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
+      measured faster: `dejavu_jax/sparse_attention.py`) computes every head's K/V each step, "repair" recomputes a
+      computed head's recent K/V from a ring buffer of inputs;
     - `head_window`: R, the ring buffer's length in tokens ("repair").
     """
 
     hidden: str = "pallas"
     scores: str = "fc1"
     knobs: tuple = ()
-    head_kv: str = "repair"
+    head_kv: str = "all"
     head_window: int = 16
 
     CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla"), "head_kv": HEAD_KV_MODES}
@@ -369,7 +370,7 @@ class HeadRows:
     k: int = struct.field(pytree_node=False, default=0)
     idx: Optional[jax.Array] = None
     decode_kernels: bool = struct.field(pytree_node=False, default=True)
-    head_kv: str = struct.field(pytree_node=False, default="repair")
+    head_kv: str = struct.field(pytree_node=False, default="all")
     window: int = struct.field(pytree_node=False, default=16)
 
 

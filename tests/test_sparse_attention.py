@@ -399,7 +399,7 @@ def test_tuning_and_cache_errors():
         SparsityPolicy(heads=HeadSparsity.FIXED, head_k=1, tuning=(("head_window", "many"),))
     with pytest.raises(ValueError, match="fixed head selection needs head_k"):
         SparsityPolicy(heads=HeadSparsity.FIXED)
-    assert fixed_heads(1, head_kv="all").recent_window == 0 and fixed_heads(1).recent_window == 16
+    assert fixed_heads(1, head_kv="repair").recent_window == 16 and fixed_heads(1).recent_window == 0
     # A batch too large for the MLP kernels keeps its head policy, and how the heads' K/V are kept.
     policy, weights = for_decode_batch(fixed_heads(1, head_kv="all", head_window=4), SCHEDULE, 8)
     assert (policy.tuning.head_kv, policy.tuning.head_window, weights) == ("all", 4, SCHEDULE)
@@ -407,10 +407,10 @@ def test_tuning_and_cache_errors():
     ids = jnp.full((1, 4), 5, jnp.int32)
     _, cache = prefill(params, ids, jnp.ones_like(ids), config=CONFIG, num_slots=8)  # no recent inputs kept
     with pytest.raises(ValueError, match="needs the cache's recent inputs"):
-        decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=fixed_heads(1))
+        decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=fixed_heads(1, head_kv="repair"))
     _, cache = prefill(params, ids, jnp.ones_like(ids), config=CONFIG, num_slots=8, recent_window=4)
     with pytest.raises(ValueError, match="head_window is 16"):
-        decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=fixed_heads(1))
+        decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=fixed_heads(1, head_kv="repair"))
     with pytest.raises(ValueError, match="needs a schedule"):
         decode_step(params, cache, ids[:, 0], None, config=CONFIG, policy=fixed_heads(1, head_window=4))
 
@@ -421,7 +421,7 @@ def test_head_sparse_decode_errors():
     recent, allowed = jnp.zeros((2, 4, 32)), jnp.ones((2, 8), bool)
     chosen = jnp.zeros((2, 4), bool).at[:, 0].set(True)
     with pytest.raises(ValueError, match="needs the cache in the model's dtype"):
-        head_sparse_decode(x, weights, keys, keys, recent.astype(jnp.float16), chosen, 1, 5, allowed)
+        head_sparse_decode(x, weights, keys, keys, recent.astype(jnp.float16), chosen, 1, 5, allowed, head_kv="repair")
     with pytest.raises(ValueError, match=r"chosen_idx must be \[B, k\] = \(2, 1\)"):
         head_sparse_decode(x, weights, keys, keys, recent, chosen, 1, 5, allowed, chosen_idx=jnp.zeros((2, 2), int))
     with pytest.raises(ValueError, match="chosen .* is needed unless B == 1"):
