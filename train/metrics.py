@@ -282,7 +282,8 @@ class ThresholdCalibration:
         scores, weights, pair_unit = scores[order], weights[order], pair_unit[order]
         # S_g before each pair joins: its unit's empty tokens plus the unit's earlier pairs (a cumulative sum within
         # each unit, in score order), so adding pair p raises sum S^2 by 2 S_g a_p + a_p^2.
-        by_unit = np.argsort(pair_unit, kind="stable")
+        # numpy's stable sort is a radix sort for 16-bit keys: ~3x faster on tens of millions of pairs.
+        by_unit = np.argsort(pair_unit.astype(np.uint16) if g <= 1 << 16 else pair_unit, kind="stable")
         cum = np.cumsum(weights[by_unit])
         unit_start = np.searchsorted(pair_unit[by_unit], np.arange(g))
         start_offset = np.concatenate([[0.0], cum])[unit_start]
