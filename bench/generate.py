@@ -186,7 +186,8 @@ def head_variants(config, density: float, tunings: list, ranks, selections, fixe
         extra = {"heads_kept": f"{k}/{n_heads}", **tuned}
         fixed_heads = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuning)
         if "fixed" in names:
-            out.append((f"fixed heads{tag}", fixed_heads, SparseWeights(head_schedule=schedule), extra))
+            if not tuning or any(name.startswith("head_") for name, _ in tuning):  # else the untuned row's program
+                out.append((f"fixed heads{tag}", fixed_heads, SparseWeights(head_schedule=schedule), extra))
             if fixed is not None:
                 out.append(
                     (f"fixed rows + fixed heads{tag}", fixed_heads, fixed.replace(head_schedule=schedule), extra)

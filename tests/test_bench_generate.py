@@ -35,3 +35,19 @@ def test_parse_tuning_and_bad_flags(capsys):
             main(["--shape", "tiny", "--mlp-density", "0.1", *argv])
         assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_head_rows_skip_the_heads_only_row_of_a_tuning_that_changes_only_the_mlp():
+    from bench.generate import head_variants
+    from dejavu_jax.config import shape_config
+    from dejavu_jax.sparsity import SparseWeights
+
+    tunings = [((), ["fixed"]), ((("fc1_segment", 16),), ["fixed"]), ((("head_kv", "repair"),), ["fixed"])]
+    rows = head_variants(shape_config("tiny"), 0.5, tunings, [], [], SparseWeights(), {})
+    assert [label for label, *_ in rows] == [
+        "fixed heads",
+        "fixed rows + fixed heads",
+        "fixed rows + fixed heads [fc1_segment=16]",  # its heads-only row would be the untuned one's program
+        "fixed heads [head_kv=repair]",
+        "fixed rows + fixed heads [head_kv=repair]",
+    ]
