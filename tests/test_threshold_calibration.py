@@ -141,13 +141,18 @@ def test_bounds_match_the_formula_per_k_and_per_threshold(seed, confidence, targ
     assert all(bound_at(h) < target for h in higher)  # every larger threshold (an active score) misses
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_confidence_one_half_is_the_mean_choice(seed):
-
+def _curve_and_calibration(seed):
+    """A TopKCurve and a ThresholdCalibration fed the same random windowed rows."""
     scores, labels, windows = _random_windows(seed)
     curve, cal = TopKCurve(labels.shape[1]), ThresholdCalibration()
     curve.update(scores, labels, windows)
     cal.update(scores, labels, windows)
+    return curve, cal
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_confidence_one_half_is_the_mean_choice(seed):
+    curve, cal = _curve_and_calibration(seed)
     np.testing.assert_array_equal(curve.recall_lower_bound(0.5), curve.recall())
     sums = np.stack([curve.unit_recall_sums[w] for w in sorted(curve.unit_recall_sums)])
     tokens = np.array([curve.unit_tokens[w] for w in sorted(curve.unit_tokens)])
@@ -161,11 +166,7 @@ def test_confidence_one_half_is_the_mean_choice(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_higher_confidence_never_gives_a_smaller_k_or_a_larger_threshold(seed):
-
-    scores, labels, windows = _random_windows(seed)
-    curve, cal = TopKCurve(labels.shape[1]), ThresholdCalibration()
-    curve.update(scores, labels, windows)
-    cal.update(scores, labels, windows)
+    curve, cal = _curve_and_calibration(seed)
     for target in (0.8, 0.9, 0.95):
         ks = [smallest_k(curve.recall_lower_bound(c), target, 1)[0] for c in (0.5, 0.7, 0.9, 0.95, 0.99, 0.999)]
         thresholds = [cal.threshold(target, c) for c in (0.5, 0.7, 0.9, 0.95, 0.99, 0.999)]
