@@ -29,7 +29,8 @@ heads per layer (kernels/head_sparse.py), every head's K/V kept exact (every hea
 - fixed rows + fixed heads (with --mlp-density and the fixed variant);
 - predicted + predicted heads (with the predicted variant): random-weight head predictors of the row's rank, top-k
   on the previous layer's input (the lookahead), beside the MLP predictors.
-The table's "heads kept" column says k of the heads.
+The table's "heads kept" column says k of the heads. Under `--tp`, each device computes the chosen heads it holds
+(`sparse_attention.head_sparse_decode_split`), the same heads as on one device.
 
 With `--tp`, each value runs in turn (dense, and with --mlp-density the fixed-rows, lossless and predicted
 variants: each device chooses among and runs the row-masked kernels over its own neurons, the fixed rows and the
@@ -462,8 +463,6 @@ def main(argv=None) -> int:
                     tp_mesh(shape_config(name), tp, head == "vocab")
     except ValueError as e:
         p.error(str(e))
-    if args.head_density is not None and tps != [1]:
-        p.error("--head-density runs on one device only (--tp 1): head-sparse decoding is not split over devices yet")
     # One device has a single LM-head layout.
     layouts = [(tp, head) for tp in tps for head in (lm_heads if tp != 1 else ["replicated"])]
     layouts = list(dict.fromkeys(layouts))

@@ -209,14 +209,18 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
 def check_tp_policy(mesh, policy: SparsityPolicy) -> None:
     """Sharded parameters decode with a dense MLP, fixed row masks, lossless or predicted MLP sparsity (threshold
     or top-K selection): each device chooses among and computes its own neurons (`sparse_mlp.mlp_decode_rows_split`;
-    top-K then keeps each shard's share of K, not the single-device choice). Sparse heads are not split yet: a
+    top-K then keeps each shard's share of K, not the single-device choice). Fixed (scheduled) and predicted head
+    sparsity, with either way of keeping K/V exact (`DecodeTuning.head_kv`), decode with exactly the single-device
+    choice of heads: each device computes the chosen heads it holds over its own shard of the weights and the KV
+    cache (`sparse_attention.head_sparse_decode_split`), with the attention block's one all-reduce. Oracle head
+    selection (every head computed, then ranked by output norm: a study's bound, nothing to split) is refused with a
     ValueError. Sparse weights placed by `parallel.shard_sparse_weights` reach each device without a copy."""
     if mesh is None:
         return
-    if policy.heads != HeadSparsity.NONE:
+    if policy.heads == HeadSparsity.ORACLE:
         raise ValueError(
-            f"tensor-parallel generation (--tp > 1) does not split head sparsity over devices yet. Got head "
-            f"sparsity {policy.heads.value}; drop --head-sparsity or run with --tp 1"
+            "tensor-parallel generation (--tp > 1) does not run the oracle head selection (it ranks every head's "
+            "output, a single-device study). Got head sparsity oracle; use fixed or predicted heads, or --tp 1"
         )
 
 

@@ -29,7 +29,12 @@ from flax import linen as nn
 
 from dejavu_jax.config import OPTConfig
 from dejavu_jax.kv_cache import KVCache
-from dejavu_jax.sparse_attention import AttentionWeights, head_sparse_decode, write_recent_inputs
+from dejavu_jax.sparse_attention import (
+    AttentionWeights,
+    head_sparse_decode,
+    head_sparse_decode_split,
+    write_recent_inputs,
+)
 from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import DENSE, HeadRows, MLPRows, SparseWeights, SparsityPolicy, head_rows, mlp_rows, topk_mask
 from kernels.decode_attention import decode_attention_append
@@ -88,6 +93,7 @@ class OPTAttention(nn.Module):
     config: OPTConfig
     dtype: jnp.dtype
     attention_impl: str = "xla"
+    mesh: Any = None  # the tp mesh the heads are split on (`parallel.tp_mesh`), None for one device
 
     def setup(self):
         c = self.config
@@ -105,7 +111,8 @@ class OPTAttention(nn.Module):
         and the keys are the chunk's own. `heads`: which heads' outputs reach out_proj per token
         (`sparsity.head_rows`). A decode step (T == 1, with a cache) of at most `HEAD_SPARSE_MAX_BATCH` sequences
         with a head mask (and `heads.decode_kernels`) computes only the chosen heads
-        (`sparse_attention.head_sparse_decode`); every other forward computes every head and masks the outputs.
+        (`sparse_attention.head_sparse_decode`; under tp each device its own: `head_sparse_decode_split`); every other
+        forward computes every head and masks the outputs.
         K/V stay exact either way.
         Returns (out [B, T, d], new layer_kv or None).
         """
@@ -153,7 +160,9 @@ class OPTAttention(nn.Module):
         chosen_idx = None if heads.idx is None else heads.idx[:, 0]  # [B, k]
         self.sow("intermediates", "heads_kept", heads.mask)
         self.sow("intermediates", "head_density", jnp.mean(heads.mask, axis=-1))
-        step = head_sparse_decode(
+        # Under tp, each device computes the chosen heads it holds, then the one all-reduce after out_proj.
+        decode = head_sparse_decode if self.mesh is None else functools.partial(head_sparse_decode_split, self.mesh)
+        step = decode(
             x[:, 0],
             AttentionWeights(self.qkv_w, self.qkv_b, self.out_w, self.out_b),
             keys,
@@ -227,7 +236,7 @@ class OPTDecoderLayer(nn.Module):
 
     def setup(self):
         self.self_attn_layer_norm = LayerNorm(self.config, self.dtype)
-        self.self_attn = OPTAttention(self.config, self.dtype, self.attention_impl)
+        self.self_attn = OPTAttention(self.config, self.dtype, self.attention_impl, self.mesh)
         self.final_layer_norm = LayerNorm(self.config, self.dtype)
         self.mlp = OPTMLP(self.config, self.dtype, self.mesh)
 
@@ -271,7 +280,8 @@ class OPTForCausalLM(nn.Module):
     position only (prefill).
     `attention_impl` (see ATTENTION_IMPLS) picks the decode-step attention; it changes no parameter. `mesh`: the tp
     mesh the parameters are split on (`dejavu_jax.parallel`), which the sparse decode MLP needs to run its kernels
-    per device; None for one device (the dense model needs no mesh: GSPMD follows the parameters' shardings).
+    per device, as do the head-sparse decode steps; None for one device (the dense model needs no mesh: GSPMD
+    follows the parameters' shardings).
     """
 
     config: OPTConfig

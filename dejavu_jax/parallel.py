@@ -12,6 +12,9 @@ Megatron layout of the parameter tree (`dejavu_jax.model`), over the mesh axis `
 Sparse weights (`dejavu_jax.sparsity.SparseWeights`) follow the neurons they choose: `shard_sparse_weights` splits
 fixed row masks and the MLP predictors' second layer (w2_t [ffn, r], b2 [ffn]) on ffn and replicates the rest, so
 each device's sparse decode step (`sparse_mlp.mlp_decode_rows_split`) scores and computes only its own neurons.
+Head choices (head predictors, the fixed schedule) are replicated: every device sees the single-device choice, and
+its head-sparse decode step (`sparse_attention.head_sparse_decode_split`) computes the chosen heads it holds, writes
+their K/V into its shard of the cache, and ends in the attention block's one all-reduce.
 
 The KV cache (`dejavu_jax.kv_cache`, per layer [B, H, S, hd]) is split on H like the heads that write it. With
 the parameters placed by `shard_params` (or restored into `param_shardings`), jit compiles the unchanged model

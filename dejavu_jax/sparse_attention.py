@@ -28,6 +28,11 @@ repeats of a real head); each sequence's out_proj sums only the heads it chose (
 before `head_out_proj`), so a sequence's output does not depend on what its neighbours chose.
 At batch 1 the chosen heads' index list (`sparsity.exactly_k`'s top-k indices) is the step's head list as is: no
 mask to compact, no padding and nothing to zero.
+
+Tensor parallelism (`head_sparse_decode_split`): with the weights and the cache split on heads, each device runs this
+step over the chosen heads it holds (`shard_head_list`: a static bound per device, padding zeroed before out_proj),
+and one psum adds the out_proj partials. Both K/V modes run per device; "repair" keeps the global forced rotation
+(each device recomputes the forced heads it holds), so every head is still computed at least once every R steps.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
+from dejavu_jax.parallel import TP_AXIS
 from kernels.block_math import cdiv
 from kernels.decode_attention import decode_attention
 from kernels.head_sparse import MAX_BATCH, head_out_proj, head_qkv_pairs
@@ -100,10 +107,41 @@ def write_recent_inputs(recent, x, first_slot):
 
 def head_list(chosen_any, size: int):
     """chosen_any [H] bool -> (idx [size] int32, real [size] bool): the chosen heads in ascending order, padded with
-    repeats of the first (real False on padding). At least one head must be chosen, and at most `size`."""
+    repeats of the first (real False on padding; with none chosen, every entry is padding on head 0). At most `size`
+    heads may be chosen."""
     idx = jnp.nonzero(chosen_any, size=size, fill_value=-1)[0].astype(jnp.int32)
     real = idx >= 0
-    return jnp.where(real, idx, idx[0]), real
+    return jnp.where(real, idx, jnp.maximum(idx[0], 0)), real
+
+
+def shard_heads(global_heads, first, local_heads: int):
+    """global_heads [...] int32 -> (local [...] int32, mine [...] bool): the entries that live on the shard holding
+    heads [first, first + local_heads), as its local indices; the others become head 0 (padding, mine False)."""
+    local = global_heads - first
+    mine = (local >= 0) & (local < local_heads)
+    return jnp.where(mine, local, 0).astype(jnp.int32), mine
+
+
+def shard_head_list(chosen, chosen_idx, first, local_heads: int, k: int):
+    """One shard's step head list under tensor parallelism: (q_heads [n] int32, local indices into the shard's
+    `local_heads` heads [first, first + local_heads); used [B, n] bool: sequence b chose entry j's head, and the
+    entry is no padding). chosen [B, H] bool (at most `k` per row); chosen_idx [B, k] int32 or None, as for
+    `head_sparse_decode`. n = min(local_heads, B·k), static, so a shard holding fewer of a token's heads (or none)
+    pads; a padding entry computes head 0 and is zeroed before out_proj like an unchosen head of a batch's union.
+
+    - B·k >= local_heads: every local head, in order (no compaction);
+    - B == 1 with chosen_idx: the k chosen heads as listed, the other shards' heads as padding (no compaction);
+    - otherwise the union over the batch of the shard's chosen heads (`head_list`)."""
+    batch = chosen.shape[0]
+    n = min(local_heads, batch * k)
+    local_chosen = lax.dynamic_slice_in_dim(chosen, first, local_heads, axis=1)  # [B, local_heads]
+    if n == local_heads:
+        return jnp.arange(local_heads, dtype=jnp.int32), local_chosen
+    if batch == 1 and chosen_idx is not None:
+        q_heads, mine = shard_heads(chosen_idx[0].astype(jnp.int32), first, local_heads)
+        return q_heads, mine[None, :]
+    q_heads, real = head_list(jnp.any(local_chosen, axis=0), n)
+    return q_heads, jnp.take(local_chosen, q_heads, axis=1) & real[None, :]
 
 
 def _qkv_pairs_rows(rows, weights: AttentionWeights, part_idx, head_idx):
@@ -172,8 +210,25 @@ def head_sparse_decode(
     Launches: one `head_qkv_pairs` (K/V and Q together, below) and one `head_out_proj` per step while the rows fit
     one kernel call (B·R <= MAX_BATCH in "repair", B <= MAX_BATCH in "all").
     """
-    batch, d = x.shape
-    n_heads, head_dim = weights.qkv_w.shape[1], weights.qkv_w.shape[2]
+    _check_step(x, recent, chosen, chosen_idx, k, head_kv)
+    batch, n_heads = x.shape[0], weights.qkv_w.shape[1]
+    as_list = batch == 1 and chosen_idx is not None
+    if chosen is None and not as_list:
+        raise ValueError("chosen [B, H] is needed unless B == 1 and chosen_idx is given. Got chosen=None")
+    if as_list:
+        # k distinct heads, each used by the one sequence: no compaction, no padding, nothing to zero.
+        q_heads, used = chosen_idx[0].astype(jnp.int32), None
+    else:
+        q_heads, real = head_list(jnp.any(chosen, axis=0), min(n_heads, batch * k))  # [n]
+        used = jnp.take(chosen, q_heads, axis=1) & real[None, :]  # [B, n]
+    forced = forced_heads(cursor, n_heads, recent.shape[1]) if head_kv == "repair" else None
+    return _decode_heads(
+        x, weights, keys, values, recent, q_heads, used, forced, cursor, allowed, head_kv, attention_impl
+    )
+
+
+def _check_step(x, recent, chosen, chosen_idx, k: int, head_kv: str) -> None:
+    batch = x.shape[0]
     if head_kv not in HEAD_KV_MODES:
         raise ValueError(f"head_kv must be one of {HEAD_KV_MODES}. Got {head_kv!r}")
     if batch > MAX_BATCH:
@@ -191,16 +246,17 @@ def head_sparse_decode(
         )
     if chosen_idx is not None and chosen_idx.shape != (batch, k):
         raise ValueError(f"chosen_idx must be [B, k] = {(batch, k)}. Got {chosen_idx.shape}")
-    as_list = batch == 1 and chosen_idx is not None
-    if chosen is None and not as_list:
-        raise ValueError("chosen [B, H] is needed unless B == 1 and chosen_idx is given. Got chosen=None")
-    if as_list:
-        # k distinct heads, each used by the one sequence: no compaction, no padding.
-        q_heads, real = chosen_idx[0].astype(jnp.int32), None
-    else:
-        q_heads, real = head_list(jnp.any(chosen, axis=0), min(n_heads, batch * k))  # [n]
-    n = q_heads.shape[0]
 
+
+def _decode_heads(
+    x, weights: AttentionWeights, keys, values, recent, q_heads, used, forced, cursor, allowed, head_kv, attention_impl
+) -> HeadSparseStep:
+    """The step over the head list q_heads [n] (indices into the weights' and cache's heads); used [B, n] bool or
+    None (every entry used by every sequence); forced [f] int32: the heads "repair" also recomputes (None for
+    "all")."""
+    batch, d = x.shape
+    n_heads, head_dim = weights.qkv_w.shape[1], weights.qkv_w.shape[2]
+    n = q_heads.shape[0]
     with jax.named_scope("qkv_proj"):
         if head_kv == "repair":
             # One launch over the window's rows: K/V of the chosen ++ forced heads (a forced head that is also
@@ -209,7 +265,7 @@ def head_sparse_decode(
             # K/V of n + f heads and Q of n, what separate K/V and Q launches read; Q costs R times the arithmetic.
             window = recent.shape[1]
             recent = write_recent_inputs(recent, x[:, None], cursor)
-            kv_heads = jnp.concatenate([q_heads, forced_heads(cursor, n_heads, window)])
+            kv_heads = jnp.concatenate([q_heads, forced])
             m = kv_heads.shape[0]
             rows = _qkv_pairs_rows(recent.reshape(batch * window, d), weights, *kv_q_pairs(kv_heads, q_heads))
             rows = rows.reshape(batch, window, 2 * m + n, head_dim)
@@ -232,12 +288,108 @@ def head_sparse_decode(
             heads_out = decode_attention(q, keys, values, allowed, q_heads)
         else:
             heads_out = _attention_xla(q, keys, values, allowed, q_heads)
-    if as_list:
-        used = jnp.ones((1, n), bool)  # every entry is a head the sequence chose: nothing to zero
+    if used is None:
+        used = jnp.ones((batch, n), bool)  # every entry is a head every sequence chose: nothing to zero
         heads_out = heads_out.astype(x.dtype)
     else:
-        used = jnp.take(chosen, q_heads, axis=1) & real[None, :]  # [B, n]
         heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
     with jax.named_scope("out_proj"):
         out = head_out_proj(heads_out, weights.out_w, weights.out_b, q_heads)
     return HeadSparseStep(out, keys, values, recent, q_heads, used, heads_out)
+
+
+def head_sparse_decode_split(
+    mesh,
+    x,
+    weights: AttentionWeights,
+    keys,
+    values,
+    recent,
+    chosen,
+    k: int,
+    cursor,
+    allowed,
+    *,
+    chosen_idx=None,
+    head_kv: str = "all",
+    attention_impl: str = "xla",
+) -> HeadSparseStep:
+    """`head_sparse_decode` for weights and cache split on heads over `mesh`'s tp axis (the Megatron layout,
+    `dejavu_jax.parallel`): inside `jax.shard_map` each device computes the chosen heads that live on it, over its own
+    weight rows and cache shard, and one psum adds the devices' out_proj partials: the one all-reduce the attention
+    block needs anyway, no other collective.
+
+    The choice is the single-device one: `chosen` [B, H] (needed here, with chosen_idx [B, k] optional as there), x,
+    `recent`, `cursor` and `allowed` are replicated, so every device sees the whole choice and takes its share
+    (`shard_head_list`: a static min(H / tp, B·k) entries per device, padding zeroed before out_proj, so a device
+    holding none of a token's heads adds zero). Each device writes its own heads' K/V into its own shard of the cache:
+    "all" every local head's K/V of the new token; "repair" the window K/V of its chosen heads and of the globally
+    forced heads (`forced_heads`) that live on it (padding entries recompute head 0's window from the buffer: exact
+    values, harmless). The out_proj bias is added once, after the psum; partials are summed in fp32 after rounding
+    to x.dtype, so in half precision this differs from one device by rounding.
+
+    Returns the step with keys / values split on heads as they came; head_idx [tp·n] (global head indices),
+    head_used [B, tp·n] and heads_out [B, tp·n, hd] are the devices' lists side by side, padding included.
+    """
+    _check_step(x, recent, chosen, chosen_idx, k, head_kv)
+    if chosen is None:
+        raise ValueError("the tensor-parallel step needs chosen [B, H]. Got chosen=None")
+    n_heads, tp = weights.qkv_w.shape[1], mesh.shape[TP_AXIS]
+    if n_heads % tp:
+        raise ValueError(f"the tp axis ({tp} devices) must divide the {n_heads} heads")
+    local_heads = n_heads // tp
+    repair = head_kv == "repair"
+    window = recent.shape[1] if repair else 0
+    recent = recent if repair else None
+
+    def local(x, qkv_w, qkv_b, out_w, keys, values, recent, chosen, chosen_idx, cursor, allowed):
+        first = lax.axis_index(TP_AXIS) * local_heads
+        q_heads, used = shard_head_list(chosen, chosen_idx, first, local_heads, k)
+        forced = shard_heads(forced_heads(cursor, n_heads, window), first, local_heads)[0] if repair else None
+        no_bias = jnp.zeros((out_w.shape[-1],), out_w.dtype)
+        step = _decode_heads(
+            x,
+            AttentionWeights(qkv_w, qkv_b, out_w, no_bias),
+            keys,
+            values,
+            recent,
+            q_heads,
+            used,
+            forced,
+            cursor,
+            allowed,
+            head_kv,
+            attention_impl,
+        )
+        out = lax.psum(step.out.astype(jnp.float32), TP_AXIS)
+        return out, step.keys, step.values, step.recent, q_heads + first, step.head_used, step.heads_out
+
+    replicated, heads_axis1 = P(), P(None, TP_AXIS)
+    recent_spec = None if recent is None else replicated  # None: an empty subtree, no spec
+    in_specs = (
+        replicated,  # x
+        heads_axis1,  # qkv_w [3, H, hd, d]
+        heads_axis1,  # qkv_b [3, H, hd]
+        P(TP_AXIS),  # out_w [H, hd, d]
+        heads_axis1,  # keys [B, H, S, hd]
+        heads_axis1,
+        recent_spec,
+        replicated,  # chosen
+        None if chosen_idx is None else replicated,
+        replicated,  # cursor
+        replicated,  # allowed
+    )
+    out_specs = (
+        replicated,
+        heads_axis1,
+        heads_axis1,
+        recent_spec,
+        P(TP_AXIS),
+        heads_axis1,
+        heads_axis1,
+    )
+    out, keys, values, recent, head_idx, used, heads_out = jax.shard_map(
+        local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )(x, weights.qkv_w, weights.qkv_b, weights.out_w, keys, values, recent, chosen, chosen_idx, cursor, allowed)
+    out = (out + weights.out_b.astype(jnp.float32)).astype(x.dtype)
+    return HeadSparseStep(out, keys, values, recent, head_idx, used, heads_out)

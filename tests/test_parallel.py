@@ -17,7 +17,7 @@ from dejavu_jax.config import OPTConfig, tiny_config
 from dejavu_jax.generation import generate_ids, generate_tokens
 from dejavu_jax.model import OPTForCausalLM, abstract_params
 from dejavu_jax.sampling import SamplingConfig
-from dejavu_jax.sparsity import DENSE, MLPSparsity, Selection, SparseWeights, SparsityPolicy
+from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, Selection, SparseWeights, SparsityPolicy
 
 from conftest import REFERENCE_MODEL, rel_max_err
 
@@ -107,12 +107,15 @@ def test_parameters_are_really_split(eight_heads_params, vocab_split):
     assert parallel.param_bytes_per_device(eight_heads_params) == [split_bytes + replicated_bytes]
 
 
-def test_generation_program_all_reduces_twice_per_layer(eight_heads_params):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_generation_program_all_reduces_twice_per_layer(eight_heads_params, sparse):
     """Megatron: one all-reduce after out_proj and one after fc2, in the prefill and in the decode loop; no weight is
-    gathered; the decode loop is one program (a while loop)."""
+    gathered; the decode loop is one program (a while loop). `sparse`: the same with fixed rows and fixed heads, each
+    device computing its own neurons and heads (the heads' choice adds no collective)."""
     mesh = parallel.tp_mesh(EIGHT_HEADS, 4)
     sharded = parallel.shard_params(eight_heads_params, mesh)
     ids = jnp.ones((1, 8), jnp.int32)
+    policy, weights = (FIXED_HEADS[1], fixed_rows_and_heads(mesh)) if sparse else (DENSE, None)
     hlo = (
         generate_tokens.lower(
             sharded,
@@ -121,9 +124,10 @@ def test_generation_program_all_reduces_twice_per_layer(eight_heads_params):
             jnp.int32(4),
             jax.random.PRNGKey(0),
             SamplingConfig().to_device(),
-            None,
+            weights,
             config=EIGHT_HEADS,
             num_slots=24,
+            policy=policy,
             mesh=mesh,
         )
         .compile()
@@ -197,14 +201,11 @@ def test_fixed_row_sparse_decoding_under_tp4_matches_one_device(eight_heads_para
     assert generate_ids(sharded, EIGHT_HEADS, prompts, 6, sparse_weights=rows) == want
 
 
-def test_head_sparse_decoding_under_tp_is_refused(eight_heads_params):
-    from dejavu_jax.sparsity import HeadSparsity
-
+def test_oracle_heads_under_tp_are_refused(eight_heads_params):
     sharded = parallel.shard_params(eight_heads_params, parallel.tp_mesh(EIGHT_HEADS, 2))
-    policy = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=2)
-    weights = SparseWeights(head_schedule=jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="does not split head sparsity over devices yet. Got head sparsity fixed"):
-        generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=policy, sparse_weights=weights)
+    policy = SparsityPolicy(heads=HeadSparsity.ORACLE, head_k=2)
+    with pytest.raises(ValueError, match="does not run the oracle head selection.*use fixed or predicted heads"):
+        generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=policy)
 
 
 def test_generate_cli_reports_placement(reference_models, capsys):
@@ -250,9 +251,11 @@ def test_bench_generate_tp(tmp_path, capsys):
     argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --tp 2 --lm-head vocab"
     argv += " --mlp-density 0.25 --fire-rate 0.1 --variants fixed,lossless,predicted --predictor-rank 16"
     argv += " --selection topk"  # threshold decoding under tp: the generation tests above
+    argv += " --head-density 0.5"  # each device computes the chosen heads it holds
     assert main(argv.split() + ["--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     variants = ["dense", "fixed rows", "lossless", "predicted, topk"]
+    variants += ["fixed heads", "fixed rows + fixed heads", "predicted, topk + predicted heads"]
     assert [r["variant"] for r in rows] == variants
     for row in rows:
         assert row["tp"] == 2 and row["lm_head"] == "vocab" and len(row["param_bytes_per_device"]) == 2
@@ -262,9 +265,6 @@ def test_bench_generate_tp(tmp_path, capsys):
             main(["--shape", "tiny", "--tp", bad])
         assert e.value.code == 2
         _one_error_line(capsys.readouterr().err, needle)
-    with pytest.raises(SystemExit):
-        main(["--shape", "tiny", "--tp", "2", "--head-density", "0.5"])
-    _one_error_line(capsys.readouterr().err, "--head-density runs on one device only")
 
 
 def test_bench_planted_topk_keeps_every_chosen_row_per_shard():
@@ -376,23 +376,35 @@ def random_mlp_predictors(config, threshold: float = 0.0, k: int = 0, seed: int 
     return SparseWeights(mlp=tuple(layers))
 
 
-def decode_steps(params, config, mesh, policy, sparse_weights, prompt, new_tokens):
-    """Greedy decoding through the step-by-step API (`prefill`, then `decode_step` per token) with the generation
-    program's padding and cache size: (the first decode step's logits [V], the greedy tokens). One compile of each
-    step, however many tokens."""
+def greedy_steps(params, config, mesh, policy, sparse_weights, prompts, new_tokens):
+    """Greedy decoding of a batch through the step-by-step API (`prefill`, then `decode_step` per token) with the
+    generation program's padding and cache size: (every decode step's logits [new_tokens - 1, B, V], the greedy
+    tokens [B, new_tokens]). One compile of each step, however many tokens."""
     from dejavu_jax.generation import bucket, decode_step, left_pad, prefill
 
-    ids, mask = left_pad([prompt], bucket(len(prompt), 8), config.pad_token_id)
+    ids, mask = left_pad(prompts, bucket(max(len(p) for p in prompts), 8), config.pad_token_id)
     num_slots = ids.shape[1] + bucket(new_tokens, 16)
-    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=config, num_slots=num_slots, mesh=mesh)
-    tokens, first_step_logits = [int(jnp.argmax(logits[0]))], None
+    logits, cache = prefill(
+        params,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        config=config,
+        num_slots=num_slots,
+        recent_window=policy.recent_window,
+        mesh=mesh,
+    )
+    tokens, step_logits = [jnp.argmax(logits, axis=-1)], []
     while len(tokens) < new_tokens:
-        logits, cache = decode_step(
-            params, cache, jnp.asarray(tokens[-1:]), sparse_weights, config=config, policy=policy, mesh=mesh
-        )
-        first_step_logits = logits[0] if first_step_logits is None else first_step_logits
-        tokens.append(int(jnp.argmax(logits[0])))
-    return first_step_logits, tokens
+        logits, cache = decode_step(params, cache, tokens[-1], sparse_weights, config=config, policy=policy, mesh=mesh)
+        step_logits.append(np.asarray(logits))
+        tokens.append(jnp.argmax(logits, axis=-1))
+    return np.stack(step_logits), np.stack([np.asarray(t) for t in tokens], axis=1)
+
+
+def decode_steps(params, config, mesh, policy, sparse_weights, prompt, new_tokens):
+    """`greedy_steps` of one prompt: (the first decode step's logits [V], the greedy tokens)."""
+    logits, tokens = greedy_steps(params, config, mesh, policy, sparse_weights, [prompt], new_tokens)
+    return logits[0, 0], tokens[0].tolist()
 
 
 SPARSE_POLICIES = {
@@ -488,3 +500,100 @@ def test_topk_under_tp_keeps_each_shards_share(eight_heads_params):
     single_choice = mlp_decode_rows(x, *weights, "topk", hidden=hidden, predictor=predictor)
     assert rel_max_err(single_choice, mlp_decode_rows(x, *weights, "mask", mask=jnp.asarray(global_best))) < 1e-5
     assert rel_max_err(got, single_choice) > 1e-3
+
+
+# ---- head-sparse decoding under tp: each shard computes the chosen heads it holds ----------------------------------
+
+SCHEDULE = jax.random.PRNGKey(11)
+
+
+def fixed_heads(k: int, **tuning) -> SparsityPolicy:
+    return SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuple(tuning.items()))
+
+
+FIXED_HEADS = {k: fixed_heads(k) for k in (1, 2, 3)}
+
+
+def fixed_rows_and_heads(mesh=None, config=EIGHT_HEADS, seed=4):
+    """Fixed row masks (about 30% of each layer's neurons) and the head schedule, placed on `mesh`."""
+    rng = np.random.default_rng(seed)
+    masks = tuple(jnp.asarray(rng.random(config.ffn_dim) < 0.3, jnp.int32) for _ in range(config.num_hidden_layers))
+    return parallel.shard_sparse_weights(SparseWeights(fixed_rows=masks, head_schedule=SCHEDULE), mesh)
+
+
+def random_head_predictors(config, k: int, seed: int = 9) -> SparseWeights:
+    """Random rank-8 head predictors keeping `k` heads per token: their choice changes from token to token."""
+    from dejavu_jax.predictors import init_low_rank
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), config.num_hidden_layers)
+    heads = tuple(init_low_rank(key, config.hidden_size, 8, config.num_attention_heads).replace(k=k) for key in keys)
+    return SparseWeights(heads=heads)
+
+
+def check_heads_tp_match_one_device(params, config, tp, policy, weights, prompts, new_tokens=5):
+    """Greedy decoding over `tp` shards gives every decode step's single-device logits (fp32) and greedy tokens.
+    Returns the single-device step logits."""
+    mesh = parallel.tp_mesh(config, tp)
+    sharded = parallel.shard_params(params, mesh)
+    want_logits, want = greedy_steps(params, config, None, policy, weights, prompts, new_tokens)
+    got_logits, got = greedy_steps(
+        sharded, config, mesh, policy, parallel.shard_sparse_weights(weights, mesh), prompts, new_tokens
+    )
+    assert rel_max_err(got_logits, want_logits) < 1e-5
+    np.testing.assert_array_equal(got, want)
+    return want_logits
+
+
+# (policy, sparse weights, prompts) over 4 shards of 2 heads each, batch 1. With k = 1 every token's head lives on one
+# shard: the other three hold none of it (their whole list is padding). k = 3 > 2: each shard lists both of its heads.
+TP4_HEAD_CASES = {
+    "predicted heads k=1": (
+        SparsityPolicy(heads=HeadSparsity.PREDICTED, head_k=1),
+        random_head_predictors(EIGHT_HEADS, 1),
+    ),
+    "fixed rows + fixed heads k=3": (FIXED_HEADS[3], fixed_rows_and_heads()),
+    "fixed heads k=1, repair": (fixed_heads(1, head_kv="repair", head_window=4), SparseWeights(head_schedule=SCHEDULE)),
+}
+
+
+@pytest.mark.parametrize("case", list(TP4_HEAD_CASES))
+def test_head_sparse_decoding_under_tp4_matches_one_device(eight_heads_params, case):
+    policy, weights = TP4_HEAD_CASES[case]
+    prompts = PROMPTS[:1]
+    sparse_logits = check_heads_tp_match_one_device(eight_heads_params, EIGHT_HEADS, 4, policy, weights, prompts, 3)
+    dense_logits, _ = greedy_steps(eight_heads_params, EIGHT_HEADS, None, DENSE, None, prompts, 2)
+    assert rel_max_err(sparse_logits[:1], dense_logits) > 1e-2  # the heads' choice matters
+
+
+def test_every_head_chosen_under_tp4_equals_dense(eight_heads_params):
+    """Fixed heads with k = H: the head-sparse step over every shard's heads, through the real generation program."""
+    mesh = parallel.tp_mesh(EIGHT_HEADS, 4)
+    sharded = parallel.shard_params(eight_heads_params, mesh)
+    weights = parallel.shard_sparse_weights(SparseWeights(head_schedule=SCHEDULE), mesh)
+    policy = fixed_heads(EIGHT_HEADS.num_attention_heads)
+    dense_logits, want = greedy_steps(eight_heads_params, EIGHT_HEADS, None, DENSE, None, PROMPTS[:1], 4)
+    got_logits, _ = greedy_steps(sharded, EIGHT_HEADS, mesh, policy, weights, PROMPTS[:1], 2)
+    assert rel_max_err(got_logits, dense_logits[:1]) < 1e-5
+    assert generate_ids(sharded, EIGHT_HEADS, PROMPTS[:1], 4, policy=policy, sparse_weights=weights) == want.tolist()
+
+
+def test_reference_model_head_sparse_decoding_under_tp2_matches_one_device(reference_models):
+    """6 heads over 2 shards of 3, k = 1 at batch 2: each shard computes the union of the batch's chosen heads it
+    holds (2 entries of 3, padded where it holds fewer)."""
+    single, _ = reference_models
+    encoded = [single.tokenizer(t)["input_ids"] for t in ("The history of the city", "In 1990 the")]
+    weights = SparseWeights(head_schedule=SCHEDULE)
+    check_heads_tp_match_one_device(single.params, single.config, 2, FIXED_HEADS[1], weights, encoded, 3)
+
+
+def test_shard_head_list_pads_a_shard_without_chosen_heads():
+    """A shard holding none of the chosen heads lists padding only (head 0, unused), on every path."""
+    from dejavu_jax.sparse_attention import shard_head_list
+
+    chosen_idx = jnp.asarray([[5, 4]], jnp.int32)  # heads 4 and 5 of 8: both on the shard [4, 8)
+    chosen = jnp.any(chosen_idx[..., None] == jnp.arange(8), axis=1)
+    for first, local, idx in ((0, 4, chosen_idx), (0, 4, None), (4, 4, chosen_idx), (4, 4, None), (0, 2, None)):
+        heads, used = shard_head_list(chosen, idx, first, local, 2)
+        want = {first + int(h) for h, u in zip(heads, used[0]) if u}
+        assert want == ({4, 5} if first == 4 else set()), (first, local, idx)
+        assert np.all((np.asarray(heads) >= 0) & (np.asarray(heads) < local))
