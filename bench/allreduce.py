@@ -1,10 +1,14 @@
 """Per-call latency of the all-reduce tensor-parallel decoding makes twice per layer.
 
     python -m bench allreduce [--tp 2] [--batch 1] [--dims 4096,7168,9216,12288] [--steps 200]
-        [--variant='NCCL_PROTO=LL' --variant='--xla_gpu_some_flag=true' ...]
+        [--reductions psum,gather,ring] [--variant='NCCL_PROTO=LL' --variant='--xla_gpu_some_flag=true' ...]
 
-One call is a `psum` over the `tp` mesh axis of one [batch, d] fp16 vector per device, inside `shard_map`, as
-the decode step's out_proj and fc2 all-reduces are. Calls are chained `--steps` times in one jitted
+One call sums one [batch, d] fp16 vector per device over the `tp` mesh axis, inside `shard_map`, as the decode
+step's out_proj and fc2 all-reduces do. `--reductions` picks how (`REDUCTIONS`): "psum" (XLA's all-reduce, what
+the model's program makes), "gather" (an all-gather of every device's vector, then each device sums them in device
+order), "ring" (tp - 1 collective-permutes pass the vectors around the ring, then the same ordered sum): the last
+two are other collectives for the same exact sum, every device adding the same values in the same order. Calls are
+chained `--steps` times in one jitted
 `lax.fori_loop` (each call's output, scaled by a per-device factor so that it stays finite and is not the same on
 every device, is the next call's input), and the program's median time is divided by the calls. The same chain
 with the psum left out (the scaling alone) is timed too: its per-call time is the loop's own cost, and the
@@ -26,6 +30,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -53,13 +58,39 @@ def parse_variant(text: str) -> tuple[list[str], dict[str, str]]:
     return flags, env
 
 
-def psum_step(mesh):
-    """One call: each device's [B, d] block all-reduced over `tp`, scaled by the device's own factor."""
+def _ordered_sum(blocks):
+    """[tp, B, d] -> [B, d]: the devices' vectors added in device order, in fp32 (the same on every device)."""
+    return jnp.sum(blocks.astype(jnp.float32), axis=0).astype(blocks.dtype)
+
+
+def _gather_sum(x):
+    return _ordered_sum(jax.lax.all_gather(x, "tp"))
+
+
+def _ring_sum(x):
+    """tp - 1 shifts around the ring (device i receives from i - 1), each received vector put at its sender's
+    index, then the ordered sum."""
+    tp = jax.lax.axis_size("tp")
+    me = jax.lax.axis_index("tp")
+    blocks = jnp.zeros((tp,) + x.shape, x.dtype).at[me].set(x)
+    shift = [(i, (i + 1) % tp) for i in range(tp)]
+    for hop in range(1, tp):  # static: tp is the mesh's size
+        x = jax.lax.ppermute(x, "tp", shift)
+        blocks = blocks.at[(me - hop) % tp].set(x)
+    return _ordered_sum(blocks)
+
+
+REDUCTIONS = {"psum": lambda x: jax.lax.psum(x, "tp"), "gather": _gather_sum, "ring": _ring_sum}
+
+
+def reduce_step(mesh, reduction: str = "psum"):
+    """One call: each device's [B, d] block summed over `tp` by `reduction`, scaled by the device's own factor."""
+    total = REDUCTIONS[reduction]
 
     def step(x, scale):  # x [B, d], scale [1, 1]: this device's blocks
-        return (jax.lax.psum(x, "tp") * scale).astype(x.dtype)
+        return (total(x) * scale).astype(x.dtype)
 
-    return jax.shard_map(step, mesh=mesh, in_specs=(P("tp"), P("tp")), out_specs=P("tp"))
+    return jax.shard_map(step, mesh=mesh, in_specs=(P("tp"), P("tp")), out_specs=P("tp"), check_vma=False)
 
 
 def scale_step(mesh):
@@ -71,8 +102,8 @@ def scale_step(mesh):
     return jax.shard_map(step, mesh=mesh, in_specs=(P("tp"), P("tp")), out_specs=P("tp"))
 
 
-def measure(tp: int, batch: int, dims: list[int], steps: int, repeats: int) -> list[dict]:
-    """Per-call seconds of the chained psum (and of the loop alone) for each d, checked against numpy."""
+def measure(tp: int, batch: int, dims: list[int], steps: int, repeats: int, reductions=("psum",)) -> list[dict]:
+    """Per-call seconds of each chained reduction (and of the loop alone) for each d, checked against numpy."""
     from jax.sharding import Mesh
 
     devices = jax.devices()
@@ -84,31 +115,37 @@ def measure(tp: int, batch: int, dims: list[int], steps: int, repeats: int) -> l
     # provably the same everywhere (XLA could turn an all-reduce of a replicated value into a multiply).
     factors = (1.0 + 0.01 * np.arange(tp)) / tp
     scale = jax.device_put(factors.astype(np.float16).reshape(tp, 1), blocks)
-    call, loop_only = psum_step(mesh), scale_step(mesh)
+    loop_only = scale_step(mesh)
     rows = []
     for d in dims:
         host = np.random.default_rng(d).standard_normal((tp * batch, d)).astype(np.float16)
         x = jax.device_put(host, blocks)
-        timed = time_chained(call, x, scale, steps=steps, repeats=repeats, first=call)
         bare = time_chained(loop_only, x, scale, steps=steps, repeats=repeats)
         per_device = host.astype(np.float32).reshape(tp, batch, d)
         want = per_device.sum(0)[None] * factors.astype(np.float16).astype(np.float32).reshape(tp, 1, 1)
-        got = np.asarray(timed.first, np.float32).reshape(tp, batch, d)
-        err = float(np.abs(got - want).max() / np.abs(want).max())
-        rows.append(
-            {
-                "d": d,
-                "batch": batch,
-                "tp": tp,
-                "bytes": batch * d * 2,
-                "us_per_call": timed.seconds * 1e6,
-                "loop_us_per_call": bare.seconds * 1e6,
-                "net_us_per_call": (timed.seconds - bare.seconds) * 1e6,
-                "compile_s": timed.compile_s,
-                "max_rel_err": err,
-            }
-        )
-        log(f"tp {tp} d {d}: {timed.seconds * 1e6:.1f} us/call ({bare.seconds * 1e6:.1f} us the loop alone)")
+        for reduction in reductions:
+            call = reduce_step(mesh, reduction)
+            timed = time_chained(call, x, scale, steps=steps, repeats=repeats, first=call)
+            got = np.asarray(timed.first, np.float32).reshape(tp, batch, d)
+            err = float(np.abs(got - want).max() / np.abs(want).max())
+            rows.append(
+                {
+                    "reduction": reduction,
+                    "d": d,
+                    "batch": batch,
+                    "tp": tp,
+                    "bytes": batch * d * 2,
+                    "us_per_call": timed.seconds * 1e6,
+                    "loop_us_per_call": bare.seconds * 1e6,
+                    "net_us_per_call": (timed.seconds - bare.seconds) * 1e6,
+                    "compile_s": timed.compile_s,
+                    "max_rel_err": err,
+                }
+            )
+            log(
+                f"tp {tp} d {d} {reduction}: {timed.seconds * 1e6:.1f} us/call "
+                f"({bare.seconds * 1e6:.1f} us the loop alone)"
+            )
     return rows
 
 
@@ -135,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", default=DEFAULT_DIMS, help=f"comma list of widths d (default {DEFAULT_DIMS})")
     p.add_argument("--steps", type=int, default=200, help="chained calls per program (default 200)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs of each program (median; default 10)")
+    p.add_argument(
+        "--reductions",
+        default="psum",
+        help=f"comma list of how a call sums the vectors: {', '.join(REDUCTIONS)} (default psum; see above)",
+    )
     p.add_argument(
         "--variant",
         action="append",
@@ -163,13 +205,16 @@ def main(argv=None) -> int:
                 f"{args.steps} and {args.repeats}"
             )
         variants = [(text, *parse_variant(text)) for text in args.variant]
+        reductions = [r.strip() for r in args.reductions.split(",") if r.strip()]
+        if not reductions or not set(reductions) <= set(REDUCTIONS):
+            raise ValueError(f"--reductions takes {','.join(REDUCTIONS)}. Got {args.reductions!r}")
     except ValueError as e:
         p.error(str(e))
     tp = len(jax.devices()) if tp == "auto" else tp
     if tp < 2 or tp > len(jax.devices()):
         p.error(f"--tp must lie in [2, {len(jax.devices())}] (the devices JAX sees). Got {tp}")
     if args.child:
-        print(json.dumps({"rows": measure(tp, args.batch, dims, args.steps, args.repeats)}))
+        print(json.dumps({"rows": measure(tp, args.batch, dims, args.steps, args.repeats, reductions)}))
         return 0
 
     info = provenance()
@@ -177,22 +222,24 @@ def main(argv=None) -> int:
     child_argv = _drop_values([a for a in argv if a != "--json"], ("--variant", "--out"))
     results = []
     if not variants:
-        results.append({"variant": "baseline", "rows": measure(tp, args.batch, dims, args.steps, args.repeats)})
+        rows = measure(tp, args.batch, dims, args.steps, args.repeats, reductions)
+        results.append({"variant": "baseline", "rows": rows})
     else:
         for label, flags, env_vars in [("baseline", [], {}), *variants]:
             log(f"variant: {label}")
             results.append({"variant": label, **run_child(child_argv, flags, env_vars)})
 
-    header = ["variant", "d", "bytes", "us/call", "loop us/call", "net us/call", "max rel err"]
+    header = ["variant", "reduction", "d", "bytes", "us/call", "loop us/call", "net us/call", "max rel err"]
     body = []
     for r in results:
         if "error" in r:
-            body.append([r["variant"], "-", "-", "err", "-", "-", r["error"][:100]])
+            body.append([r["variant"], "-", "-", "-", "err", "-", "-", r["error"][:100]])
             continue
         for row in r["rows"]:
             body.append(
                 [
                     r["variant"],
+                    row["reduction"],
                     str(row["d"]),
                     str(row["bytes"]),
                     f"{row['us_per_call']:.1f}",
@@ -209,8 +256,10 @@ def main(argv=None) -> int:
             "",
             f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
             f"- command: `{info['command']}`",
-            f"- psum of one [{args.batch}, d] fp16 block per device under shard_map, chained {args.steps}x in a "
-            "fori_loop; 'loop' is the same chain without the psum; net = us/call - loop",
+            f"- the sum over devices of one [{args.batch}, d] fp16 block per device under shard_map (psum: XLA's "
+            "all-reduce; gather: all-gather, then an ordered sum; ring: tp - 1 collective-permutes, then an ordered "
+            f"sum), chained {args.steps}x in a fori_loop; 'loop' is the same chain without the reduction; "
+            "net = us/call - loop",
             "",
             to_markdown(header, body),
             "",

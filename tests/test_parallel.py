@@ -284,11 +284,16 @@ def test_bench_allreduce(tmp_path):
     from bench.allreduce import main, parse_variant
 
     out = tmp_path / "a.md"
-    assert main(["--tp", "2", "--dims", "32,48", "--steps", "4", "--repeats", "1", "--out", str(out)]) == 0
+    argv = ["--tp", "4", "--dims", "32,48", "--steps", "4", "--repeats", "1", "--reductions", "psum,gather,ring"]
+    assert main(argv + ["--out", str(out)]) == 0
     (result,) = json.loads(out.with_suffix(".json").read_text())["results"]
-    assert [r["d"] for r in result["rows"]] == [32, 48]
-    for r in result["rows"]:
-        assert r["max_rel_err"] < 2e-3 and r["us_per_call"] > 0 and r["tp"] == 2
+    assert [(r["d"], r["reduction"]) for r in result["rows"]] == [
+        (d, reduction) for d in (32, 48) for reduction in ("psum", "gather", "ring")
+    ]
+    for r in result["rows"]:  # every reduction gives the sum (checked against numpy inside the bench)
+        assert r["max_rel_err"] < 2e-3 and r["us_per_call"] > 0 and r["tp"] == 4
+    with pytest.raises(SystemExit):
+        main(["--tp", "2", "--reductions", "psum,tree"])
     assert parse_variant("NCCL_PROTO=LL --xla_flag=1") == (["--xla_flag=1"], {"NCCL_PROTO": "LL"})
     for bad in ("LL", "", "1X=2"):
         with pytest.raises(ValueError):
