@@ -7,6 +7,13 @@
 Runs one generation of random fp16 weights under `jax.profiler.trace(create_perfetto_trace=True)`, reads the
 perfetto JSON it writes, and prints per kernel name: count per decode step, total and mean time; then kernel time
 vs wall time (the gaps are launch and host overhead). `--hlo` also writes the optimized HLO of the program.
+
+It also sums the kernel time by block (`kernel_blocks`): each kernel name is looked up among the compiled program's
+fusions and custom calls (XLA names a fusion's kernel after the instruction, '.' and '-' made '_'; a Pallas kernel
+keeps its `name`), whose op_name metadata carries the model's scopes: a decode layer's `attention_block` (its
+LayerNorm, projections, attention, the residual add; with head sparsity the head choice too) or `mlp_block` (its
+LayerNorm, the predictor, the selection, fc1, fc2), the rest of a decode step (embeddings, final LayerNorm, LM
+head, sampling), and the prefill. What no instruction names (cuBLAS's own kernels, copies) is "unattributed".
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -46,6 +54,49 @@ def device_kernel_events(trace_dir: str) -> list[dict]:
         and "gpu" in e["args"]["name"].lower()
     }
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
+
+
+BLOCKS = ("attention block", "MLP block", "rest of the decode step", "prefill", "unattributed")
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*? (fusion|custom-call)\(.*?op_name="([^"]+)"')
+_PALLAS_NAME = re.compile(r'\\?"name\\?"\s*:\s*\\?"([\w.\-]+)')
+
+
+def block_of_scope(op_name: str) -> str:
+    """The block an op's name-scope path puts it in (`BLOCKS`)."""
+    if "prefill" in op_name.split("/"):
+        return "prefill"
+    if "/attention_block/" in op_name:
+        return "attention block"
+    if "/mlp_block/" in op_name:
+        return "MLP block"
+    return "rest of the decode step"
+
+
+def kernel_blocks(hlo_text: str) -> dict[str, str]:
+    """Kernel name -> block, from a compiled program's HLO text: fusions by their instruction name ('.' and '-' as
+    '_'), custom calls (Pallas kernels) by the `name` in their backend config. A name several instructions share
+    (one kernel reused for identical fusions) takes the first one's block."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, kind, op_name = m.groups()
+        if kind == "custom-call":
+            pallas = _PALLAS_NAME.search(line)
+            if not pallas:
+                continue
+            name = pallas.group(1)
+        out.setdefault(re.sub(r"[.\-]", "_", name), block_of_scope(op_name))
+    return out
+
+
+def block_times(by_name: dict[str, list[float]], blocks: dict[str, str]) -> dict[str, float]:
+    """Total kernel time per block (`BLOCKS`, in that order) from per-name durations."""
+    out = dict.fromkeys(BLOCKS, 0.0)
+    for name, durs in by_name.items():
+        out[blocks.get(name, "unattributed")] += sum(durs)
+    return out
 
 
 def main(argv=None) -> int:
@@ -113,22 +164,20 @@ def main(argv=None) -> int:
         config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention, policy=policy
     )
 
+    # One compile: the program timed is the one whose HLO names the kernels.
+    compiled = generate_tokens.lower(
+        params, ids, jnp.ones_like(ids), jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity, **static
+    ).compile()
+    hlo_text = compiled.as_text()
+
     def run(n):
-        out = generate_tokens(
-            params, ids, jnp.ones_like(ids), jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity, **static
+        jax.block_until_ready(
+            compiled(params, ids, jnp.ones_like(ids), jnp.int32(n), jax.random.PRNGKey(2), sampling, sparsity)
         )
-        jax.block_until_ready(out)
 
     if args.hlo:
-        text = (
-            generate_tokens.lower(
-                params, ids, jnp.ones_like(ids), jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity, **static
-            )
-            .compile()
-            .as_text()
-        )
         with open(args.hlo, "w") as f:
-            f.write(text)
+            f.write(hlo_text)
     run(args.new_tokens)
     run(args.new_tokens)
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -154,4 +203,9 @@ def main(argv=None) -> int:
     print(f"{'total us':>10} {'share':>6} {'count':>6} {'mean us':>8}  kernel")
     for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         print(f"{sum(durs):10.0f} {sum(durs) / busy:6.1%} {len(durs):6d} {sum(durs) / len(durs):8.1f}  {name[:110]}")
+    print("\nby block (kernel names mapped to the compiled program's scopes; see the module docstring):")
+    print(f"{'total us':>10} {'share':>6} {'us/step':>8}  block")
+    for block, total in block_times(by_name, kernel_blocks(hlo_text)).items():
+        per_step = f"{total / steps:8.1f}" if block not in ("prefill", "unattributed") else f"{'-':>8}"
+        print(f"{total:10.0f} {total / busy:6.1%} {per_step}  {block}")
     return 0

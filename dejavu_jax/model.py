@@ -361,9 +361,10 @@ class OPTForCausalLM(nn.Module):
             if cache is not None:
                 recent = None if cache.recent_inputs is None else cache.recent_inputs[i]
                 layer_kv = (cache.keys[i], cache.values[i], recent)
-            heads = head_rows(policy, sparse_weights, i, lookahead, c.num_attention_heads, first_slot)
-            lookahead = h
             with jax.named_scope(f"layer_{i}"):
+                with jax.named_scope("attention_block"):  # the head choice is the attention block's cost
+                    heads = head_rows(policy, sparse_weights, i, lookahead, c.num_attention_heads, first_slot)
+                lookahead = h
                 h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, rows_for(i), heads)
             if kv is not None:
                 new_keys.append(kv[0])
