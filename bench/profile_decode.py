@@ -99,6 +99,15 @@ def block_times(by_name: dict[str, list[float]], blocks: dict[str, str]) -> dict
     return out
 
 
+def compile_generation(params, ids, sampling, sparsity, static: dict):
+    """The generation program this bench times, compiled once: it runs as `compiled(params, ids, mask, n, rng,
+    sampling, sparsity)`, and its HLO (`as_text()`) is what `kernel_blocks` reads, so the kernels named are the
+    kernels timed. `static`: `generate_tokens`' keyword arguments (config, num_slots, policy, ...)."""
+    return generate_tokens.lower(
+        params, ids, jnp.ones_like(ids), jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity, **static
+    ).compile()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,10 +173,7 @@ def main(argv=None) -> int:
         config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention, policy=policy
     )
 
-    # One compile: the program timed is the one whose HLO names the kernels.
-    compiled = generate_tokens.lower(
-        params, ids, jnp.ones_like(ids), jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity, **static
-    ).compile()
+    compiled = compile_generation(params, ids, sampling, sparsity, static)
     hlo_text = compiled.as_text()
 
     def run(n):

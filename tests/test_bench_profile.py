@@ -2,13 +2,11 @@
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from bench.generate import random_params
-from bench.profile_decode import BLOCKS, block_of_scope, block_times, kernel_blocks
+from bench.profile_decode import BLOCKS, block_of_scope, block_times, compile_generation, kernel_blocks
 from dejavu_jax.config import shape_config
-from dejavu_jax.generation import generate_tokens
 from dejavu_jax.sampling import SamplingConfig
 
 
@@ -27,21 +25,8 @@ def test_kernel_blocks_of_a_compiled_decode_program():
     config = dataclasses.replace(shape_config("tiny"), eos_token_id=-1)
     params = random_params(config, jnp.float32)
     ids = jnp.ones((1, 8), jnp.int32)
-    hlo = (
-        generate_tokens.lower(
-            params,
-            ids,
-            jnp.ones_like(ids),
-            jnp.int32(2),
-            jax.random.PRNGKey(0),
-            SamplingConfig().to_device(),
-            None,
-            config=config,
-            num_slots=16,
-        )
-        .compile()
-        .as_text()
-    )
+    compiled = compile_generation(params, ids, SamplingConfig().to_device(), None, dict(config=config, num_slots=16))
+    hlo = compiled.as_text()
     blocks = kernel_blocks(hlo)
     assert all("." not in name and "-" not in name for name in blocks)  # kernel names: '.' and '-' made '_'
     assert {"attention block", "MLP block", "prefill"} <= set(blocks.values())
