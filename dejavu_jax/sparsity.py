@@ -415,11 +415,6 @@ def exactly_k(scores, k: int):
     return jnp.any(idx[..., :, None] == jnp.arange(scores.shape[-1]), axis=-2), idx
 
 
-def exactly_k_mask(scores, k: int):
-    """The mask of `exactly_k`."""
-    return exactly_k(scores, k)[0]
-
-
 def scheduled_heads(key, layer: int, first_slot, batch: int, tokens: int, n_heads: int, k: int):
     """k random heads per (sequence, token), drawn from `key` folded with the layer, the token's cache slot and the
     sequence's row, as `exactly_k` gives them: (mask [batch, tokens, n_heads] bool, idx [batch, tokens, k] int32)."""

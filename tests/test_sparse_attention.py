@@ -31,7 +31,6 @@ from dejavu_jax.sparsity import (
     SparseWeights,
     SparsityPolicy,
     exactly_k,
-    exactly_k_mask,
     for_decode_batch,
 )
 from kernels.head_sparse import head_qkv_pairs
@@ -118,7 +117,7 @@ def test_every_computed_head_attends_over_exact_kv(
     inputs = rng.standard_normal((batch, slots, d)).astype(np.float32)
     slot_mask = np.ones((batch, slots), bool)
     slot_mask[0, :2] = False
-    chosen = np.asarray(exactly_k_mask(jnp.asarray(rng.random((steps, batch, n_heads))), k))
+    chosen = np.asarray(exactly_k(jnp.asarray(rng.random((steps, batch, n_heads))), k)[0])
 
     # The prefill's cache: every head's exact K/V of the prompt, and its last R inputs.
     x_prompt = jnp.asarray(inputs[:, :prompt])
