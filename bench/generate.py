@@ -169,9 +169,18 @@ def random_head_predictors(config, rank: int) -> tuple:
     )
 
 
+def _head_setting(name: str) -> bool:
+    return name.startswith("head_")  # `DecodeTuning.head_*`
+
+
 def heads_only(tuning: tuple) -> bool:
     """The tuning overrides only head-sparse settings (`DecodeTuning.head_*`)."""
-    return all(name.startswith("head_") for name, _ in tuning)
+    return all(_head_setting(name) for name, _ in tuning)
+
+
+def tunes_heads(tuning: tuple) -> bool:
+    """The tuning overrides some head-sparse setting."""
+    return any(_head_setting(name) for name, _ in tuning)
 
 
 def head_variants(config, density: float, tunings: list, ranks, selections, fixed, predictors) -> list:
@@ -187,7 +196,7 @@ def head_variants(config, density: float, tunings: list, ranks, selections, fixe
         extra = {"heads_kept": f"{k}/{n_heads}", **tuned}
         fixed_heads = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuning)
         if "fixed" in names:
-            if not tuning or any(name.startswith("head_") for name, _ in tuning):  # else the untuned row's program
+            if not tuning or tunes_heads(tuning):  # else the untuned row's program
                 out.append((f"fixed heads{tag}", fixed_heads, SparseWeights(head_schedule=schedule), extra))
             if fixed is not None:
                 out.append(
