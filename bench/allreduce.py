@@ -1,10 +1,11 @@
 """Per-call latency of the all-reduce tensor-parallel decoding makes twice per layer.
 
     python -m bench allreduce [--tp 2] [--batch 1] [--dims 4096,7168,9216,12288] [--steps 200]
-        [--reductions psum,gather,ring] [--variant='NCCL_PROTO=LL' --variant='--xla_gpu_some_flag=true' ...]
+        [--reductions psum,gather,ring] [--dtypes float16,float32]
+        [--variant='NCCL_PROTO=LL' --variant='--xla_gpu_some_flag=true' ...]
 
-One call sums one [batch, d] fp16 vector per device over the `tp` mesh axis, inside `shard_map`, as the decode
-step's out_proj and fc2 all-reduces do. `--reductions` picks how (`REDUCTIONS`): "psum" (XLA's all-reduce, what
+One call sums one [batch, d] vector per device over the `tp` mesh axis, inside `shard_map`, as the decode
+step's out_proj and fc2 all-reduces do (those sum fp32 partials; `--dtypes` times each element type). `--reductions` picks how (`REDUCTIONS`): "psum" (XLA's all-reduce, what
 the model's program makes), "gather" (an all-gather of every device's vector, then each device sums them in device
 order), "ring" (tp - 1 collective-permutes pass the vectors around the ring, then the same ordered sum): the last
 two are other collectives for the same exact sum, every device adding the same values in the same order. Calls are
@@ -102,8 +103,14 @@ def scale_step(mesh):
     return jax.shard_map(step, mesh=mesh, in_specs=(P("tp"), P("tp")), out_specs=P("tp"))
 
 
-def measure(tp: int, batch: int, dims: list[int], steps: int, repeats: int, reductions=("psum",)) -> list[dict]:
-    """Per-call seconds of each chained reduction (and of the loop alone) for each d, checked against numpy."""
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def measure(
+    tp: int, batch: int, dims: list[int], steps: int, repeats: int, reductions=("psum",), dtypes=("float16",)
+) -> list[dict]:
+    """Per-call seconds of each chained reduction (and of the loop alone) for each element type and d, checked
+    against numpy."""
     from jax.sharding import Mesh
 
     devices = jax.devices()
@@ -114,27 +121,29 @@ def measure(tp: int, batch: int, dims: list[int], steps: int, repeats: int, redu
     # Per-device factors near 1/tp keep the chained sums finite and differ between devices, so no call's input is
     # provably the same everywhere (XLA could turn an all-reduce of a replicated value into a multiply).
     factors = (1.0 + 0.01 * np.arange(tp)) / tp
-    scale = jax.device_put(factors.astype(np.float16).reshape(tp, 1), blocks)
     loop_only = scale_step(mesh)
     rows = []
-    for d in dims:
-        host = np.random.default_rng(d).standard_normal((tp * batch, d)).astype(np.float16)
+    for dtype_name, d in [(name, d) for name in dtypes for d in dims]:
+        dtype = DTYPES[dtype_name]
+        scale = jax.device_put(factors.astype(dtype).reshape(tp, 1), blocks)
+        host = np.random.default_rng(d).standard_normal((tp * batch, d)).astype(dtype)
         x = jax.device_put(host, blocks)
         bare = time_chained(loop_only, x, scale, steps=steps, repeats=repeats)
-        per_device = host.astype(np.float32).reshape(tp, batch, d)
-        want = per_device.sum(0)[None] * factors.astype(np.float16).astype(np.float32).reshape(tp, 1, 1)
+        per_device = host.astype(np.float64).reshape(tp, batch, d)
+        want = per_device.sum(0)[None] * factors.astype(dtype).astype(np.float64).reshape(tp, 1, 1)
         for reduction in reductions:
             call = reduce_step(mesh, reduction)
             timed = time_chained(call, x, scale, steps=steps, repeats=repeats, first=call)
-            got = np.asarray(timed.first, np.float32).reshape(tp, batch, d)
+            got = np.asarray(timed.first, np.float64).reshape(tp, batch, d)
             err = float(np.abs(got - want).max() / np.abs(want).max())
             rows.append(
                 {
                     "reduction": reduction,
+                    "dtype": dtype_name,
                     "d": d,
                     "batch": batch,
                     "tp": tp,
-                    "bytes": batch * d * 2,
+                    "bytes": batch * d * np.dtype(dtype).itemsize,
                     "us_per_call": timed.seconds * 1e6,
                     "loop_us_per_call": bare.seconds * 1e6,
                     "net_us_per_call": (timed.seconds - bare.seconds) * 1e6,
@@ -143,7 +152,7 @@ def measure(tp: int, batch: int, dims: list[int], steps: int, repeats: int, redu
                 }
             )
             log(
-                f"tp {tp} d {d} {reduction}: {timed.seconds * 1e6:.1f} us/call "
+                f"tp {tp} {dtype_name} d {d} {reduction}: {timed.seconds * 1e6:.1f} us/call "
                 f"({bare.seconds * 1e6:.1f} us the loop alone)"
             )
     return rows
@@ -178,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma list of how a call sums the vectors: {', '.join(REDUCTIONS)} (default psum; see above)",
     )
     p.add_argument(
+        "--dtypes",
+        default="float16",
+        help=f"comma list of element types of the summed vectors: {', '.join(DTYPES)} (default float16)",
+    )
+    p.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -208,13 +222,16 @@ def main(argv=None) -> int:
         reductions = [r.strip() for r in args.reductions.split(",") if r.strip()]
         if not reductions or not set(reductions) <= set(REDUCTIONS):
             raise ValueError(f"--reductions takes {','.join(REDUCTIONS)}. Got {args.reductions!r}")
+        dtypes = [t.strip() for t in args.dtypes.split(",") if t.strip()]
+        if not dtypes or not set(dtypes) <= set(DTYPES):
+            raise ValueError(f"--dtypes takes {','.join(DTYPES)}. Got {args.dtypes!r}")
     except ValueError as e:
         p.error(str(e))
     tp = len(jax.devices()) if tp == "auto" else tp
     if tp < 2 or tp > len(jax.devices()):
         p.error(f"--tp must lie in [2, {len(jax.devices())}] (the devices JAX sees). Got {tp}")
     if args.child:
-        print(json.dumps({"rows": measure(tp, args.batch, dims, args.steps, args.repeats, reductions)}))
+        print(json.dumps({"rows": measure(tp, args.batch, dims, args.steps, args.repeats, reductions, dtypes)}))
         return 0
 
     info = provenance()
@@ -222,24 +239,25 @@ def main(argv=None) -> int:
     child_argv = _drop_values([a for a in argv if a != "--json"], ("--variant", "--out"))
     results = []
     if not variants:
-        rows = measure(tp, args.batch, dims, args.steps, args.repeats, reductions)
+        rows = measure(tp, args.batch, dims, args.steps, args.repeats, reductions, dtypes)
         results.append({"variant": "baseline", "rows": rows})
     else:
         for label, flags, env_vars in [("baseline", [], {}), *variants]:
             log(f"variant: {label}")
             results.append({"variant": label, **run_child(child_argv, flags, env_vars)})
 
-    header = ["variant", "reduction", "d", "bytes", "us/call", "loop us/call", "net us/call", "max rel err"]
+    header = ["variant", "reduction", "dtype", "d", "bytes", "us/call", "loop us/call", "net us/call", "max rel err"]
     body = []
     for r in results:
         if "error" in r:
-            body.append([r["variant"], "-", "-", "-", "err", "-", "-", r["error"][:100]])
+            body.append([r["variant"], "-", "-", "-", "-", "err", "-", "-", r["error"][:100]])
             continue
         for row in r["rows"]:
             body.append(
                 [
                     r["variant"],
                     row["reduction"],
+                    row.get("dtype", "float16"),
                     str(row["d"]),
                     str(row["bytes"]),
                     f"{row['us_per_call']:.1f}",
@@ -256,7 +274,7 @@ def main(argv=None) -> int:
             "",
             f"- date {info['date']}, commit `{info['commit']}`, jax {info['jax']}",
             f"- command: `{info['command']}`",
-            f"- the sum over devices of one [{args.batch}, d] fp16 block per device under shard_map (psum: XLA's "
+            f"- the sum over devices of one [{args.batch}, d] block per device under shard_map (psum: XLA's "
             "all-reduce; gather: all-gather, then an ordered sum; ring: tp - 1 collective-permutes, then an ordered "
             f"sum), chained {args.steps}x in a fori_loop; 'loop' is the same chain without the reduction; "
             "net = us/call - loop",

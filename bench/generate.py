@@ -2,7 +2,7 @@
 
     python -m bench generate --shape opt-6.7b --shape opt-13b [--batch 1] [--prompt-len 128] [--new-tokens 128]
         [--mlp-density 0.1 [--fire-rate 0.05] [--predictor-rank 256,1000] [--selection threshold,topk]]
-        [--tp 1,2 [--lm-head replicated,vocab]]
+        [--tp 1,2 [--lm-head replicated,vocab] [--all-reduce nccl,one-shot]]
 
 With --mlp-density, every row below runs in the same process on the same weights. fc1's biases are set so that a
 fixed random `--fire-rate` of each layer's neurons fire for every token (the others never do), and every selection
@@ -42,7 +42,9 @@ model; `--lm-head` says whether the tied
 embedding / LM head is replicated or split on the vocabulary. The floor is then per device: the bytes the
 most loaded device reads (its parameter shards, its share of the KV cache) / the copy bandwidth of one device.
 HF eager runs only at --tp 1. The rows of different --tp values are timed one value after another (their weights
-do not fit side by side), not interleaved.
+do not fit side by side), not interleaved. `--all-reduce` lists how the all-reduces run (generation.ALL_REDUCE_MODES):
+under tp every row is compiled once per mode, all timed in the same interleaved rounds, each row's "vs dense" against
+the dense row of its own mode.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import numpy as np
 
 from bench.common import copy_bandwidth, median_seconds, provenance, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
-from dejavu_jax.generation import AUTOTUNE_MODES, generation_program
+from dejavu_jax.generation import ALL_REDUCE_MODES, AUTOTUNE_MODES, generation_program
 from dejavu_jax.model import ATTENTION_IMPLS, OPTForCausalLM, abstract_params, check_attention_impl
 from dejavu_jax.parallel import (
     TP_AXIS,
@@ -251,6 +253,7 @@ def prepare_jax(
     sparse_weights=None,
     attention_impl="xla",
     autotune="default",
+    all_reduce="nccl",
 ):
     """Compile one generation program and check it makes `new_tokens` tokens: (run(n) -> blocks, compile seconds)."""
     if params is None:
@@ -265,7 +268,7 @@ def prepare_jax(
     static = dict(
         config=no_eos, num_slots=num_slots, policy=policy, attention_impl=attention_impl, mesh=mesh_of(params)
     )
-    program = generation_program(autotune)
+    program = generation_program(autotune, all_reduce)
 
     def run(n):
         tokens, counts = program(
@@ -434,6 +437,12 @@ def main(argv=None) -> int:
         help="with --tp > 1: comma list of LM-head (tied embedding) layouts to time, replicated and/or vocab "
         "(split on the vocabulary) (default replicated)",
     )
+    p.add_argument(
+        "--all-reduce",
+        default="nccl",
+        help=f"with --tp > 1: comma list of all-reduce modes to time side by side "
+        f"({', '.join(ALL_REDUCE_MODES)}; dejavu_jax.generation.ALL_REDUCE_MODES) (default nccl)",
+    )
     p.add_argument("--out", default=None, help="markdown path (default bench/results/generate_<card>_<date>.md)")
     args = p.parse_args(argv)
     shapes = args.shape or ["opt-6.7b", "opt-13b"]
@@ -461,6 +470,9 @@ def main(argv=None) -> int:
         p.error(f"--fire-rate must be in (0, --mlp-density]. Got {args.fire_rate}")
     if args.head_density is not None and not 0 < args.head_density <= 1:
         p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
+    all_reduces = list(dict.fromkeys(m.strip() for m in args.all_reduce.split(",") if m.strip()))
+    if not all_reduces or not set(all_reduces) <= set(ALL_REDUCE_MODES):
+        p.error(f"--all-reduce takes a comma list of {', '.join(ALL_REDUCE_MODES)}. Got {args.all_reduce!r}")
     lm_heads = [h.strip() for h in args.lm_head.split(",") if h.strip()]
     if not lm_heads or not set(lm_heads) <= {"replicated", "vocab"}:
         p.error(f"--lm-head takes a comma list of replicated and vocab. Got {args.lm_head!r}")
@@ -499,16 +511,17 @@ def main(argv=None) -> int:
             )
         lines += [
             "",
-            "| shape | tp | LM head | batch | attention | variant | predictor rank | heads kept | JAX ms/token | "
-            "vs dense | tokens/s | floor ms | / floor | HF eager ms/token | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | tp | LM head | all-reduce | batch | attention | variant | predictor rank | heads kept | "
+            "JAX ms/token | vs dense | tokens/s | floor ms | / floor | HF eager ms/token | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             jx, hf = r["jax"], r["hf"]
             ms = jx["decode_ms_per_token"]
             hf_cell = f"{hf['decode_ms_per_token']:.2f}" if hf else "-"
             lines.append(
-                f"| {r['shape']} | {r['tp']} | {r['lm_head']} | {r['batch']} | {r['attention']} | {r['variant']} | "
+                f"| {r['shape']} | {r['tp']} | {r['lm_head']} | {r.get('all_reduce', '-')} | {r['batch']} | "
+                f"{r['attention']} | {r['variant']} | "
                 f"{r.get('rank', '-')} | {r.get('heads_kept', 'all')} | {ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
                 f"{ms / r['floor_ms']:.2f} | {hf_cell} | {jx['compile_s']:.1f} |"
             )
@@ -574,9 +587,12 @@ def main(argv=None) -> int:
                 floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
                 skip_hf = args.no_hf or mesh is not None
                 hf = None if skip_hf else time_hf(config, batch, args.prompt_len, args.new_tokens, args.repeats)
+                # the all-reduce mode matters only with several devices
+                modes = all_reduces if tp_n > 1 else ["-"]
+                group = [(mode, variant) for mode in modes for variant in variants]
                 for impl in args.attention:
                     prepared, compile_times = [], []
-                    for label, policy, weights, extra in variants:
+                    for mode, (label, policy, weights, extra) in group:
                         run, compile_s = prepare_jax(
                             config,
                             batch,
@@ -587,18 +603,23 @@ def main(argv=None) -> int:
                             weights,
                             attention_impl=impl,
                             autotune=args.autotune,
+                            all_reduce="nccl" if mode == "-" else mode,
                         )
                         prepared.append(run)
                         compile_times.append(compile_s)
-                        print(f"{name}{where} b{batch} [{impl}] {label}: compiled in {compile_s:.1f} s", flush=True)
+                        how = f" [{impl}]" + ("" if mode == "-" else f" [{mode}]")
+                        print(f"{name}{where} b{batch}{how} {label}: compiled in {compile_s:.1f} s", flush=True)
                     timings = time_interleaved(prepared, args.new_tokens, args.repeats)
-                    dense_ms = timings[0]["decode_ms_per_token"]
-                    for (label, _, _, extra), jx, compile_s in zip(variants, timings, compile_times):
+                    dense_of = {m: t for (m, v), t in zip(group, timings) if v[0] == "dense"}
+                    for (mode, (label, _, _, extra)), jx, compile_s in zip(group, timings, compile_times):
                         jx = {"compile_s": compile_s, **jx}
                         ms = jx["decode_ms_per_token"]
+                        dense_ms = dense_of[mode]["decode_ms_per_token"]
+                        how = f" [{impl}]" + ("" if mode == "-" else f" [{mode}]")
                         row = {
                             "shape": name,
                             "attention": impl,
+                            "all_reduce": mode,
                             "batch": batch,
                             "prompt_len": args.prompt_len,
                             "new_tokens": args.new_tokens,
@@ -616,7 +637,7 @@ def main(argv=None) -> int:
                             row.update(density=args.mlp_density, fire_rate=args.fire_rate)
                         rows.append(row)
                         print(
-                            f"{name}{where} b{batch} [{impl}] {label} {extra or ''}: {ms:.2f} ms/token "
+                            f"{name}{where} b{batch}{how} {label} {extra or ''}: {ms:.2f} ms/token "
                             f"({dense_ms / ms:.2f}x dense, {ms / floor_ms:.2f}x the dense floor), compile "
                             f"{jx['compile_s']:.1f} s",
                             flush=True,

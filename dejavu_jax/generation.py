@@ -45,6 +45,13 @@ def _model_for(config: OPTConfig, params, attention_impl: str = "xla", mesh=None
 # multi-billion-parameter sizes (measured in bench/results/NOTES.md). The results are kept in a per-fusion cache
 # directory (`autotune_cache_dir()`), so a later compile of the same shapes takes seconds.
 AUTOTUNE_MODES = ("default", "exhaustive")
+# How the program's tensor-parallel all-reduces (two per layer and decode step) run. "nccl": one NCCL call each, XLA's
+# default. "one-shot": XLA's collective kernel, one launch in which every device reads each peer's input over the
+# GPU interconnect and adds them (XLA uses it for the sums that qualify: devices of one host, a power-of-two count,
+# inputs up to 2 MB; the rest, e.g. a long prefill's, stay on NCCL). Measured per call and end to end in
+# bench/results/NOTES.md. With two devices both add a + b, so they agree exactly; with more, each device starts
+# the sum at its own input, so the devices' copies may differ in the last bit. No effect on one device.
+ALL_REDUCE_MODES = ("nccl", "one-shot")
 _STATIC = ("config", "num_slots", "policy", "attention_impl", "mesh")
 
 
@@ -130,26 +137,30 @@ generate_tokens = jax.jit(_generate_tokens, static_argnames=_STATIC)
 
 
 @functools.cache
-def generation_program(autotune: str = "default"):
-    """`generate_tokens` compiled with the GEMM autotuning of `autotune` (see AUTOTUNE_MODES). The cache
-    directory is read once per process, at the first request for a mode."""
+def generation_program(autotune: str = "default", all_reduce: str = "nccl"):
+    """`generate_tokens` compiled with the GEMM autotuning of `autotune` (see AUTOTUNE_MODES) and the all-reduces of
+    `all_reduce` (see ALL_REDUCE_MODES). The cache directory is read once per process, at the first request for a
+    mode."""
     if autotune not in AUTOTUNE_MODES:
         raise ValueError(f"autotune must be one of {AUTOTUNE_MODES}. Got {autotune!r}")
-    if autotune == "default":
+    if all_reduce not in ALL_REDUCE_MODES:
+        raise ValueError(f"all_reduce must be one of {ALL_REDUCE_MODES}. Got {all_reduce!r}")
+    options = {}
+    if autotune == "exhaustive":
+        cache = autotune_cache_dir()
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"cannot create the autotune cache {cache} ({e}); set DEJAVU_XLA_AUTOTUNE_CACHE"
+            ) from None
+        options["xla_gpu_exhaustive_tiling_search"] = True
+        options["xla_gpu_per_fusion_autotune_cache_dir"] = str(cache)
+    if all_reduce == "one-shot":
+        options["xla_gpu_unsupported_use_all_reduce_one_shot_kernel"] = True
+    if not options:
         return generate_tokens
-    cache = autotune_cache_dir()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the autotune cache {cache} ({e}); set DEJAVU_XLA_AUTOTUNE_CACHE") from None
-    return jax.jit(
-        _generate_tokens,
-        static_argnames=_STATIC,
-        compiler_options={
-            "xla_gpu_exhaustive_tiling_search": True,
-            "xla_gpu_per_fusion_autotune_cache_dir": str(cache),
-        },
-    )
+    return jax.jit(_generate_tokens, static_argnames=_STATIC, compiler_options=options)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_slots", "recent_window", "mesh"))
@@ -251,10 +262,12 @@ def generate_ids(
     sparse_weights: SparseWeights | None = None,
     attention_impl: str = "xla",
     autotune: str = "default",
+    all_reduce: str = "nccl",
 ) -> list[list[int]]:
     """Token-level generation for a batch of prompts of any lengths; returns the generated ids only. Parameters
-    sharded over a tp mesh (`parallel.shard_params`, `checkpoint.load_model(tp=...)`) run tensor-parallel."""
-    program = generation_program(autotune)
+    sharded over a tp mesh (`parallel.shard_params`, `checkpoint.load_model(tp=...)`) run tensor-parallel, their
+    all-reduces as `all_reduce` says (ALL_REDUCE_MODES)."""
+    program = generation_program(autotune, all_reduce)
     check_lengths(config, [len(p) for p in prompts], max_new_tokens)
     prompt_len = bucket(max(len(p) for p in prompts), 8)
     ids, mask = left_pad(prompts, prompt_len, config.pad_token_id)
@@ -290,6 +303,7 @@ def generate_text(
     sparse_weights: SparseWeights | None = None,
     attention_impl: str = "xla",
     autotune: str = "default",
+    all_reduce: str = "nccl",
 ) -> list[dict]:
     """`model` is a `LoadedModel`. One dict per prompt: prompt, text (continuation only), token_ids."""
     if model.tokenizer is None:
@@ -311,6 +325,7 @@ def generate_text(
         sparse_weights,
         attention_impl,
         autotune,
+        all_reduce,
     )
     return [
         {"prompt": p, "text": model.tokenizer.decode(g, skip_special_tokens=True), "token_ids": g}

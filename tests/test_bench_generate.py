@@ -22,7 +22,7 @@ def test_rows_of_a_tiny_sparse_run(tmp_path):
     assert rows[2]["tuning"] == "hidden=xla,fc1_segment=16" and rows[2]["rank"] == 16
     for r in rows:
         assert r["jax"]["compile_s"] > 0 and r["jax"]["total_ms"] > 0
-    assert "| tiny | 1 | replicated | 1 | xla | fixed rows |" in out.read_text()
+    assert "| tiny | 1 | replicated | - | 1 | xla | fixed rows |" in out.read_text()
 
 
 def test_parse_tuning_and_bad_flags(capsys):

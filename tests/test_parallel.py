@@ -259,12 +259,51 @@ def test_bench_generate_tp(tmp_path, capsys):
     assert [r["variant"] for r in rows] == variants
     for row in rows:
         assert row["tp"] == 2 and row["lm_head"] == "vocab" and len(row["param_bytes_per_device"]) == 2
-    assert "| tiny | 2 | vocab | 1 | xla | fixed rows |" in out.read_text()
+    assert "| tiny | 2 | vocab | nccl | 1 | xla | fixed rows |" in out.read_text()
     for bad, needle in (("3", "must divide"), ("0", "positive device count")):
         with pytest.raises(SystemExit) as e:
             main(["--shape", "tiny", "--tp", bad])
         assert e.value.code == 2
         _one_error_line(capsys.readouterr().err, needle)
+    with pytest.raises(SystemExit) as e:
+        main(["--shape", "tiny", "--tp", "2", "--all-reduce", "nccl,twice"])
+    _one_error_line(capsys.readouterr().err, "--all-reduce takes")
+
+
+def test_bench_generate_times_each_all_reduce_mode_against_its_own_dense_row(tmp_path):
+    """Under tp every row is compiled once per --all-reduce mode and timed in one interleaved group; one device has
+    no all-reduce, so its rows come once."""
+    from bench.generate import main
+
+    out = tmp_path / "g.md"
+    argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --tp 1,2"
+    argv += " --all-reduce nccl,one-shot --mlp-density 0.25 --fire-rate 0.1 --variants fixed"
+    assert main(argv.split() + ["--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["tp"], r["all_reduce"], r["variant"]) for r in rows] == [
+        (1, "-", "dense"),
+        (1, "-", "fixed rows"),
+        (2, "nccl", "dense"),
+        (2, "nccl", "fixed rows"),
+        (2, "one-shot", "dense"),
+        (2, "one-shot", "fixed rows"),
+    ]
+    for dense, fixed in (rows[2:4], rows[4:6]):  # each mode's speedup is against its own dense row
+        want = dense["jax"]["decode_ms_per_token"] / fixed["jax"]["decode_ms_per_token"]
+        assert fixed["speedup_vs_dense"] == pytest.approx(want)
+
+
+def test_one_shot_all_reduce_program_generates_the_single_device_tokens(eight_heads_params):
+    """The one-shot mode is a compiler option of the same program (ignored on CPU, so this checks the plumbing):
+    tp = 2 greedy tokens equal one device's; an unknown mode is refused."""
+    from dejavu_jax.generation import generate_ids, generation_program
+
+    prompts = [[5, 9, 14, 2, 7], [3, 3, 8]]
+    want = generate_ids(eight_heads_params, EIGHT_HEADS, prompts, 5)
+    sharded = parallel.shard_params(eight_heads_params, parallel.tp_mesh(EIGHT_HEADS, 2))
+    assert generate_ids(sharded, EIGHT_HEADS, prompts, 5, all_reduce="one-shot") == want
+    with pytest.raises(ValueError, match="all_reduce must be one of"):
+        generation_program("default", "nvshmem")
 
 
 def test_bench_planted_topk_keeps_every_chosen_row_per_shard():
@@ -285,15 +324,18 @@ def test_bench_allreduce(tmp_path):
 
     out = tmp_path / "a.md"
     argv = ["--tp", "4", "--dims", "32,48", "--steps", "4", "--repeats", "1", "--reductions", "psum,gather,ring"]
-    assert main(argv + ["--out", str(out)]) == 0
+    assert main(argv + ["--dtypes", "float16,float32", "--out", str(out)]) == 0
     (result,) = json.loads(out.with_suffix(".json").read_text())["results"]
-    assert [(r["d"], r["reduction"]) for r in result["rows"]] == [
-        (d, reduction) for d in (32, 48) for reduction in ("psum", "gather", "ring")
+    assert [(r["dtype"], r["d"], r["reduction"]) for r in result["rows"]] == [
+        (t, d, reduction) for t in ("float16", "float32") for d in (32, 48) for reduction in ("psum", "gather", "ring")
     ]
     for r in result["rows"]:  # every reduction gives the sum (checked against numpy inside the bench)
-        assert r["max_rel_err"] < 2e-3 and r["us_per_call"] > 0 and r["tp"] == 4
-    with pytest.raises(SystemExit):
-        main(["--tp", "2", "--reductions", "psum,tree"])
+        tol = 2e-3 if r["dtype"] == "float16" else 1e-6
+        assert r["max_rel_err"] < tol and r["us_per_call"] > 0 and r["tp"] == 4
+        assert r["bytes"] == r["d"] * (2 if r["dtype"] == "float16" else 4)
+    for bad in (["--reductions", "psum,tree"], ["--dtypes", "bfloat8"]):
+        with pytest.raises(SystemExit):
+            main(["--tp", "2", *bad])
     assert parse_variant("NCCL_PROTO=LL --xla_flag=1") == (["--xla_flag=1"], {"NCCL_PROTO": "LL"})
     for bad in ("LL", "", "1X=2"):
         with pytest.raises(ValueError):
