@@ -151,9 +151,7 @@ def generation_program(autotune: str = "default", all_reduce: str = "nccl"):
         try:
             cache.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(
-                f"cannot create the autotune cache {cache} ({e}); set DEJAVU_XLA_AUTOTUNE_CACHE"
-            ) from None
+            raise ValueError(f"cannot create the autotune cache {cache} ({e}); set DEJAVU_XLA_AUTOTUNE_CACHE") from None
         options["xla_gpu_exhaustive_tiling_search"] = True
         options["xla_gpu_per_fusion_autotune_cache_dir"] = str(cache)
     if all_reduce == "one-shot":
