@@ -175,6 +175,7 @@ class OPTAttention(nn.Module):
             chosen_idx=chosen_idx,
             head_kv=heads.head_kv,
             attention_impl=str(self.attention_impl),
+            knobs=heads.knobs,
         )
         if not repair and recent is not None:  # a buffer the policy does not use is still kept current
             recent = write_recent_inputs(recent, x, cursor)

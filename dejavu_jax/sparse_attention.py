@@ -144,10 +144,10 @@ def shard_head_list(chosen, chosen_idx, first, local_heads: int, k: int):
     return q_heads, jnp.take(local_chosen, q_heads, axis=1) & real[None, :]
 
 
-def _qkv_pairs_rows(rows, weights: AttentionWeights, part_idx, head_idx):
+def _qkv_pairs_rows(rows, weights: AttentionWeights, part_idx, head_idx, knobs: tuple = ()):
     """`head_qkv_pairs` over any number of rows [N, d]: kernel calls of at most MAX_BATCH rows -> [N, n, hd]."""
     pieces = [
-        head_qkv_pairs(rows[i : i + MAX_BATCH], weights.qkv_w, weights.qkv_b, part_idx, head_idx)
+        head_qkv_pairs(rows[i : i + MAX_BATCH], weights.qkv_w, weights.qkv_b, part_idx, head_idx, knobs=knobs)
         for i in range(0, rows.shape[0], MAX_BATCH)
     ]
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
@@ -195,6 +195,7 @@ def head_sparse_decode(
     chosen_idx=None,
     head_kv: str = "all",
     attention_impl: str = "xla",
+    knobs: tuple = (),
 ) -> HeadSparseStep:
     """One decode step of the attention block over the chosen heads.
 
@@ -205,7 +206,7 @@ def head_sparse_decode(
     `sparsity.exactly_k`). At B == 1 a given chosen_idx is the step's head list as is (no compaction of the mask;
     `chosen` may then be None); larger batches compute the union of `chosen`. allowed [B, S] bool: the slots the new
     token may read (its own included). `attention_impl`: "xla" or "pallas" (kernels/decode_attention.py).
-    B <= MAX_BATCH.
+    `knobs`: `kernels.head_sparse.HeadSparsePlan` overrides for both projections. B <= MAX_BATCH.
 
     Launches: one `head_qkv_pairs` (K/V and Q together, below) and one `head_out_proj` per step while the rows fit
     one kernel call (B·R <= MAX_BATCH in "repair", B <= MAX_BATCH in "all").
@@ -223,7 +224,7 @@ def head_sparse_decode(
         used = jnp.take(chosen, q_heads, axis=1) & real[None, :]  # [B, n]
     forced = forced_heads(cursor, n_heads, recent.shape[1]) if head_kv == "repair" else None
     return _decode_heads(
-        x, weights, keys, values, recent, q_heads, used, forced, cursor, allowed, head_kv, attention_impl
+        x, weights, keys, values, recent, q_heads, used, forced, cursor, allowed, head_kv, attention_impl, knobs
     )
 
 
@@ -249,7 +250,19 @@ def _check_step(x, recent, chosen, chosen_idx, k: int, head_kv: str) -> None:
 
 
 def _decode_heads(
-    x, weights: AttentionWeights, keys, values, recent, q_heads, used, forced, cursor, allowed, head_kv, attention_impl
+    x,
+    weights: AttentionWeights,
+    keys,
+    values,
+    recent,
+    q_heads,
+    used,
+    forced,
+    cursor,
+    allowed,
+    head_kv,
+    attention_impl,
+    knobs: tuple = (),
 ) -> HeadSparseStep:
     """The step over the head list q_heads [n] (indices into the weights' and cache's heads); used [B, n] bool or
     None (every entry used by every sequence); forced [f] int32: the heads "repair" also recomputes (None for
@@ -267,7 +280,7 @@ def _decode_heads(
             recent = write_recent_inputs(recent, x[:, None], cursor)
             kv_heads = jnp.concatenate([q_heads, forced])
             m = kv_heads.shape[0]
-            rows = _qkv_pairs_rows(recent.reshape(batch * window, d), weights, *kv_q_pairs(kv_heads, q_heads))
+            rows = _qkv_pairs_rows(recent.reshape(batch * window, d), weights, *kv_q_pairs(kv_heads, q_heads), knobs)
             rows = rows.reshape(batch, window, 2 * m + n, head_dim)
             keys, values = write_window_kv(keys, values, kv_heads, rows[:, :, :m], rows[:, :, m : 2 * m], cursor)
             q = lax.dynamic_index_in_dim(rows, cursor % window, axis=1, keepdims=False)[:, 2 * m :]
@@ -276,7 +289,7 @@ def _decode_heads(
             # all heads would read H - n more heads' Q rows; all-heads ++ chosen with parts (0, 1, 2) would read
             # H + 2n more.
             all_heads = jnp.arange(n_heads, dtype=jnp.int32)
-            rows = _qkv_pairs_rows(x, weights, *kv_q_pairs(all_heads, q_heads))  # [B, 2H + n, hd]
+            rows = _qkv_pairs_rows(x, weights, *kv_q_pairs(all_heads, q_heads), knobs)  # [B, 2H + n, hd]
             start = (0, 0, cursor, 0)
             keys = lax.dynamic_update_slice(keys, rows[:, :n_heads, None].astype(keys.dtype), start)
             values = lax.dynamic_update_slice(values, rows[:, n_heads : 2 * n_heads, None].astype(values.dtype), start)
@@ -294,7 +307,7 @@ def _decode_heads(
     else:
         heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
     with jax.named_scope("out_proj"):
-        out = head_out_proj(heads_out, weights.out_w, weights.out_b, q_heads)
+        out = head_out_proj(heads_out, weights.out_w, weights.out_b, q_heads, knobs=knobs)
     return HeadSparseStep(out, keys, values, recent, q_heads, used, heads_out)
 
 
@@ -313,6 +326,7 @@ def head_sparse_decode_split(
     chosen_idx=None,
     head_kv: str = "all",
     attention_impl: str = "xla",
+    knobs: tuple = (),
 ) -> HeadSparseStep:
     """`head_sparse_decode` for weights and cache split on heads over `mesh`'s tp axis (the Megatron layout,
     `dejavu_jax.parallel`): inside `jax.shard_map` each device computes the chosen heads that live on it, over its own
@@ -360,6 +374,7 @@ def head_sparse_decode_split(
             allowed,
             head_kv,
             attention_impl,
+            knobs,
         )
         out = lax.psum(step.out.astype(jnp.float32), TP_AXIS)
         return out, step.keys, step.values, step.recent, q_heads + first, step.head_used, step.heads_out

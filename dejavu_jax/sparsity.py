@@ -46,6 +46,7 @@ from flax import struct
 
 from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, predictor_scores, standardize
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
+from kernels.head_sparse import HeadSparsePlan
 from kernels.masked_mlp import MaskedMLPPlan
 from kernels.predictor_hidden import predictor_hidden
 
@@ -83,7 +84,9 @@ class DecodeTuning:
     - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
       measured faster: `dejavu_jax/sparse_attention.py`) computes every head's K/V each step, "repair" recomputes a
       computed head's recent K/V from a ring buffer of inputs;
-    - `head_window`: R, the ring buffer's length in tokens ("repair").
+    - `head_window`: R, the ring buffer's length in tokens ("repair");
+    - `head_knobs`: `kernels.head_sparse.HeadSparsePlan` fields overriding its defaults, named with a "head_" prefix
+      when parsed (`head_qkv_block_rows=8` sets `qkv_block_rows`).
     """
 
     hidden: str = "pallas"
@@ -91,6 +94,7 @@ class DecodeTuning:
     knobs: tuple = ()
     head_kv: str = "all"
     head_window: int = 16
+    head_knobs: tuple = ()
 
     CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla"), "head_kv": HEAD_KV_MODES}
     INTS = ("head_window",)
@@ -105,7 +109,8 @@ class DecodeTuning:
     @classmethod
     def parse(cls, pairs: tuple) -> "DecodeTuning":
         plan_fields = {f.name for f in dataclasses.fields(MaskedMLPPlan)} - {"batch", "d", "ffn", "rank"}
-        choices, knobs = {}, []
+        head_fields = {f.name for f in dataclasses.fields(HeadSparsePlan)} - {"batch", "d", "head_dim", "heads"}
+        choices, knobs, head_knobs = {}, [], []
         for name, value in pairs:
             if name in cls.CHOICES:
                 choices[name] = value  # checked by __post_init__
@@ -116,12 +121,14 @@ class DecodeTuning:
                     raise ValueError(f"tuning {name} must be a positive int. Got {value!r}") from None
             elif name in plan_fields:
                 knobs.append((name, int(value)))
+            elif name.startswith("head_") and name[5:] in head_fields:
+                head_knobs.append((name[5:], int(value)))
             else:
                 raise ValueError(
-                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES) + list(cls.INTS)} or a MaskedMLPPlan field "
-                    f"{sorted(plan_fields)}"
+                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES) + list(cls.INTS)}, a MaskedMLPPlan field "
+                    f"{sorted(plan_fields)} or head_ + a HeadSparsePlan field {sorted(head_fields)}"
                 )
-        return cls(knobs=tuple(knobs), **choices)
+        return cls(knobs=tuple(knobs), head_knobs=tuple(head_knobs), **choices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +354,10 @@ def for_decode_batch(
     if batch > SPARSE_DECODE_MAX_BATCH and policy.decode_kernels and not fixed:
         if policy.heads == HeadSparsity.NONE:
             return DENSE, None
-        heads_tuning = DecodeTuning(head_kv=policy.tuning.head_kv, head_window=policy.tuning.head_window)
+        tuning = policy.tuning
+        heads_tuning = DecodeTuning(
+            head_kv=tuning.head_kv, head_window=tuning.head_window, head_knobs=tuning.head_knobs
+        )
         return (
             dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=heads_tuning),
             weights,
@@ -372,6 +382,7 @@ class HeadRows:
     decode_kernels: bool = struct.field(pytree_node=False, default=True)
     head_kv: str = struct.field(pytree_node=False, default="all")
     window: int = struct.field(pytree_node=False, default=16)
+    knobs: tuple = struct.field(pytree_node=False, default=())  # `DecodeTuning.head_knobs`
 
 
 def head_rows(
@@ -393,7 +404,9 @@ def head_rows(
         return HeadRows("oracle", k=policy.head_k)
     check_sparsity(policy, weights)
     tuning = policy.tuning
-    how = dict(decode_kernels=policy.decode_kernels, head_kv=tuning.head_kv, window=tuning.head_window)
+    how = dict(
+        decode_kernels=policy.decode_kernels, head_kv=tuning.head_kv, window=tuning.head_window, knobs=tuning.head_knobs
+    )
     batch, tokens = lookahead_input.shape[:2]
     if policy.heads == HeadSparsity.FIXED:
         k = min(policy.head_k, n_heads)

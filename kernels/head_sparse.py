@@ -19,9 +19,13 @@ row) outside the kernel, in a fixed order (deterministic).
 
 Design (Triton-lowered Pallas):
 * `head_qkv`: grid (part, chosen head, row block). Program (p, j, r) loads head_idx[j] as a scalar (the gather is the
-  grid) and reads rows [r·block_rows, (r+1)·block_rows) of qkv_w[parts[p], head_idx[j]] with plain 2-D tile loads,
-  walking d in power-of-two column blocks. Rows are blocked by the largest power of two dividing hd (at most
-  `block_rows`): hd = 80 gives blocks of 16, so every load is unmasked and no byte is read twice.
+  grid) and reads rows [r·block_rows, (r+1)·block_rows) of qkv_w[parts[p], head_idx[j]] with plain 2-D tile loads
+  of power-of-two column blocks. Rows are blocked by the largest power of two dividing hd (at most `block_rows`):
+  hd = 80 gives blocks of 16, so every load is unmasked and no byte is read twice. By default a program issues the
+  loads of its whole row block (`QKV_STEP_ELEMENTS` elements: 16 rows at d = 4096) before it reduces any of them,
+  so each program waits for memory once, as the masked MLP's fc1 step does (kernels/masked_mlp.py); the earlier
+  plan (16 rows, a loop over 512-column blocks, one load in flight per program) is `qkv_block_d=512,
+  qkv_step_blocks=1`.
 * `head_out_proj`: grid (head group, column block of d). Program (g, c) walks its group's chosen heads (a
   `fori_loop`), reading out_w[head_idx[j], rows, cols] in row blocks, and writes an fp32 partial [B, block_d]; the
   wrapper sums the groups and adds out_b. Groups multiply the programs when d has few column blocks.
@@ -45,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_math import cdiv, next_pow2, pow2_divisor
+from kernels.block_math import cdiv, next_pow2, pow2_divisor, prev_pow2
 from kernels.platform import resolve_interpret
 
 DOT_MIN_BATCH = 16
@@ -53,6 +57,9 @@ MAX_BATCH = 64
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Elements of one weight tile (and of one padded-x tile on the dot path) per step: 16 KiB of fp16.
 TILE_ELEMENTS = 8192
+# Weight elements one head_qkv program has in flight at once by default (128 KiB of fp16; the masked MLP's fc1 step,
+# tuned on an H100, loads as many).
+QKV_STEP_ELEMENTS = 1 << 16
 # Two programs per H100 SM (132 SMs): head_out_proj splits the heads into groups until it has this many programs.
 TARGET_PROGRAMS = 264
 
@@ -65,8 +72,13 @@ class HeadSparsePlan:
     d: int
     head_dim: int
     heads: int  # h, chosen heads
-    qkv_block_rows: int = 16  # rows of a head one head_qkv program owns (capped to a power of two dividing hd)
-    qkv_block_d: int = 512  # columns per head_qkv step (capped to a power of two dividing d, and on dots)
+    # rows of a head one head_qkv program owns (capped to a power of two dividing hd); 0 = `QKV_STEP_ELEMENTS` // d,
+    # at most 16
+    qkv_block_rows: int = 0
+    qkv_block_d: int = 2048  # columns per head_qkv load (capped to a power of two dividing d, and on dots)
+    # column blocks loaded per step of a head_qkv program (the largest divisor of d / block_d not above it); 0 = all
+    # of them (one step) on the CUDA-core path, 1 on the dot path
+    qkv_step_blocks: int = 0
     qkv_warps: int = 4
     out_block_rows: int = 32  # rows of a head per head_out_proj step
     out_block_d: int = 256  # columns of d per head_out_proj program
@@ -76,18 +88,28 @@ class HeadSparsePlan:
     def __post_init__(self):
         for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1 or value & (value - 1):
+            auto = name == "qkv_block_rows" and value == 0
+            if not isinstance(value, int) or (not auto and (value < 1 or value & (value - 1))):
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
-        for name in ("qkv_warps", "out_warps", "out_groups"):
+        zero_ok = ("out_groups", "qkv_step_blocks")
+        for name in ("qkv_warps", "out_warps", *zero_ok):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "out_groups" else 1):
+            if not isinstance(value, int) or value < (0 if name in zero_ok else 1):
                 raise ValueError(
-                    f"{name} must be a {'non-negative' if name == 'out_groups' else 'positive'} int. Got {value!r}"
+                    f"{name} must be a {'non-negative' if name in zero_ok else 'positive'} int. Got {value!r}"
                 )
 
     @property
     def rows_qkv(self) -> int:
-        return pow2_divisor(self.head_dim, self.qkv_block_rows)
+        cap = self.qkv_block_rows or max(1, min(16, prev_pow2(max(1, QKV_STEP_ELEMENTS // self.d))))
+        return pow2_divisor(self.head_dim, cap)
+
+    @property
+    def qkv_blocks_per_step(self) -> int:
+        """Column blocks one head_qkv step loads: a divisor of d / bd_qkv."""
+        blocks = self.d // self.bd_qkv
+        want = self.qkv_step_blocks or (1 if self.qkv_dot else blocks)
+        return max(n for n in range(1, min(want, blocks) + 1) if blocks % n == 0)
 
     @property
     def rows_out(self) -> int:
@@ -145,16 +167,23 @@ def _head_qkv_kernel(part_ref, head_idx_ref, x_ref, w_ref, b_ref, out_ref, *, pl
     rows = pl.ds(pl.multiple_of(pl.program_id(2) * rb, rb), rb)
     n_rows = plan.batch_rows(dot)
 
-    def step(c, acc):
-        cols = pl.ds(pl.multiple_of(c * bd, bd), bd)
-        w = w_ref[z, head, rows, cols]  # [rb, bd]
-        if dot:
-            return acc + plgpu.dot(x_ref[:, cols], w, trans_b=True, precision=_dot_precision(w.dtype))
-        w = w.astype(jnp.float32)
-        return tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1) for b, a in enumerate(acc))
+    per_step = plan.qkv_blocks_per_step
+
+    def step(s, acc):
+        for i in range(per_step):  # static: the step's loads can all be in flight at once
+            start = (s * per_step + i) * bd  # a Python int when the whole row block is one step
+            cols = pl.ds(start if isinstance(start, int) else pl.multiple_of(start, bd), bd)
+            w = w_ref[z, head, rows, cols]  # [rb, bd]
+            if dot:
+                acc = acc + plgpu.dot(x_ref[:, cols], w, trans_b=True, precision=_dot_precision(w.dtype))
+                continue
+            w = w.astype(jnp.float32)
+            acc = tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1) for b, a in enumerate(acc))
+        return acc
 
     init = jnp.zeros((n_rows, rb), jnp.float32) if dot else tuple(jnp.zeros((rb,), jnp.float32) for _ in range(n_rows))
-    acc = lax.fori_loop(0, plan.d // bd, step, init)
+    steps = plan.d // (bd * per_step)
+    acc = step(0, init) if steps == 1 else lax.fori_loop(0, steps, step, init)
     bias = b_ref[z, head, rows].astype(jnp.float32)  # [rb]
     if dot:
         out_ref[p, :, j, rows] = (acc + bias[None, :]).astype(out_ref.dtype)

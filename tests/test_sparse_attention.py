@@ -279,7 +279,12 @@ def whole_sequence_logits(params, ids, mask, continuation):
 
 @pytest.mark.parametrize(
     "policy, attention_impl",
-    [(fixed_heads(1, head_kv="repair", head_window=4), "xla"), (fixed_heads(2, head_kv="all"), "pallas")],
+    [
+        (fixed_heads(1, head_kv="repair", head_window=4), "xla"),
+        (fixed_heads(2, head_kv="all"), "pallas"),
+        # the kernels' plan overridden through the tuning: one 16-column block a step, as the pre-2026-11-28 default
+        (fixed_heads(2, head_qkv_block_d=16, head_qkv_step_blocks=1, head_out_block_d=16), "xla"),
+    ],
 )
 def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, attention_impl):
     """In the model, 64 decode steps of a left-padded batch computing only the chosen heads give the logits of the
@@ -412,6 +417,13 @@ def test_tuning_and_cache_errors():
         decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=fixed_heads(1, head_kv="repair"))
     with pytest.raises(ValueError, match="needs a schedule"):
         decode_step(params, cache, ids[:, 0], None, config=CONFIG, policy=fixed_heads(1, head_window=4))
+    # head_ + a HeadSparsePlan field reaches the kernels' plan (which checks it); an unknown one is refused at once
+    with pytest.raises(ValueError, match="qkv_block_d must be a positive power of two"):
+        policy = fixed_heads(1, head_window=4, head_qkv_block_d=48)
+        decode_step(params, cache, ids[:, 0], SCHEDULE, config=CONFIG, policy=policy)
+    with pytest.raises(ValueError, match="unknown tuning 'head_qkv_block_cols'"):
+        fixed_heads(1, head_qkv_block_cols=4)
+    assert DecodeTuning.parse((("head_out_warps", "8"), ("head_kv", "repair"))).head_knobs == (("out_warps", 8),)
 
 
 def test_head_sparse_decode_errors():
