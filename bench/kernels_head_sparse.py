@@ -13,8 +13,9 @@ output (q + k + v, so every projection is used), then out_proj over those heads.
   (XLA copies the chosen heads' weights first);
 - `pallas`: `kernels/head_sparse.py`: `head_qkv` (all three parts) and `head_out_proj`, reading the chosen rows in
   place;
-- `pallas_loop`: the same with head_qkv's plan before 2026-11-28 (`LOOP_KNOBS`: 16 rows a program, a loop over
-  512-column blocks, one load in flight), for the side-by-side comparison;
+- `pallas_unrolled`: the same with every column block of a program's rows loaded in one step (`UNROLLED_KNOBS`,
+  2048-column loads, all in flight at once, as the masked MLP's fc1 does), beside the default's loop over 512-column
+  blocks;
 - `pallas_q_only`: the exact alternative that needs no K/V repair: k and v of every head by XLA, q of the chosen
   heads and out_proj by the kernels.
 
@@ -55,8 +56,8 @@ from bench.common import (  # noqa: E402
 from dejavu_jax.config import shape_config  # noqa: E402
 from kernels.head_sparse import head_out_proj, head_qkv  # noqa: E402
 
-IMPLS = ("xla_dense", "xla_gather", "pallas", "pallas_loop", "pallas_q_only")
-LOOP_KNOBS = (("qkv_block_rows", 16), ("qkv_block_d", 512), ("qkv_step_blocks", 1))
+IMPLS = ("xla_dense", "xla_gather", "pallas", "pallas_unrolled", "pallas_q_only")
+UNROLLED_KNOBS = (("qkv_block_d", 2048), ("qkv_step_blocks", 0))
 CORRECT_TOL = 1e-2
 INTERPRET = {"shapes": ["tiny"], "batches": [1], "head_densities": [0.5], "layers": 2}
 
@@ -83,8 +84,8 @@ def block_fn(impl: str, interpret: bool):
         if impl == "xla_gather":
             qkv = _qkv_einsum(x, qkv_w[:, idx], qkv_b[:, idx])
             return _out_einsum(qkv[0] + qkv[1] + qkv[2], out_w[idx], out_b)
-        if impl in ("pallas", "pallas_loop"):
-            knobs = LOOP_KNOBS if impl == "pallas_loop" else None
+        if impl in ("pallas", "pallas_unrolled"):
+            knobs = UNROLLED_KNOBS if impl == "pallas_unrolled" else None
             qkv = head_qkv(x, qkv_w, qkv_b, idx, knobs=knobs, interpret=interpret)
             return head_out_proj(qkv[0] + qkv[1] + qkv[2], out_w, out_b, idx, interpret=interpret)
         assert impl == "pallas_q_only", impl

@@ -72,18 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         "H100), cached in $DEJAVU_XLA_AUTOTUNE_CACHE or ~/.cache/dejavu_jax/xla-autotune",
     )
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="compute dtype (default float16)")
-    from dejavu_jax.generation import ALL_REDUCE_MODES
     from dejavu_jax.parallel_args import add_parallel_args
 
     add_parallel_args(p)
-    p.add_argument(
-        "--all-reduce",
-        default="nccl",
-        choices=ALL_REDUCE_MODES,
-        help="with --tp > 1: how the two all-reduces per layer run: 'nccl' (XLA's default) or 'one-shot' "
-        "(XLA's collective kernel reading the peers' inputs over NVLink in one launch; see "
-        "dejavu_jax.generation.ALL_REDUCE_MODES and bench/results/NOTES.md)",
-    )
     p.add_argument(
         "--json",
         action="store_true",
@@ -147,7 +138,6 @@ def main(argv=None) -> int:
             sparse_weights,
             args.attention,
             args.autotune,
-            args.all_reduce,
         )
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -48,9 +48,10 @@ AUTOTUNE_MODES = ("default", "exhaustive")
 # How the program's tensor-parallel all-reduces (two per layer and decode step) run. "nccl": one NCCL call each, XLA's
 # default. "one-shot": XLA's collective kernel, one launch in which every device reads each peer's input over the
 # GPU interconnect and adds them (XLA uses it for the sums that qualify: devices of one host, a power-of-two count,
-# inputs up to 2 MB; the rest, e.g. a long prefill's, stay on NCCL). Measured per call and end to end in
-# bench/results/NOTES.md. With two devices both add a + b, so they agree exactly; with more, each device starts
-# the sum at its own input, so the devices' copies may differ in the last bit. No effect on one device.
+# inputs up to 2 MB; the rest stay on NCCL). On two H200s of one host it measured no faster per call than NCCL
+# (bench/results/allreduce_NVIDIA-H200-x2_2026-11-28_one-shot.md), so it is a benchmark option (`bench generate
+# --all-reduce`), not a default. With more than two devices each device starts the sum at its own input, so their
+# copies may differ in the last bit. No effect on one device.
 ALL_REDUCE_MODES = ("nccl", "one-shot")
 _STATIC = ("config", "num_slots", "policy", "attention_impl", "mesh")
 

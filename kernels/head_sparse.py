@@ -19,13 +19,14 @@ row) outside the kernel, in a fixed order (deterministic).
 
 Design (Triton-lowered Pallas):
 * `head_qkv`: grid (part, chosen head, row block). Program (p, j, r) loads head_idx[j] as a scalar (the gather is the
-  grid) and reads rows [r·block_rows, (r+1)·block_rows) of qkv_w[parts[p], head_idx[j]] with plain 2-D tile loads
-  of power-of-two column blocks. Rows are blocked by the largest power of two dividing hd (at most `block_rows`):
-  hd = 80 gives blocks of 16, so every load is unmasked and no byte is read twice. By default a program issues the
-  loads of its whole row block (`QKV_STEP_ELEMENTS` elements: 16 rows at d = 4096) before it reduces any of them,
-  so each program waits for memory once, as the masked MLP's fc1 step does (kernels/masked_mlp.py); the earlier
-  plan (16 rows, a loop over 512-column blocks, one load in flight per program) is `qkv_block_d=512,
-  qkv_step_blocks=1`.
+  grid) and reads rows [r·block_rows, (r+1)·block_rows) of qkv_w[parts[p], head_idx[j]] with plain 2-D tile loads,
+  walking d in power-of-two column blocks, `qkv_step_blocks` of them per loop step. Rows are blocked by the largest
+  power of two dividing hd (at most `block_rows`): hd = 80 gives blocks of 16, so every load is unmasked and no byte
+  is read twice. Loading a program's whole row block in one step (`qkv_block_d=2048, qkv_step_blocks=0`: every
+  load in flight at once, as the masked MLP's fc1 does) measured no faster on an H100 (44.2 vs 43.7 µs a layer at
+  opt-6.7b with half the heads, 65.9 vs 63.1 at opt-13b; end to end 3.05 vs 2.94 ms a token:
+  bench/results/kernels_head_sparse_NVIDIA-H100-80GB-HBM3_2026-11-28.md), so the default stays one 512-column
+  block a step.
 * `head_out_proj`: grid (head group, column block of d). Program (g, c) walks its group's chosen heads (a
   `fori_loop`), reading out_w[head_idx[j], rows, cols] in row blocks, and writes an fp32 partial [B, block_d]; the
   wrapper sums the groups and adds out_b. Groups multiply the programs when d has few column blocks.
@@ -49,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_math import cdiv, next_pow2, pow2_divisor, prev_pow2
+from kernels.block_math import cdiv, next_pow2, pow2_divisor
 from kernels.platform import resolve_interpret
 
 DOT_MIN_BATCH = 16
@@ -57,9 +58,6 @@ MAX_BATCH = 64
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Elements of one weight tile (and of one padded-x tile on the dot path) per step: 16 KiB of fp16.
 TILE_ELEMENTS = 8192
-# Weight elements one head_qkv program has in flight at once by default (128 KiB of fp16; the masked MLP's fc1 step,
-# tuned on an H100, loads as many).
-QKV_STEP_ELEMENTS = 1 << 16
 # Two programs per H100 SM (132 SMs): head_out_proj splits the heads into groups until it has this many programs.
 TARGET_PROGRAMS = 264
 
@@ -72,13 +70,10 @@ class HeadSparsePlan:
     d: int
     head_dim: int
     heads: int  # h, chosen heads
-    # rows of a head one head_qkv program owns (capped to a power of two dividing hd); 0 = `QKV_STEP_ELEMENTS` // d,
-    # at most 16
-    qkv_block_rows: int = 0
-    qkv_block_d: int = 2048  # columns per head_qkv load (capped to a power of two dividing d, and on dots)
+    qkv_block_rows: int = 16  # rows of a head one head_qkv program owns (capped to a power of two dividing hd)
+    qkv_block_d: int = 512  # columns per head_qkv load (capped to a power of two dividing d, and on dots)
     # column blocks loaded per step of a head_qkv program (the largest divisor of d / block_d not above it); 0 = all
-    # of them (one step) on the CUDA-core path, 1 on the dot path
-    qkv_step_blocks: int = 0
+    qkv_step_blocks: int = 1
     qkv_warps: int = 4
     out_block_rows: int = 32  # rows of a head per head_out_proj step
     out_block_d: int = 256  # columns of d per head_out_proj program
@@ -88,8 +83,7 @@ class HeadSparsePlan:
     def __post_init__(self):
         for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
             value = getattr(self, name)
-            auto = name == "qkv_block_rows" and value == 0
-            if not isinstance(value, int) or (not auto and (value < 1 or value & (value - 1))):
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
         zero_ok = ("out_groups", "qkv_step_blocks")
         for name in ("qkv_warps", "out_warps", *zero_ok):
@@ -101,14 +95,13 @@ class HeadSparsePlan:
 
     @property
     def rows_qkv(self) -> int:
-        cap = self.qkv_block_rows or max(1, min(16, prev_pow2(max(1, QKV_STEP_ELEMENTS // self.d))))
-        return pow2_divisor(self.head_dim, cap)
+        return pow2_divisor(self.head_dim, self.qkv_block_rows)
 
     @property
     def qkv_blocks_per_step(self) -> int:
         """Column blocks one head_qkv step loads: a divisor of d / bd_qkv."""
         blocks = self.d // self.bd_qkv
-        want = self.qkv_step_blocks or (1 if self.qkv_dot else blocks)
+        want = self.qkv_step_blocks or blocks
         return max(n for n in range(1, min(want, blocks) + 1) if blocks % n == 0)
 
     @property

@@ -20,9 +20,9 @@ from kernels.head_sparse import (
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 SMALL_BLOCKS = (("qkv_block_rows", 32), ("qkv_block_d", 32), ("out_block_rows", 16), ("out_block_d", 32))
 
-# head_qkv's column blocks in steps of 4 of the 10 (-> 5 steps of 2), and one block a step (the pre-2026-11-28 plan)
+# head_qkv's column blocks in steps of 4 of the 10 (-> 5 steps of 2), and all 10 in one step
 STEPPED = SMALL_BLOCKS + (("qkv_step_blocks", 4),)
-ONE_BLOCK_A_STEP = SMALL_BLOCKS + (("qkv_step_blocks", 1),)
+ALL_BLOCKS_AT_ONCE = SMALL_BLOCKS + (("qkv_step_blocks", 0),)
 
 # (batch, H, hd, d, head_idx, dtype, knobs): unsorted subsets, one head, duplicates, every head in order; hd 80 (row
 # blocks of 16), 64 and 128; batch 1 and 3 (multiply and sum) and 20 (padded to 32 rows, dots).
@@ -35,23 +35,21 @@ CASES = [
     (20, 8, 64, 192, [7, 2, 2, 4], jnp.bfloat16, None),
     (20, 4, 128, 128, [0, 1, 2, 3], jnp.float16, None),
     (2, 3, 80, 320, [2, 0], jnp.float16, STEPPED),
-    (1, 3, 64, 320, [1], jnp.float32, ONE_BLOCK_A_STEP),
+    (1, 3, 64, 320, [1], jnp.float32, ALL_BLOCKS_AT_ONCE),
 ]
 PARTS = [(0, 1, 2), (1, 2), (0,), (0, 1, 2), (1, 2), (0,), (0, 1, 2), (0, 1, 2), (1, 2)]
 
 
-def test_qkv_plan_loads_a_whole_row_block_per_step_by_default():
-    """16 rows at d = 4096 and 8 at d = 5120 (QKV_STEP_ELEMENTS); every column block in one step on the CUDA-core
-    path, one a step on the dot path; a step count that does not divide the blocks falls to a divisor."""
+def test_qkv_plan_steps_divide_the_column_blocks():
+    """One 512-column block a step by default; 0 = all of them in one step; a count that does not divide the
+    blocks falls to a divisor."""
     from kernels.head_sparse import HeadSparsePlan
 
-    assert HeadSparsePlan(1, 4096, 128, 16).rows_qkv == 16 and HeadSparsePlan(1, 5120, 128, 16).rows_qkv == 8
-    assert HeadSparsePlan(1, 5120, 80, 16).rows_qkv == 8 and HeadSparsePlan(1, 12288, 128, 16).rows_qkv == 4
-    plan = HeadSparsePlan(1, 5120, 128, 16)
+    assert HeadSparsePlan(1, 4096, 128, 16).qkv_blocks_per_step == 1
+    plan = HeadSparsePlan(1, 5120, 128, 16, qkv_block_d=2048, qkv_step_blocks=0)
     assert plan.bd_qkv == 1024 and plan.qkv_blocks_per_step == 5
-    assert HeadSparsePlan(1, 5120, 128, 16, qkv_step_blocks=4).qkv_blocks_per_step == 1
-    assert HeadSparsePlan(1, 4096, 128, 16, qkv_block_d=512, qkv_step_blocks=6).qkv_blocks_per_step == 4
-    assert HeadSparsePlan(32, 4096, 128, 16).qkv_blocks_per_step == 1  # dots: one block a step
+    assert HeadSparsePlan(1, 5120, 128, 16, qkv_block_d=1024, qkv_step_blocks=4).qkv_blocks_per_step == 1
+    assert HeadSparsePlan(1, 4096, 128, 16, qkv_step_blocks=6).qkv_blocks_per_step == 4
     with pytest.raises(ValueError, match="qkv_step_blocks must be a non-negative int"):
         HeadSparsePlan(1, 4096, 128, 16, qkv_step_blocks=-1)
 

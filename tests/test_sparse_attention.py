@@ -282,8 +282,8 @@ def whole_sequence_logits(params, ids, mask, continuation):
     [
         (fixed_heads(1, head_kv="repair", head_window=4), "xla"),
         (fixed_heads(2, head_kv="all"), "pallas"),
-        # the kernels' plan overridden through the tuning: one 16-column block a step, as the pre-2026-11-28 default
-        (fixed_heads(2, head_qkv_block_d=16, head_qkv_step_blocks=1, head_out_block_d=16), "xla"),
+        # the kernels' plan overridden through the tuning: 16-column blocks, all loaded in one step
+        (fixed_heads(2, head_qkv_block_d=16, head_qkv_step_blocks=0, head_out_block_d=16), "xla"),
     ],
 )
 def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, attention_impl):
