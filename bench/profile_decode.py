@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
         "--head-kv", default="all", choices=HEAD_KV_MODES, help="with --head-density (default all, as decoding)"
     )
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
+    p.add_argument("--trace-dir", default=None, help="keep the profiler trace in this directory (default: a temp dir)")
     args = p.parse_args(argv)
     if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
         p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
             f.write(hlo_text)
     run(args.new_tokens)
     run(args.new_tokens)
-    with tempfile.TemporaryDirectory() as trace_dir:
+    keep = contextlib.nullcontext(args.trace_dir) if args.trace_dir else tempfile.TemporaryDirectory()
+    with keep as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             start = time.perf_counter()
             run(args.new_tokens)
