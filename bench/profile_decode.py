@@ -9,8 +9,8 @@ perfetto JSON it writes, and prints per kernel name: count per decode step, tota
 vs wall time (the gaps are launch and host overhead). `--hlo` also writes the optimized HLO of the program.
 
 It also sums the kernel time by block (`kernel_blocks`): each kernel name is looked up among the compiled program's
-fusions and custom calls (XLA names a fusion's kernel after the instruction, '.' and '-' made '_'; a Pallas kernel
-keeps its `name`), whose op_name metadata carries the model's scopes: a decode layer's `attention_block` (its
+instructions (XLA names a fusion's kernel after the instruction, '.' and '-' made '_'; a Pallas kernel keeps its
+`name`), whose op_name metadata carries the model's scopes: a decode layer's `attention_block` (its
 LayerNorm, projections, attention, the residual add; with head sparsity the head choice too) or `mlp_block` (its
 LayerNorm, the predictor, the selection, fc1, fc2), the rest of a decode step (embeddings, final LayerNorm, LM
 head, sampling), and the prefill. What no instruction names (cuBLAS's own kernels, copies) is "unattributed".
@@ -58,8 +58,10 @@ def device_kernel_events(trace_dir: str) -> list[dict]:
 
 
 BLOCKS = ("attention block", "MLP block", "rest of the decode step", "prefill", "unattributed")
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*? (fusion|custom-call)\(.*?op_name="([^"]+)"')
-_PALLAS_NAME = re.compile(r'\\?"name\\?"\s*:\s*\\?"([\w.\-]+)')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]+)"')
+# A Pallas call's kernel name in its backend config: JSON (`"name": "k"`, escaped or not) or, as jax 0.11.2 emits
+# for GPU Triton calls, MLIR attributes after the IR blob (`, name = "k"`).
+_PALLAS_NAME = re.compile(r'(?:\\?"name\\?"\s*:\s*\\?"|[,{]\s*name = ")([\w.\-]+)')
 
 
 def block_of_scope(op_name: str) -> str:
@@ -74,20 +76,20 @@ def block_of_scope(op_name: str) -> str:
 
 
 def kernel_blocks(hlo_text: str) -> dict[str, str]:
-    """Kernel name -> block, from a compiled program's HLO text: fusions by their instruction name ('.' and '-' as
-    '_'), custom calls (Pallas kernels) by the `name` in their backend config. A name several instructions share
-    (one kernel reused for identical fusions) takes the first one's block."""
+    """Kernel name -> block, from a compiled program's HLO text: an instruction by its name ('.' and '-' as '_'; a
+    fusion's kernel, or an unfused op's such as a sort's, is named after it), a Pallas call by the `name` in its
+    backend config. A name several instructions share (one kernel reused for identical fusions) takes the first
+    one's block."""
     out = {}
     for line in hlo_text.splitlines():
         m = _INSTRUCTION.match(line)
         if not m:
             continue
-        name, kind, op_name = m.groups()
-        if kind == "custom-call":
+        name, op_name = m.groups()
+        if "custom-call(" in line:
             pallas = _PALLAS_NAME.search(line)
-            if not pallas:
-                continue
-            name = pallas.group(1)
+            if pallas:
+                name = pallas.group(1)
         out.setdefault(re.sub(r"[.\-]", "_", name), block_of_scope(op_name))
     return out
 

@@ -33,3 +33,20 @@ def test_kernel_blocks_of_a_compiled_decode_program():
     some_fusion = next(name for name, block in blocks.items() if block == "MLP block")
     times = block_times({some_fusion: [2.0, 3.0], "nvjet_gemm": [7.0]}, blocks)
     assert list(times) == list(BLOCKS) and times["MLP block"] == 5.0 and times["unattributed"] == 7.0
+
+
+# Lines in the syntax of a GPU program's optimized HLO (jax 0.11.2, H100; the Triton IR blob and operands cut): a
+# Pallas call names its kernel in MLIR attributes after the IR, and an unfused sort's kernel is named after the sort.
+_STEP = "jit(_generate_tokens)/while/body/decode_step/OPTForCausalLM/layer_0/layers_0"
+GPU_HLO_LINES = f"""
+  %pallas_call.302 = f16[1,256]{{1,0}} custom-call(%get-tuple-element.3570), custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI, metadata={{op_name="{_STEP}/mlp_block/jit(predictor_hidden)/predictor_hidden/pallas_call" scheduling_name="pallas_call.302"}}, backend_config={{debug = false, grid_x = 64 : i32, ir = "ML\\EFR\\0DMLIR\\22name\\22", name = "predictor_hidden", num_stages = 1 : i32}}
+  ROOT %sort.72.1 = (f32[1,12]{{1,0}}, s32[1,12]{{1,0}}) sort(%param_0.4, %iota.166.1), dimensions={{1}}, metadata={{op_name="{_STEP}/attention_block/top_k" scheduling_name="sort.72.1"}}
+  %custom-call.14 = (u32[1,50272]{{1,0}}) custom-call(%get-tuple-element.3479), custom_call_target="xla.gpu.ext.cub_sort_pairs", metadata={{op_name="jit(_generate_tokens)/while/body/cond/branch_1_fun/jit(sort)/sort"}}
+"""
+
+
+def test_kernel_blocks_read_gpu_pallas_calls_and_unfused_ops():
+    blocks = kernel_blocks(GPU_HLO_LINES)
+    assert blocks["predictor_hidden"] == "MLP block"
+    assert blocks["sort_72_1"] == "attention block"
+    assert blocks["custom_call_14"] == "rest of the decode step"  # a library call keeps its instruction name
