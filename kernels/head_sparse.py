@@ -75,10 +75,14 @@ class HeadSparsePlan:
     # column blocks loaded per step of a head_qkv program (the largest divisor of d / block_d not above it); 0 = all
     qkv_step_blocks: int = 1
     qkv_warps: int = 4
+    qkv_stages: int = (
+        1  # Triton software-pipelining stages of head_qkv's column loop (its loads feed dots from 16 rows)
+    )
     out_block_rows: int = 32  # rows of a head per head_out_proj step
     out_block_d: int = 256  # columns of d per head_out_proj program
     out_groups: int = 0  # head groups of head_out_proj (fp32 partials); 0 = enough for `TARGET_PROGRAMS`
     out_warps: int = 4
+    out_stages: int = 1  # the same for head_out_proj's loop over its group's heads
 
     def __post_init__(self):
         for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
@@ -86,7 +90,7 @@ class HeadSparsePlan:
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
         zero_ok = ("out_groups", "qkv_step_blocks")
-        for name in ("qkv_warps", "out_warps", *zero_ok):
+        for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", *zero_ok):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in zero_ok else 1):
                 raise ValueError(
@@ -224,7 +228,7 @@ def _head_qkv_call(part_idx, head_idx, x, qkv_w, qkv_b, *, plan, interpret):
         functools.partial(_head_qkv_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct((n_parts, x.shape[0], plan.heads, plan.head_dim), x.dtype),
         grid=(n_parts, plan.heads, plan.head_dim // plan.rows_qkv),
-        compiler_params=plgpu.CompilerParams(num_warps=plan.qkv_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.qkv_warps, num_stages=plan.qkv_stages),
         interpret=interpret,
         name="head_qkv",
     )(part_idx, head_idx, x, qkv_w, qkv_b)
@@ -235,7 +239,7 @@ def _head_out_proj_call(head_idx, heads_out, out_w, *, plan, interpret):
         functools.partial(_head_out_proj_kernel, plan=plan),
         out_shape=jax.ShapeDtypeStruct((plan.groups, heads_out.shape[0], plan.d), jnp.float32),
         grid=(plan.groups, plan.d // plan.bd_out),
-        compiler_params=plgpu.CompilerParams(num_warps=plan.out_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.out_warps, num_stages=plan.out_stages),
         interpret=interpret,
         name="head_out_proj",
     )(head_idx, heads_out, out_w)

@@ -21,7 +21,7 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 SMALL_BLOCKS = (("qkv_block_rows", 32), ("qkv_block_d", 32), ("out_block_rows", 16), ("out_block_d", 32))
 
 # head_qkv's column blocks in steps of 4 of the 10 (-> 5 steps of 2), and all 10 in one step
-STEPPED = SMALL_BLOCKS + (("qkv_step_blocks", 4),)
+STEPPED = SMALL_BLOCKS + (("qkv_step_blocks", 4), ("qkv_stages", 3), ("out_stages", 2))
 ALL_BLOCKS_AT_ONCE = SMALL_BLOCKS + (("qkv_step_blocks", 0),)
 
 # (batch, H, hd, d, head_idx, dtype, knobs): unsorted subsets, one head, duplicates, every head in order; hd 80 (row
@@ -50,6 +50,8 @@ def test_qkv_plan_steps_divide_the_column_blocks():
     assert plan.bd_qkv == 1024 and plan.qkv_blocks_per_step == 5
     assert HeadSparsePlan(1, 5120, 128, 16, qkv_block_d=1024, qkv_step_blocks=4).qkv_blocks_per_step == 1
     assert HeadSparsePlan(1, 4096, 128, 16, qkv_step_blocks=6).qkv_blocks_per_step == 4
+    with pytest.raises(ValueError, match="qkv_stages must be a positive int"):
+        HeadSparsePlan(1, 4096, 128, 16, qkv_stages=0)
     with pytest.raises(ValueError, match="qkv_step_blocks must be a non-negative int"):
         HeadSparsePlan(1, 4096, 128, 16, qkv_step_blocks=-1)
 
