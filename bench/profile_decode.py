@@ -2,7 +2,7 @@
 
     python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--attention xla|pallas]
                             [--mlp-density D] [--head-density D [--heads fixed|predicted] [--head-kv repair|all]]
-                            [--hlo FILE]
+                            [--tp N] [--hlo FILE] [--trace-dir DIR]
 
 Runs one generation of random fp16 weights under `jax.profiler.trace(create_perfetto_trace=True)`, reads the
 perfetto JSON it writes, and prints per kernel name: count per decode step, total and mean time; then kernel time
@@ -14,6 +14,11 @@ instructions (XLA names a fusion's kernel after the instruction, '.' and '-' mad
 LayerNorm, projections, attention, the residual add; with head sparsity the head choice too) or `mlp_block` (its
 LayerNorm, the predictor, the selection, fc1, fc2), the rest of a decode step (embeddings, final LayerNorm, LM
 head, sampling), and the prefill. What no instruction names (cuBLAS's own kernels, copies) is "unattributed".
+
+With `--tp N` the weights (and the planted predictors) are made straight into their Megatron shardings over N
+devices, as `bench generate --tp` makes them, and the tables are those of the first device (`/device:GPU:0`); the
+all-reduces are its NCCL (or collective-kernel) kernels, attributed to the block whose psum they are where their
+instruction says.
 """
 
 from __future__ import annotations
@@ -37,22 +42,21 @@ from bench.generate import plant_firing, planted_predictors, planted_rows, rando
 from dejavu_jax.config import OPT_SHAPES, shape_config
 from dejavu_jax.generation import generate_tokens
 from dejavu_jax.model import ATTENTION_IMPLS
+from dejavu_jax.parallel import TP_AXIS, shard_params, shard_sparse_weights, tp_mesh
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
 from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, Selection, SparseWeights, SparsityPolicy
 
 
-def device_kernel_events(trace_dir: str) -> list[dict]:
+def device_kernel_events(trace_dir: str, device: str = "/device:GPU:0") -> list[dict]:
+    """The kernel (and copy) events of one GPU, `device` as the trace names its process."""
     path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     device_pids = {
         e["pid"]
         for e in events
-        if e.get("ph") == "M"
-        and e.get("name") == "process_name"
-        and "device" in e["args"]["name"].lower()
-        and "gpu" in e["args"]["name"].lower()
+        if e.get("ph") == "M" and e.get("name") == "process_name" and e["args"]["name"].split()[0] == device
     }
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
 
@@ -146,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--head-kv", default="all", choices=HEAD_KV_MODES, help="with --head-density (default all, as decoding)"
     )
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism over this many devices (default 1; see above)")
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
     p.add_argument("--trace-dir", default=None, help="keep the profiler trace in this directory (default: a temp dir)")
     args = p.parse_args(argv)
@@ -155,15 +160,20 @@ def main(argv=None) -> int:
         p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
 
     config = dataclasses.replace(shape_config(args.shape), eos_token_id=-1)
-    params = random_params(config, jnp.float16)
+    try:
+        mesh = tp_mesh(config, args.tp)
+    except ValueError as e:
+        p.error(str(e))
+    tp = 1 if mesh is None else mesh.shape[TP_AXIS]
+    params = random_params(config, jnp.float16, mesh)
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, args.prompt_len), 3, config.vocab_size)
     sampling = SamplingConfig().to_device()
     policy, sparsity = DENSE, None
     if args.mlp_density is not None:
         planted = planted_rows(config, args.mlp_density, args.fire_rate)
-        params = plant_firing(params, planted)
+        params = shard_params(plant_firing(params, planted), mesh)
         policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection(args.selection))
-        sparsity = planted_predictors(config, planted, args.predictor_rank)
+        sparsity = shard_sparse_weights(planted_predictors(config, planted, args.predictor_rank, tp), mesh)
     if args.head_density is not None:
         k = max(1, round(args.head_density * config.num_attention_heads))
         heads = HeadSparsity.FIXED if args.heads == "fixed" else HeadSparsity.PREDICTED
@@ -174,7 +184,11 @@ def main(argv=None) -> int:
         else:
             sparsity = sparsity.replace(heads=random_head_predictors(config, args.predictor_rank))
     static = dict(
-        config=config, num_slots=args.prompt_len + args.new_tokens, attention_impl=args.attention, policy=policy
+        config=config,
+        num_slots=args.prompt_len + args.new_tokens,
+        attention_impl=args.attention,
+        policy=policy,
+        mesh=mesh,
     )
 
     compiled = compile_generation(params, ids, sampling, sparsity, static)
@@ -206,8 +220,9 @@ def main(argv=None) -> int:
         by_name[e["name"]].append(float(e["dur"]))
     busy = sum(sum(v) for v in by_name.values())
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    where = "" if mesh is None else f" tp{tp}, device 0"
     print(
-        f"{args.shape}: {len(kernels)} kernel events, {len(kernels) / steps:.0f} per decode step (approx.); "
+        f"{args.shape}{where}: {len(kernels)} kernel events, {len(kernels) / steps:.0f} per decode step (approx.); "
         f"kernel time {busy / 1e3:.2f} ms, device span {span / 1e3:.2f} ms, host wall {wall * 1e3:.2f} ms "
         f"for {args.new_tokens} tokens + prefill"
     )

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import pytest
+
 import jax.numpy as jnp
 
 from bench.generate import random_params
@@ -50,3 +52,16 @@ def test_kernel_blocks_read_gpu_pallas_calls_and_unfused_ops():
     assert blocks["predictor_hidden"] == "MLP block"
     assert blocks["sort_72_1"] == "attention block"
     assert blocks["custom_call_14"] == "rest of the decode step"  # a library call keeps its instruction name
+
+
+def test_profile_builds_and_runs_a_tensor_parallel_program(capsys):
+    """`--tp 2`: sharded weights, planted predictors and heads compile and run as one program (a CPU trace has no
+    GPU kernels to report); a --tp the devices or the heads do not allow is one error line."""
+    from bench.profile_decode import main
+
+    argv = "--shape tiny --tp 2 --mlp-density 0.25 --head-density 0.5 --new-tokens 4 --prompt-len 8".split()
+    assert main(argv) == 1
+    assert "no device kernel events" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["--shape", "tiny", "--tp", "3"])
+    assert e.value.code == 2 and "must divide" in capsys.readouterr().err
