@@ -398,6 +398,17 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     t_recall = np.where(n_active > 0, (chosen & labels).sum(1) / np.maximum(n_active, 1), 1.0).mean()
     assert t_recall == pytest.approx(report["layers"][3]["mlp"]["threshold_test"]["recall"], abs=1e-6)
     assert chosen.mean() == pytest.approx(report["layers"][3]["mlp"]["threshold_test"]["density"], abs=1e-6)
+    # Layers calibrated in parallel threads give the same result as one at a time, entries in layer order.
+    from train.calibrate import CalibrateOptions, calibrate_held_out
+    from train.heldout import StoreHeldOut
+
+    runs = [
+        calibrate_held_out(StoreHeldOut(store, 0.1), work / "predictors", CalibrateOptions(), workers=w) for w in (1, 3)
+    ]
+    for a, b in zip(*(r["layers"] for r in runs)):
+        assert a["layer"] == b["layer"] and a["mlp"] == b["mlp"] and a["heads"] == b["heads"]
+    assert [e["layer"] for e in runs[1]["layers"]] == list(range(config.num_hidden_layers))
+    assert runs[0]["mlp_k"] == summary["calibrate"]["mlp_k"]
     # K per layer is the smallest whose lower confidence bound (default confidence, the calibration windows as
     # sampling units) reaches the target on the calibration tokens, and the threshold's bound reaches it too:
     # recomputed here from the documented split (held-out rows, even windows of --seq-len) and the stored

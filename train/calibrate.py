@@ -21,7 +21,10 @@ calibration rows lie in one window (a held-out part shorter than two windows), t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -127,9 +130,11 @@ def calibrate_held_out(
     opts: CalibrateOptions,
     save_to: Optional[Path] = None,
     log: Optional[Callable[[str], None]] = None,
+    workers: Optional[int] = None,
 ) -> dict:
     """Calibrate K and the threshold per layer on `held_out`'s calibration rows, measure them on its test rows;
-    rewrite `predictors_dir` (and `save_to`) with K, thresholds and metrics. Returns the report's result."""
+    rewrite `predictors_dir` (and `save_to`) with K, thresholds and metrics. Returns the report's result. `workers`
+    layers are calibrated at once (default `calibration_workers()`); the result does not depend on it."""
     opts.validate()
     start_time = time.perf_counter()
     config = held_out.config
@@ -137,76 +142,16 @@ def calibrate_held_out(
     meta = predictor_metadata(predictors_dir)
     fit_options = meta.get("fit_options", {})
     label_mass = float(fit_options.get("head_label_mass", 0.9))
-    calib, test = held_out.calibration, held_out.test
     units, unit_name = sampling_units(held_out)
-    n_units = len(np.unique(units[calib]))
-    L = config.num_hidden_layers
+    n_units = len(np.unique(units[held_out.calibration]))
+    workers = workers or calibration_workers()
     layers = []
-    for layer in range(L):
-        x_mlp = held_out.read(layer, predictors.mlp_input)
-        labels = held_out.read_labels(layer)
-        curves = _curves(predictors.mlp[layer], x_mlp, labels, calib, test, units, config.ffn_dim)
-        mlp_bound = curves["calibration"].recall_lower_bound(opts.recall_confidence)
-        mlp_raw, mlp_k = smallest_k(mlp_bound, opts.recall_target, opts.block)
-        threshold = _calibrate_threshold(predictors.mlp[layer], x_mlp, labels, calib, units, opts)
-        threshold_test = ThresholdCounts(threshold, config.ffn_dim, mlp_k)
-        for start, scores in score_rows(predictors.mlp[layer], x_mlp):
-            rows = slice(start, start + len(scores))
-            if test[rows].any():
-                threshold_test.update(scores[test[rows]], labels[rows][test[rows]])
-        del x_mlp, labels
-
-        x_head = held_out.read(max(layer - 1, 0), "attn_input")
-        norms = held_out.read(layer, "head_norm")
-        head_curves = _curves(
-            predictors.heads[layer],
-            x_head,
-            head_labels(norms, label_mass),
-            calib,
-            test,
-            units,
-            config.num_attention_heads,
-            mass_norms=norms,
-        )
-        del x_head
-        oracle = TopKCurve(config.num_attention_heads)  # the heads with the largest true norms
-        test_norms = norms[test]
-        oracle.update_mass(test_norms, test_norms, head_labels(test_norms, label_mass))
-        head_bound = head_curves["calibration"].recall_lower_bound(opts.recall_confidence)
-        head_raw, head_k = smallest_k(head_bound, opts.head_recall_target, opts.head_block)
-        entry = {
-            "layer": layer,
-            "mlp": {
-                "k_raw": mlp_raw,
-                "k": mlp_k,
-                "calibration": {**curves["calibration"].at(mlp_k), "recall_bound": float(mlp_bound[mlp_k - 1])},
-                "test": curves["test"].at(mlp_k),
-                "threshold": threshold,
-                "threshold_test": threshold_test.result(),
-                "recall_curve": [round(float(v), 5) for v in curves["test"].recall()],
-            },
-            "heads": {
-                "k_raw": head_raw,
-                "k": head_k,
-                "calibration": {
-                    **head_curves["calibration"].at(head_k),
-                    "recall_bound": float(head_bound[head_k - 1]),
-                },
-                "test": head_curves["test"].at(head_k),
-                "mass_recall_curve": [round(float(v), 5) for v in head_curves["test"].recall()],
-                "oracle_mass_recall_curve": [round(float(v), 5) for v in oracle.recall()],
-            },
-        }
-        layers.append(entry)
-        if log:
-            m, h = entry["mlp"]["test"], entry["heads"]["test"]
-            t = entry["mlp"]["threshold_test"]
-            log(
-                f"  layer {layer}: MLP K {mlp_k:5d}/{config.ffn_dim} ({m['predicted_density']:.1%}, true "
-                f"{m['true_density']:.1%}) recall {m['recall']:.4f}; threshold {threshold:.3f}: density "
-                f"{t['density']:.1%} recall {t['recall']:.4f} | heads K {head_k}/{config.num_attention_heads}"
-                f" mass recall {h['recall']:.4f}"
-            )
+    run = functools.partial(_calibrate_layer, held_out, predictors, opts, label_mass, units)
+    with ThreadPoolExecutor(workers) as pool:  # results come back in layer order
+        for entry in pool.map(run, range(config.num_hidden_layers)):
+            layers.append(entry)
+            if log:
+                log(_layer_line(entry, config))
 
     calibrated = predictors.with_k([e["mlp"]["k"] for e in layers], [e["heads"]["k"] for e in layers])
     calibrated = calibrated.with_threshold([e["mlp"]["threshold"] for e in layers])
@@ -219,8 +164,8 @@ def calibrate_held_out(
         "calibration_units": n_units,
         "block": opts.block,
         "head_block": opts.head_block,
-        "calibration_tokens": int(calib.sum()),
-        "test_tokens": int(test.sum()),
+        "calibration_tokens": int(held_out.calibration.sum()),
+        "test_tokens": int(held_out.test.sum()),
         "split": held_out.split,
         "seconds": time.perf_counter() - start_time,
         "layers": [{k: v for k, v in e.items()} for e in layers],
@@ -251,6 +196,84 @@ def calibrate_held_out(
         "model": meta.get("model"),
         "activations": meta.get("activations"),
     }
+
+
+def calibration_workers() -> int:
+    """Layers calibrated at once: one per 4 CPU cores, at most 4, so 1 on a 2-core machine. Each holds one layer's
+    active (token, neuron) pairs while it searches the threshold (~1.5 GB at opt-6.7b for a random model, whose
+    ReLUs fire for half the neurons), and numpy releases the GIL in the sorts and array passes that cost the time."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, label_mass: float, units, layer: int):
+    """One layer's K, threshold and test metrics (the report's entry); independent of every other layer."""
+    config = held_out.config
+    calib, test = held_out.calibration, held_out.test
+    x_mlp = held_out.read(layer, predictors.mlp_input)
+    labels = held_out.read_labels(layer)
+    curves = _curves(predictors.mlp[layer], x_mlp, labels, calib, test, units, config.ffn_dim)
+    mlp_bound = curves["calibration"].recall_lower_bound(opts.recall_confidence)
+    mlp_raw, mlp_k = smallest_k(mlp_bound, opts.recall_target, opts.block)
+    threshold = _calibrate_threshold(predictors.mlp[layer], x_mlp, labels, calib, units, opts)
+    threshold_test = ThresholdCounts(threshold, config.ffn_dim, mlp_k)
+    for start, scores in score_rows(predictors.mlp[layer], x_mlp):
+        rows = slice(start, start + len(scores))
+        if test[rows].any():
+            threshold_test.update(scores[test[rows]], labels[rows][test[rows]])
+    del x_mlp, labels
+
+    x_head = held_out.read(max(layer - 1, 0), "attn_input")
+    norms = held_out.read(layer, "head_norm")
+    head_curves = _curves(
+        predictors.heads[layer],
+        x_head,
+        head_labels(norms, label_mass),
+        calib,
+        test,
+        units,
+        config.num_attention_heads,
+        mass_norms=norms,
+    )
+    del x_head
+    oracle = TopKCurve(config.num_attention_heads)  # the heads with the largest true norms
+    test_norms = norms[test]
+    oracle.update_mass(test_norms, test_norms, head_labels(test_norms, label_mass))
+    head_bound = head_curves["calibration"].recall_lower_bound(opts.recall_confidence)
+    head_raw, head_k = smallest_k(head_bound, opts.head_recall_target, opts.head_block)
+    entry = {
+        "layer": layer,
+        "mlp": {
+            "k_raw": mlp_raw,
+            "k": mlp_k,
+            "calibration": {**curves["calibration"].at(mlp_k), "recall_bound": float(mlp_bound[mlp_k - 1])},
+            "test": curves["test"].at(mlp_k),
+            "threshold": threshold,
+            "threshold_test": threshold_test.result(),
+            "recall_curve": [round(float(v), 5) for v in curves["test"].recall()],
+        },
+        "heads": {
+            "k_raw": head_raw,
+            "k": head_k,
+            "calibration": {
+                **head_curves["calibration"].at(head_k),
+                "recall_bound": float(head_bound[head_k - 1]),
+            },
+            "test": head_curves["test"].at(head_k),
+            "mass_recall_curve": [round(float(v), 5) for v in head_curves["test"].recall()],
+            "oracle_mass_recall_curve": [round(float(v), 5) for v in oracle.recall()],
+        },
+    }
+    return entry
+
+
+def _layer_line(entry: dict, config) -> str:
+    m, h, t = entry["mlp"]["test"], entry["heads"]["test"], entry["mlp"]["threshold_test"]
+    return (
+        f"  layer {entry['layer']}: MLP K {entry['mlp']['k']:5d}/{config.ffn_dim} ({m['predicted_density']:.1%}, "
+        f"true {m['true_density']:.1%}) recall {m['recall']:.4f}; threshold {entry['mlp']['threshold']:.3f}: "
+        f"density {t['density']:.1%} recall {t['recall']:.4f} | heads K {entry['heads']['k']}/"
+        f"{config.num_attention_heads} mass recall {h['recall']:.4f}"
+    )
 
 
 def _calibrate_threshold(predictor, x, labels, calib, units, opts: CalibrateOptions) -> float:
