@@ -163,11 +163,13 @@ SPARSE_VARIANTS = ("fixed", "lossless", "predicted")
 
 
 def random_head_predictors(config, rank: int) -> tuple:
-    """Random rank-`rank` head predictors, one per layer (layer l reads layer l-1's input): their top-k heads change
-    from token to token, so a timed row's K/V repair runs as it would with trained predictors."""
+    """Random rank-`rank` head predictors in the decode layout, one per layer (layer l reads layer l-1's input):
+    their top-k heads change from token to token, so a timed row's K/V repair runs as it would with trained
+    predictors."""
     keys = jax.random.split(jax.random.PRNGKey(7), config.num_hidden_layers)
     return tuple(
-        init_low_rank(key, config.hidden_size, rank, config.num_attention_heads, dtype=jnp.float16) for key in keys
+        decode_predictor(init_low_rank(key, config.hidden_size, rank, config.num_attention_heads), None, jnp.float16)
+        for key in keys
     )
 
 

@@ -48,7 +48,7 @@ from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, predic
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
 from kernels.head_sparse import HeadSparsePlan
 from kernels.masked_mlp import MaskedMLPPlan
-from kernels.predictor_hidden import predictor_hidden
+from kernels.predictor_hidden import MAX_BATCH as HIDDEN_MAX_BATCH, predictor_hidden
 
 # Decode steps of at most this many sequences use the row-masked kernels; larger batches fall back to the dense MLP.
 SPARSE_DECODE_MAX_BATCH = 1
@@ -183,8 +183,10 @@ DENSE = SparsityPolicy()
 
 @struct.dataclass
 class MLPPredictor:
-    """One layer's MLP predictor in the decode layout: scores = standardize(x) · w1_t.T + b1 (rounded to the
-    weights' dtype) · w2_t.T + b2. The rank is zero-padded to a power of two (exact) for the kernels."""
+    """One layer's low-rank predictor in the decode layout: scores = standardize(x) · w1_t.T + b1 (rounded to the
+    weights' dtype) · w2_t.T + b2. The rank is zero-padded to a power of two (exact) for the kernels. An MLP
+    predictor scores the ffn neurons; a head predictor (`SparseWeights.heads`, from `decode_predictor` with no
+    threshold) has the same layout with the heads as outputs, so its first layer runs on the same kernel."""
 
     w1_t: jax.Array  # [r, d]
     b1: jax.Array  # [r]
@@ -193,6 +195,15 @@ class MLPPredictor:
     threshold: jax.Array  # [] fp32: a neuron is chosen when its score >= threshold
     k: int = struct.field(pytree_node=False, default=0)  # top-K count
     normalize_input: bool = struct.field(pytree_node=False, default=True)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.w2_t.shape[0]
+
+    @property
+    def keep(self) -> int:
+        """K: the calibrated count, or every output when uncalibrated (as `LowRankPredictor.keep`)."""
+        return self.k if self.k > 0 else self.num_outputs
 
     def hidden(self, x):
         """x [..., d] -> [..., r] in the weights' dtype (the input of the second matmul)."""
@@ -242,7 +253,9 @@ class SparseWeights:
 
     mlp: Optional[tuple] = None  # tuple[MLPPredictor, ...], one per layer
     fixed_rows: Optional[tuple] = None  # tuple of [ffn] int32 masks, one per layer
-    heads: Optional[tuple] = None  # tuple[LowRankPredictor, ...]: layer l's head predictor (reads layer l-1's input)
+    # layer l's head predictor (reads layer l-1's input): `MLPPredictor`s in the decode layout (as
+    # `sparse_weights_from_predictors` gives them) or `LowRankPredictor`s as trained (scored by XLA only)
+    heads: Optional[tuple] = None
     head_schedule: Optional[jax.Array] = None  # a PRNG key: the random heads of `HeadSparsity.FIXED`
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
 
@@ -250,9 +263,9 @@ class SparseWeights:
 def sparse_weights_from_predictors(
     predictors: Predictors, dtype=None, thresholds=None, selection: Selection = Selection.THRESHOLD, mlp: bool = True
 ) -> SparseWeights:
-    """Decode-layout MLP predictors (unless `mlp` is False) and the head predictors; `thresholds` (one per layer)
+    """Decode-layout MLP predictors (unless `mlp` is False) and head predictors; `thresholds` (one per layer)
     override the calibrated ones (e.g. −inf = all). Top-K selection needs no threshold."""
-    heads = tuple(p.replace(**_cast(p, dtype)) for p in predictors.heads)
+    heads = tuple(decode_predictor(p, None, dtype) for p in predictors.heads)
     if not mlp:
         return SparseWeights(heads=heads, mlp_input=predictors.mlp_input)
     if Selection(selection) == Selection.TOPK and thresholds is None and predictors.mlp_threshold is None:
@@ -271,10 +284,6 @@ def sparse_weights_from_predictors(
         heads=heads,
         mlp_input=predictors.mlp_input,
     )
-
-
-def _cast(p: LowRankPredictor, dtype) -> dict:
-    return {} if dtype is None else {"w1": p.w1.astype(dtype), "w2": p.w2.astype(dtype)}
 
 
 @struct.dataclass
@@ -416,8 +425,21 @@ def head_rows(
     k = policy.head_k or predictor.keep
     if k >= predictor.num_outputs:
         return HeadRows()
-    mask, idx = exactly_k(predictor_scores(predictor, lookahead_input), k)
+    mask, idx = exactly_k(head_scores(predictor, lookahead_input, policy), k)
     return HeadRows("mask", mask=mask, k=k, idx=idx, **how)
+
+
+def head_scores(predictor, x, policy: SparsityPolicy):
+    """A head predictor's fp32 scores [B, T, H] on x [B, T, d]. In the decode layout (`MLPPredictor`) a kernel
+    policy's decode step (T = 1, B <= the kernel's batch bound) computes the first layer on the `predictor_hidden`
+    kernel, as the MLP predictor does: XLA reads a [d, r] weight for one token at a fraction of bandwidth. Whole
+    sequences, and predictors in the training layout, are scored by XLA."""
+    if isinstance(predictor, LowRankPredictor):
+        return predictor_scores(predictor, x)
+    batch, tokens = x.shape[:2]
+    if tokens == 1 and policy.decode_kernels and batch <= HIDDEN_MAX_BATCH:
+        return predictor.scores_from_hidden(predictor.decode_hidden(x[:, 0], policy.tuning))[:, None]
+    return predictor.scores(x)
 
 
 def exactly_k(scores, k: int):

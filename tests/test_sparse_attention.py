@@ -16,6 +16,7 @@ from dejavu_jax.generation import _generate_tokens, decode_step, prefill
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax import sparse_attention
+from dejavu_jax.predictors import init_low_rank, predictor_scores
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparse_attention import (
     AttentionWeights,
@@ -30,8 +31,10 @@ from dejavu_jax.sparsity import (
     HeadSparsity,
     SparseWeights,
     SparsityPolicy,
+    decode_predictor,
     exactly_k,
     for_decode_batch,
+    head_scores,
 )
 from kernels.head_sparse import head_qkv_pairs
 
@@ -364,14 +367,14 @@ def _kernel_name(eqn):
     return getattr(eqn.params.get("name_and_src_info"), "name", None) if name is None else name
 
 
-def _decode_step_primitives(policy, batch):
+def _decode_step_primitives(policy, batch, weights=SCHEDULE):
     """Primitive names (pallas_call as "pallas_call:<kernel>") of one decode step's jaxpr, walked into every
     nested jaxpr."""
     params = init_params(CONFIG, jax.random.PRNGKey(4))
     cache = KVCache.create(CONFIG, batch, 16, jnp.float32, policy.recent_window)
     tokens = jnp.ones((batch,), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda p, c, t, w: decode_step(p, c, t, w, config=CONFIG, policy=policy))(
-        params, cache, tokens, SCHEDULE
+        params, cache, tokens, weights
     )
     return [
         f"pallas_call:{_kernel_name(e)}" if e.primitive.name == "pallas_call" else e.primitive.name
@@ -392,6 +395,23 @@ def test_batch1_decode_step_launches_one_projection_per_layer_and_compacts_no_ma
     dense = _decode_step_primitives(SparsityPolicy(), 1)
     assert prims.count("cumsum") == dense.count("cumsum")
     assert _decode_step_primitives(policy, 2).count("cumsum") > dense.count("cumsum")
+
+
+def test_decode_step_scores_heads_on_the_predictor_kernel():
+    """Head predictors in the decode layout (`decode_predictor`, as `sparse_weights_from_predictors` gives them): a
+    decode step runs each layer's first predictor layer on the predictor_hidden kernel, with the scores the training
+    layout gives (which XLA computes, for whole sequences and for predictors left in that layout)."""
+    d, n_layers = CONFIG.hidden_size, CONFIG.num_hidden_layers
+    keys = jax.random.split(jax.random.PRNGKey(21), n_layers)
+    trained = tuple(init_low_rank(key, d, 8, CONFIG.num_attention_heads) for key in keys)
+    decode = tuple(decode_predictor(p, None) for p in trained)
+    policy = SparsityPolicy(heads=HeadSparsity.PREDICTED, head_k=2)
+    x = jax.random.normal(jax.random.PRNGKey(22), (2, 1, d))
+    for p, q in zip(trained, decode):
+        assert rel_max_err(head_scores(q, x, policy), predictor_scores(p, x)) <= 1e-5
+    kernel = "pallas_call:predictor_hidden"
+    assert _decode_step_primitives(policy, 2, SparseWeights(heads=decode)).count(kernel) == n_layers
+    assert _decode_step_primitives(policy, 2, SparseWeights(heads=trained)).count(kernel) == 0
 
 
 def test_tuning_and_cache_errors():
