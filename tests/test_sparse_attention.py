@@ -35,6 +35,7 @@ from dejavu_jax.sparsity import (
     exactly_k,
     for_decode_batch,
     head_scores,
+    scheduled_heads,
 )
 from kernels.head_sparse import head_qkv_pairs
 
@@ -395,6 +396,23 @@ def test_batch1_decode_step_launches_one_projection_per_layer_and_compacts_no_ma
     dense = _decode_step_primitives(SparsityPolicy(), 1)
     assert prims.count("cumsum") == dense.count("cumsum")
     assert _decode_step_primitives(policy, 2).count("cumsum") > dense.count("cumsum")
+
+
+def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without_a_top_k():
+    """The seeded schedule (`sparsity.scheduled_heads`): exactly k distinct heads per token, a function of the key,
+    layer, slot and row only (a decode step and a whole-sequence chunk starting elsewhere agree), changing from slot
+    to slot with every head kept about k/H of the time; a decode step draws no top-k for it."""
+    key, n_heads, k = jax.random.PRNGKey(11), 32, 8
+    mask, idx = scheduled_heads(key, 3, jnp.int32(5), 2, 200, n_heads, k)
+    mask, idx = np.asarray(mask), np.asarray(idx)
+    assert (mask.sum(-1) == k).all() and all(len(set(row)) == k for row in idx.reshape(-1, k).tolist())
+    np.testing.assert_array_equal(np.take_along_axis(mask, idx, axis=-1), True)
+    later, _ = scheduled_heads(key, 3, jnp.int32(105), 2, 1, n_heads, k)
+    np.testing.assert_array_equal(np.asarray(later)[:, 0], mask[:, 100])
+    assert (mask[:, 1:] != mask[:, :-1]).any(-1).mean() > 0.9  # a new choice nearly every step
+    assert np.abs(mask.mean(axis=(0, 1)) - k / n_heads).max() < 0.15
+    assert not (np.asarray(scheduled_heads(key, 4, jnp.int32(5), 2, 200, n_heads, k)[0]) == mask).all()
+    assert "top_k" not in _decode_step_primitives(fixed_heads(2), 1)
 
 
 def test_decode_step_scores_heads_on_the_predictor_kernel():
