@@ -257,7 +257,7 @@ def main(argv=None) -> int:
                 [
                     r["variant"],
                     row["reduction"],
-                    row.get("dtype", "float16"),
+                    row["dtype"],
                     str(row["d"]),
                     str(row["bytes"]),
                     f"{row['us_per_call']:.1f}",

@@ -593,8 +593,9 @@ def main(argv=None) -> int:
                 modes = all_reduces if tp_n > 1 else ["-"]
                 group = [(mode, variant) for mode in modes for variant in variants]
                 for impl in args.attention:
+                    tags = [f" [{impl}]" + ("" if mode == "-" else f" [{mode}]") for mode, _ in group]
                     prepared, compile_times = [], []
-                    for mode, (label, policy, weights, extra) in group:
+                    for (mode, (label, policy, weights, extra)), how in zip(group, tags):
                         run, compile_s = prepare_jax(
                             config,
                             batch,
@@ -609,15 +610,13 @@ def main(argv=None) -> int:
                         )
                         prepared.append(run)
                         compile_times.append(compile_s)
-                        how = f" [{impl}]" + ("" if mode == "-" else f" [{mode}]")
                         print(f"{name}{where} b{batch}{how} {label}: compiled in {compile_s:.1f} s", flush=True)
                     timings = time_interleaved(prepared, args.new_tokens, args.repeats)
                     dense_of = {m: t for (m, v), t in zip(group, timings) if v[0] == "dense"}
-                    for (mode, (label, _, _, extra)), jx, compile_s in zip(group, timings, compile_times):
+                    for (mode, (label, _, _, extra)), how, jx, compile_s in zip(group, tags, timings, compile_times):
                         jx = {"compile_s": compile_s, **jx}
                         ms = jx["decode_ms_per_token"]
                         dense_ms = dense_of[mode]["decode_ms_per_token"]
-                        how = f" [{impl}]" + ("" if mode == "-" else f" [{mode}]")
                         row = {
                             "shape": name,
                             "attention": impl,

@@ -16,9 +16,9 @@ LayerNorm, the predictor, the selection, fc1, fc2), the rest of a decode step (e
 head, sampling), and the prefill. What no instruction names (cuBLAS's own kernels, copies) is "unattributed".
 
 With `--tp N` the weights (and the planted predictors) are made straight into their Megatron shardings over N
-devices, as `bench generate --tp` makes them, and the tables are those of the first device (`/device:GPU:0`); the
-all-reduces are its NCCL (or collective-kernel) kernels, attributed to the block whose psum they are where their
-instruction says.
+devices, as `bench generate --tp` makes them, and the tables are those of the first device (`/device:GPU:0`). The
+all-reduces are listed under their kernels' own names (NCCL's, which no HLO instruction carries, so the by-block
+table counts them as "unattributed").
 """
 
 from __future__ import annotations

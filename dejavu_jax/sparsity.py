@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, predictor_scores, standardize
+from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, standardize
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
 from kernels.head_sparse import HeadSparsePlan
 from kernels.masked_mlp import MaskedMLPPlan
@@ -253,9 +253,8 @@ class SparseWeights:
 
     mlp: Optional[tuple] = None  # tuple[MLPPredictor, ...], one per layer
     fixed_rows: Optional[tuple] = None  # tuple of [ffn] int32 masks, one per layer
-    # layer l's head predictor (reads layer l-1's input): `MLPPredictor`s in the decode layout (as
-    # `sparse_weights_from_predictors` gives them) or `LowRankPredictor`s as trained (scored by XLA only)
-    heads: Optional[tuple] = None
+    # layer l's head predictor (reads layer l-1's input), in the decode layout (`decode_predictor` with no threshold)
+    heads: Optional[tuple] = None  # tuple[MLPPredictor, ...]
     head_schedule: Optional[jax.Array] = None  # a PRNG key: the random heads of `HeadSparsity.FIXED`
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
 
@@ -429,13 +428,11 @@ def head_rows(
     return HeadRows("mask", mask=mask, k=k, idx=idx, **how)
 
 
-def head_scores(predictor, x, policy: SparsityPolicy):
-    """A head predictor's fp32 scores [B, T, H] on x [B, T, d]. In the decode layout (`MLPPredictor`) a kernel
-    policy's decode step (T = 1, B <= the kernel's batch bound) computes the first layer on the `predictor_hidden`
-    kernel, as the MLP predictor does: XLA reads a [d, r] weight for one token at a fraction of bandwidth. Whole
-    sequences, and predictors in the training layout, are scored by XLA."""
-    if isinstance(predictor, LowRankPredictor):
-        return predictor_scores(predictor, x)
+def head_scores(predictor: MLPPredictor, x, policy: SparsityPolicy):
+    """A head predictor's fp32 scores [B, T, H] on x [B, T, d]. A kernel policy's decode step (T = 1, B <= the
+    kernel's batch bound) computes the first layer on the `predictor_hidden` kernel, as the MLP predictor does (XLA
+    read the training layout's [d, r] weight for one token at a fraction of bandwidth); whole sequences are scored by
+    XLA."""
     batch, tokens = x.shape[:2]
     if tokens == 1 and policy.decode_kernels and batch <= HIDDEN_MAX_BATCH:
         return predictor.scores_from_hidden(predictor.decode_hidden(x[:, 0], policy.tuning))[:, None]
@@ -447,7 +444,12 @@ def exactly_k(scores, k: int):
     distinct, in `lax.top_k` order). Ties are broken by `lax.top_k`: a decode step sizes its head list from k, so a
     tie must not choose more."""
     idx = jax.lax.top_k(scores, k)[1].astype(jnp.int32)  # [..., k]
-    return jnp.any(idx[..., :, None] == jnp.arange(scores.shape[-1]), axis=-2), idx
+    return mask_of(idx, scores.shape[-1]), idx
+
+
+def mask_of(idx, n: int):
+    """idx [..., k] int (distinct entries in [0, n)) -> [..., n] bool, True at those entries."""
+    return jnp.any(idx[..., :, None] == jnp.arange(n), axis=-2)
 
 
 def scheduled_heads(key, layer: int, first_slot, batch: int, tokens: int, n_heads: int, k: int):
@@ -471,7 +473,7 @@ def scheduled_heads(key, layer: int, first_slot, batch: int, tokens: int, n_head
     h = (h ^ (h >> 12)) * jnp.uint32(0x297A2D39)
     start = ((h ^ (h >> 15)) % jnp.uint32(n_heads)).astype(jnp.int32)  # [batch, tokens]
     idx = order[(start[..., None] + jnp.arange(k, dtype=jnp.int32)) % n_heads]  # [batch, tokens, k]
-    return jnp.any(idx[..., :, None] == jnp.arange(n_heads), axis=-2), idx
+    return mask_of(idx, n_heads), idx
 
 
 def check_sparsity(policy: SparsityPolicy, weights: Optional[SparseWeights]) -> None:

@@ -75,9 +75,8 @@ class HeadSparsePlan:
     # column blocks loaded per step of a head_qkv program (the largest divisor of d / block_d not above it); 0 = all
     qkv_step_blocks: int = 1
     qkv_warps: int = 4
-    qkv_stages: int = (
-        1  # Triton software-pipelining stages of head_qkv's column loop (its loads feed dots from 16 rows)
-    )
+    # Triton software-pipelining stages of head_qkv's column loop (its loads feed dots from 16 rows)
+    qkv_stages: int = 1
     out_block_rows: int = 32  # rows of a head per head_out_proj step
     out_block_d: int = 256  # columns of d per head_out_proj program
     out_groups: int = 0  # head groups of head_out_proj (fp32 partials); 0 = enough for `TARGET_PROGRAMS`

@@ -571,10 +571,11 @@ def fixed_rows_and_heads(mesh=None, config=EIGHT_HEADS, seed=4):
 def random_head_predictors(config, k: int, seed: int = 9) -> SparseWeights:
     """Random rank-8 head predictors keeping `k` heads per token: their choice changes from token to token."""
     from dejavu_jax.predictors import init_low_rank
+    from dejavu_jax.sparsity import decode_predictor
 
     keys = jax.random.split(jax.random.PRNGKey(seed), config.num_hidden_layers)
     heads = tuple(init_low_rank(key, config.hidden_size, 8, config.num_attention_heads).replace(k=k) for key in keys)
-    return SparseWeights(heads=heads)
+    return SparseWeights(heads=tuple(decode_predictor(p, None) for p in heads))
 
 
 def check_heads_tp_match_one_device(params, config, tp, policy, weights, prompts, new_tokens=5):

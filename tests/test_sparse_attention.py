@@ -418,7 +418,7 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
 def test_decode_step_scores_heads_on_the_predictor_kernel():
     """Head predictors in the decode layout (`decode_predictor`, as `sparse_weights_from_predictors` gives them): a
     decode step runs each layer's first predictor layer on the predictor_hidden kernel, with the scores the training
-    layout gives (which XLA computes, for whole sequences and for predictors left in that layout)."""
+    layout gives; the reference decode (no kernels) and whole sequences are scored by XLA."""
     d, n_layers = CONFIG.hidden_size, CONFIG.num_hidden_layers
     keys = jax.random.split(jax.random.PRNGKey(21), n_layers)
     trained = tuple(init_low_rank(key, d, 8, CONFIG.num_attention_heads) for key in keys)
@@ -429,7 +429,11 @@ def test_decode_step_scores_heads_on_the_predictor_kernel():
         assert rel_max_err(head_scores(q, x, policy), predictor_scores(p, x)) <= 1e-5
     kernel = "pallas_call:predictor_hidden"
     assert _decode_step_primitives(policy, 2, SparseWeights(heads=decode)).count(kernel) == n_layers
-    assert _decode_step_primitives(policy, 2, SparseWeights(heads=trained)).count(kernel) == 0
+    reference = dataclasses.replace(policy, decode_kernels=False)
+    assert _decode_step_primitives(reference, 2, SparseWeights(heads=decode)).count(kernel) == 0
+    whole = jax.random.normal(jax.random.PRNGKey(23), (2, 5, d))
+    for p, q in zip(trained, decode):
+        assert rel_max_err(head_scores(q, whole, policy), predictor_scores(p, whole)) <= 1e-5
 
 
 def test_tuning_and_cache_errors():
