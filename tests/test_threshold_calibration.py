@@ -201,3 +201,25 @@ def test_sampling_units_are_windows_unless_the_calibration_rows_share_one():
     calib, _ = split_by_window(one)
     units, name = sampling_units(SimpleNamespace(window_of_row=one, calibration=calib))
     assert name == "token" and units.tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("seed, confidence, target", [(3, 0.99, 0.99), (4, 0.9, 0.95), (5, 0.5, 0.8)])
+def test_ordering_only_the_tail_gives_the_full_orders_threshold(seed, confidence, target, monkeypatch):
+    """The head of high-scored pairs enters the bound as per-unit totals: the threshold is the one the full ordering
+    of every pair finds (here with many ties and a tail of a few percent)."""
+    import train.metrics as metrics
+
+    rng = np.random.default_rng(seed)
+    labels = rng.random((600, 300)) < 0.3
+    labels[:9] = False
+    scores = np.round(rng.standard_normal((600, 300)) + 2.0 * labels, 2).astype(np.float32)
+    windows = np.arange(600) // 50
+    cal = ThresholdCalibration()
+    cal.update(scores, labels, windows)
+    head = metrics._top_weight_under(
+        np.concatenate(cal.scores), np.concatenate(cal.weights), target * 600 - 9 - 1e-6 * 600
+    )
+    assert head.mean() > 0.5  # the shortcut is taken: most pairs are in the head
+    fast = cal.score_at(target, confidence)
+    monkeypatch.setattr(metrics, "_top_weight_under", lambda s, w, need: np.zeros(len(s), bool))
+    assert cal.score_at(target, confidence) == fast

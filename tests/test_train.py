@@ -143,13 +143,25 @@ def test_topk_curve_by_hand():
 
 
 def test_topk_curve_matches_a_per_token_sort_on_random_scores_with_ties():
-    from train.metrics import _descending_order_xla, _labels_in_score_order_xla, descending_order, labels_in_score_order
+    from train.metrics import (
+        _descending_order_xla,
+        _labels_in_score_order_xla,
+        descending_order,
+        descending_row_order,
+        labels_in_score_order,
+    )
 
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 6, (40, 33)).astype(np.float32)  # few distinct values: many ties
     labels = rng.random((40, 33)) < 0.2
     labels[3] = False  # a token with nothing active
     in_order = labels_in_score_order(scores, labels)
+    # The host's quicksort with its tie repair gives the stable order, on tied rows and on rows without ties.
+    distinct = rng.permutation(40 * 33).reshape(40, 33).astype(np.float32)
+    paired = distinct.copy()
+    paired[:, [5, 9, 2]] = paired[:, [20, 30, 31]]  # pairs of equal values, each in either order after a quicksort
+    for values in (scores, distinct, paired, np.where(np.arange(40)[:, None] % 2, scores, paired)):
+        np.testing.assert_array_equal(descending_row_order(values), np.argsort(-values, axis=1, kind="stable"))
     # The accelerator's sort (XLA, here on the CPU) gives the same stable order as numpy's.
     xla = np.unpackbits(np.asarray(_labels_in_score_order_xla(scores, labels)), axis=1, count=33).astype(bool)
     np.testing.assert_array_equal(xla, in_order)

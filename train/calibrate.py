@@ -89,18 +89,22 @@ def sampling_units(held_out: HeldOut) -> tuple[np.ndarray, str]:
     return np.arange(len(held_out.window_of_row)), "token"
 
 
-def _curves(predictor, x, targets, calib, test, units, num_outputs, mass_norms=None):
+def _layer_scores(predictor, x) -> np.ndarray:
+    """[n, outputs] float32: the predictor's scores of every held-out row, computed once per layer and predictor
+    (the top-K curves, the threshold search and the test counts all read them)."""
+    return np.concatenate([scores for _, scores in score_rows(predictor, x)])
+
+
+def _curves(scores, targets, calib, test, units, num_outputs, mass_norms=None):
     curves = {"calibration": TopKCurve(num_outputs), "test": TopKCurve(num_outputs)}
-    for start, scores in score_rows(predictor, x):
-        rows = slice(start, start + len(scores))
-        for name, mask in (("calibration", calib[rows]), ("test", test[rows])):
-            if not mask.any():
-                continue
-            row_units = units[rows][mask] if name == "calibration" else None
-            if mass_norms is None:
-                curves[name].update(scores[mask], targets[rows][mask], row_units)
-            else:
-                curves[name].update_mass(scores[mask], mass_norms[rows][mask], targets[rows][mask], row_units)
+    for name, mask in (("calibration", calib), ("test", test)):
+        if not mask.any():
+            continue
+        row_units = units[mask] if name == "calibration" else None
+        if mass_norms is None:
+            curves[name].update(scores[mask], targets[mask], row_units)
+        else:
+            curves[name].update_mass(scores[mask], mass_norms[mask], targets[mask], row_units)
     return curves
 
 
@@ -200,8 +204,9 @@ def calibrate_held_out(
 
 def calibration_workers() -> int:
     """Layers calibrated at once: one per 4 CPU cores, at most 4, so 1 on a 2-core machine. Each holds one layer's
-    active (token, neuron) pairs while it searches the threshold (~1.5 GB at opt-6.7b for a random model, whose
-    ReLUs fire for half the neurons), and numpy releases the GIL in the sorts and array passes that cost the time."""
+    scores (float32, ~0.4 GB for 5,900 held-out tokens at opt-6.7b) and its active (token, neuron) pairs while it
+    searches the threshold (~1.5 GB more there for a random model, whose ReLUs fire for half the neurons), and numpy
+    releases the GIL in the sorts and array passes that cost the time."""
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
@@ -209,24 +214,29 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
     """One layer's K, threshold and test metrics (the report's entry); independent of every other layer."""
     config = held_out.config
     calib, test = held_out.calibration, held_out.test
+    clock = _PhaseClock()
     x_mlp = held_out.read(layer, predictors.mlp_input)
     labels = held_out.read_labels(layer)
-    curves = _curves(predictors.mlp[layer], x_mlp, labels, calib, test, units, config.ffn_dim)
+    clock.lap("read")
+    scores = _layer_scores(predictors.mlp[layer], x_mlp)
+    del x_mlp
+    clock.lap("score")
+    curves = _curves(scores, labels, calib, test, units, config.ffn_dim)
     mlp_bound = curves["calibration"].recall_lower_bound(opts.recall_confidence)
     mlp_raw, mlp_k = smallest_k(mlp_bound, opts.recall_target, opts.block)
-    threshold = _calibrate_threshold(predictors.mlp[layer], x_mlp, labels, calib, units, opts)
+    clock.lap("top_k")
+    threshold = _calibrate_threshold(scores[calib], labels[calib], units[calib], opts)
+    clock.lap("threshold")
     threshold_test = ThresholdCounts(threshold, config.ffn_dim, mlp_k)
-    for start, scores in score_rows(predictors.mlp[layer], x_mlp):
-        rows = slice(start, start + len(scores))
-        if test[rows].any():
-            threshold_test.update(scores[test[rows]], labels[rows][test[rows]])
-    del x_mlp, labels
+    if test.any():
+        threshold_test.update(scores[test], labels[test])
+    del scores, labels
+    clock.lap("threshold_test")
 
     x_head = held_out.read(max(layer - 1, 0), "attn_input")
     norms = held_out.read(layer, "head_norm")
     head_curves = _curves(
-        predictors.heads[layer],
-        x_head,
+        _layer_scores(predictors.heads[layer], x_head),
         head_labels(norms, label_mass),
         calib,
         test,
@@ -240,6 +250,7 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
     oracle.update_mass(test_norms, test_norms, head_labels(test_norms, label_mass))
     head_bound = head_curves["calibration"].recall_lower_bound(opts.recall_confidence)
     head_raw, head_k = smallest_k(head_bound, opts.head_recall_target, opts.head_block)
+    clock.lap("heads")
     entry = {
         "layer": layer,
         "mlp": {
@@ -262,6 +273,7 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
             "mass_recall_curve": [round(float(v), 5) for v in head_curves["test"].recall()],
             "oracle_mass_recall_curve": [round(float(v), 5) for v in oracle.recall()],
         },
+        "seconds": clock.seconds,
     }
     return entry
 
@@ -272,19 +284,30 @@ def _layer_line(entry: dict, config) -> str:
         f"  layer {entry['layer']}: MLP K {entry['mlp']['k']:5d}/{config.ffn_dim} ({m['predicted_density']:.1%}, "
         f"true {m['true_density']:.1%}) recall {m['recall']:.4f}; threshold {entry['mlp']['threshold']:.3f}: "
         f"density {t['density']:.1%} recall {t['recall']:.4f} | heads K {entry['heads']['k']}/"
-        f"{config.num_attention_heads} mass recall {h['recall']:.4f}"
+        f"{config.num_attention_heads} mass recall {h['recall']:.4f} ({sum(entry['seconds'].values()):.1f} s)"
     )
 
 
-def _calibrate_threshold(predictor, x, labels, calib, units, opts: CalibrateOptions) -> float:
-    """The largest score threshold whose mean recall on the calibration rows reaches the MLP target at the
-    options' confidence."""
+def _calibrate_threshold(scores, labels, units, opts: CalibrateOptions) -> float:
+    """The largest score threshold whose mean recall on the calibration rows (`scores`, `labels`, `units` of those
+    rows) reaches the MLP target at the options' confidence."""
     cal = ThresholdCalibration()
-    for start, scores in score_rows(predictor, x):
-        rows = slice(start, start + len(scores))
-        if calib[rows].any():
-            cal.update(scores[calib[rows]], labels[rows][calib[rows]], units[rows][calib[rows]])
+    if len(scores):
+        cal.update(scores, labels, units)
     return cal.threshold(opts.recall_target, opts.recall_confidence)
+
+
+class _PhaseClock:
+    """Wall seconds of a layer's calibration phases (threads share the cores, so a phase's time includes waiting)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
 
 
 def _without_curves(calibration: dict) -> dict:
