@@ -8,14 +8,20 @@ a child process (the bench process never touches the accelerator while it runs) 
 reports: tokens/s after the first compiled batch, compile and wall time, peak device memory (n/a where the backend
 does not say, as on a CPU), peak host RSS, the layer groups chosen for the disk budget and the peak disk use the
 child estimated beside the peak this process sampled under its work dir, and what disk mode would have stored.
+
+The results are written after each rank. A run that fails, or that is stopped by SIGTERM (e.g. `timeout`, which
+then stops the child too), is written as a row that says so, with how long it ran and the child's last log lines,
+so a time limit leaves a record of how far it got.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import card_slug, provenance, write_results
+from bench.common import card_slug, git_commit, write_results
 from dejavu_jax.config import OPT_SHAPES, shape_config
 
 # Normal values the random weights are cut from (see `random_groups`).
@@ -84,20 +90,53 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def run_watching_disk(cmd: list[str], work: Path, every_s: float = 0.5) -> tuple[subprocess.CompletedProcess, int]:
-    """Run `cmd`, sampling the bytes under `work` every `every_s` seconds: (the finished child, the peak seen).
-    A sample can miss a peak shorter than the interval (e.g. a checkpoint's temp file and its predecessor)."""
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    peak = 0
-    out = []
-    reader = threading.Thread(target=lambda: out.append(child.stdout.read()), daemon=True)
-    reader.start()
-    while child.poll() is None:
-        peak = max(peak, dir_bytes(work) if work.exists() else 0)
-        time.sleep(every_s)
-    reader.join()
+class Stopped(Exception):
+    """SIGTERM reached the bench while a child ran."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
+
+
+def run_watching_disk(cmd: list[str], work: Path, every_s: float = 0.5, log_tail_chars: int = 1500):
+    """Run `cmd`, sampling the bytes under `work` every `every_s` seconds: (the finished child, the peak seen, the
+    last `log_tail_chars` of its stderr, which is echoed as it comes). A sample can miss a peak shorter than the
+    interval (e.g. a checkpoint's temp file and its predecessor). On `Stopped` the child is terminated and the
+    exception carries (peak, tail) in its args."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, out, tail = 0, [], [""]
+
+    def echo_stderr():
+        for chunk in iter(lambda: child.stderr.read(256), ""):
+            sys.stderr.write(chunk)
+            tail[0] = (tail[0] + chunk)[-log_tail_chars:]
+
+    readers = [
+        threading.Thread(target=lambda: out.append(child.stdout.read()), daemon=True),
+        threading.Thread(target=echo_stderr, daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        while child.poll() is None:
+            peak = max(peak, dir_bytes(work) if work.exists() else 0)
+            time.sleep(every_s)
+    except Stopped:
+        child.terminate()
+        child.wait()
+        for reader in readers:
+            reader.join(timeout=5)
+        raise Stopped(peak, tail[0])
+    for reader in readers:
+        reader.join()
     peak = max(peak, dir_bytes(work) if work.exists() else 0)
-    return subprocess.CompletedProcess(cmd, child.returncode, "".join(out)), peak
+    return subprocess.CompletedProcess(cmd, child.returncode, "".join(out)), peak, tail[0]
+
+
+def _last_lines(text: str, count: int = 3) -> list[str]:
+    """The last `count` non-empty lines of a log (progress bars redraw with carriage returns: the last state)."""
+    lines = [line.split("\r")[-1].strip() for line in text.splitlines()]
+    return [line for line in lines if line][-count:]
 
 
 def main(argv=None) -> int:
@@ -139,6 +178,10 @@ def main(argv=None) -> int:
     model_s = time.perf_counter() - start
     print(f"random {args.shape} model: {model_dir} ({dir_bytes(model_dir) / 1e9:.2f} GB, {model_s:.0f} s)", flush=True)
     rows = []
+
+    def write(rows):
+        return _write_results(args, argv, model_s, config, rows)
+
     for rank in ranks:
         work = root / f"run-{args.shape}-rank-{rank}"
         if work.exists():
@@ -155,10 +198,21 @@ def main(argv=None) -> int:
         cmd += [] if rank == "default" else ["--rank", rank]
         print("$ " + " ".join(cmd), flush=True)
         t0 = time.perf_counter()
-        child, peak_disk = run_watching_disk(cmd, work)
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+        try:
+            child, peak_disk, log_tail = run_watching_disk(cmd, work)
+        except Stopped as stopped:
+            peak_disk, log_tail = stopped.args
+            rows.append(_unfinished_row(rank, "stopped (SIGTERM)", time.perf_counter() - t0, peak_disk, log_tail))
+            write(rows)
+            return 124
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         wall = time.perf_counter() - t0
         if child.returncode != 0:
             print(f"error: the training run for rank {rank} failed (exit {child.returncode})", file=sys.stderr)
+            rows.append(_unfinished_row(rank, f"failed (exit {child.returncode})", wall, peak_disk, log_tail))
+            write(rows)
             return 1
         summary = json.loads(child.stdout)
         s = summary["stream"]
@@ -173,6 +227,7 @@ def main(argv=None) -> int:
                 "compile_s": s["compile_s"],
                 "train_s_after_compile": s["train_s_after_compile"],
                 "train_s": s["seconds"],
+                "calibration_s": summary["calibrate"]["seconds"],
                 "wall_s": wall,
                 "peak_device_bytes": s["peak_device_bytes"],
                 "peak_host_rss_bytes": s["peak_host_rss_bytes"],
@@ -186,10 +241,29 @@ def main(argv=None) -> int:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+        write(rows)
+    if not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
 
-    info = provenance()  # only now: the bench process starts the accelerator after the children are done
+
+def _unfinished_row(rank: str, status: str, wall: float, peak_disk: int, log_tail: str) -> dict:
+    return {
+        "rank": rank,
+        "status": status,
+        "wall_s": wall,
+        "peak_work_dir_bytes": peak_disk,
+        "last_log": _last_lines(log_tail),
+    }
+
+
+def _write_results(args, argv, model_s: float, config, rows: list[dict]) -> Path:
+    import jax  # the version only: the bench process never starts the accelerator (the children use it)
+
+    finished = [r for r in rows if "status" not in r]
+    card = finished[0]["device"] if finished else "unknown (no run finished)"
+    info = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "jax": jax.__version__}
     info["command"] = "python -m bench train-stream " + " ".join(sys.argv[1:] if argv is None else argv)
-    card = rows[0]["device"] if rows else info["card"]
 
     def gb(v):
         return "n/a" if v is None else f"{v / 1e9:.2f}"
@@ -207,26 +281,35 @@ def main(argv=None) -> int:
         "- peak disk: the child's estimate (`train/disk_budget.py`) beside the work dir's size sampled every "
         "0.5 s (a sample can miss a peak shorter than that)",
         "",
-        "| rank | layer groups | tokens/s | compile + first batch s | training s | child wall s | peak device GB "
-        "| peak host RSS GB | work dir GB at the end | peak disk GB: estimated / sampled (budget) "
+        "| rank | layer groups | tokens/s | compile + first batch s | training s | calibration s | child wall s "
+        "| peak device GB | peak host RSS GB | work dir GB at the end | peak disk GB: estimated / sampled (budget) "
         "| disk mode would store GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in finished:
         md.append(
             f"| {r['rank']} | {r['layer_groups']} | {r['tokens_per_s']:,.0f} | {r['compile_s']:.1f} "
-            f"| {r['train_s']:.0f} | {r['wall_s']:.0f} | {gb(r['peak_device_bytes'])} | {gb(r['peak_host_rss_bytes'])} "
-            f"| {gb(r['work_dir_bytes'])} | {gb(r['estimated_peak_disk_bytes'])} / {gb(r['peak_work_dir_bytes'])} "
-            f"({gb(r['disk_budget_bytes'])}) | {gb(r['disk_mode_activation_bytes'])} |"
+            f"| {r['train_s']:.0f} | {r['calibration_s']:.0f} | {r['wall_s']:.0f} | {gb(r['peak_device_bytes'])} "
+            f"| {gb(r['peak_host_rss_bytes'])} | {gb(r['work_dir_bytes'])} "
+            f"| {gb(r['estimated_peak_disk_bytes'])} / {gb(r['peak_work_dir_bytes'])} ({gb(r['disk_budget_bytes'])}) "
+            f"| {gb(r['disk_mode_activation_bytes'])} |"
         )
+    for r in rows:
+        if "status" in r:
+            md += [
+                "",
+                f"Rank {r['rank']}: **{r['status']}** after {r['wall_s']:.0f} s (peak disk sampled "
+                f"{gb(r['peak_work_dir_bytes'])} GB); the child's last log lines:",
+                "",
+                "```",
+            ]
+            md += r["last_log"] + ["```"]
     text = "\n".join(md) + "\n"
     data = {**info, "card": card, "shape": args.shape, "config": config, "model_write_s": model_s, "runs": rows}
     path = write_results(f"train_stream_{card_slug(card)}_{args.shape}", text, data, args.out)
     print(text)
     print(f"wrote {path}")
-    if not args.workdir:
-        shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return path
 
 
 if __name__ == "__main__":

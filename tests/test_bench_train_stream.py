@@ -34,3 +34,46 @@ def test_tiny_shape_smoke(tmp_path, monkeypatch):
     model = load_model(work / "model-tiny", "float32")
     assert model.config.vocab_size >= len(model.tokenizer) and model.config.hidden_size == 64
     assert random_model("tiny", OPT_TOKENIZER, work / "model-tiny")[0] == work / "model-tiny"  # reused
+
+
+def _tiny_argv(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    with lzma.open(SHARED / "data" / "wiki2015" / "validation.jsonl.xz", "rt") as f:
+        corpus.write_text("".join(line for _, line in zip(range(10), f)))
+    argv = ["--shape", "tiny", "--data", str(corpus), "--tokenizer", str(OPT_TOKENIZER), "--ranks", "8"]
+    return argv + ["--max-tokens", "640", "--seq-len", "32", "--batch-size", "4", "--epochs", "2"]
+
+
+def test_a_failed_run_is_written_with_its_last_log_lines(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    out = tmp_path / "result.md"
+    argv = _tiny_argv(tmp_path) + ["--workdir", str(tmp_path / "work"), "--out", str(out)]
+    assert main(argv + ["--stream-disk-budget-gb", "1e-9"]) == 1  # train refuses a budget nothing fits
+    (run,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert run["status"] == "failed (exit 2)" and run["rank"] == "8"
+    assert any(line.startswith("error: stream mode needs at least") for line in run["last_log"])
+    assert "Rank 8: **failed (exit 2)**" in out.read_text()
+
+
+def test_sigterm_stops_the_child_and_writes_how_far_it_got(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "result.md"
+    argv = _tiny_argv(tmp_path) + ["--workdir", str(tmp_path / "work"), "--out", str(out)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "train-stream", *argv], stdout=subprocess.PIPE, text=True, env=env
+    )
+    for line in bench.stdout:  # the child starts right after the bench prints its command line
+        if line.startswith("$ "):
+            break
+    time.sleep(3)  # the child is importing JAX or training
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=60) == 124
+    (run,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert run["status"] == "stopped (SIGTERM)" and run["wall_s"] >= 3
+    assert "Rank 8: **stopped (SIGTERM)**" in out.read_text()

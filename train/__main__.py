@@ -498,6 +498,7 @@ def _calibrate(rows, args, opts, predictors_dir: Path, progress: bool, log, disk
     summary["head_test_mass_recall"] = [e["heads"]["test"]["recall"] for e in result["layers"]]
     summary["calibration_tokens"] = result["calibration_tokens"]
     summary["test_tokens"] = result["test_tokens"]
+    summary["seconds"] = result["seconds"]
     log(
         f"calibrate: MLP K {result['mlp_k']}, heads K {result['head_k']}; mean MLP density (layers 1+) "
         f"{mean_mlp_density(result):.1%}; report {result['report_files']['markdown']}"
