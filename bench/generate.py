@@ -83,6 +83,7 @@ from dejavu_jax.sparsity import (
     SparsityPolicy,
     decode_predictor,
     for_decode_batch,
+    head_schedule,
 )
 
 
@@ -192,7 +193,7 @@ def head_variants(config, density: float, tunings: list, ranks, selections, fixe
     `fixed`: the fixed-rows SparseWeights (None without --mlp-density); `predictors`: rank -> MLP SparseWeights."""
     n_heads = config.num_attention_heads
     k = max(1, round(density * n_heads))
-    schedule = jax.random.PRNGKey(11)
+    schedule = head_schedule(11, config.num_hidden_layers, config.num_attention_heads)
     head_predictors = {}
     out = []
     for tuning, names in tunings:

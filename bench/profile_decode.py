@@ -45,7 +45,15 @@ from dejavu_jax.model import ATTENTION_IMPLS
 from dejavu_jax.parallel import TP_AXIS, shard_params, shard_sparse_weights, tp_mesh
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
-from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, Selection, SparseWeights, SparsityPolicy
+from dejavu_jax.sparsity import (
+    DENSE,
+    HeadSparsity,
+    MLPSparsity,
+    Selection,
+    SparseWeights,
+    SparsityPolicy,
+    head_schedule,
+)
 
 
 def device_kernel_events(trace_dir: str, device: str = "/device:GPU:0") -> list[dict]:
@@ -180,7 +188,9 @@ def main(argv=None) -> int:
         policy = dataclasses.replace(policy, heads=heads, head_k=k, tuning=(("head_kv", args.head_kv),))
         sparsity = sparsity or SparseWeights()
         if heads == HeadSparsity.FIXED:
-            sparsity = sparsity.replace(head_schedule=jax.random.PRNGKey(11))
+            sparsity = sparsity.replace(
+                head_schedule=head_schedule(11, config.num_hidden_layers, config.num_attention_heads)
+            )
         else:
             sparsity = sparsity.replace(heads=random_head_predictors(config, args.predictor_rank))
     static = dict(

@@ -42,6 +42,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, standardize
@@ -64,8 +65,9 @@ class HeadSparsity(str, enum.Enum):
     NONE = "none"
     PREDICTED = "predicted"  # each token's K best heads by the layer's head predictor (lookahead input)
     ORACLE = "oracle"  # each token's K heads of largest true output norm (a study's upper bound, no predictor)
-    # K random heads per token, layer and sequence from `SparseWeights.head_schedule` (a seeded PRNG key, folded
-    # with the token's cache slot): benchmarks' stand-in for predictors, changing from step to step.
+    # K random heads per token, layer and sequence from `SparseWeights.head_schedule` (`head_schedule`: per layer a
+    # seeded order of the heads, entered at a start hashed from the token's cache slot): benchmarks' stand-in for
+    # predictors, changing from step to step.
     FIXED = "fixed"
 
 
@@ -255,7 +257,7 @@ class SparseWeights:
     fixed_rows: Optional[tuple] = None  # tuple of [ffn] int32 masks, one per layer
     # layer l's head predictor (reads layer l-1's input), in the decode layout (`decode_predictor` with no threshold)
     heads: Optional[tuple] = None  # tuple[MLPPredictor, ...]
-    head_schedule: Optional[jax.Array] = None  # a PRNG key: the random heads of `HeadSparsity.FIXED`
+    head_schedule: Optional[jax.Array] = None  # [layers, heads] int32 (`head_schedule`): `HeadSparsity.FIXED`'s heads
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
 
 
@@ -452,16 +454,30 @@ def mask_of(idx, n: int):
     return jnp.any(idx[..., :, None] == jnp.arange(n), axis=-2)
 
 
-def scheduled_heads(key, layer: int, first_slot, batch: int, tokens: int, n_heads: int, k: int):
+def head_schedule(seed: int, num_layers: int, n_heads: int) -> jax.Array:
+    """[num_layers, n_heads] int32: per layer a random order of its heads, drawn on the host from `seed` (the
+    `SparseWeights.head_schedule` of `HeadSparsity.FIXED`, read by `scheduled_heads`)."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(np.stack([rng.permutation(n_heads) for _ in range(num_layers)]).astype(np.int32))
+
+
+def scheduled_heads(schedule, layer: int, first_slot, batch: int, tokens: int, n_heads: int, k: int):
     """k heads per (sequence, token) from a seeded schedule, as `exactly_k` gives them (distinct heads): (mask
     [batch, tokens, n_heads] bool, idx [batch, tokens, k] int32).
 
-    Each layer draws one random cyclic order of its heads from `key` (the same at every step, so the decode loop
-    computes it once, outside the loop); a token keeps the k heads that follow a pseudo-random start in that order,
-    the start a hash of the token's cache slot, the sequence's row and the layer. So the choice changes from token to
-    token (a timed row's K/V repair runs as with a predictor) with no random draw and no sort in a decode step,
-    whose cost would otherwise count against the benchmarks' fixed-heads ceiling rows."""
-    order = jax.random.permutation(jax.random.fold_in(key, layer), n_heads).astype(jnp.int32)
+    `schedule` [layers, n_heads] (`head_schedule`) holds each layer's random cyclic order of its heads, drawn before
+    the program runs; a token keeps the k heads that follow a pseudo-random start in its layer's order, the start a
+    hash of the token's cache slot, the sequence's row and the layer. So the choice changes from token to token (a
+    timed row's K/V repair runs as with a predictor) with no random draw and no sort in a decode step, whose cost
+    would otherwise count against the benchmarks' fixed-heads ceiling rows. (A key folded per layer inside the
+    program left a threefry, a sort and a gather per layer in every step of XLA's GPU decode loop: XLA did not
+    hoist them.)"""
+    if schedule.ndim != 2 or schedule.shape[1] != n_heads or not layer < schedule.shape[0]:
+        raise ValueError(
+            f"the head schedule is {tuple(schedule.shape)}, but layer {layer} of a model with {n_heads} heads needs "
+            "[num_layers, num_heads]: make it with sparsity.head_schedule(seed, num_layers, num_heads)"
+        )
+    order = schedule[layer]
     slots = (first_slot + jnp.arange(tokens)).astype(jnp.uint32)
     rows = jnp.arange(batch, dtype=jnp.uint32)
     h = (
@@ -484,5 +500,6 @@ def check_sparsity(policy: SparsityPolicy, weights: Optional[SparseWeights]) -> 
         raise ValueError(f"head sparsity {policy.describe()} needs trained predictors (--predictors DIR)")
     if policy.heads == HeadSparsity.FIXED and (weights is None or weights.head_schedule is None):
         raise ValueError(
-            f"head sparsity {policy.describe()} needs a schedule: SparseWeights(head_schedule=jax.random.PRNGKey(seed))"
+            f"head sparsity {policy.describe()} needs a schedule: "
+            "SparseWeights(head_schedule=sparsity.head_schedule(seed, num_layers, num_heads))"
         )

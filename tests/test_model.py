@@ -13,7 +13,7 @@ from dejavu_jax.hf_convert import convert_hf_params
 from dejavu_jax.generation import decode_step, prefill
 from dejavu_jax.hf_checkpoint import HFTensorReader
 from dejavu_jax.model import OPTForCausalLM, abstract_params, init_params
-from dejavu_jax.sparsity import HeadSparsity, SparseWeights, SparsityPolicy
+from dejavu_jax.sparsity import HeadSparsity, SparseWeights, SparsityPolicy, head_schedule
 
 VARIANTS = {
     "pre_ln": {},
@@ -95,7 +95,8 @@ def test_everything_selected_equals_dense():
     ids = jax.random.randint(jax.random.PRNGKey(5), (2, 9), 3, 64)
     model = OPTForCausalLM(config)
     dense, _ = model.apply({"params": params}, ids)
-    every_row = SparseWeights(fixed_rows=(jnp.ones((48,), jnp.int32),) * 2, head_schedule=jax.random.PRNGKey(6))
+    schedule = head_schedule(6, config.num_hidden_layers, config.num_attention_heads)
+    every_row = SparseWeights(fixed_rows=(jnp.ones((48,), jnp.int32),) * 2, head_schedule=schedule)
     every_head = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=4)
     sparse, _ = model.apply({"params": params}, ids, policy=every_head, sparse_weights=every_row)
     assert rel_max_err(sparse, dense) <= 1e-5

@@ -17,7 +17,15 @@ from dejavu_jax.config import OPTConfig, tiny_config
 from dejavu_jax.generation import generate_ids, generate_tokens
 from dejavu_jax.model import OPTForCausalLM, abstract_params
 from dejavu_jax.sampling import SamplingConfig
-from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, Selection, SparseWeights, SparsityPolicy
+from dejavu_jax.sparsity import (
+    DENSE,
+    HeadSparsity,
+    MLPSparsity,
+    Selection,
+    SparseWeights,
+    SparsityPolicy,
+    head_schedule,
+)
 
 from conftest import REFERENCE_MODEL, rel_max_err
 
@@ -551,7 +559,7 @@ def test_topk_under_tp_keeps_each_shards_share(eight_heads_params):
 
 # ---- head-sparse decoding under tp: each shard computes the chosen heads it holds ----------------------------------
 
-SCHEDULE = jax.random.PRNGKey(11)
+SCHEDULE = head_schedule(11, EIGHT_HEADS.num_hidden_layers, EIGHT_HEADS.num_attention_heads)
 
 
 def fixed_heads(k: int, **tuning) -> SparsityPolicy:
@@ -565,7 +573,8 @@ def fixed_rows_and_heads(mesh=None, config=EIGHT_HEADS, seed=4):
     """Fixed row masks (about 30% of each layer's neurons) and the head schedule, placed on `mesh`."""
     rng = np.random.default_rng(seed)
     masks = tuple(jnp.asarray(rng.random(config.ffn_dim) < 0.3, jnp.int32) for _ in range(config.num_hidden_layers))
-    return parallel.shard_sparse_weights(SparseWeights(fixed_rows=masks, head_schedule=SCHEDULE), mesh)
+    schedule = head_schedule(11, config.num_hidden_layers, config.num_attention_heads)
+    return parallel.shard_sparse_weights(SparseWeights(fixed_rows=masks, head_schedule=schedule), mesh)
 
 
 def random_head_predictors(config, k: int, seed: int = 9) -> SparseWeights:
@@ -630,7 +639,7 @@ def test_reference_model_head_sparse_decoding_under_tp2_matches_one_device(refer
     holds (2 entries of 3, padded where it holds fewer)."""
     single, _ = reference_models
     encoded = [single.tokenizer(t)["input_ids"] for t in ("The history of the city", "In 1990 the")]
-    weights = SparseWeights(head_schedule=SCHEDULE)
+    weights = SparseWeights(head_schedule=head_schedule(11, single.config.num_hidden_layers, 6))
     check_heads_tp_match_one_device(single.params, single.config, 2, FIXED_HEADS[1], weights, encoded, 3)
 
 

@@ -34,6 +34,7 @@ from dejavu_jax.sparsity import (
     decode_predictor,
     exactly_k,
     for_decode_batch,
+    head_schedule,
     head_scores,
     scheduled_heads,
 )
@@ -247,7 +248,7 @@ def test_query_from_the_buffer_row_is_the_query_from_x(dtype):
 
 
 CONFIG = small_config(max_position_embeddings=96)
-SCHEDULE = SparseWeights(head_schedule=jax.random.PRNGKey(7))
+SCHEDULE = SparseWeights(head_schedule=head_schedule(7, CONFIG.num_hidden_layers, CONFIG.num_attention_heads))
 
 
 def fixed_heads(k, **tuning):
@@ -310,8 +311,9 @@ def test_every_head_chosen_decodes_like_dense_on_the_reference_model(reference_m
     model = load_model(reference_model_dir, "float32")
     ids = jnp.asarray([model.tokenizer("Paris is the capital and largest city")["input_ids"]])
     every_head = fixed_heads(model.config.num_attention_heads, head_window=4)
+    schedule = SparseWeights(head_schedule=head_schedule(7, model.config.num_hidden_layers, 6))
     steps, results = 8, {}
-    for name, policy, weights in (("dense", SparsityPolicy(), None), ("sparse", every_head, SCHEDULE)):
+    for name, policy, weights in (("dense", SparsityPolicy(), None), ("sparse", every_head, schedule)):
         last, cache = prefill(
             model.params,
             ids,
@@ -399,10 +401,13 @@ def test_batch1_decode_step_launches_one_projection_per_layer_and_compacts_no_ma
 
 
 def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without_a_top_k():
-    """The seeded schedule (`sparsity.scheduled_heads`): exactly k distinct heads per token, a function of the key,
-    layer, slot and row only (a decode step and a whole-sequence chunk starting elsewhere agree), changing from slot
-    to slot with every head kept about k/H of the time; a decode step draws no top-k for it."""
-    key, n_heads, k = jax.random.PRNGKey(11), 32, 8
+    """The seeded schedule (`sparsity.scheduled_heads`): exactly k distinct heads per token, a function of the
+    schedule, layer, slot and row only (a decode step and a whole-sequence chunk starting elsewhere agree), changing
+    from slot to slot with every head kept about k/H of the time; a decode step draws no random numbers and sorts
+    nothing for it (the per-layer orders are drawn on the host)."""
+    n_heads, k = 32, 8
+    key = head_schedule(11, 5, n_heads)
+    np.testing.assert_array_equal(np.sort(np.asarray(key), axis=1), np.tile(np.arange(n_heads), (5, 1)))
     mask, idx = scheduled_heads(key, 3, jnp.int32(5), 2, 200, n_heads, k)
     mask, idx = np.asarray(mask), np.asarray(idx)
     assert (mask.sum(-1) == k).all() and all(len(set(row)) == k for row in idx.reshape(-1, k).tolist())
@@ -412,7 +417,10 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
     assert (mask[:, 1:] != mask[:, :-1]).any(-1).mean() > 0.9  # a new choice nearly every step
     assert np.abs(mask.mean(axis=(0, 1)) - k / n_heads).max() < 0.15
     assert not (np.asarray(scheduled_heads(key, 4, jnp.int32(5), 2, 200, n_heads, k)[0]) == mask).all()
-    assert "top_k" not in _decode_step_primitives(fixed_heads(2), 1)
+    prims = _decode_step_primitives(fixed_heads(2), 1)
+    assert not {"top_k", "sort", "random_bits", "threefry2x32"} & set(prims), prims
+    with pytest.raises(ValueError, match=r"the head schedule is \(5, 32\), but layer 5 of a model with 32 heads"):
+        scheduled_heads(key, 5, jnp.int32(0), 1, 1, n_heads, k)
 
 
 def test_decode_step_scores_heads_on_the_predictor_kernel():
