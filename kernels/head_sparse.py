@@ -82,13 +82,16 @@ class HeadSparsePlan:
     out_groups: int = 0  # head groups of head_out_proj (fp32 partials); 0 = enough for `TARGET_PROGRAMS`
     out_warps: int = 4
     out_stages: int = 1  # the same for head_out_proj's loop over its group's heads
+    # 1: a decode step computing every head's K/V writes them into the cache from the projection kernel
+    # (`head_qkv_into_cache`, batch < DOT_MIN_BATCH) instead of two cache writes after it; read by the caller
+    qkv_cache_write: int = 0
 
     def __post_init__(self):
         for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
-        zero_ok = ("out_groups", "qkv_step_blocks")
+        zero_ok = ("out_groups", "qkv_step_blocks", "qkv_cache_write")
         for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", *zero_ok):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in zero_ok else 1):
@@ -158,9 +161,18 @@ def _head_qkv_kernel(part_ref, head_idx_ref, x_ref, w_ref, b_ref, out_ref, *, pl
     # part_ref [P] int32, head_idx_ref [h] int32, x_ref [Bp, d], w_ref [3, H, hd, d], b_ref [3, H, hd];
     # out_ref [P, Bp, h, hd].
     p, j = pl.program_id(0), pl.program_id(1)
-    z, head = part_ref[p], head_idx_ref[j]  # scalars
+    rows = pl.ds(pl.multiple_of(pl.program_id(2) * plan.rows_qkv, plan.rows_qkv), plan.rows_qkv)
+    acc = _qkv_rows(x_ref, w_ref, b_ref, part_ref[p], head_idx_ref[j], rows, plan)
+    if plan.qkv_dot:
+        out_ref[p, :, j, rows] = acc.astype(out_ref.dtype)
+    else:
+        for b, a in enumerate(acc):
+            out_ref[p, b, j, rows] = a.astype(out_ref.dtype)
+
+
+def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan):
+    """x · w[z, head, rows]ᵀ + b[z, head, rows] in fp32: [Bp, rb] on the dot path, else a tuple of B [rb]."""
     rb, bd, dot = plan.rows_qkv, plan.bd_qkv, plan.qkv_dot
-    rows = pl.ds(pl.multiple_of(pl.program_id(2) * rb, rb), rb)
     n_rows = plan.batch_rows(dot)
 
     per_step = plan.qkv_blocks_per_step
@@ -181,11 +193,34 @@ def _head_qkv_kernel(part_ref, head_idx_ref, x_ref, w_ref, b_ref, out_ref, *, pl
     steps = plan.d // (bd * per_step)
     acc = step(0, init) if steps == 1 else lax.fori_loop(0, steps, step, init)
     bias = b_ref[z, head, rows].astype(jnp.float32)  # [rb]
-    if dot:
-        out_ref[p, :, j, rows] = (acc + bias[None, :]).astype(out_ref.dtype)
-    else:
-        for b in range(n_rows):
-            out_ref[p, b, j, rows] = (acc[b] + bias).astype(out_ref.dtype)
+    return acc + bias[None, :] if dot else tuple(a + bias for a in acc)
+
+
+def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, _k_in, _v_in, q_ref, k_ref, v_ref, *, plan):
+    # head_idx_ref [n] int32, cursor_ref [1] int32, x_ref [B, d], w_ref [1, 3H, hd, d] (part z's head h is "head"
+    # z·H + h), b_ref [1, 3H, hd]; k_ref / v_ref [B, H, S, hd] (aliased to the inputs: written at the cursor only);
+    # q_ref [B, n, hd]. Entry j < H: K of head j; H <= j < 2H: V of head j - H; then Q of head_idx[j - 2H].
+    n_heads = k_ref.shape[1]
+    j, cursor = pl.program_id(1), cursor_ref[0]
+    rows = pl.ds(pl.multiple_of(pl.program_id(2) * plan.rows_qkv, plan.rows_qkv), plan.rows_qkv)
+    q_head = head_idx_ref[jnp.maximum(j - 2 * n_heads, 0)]
+    flat = jnp.where(j < 2 * n_heads, n_heads + j, q_head)
+    acc = _qkv_rows(x_ref, w_ref, b_ref, 0, flat, rows, plan)
+
+    @pl.when(j < n_heads)
+    def _():
+        for b, a in enumerate(acc):
+            k_ref[b, j, cursor, rows] = a.astype(k_ref.dtype)
+
+    @pl.when((j >= n_heads) & (j < 2 * n_heads))
+    def _():
+        for b, a in enumerate(acc):
+            v_ref[b, j - n_heads, cursor, rows] = a.astype(v_ref.dtype)
+
+    @pl.when(j >= 2 * n_heads)
+    def _():
+        for b, a in enumerate(acc):
+            q_ref[b, j - 2 * n_heads, rows] = a.astype(q_ref.dtype)
 
 
 def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSparsePlan):
@@ -339,6 +374,48 @@ def head_qkv_pairs(x, qkv_w, qkv_b, part_idx, head_idx, *, knobs=None, interpret
         interpret=resolve_interpret(interpret),
     )
     return out[0, : plan.batch]
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def head_qkv_into_cache(x, qkv_w, qkv_b, head_idx, keys, values, cursor, *, knobs=None, interpret=None):
+    """(q [B, n, hd], keys, values) in one launch: K and V of every head for the new token, written into the cache
+    keys / values [B, H, S, hd] at slot `cursor` (in place where XLA can alias them; every other slot as it was),
+    and Q of the n heads `head_idx`, as `head_qkv_pairs` computes them. Batch below `DOT_MIN_BATCH` (the per-row
+    path); `cursor` is not range-checked on GPU (0 <= cursor < S is the caller's contract). Replaces, per layer and
+    decode step, `head_qkv_pairs` over every head's K/V and the chosen Q plus the two cache writes after it.
+    """
+    n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, head_idx)
+    batch = x.shape[0]
+    if batch >= DOT_MIN_BATCH:
+        raise ValueError(f"head_qkv_into_cache takes fewer than {DOT_MIN_BATCH} rows. Got {batch}")
+    if keys.shape != values.shape or keys.shape[:2] != (batch, n_heads) or keys.shape[3] != hd:
+        raise ValueError(
+            f"keys and values must be [B={batch}, H={n_heads}, S, hd={hd}]. Got {keys.shape}, {values.shape}"
+        )
+    n = head_idx.shape[0]
+    plan = _plan(batch, d, hd, 2 * n_heads + n, knobs)
+    q, keys, values = pl.pallas_call(
+        functools.partial(_head_qkv_cache_kernel, plan=plan),
+        out_shape=(
+            jax.ShapeDtypeStruct((batch, n, hd), x.dtype),
+            jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+            jax.ShapeDtypeStruct(values.shape, values.dtype),
+        ),
+        grid=(1, plan.heads, hd // plan.rows_qkv),
+        input_output_aliases={5: 1, 6: 2},
+        compiler_params=plgpu.CompilerParams(num_warps=plan.qkv_warps, num_stages=plan.qkv_stages),
+        interpret=resolve_interpret(interpret),
+        name="head_qkv_cache",
+    )(
+        head_idx.astype(jnp.int32),
+        jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,)),
+        x,
+        qkv_w.reshape(1, 3 * n_heads, hd, d),
+        qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),
+        keys,
+        values,
+    )
+    return q, keys, values
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))

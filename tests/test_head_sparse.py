@@ -12,6 +12,7 @@ from kernels.head_sparse import (
     head_out_proj,
     head_out_proj_reference,
     head_qkv,
+    head_qkv_into_cache,
     head_qkv_pairs,
     head_qkv_pairs_reference,
     head_qkv_reference,
@@ -115,6 +116,39 @@ class TestHeadSparse(CompiledKernelCases):
         np.testing.assert_array_equal(np.asarray(out[:, : len(idx)]), np.asarray(by_part[1]))
         np.testing.assert_array_equal(np.asarray(out[:, -1]), np.asarray(by_part[0, :, -1]))
 
+    @pytest.mark.parametrize("case", [c for c in CASES if c[0] < 16])
+    def test_qkv_into_cache_writes_every_heads_kv_at_the_cursor(self, case):
+        """K and V of every head land in the cache at the cursor slot (every other slot untouched) and Q of the
+        listed heads comes back: bit for bit what `head_qkv_pairs` gives for the same entries."""
+        batch, n_heads, hd, d, idx, dtype, knobs = case
+        x, qkv_w, qkv_b, *_ = random_case(batch, n_heads, hd, d, len(idx), dtype, seed=batch * 5 + d + hd)
+        rng = np.random.default_rng(d)
+        keys, values = (jnp.asarray(rng.standard_normal((batch, n_heads, 6, hd)), dtype) for _ in range(2))
+        head_idx = jnp.asarray(idx, jnp.int32)
+        q, new_keys, new_values = head_qkv_into_cache(
+            x, qkv_w, qkv_b, head_idx, keys, values, jnp.int32(4), knobs=knobs, interpret=self.INTERPRET
+        )
+        every = list(range(n_heads))
+        part_idx = jnp.asarray([1] * n_heads + [2] * n_heads + [0] * len(idx), jnp.int32)
+        pairs = head_qkv_pairs(
+            x,
+            qkv_w,
+            qkv_b,
+            part_idx,
+            jnp.asarray(every + every + idx, jnp.int32),
+            knobs=knobs,
+            interpret=self.INTERPRET,
+        )
+        np.testing.assert_array_equal(np.asarray(q), np.asarray(pairs[:, 2 * n_heads :]))
+        np.testing.assert_array_equal(np.asarray(new_keys[:, :, 4]), np.asarray(pairs[:, :n_heads]))
+        np.testing.assert_array_equal(np.asarray(new_values[:, :, 4]), np.asarray(pairs[:, n_heads : 2 * n_heads]))
+        others = np.arange(6) != 4
+        np.testing.assert_array_equal(np.asarray(new_keys)[:, :, others], np.asarray(keys)[:, :, others])
+        np.testing.assert_array_equal(np.asarray(new_values)[:, :, others], np.asarray(values)[:, :, others])
+        xs, w, b = f64(x, qkv_w, qkv_b)
+        ref_q = np.einsum("bd,jkd->bjk", xs, w[0, idx]) + b[0, idx][None]
+        assert row_err(q, ref_q) <= TOLERANCE[dtype]
+
     @pytest.mark.parametrize("case", CASES)
     def test_out_proj_matches_float64(self, case):
         batch, n_heads, hd, d, idx, dtype, knobs = case
@@ -202,3 +236,16 @@ def test_lowers_for_gpu(batch, n_heads, hd, d, h):
         idx,
     )
     assert "head_out_proj" in text
+    if batch < 16:
+        cache = s((batch, n_heads, 256, hd), jnp.float16)
+        text = lowered_text_for_cuda(
+            jax.jit(lambda *a: head_qkv_into_cache(*a, interpret=False)),
+            s((batch, d), jnp.float16),
+            s((3, n_heads, hd, d), jnp.float16),
+            s((3, n_heads, hd), jnp.float16),
+            idx,
+            cache,
+            cache,
+            s((), jnp.int32),
+        )
+        assert "head_qkv_cache" in text

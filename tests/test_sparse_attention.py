@@ -289,6 +289,8 @@ def whole_sequence_logits(params, ids, mask, continuation):
         (fixed_heads(2, head_kv="all"), "pallas"),
         # the kernels' plan overridden through the tuning: 16-column blocks, all loaded in one step
         (fixed_heads(2, head_qkv_block_d=16, head_qkv_step_blocks=0, head_out_block_d=16), "xla"),
+        # every head's K/V written into the cache by the projection kernel itself
+        (fixed_heads(2, head_kv="all", head_qkv_cache_write=1), "xla"),
     ],
 )
 def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, attention_impl):
@@ -419,6 +421,11 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
     assert not (np.asarray(scheduled_heads(key, 4, jnp.int32(5), 2, 200, n_heads, k)[0]) == mask).all()
     prims = _decode_step_primitives(fixed_heads(2), 1)
     assert not {"top_k", "sort", "random_bits", "threefry2x32"} & set(prims), prims
+    # head_qkv_cache_write: the projection kernel writes K/V, no cache writes after it (two per layer before)
+    fused = _decode_step_primitives(fixed_heads(2, head_qkv_cache_write=1), 1)
+    layers = CONFIG.num_hidden_layers
+    assert prims.count("dynamic_update_slice") - fused.count("dynamic_update_slice") == 2 * layers
+    assert fused.count("pallas_call:head_qkv_cache") == layers
     with pytest.raises(ValueError, match=r"the head schedule is \(5, 32\), but layer 5 of a model with 32 heads"):
         scheduled_heads(key, 5, jnp.int32(0), 1, 1, n_heads, k)
 
