@@ -38,6 +38,7 @@ from dejavu_jax.sparse_attention import (
 from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import DENSE, HeadRows, MLPRows, SparseWeights, SparsityPolicy, head_rows, mlp_rows, topk_mask
 from kernels.decode_attention import decode_attention_append
+from kernels.head_sparse import DOT_MIN_BATCH
 from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH
 
 
@@ -110,8 +111,31 @@ class OPTAttention(nn.Module):
         self.out_w = self.param("out_w", _init(), (H, hd, d), self.dtype)
         self.out_b = self.param("out_b", nn.initializers.zeros, (d,), self.dtype)
 
-    def __call__(self, x, allowed, layer_kv=None, cursor=None, heads: HeadRows = HeadRows()):
-        """x [B, T, d] (after the LayerNorm); allowed [B, T, S] bool: query t may read key slot s.
+    def fuses_layernorm(self, x, layer_kv, heads: HeadRows) -> bool:
+        """Whether this call may hand the head-sparse decode step the pre-LayerNorm input and the LayerNorm (the
+        `qkv_layernorm` knob, every head's K/V, below the kernels' dot batch, no input ring buffer to keep)."""
+        B, T, _ = x.shape
+        return (
+            bool(dict(heads.knobs).get("qkv_layernorm", 0))
+            and self._sparse_decode(B, T, layer_kv, heads)
+            and heads.head_kv == "all"
+            and B < DOT_MIN_BATCH
+            and layer_kv[2] is None
+        )
+
+    @staticmethod
+    def _sparse_decode(B: int, T: int, layer_kv, heads: HeadRows) -> bool:
+        return (
+            layer_kv is not None
+            and T == 1
+            and heads.kind == "mask"
+            and heads.decode_kernels
+            and B <= HEAD_SPARSE_MAX_BATCH
+        )
+
+    def __call__(self, x, allowed, layer_kv=None, cursor=None, heads: HeadRows = HeadRows(), layernorm=None):
+        """x [B, T, d] (after the LayerNorm; with `layernorm` = (scale, bias, eps), where `fuses_layernorm`, its
+        input); allowed [B, T, S] bool: query t may read key slot s.
 
         layer_kv: (keys, values, recent): keys / values [B, heads, S, head_dim], the chunk is written at slot
         `cursor`; recent [B, R, d] or None, the ring buffer of recent inputs (`KVCache.recent_inputs`). None: S == T
@@ -125,9 +149,9 @@ class OPTAttention(nn.Module):
         """
         c = self.config
         B, T, _ = x.shape
-        sparse_decode = heads.kind == "mask" and heads.decode_kernels and B <= HEAD_SPARSE_MAX_BATCH
-        if layer_kv is not None and T == 1 and sparse_decode:
-            return self._decode_chosen_heads(x, allowed, layer_kv, cursor, heads)
+        if self._sparse_decode(B, T, layer_kv, heads):
+            return self._decode_chosen_heads(x, allowed, layer_kv, cursor, heads, layernorm)
+        assert layernorm is None, "only a head-sparse decode step applies the LayerNorm in its kernel"
         recent = None if layer_kv is None or layer_kv[2] is None else write_recent_inputs(layer_kv[2], x, cursor)
         with jax.named_scope("qkv_proj"):
             qkv = jnp.einsum("btd,zhkd->zbhtk", x, self.qkv_w, preferred_element_type=jnp.float32)
@@ -154,7 +178,7 @@ class OPTAttention(nn.Module):
             heads_out = jnp.einsum("bhts,bhsk->bthk", probs, values, preferred_element_type=jnp.float32)
         return self._project_out(heads_out, x.dtype, heads), new_kv
 
-    def _decode_chosen_heads(self, x, allowed, layer_kv, cursor, heads: HeadRows):
+    def _decode_chosen_heads(self, x, allowed, layer_kv, cursor, heads: HeadRows, layernorm=None):
         """The head-sparse decode step: only the chosen heads' weights are read (see `head_sparse_decode`)."""
         keys, values, recent = layer_kv
         repair = heads.head_kv == "repair"
@@ -183,6 +207,7 @@ class OPTAttention(nn.Module):
             head_kv=heads.head_kv,
             attention_impl=str(self.attention_impl),
             knobs=heads.knobs,
+            layernorm=layernorm,
         )
         if not repair and recent is not None:  # a buffer the policy does not use is still kept current
             recent = write_recent_inputs(recent, x, cursor)
@@ -258,8 +283,12 @@ class OPTDecoderLayer(nn.Module):
         self.sow("intermediates", "attn_input", h)
         attn_input = h
         with jax.named_scope("attention_block"):
-            x = self.self_attn_layer_norm(h) if pre_ln else h
-            attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, heads)
+            if pre_ln and self.self_attn.fuses_layernorm(h, layer_kv, heads):  # the q/k/v kernel normalises
+                ln = self.self_attn_layer_norm.affine()
+                attn_out, new_kv = self.self_attn(h, allowed, layer_kv, cursor, heads, layernorm=ln)
+            else:
+                x = self.self_attn_layer_norm(h) if pre_ln else h
+                attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, heads)
             h = h + attn_out
             if not pre_ln:
                 h = self.self_attn_layer_norm(h)

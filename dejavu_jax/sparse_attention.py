@@ -146,10 +146,15 @@ def shard_head_list(chosen, chosen_idx, first, local_heads: int, k: int):
     return q_heads, jnp.take(local_chosen, q_heads, axis=1) & real[None, :]
 
 
-def _qkv_pairs_rows(rows, weights: AttentionWeights, part_idx, head_idx, knobs: tuple = ()):
+def _ln_kwargs(layernorm) -> dict:
+    return {} if layernorm is None else dict(zip(("ln_scale", "ln_bias", "ln_eps"), layernorm))
+
+
+def _qkv_pairs_rows(rows, weights: AttentionWeights, part_idx, head_idx, knobs: tuple = (), layernorm=None):
     """`head_qkv_pairs` over any number of rows [N, d]: kernel calls of at most MAX_BATCH rows -> [N, n, hd]."""
+    w, b, ln = weights.qkv_w, weights.qkv_b, _ln_kwargs(layernorm)
     pieces = [
-        head_qkv_pairs(rows[i : i + MAX_BATCH], weights.qkv_w, weights.qkv_b, part_idx, head_idx, knobs=knobs)
+        head_qkv_pairs(rows[i : i + MAX_BATCH], w, b, part_idx, head_idx, knobs=knobs, **ln)
         for i in range(0, rows.shape[0], MAX_BATCH)
     ]
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
@@ -198,6 +203,7 @@ def head_sparse_decode(
     head_kv: str = "all",
     attention_impl: str = "xla",
     knobs: tuple = (),
+    layernorm=None,
 ) -> HeadSparseStep:
     """One decode step of the attention block over the chosen heads.
 
@@ -208,12 +214,14 @@ def head_sparse_decode(
     `sparsity.exactly_k`). At B == 1 a given chosen_idx is the step's head list as is (no compaction of the mask;
     `chosen` may then be None); larger batches compute the union of `chosen`. allowed [B, S] bool: the slots the new
     token may read (its own included). `attention_impl`: "xla" or "pallas" (kernels/decode_attention.py).
-    `knobs`: `kernels.head_sparse.HeadSparsePlan` overrides for both projections. B <= MAX_BATCH.
+    `knobs`: `kernels.head_sparse.HeadSparsePlan` overrides for both projections. B <= MAX_BATCH. `layernorm`
+    (scale [d], bias [d], eps; "all" only, B below `kernels.head_sparse.DOT_MIN_BATCH`): x is the pre-LayerNorm
+    input and the projection kernel normalises it (the `qkv_layernorm` knob asks the model for this).
 
     Launches: one `head_qkv_pairs` (K/V and Q together, below) and one `head_out_proj` per step while the rows fit
     one kernel call (B·R <= MAX_BATCH in "repair", B <= MAX_BATCH in "all").
     """
-    _check_step(x, recent, chosen, chosen_idx, k, head_kv)
+    _check_step(x, recent, chosen, chosen_idx, k, head_kv, layernorm)
     batch, n_heads = x.shape[0], weights.qkv_w.shape[1]
     as_list = batch == 1 and chosen_idx is not None
     if chosen is None and not as_list:
@@ -226,12 +234,30 @@ def head_sparse_decode(
         used = jnp.take(chosen, q_heads, axis=1) & real[None, :]  # [B, n]
     forced = forced_heads(cursor, n_heads, recent.shape[1]) if head_kv == "repair" else None
     return _decode_heads(
-        x, weights, keys, values, recent, q_heads, used, forced, cursor, allowed, head_kv, attention_impl, knobs
+        x,
+        weights,
+        keys,
+        values,
+        recent,
+        q_heads,
+        used,
+        forced,
+        cursor,
+        allowed,
+        head_kv,
+        attention_impl,
+        knobs,
+        layernorm,
     )
 
 
-def _check_step(x, recent, chosen, chosen_idx, k: int, head_kv: str) -> None:
+def _check_step(x, recent, chosen, chosen_idx, k: int, head_kv: str, layernorm=None) -> None:
     batch = x.shape[0]
+    if layernorm is not None and (head_kv != "all" or batch >= DOT_MIN_BATCH):
+        raise ValueError(
+            f"the projection kernel applies the LayerNorm with head_kv='all' below {DOT_MIN_BATCH} sequences. "
+            f"Got head_kv={head_kv!r}, {batch} sequences"
+        )
     if head_kv not in HEAD_KV_MODES:
         raise ValueError(f"head_kv must be one of {HEAD_KV_MODES}. Got {head_kv!r}")
     if batch > MAX_BATCH:
@@ -265,6 +291,7 @@ def _decode_heads(
     head_kv,
     attention_impl,
     knobs: tuple = (),
+    layernorm=None,
 ) -> HeadSparseStep:
     """The step over the head list q_heads [n] (indices into the weights' and cache's heads); used [B, n] bool or
     None (every entry used by every sequence); forced [f] int32: the heads "repair" also recomputes (None for
@@ -289,14 +316,14 @@ def _decode_heads(
         elif dict(knobs).get("qkv_cache_write", 0) and batch < DOT_MIN_BATCH:
             # The same launch writing K/V into the cache itself (no cache writes after it).
             q, keys, values = head_qkv_into_cache(
-                x, weights.qkv_w, weights.qkv_b, q_heads, keys, values, cursor, knobs=knobs
+                x, weights.qkv_w, weights.qkv_b, q_heads, keys, values, cursor, knobs=knobs, **_ln_kwargs(layernorm)
             )
         else:
             # One launch: K/V of every head and Q of the chosen ones (2H + n heads' rows). Projecting Q, K and V of
             # all heads would read H - n more heads' Q rows; all-heads ++ chosen with parts (0, 1, 2) would read
             # H + 2n more.
             all_heads = jnp.arange(n_heads, dtype=jnp.int32)
-            rows = _qkv_pairs_rows(x, weights, *kv_q_pairs(all_heads, q_heads), knobs)  # [B, 2H + n, hd]
+            rows = _qkv_pairs_rows(x, weights, *kv_q_pairs(all_heads, q_heads), knobs, layernorm)  # [B, 2H + n, hd]
             start = (0, 0, cursor, 0)
             keys = lax.dynamic_update_slice(keys, rows[:, :n_heads, None].astype(keys.dtype), start)
             values = lax.dynamic_update_slice(values, rows[:, n_heads : 2 * n_heads, None].astype(values.dtype), start)
@@ -334,6 +361,7 @@ def head_sparse_decode_split(
     head_kv: str = "all",
     attention_impl: str = "xla",
     knobs: tuple = (),
+    layernorm=None,
 ) -> HeadSparseStep:
     """`head_sparse_decode` for weights and cache split on heads over `mesh`'s tp axis (the Megatron layout,
     `dejavu_jax.parallel`): inside `jax.shard_map` each device computes the chosen heads that live on it, over its own
@@ -352,7 +380,7 @@ def head_sparse_decode_split(
     Returns the step with keys / values split on heads as they came; head_idx [tp·n] (global head indices),
     head_used [B, tp·n] and heads_out [B, tp·n, hd] are the devices' lists side by side, padding included.
     """
-    _check_step(x, recent, chosen, chosen_idx, k, head_kv)
+    _check_step(x, recent, chosen, chosen_idx, k, head_kv, layernorm)
     if chosen is None:
         raise ValueError("the tensor-parallel step needs chosen [B, H]. Got chosen=None")
     n_heads, tp = weights.qkv_w.shape[1], mesh.shape[TP_AXIS]
@@ -363,7 +391,10 @@ def head_sparse_decode_split(
     window = recent.shape[1] if repair else 0
     recent = recent if repair else None
 
-    def local(x, qkv_w, qkv_b, out_w, keys, values, recent, chosen, chosen_idx, cursor, allowed):
+    eps = None if layernorm is None else layernorm[2]
+    ln = None if layernorm is None else layernorm[:2]
+
+    def local(x, qkv_w, qkv_b, out_w, keys, values, recent, chosen, chosen_idx, cursor, allowed, ln):
         first = lax.axis_index(TP_AXIS) * local_heads
         q_heads, used = shard_head_list(chosen, chosen_idx, first, local_heads, k)
         forced = shard_heads(forced_heads(cursor, n_heads, window), first, local_heads)[0] if repair else None
@@ -382,6 +413,7 @@ def head_sparse_decode_split(
             head_kv,
             attention_impl,
             knobs,
+            None if ln is None else (*ln, eps),
         )
         out = lax.psum(step.out.astype(jnp.float32), TP_AXIS)
         return out, step.keys, step.values, step.recent, q_heads + first, step.head_used, step.heads_out
@@ -400,6 +432,7 @@ def head_sparse_decode_split(
         None if chosen_idx is None else replicated,
         replicated,  # cursor
         replicated,  # allowed
+        None if ln is None else (replicated, replicated),  # the LayerNorm's scale and bias
     )
     out_specs = (
         replicated,
@@ -412,6 +445,6 @@ def head_sparse_decode_split(
     )
     out, keys, values, recent, head_idx, used, heads_out = jax.shard_map(
         local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-    )(x, weights.qkv_w, weights.qkv_b, weights.out_w, keys, values, recent, chosen, chosen_idx, cursor, allowed)
+    )(x, weights.qkv_w, weights.qkv_b, weights.out_w, keys, values, recent, chosen, chosen_idx, cursor, allowed, ln)
     out = (out + weights.out_b.astype(jnp.float32)).astype(x.dtype)
     return HeadSparseStep(out, keys, values, recent, head_idx, used, heads_out)

@@ -51,6 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import cdiv, next_pow2, pow2_divisor
+from kernels.layernorm import normalized_block, row_stats
 from kernels.platform import resolve_interpret
 
 DOT_MIN_BATCH = 16
@@ -85,13 +86,16 @@ class HeadSparsePlan:
     # 1: a decode step computing every head's K/V writes them into the cache from the projection kernel
     # (`head_qkv_into_cache`, batch < DOT_MIN_BATCH) instead of two cache writes after it; read by the caller
     qkv_cache_write: int = 0
+    # 1: a decode step with every head's K/V (below DOT_MIN_BATCH rows) hands the q/k/v kernel the pre-LayerNorm
+    # input and the LayerNorm, which the kernel applies (kernels/layernorm.py); read by the model
+    qkv_layernorm: int = 0
 
     def __post_init__(self):
         for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
-        zero_ok = ("out_groups", "qkv_step_blocks", "qkv_cache_write")
+        zero_ok = ("out_groups", "qkv_step_blocks", "qkv_cache_write", "qkv_layernorm")
         for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", *zero_ok):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in zero_ok else 1):
@@ -157,12 +161,15 @@ def _dot_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _head_qkv_kernel(part_ref, head_idx_ref, x_ref, w_ref, b_ref, out_ref, *, plan: HeadSparsePlan):
-    # part_ref [P] int32, head_idx_ref [h] int32, x_ref [Bp, d], w_ref [3, H, hd, d], b_ref [3, H, hd];
-    # out_ref [P, Bp, h, hd].
+def _head_qkv_kernel(part_ref, head_idx_ref, x_ref, w_ref, b_ref, *rest, plan: HeadSparsePlan, eps=None):
+    # part_ref [P] int32, head_idx_ref [h] int32, x_ref [Bp, d], w_ref [3, H, hd, d], b_ref [3, H, hd]; with a
+    # LayerNorm (eps) its scale and bias [d]; out_ref [P, Bp, h, hd].
+    *ln_refs, out_ref = rest
     p, j = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(pl.multiple_of(pl.program_id(2) * plan.rows_qkv, plan.rows_qkv), plan.rows_qkv)
-    acc = _qkv_rows(x_ref, w_ref, b_ref, part_ref[p], head_idx_ref[j], rows, plan)
+    acc = _qkv_rows(
+        x_ref, w_ref, b_ref, part_ref[p], head_idx_ref[j], rows, plan, _layernorm(x_ref, ln_refs, plan, eps)
+    )
     if plan.qkv_dot:
         out_ref[p, :, j, rows] = acc.astype(out_ref.dtype)
     else:
@@ -170,10 +177,23 @@ def _head_qkv_kernel(part_ref, head_idx_ref, x_ref, w_ref, b_ref, out_ref, *, pl
             out_ref[p, b, j, rows] = a.astype(out_ref.dtype)
 
 
-def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan):
-    """x · w[z, head, rows]ᵀ + b[z, head, rows] in fp32: [Bp, rb] on the dot path, else a tuple of B [rb]."""
+def _layernorm(x_ref, ln_refs, plan: HeadSparsePlan, eps):
+    """(row stats, scale_ref, bias_ref) of the LayerNorm a kernel applies to x, or None."""
+    if eps is None:
+        return None
+    return (row_stats(x_ref, plan.batch, plan.d, plan.bd_qkv, eps), *ln_refs)
+
+
+def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan, layernorm=None):
+    """x · w[z, head, rows]ᵀ + b[z, head, rows] in fp32: [Bp, rb] on the dot path, else a tuple of B [rb].
+    `layernorm` (row stats, scale_ref, bias_ref; the per-row path only): x is normalised as it is loaded."""
     rb, bd, dot = plan.rows_qkv, plan.bd_qkv, plan.qkv_dot
     n_rows = plan.batch_rows(dot)
+
+    def x_row(b, cols):
+        if layernorm is None:
+            return x_ref[b, cols].astype(jnp.float32)
+        return normalized_block(x_ref, b, cols, *layernorm)
 
     per_step = plan.qkv_blocks_per_step
 
@@ -186,7 +206,7 @@ def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan):
                 acc = acc + plgpu.dot(x_ref[:, cols], w, trans_b=True, precision=_dot_precision(w.dtype))
                 continue
             w = w.astype(jnp.float32)
-            acc = tuple(a + jnp.sum(w * x_ref[b, cols].astype(jnp.float32)[None, :], axis=1) for b, a in enumerate(acc))
+            acc = tuple(a + jnp.sum(w * x_row(b, cols)[None, :], axis=1) for b, a in enumerate(acc))
         return acc
 
     init = jnp.zeros((n_rows, rb), jnp.float32) if dot else tuple(jnp.zeros((rb,), jnp.float32) for _ in range(n_rows))
@@ -196,16 +216,18 @@ def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan):
     return acc + bias[None, :] if dot else tuple(a + bias for a in acc)
 
 
-def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, _k_in, _v_in, q_ref, k_ref, v_ref, *, plan):
+def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest, plan, eps=None):
     # head_idx_ref [n] int32, cursor_ref [1] int32, x_ref [B, d], w_ref [1, 3H, hd, d] (part z's head h is "head"
     # z·H + h), b_ref [1, 3H, hd]; k_ref / v_ref [B, H, S, hd] (aliased to the inputs: written at the cursor only);
-    # q_ref [B, n, hd]. Entry j < H: K of head j; H <= j < 2H: V of head j - H; then Q of head_idx[j - 2H].
+    # q_ref [B, n, hd]. Entry j < H: K of head j; H <= j < 2H: V of head j - H; then Q of head_idx[j - 2H]. With a
+    # LayerNorm (eps), its scale and bias [d] come before the aliased cache inputs.
+    *ln_refs, _k_in, _v_in, q_ref, k_ref, v_ref = rest
     n_heads = k_ref.shape[1]
     j, cursor = pl.program_id(1), cursor_ref[0]
     rows = pl.ds(pl.multiple_of(pl.program_id(2) * plan.rows_qkv, plan.rows_qkv), plan.rows_qkv)
     q_head = head_idx_ref[jnp.maximum(j - 2 * n_heads, 0)]
     flat = jnp.where(j < 2 * n_heads, n_heads + j, q_head)
-    acc = _qkv_rows(x_ref, w_ref, b_ref, 0, flat, rows, plan)
+    acc = _qkv_rows(x_ref, w_ref, b_ref, 0, flat, rows, plan, _layernorm(x_ref, ln_refs, plan, eps))
 
     @pl.when(j < n_heads)
     def _():
@@ -256,16 +278,17 @@ def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSpar
 # ---- pallas_call layer -----------------------------------------------------------------------------------------
 
 
-def _head_qkv_call(part_idx, head_idx, x, qkv_w, qkv_b, *, plan, interpret):
+def _head_qkv_call(part_idx, head_idx, x, qkv_w, qkv_b, *, plan, interpret, layernorm=None):
     n_parts = part_idx.shape[0]
+    eps, ln_args = (None, ()) if layernorm is None else (layernorm[2], layernorm[:2])
     return pl.pallas_call(
-        functools.partial(_head_qkv_kernel, plan=plan),
+        functools.partial(_head_qkv_kernel, plan=plan, eps=eps),
         out_shape=jax.ShapeDtypeStruct((n_parts, x.shape[0], plan.heads, plan.head_dim), x.dtype),
         grid=(n_parts, plan.heads, plan.head_dim // plan.rows_qkv),
         compiler_params=plgpu.CompilerParams(num_warps=plan.qkv_warps, num_stages=plan.qkv_stages),
         interpret=interpret,
         name="head_qkv",
-    )(part_idx, head_idx, x, qkv_w, qkv_b)
+    )(part_idx, head_idx, x, qkv_w, qkv_b, *ln_args)
 
 
 def _head_out_proj_call(head_idx, heads_out, out_w, *, plan, interpret):
@@ -347,13 +370,28 @@ def head_qkv(x, qkv_w, qkv_b, head_idx, *, parts=(0, 1, 2), knobs=None, interpre
     return out[:, : plan.batch]
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
-def head_qkv_pairs(x, qkv_w, qkv_b, part_idx, head_idx, *, knobs=None, interpret=None):
+def _layernorm_args(ln_scale, ln_bias, ln_eps, d: int, plan: HeadSparsePlan):
+    """(scale, bias, eps) for a q/k/v kernel, or None without a LayerNorm."""
+    if ln_scale is None and ln_bias is None:
+        return None
+    if ln_scale is None or ln_bias is None or ln_scale.shape != (d,) or ln_bias.shape != (d,):
+        raise ValueError(f"the LayerNorm needs scale and bias of shape [d] = [{d}]")
+    if plan.qkv_dot:
+        raise ValueError(f"the q/k/v kernels apply a LayerNorm below {DOT_MIN_BATCH} rows. Got {plan.batch}")
+    return ln_scale, ln_bias, float(ln_eps)
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
+def head_qkv_pairs(
+    x, qkv_w, qkv_b, part_idx, head_idx, *, knobs=None, interpret=None, ln_scale=None, ln_bias=None, ln_eps=1e-5
+):
     """[B, n, hd] in x.dtype: x · qkv_w[part_idx[j], head_idx[j]]ᵀ + qkv_b[part_idx[j], head_idx[j]].
 
     x [B, d], qkv_w [3, H, hd, d], qkv_b [3, H, hd], part_idx and head_idx [n] int (parts in {0, 1, 2}; neither is
     range-checked, as for `head_qkv`). Each entry reads only its own hd rows, so mixed lists (K/V of some heads, Q of
-    others) cost one launch and no weight bytes beyond their rows. `knobs`: as for `head_qkv`.
+    others) cost one launch and no weight bytes beyond their rows. `knobs`: as for `head_qkv`. With `ln_scale` and
+    `ln_bias` [d] (below `DOT_MIN_BATCH` rows), x is the pre-LayerNorm input and the kernel normalises it (eps
+    `ln_eps`; kernels/layernorm.py).
     """
     n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, head_idx)
     if part_idx.shape != head_idx.shape or not jnp.issubdtype(part_idx.dtype, jnp.integer):
@@ -372,17 +410,33 @@ def head_qkv_pairs(x, qkv_w, qkv_b, part_idx, head_idx, *, knobs=None, interpret
         qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),
         plan=plan,
         interpret=resolve_interpret(interpret),
+        layernorm=_layernorm_args(ln_scale, ln_bias, ln_eps, d, plan),
     )
     return out[0, : plan.batch]
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
-def head_qkv_into_cache(x, qkv_w, qkv_b, head_idx, keys, values, cursor, *, knobs=None, interpret=None):
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
+def head_qkv_into_cache(
+    x,
+    qkv_w,
+    qkv_b,
+    head_idx,
+    keys,
+    values,
+    cursor,
+    *,
+    knobs=None,
+    interpret=None,
+    ln_scale=None,
+    ln_bias=None,
+    ln_eps=1e-5,
+):
     """(q [B, n, hd], keys, values) in one launch: K and V of every head for the new token, written into the cache
     keys / values [B, H, S, hd] at slot `cursor` (in place where XLA can alias them; every other slot as it was),
     and Q of the n heads `head_idx`, as `head_qkv_pairs` computes them. Batch below `DOT_MIN_BATCH` (the per-row
     path); `cursor` is not range-checked on GPU (0 <= cursor < S is the caller's contract). Replaces, per layer and
     decode step, `head_qkv_pairs` over every head's K/V and the chosen Q plus the two cache writes after it.
+    `ln_*` as for `head_qkv_pairs`.
     """
     n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, head_idx)
     batch = x.shape[0]
@@ -394,15 +448,17 @@ def head_qkv_into_cache(x, qkv_w, qkv_b, head_idx, keys, values, cursor, *, knob
         )
     n = head_idx.shape[0]
     plan = _plan(batch, d, hd, 2 * n_heads + n, knobs)
+    layernorm = _layernorm_args(ln_scale, ln_bias, ln_eps, d, plan)
+    eps, ln_args = (None, ()) if layernorm is None else (layernorm[2], layernorm[:2])
     q, keys, values = pl.pallas_call(
-        functools.partial(_head_qkv_cache_kernel, plan=plan),
+        functools.partial(_head_qkv_cache_kernel, plan=plan, eps=eps),
         out_shape=(
             jax.ShapeDtypeStruct((batch, n, hd), x.dtype),
             jax.ShapeDtypeStruct(keys.shape, keys.dtype),
             jax.ShapeDtypeStruct(values.shape, values.dtype),
         ),
         grid=(1, plan.heads, hd // plan.rows_qkv),
-        input_output_aliases={5: 1, 6: 2},
+        input_output_aliases={5 + len(ln_args): 1, 6 + len(ln_args): 2},
         compiler_params=plgpu.CompilerParams(num_warps=plan.qkv_warps, num_stages=plan.qkv_stages),
         interpret=resolve_interpret(interpret),
         name="head_qkv_cache",
@@ -412,6 +468,7 @@ def head_qkv_into_cache(x, qkv_w, qkv_b, head_idx, keys, values, cursor, *, knob
         x,
         qkv_w.reshape(1, 3 * n_heads, hd, d),
         qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),
+        *ln_args,
         keys,
         values,
     )

@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import pow2_divisor, prev_pow2
+from kernels.layernorm import normalized_block, row_stats
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
@@ -163,19 +164,6 @@ def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref):
     return best >= thr_ref[0]
 
 
-def _layernorm_stats(x_ref, batch: int, d: int, bd: int, eps: float):
-    """Per batch row (mean, 1 / std) of x in fp32, one pass (E[x], E[x^2]) as the model's `layer_norm`."""
-    stats = []
-    for b in range(batch):
-        total, squares = 0.0, 0.0
-        for c0 in range(0, d, bd):  # static
-            v = x_ref[b, pl.ds(c0, bd)].astype(jnp.float32)
-            total, squares = total + jnp.sum(v), squares + jnp.sum(v * v)
-        mean = total / d
-        stats.append((mean, lax.rsqrt(jnp.maximum(squares / d - mean * mean, 0.0) + eps)))
-    return stats
-
-
 def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selection: str, masked: bool, eps: float):
     # x_ref [B, d], w_ref [ffn, d], b_ref [ffn]; refs: with a LayerNorm its scale and bias [d], the selection's
     # inputs, then h_ref [B, ffn].
@@ -184,16 +172,12 @@ def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selectio
     else:
         ln_scale_ref, ln_bias_ref, *sel_refs, h_ref = refs
     seg, bk, bd = plan.seg1, plan.bk1, plan.bd1
-    stats = None if eps is None else _layernorm_stats(x_ref, plan.batch, plan.d, bd, eps)
+    stats = None if eps is None else row_stats(x_ref, plan.batch, plan.d, bd, eps)
 
     def x_block(b, c0):  # fc1's input, columns [c0, c0 + bd), fp32
-        v = x_ref[b, pl.ds(c0, bd)].astype(jnp.float32)
         if stats is None:
-            return v
-        mean, rstd = stats[b]
-        scale = ln_scale_ref[pl.ds(c0, bd)].astype(jnp.float32)
-        shift = ln_bias_ref[pl.ds(c0, bd)].astype(jnp.float32)
-        return ((v - mean) * rstd * scale + shift).astype(x_ref.dtype).astype(jnp.float32)
+            return x_ref[b, pl.ds(c0, bd)].astype(jnp.float32)
+        return normalized_block(x_ref, b, pl.ds(c0, bd), stats, ln_scale_ref, ln_bias_ref)
 
     base = pl.multiple_of(pl.program_id(0) * seg, seg)
     if selection == "mask":

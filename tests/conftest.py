@@ -91,6 +91,26 @@ def rel_max_err(out, ref, where=None):
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
+def primitives_outside_kernels(jaxpr) -> list:
+    """Primitive names of a jaxpr and of the jaxprs its equations hold (loop bodies, jitted calls), not looking
+    inside Pallas kernels (a pallas_call counts as one "pallas_call")."""
+    import jax
+
+    names, pending = [], [jaxpr]
+    while pending:
+        for eqn in pending.pop().eqns:
+            names.append(eqn.primitive.name)
+            if eqn.primitive.name == "pallas_call":
+                continue
+            for value in eqn.params.values():
+                for v in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(v, jax.extend.core.ClosedJaxpr):
+                        pending.append(v.jaxpr)
+                    elif isinstance(v, jax.extend.core.Jaxpr):
+                        pending.append(v)
+    return names
+
+
 def lowered_text_for_cuda(fn, *args) -> str:
     """The StableHLO text of jitted `fn` lowered for CUDA from any host (Pallas -> Triton, not Triton's own
     compile); skips the test where this jaxlib cannot lower across platforms."""

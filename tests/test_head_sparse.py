@@ -149,6 +149,43 @@ class TestHeadSparse(CompiledKernelCases):
         ref_q = np.einsum("bd,jkd->bjk", xs, w[0, idx]) + b[0, idx][None]
         assert row_err(q, ref_q) <= TOLERANCE[dtype]
 
+    @pytest.mark.parametrize("case", [c for c in CASES if c[0] < 16])
+    def test_qkv_kernels_apply_the_layernorm_of_their_input(self, case):
+        """With ln_scale / ln_bias, x is the LayerNorm's input: both q/k/v kernels normalise it (one pass, fp32
+        statistics, rounded to x's dtype), against float64; the cache-writing kernel bit for bit like the other."""
+        batch, n_heads, hd, d, idx, dtype, knobs = case
+        _, qkv_w, qkv_b, *_ = random_case(batch, n_heads, hd, d, len(idx), dtype, seed=batch * 3 + d + hd)
+        rng = np.random.default_rng(hd + d)
+        x = jnp.asarray(rng.standard_normal((batch, d)) * 3 + 1, dtype)
+        scale, bias = (jnp.asarray(rng.standard_normal(d) * s + m, dtype) for s, m in ((0.2, 1.0), (0.3, 0.0)))
+        ln = dict(ln_scale=scale, ln_bias=bias, ln_eps=1e-5)
+        every = list(range(n_heads))
+        parts, heads = [1] * n_heads + [2] * n_heads + [0] * len(idx), every + every + idx
+        part_idx, head_idx = jnp.asarray(parts, jnp.int32), jnp.asarray(heads, jnp.int32)
+        out = head_qkv_pairs(x, qkv_w, qkv_b, part_idx, head_idx, knobs=knobs, interpret=self.INTERPRET, **ln)
+        x64 = np.asarray(x, np.float64)
+        normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+        normed = normed * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+        xs, w, b = f64(jnp.asarray(normed, dtype), qkv_w, qkv_b)
+        ref = np.einsum("bd,jkd->bjk", xs, w[parts, heads]) + b[parts, heads][None]
+        assert row_err(out, ref) <= TOLERANCE[dtype]
+        keys = values = jnp.zeros((batch, n_heads, 3, hd), dtype)
+        q, new_keys, new_values = head_qkv_into_cache(
+            x,
+            qkv_w,
+            qkv_b,
+            jnp.asarray(idx, jnp.int32),
+            keys,
+            values,
+            jnp.int32(1),
+            knobs=knobs,
+            interpret=self.INTERPRET,
+            **ln,
+        )
+        np.testing.assert_array_equal(np.asarray(q), np.asarray(out[:, 2 * n_heads :]))
+        np.testing.assert_array_equal(np.asarray(new_keys[:, :, 1]), np.asarray(out[:, :n_heads]))
+        np.testing.assert_array_equal(np.asarray(new_values[:, :, 1]), np.asarray(out[:, n_heads : 2 * n_heads]))
+
     @pytest.mark.parametrize("case", CASES)
     def test_out_proj_matches_float64(self, case):
         batch, n_heads, hd, d, idx, dtype, knobs = case
@@ -249,3 +286,32 @@ def test_lowers_for_gpu(batch, n_heads, hd, d, h):
             s((), jnp.int32),
         )
         assert "head_qkv_cache" in text
+        text = lowered_text_for_cuda(
+            jax.jit(
+                lambda x, w, b, i, k, v, c, g, e: head_qkv_into_cache(
+                    x, w, b, i, k, v, c, interpret=False, ln_scale=g, ln_bias=e
+                )
+            ),
+            s((batch, d), jnp.float16),
+            s((3, n_heads, hd, d), jnp.float16),
+            s((3, n_heads, hd), jnp.float16),
+            idx,
+            cache,
+            cache,
+            s((), jnp.int32),
+            s((d,), jnp.float16),
+            s((d,), jnp.float16),
+        )
+        assert "head_qkv_cache" in text
+    else:
+        with pytest.raises(ValueError, match="apply a LayerNorm below 16 rows"):
+            one = jnp.ones((d,), jnp.float16)
+            head_qkv_pairs(
+                jnp.ones((batch, d), jnp.float16),
+                jnp.ones((3, n_heads, hd, d), jnp.float16),
+                jnp.ones((3, n_heads, hd), jnp.float16),
+                jnp.zeros((h,), jnp.int32),
+                jnp.zeros((h,), jnp.int32),
+                ln_scale=one,
+                ln_bias=one,
+            )

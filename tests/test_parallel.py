@@ -615,6 +615,7 @@ TP4_HEAD_CASES = {
     "fixed rows + fixed heads k=3": (FIXED_HEADS[3], fixed_rows_and_heads()),
     # each shard's projection kernel writes its heads' K/V into its cache shard
     "fixed heads k=3, cache write": (fixed_heads(3, head_qkv_cache_write=1), fixed_rows_and_heads()),
+    "fixed heads k=3, layernorm in the kernel": (fixed_heads(3, head_qkv_layernorm=1), fixed_rows_and_heads()),
     "fixed heads k=1, repair": (fixed_heads(1, head_kv="repair", head_window=4), SparseWeights(head_schedule=SCHEDULE)),
 }
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_max_err, small_config
+from conftest import primitives_outside_kernels, rel_max_err, small_config
 from dejavu_jax.checkpoint import load_model
 from dejavu_jax.generation import _generate_tokens, decode_step, prefill
 from dejavu_jax.kv_cache import KVCache
@@ -291,6 +291,9 @@ def whole_sequence_logits(params, ids, mask, continuation):
         (fixed_heads(2, head_qkv_block_d=16, head_qkv_step_blocks=0, head_out_block_d=16), "xla"),
         # every head's K/V written into the cache by the projection kernel itself
         (fixed_heads(2, head_kv="all", head_qkv_cache_write=1), "xla"),
+        # the attention LayerNorm applied by the projection kernel, without and with the cache writes
+        (fixed_heads(2, head_kv="all", head_qkv_layernorm=1), "xla"),
+        (fixed_heads(2, head_kv="all", head_qkv_layernorm=1, head_qkv_cache_write=1), "pallas"),
     ],
 )
 def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, attention_impl):
@@ -426,6 +429,16 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
     layers = CONFIG.num_hidden_layers
     assert prims.count("dynamic_update_slice") - fused.count("dynamic_update_slice") == 2 * layers
     assert fused.count("pallas_call:head_qkv_cache") == layers
+    # head_qkv_layernorm: the attention LayerNorm inside the projection kernel, one rsqrt a layer fewer in XLA
+    params = init_params(CONFIG, jax.random.PRNGKey(4))
+    cache = KVCache.create(CONFIG, 1, 16, jnp.float32)
+
+    def rsqrt_in_xla(policy):
+        token = jnp.ones((1,), jnp.int32)
+        step = jax.make_jaxpr(lambda c: decode_step(params, c, token, SCHEDULE, config=CONFIG, policy=policy))
+        return primitives_outside_kernels(step(cache).jaxpr).count("rsqrt")
+
+    assert rsqrt_in_xla(fixed_heads(2)) - rsqrt_in_xla(fixed_heads(2, head_qkv_layernorm=1)) == layers
     with pytest.raises(ValueError, match=r"the head schedule is \(5, 32\), but layer 5 of a model with 32 heads"):
         scheduled_heads(key, 5, jnp.int32(0), 1, 1, n_heads, k)
 

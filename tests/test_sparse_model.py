@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_max_err, small_config
+from conftest import primitives_outside_kernels, rel_max_err, small_config
 from dejavu_jax.generation import decode_step, prefill
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax.predictors import Predictors, init_low_rank
@@ -269,20 +269,7 @@ def _rsqrt_outside_kernels(policy, weights):
     step = jax.make_jaxpr(
         lambda c, w: decode_step(params, c, jnp.ones((1,), jnp.int32), w, config=CONFIG, policy=policy)
     )
-    count = 0
-    pending = [step(cache, weights).jaxpr]
-    while pending:
-        for eqn in pending.pop().eqns:
-            count += eqn.primitive.name == "rsqrt"
-            if eqn.primitive.name == "pallas_call":
-                continue
-            for value in eqn.params.values():
-                for v in value if isinstance(value, (tuple, list)) else (value,):
-                    if isinstance(v, jax.extend.core.ClosedJaxpr):
-                        pending.append(v.jaxpr)
-                    elif isinstance(v, jax.extend.core.Jaxpr):
-                        pending.append(v)
-    return count
+    return primitives_outside_kernels(step(cache, weights).jaxpr).count("rsqrt")
 
 
 def test_fc1_layernorm_knob_moves_the_mlp_layernorm_into_the_kernel():
