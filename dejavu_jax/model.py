@@ -151,7 +151,8 @@ class OPTAttention(nn.Module):
         B, T, _ = x.shape
         if self._sparse_decode(B, T, layer_kv, heads):
             return self._decode_chosen_heads(x, allowed, layer_kv, cursor, heads, layernorm)
-        assert layernorm is None, "only a head-sparse decode step applies the LayerNorm in its kernel"
+        if layernorm is not None:
+            raise ValueError("only a head-sparse decode step applies the LayerNorm in its kernel (see fuses_layernorm)")
         recent = None if layer_kv is None or layer_kv[2] is None else write_recent_inputs(layer_kv[2], x, cursor)
         with jax.named_scope("qkv_proj"):
             qkv = jnp.einsum("btd,zhkd->zbhtk", x, self.qkv_w, preferred_element_type=jnp.float32)
