@@ -4,6 +4,7 @@ rows in place (no gathered copy of the weights).
     head_qkv:      out[p, b, j] = x[b] · qkv_w[parts[p], head_idx[j]]ᵀ + qkv_b[parts[p], head_idx[j]]
     head_out_proj: out[b]       = Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b
     head_qkv_pairs: out[b, j]   = x[b] · qkv_w[part_idx[j], head_idx[j]]ᵀ + qkv_b[part_idx[j], head_idx[j]]
+    head_qkv_into_cache: K and V of every head written into the KV cache at one slot, and Q of head_idx, in one launch
 
 in the model's layout (dejavu_jax/model.py, `OPTAttention`): `qkv_w` [3, H, hd, d] and `out_w` [H, hd, d], so a head
 is a contiguous block of hd rows of d values in qkv_w[z] and in out_w. `x` [B, d]; `heads_out` [B, h, hd], the
@@ -33,6 +34,9 @@ Design (Triton-lowered Pallas):
 * Batch: below `DOT_MIN_BATCH` rows both kernels multiply and sum on the CUDA cores, unrolled over the rows; from
   `DOT_MIN_BATCH` rows (and row blocks of at least 16) x / heads_out are padded to a power of two >= 16 rows and the
   tiles go through `dot` (Triton's dot needs >= 16 on each side). Up to `MAX_BATCH` rows.
+
+LayerNorm: below `DOT_MIN_BATCH` rows, `head_qkv_pairs` and `head_qkv_into_cache` can take the pre-LayerNorm x with
+the LayerNorm's scale and bias and normalise it themselves (kernels/layernorm.py).
 
 Index contract: head_idx is not range-checked inside the kernels (on GPU an out-of-range head reads outside the
 weights). Shapes: d a multiple of 16, any hd >= 1. `interpret=None` runs the Pallas interpreter unless the default
