@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 from dejavu_jax.parallel import TP_AXIS
 from kernels.block_math import cdiv
 from kernels.decode_attention import decode_attention
+from kernels.layernorm import wrapper_kwargs
 from kernels.head_sparse import DOT_MIN_BATCH, MAX_BATCH, head_out_proj, head_qkv_into_cache, head_qkv_pairs
 
 HEAD_KV_MODES = ("repair", "all")
@@ -146,13 +147,9 @@ def shard_head_list(chosen, chosen_idx, first, local_heads: int, k: int):
     return q_heads, jnp.take(local_chosen, q_heads, axis=1) & real[None, :]
 
 
-def _ln_kwargs(layernorm) -> dict:
-    return {} if layernorm is None else dict(zip(("ln_scale", "ln_bias", "ln_eps"), layernorm))
-
-
 def _qkv_pairs_rows(rows, weights: AttentionWeights, part_idx, head_idx, knobs: tuple = (), layernorm=None):
     """`head_qkv_pairs` over any number of rows [N, d]: kernel calls of at most MAX_BATCH rows -> [N, n, hd]."""
-    w, b, ln = weights.qkv_w, weights.qkv_b, _ln_kwargs(layernorm)
+    w, b, ln = weights.qkv_w, weights.qkv_b, wrapper_kwargs(layernorm)
     pieces = [
         head_qkv_pairs(rows[i : i + MAX_BATCH], w, b, part_idx, head_idx, knobs=knobs, **ln)
         for i in range(0, rows.shape[0], MAX_BATCH)
@@ -316,7 +313,7 @@ def _decode_heads(
         elif dict(knobs).get("qkv_cache_write", 0) and batch < DOT_MIN_BATCH:
             # The same launch writing K/V into the cache itself (no cache writes after it).
             q, keys, values = head_qkv_into_cache(
-                x, weights.qkv_w, weights.qkv_b, q_heads, keys, values, cursor, knobs=knobs, **_ln_kwargs(layernorm)
+                x, weights.qkv_w, weights.qkv_b, q_heads, keys, values, cursor, knobs=knobs, **wrapper_kwargs(layernorm)
             )
         else:
             # One launch: K/V of every head and Q of the chosen ones (2H + n heads' rows). Projecting Q, K and V of

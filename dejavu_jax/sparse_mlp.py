@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from dejavu_jax.parallel import TP_AXIS
 from dejavu_jax.sparsity import topk_mask
 
+from kernels.layernorm import wrapper_kwargs
 from kernels.masked_mlp import masked_fc1, nonzero_fc2, threshold_fc1
 
 
@@ -96,7 +97,7 @@ DECODE_KINDS = ("mask", "threshold", "topk", "lossless")
 def _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, predictor, k: int, knobs, layernorm=None):
     """relu(fc1) [B, ffn] of one decode step over the rows `kind` chooses (exact zeros elsewhere); "topk" keeps each
     batch row's `k` best scores. `layernorm` as in `mlp_decode_rows`."""
-    ln = {} if layernorm is None else dict(zip(("ln_scale", "ln_bias", "ln_eps"), layernorm))
+    ln = wrapper_kwargs(layernorm)
     if kind == "mask":
         return masked_fc1(x, fc1_w, fc1_b, mask, knobs=knobs, **ln)
     if kind == "threshold":

@@ -55,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import cdiv, next_pow2, pow2_divisor
+from kernels import layernorm as ln
 from kernels.layernorm import normalized_block, row_stats
 from kernels.platform import resolve_interpret
 
@@ -284,7 +285,7 @@ def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSpar
 
 def _head_qkv_call(part_idx, head_idx, x, qkv_w, qkv_b, *, plan, interpret, layernorm=None):
     n_parts = part_idx.shape[0]
-    eps, ln_args = (None, ()) if layernorm is None else (layernorm[2], layernorm[:2])
+    eps, ln_args = ln.call_args(layernorm)
     return pl.pallas_call(
         functools.partial(_head_qkv_kernel, plan=plan, eps=eps),
         out_shape=jax.ShapeDtypeStruct((n_parts, x.shape[0], plan.heads, plan.head_dim), x.dtype),
@@ -374,15 +375,12 @@ def head_qkv(x, qkv_w, qkv_b, head_idx, *, parts=(0, 1, 2), knobs=None, interpre
     return out[:, : plan.batch]
 
 
-def _layernorm_args(ln_scale, ln_bias, ln_eps, d: int, plan: HeadSparsePlan):
-    """(scale, bias, eps) for a q/k/v kernel, or None without a LayerNorm."""
-    if ln_scale is None and ln_bias is None:
-        return None
-    if ln_scale is None or ln_bias is None or ln_scale.shape != (d,) or ln_bias.shape != (d,):
-        raise ValueError(f"the LayerNorm needs scale and bias of shape [d] = [{d}]")
-    if plan.qkv_dot:
+def _checked_layernorm(ln_scale, ln_bias, ln_eps, d: int, plan: HeadSparsePlan):
+    """`layernorm.checked`, on the per-row path only (the dot path does not normalise)."""
+    layernorm = ln.checked(ln_scale, ln_bias, ln_eps, d)
+    if layernorm is not None and plan.qkv_dot:
         raise ValueError(f"the q/k/v kernels apply a LayerNorm below {DOT_MIN_BATCH} rows. Got {plan.batch}")
-    return ln_scale, ln_bias, float(ln_eps)
+    return layernorm
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
@@ -414,7 +412,7 @@ def head_qkv_pairs(
         qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),
         plan=plan,
         interpret=resolve_interpret(interpret),
-        layernorm=_layernorm_args(ln_scale, ln_bias, ln_eps, d, plan),
+        layernorm=_checked_layernorm(ln_scale, ln_bias, ln_eps, d, plan),
     )
     return out[0, : plan.batch]
 
@@ -452,8 +450,7 @@ def head_qkv_into_cache(
         )
     n = head_idx.shape[0]
     plan = _plan(batch, d, hd, 2 * n_heads + n, knobs)
-    layernorm = _layernorm_args(ln_scale, ln_bias, ln_eps, d, plan)
-    eps, ln_args = (None, ()) if layernorm is None else (layernorm[2], layernorm[:2])
+    eps, ln_args = ln.call_args(_checked_layernorm(ln_scale, ln_bias, ln_eps, d, plan))
     q, keys, values = pl.pallas_call(
         functools.partial(_head_qkv_cache_kernel, plan=plan, eps=eps),
         out_shape=(

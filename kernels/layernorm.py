@@ -31,3 +31,27 @@ def normalized_block(x_ref, b: int, cols, stats: list, scale_ref, bias_ref):
     v = x_ref[b, cols].astype(jnp.float32)
     y = (v - mean) * rstd * scale_ref[cols].astype(jnp.float32) + bias_ref[cols].astype(jnp.float32)
     return y.astype(x_ref.dtype).astype(jnp.float32)
+
+
+# ---- the LayerNorm between the callers, the kernel wrappers and their pallas_calls --------------------------------
+# A caller holds it as `layernorm` = (scale [d], bias [d], eps) or None; a jitted wrapper takes it as the keyword
+# arguments ln_scale, ln_bias and ln_eps (eps static); a pallas_call takes scale and bias as inputs, eps in the kernel.
+
+
+def wrapper_kwargs(layernorm) -> dict:
+    """`layernorm` as a kernel wrapper's ln_scale / ln_bias / ln_eps keywords ({} for None)."""
+    return {} if layernorm is None else dict(zip(("ln_scale", "ln_bias", "ln_eps"), layernorm))
+
+
+def checked(ln_scale, ln_bias, ln_eps, d: int):
+    """A wrapper's keywords back as `layernorm` (None without a LayerNorm), scale and bias checked to be [d]."""
+    if ln_scale is None and ln_bias is None:
+        return None
+    if ln_scale is None or ln_bias is None or ln_scale.shape != (d,) or ln_bias.shape != (d,):
+        raise ValueError(f"the LayerNorm needs scale and bias of shape [d] = [{d}]")
+    return ln_scale, ln_bias, float(ln_eps)
+
+
+def call_args(layernorm) -> tuple:
+    """(eps for the kernel or None, the pallas_call inputs: (scale, bias) or ())."""
+    return (None, ()) if layernorm is None else (layernorm[2], tuple(layernorm[:2]))

@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import pow2_divisor, prev_pow2
+from kernels import layernorm as ln
 from kernels.layernorm import normalized_block, row_stats
 from kernels.platform import resolve_interpret
 
@@ -238,10 +239,7 @@ def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: b
 
 
 def _select_fc1_call(x, fc1_w, fc1_b, sel_args, *, plan, selection, interpret, layernorm=None):
-    eps, ln_args = None, ()
-    if layernorm is not None:
-        scale, bias, eps = layernorm
-        ln_args = (scale, bias)
+    eps, ln_args = ln.call_args(layernorm)
     return pl.pallas_call(
         functools.partial(_select_fc1_kernel, plan=plan, selection=selection, masked=not interpret, eps=eps),
         out_shape=jax.ShapeDtypeStruct((plan.batch, plan.ffn), x.dtype),
@@ -290,15 +288,6 @@ def _plan(batch, d, ffn, knobs, rank=0) -> MaskedMLPPlan:
     return MaskedMLPPlan(batch=batch, d=d, ffn=ffn, rank=rank, **dict(knobs or ()))
 
 
-def _layernorm(ln_scale, ln_bias, ln_eps, d: int):
-    """(scale, bias, eps) for `_select_fc1_call`, or None without a LayerNorm."""
-    if ln_scale is None and ln_bias is None:
-        return None
-    if ln_scale is None or ln_bias is None or ln_scale.shape != (d,) or ln_bias.shape != (d,):
-        raise ValueError(f"the LayerNorm needs scale and bias of shape [d] = [{d}]")
-    return ln_scale, ln_bias, float(ln_eps)
-
-
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
 def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None, ln_scale=None, ln_bias=None, ln_eps=1e-5):
     """h [B, ffn] in x.dtype: relu(x · fc1_w[n] + fc1_b[n]) where row_mask[n] != 0, exactly 0 elsewhere.
@@ -319,7 +308,7 @@ def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None, ln_scal
         plan=plan,
         selection="mask",
         interpret=resolve_interpret(interpret),
-        layernorm=_layernorm(ln_scale, ln_bias, ln_eps, x.shape[1]),
+        layernorm=ln.checked(ln_scale, ln_bias, ln_eps, x.shape[1]),
     )
 
 
@@ -351,7 +340,7 @@ def threshold_fc1(
         plan=plan,
         selection="threshold",
         interpret=resolve_interpret(interpret),
-        layernorm=_layernorm(ln_scale, ln_bias, ln_eps, x.shape[1]),
+        layernorm=ln.checked(ln_scale, ln_bias, ln_eps, x.shape[1]),
     )
 
 

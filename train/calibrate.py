@@ -95,16 +95,18 @@ def _layer_scores(predictor, x) -> np.ndarray:
     return np.concatenate([scores for _, scores in score_rows(predictor, x)])
 
 
-def _curves(scores, targets, calib, test, units, num_outputs, mass_norms=None):
-    curves = {"calibration": TopKCurve(num_outputs), "test": TopKCurve(num_outputs)}
-    for name, mask in (("calibration", calib), ("test", test)):
-        if not mask.any():
+def _curves(halves: dict, num_outputs: int) -> dict:
+    """A `TopKCurve` per half: halves[name] = (scores, targets, units or None, norms or None) of that half's rows;
+    with norms the curve is of mass recall."""
+    curves = {}
+    for name, (scores, targets, units, norms) in halves.items():
+        curves[name] = TopKCurve(num_outputs)
+        if not len(scores):
             continue
-        row_units = units[mask] if name == "calibration" else None
-        if mass_norms is None:
-            curves[name].update(scores[mask], targets[mask], row_units)
+        if norms is None:
+            curves[name].update(scores, targets, units)
         else:
-            curves[name].update_mass(scores[mask], mass_norms[mask], targets[mask], row_units)
+            curves[name].update_mass(scores, norms, targets, units)
     return curves
 
 
@@ -221,32 +223,35 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
     scores = _layer_scores(predictors.mlp[layer], x_mlp)
     del x_mlp
     clock.lap("score")
-    curves = _curves(scores, labels, calib, test, units, config.ffn_dim)
+    # Each half's rows are gathered once: the curves, the threshold search and the test counts share them.
+    cal_units = units[calib]
+    cal_scores, cal_labels, test_scores, test_labels = scores[calib], labels[calib], scores[test], labels[test]
+    del scores, labels
+    halves = {"calibration": (cal_scores, cal_labels, cal_units, None), "test": (test_scores, test_labels, None, None)}
+    curves = _curves(halves, config.ffn_dim)
     mlp_bound = curves["calibration"].recall_lower_bound(opts.recall_confidence)
     mlp_raw, mlp_k = smallest_k(mlp_bound, opts.recall_target, opts.block)
     clock.lap("top_k")
-    threshold = _calibrate_threshold(scores[calib], labels[calib], units[calib], opts)
+    threshold = _calibrate_threshold(cal_scores, cal_labels, cal_units, opts)
     clock.lap("threshold")
     threshold_test = ThresholdCounts(threshold, config.ffn_dim, mlp_k)
-    if test.any():
-        threshold_test.update(scores[test], labels[test])
-    del scores, labels
+    if len(test_scores):
+        threshold_test.update(test_scores, test_labels)
+    del halves, cal_scores, cal_labels, test_scores, test_labels
     clock.lap("threshold_test")
 
     x_head = held_out.read(max(layer - 1, 0), "attn_input")
     norms = held_out.read(layer, "head_norm")
-    head_curves = _curves(
-        _layer_scores(predictors.heads[layer], x_head),
-        head_labels(norms, label_mass),
-        calib,
-        test,
-        units,
-        config.num_attention_heads,
-        mass_norms=norms,
-    )
+    scores = _layer_scores(predictors.heads[layer], x_head)
     del x_head
-    oracle = TopKCurve(config.num_attention_heads)  # the heads with the largest true norms
+    targets = head_labels(norms, label_mass)
     test_norms = norms[test]
+    halves = {
+        "calibration": (scores[calib], targets[calib], cal_units, norms[calib]),
+        "test": (scores[test], targets[test], None, test_norms),
+    }
+    head_curves = _curves(halves, config.num_attention_heads)
+    oracle = TopKCurve(config.num_attention_heads)  # the heads with the largest true norms
     oracle.update_mass(test_norms, test_norms, head_labels(test_norms, label_mass))
     head_bound = head_curves["calibration"].recall_lower_bound(opts.recall_confidence)
     head_raw, head_k = smallest_k(head_bound, opts.head_recall_target, opts.head_block)
