@@ -38,7 +38,7 @@ from dejavu_jax.sparse_attention import (
 from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import DENSE, HeadRows, MLPRows, SparseWeights, SparsityPolicy, head_rows, mlp_rows, topk_mask
 from kernels.decode_attention import decode_attention_append
-from kernels.head_sparse import DOT_MIN_BATCH
+from kernels.head_sparse import DOT_MIN_BATCH, plan_flag
 from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH
 
 
@@ -116,7 +116,7 @@ class OPTAttention(nn.Module):
         `qkv_layernorm` knob, every head's K/V, below the kernels' dot batch, no input ring buffer to keep)."""
         B, T, _ = x.shape
         return (
-            bool(dict(heads.knobs).get("qkv_layernorm", 0))
+            bool(plan_flag(heads.knobs, "qkv_layernorm"))
             and self._sparse_decode(B, T, layer_kv, heads)
             and heads.head_kv == "all"
             and B < DOT_MIN_BATCH

@@ -15,8 +15,12 @@ their weight rows in place). For K/V, two exact ways, chosen by `DecodeTuning.he
   the chosen and forced heads only; the price is R times the arithmetic on those rows and a scatter of R slots.
 - "all": every head's K/V of the new token each step (in the same `head_qkv_pairs` launch as the chosen heads' Q);
   Q, attention and out_proj stay sparse. No buffer, but it reads every head's K/V weights (2/3 of the QKV weights) every step.
-  With the `qkv_cache_write` knob (`--tuning head_qkv_cache_write=1`, batch < 16) that launch also writes the K/V
-  into the cache (`head_qkv_into_cache`), replacing the two cache writes after it; not the default until measured.
+  Below 16 sequences that launch also writes the K/V into the cache (`head_qkv_into_cache`), replacing the two
+  cache writes after it, and applies the attention LayerNorm to the pre-LayerNorm input the model hands it: the
+  `qkv_cache_write` and `qkv_layernorm` knobs, on by default since they measured faster on an H100 (with 16 of 32
+  heads and 10% of the neurons at opt-6.7b, 2.71 -> 2.65 ms a token with fixed choices, 3.19 -> 3.11 predicted:
+  bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-06_knobs_opt-6.7b.md); `--tuning head_qkv_cache_write=0`
+  / `head_qkv_layernorm=0` turn them off.
 
 "all" is the default because it decodes faster, though it reads more weight bytes: on an H100 (opt-6.7b, batch 1,
 16 of 32 heads, bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-11-27_head-kv_opt-6.7b.md) every head's K/V took
@@ -50,7 +54,14 @@ from dejavu_jax.parallel import TP_AXIS
 from kernels.block_math import cdiv
 from kernels.decode_attention import decode_attention
 from kernels.layernorm import wrapper_kwargs
-from kernels.head_sparse import DOT_MIN_BATCH, MAX_BATCH, head_out_proj, head_qkv_into_cache, head_qkv_pairs
+from kernels.head_sparse import (
+    DOT_MIN_BATCH,
+    MAX_BATCH,
+    head_out_proj,
+    head_qkv_into_cache,
+    head_qkv_pairs,
+    plan_flag,
+)
 
 HEAD_KV_MODES = ("repair", "all")
 
@@ -310,7 +321,7 @@ def _decode_heads(
             rows = rows.reshape(batch, window, 2 * m + n, head_dim)
             keys, values = write_window_kv(keys, values, kv_heads, rows[:, :, :m], rows[:, :, m : 2 * m], cursor)
             q = lax.dynamic_index_in_dim(rows, cursor % window, axis=1, keepdims=False)[:, 2 * m :]
-        elif dict(knobs).get("qkv_cache_write", 0) and batch < DOT_MIN_BATCH:
+        elif plan_flag(knobs, "qkv_cache_write") and batch < DOT_MIN_BATCH:
             # The same launch writing K/V into the cache itself (no cache writes after it).
             q, keys, values = head_qkv_into_cache(
                 x, weights.qkv_w, weights.qkv_b, q_heads, keys, values, cursor, knobs=knobs, **wrapper_kwargs(layernorm)

@@ -90,10 +90,12 @@ class HeadSparsePlan:
     out_stages: int = 1  # the same for head_out_proj's loop over its group's heads
     # 1: a decode step computing every head's K/V writes them into the cache from the projection kernel
     # (`head_qkv_into_cache`, batch < DOT_MIN_BATCH) instead of two cache writes after it; read by the caller
-    qkv_cache_write: int = 0
+    # through `plan_flag`. On by default: measured faster (bench/results/NOTES.md, "fused head projections")
+    qkv_cache_write: int = 1
     # 1: a decode step with every head's K/V (below DOT_MIN_BATCH rows) hands the q/k/v kernel the pre-LayerNorm
-    # input and the LayerNorm, which the kernel applies (kernels/layernorm.py); read by the model
-    qkv_layernorm: int = 0
+    # input and the LayerNorm, which the kernel applies (kernels/layernorm.py); read by the model through
+    # `plan_flag`. On by default, measured with `qkv_cache_write`
+    qkv_layernorm: int = 1
 
     def __post_init__(self):
         for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
@@ -345,6 +347,12 @@ def _check_qkv(x, qkv_w, qkv_b, head_idx):
 
 def _plan(batch, d, hd, heads, knobs) -> HeadSparsePlan:
     return HeadSparsePlan(batch=batch, d=d, head_dim=hd, heads=heads, **dict(knobs or ()))
+
+
+def plan_flag(knobs, name: str) -> int:
+    """A `HeadSparsePlan` field that the callers read (`qkv_cache_write`, `qkv_layernorm`): its value in `knobs`
+    ((name, value) pairs), else the plan's default."""
+    return dict(knobs or ()).get(name, HeadSparsePlan.__dataclass_fields__[name].default)
 
 
 def _pad_rows(a, rows):

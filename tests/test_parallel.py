@@ -613,9 +613,10 @@ TP4_HEAD_CASES = {
         random_head_predictors(EIGHT_HEADS, 1),
     ),
     "fixed rows + fixed heads k=3": (FIXED_HEADS[3], fixed_rows_and_heads()),
-    # each shard's projection kernel writes its heads' K/V into its cache shard
-    "fixed heads k=3, cache write": (fixed_heads(3, head_qkv_cache_write=1), fixed_rows_and_heads()),
-    "fixed heads k=3, layernorm in the kernel": (fixed_heads(3, head_qkv_layernorm=1), fixed_rows_and_heads()),
+    # by default each shard's projection kernel writes its heads' K/V into its cache shard and applies the
+    # LayerNorm: each of the two off
+    "fixed heads k=3, cache writes after the kernel": (fixed_heads(3, head_qkv_cache_write=0), fixed_rows_and_heads()),
+    "fixed heads k=3, layernorm before the kernel": (fixed_heads(3, head_qkv_layernorm=0), fixed_rows_and_heads()),
     "fixed heads k=1, repair": (fixed_heads(1, head_kv="repair", head_window=4), SparseWeights(head_schedule=SCHEDULE)),
 }
 

@@ -289,11 +289,11 @@ def whole_sequence_logits(params, ids, mask, continuation):
         (fixed_heads(2, head_kv="all"), "pallas"),
         # the kernels' plan overridden through the tuning: 16-column blocks, all loaded in one step
         (fixed_heads(2, head_qkv_block_d=16, head_qkv_step_blocks=0, head_out_block_d=16), "xla"),
-        # every head's K/V written into the cache by the projection kernel itself
-        (fixed_heads(2, head_kv="all", head_qkv_cache_write=1), "xla"),
-        # the attention LayerNorm applied by the projection kernel, without and with the cache writes
-        (fixed_heads(2, head_kv="all", head_qkv_layernorm=1), "xla"),
-        (fixed_heads(2, head_kv="all", head_qkv_layernorm=1, head_qkv_cache_write=1), "pallas"),
+        # the default writes every head's K/V into the cache from the projection kernel, which also applies the
+        # attention LayerNorm: each of the two off, and both
+        (fixed_heads(2, head_kv="all", head_qkv_cache_write=0), "xla"),
+        (fixed_heads(2, head_kv="all", head_qkv_layernorm=0), "xla"),
+        (fixed_heads(2, head_kv="all", head_qkv_layernorm=0, head_qkv_cache_write=0), "pallas"),
     ],
 )
 def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, attention_impl):
@@ -398,7 +398,10 @@ def test_batch1_decode_step_launches_one_projection_per_layer_and_compacts_no_ma
     policy = fixed_heads(2, head_kv=head_kv, head_window=4)
     prims = _decode_step_primitives(policy, 1)
     layers = CONFIG.num_hidden_layers
-    assert prims.count("pallas_call:head_qkv") == layers
+    # "all" writes the K/V into the cache from the projection launch (the default `qkv_cache_write`)
+    projection = "pallas_call:head_qkv_cache" if head_kv == "all" else "pallas_call:head_qkv"
+    assert prims.count(projection) == layers
+    assert prims.count("pallas_call:head_qkv") + prims.count("pallas_call:head_qkv_cache") == layers
     assert prims.count("pallas_call:head_out_proj") == layers
     dense = _decode_step_primitives(SparsityPolicy(), 1)
     assert prims.count("cumsum") == dense.count("cumsum")
@@ -424,12 +427,14 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
     assert not (np.asarray(scheduled_heads(key, 4, jnp.int32(5), 2, 200, n_heads, k)[0]) == mask).all()
     prims = _decode_step_primitives(fixed_heads(2), 1)
     assert not {"top_k", "sort", "random_bits", "threefry2x32"} & set(prims), prims
-    # head_qkv_cache_write: the projection kernel writes K/V, no cache writes after it (two per layer before)
-    fused = _decode_step_primitives(fixed_heads(2, head_qkv_cache_write=1), 1)
+    # head_qkv_cache_write (the default): the projection kernel writes K/V, no cache writes after it (two per
+    # layer with the knob off)
+    fused, prims = prims, _decode_step_primitives(fixed_heads(2, head_qkv_cache_write=0), 1)
     layers = CONFIG.num_hidden_layers
     assert prims.count("dynamic_update_slice") - fused.count("dynamic_update_slice") == 2 * layers
     assert fused.count("pallas_call:head_qkv_cache") == layers
-    # head_qkv_layernorm: the attention LayerNorm inside the projection kernel, one rsqrt a layer fewer in XLA
+    # head_qkv_layernorm (the default): the attention LayerNorm inside the projection kernel, one rsqrt a layer
+    # fewer in XLA
     params = init_params(CONFIG, jax.random.PRNGKey(4))
     cache = KVCache.create(CONFIG, 1, 16, jnp.float32)
 
@@ -438,7 +443,7 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
         step = jax.make_jaxpr(lambda c: decode_step(params, c, token, SCHEDULE, config=CONFIG, policy=policy))
         return primitives_outside_kernels(step(cache).jaxpr).count("rsqrt")
 
-    assert rsqrt_in_xla(fixed_heads(2)) - rsqrt_in_xla(fixed_heads(2, head_qkv_layernorm=1)) == layers
+    assert rsqrt_in_xla(fixed_heads(2, head_qkv_layernorm=0)) - rsqrt_in_xla(fixed_heads(2)) == layers
     with pytest.raises(ValueError, match=r"the head schedule is \(5, 32\), but layer 5 of a model with 32 heads"):
         scheduled_heads(key, 5, jnp.int32(0), 1, 1, n_heads, k)
 
