@@ -240,9 +240,8 @@ class OPTMLP(nn.Module):
         self.fc2_w_t = self.param("fc2_w_t", _init(), (c.ffn_dim, c.hidden_size), self.dtype)
         self.fc2_b = self.param("fc2_b", nn.initializers.zeros, (c.hidden_size,), self.dtype)
 
-    def __call__(self, x, rows: MLPRows = MLPRows(), layernorm=None):
-        """x [B, T, d] (after the LayerNorm) -> [B, T, d]; `rows` says which neurons to compute. With `layernorm`
-        (scale, bias, eps; when `rows.fc1_layernorm`), x is the LayerNorm's input and the fc1 kernel applies it."""
+    def __call__(self, x, rows: MLPRows = MLPRows()):
+        """x [B, T, d] (after the LayerNorm) -> [B, T, d]; `rows` says which neurons to compute."""
         B, T, d = x.shape
         weights = (self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b)
         if rows.kind == "dense":
@@ -259,9 +258,7 @@ class OPTMLP(nn.Module):
             return out
         # Under tp, each device chooses among and computes its own neurons, then one all-reduce.
         decode_rows = mlp_decode_rows if self.mesh is None else functools.partial(mlp_decode_rows_split, self.mesh)
-        out = decode_rows(
-            x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs, layernorm
-        )
+        out = decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs)
         return out.reshape(B, T, d)
 
 
@@ -296,11 +293,8 @@ class OPTDecoderLayer(nn.Module):
         self.sow("intermediates", "mlp_input", h)
         with jax.named_scope("mlp_block"):
             rows = MLPRows() if rows_for is None else rows_for(attn_input, h)
-            if pre_ln and rows.fc1_layernorm:  # the fc1 kernel normalises: no LayerNorm kernels before it
-                h = h + self.mlp(h, rows, self.final_layer_norm.affine())
-            else:
-                x = self.final_layer_norm(h) if pre_ln else h
-                h = h + self.mlp(x, rows)
+            x = self.final_layer_norm(h) if pre_ln else h
+            h = h + self.mlp(x, rows)
             if not pre_ln:
                 h = self.final_layer_norm(h)
         return h, new_kv

@@ -25,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 from dejavu_jax.parallel import TP_AXIS
 from dejavu_jax.sparsity import topk_mask
 
-from kernels.layernorm import wrapper_kwargs
 from kernels.masked_mlp import masked_fc1, nonzero_fc2, threshold_fc1
 
 
@@ -63,22 +62,9 @@ def mlp_per_token_rows(x, fc1_w, fc1_b, fc2_w_t, fc2_b, chosen):
 
 
 def mlp_decode_rows(
-    x,
-    fc1_w,
-    fc1_b,
-    fc2_w_t,
-    fc2_b,
-    kind: str,
-    mask=None,
-    hidden=None,
-    predictor=None,
-    knobs: tuple = (),
-    layernorm=None,
+    x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, hidden=None, predictor=None, knobs: tuple = ()
 ):
     """x [B, d] (one decode step) -> out [B, d] on the row-masked kernels.
-
-    `layernorm` (scale [d], bias [d], eps), with kinds "mask", "threshold" and "topk": x is the pre-LayerNorm input
-    and the fc1 kernel normalises it (`kernels.masked_mlp`, the `fc1_layernorm` knob); None: x is fc1's input.
 
     kind "mask": the rows where mask [ffn] != 0; "threshold": the rows whose score from `hidden` [B, r] and
     `predictor` (a `sparsity.MLPPredictor`) reaches its threshold, chosen inside the fc1 kernel; "topk": the union
@@ -86,28 +72,23 @@ def mlp_decode_rows(
     reads only the rows whose h is nonzero for some batch row. `knobs`: the kernels' plan overrides
     (`kernels.masked_mlp.MaskedMLPPlan` fields; empty = its per-shape defaults).
     """
-    k = predictor.k if kind == "topk" else 0
-    h = _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, predictor, k, knobs, layernorm)
+    h = _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, predictor, predictor.k if kind == "topk" else 0, knobs)
     return nonzero_fc2(h, fc2_w_t, fc2_b, knobs=knobs)
 
 
 DECODE_KINDS = ("mask", "threshold", "topk", "lossless")
 
 
-def _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, predictor, k: int, knobs, layernorm=None):
+def _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, predictor, k: int, knobs):
     """relu(fc1) [B, ffn] of one decode step over the rows `kind` chooses (exact zeros elsewhere); "topk" keeps each
-    batch row's `k` best scores. `layernorm` as in `mlp_decode_rows`."""
-    ln = wrapper_kwargs(layernorm)
+    batch row's `k` best scores."""
     if kind == "mask":
-        return masked_fc1(x, fc1_w, fc1_b, mask, knobs=knobs, **ln)
+        return masked_fc1(x, fc1_w, fc1_b, mask, knobs=knobs)
     if kind == "threshold":
-        p = predictor
-        return threshold_fc1(x, fc1_w, fc1_b, hidden, p.w2_t, p.b2, p.threshold, knobs=knobs, **ln)
+        return threshold_fc1(x, fc1_w, fc1_b, hidden, predictor.w2_t, predictor.b2, predictor.threshold, knobs=knobs)
     if kind == "topk":
         chosen = topk_mask(predictor.scores_from_hidden(hidden), k)  # [B, ffn]
-        return masked_fc1(x, fc1_w, fc1_b, jnp.any(chosen, axis=0).astype(jnp.int32), knobs=knobs, **ln)
-    if layernorm is not None:
-        raise ValueError(f"the fc1 kernel's LayerNorm needs kind mask, threshold or topk. Got {kind!r}")
+        return masked_fc1(x, fc1_w, fc1_b, jnp.any(chosen, axis=0).astype(jnp.int32), knobs=knobs)
     if kind == "lossless":
         return mlp_hidden(x, fc1_w, fc1_b)
     raise ValueError(f"kind must be one of {DECODE_KINDS}. Got {kind!r}")
@@ -120,18 +101,7 @@ def shard_topk(k: int, tp: int) -> int:
 
 
 def mlp_decode_rows_split(
-    mesh,
-    x,
-    fc1_w,
-    fc1_b,
-    fc2_w_t,
-    fc2_b,
-    kind: str,
-    mask=None,
-    hidden=None,
-    predictor=None,
-    knobs: tuple = (),
-    layernorm=None,
+    mesh, x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, hidden=None, predictor=None, knobs: tuple = ()
 ):
     """`mlp_decode_rows` for weights split on ffn over `mesh`'s tp axis (the Megatron layout), each device choosing
     among and computing only its own neurons, with no collective but the one psum of the output.
@@ -147,7 +117,7 @@ def mlp_decode_rows_split(
       holding more of the global best K loses some, a shard holding fewer adds its best others).
     Each device's fc2 gives a partial [B, d] without the bias; one psum (fp32) adds them and fc2_b is added once.
     The partials are rounded to x.dtype before the sum, so in half precision this differs from one device by
-    rounding. `layernorm` as in `mlp_decode_rows` (its scale and bias replicated)."""
+    rounding."""
     if kind not in DECODE_KINDS:
         raise ValueError(f"kind must be one of {DECODE_KINDS}. Got {kind!r}")
     k = shard_topk(predictor.k, mesh.shape[TP_AXIS]) if kind == "topk" else 0
@@ -157,18 +127,13 @@ def mlp_decode_rows_split(
     scorer = None if predictor is None else predictor.replace(w1_t=None, b1=None)
     scorer_spec = None if predictor is None else scorer.replace(w2_t=split, b2=split, threshold=replicated)
 
-    eps = None if layernorm is None else layernorm[2]
-    ln = None if layernorm is None else layernorm[:2]
-
-    def local(x, fc1_w, fc1_b, fc2_w_t, mask, hidden, scorer, ln):  # this device's neurons: fc1_w, fc2_w_t [ffn/tp, d]
-        h = _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, scorer, k, knobs, None if ln is None else (*ln, eps))
+    def local(x, fc1_w, fc1_b, fc2_w_t, mask, hidden, scorer):  # this device's neurons: fc1_w, fc2_w_t [ffn/tp, d]
+        h = _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, scorer, k, knobs)
         partial = nonzero_fc2(h, fc2_w_t, jnp.zeros((fc2_w_t.shape[1],), h.dtype), knobs=knobs)
         return lax.psum(partial.astype(jnp.float32), TP_AXIS)
 
-    mask_spec = split if mask is not None else None
-    ln_spec = None if ln is None else (replicated, replicated)
-    in_specs = (replicated, split, split, split, mask_spec, replicated, scorer_spec, ln_spec)
+    in_specs = (replicated, split, split, split, split if mask is not None else None, replicated, scorer_spec)
     out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=replicated, check_vma=False)(
-        x, fc1_w, fc1_b, fc2_w_t, mask, hidden, scorer, ln
+        x, fc1_w, fc1_b, fc2_w_t, mask, hidden, scorer
     )
     return (out + fc2_b.astype(jnp.float32)).astype(x.dtype)

@@ -300,13 +300,6 @@ class MLPRows:
     predictor: Optional[MLPPredictor] = None
     knobs: tuple = struct.field(pytree_node=False, default=())  # the decode kernels' plan overrides
 
-    @property
-    def fc1_layernorm(self) -> bool:
-        """The decode kernels' `fc1_layernorm` knob with a kind whose fc1 kernel can apply the LayerNorm: the layer
-        then hands the MLP its pre-LayerNorm input and the LayerNorm (`sparse_mlp.mlp_decode_rows`)."""
-        per_step = self.kind in ("threshold", "topk") or (self.kind == "mask" and self.mask.ndim == 1)
-        return per_step and bool(dict(self.knobs).get("fc1_layernorm", 0))
-
 
 def topk_mask(scores, k: int):
     """[..., ffn] scores -> [..., ffn] bool: each token's k best."""

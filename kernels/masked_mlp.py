@@ -17,10 +17,6 @@ How `masked_fc1` chooses its rows (static `selection`):
   the kernel's prologue: score = p · w2_t[row] + b2[row], where p [B, r] is the predictor's hidden vector (its first
   matmul, done outside) and w2_t [ffn, r] the predictor's second matrix stored neuron-major. So the predictor's
   second matmul, the selection and fc1 are one launch, and the scores never reach memory.
-With `layernorm` (scale, bias, eps), x is the pre-LayerNorm residual and fc1 reads LayerNorm(x) (the model's
-one-pass LayerNorm: fp32 statistics, the result rounded to x.dtype): every program recomputes the statistics of x
-(a few KB, from L2) in its prologue and normalises each column block as it loads it, so the decode step runs no
-LayerNorm kernels before the MLP (the `fc1_layernorm` knob asks the model for this; not the default until measured).
 `nonzero_fc2` is exact on its own: a row whose h is 0 for every batch row adds exactly 0, so skipping it changes
 nothing. Fed by a dense fc1 it is the lossless sparse MLP (ReLU zeros skipped, no predictor).
 
@@ -46,8 +42,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import pow2_divisor, prev_pow2
-from kernels import layernorm as ln
-from kernels.layernorm import normalized_block, row_stats
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
@@ -76,7 +70,6 @@ class MaskedMLPPlan:
     fc2_block_k: int = 32  # nonzero rows gathered per fc2 step
     fc2_block_d: int = 256  # columns per fc2 program
     fc2_warps: int = 4
-    fc1_layernorm: int = 0  # 1: the model hands fc1 the pre-LayerNorm residual and the LayerNorm (see the docstring)
 
     def __post_init__(self):
         for name in ("fc1_segment", "fc1_block_k", "fc1_block_d", "fc2_segment", "fc2_block_k", "fc2_block_d"):
@@ -165,21 +158,10 @@ def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref):
     return best >= thr_ref[0]
 
 
-def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selection: str, masked: bool, eps: float):
-    # x_ref [B, d], w_ref [ffn, d], b_ref [ffn]; refs: with a LayerNorm its scale and bias [d], the selection's
-    # inputs, then h_ref [B, ffn].
-    if eps is None:
-        *sel_refs, h_ref = refs
-    else:
-        ln_scale_ref, ln_bias_ref, *sel_refs, h_ref = refs
+def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selection: str, masked: bool):
+    # x_ref [B, d], w_ref [ffn, d], b_ref [ffn]; refs: the selection's inputs, then h_ref [B, ffn].
+    *sel_refs, h_ref = refs
     seg, bk, bd = plan.seg1, plan.bk1, plan.bd1
-    stats = None if eps is None else row_stats(x_ref, plan.batch, plan.d, bd, eps)
-
-    def x_block(b, c0):  # fc1's input, columns [c0, c0 + bd), fp32
-        if stats is None:
-            return x_ref[b, pl.ds(c0, bd)].astype(jnp.float32)
-        return normalized_block(x_ref, b, pl.ds(c0, bd), stats, ln_scale_ref, ln_bias_ref)
-
     base = pl.multiple_of(pl.program_id(0) * seg, seg)
     if selection == "mask":
         (mask_ref,) = sel_refs
@@ -195,7 +177,7 @@ def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selectio
         for c0 in range(0, plan.d, bd):  # static: the step's loads can all be in flight at once
             w = _gather(w_ref.at[row, pl.ds(c0, bd)], tile_mask, masked).astype(jnp.float32)
             for b in range(plan.batch):
-                acc[b] = acc[b] + jnp.sum(w * x_block(b, c0)[None, :], axis=1)
+                acc[b] = acc[b] + jnp.sum(w * x_ref[b, pl.ds(c0, bd)].astype(jnp.float32)[None, :], axis=1)
         bias = _gather(b_ref.at[row], valid, masked).astype(jnp.float32)
         out = []
         for b in range(plan.batch):
@@ -238,16 +220,15 @@ def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: b
 # ---- pallas_call layer -----------------------------------------------------------------------------------------
 
 
-def _select_fc1_call(x, fc1_w, fc1_b, sel_args, *, plan, selection, interpret, layernorm=None):
-    eps, ln_args = ln.call_args(layernorm)
+def _select_fc1_call(x, fc1_w, fc1_b, sel_args, *, plan, selection, interpret):
     return pl.pallas_call(
-        functools.partial(_select_fc1_kernel, plan=plan, selection=selection, masked=not interpret, eps=eps),
+        functools.partial(_select_fc1_kernel, plan=plan, selection=selection, masked=not interpret),
         out_shape=jax.ShapeDtypeStruct((plan.batch, plan.ffn), x.dtype),
         grid=(plan.ffn // plan.seg1,),
         compiler_params=plgpu.CompilerParams(num_warps=plan.fc1_warps, num_stages=1),
         interpret=interpret,
         name=f"select_fc1_{selection}",
-    )(x, fc1_w, fc1_b, *ln_args, *sel_args)
+    )(x, fc1_w, fc1_b, *sel_args)
 
 
 def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret):
@@ -288,13 +269,12 @@ def _plan(batch, d, ffn, knobs, rank=0) -> MaskedMLPPlan:
     return MaskedMLPPlan(batch=batch, d=d, ffn=ffn, rank=rank, **dict(knobs or ()))
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
-def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None, ln_scale=None, ln_bias=None, ln_eps=1e-5):
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None):
     """h [B, ffn] in x.dtype: relu(x · fc1_w[n] + fc1_b[n]) where row_mask[n] != 0, exactly 0 elsewhere.
 
     x [B, d], fc1_w [ffn, d], fc1_b [ffn], row_mask [ffn] int. `knobs`: a tuple of (field, value) pairs of
-    `MaskedMLPPlan` (block sizes, warps); None = defaults. `interpret` None = decided by the backend. With `ln_scale`
-    and `ln_bias` [d], x is the pre-LayerNorm input and fc1 reads LayerNorm(x) (eps `ln_eps`), computed in the kernel.
+    `MaskedMLPPlan` (block sizes, warps); None = defaults. `interpret` None = decided by the backend.
     """
     _check_weights(x, fc1_w, fc1_b, "fc1_w")
     if row_mask.shape != (fc1_w.shape[0],):
@@ -308,18 +288,15 @@ def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None, ln_scal
         plan=plan,
         selection="mask",
         interpret=resolve_interpret(interpret),
-        layernorm=ln.checked(ln_scale, ln_bias, ln_eps, x.shape[1]),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
-def threshold_fc1(
-    x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, knobs=None, interpret=None, ln_scale=None, ln_bias=None, ln_eps=1e-5
-):
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, knobs=None, interpret=None):
     """h [B, ffn]: `masked_fc1` over the rows n with max_b (p[b] · w2_t[n] + b2[n]) >= threshold.
 
     p [B, r] (the predictor's hidden vector, in w2_t's dtype), w2_t [ffn, r] (r a multiple of 16: pad with zero
-    columns), b2 [ffn], threshold: a scalar (−inf chooses every row). `ln_*` as in `masked_fc1`.
+    columns), b2 [ffn], threshold: a scalar (−inf chooses every row).
     """
     _check_weights(x, fc1_w, fc1_b, "fc1_w")
     ffn = fc1_w.shape[0]
@@ -340,7 +317,6 @@ def threshold_fc1(
         plan=plan,
         selection="threshold",
         interpret=resolve_interpret(interpret),
-        layernorm=ln.checked(ln_scale, ln_bias, ln_eps, x.shape[1]),
     )
 
 

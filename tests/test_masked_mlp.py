@@ -87,33 +87,6 @@ class TestMaskedMLP(CompiledKernelCases):
         else:
             assert not h.any()
 
-    @pytest.mark.parametrize("batch, d, knobs", [(1, 384, None), (3, 160, None), (2, 256, (("fc1_block_d", 64),))])
-    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
-    def test_fc1_applies_the_layernorm_of_its_input(self, batch, d, knobs, dtype):
-        """With ln_scale / ln_bias, x is the LayerNorm's input: the kernel normalises it (one pass, fp32 statistics,
-        rounded to x.dtype) before fc1, for masks and threshold selection alike."""
-        ffn, rank, eps = 384, 16, 1e-5
-        cast, ref, mask = data(batch * 5 + d, batch, d, ffn, rank, dtype)
-        rng = np.random.default_rng(d)
-        x = jnp.asarray(rng.standard_normal((batch, d)) * 4 + 2, dtype)  # off-centre, off-scale: the norm matters
-        scale, bias = (jnp.asarray(rng.standard_normal(d) * s + m, dtype) for s, m in ((0.2, 1.0), (0.3, 0.0)))
-        x64 = np.asarray(x, np.float64)
-        normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + eps)
-        normed = np.asarray(jnp.asarray(normed * np.asarray(scale, np.float64) + np.asarray(bias, np.float64), dtype))
-        ln = dict(ln_scale=scale, ln_bias=bias, ln_eps=eps)
-        expected = np.where(mask[None, :], np.maximum(normed.astype(np.float64) @ ref["w1"].T + ref["b1"], 0.0), 0.0)
-        h = masked_fc1(
-            x, cast["w1"], cast["b1"], jnp.asarray(mask, jnp.int32), knobs=knobs, interpret=self.INTERPRET, **ln
-        )
-        assert row_err(h, expected) <= TOLERANCE[dtype]
-        everything = threshold_fc1(
-            x, cast["w1"], cast["b1"], cast["p"], cast["pw"], cast["pb"], -np.inf, interpret=self.INTERPRET, **ln
-        )
-        assert (
-            row_err(everything, np.maximum(normed.astype(np.float64) @ ref["w1"].T + ref["b1"], 0.0))
-            <= TOLERANCE[dtype]
-        )
-
 
 class TestMaskedMLPInterpret(TestMaskedMLP):
     INTERPRET = True
@@ -134,16 +107,6 @@ def test_lowers_for_gpu(batch, d, ffn, rank):
         s((), jnp.float32),
     )
     assert "select_fc1_threshold" in text
-    with_layernorm = lowered_text_for_cuda(
-        jax.jit(lambda x, w, b, m, g, c: masked_fc1(x, w, b, m, interpret=False, ln_scale=g, ln_bias=c)),
-        s((batch, d), f16),
-        s((ffn, d), f16),
-        s((ffn,), f16),
-        s((ffn,), jnp.int32),
-        s((d,), f16),
-        s((d,), f16),
-    )
-    assert "select_fc1_mask" in with_layernorm
     text = lowered_text_for_cuda(
         jax.jit(lambda *a: nonzero_fc2(*a, interpret=False)), s((batch, ffn), f16), s((ffn, d), f16), s((d,), f16)
     )
@@ -159,7 +122,6 @@ def test_lowers_for_gpu(batch, d, ffn, rank):
         ("thr", dict(p=jnp.zeros((1, 24))), "need w2_t"),
         ("thr", dict(pw=jnp.zeros((64, 24)), p=jnp.zeros((1, 24))), "power of two"),
         ("fc2", dict(b2=jnp.zeros((3,))), "fc2_b must be"),
-        ("fc1", dict(ln_scale=jnp.ones((32,))), "the LayerNorm needs scale and bias"),
     ],
 )
 def test_bad_inputs_raise(call, args, match):
@@ -172,12 +134,11 @@ def test_bad_inputs_raise(call, args, match):
         pw=jnp.zeros((64, 16)),
         pb=jnp.zeros((64,)),
         b2=jnp.zeros((32,)),
-        ln_scale=None,
     )
     a.update(args)
     with pytest.raises(ValueError, match=match):
         if call == "fc1":
-            masked_fc1(a["x"], a["w"], a["b"], a["row_mask"], ln_scale=a["ln_scale"])
+            masked_fc1(a["x"], a["w"], a["b"], a["row_mask"])
         elif call == "thr":
             threshold_fc1(a["x"], a["w"], a["b"], a["p"], a["pw"], a["pb"], 0.0)
         else:

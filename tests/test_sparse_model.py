@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import primitives_outside_kernels, rel_max_err, small_config
+from conftest import rel_max_err, small_config
 from dejavu_jax.generation import decode_step, prefill
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax.predictors import Predictors, init_low_rank
@@ -108,10 +108,8 @@ def decode_logits(params, prompt, continuation, policy, weights):
             random_predictors(CONFIG, 48, 0.5),
         ),
         (TOPK, random_predictors(CONFIG, 8)),
-        (dataclasses.replace(PREDICTED, tuning=(("fc1_layernorm", 1),)), random_predictors(CONFIG, 48, 0.5)),
-        (dataclasses.replace(TOPK, tuning=(("fc1_layernorm", 1),)), random_predictors(CONFIG, 8)),
     ],
-    ids=["threshold", "threshold-xla-hidden", "threshold-xla-scores", "topk", "threshold-fc1-ln", "topk-fc1-ln"],
+    ids=["threshold", "threshold-xla-hidden", "threshold-xla-scores", "topk"],
 )
 def test_decode_kernels_equal_the_per_token_path_and_differ_from_dense(policy, predictors):
     """At batch 1 the row-masked kernels (interpret mode) in the compiled decode step give what the per-token
@@ -260,23 +258,3 @@ def test_decode_tuning_is_checked_and_batches_above_the_kernels_get_the_dense_pr
     assert for_decode_batch(LOSSLESS, None, 4) == (DENSE, None)
     fixed = SparseWeights(fixed_rows=(jnp.ones((48,), jnp.int32),) * 2)
     assert for_decode_batch(DENSE, fixed, 4) == (DENSE, fixed)  # the benchmarks' ceiling stays as given
-
-
-def _rsqrt_outside_kernels(policy, weights):
-    """How many rsqrt equations (LayerNorms run by XLA) one decode step traces, not counting inside Pallas kernels."""
-    params = init_params(CONFIG, jax.random.PRNGKey(4))
-    last, cache = prefill(params, jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3), jnp.int32), config=CONFIG, num_slots=8)
-    step = jax.make_jaxpr(
-        lambda c, w: decode_step(params, c, jnp.ones((1,), jnp.int32), w, config=CONFIG, policy=policy)
-    )
-    return primitives_outside_kernels(step(cache, weights).jaxpr).count("rsqrt")
-
-
-def test_fc1_layernorm_knob_moves_the_mlp_layernorm_into_the_kernel():
-    """`fc1_layernorm=1`: the decode step hands fc1 the pre-LayerNorm residual, so each layer's MLP LayerNorm leaves
-    XLA (its value is tested against the unfused step above)."""
-    weights = sparse_weights_from_predictors(random_predictors(CONFIG, 48, 0.5))
-    fused = dataclasses.replace(PREDICTED, tuning=(("fc1_layernorm", 1),))
-    assert (
-        _rsqrt_outside_kernels(PREDICTED, weights) - _rsqrt_outside_kernels(fused, weights) == CONFIG.num_hidden_layers
-    )
