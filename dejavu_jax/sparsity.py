@@ -87,6 +87,11 @@ class DecodeTuning:
       measured faster: `dejavu_jax/sparse_attention.py`) computes every head's K/V each step, "repair" recomputes a
       computed head's recent K/V from a ring buffer of inputs;
     - `head_window`: R, the ring buffer's length in tokens ("repair");
+    - `head_max_batch`: the largest batch whose decode steps compute only the chosen heads (`kernels.head_sparse`);
+      larger batches compute every head and zero the unchosen ones' outputs before out_proj (the same outputs, at
+      dense attention's cost). Default 1: on an H100 at batch 8 (prompt 1024, 16 of 32 heads a sequence, their
+      union nearly every head) the head kernels decoded at 0.36x dense
+      (bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-06_heads_prompt1024_opt-6.7b.md);
     - `head_knobs`: `kernels.head_sparse.HeadSparsePlan` fields overriding its defaults, named with a "head_" prefix
       when parsed (`head_qkv_block_rows=8` sets `qkv_block_rows`).
     """
@@ -96,17 +101,20 @@ class DecodeTuning:
     knobs: tuple = ()
     head_kv: str = "all"
     head_window: int = 16
+    head_max_batch: int = 1
     head_knobs: tuple = ()
 
     CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla"), "head_kv": HEAD_KV_MODES}
-    INTS = ("head_window",)
+    INTS = ("head_window", "head_max_batch")
 
     def __post_init__(self):
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"tuning {name} must be one of {allowed}. Got {getattr(self, name)!r}")
-        if not isinstance(self.head_window, int) or isinstance(self.head_window, bool) or self.head_window < 1:
-            raise ValueError(f"tuning head_window must be a positive int. Got {self.head_window!r}")
+        for name in self.INTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"tuning {name} must be a positive int. Got {value!r}")
 
     @classmethod
     def parse(cls, pairs: tuple) -> "DecodeTuning":
@@ -366,7 +374,10 @@ def for_decode_batch(
             return DENSE, None
         tuning = policy.tuning
         heads_tuning = DecodeTuning(
-            head_kv=tuning.head_kv, head_window=tuning.head_window, head_knobs=tuning.head_knobs
+            head_kv=tuning.head_kv,
+            head_window=tuning.head_window,
+            head_max_batch=tuning.head_max_batch,
+            head_knobs=tuning.head_knobs,
         )
         return (
             dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=heads_tuning),
@@ -381,8 +392,9 @@ class HeadRows:
     `k` heads per token); "oracle" (the `k` heads of largest output norm per token, decided inside attention).
     `idx` [B, T, k] int32 or None: with "mask", the same choice as index lists (distinct heads, exactly the True
     entries of `mask`), which a batch-1 decode step uses directly instead of compacting the mask.
-    `decode_kernels` (static, `SparsityPolicy.decode_kernels`): a small-batch decode step computes only the masked
-    heads (False: every head, outputs masked: the reference); `head_kv` and `window` (static, from `DecodeTuning`)
+    `decode_kernels` (static: `SparsityPolicy.decode_kernels`, for batches of at most
+    `DecodeTuning.head_max_batch`): a decode step computes only the masked heads (False: every head, outputs masked:
+    the reference, and the path of larger batches); `head_kv` and `window` (static, from `DecodeTuning`)
     say how it keeps K/V exact."""
 
     kind: str = struct.field(pytree_node=False, default="all")
@@ -414,10 +426,13 @@ def head_rows(
         return HeadRows("oracle", k=policy.head_k)
     check_sparsity(policy, weights)
     tuning = policy.tuning
-    how = dict(
-        decode_kernels=policy.decode_kernels, head_kv=tuning.head_kv, window=tuning.head_window, knobs=tuning.head_knobs
-    )
     batch, tokens = lookahead_input.shape[:2]
+    how = dict(
+        decode_kernels=policy.decode_kernels and batch <= tuning.head_max_batch,
+        head_kv=tuning.head_kv,
+        window=tuning.head_window,
+        knobs=tuning.head_knobs,
+    )
     if policy.heads == HeadSparsity.FIXED:
         k = min(policy.head_k, n_heads)
         mask, idx = scheduled_heads(weights.head_schedule, layer, first_slot, batch, tokens, n_heads, k)

@@ -28,6 +28,7 @@ from dejavu_jax.sparsity import (
 )
 
 from conftest import REFERENCE_MODEL, rel_max_err
+from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulated) devices; see conftest.py")
 
@@ -563,6 +564,9 @@ SCHEDULE = head_schedule(11, EIGHT_HEADS.num_hidden_layers, EIGHT_HEADS.num_atte
 
 
 def fixed_heads(k: int, **tuning) -> SparsityPolicy:
+    """k scheduled heads per token; the head kernels run at every batch these tests decode (by default only at
+    batch 1: `DecodeTuning.head_max_batch`)."""
+    tuning.setdefault("head_max_batch", HEAD_SPARSE_MAX_BATCH)
     return SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuple(tuning.items()))
 
 

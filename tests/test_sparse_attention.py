@@ -38,7 +38,7 @@ from dejavu_jax.sparsity import (
     head_scores,
     scheduled_heads,
 )
-from kernels.head_sparse import head_qkv_pairs
+from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH, head_qkv_pairs
 
 
 @pytest.mark.parametrize("n_heads, window", [(4, 1), (6, 4), (32, 16), (40, 16), (12, 5)])
@@ -252,6 +252,9 @@ SCHEDULE = SparseWeights(head_schedule=head_schedule(7, CONFIG.num_hidden_layers
 
 
 def fixed_heads(k, **tuning):
+    """k scheduled heads per token; the head kernels run at every batch these tests decode (by default only at
+    batch 1: `DecodeTuning.head_max_batch`)."""
+    tuning.setdefault("head_max_batch", HEAD_SPARSE_MAX_BATCH)
     return SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuple(tuning.items()))
 
 
@@ -308,6 +311,26 @@ def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, att
     assert rel_max_err(sparse, decode_logits(params, SCHEDULE, ids, mask, continuation, policy=every_head)) <= 1e-5
     # The skipped heads did change something.
     assert rel_max_err(sparse, whole_sequence_logits(params, ids, mask, continuation)) > 1e-3
+
+
+@pytest.mark.parametrize("head_kv", ["all", "repair"])
+def test_batches_above_head_max_batch_compute_every_head_with_the_kernels_outputs(head_kv):
+    """Above `DecodeTuning.head_max_batch` (default 1) a decode step launches no head kernel: it computes every head
+    and zeroes the unchosen ones' outputs, which gives the logits of the head kernels' path; at batch 1 the kernels
+    run."""
+    policy = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=2, tuning=(("head_kv", head_kv), ("head_window", 4)))
+    assert policy.tuning.head_max_batch == 1
+    assert not [p for p in _decode_step_primitives(policy, 2) if p.startswith("pallas_call:head_")]
+    assert "pallas_call:head_out_proj" in _decode_step_primitives(policy, 1)
+    params = init_params(CONFIG, jax.random.PRNGKey(1))
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 3, 64)
+    mask = jnp.ones_like(ids).at[1, :3].set(0)
+    continuation = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 3, 64)
+    every_head = decode_logits(params, SCHEDULE, ids, mask, continuation, policy=policy)
+    kernels = dataclasses.replace(policy, tuning=dataclasses.replace(policy.tuning, head_max_batch=2))
+    assert rel_max_err(every_head, decode_logits(params, SCHEDULE, ids, mask, continuation, policy=kernels)) <= 1e-5
+    with pytest.raises(ValueError, match="head_max_batch must be a positive int"):
+        SparsityPolicy(heads=HeadSparsity.FIXED, head_k=2, tuning=(("head_max_batch", 0),))
 
 
 def test_every_head_chosen_decodes_like_dense_on_the_reference_model(reference_model_dir):
