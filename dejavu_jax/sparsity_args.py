@@ -43,7 +43,8 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
         help="attention heads whose outputs reach out_proj, per token: none (default, every head); predicted: the "
         "K best by the layer's head predictor (needs --predictors; reads layer l-1's input); oracle: the K heads "
         "of largest output norm (a study's bound, needs --head-k; every head is still computed). Every head's K/V "
-        "stays exact; with predicted, decode steps of up to 64 sequences compute only the chosen heads",
+        "stays exact; with predicted, batch-1 decode steps compute only the chosen heads (larger batches compute "
+        "every head and zero the unchosen ones' outputs: measured faster)",
     )
     p.add_argument(
         "--head-k",
