@@ -90,7 +90,7 @@ class HeadSparsePlan:
     out_stages: int = 1  # the same for head_out_proj's loop over its group's heads
     # 1: a decode step computing every head's K/V writes them into the cache from the projection kernel
     # (`head_qkv_into_cache`, batch < DOT_MIN_BATCH) instead of two cache writes after it; read by the caller
-    # through `plan_flag`. On by default: measured faster (bench/results/NOTES.md, "fused head projections")
+    # through `plan_flag`. On by default: measured faster (bench/results/NOTES.md, "The three fusion knobs on an H100")
     qkv_cache_write: int = 1
     # 1: a decode step with every head's K/V (below DOT_MIN_BATCH rows) hands the q/k/v kernel the pre-LayerNorm
     # input and the LayerNorm, which the kernel applies (kernels/layernorm.py); read by the model through
