@@ -84,6 +84,16 @@ def small_config(**overrides):
     return tiny_config(**{**sizes, **overrides})
 
 
+def fixed_heads(k: int, **tuning):
+    """A policy of k scheduled heads per token (`HeadSparsity.FIXED`) with `tuning` (name=value) on top; the head
+    kernels run at every batch the tests decode (by default only at batch 1: `DecodeTuning.head_max_batch`)."""
+    from dejavu_jax.sparsity import HeadSparsity, SparsityPolicy
+    from kernels.head_sparse import MAX_BATCH
+
+    tuning.setdefault("head_max_batch", MAX_BATCH)
+    return SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuple(tuning.items()))
+
+
 def rel_max_err(out, ref, where=None):
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     if where is not None:

@@ -27,8 +27,7 @@ from dejavu_jax.sparsity import (
     head_schedule,
 )
 
-from conftest import REFERENCE_MODEL, rel_max_err
-from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH
+from conftest import REFERENCE_MODEL, fixed_heads, rel_max_err
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulated) devices; see conftest.py")
 
@@ -561,13 +560,6 @@ def test_topk_under_tp_keeps_each_shards_share(eight_heads_params):
 # ---- head-sparse decoding under tp: each shard computes the chosen heads it holds ----------------------------------
 
 SCHEDULE = head_schedule(11, EIGHT_HEADS.num_hidden_layers, EIGHT_HEADS.num_attention_heads)
-
-
-def fixed_heads(k: int, **tuning) -> SparsityPolicy:
-    """k scheduled heads per token; the head kernels run at every batch these tests decode (by default only at
-    batch 1: `DecodeTuning.head_max_batch`)."""
-    tuning.setdefault("head_max_batch", HEAD_SPARSE_MAX_BATCH)
-    return SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuple(tuning.items()))
 
 
 FIXED_HEADS = {k: fixed_heads(k) for k in (1, 2, 3)}

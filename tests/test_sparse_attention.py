@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import primitives_outside_kernels, rel_max_err, small_config
+from conftest import fixed_heads, primitives_outside_kernels, rel_max_err, small_config
 from dejavu_jax.checkpoint import load_model
 from dejavu_jax.generation import _generate_tokens, decode_step, prefill
 from dejavu_jax.kv_cache import KVCache
@@ -38,7 +38,7 @@ from dejavu_jax.sparsity import (
     head_scores,
     scheduled_heads,
 )
-from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH, head_qkv_pairs
+from kernels.head_sparse import head_qkv_pairs
 
 
 @pytest.mark.parametrize("n_heads, window", [(4, 1), (6, 4), (32, 16), (40, 16), (12, 5)])
@@ -251,13 +251,6 @@ CONFIG = small_config(max_position_embeddings=96)
 SCHEDULE = SparseWeights(head_schedule=head_schedule(7, CONFIG.num_hidden_layers, CONFIG.num_attention_heads))
 
 
-def fixed_heads(k, **tuning):
-    """k scheduled heads per token; the head kernels run at every batch these tests decode (by default only at
-    batch 1: `DecodeTuning.head_max_batch`)."""
-    tuning.setdefault("head_max_batch", HEAD_SPARSE_MAX_BATCH)
-    return SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuple(tuning.items()))
-
-
 @functools.partial(jax.jit, static_argnames=("policy", "attention_impl"))
 def decode_logits(params, weights, ids, mask, continuation, *, policy, attention_impl="xla"):
     """Prefill the prompt [B, P] (every head), then decode `continuation` [B, N] one token a step in one compiled
@@ -452,10 +445,10 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
     assert not {"top_k", "sort", "random_bits", "threefry2x32"} & set(prims), prims
     # head_qkv_cache_write (the default): the projection kernel writes K/V, no cache writes after it (two per
     # layer with the knob off)
-    fused, prims = prims, _decode_step_primitives(fixed_heads(2, head_qkv_cache_write=0), 1)
+    unfused = _decode_step_primitives(fixed_heads(2, head_qkv_cache_write=0), 1)
     layers = CONFIG.num_hidden_layers
-    assert prims.count("dynamic_update_slice") - fused.count("dynamic_update_slice") == 2 * layers
-    assert fused.count("pallas_call:head_qkv_cache") == layers
+    assert unfused.count("dynamic_update_slice") - prims.count("dynamic_update_slice") == 2 * layers
+    assert prims.count("pallas_call:head_qkv_cache") == layers
     # head_qkv_layernorm (the default): the attention LayerNorm inside the projection kernel, one rsqrt a layer
     # fewer in XLA
     params = init_params(CONFIG, jax.random.PRNGKey(4))
