@@ -372,12 +372,9 @@ def for_decode_batch(
     if batch > SPARSE_DECODE_MAX_BATCH and policy.decode_kernels and not fixed:
         if policy.heads == HeadSparsity.NONE:
             return DENSE, None
-        tuning = policy.tuning
-        heads_tuning = DecodeTuning(
-            head_kv=tuning.head_kv,
-            head_window=tuning.head_window,
-            head_max_batch=tuning.head_max_batch,
-            head_knobs=tuning.head_knobs,
+        # the MLP's tuning back to its defaults (its MLP is dense), every head field kept
+        heads_tuning = dataclasses.replace(
+            policy.tuning, hidden=DecodeTuning.hidden, scores=DecodeTuning.scores, knobs=()
         )
         return (
             dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=heads_tuning),
