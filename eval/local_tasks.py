@@ -8,6 +8,7 @@ lm_eval package); only its dataset is replaced by records read from a local dire
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -134,11 +135,20 @@ def parse_task_list(text: str) -> list[str]:
     return names
 
 
+@functools.cache
+def lm_eval_task_manager():
+    """lm-eval's index of its own task YAMLs (where each task's prompt and metric config lives), built once per
+    process: indexing reads thousands of YAML files (seconds), and every `TaskManager()` does it again."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def build_task(name: str, tasks_dir: str | Path, task_manager=None):
-    """An lm-eval `ConfigurableTask` for `name` whose documents come from `tasks_dir`."""
+    """An lm-eval `ConfigurableTask` for `name` whose documents come from `tasks_dir`. `task_manager`: lm-eval's
+    task index (default: `lm_eval_task_manager()`)."""
     import datasets
     from lm_eval.api.task import ConfigurableTask
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
     spec = LOCAL_TASKS[name]
@@ -153,7 +163,7 @@ def build_task(name: str, tasks_dir: str | Path, task_manager=None):
         raise TaskDataError(f"{name}: a record under {root} does not have the expected fields ({e!r})") from None
     if not records:
         raise TaskDataError(f"{name}: no records under {root}")
-    task_manager = task_manager or TaskManager()
+    task_manager = task_manager or lm_eval_task_manager()
     config = dict(load_yaml(task_manager.task_index[spec.lm_eval_name].yaml_path, resolve_func=True))
     for key in ("tag", "group", "task_list"):
         config.pop(key, None)

@@ -42,9 +42,16 @@ def evaluate_task(lm, task, limit: int | None) -> dict:
     from lm_eval import evaluator
     from lm_eval.tasks import get_task_dict
 
+    from eval.local_tasks import lm_eval_task_manager
+
     with _named_request_bar(task.config.task, getattr(lm, "progress", True)):
         out = evaluator.evaluate(
-            lm, get_task_dict([task]), limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR"
+            lm,
+            get_task_dict([task], lm_eval_task_manager()),
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+            verbosity="ERROR",
         )
     result = out["results"][task.config.task]
     return {"documents": int(result["sample_len"]), **_metrics(result)}
@@ -71,12 +78,10 @@ def _load_previous(path: Path | None, settings: dict) -> dict:
 def run_tasks(args) -> dict:
     import logging
 
-    from lm_eval.tasks import TaskManager
-
     from dejavu_jax.atomic import write_json_atomic
     from dejavu_jax.checkpoint import load_model
     from eval.harness import JaxOPT
-    from eval.local_tasks import TaskDataError, build_task, parse_task_list
+    from eval.local_tasks import TaskDataError, build_task, lm_eval_task_manager, parse_task_list
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on custom datasets are not for our users
     names = parse_task_list(args.tasks)
@@ -115,7 +120,7 @@ def run_tasks(args) -> dict:
     sparse_lm = (
         None if policy == DENSE else JaxOPT(model, policy, sparse_weights, args.batch_size, progress, desc="sparse")
     )
-    task_manager = TaskManager()
+    task_manager = lm_eval_task_manager()
     for name in names:
         if name in results:
             continue

@@ -69,9 +69,9 @@ def test_batching_and_padding_do_not_change_scores(jax_lm):
 
 @pytest.fixture(scope="module")
 def task_manager():
-    from lm_eval.tasks import TaskManager
+    from eval.local_tasks import lm_eval_task_manager
 
-    return TaskManager()  # indexing lm-eval's task YAMLs takes seconds: once per module
+    return lm_eval_task_manager()  # the process's one index, shared with the CLI runs below
 
 
 @pytest.mark.parametrize("name", list(LOCAL_TASKS))
