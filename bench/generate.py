@@ -541,6 +541,7 @@ def main(argv=None) -> int:
         config = shape_config(name)
         for tp, lm_head in layouts:
             vocab_split = lm_head == "vocab"
+            started = time.perf_counter()
             mesh = tp_mesh(config, tp, vocab_split)
             tp_n = 1 if mesh is None else mesh.shape[TP_AXIS]
             params = random_params(config, jnp.float16, mesh, vocab_split)
@@ -587,6 +588,11 @@ def main(argv=None) -> int:
                     fixed if args.mlp_density is not None else None,
                     predictors if args.mlp_density is not None else {},
                 )
+            # Printed so that whoever budgets a device call's time sees what a shape costs before its first compile.
+            print(
+                f"{name}{where}: weights and {len(variants)} rows' inputs made in {time.perf_counter() - started:.1f} s",
+                flush=True,
+            )
             for batch in batches:
                 read = bytes_read_per_token(config, batch, args.prompt_len, args.new_tokens, params=params)
                 floor_ms = (read["weights"] + read["kv"]) / bw * 1e3
