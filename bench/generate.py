@@ -141,11 +141,12 @@ def plant_firing(params, rows):
     return params
 
 
-def planted_predictors(config, rows, rank: int, tp: int = 1) -> SparseWeights:
+def planted_predictors(config, rows, rank: int, tp: int = 1, int8_scores: bool = False) -> SparseWeights:
     """Random rank-`rank` predictors whose output biases (+100 / -100) put exactly the chosen rows above 0. Their
     top-K count is the chosen set's size; over `tp` shards, where each keeps ceil(K / tp) (`sparse_mlp.shard_topk`),
     K is `tp` times the largest shard's share of the set, so every shard keeps all of its chosen rows (and the
-    shards with fewer some others)."""
+    shards with fewer some others). `int8_scores`: the scoring rows as int8 (`sparsity.decode_predictor`); the
+    chosen rows are the same."""
     keys = jax.random.split(jax.random.PRNGKey(5), config.num_hidden_layers)
     layers = []
     for key, (_, chosen) in zip(keys, rows):
@@ -158,7 +159,7 @@ def planted_predictors(config, rows, rank: int, tp: int = 1) -> SparseWeights:
             dtype=jnp.float16,
             output_bias=np.where(chosen, 100.0, -100.0),
         ).replace(k=k)
-        layers.append(decode_predictor(p, 0.0, jnp.float16))
+        layers.append(decode_predictor(p, 0.0, jnp.float16, int8_scores))
     return SparseWeights(mlp=tuple(layers))
 
 
@@ -369,6 +370,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers eager")
     p.add_argument(
+        "--int8-scores",
+        action="store_true",
+        help="with --mlp-density: also time each predicted row with the predictors' scoring rows in int8 "
+        "(dejavu_jax.generate --int8-scores), on the same chosen rows",
+    )
+    p.add_argument(
         "--mlp-density",
         type=float,
         default=None,
@@ -559,6 +566,11 @@ def main(argv=None) -> int:
                     for rank in ranks
                     if wants_predictors
                 }
+                int8_predictors = {
+                    rank: shard_sparse_weights(planted_predictors(config, planted, rank, tp_n, True), mesh)
+                    for rank in ranks
+                    if wants_predictors and args.int8_scores
+                }
                 for tuning in tunings:
                     if tuning and heads_only(tuning):
                         continue  # changes nothing in an MLP-only row
@@ -578,6 +590,9 @@ def main(argv=None) -> int:
                             variants.append(
                                 (f"predicted, {sel.value}{tag}", policy, predictors[rank], {"rank": rank, **extra})
                             )
+                            if rank in int8_predictors:
+                                label = f"predicted, {sel.value}, int8 scores{tag}"
+                                variants.append((label, policy, int8_predictors[rank], {"rank": rank, **extra}))
             if args.head_density is not None:
                 variants += head_variants(
                     config,

@@ -140,7 +140,7 @@ def abstract_sharded(abstract, mesh: Optional[Mesh], vocab_split: bool = False):
 # every fixed row mask [ffn], and each MLP predictor's second layer w2_t [ffn, r] and b2 [ffn], so each device scores
 # and chooses only its own neurons. Everything else (w1_t, b1, the threshold, head predictors, the head schedule) is
 # replicated.
-_SPARSE_SPLIT_FIELDS = {"fixed_rows": None, "mlp": {"w2_t", "b2"}}  # field -> its split leaves (None: all)
+_SPARSE_SPLIT_FIELDS = {"fixed_rows": None, "mlp": {"w2_t", "b2", "w2_scale"}}  # field -> its split leaves (None: all)
 
 
 def _sparse_spec(path) -> P:
@@ -153,7 +153,7 @@ def _sparse_spec(path) -> P:
 
 def sparse_weight_shardings(weights, mesh: Mesh):
     """A tree of NamedSharding matching `weights` (a `sparsity.SparseWeights`): fixed row masks and the MLP
-    predictors' w2_t and b2 split on ffn over the tp axis, the rest replicated."""
+    predictors' w2_t, b2 and w2_scale split on ffn over the tp axis, the rest replicated."""
     return jax.tree_util.tree_map_with_path(lambda path, _: NamedSharding(mesh, _sparse_spec(path)), weights)
 
 

@@ -85,7 +85,17 @@ def _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, predictor, k: int, knobs
     if kind == "mask":
         return masked_fc1(x, fc1_w, fc1_b, mask, knobs=knobs)
     if kind == "threshold":
-        return threshold_fc1(x, fc1_w, fc1_b, hidden, predictor.w2_t, predictor.b2, predictor.threshold, knobs=knobs)
+        return threshold_fc1(
+            x,
+            fc1_w,
+            fc1_b,
+            hidden,
+            predictor.w2_t,
+            predictor.b2,
+            predictor.threshold,
+            w2_scale=predictor.w2_scale,
+            knobs=knobs,
+        )
     if kind == "topk":
         chosen = topk_mask(predictor.scores_from_hidden(hidden), k)  # [B, ffn]
         return masked_fc1(x, fc1_w, fc1_b, jnp.any(chosen, axis=0).astype(jnp.int32), knobs=knobs)
@@ -125,7 +135,13 @@ def mlp_decode_rows_split(
     # Only the leaves a kind reads cross into shard_map; the predictor's first layer stays outside (its output
     # `hidden` is the replicated input).
     scorer = None if predictor is None else predictor.replace(w1_t=None, b1=None)
-    scorer_spec = None if predictor is None else scorer.replace(w2_t=split, b2=split, threshold=replicated)
+    scorer_spec = (
+        None
+        if predictor is None
+        else scorer.replace(
+            w2_t=split, b2=split, threshold=replicated, w2_scale=None if scorer.w2_scale is None else split
+        )
+    )
 
     def local(x, fc1_w, fc1_b, fc2_w_t, mask, hidden, scorer):  # this device's neurons: fc1_w, fc2_w_t [ffn/tp, d]
         h = _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, scorer, k, knobs)

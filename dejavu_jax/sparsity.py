@@ -203,6 +203,9 @@ class MLPPredictor:
     w2_t: jax.Array  # [ffn, r]  neuron-major: a neuron's scoring weights are one row
     b2: jax.Array  # [ffn] fp32
     threshold: jax.Array  # [] fp32: a neuron is chosen when its score >= threshold
+    # [ffn] fp32, or None: w2_t holds int8 codes and a neuron's scoring weights are w2_t[n] * w2_scale[n]
+    # (`decode_predictor(..., int8_scores=True)`)
+    w2_scale: Optional[jax.Array] = None
     k: int = struct.field(pytree_node=False, default=0)  # top-K count
     normalize_input: bool = struct.field(pytree_node=False, default=True)
 
@@ -219,7 +222,7 @@ class MLPPredictor:
         """x [..., d] -> [..., r] in the weights' dtype (the input of the second matmul)."""
         h = standardize(x) if self.normalize_input else x.astype(jnp.float32)
         h = jnp.einsum("...d,rd->...r", h.astype(self.w1_t.dtype), self.w1_t, preferred_element_type=jnp.float32)
-        return (h + self.b1.astype(jnp.float32)).astype(self.w2_t.dtype)
+        return (h + self.b1.astype(jnp.float32)).astype(self.w1_t.dtype)
 
     def scores(self, x):
         """x [..., d] -> fp32 scores [..., ffn]."""
@@ -227,7 +230,13 @@ class MLPPredictor:
 
     def scores_from_hidden(self, p):
         """p [..., r] (from `hidden`) -> fp32 scores [..., ffn]."""
-        return jnp.einsum("...r,nr->...n", p, self.w2_t, preferred_element_type=jnp.float32) + self.b2
+        if self.w2_scale is None:
+            return jnp.einsum("...r,nr->...n", p, self.w2_t, preferred_element_type=jnp.float32) + self.b2
+        # int8 codes: the fp32 dot of p with a neuron's codes, times its scale (what the fc1 kernel computes)
+        dots = jnp.einsum(
+            "...r,nr->...n", p.astype(jnp.float32), self.w2_t.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
+        return dots * self.w2_scale + self.b2
 
     def decode_hidden(self, x, tuning: "DecodeTuning"):
         """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA."""
@@ -236,15 +245,31 @@ class MLPPredictor:
         return predictor_hidden(x, self.w1_t, self.b1, normalize=self.normalize_input, eps=NORM_EPS)
 
 
-def decode_predictor(p: LowRankPredictor, threshold: Optional[float], dtype=None) -> MLPPredictor:
-    """`p` in the decode layout (transposed, rank padded to a power of two, weights in `dtype`)."""
+def int8_rows(w):
+    """w [n, r] -> (codes [n, r] int8, scale [n] fp32): per row, symmetric, round to nearest; codes * scale[:, None]
+    is within scale / 2 of w (an all-zero row gets scale 1 and zero codes)."""
+    w = jnp.asarray(w, jnp.float32)
+    top = jnp.max(jnp.abs(w), axis=1)
+    scale = jnp.where(top > 0, top / 127.0, 1.0)
+    codes = jnp.clip(jnp.round(w / scale[:, None]), -127, 127).astype(jnp.int8)
+    return codes, scale
+
+
+def decode_predictor(
+    p: LowRankPredictor, threshold: Optional[float], dtype=None, int8_scores: bool = False
+) -> MLPPredictor:
+    """`p` in the decode layout (transposed, rank padded to a power of two, weights in `dtype`). `int8_scores`: the
+    second matrix (w2_t, the scoring rows a decode step reads for every neuron: most of the predictor's bytes) as
+    int8 codes with one fp32 scale per neuron (`int8_rows`): half the bytes, scores within a rounding of the
+    weights of the float ones; the threshold is used as calibrated."""
     dtype = dtype or p.w1.dtype
     r = p.rank
     r_pad = max(16, 1 << (r - 1).bit_length())
     pad = r_pad - r
     w1_t = jnp.pad(jnp.asarray(p.w1).T, ((0, pad), (0, 0))).astype(dtype)
     b1 = jnp.pad(jnp.asarray(p.b1), (0, pad)).astype(dtype)
-    w2_t = jnp.pad(jnp.asarray(p.w2).T, ((0, 0), (0, pad))).astype(dtype)
+    w2_t = jnp.pad(jnp.asarray(p.w2).T, ((0, 0), (0, pad)))
+    w2_t, w2_scale = int8_rows(w2_t) if int8_scores else (w2_t.astype(dtype), None)
     thr = -jnp.inf if threshold is None else threshold
     return MLPPredictor(
         w1_t=w1_t,
@@ -252,6 +277,7 @@ def decode_predictor(p: LowRankPredictor, threshold: Optional[float], dtype=None
         w2_t=w2_t,
         b2=jnp.asarray(p.b2, jnp.float32),
         threshold=jnp.asarray(thr, jnp.float32),
+        w2_scale=w2_scale,
         k=p.keep,
         normalize_input=p.normalize_input,
     )
@@ -270,10 +296,16 @@ class SparseWeights:
 
 
 def sparse_weights_from_predictors(
-    predictors: Predictors, dtype=None, thresholds=None, selection: Selection = Selection.THRESHOLD, mlp: bool = True
+    predictors: Predictors,
+    dtype=None,
+    thresholds=None,
+    selection: Selection = Selection.THRESHOLD,
+    mlp: bool = True,
+    int8_scores: bool = False,
 ) -> SparseWeights:
     """Decode-layout MLP predictors (unless `mlp` is False) and head predictors; `thresholds` (one per layer)
-    override the calibrated ones (e.g. −inf = all). Top-K selection needs no threshold."""
+    override the calibrated ones (e.g. −inf = all). Top-K selection needs no threshold. `int8_scores`: the MLP
+    predictors' scoring rows as int8 (`decode_predictor`)."""
     heads = tuple(decode_predictor(p, None, dtype) for p in predictors.heads)
     if not mlp:
         return SparseWeights(heads=heads, mlp_input=predictors.mlp_input)
@@ -289,7 +321,7 @@ def sparse_weights_from_predictors(
     if len(thresholds) != predictors.num_layers:
         raise ValueError(f"need one threshold per layer ({predictors.num_layers}). Got {len(thresholds)}")
     return SparseWeights(
-        mlp=tuple(decode_predictor(p, t, dtype) for p, t in zip(predictors.mlp, thresholds)),
+        mlp=tuple(decode_predictor(p, t, dtype, int8_scores) for p, t in zip(predictors.mlp, thresholds)),
         heads=heads,
         mlp_input=predictors.mlp_input,
     )

@@ -37,6 +37,13 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
         "calibrated K best",
     )
     p.add_argument(
+        "--int8-scores",
+        action="store_true",
+        help="with --mlp-sparsity predicted: keep each MLP predictor's second matrix (the scoring rows a decode "
+        "step reads for every neuron, most of the predictor's bytes) as int8 with one scale per neuron: half "
+        "those bytes; the scores move by the weights' rounding and the calibrated thresholds are used as they are",
+    )
+    p.add_argument(
         "--head-sparsity",
         default="none",
         choices=CLI_HEAD_SPARSITY,
@@ -69,6 +76,8 @@ def check_sparsity_args(args) -> SparsityPolicy:
         )
     if mode != MLPSparsity.PREDICTED and args.selection:
         raise ValueError(f"--selection applies to --mlp-sparsity predicted. Got --mlp-sparsity {mode.value}")
+    if mode != MLPSparsity.PREDICTED and getattr(args, "int8_scores", False):
+        raise ValueError(f"--int8-scores applies to --mlp-sparsity predicted. Got --mlp-sparsity {mode.value}")
     if head_k < 0 or (head_k and heads == HeadSparsity.NONE):
         raise ValueError(f"--head-k takes a positive count with --head-sparsity predicted|oracle. Got {head_k}")
     if heads == HeadSparsity.ORACLE and not head_k:
@@ -86,7 +95,11 @@ def load_sparsity(policy: SparsityPolicy, args, model):
     predictors = load_predictors(args.predictors, model.config)
     dtype = model.params["embed_tokens"]["embedding"].dtype
     weights = sparse_weights_from_predictors(
-        predictors, dtype, selection=policy.selection, mlp=policy.mlp == MLPSparsity.PREDICTED
+        predictors,
+        dtype,
+        selection=policy.selection,
+        mlp=policy.mlp == MLPSparsity.PREDICTED,
+        int8_scores=getattr(args, "int8_scores", False),
     )
     for layer, p in enumerate(predictors.heads):
         if policy.head_k > p.num_outputs:

@@ -122,6 +122,8 @@ def run_ppl(args) -> dict:
             result.update(mlp_density=sparse["mlp_density"])
         if policy.mlp == MLPSparsity.PREDICTED:
             result.update(selection=policy.selection.value, mlp_k=[p.k for p in sparse_weights.mlp])
+            if args.int8_scores:
+                result.update(int8_scores=True)
         if "head_density" in sparse:
             result.update(head_sparsity=policy.heads.value, head_density=sparse["head_density"])
     return result

@@ -110,6 +110,7 @@ def run_tasks(args) -> dict:
         "dtype": args.dtype,
         "limit": args.limit,
         "tasks_dir": str(args.tasks_dir),
+        **({"int8_scores": True} if args.int8_scores else {}),  # absent when off: earlier results files still match
     }
     out = Path(args.out) if args.out else None
     results = _load_previous(out, settings)  # checked before the model loads, so a bad --out costs no wait

@@ -16,7 +16,8 @@ How `masked_fc1` chooses its rows (static `selection`):
 - ``"threshold"``: the rows whose predictor score reaches a threshold for some batch row, with the score computed in
   the kernel's prologue: score = p · w2_t[row] + b2[row], where p [B, r] is the predictor's hidden vector (its first
   matmul, done outside) and w2_t [ffn, r] the predictor's second matrix stored neuron-major. So the predictor's
-  second matmul, the selection and fc1 are one launch, and the scores never reach memory.
+  second matmul, the selection and fc1 are one launch, and the scores never reach memory. w2_t may hold int8 codes
+  with one fp32 scale per row (`w2_scale`): score = (p · codes[row]) * scale[row] + b2[row], half the score bytes.
 `nonzero_fc2` is exact on its own: a row whose h is 0 for every batch row adds exactly 0, so skipping it changes
 nothing. Fed by a dense fc1 it is the lossless sparse MLP (ReLU zeros skipped, no predictor).
 
@@ -144,16 +145,25 @@ def _step_rows(t, block_k, base, chosen, pos, count):
     return sel, row, slot < count
 
 
-def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref):
-    """[seg1] bool: the segment's rows whose score p[b] · w2_t[row] + b2[row] reaches the threshold for some b."""
+def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref, scale_ref=None):
+    """[seg1] bool: the segment's rows whose score p[b] · w2_t[row] + b2[row] reaches the threshold for some b.
+    With `scale_ref`, w2_t holds int8 codes: score = (p[b] · codes[row]) * scale[row] + b2[row]."""
     rows = pl.ds(base, plan.seg1)
+    scale = None if scale_ref is None else scale_ref[rows]
     best = None
     for b in range(plan.batch):
         score = b2_ref[rows].astype(jnp.float32)
+        dots = None if scale is None else jnp.zeros((plan.seg1,), jnp.float32)
         for c0 in range(0, plan.rank, plan.score_chunk):  # static
             cols = pl.ds(c0, plan.score_chunk)
             w2 = w2t_ref[rows, cols].astype(jnp.float32)  # [seg1, chunk]
-            score = score + jnp.sum(w2 * p_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
+            part = jnp.sum(w2 * p_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
+            if scale is None:
+                score = score + part
+            else:
+                dots = dots + part
+        if scale is not None:
+            score = score + dots * scale
         best = score if best is None else jnp.maximum(best, score)
     return best >= thr_ref[0]
 
@@ -291,12 +301,21 @@ def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None):
     )
 
 
+def _checked_scale(w2_scale, w2_t):
+    if w2_t.dtype != jnp.int8:
+        raise ValueError(f"w2_scale goes with int8 codes in w2_t. Got w2_t of {w2_t.dtype}")
+    if w2_scale.shape != (w2_t.shape[0],):
+        raise ValueError(f"w2_scale must be [ffn] = [{w2_t.shape[0]}]. Got {w2_scale.shape}")
+    return w2_scale.astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
-def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, knobs=None, interpret=None):
+def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, w2_scale=None, knobs=None, interpret=None):
     """h [B, ffn]: `masked_fc1` over the rows n with max_b (p[b] · w2_t[n] + b2[n]) >= threshold.
 
-    p [B, r] (the predictor's hidden vector, in w2_t's dtype), w2_t [ffn, r] (r a multiple of 16: pad with zero
-    columns), b2 [ffn], threshold: a scalar (−inf chooses every row).
+    p [B, r] (the predictor's hidden vector), w2_t [ffn, r] (r a multiple of 16: pad with zero columns), b2 [ffn],
+    threshold: a scalar (−inf chooses every row). `w2_scale` [ffn] fp32: w2_t holds int8 codes and row n's weights
+    are w2_t[n] * w2_scale[n] (the dot is taken over the codes in fp32, then scaled): half the score bytes of fp16.
     """
     _check_weights(x, fc1_w, fc1_b, "fc1_w")
     ffn = fc1_w.shape[0]
@@ -307,13 +326,14 @@ def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, knobs=None, interp
         raise ValueError(f"the predictor rank must be a power of two here (pad w2_t and p with zeros). Got {r}")
     if b2.shape != (ffn,):
         raise ValueError(f"b2 must be [ffn] = [{ffn}]. Got {b2.shape}")
+    scaled = () if w2_scale is None else (_checked_scale(w2_scale, w2_t),)
     plan = _plan(x.shape[0], x.shape[1], ffn, knobs, r)
     thr = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
     return _select_fc1_call(
         x,
         fc1_w,
         fc1_b.astype(x.dtype),
-        (p, w2_t, b2.astype(jnp.float32), thr),
+        (p, w2_t, b2.astype(jnp.float32), thr, *scaled),
         plan=plan,
         selection="threshold",
         interpret=resolve_interpret(interpret),
@@ -345,9 +365,13 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def threshold_rows_reference(p, w2_t, b2, threshold):
-    """[ffn] bool: rows whose score reaches the threshold for some batch row."""
-    scores = jnp.einsum("br,nr->bn", p, w2_t, preferred_element_type=jnp.float32, precision=_precision(p.dtype))
+def threshold_rows_reference(p, w2_t, b2, threshold, w2_scale=None):
+    """[ffn] bool: rows whose score reaches the threshold for some batch row (w2_t int8 codes with `w2_scale`)."""
+    if w2_scale is not None:
+        scores = jnp.einsum("br,nr->bn", p.astype(jnp.float32), w2_t.astype(jnp.float32), precision="highest")
+        scores = scores * w2_scale
+    else:
+        scores = jnp.einsum("br,nr->bn", p, w2_t, preferred_element_type=jnp.float32, precision=_precision(p.dtype))
     return jnp.max(scores + b2.astype(jnp.float32), axis=0) >= threshold
 
 

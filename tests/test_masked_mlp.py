@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from conftest import CompiledKernelCases, lowered_text_for_cuda
-from kernels.masked_mlp import FC1_STEP_ELEMENTS, MaskedMLPPlan, masked_fc1, nonzero_fc2, threshold_fc1
+from dejavu_jax.sparsity import int8_rows
+from kernels.masked_mlp import (
+    FC1_STEP_ELEMENTS,
+    MaskedMLPPlan,
+    masked_fc1,
+    nonzero_fc2,
+    threshold_fc1,
+    threshold_rows_reference,
+)
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 
@@ -87,24 +95,70 @@ class TestMaskedMLP(CompiledKernelCases):
         else:
             assert not h.any()
 
+    @pytest.mark.parametrize("batch, threshold", [(1, 0.5), (3, 1.0), (1, -np.inf)])
+    def test_threshold_fc1_with_int8_scores(self, batch, threshold):
+        """int8 codes with a scale per row: the rows whose scaled fp32 dot reaches the threshold (float64
+        reference over the same codes and scales), the same fc1 outputs on them."""
+        d, ffn, rank = 128, 384, 32
+        cast, ref, _ = data(batch + 23, batch, d, ffn, rank, jnp.float16)
+        codes, scale = int8_rows(cast["pw"])
+        h = threshold_fc1(
+            cast["x"],
+            cast["w1"],
+            cast["b1"],
+            cast["p"],
+            codes,
+            cast["pb"],
+            threshold,
+            w2_scale=scale,
+            interpret=self.INTERPRET,
+        )
+        scores = (ref["p"] @ np.asarray(codes, np.float64).T) * np.asarray(scale, np.float64) + ref["pb"]
+        chosen = (scores >= threshold).any(axis=0)
+        clear = np.abs(scores.max(axis=0) - threshold) > 1e-3 if np.isfinite(threshold) else np.ones(ffn, bool)
+        assert chosen.any() and chosen.all() == (threshold == -np.inf)  # both kinds of row occur unless -inf
+        h = np.asarray(h, np.float64)
+        assert np.all(h[:, clear & ~chosen] == 0)
+        assert row_err(h[:, clear], ref_fc1(ref, chosen)[:, clear]) <= TOLERANCE[jnp.float16]
+        ref_rows = threshold_rows_reference(cast["p"], codes, cast["pb"], threshold, w2_scale=scale)
+        assert np.array_equal(np.asarray(ref_rows)[clear], chosen[clear])
+
 
 class TestMaskedMLPInterpret(TestMaskedMLP):
     INTERPRET = True
+
+
+def test_int8_rows_round_each_row_within_half_its_scale():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((50, 24)) * rng.uniform(0.01, 10, (50, 1))
+    w[7] = 0.0  # an all-zero row keeps zero codes
+    codes, scale = int8_rows(jnp.asarray(w, jnp.float32))
+    assert codes.dtype == jnp.int8 and scale.shape == (50,)
+    back = np.asarray(codes, np.float64) * np.asarray(scale, np.float64)[:, None]
+    assert np.all(np.abs(back - w) <= np.asarray(scale, np.float64)[:, None] / 2 + 1e-6 * np.abs(w))
+    assert np.abs(np.asarray(codes)).max() == 127 and not np.asarray(codes)[7].any()
 
 
 @pytest.mark.parametrize("batch, d, ffn, rank", [(1, 4096, 16384, 256), (4, 5120, 20480, 1024)])
 def test_lowers_for_gpu(batch, d, ffn, rank):
     s = jax.ShapeDtypeStruct
     f16 = jnp.float16
+    fc1_args = (s((batch, d), f16), s((ffn, d), f16), s((ffn,), f16), s((batch, rank), f16))
     text = lowered_text_for_cuda(
         jax.jit(lambda *a: threshold_fc1(*a, interpret=False)),
-        s((batch, d), f16),
-        s((ffn, d), f16),
-        s((ffn,), f16),
-        s((batch, rank), f16),
+        *fc1_args,
         s((ffn, rank), f16),
         s((ffn,), jnp.float32),
         s((), jnp.float32),
+    )
+    assert "select_fc1_threshold" in text
+    text = lowered_text_for_cuda(  # int8 scoring rows with their scales
+        jax.jit(lambda *a: threshold_fc1(*a[:-1], w2_scale=a[-1], interpret=False)),
+        *fc1_args,
+        s((ffn, rank), jnp.int8),
+        s((ffn,), jnp.float32),
+        s((), jnp.float32),
+        s((ffn,), jnp.float32),
     )
     assert "select_fc1_threshold" in text
     text = lowered_text_for_cuda(
@@ -122,6 +176,8 @@ def test_lowers_for_gpu(batch, d, ffn, rank):
         ("thr", dict(p=jnp.zeros((1, 24))), "need w2_t"),
         ("thr", dict(pw=jnp.zeros((64, 24)), p=jnp.zeros((1, 24))), "power of two"),
         ("fc2", dict(b2=jnp.zeros((3,))), "fc2_b must be"),
+        ("thr", dict(scale=jnp.ones((64,))), "goes with int8 codes"),
+        ("thr", dict(pw=jnp.zeros((64, 16), jnp.int8), scale=jnp.ones((8,))), "w2_scale must be"),
     ],
 )
 def test_bad_inputs_raise(call, args, match):
@@ -140,7 +196,7 @@ def test_bad_inputs_raise(call, args, match):
         if call == "fc1":
             masked_fc1(a["x"], a["w"], a["b"], a["row_mask"])
         elif call == "thr":
-            threshold_fc1(a["x"], a["w"], a["b"], a["p"], a["pw"], a["pb"], 0.0)
+            threshold_fc1(a["x"], a["w"], a["b"], a["p"], a["pw"], a["pb"], 0.0, w2_scale=a.get("scale"))
         else:
             nonzero_fc2(jnp.zeros((1, 64)), a["w"], a["b2"])
 

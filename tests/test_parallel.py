@@ -557,6 +557,33 @@ def test_topk_under_tp_keeps_each_shards_share(eight_heads_params):
     assert rel_max_err(got, single_choice) > 1e-3
 
 
+def test_int8_scores_under_tp_split_with_their_neurons_and_choose_as_one_device(eight_heads_params):
+    """int8 scoring rows and their scales split on ffn like w2_t; threshold selection over the shards is the
+    single-device choice, so the split MLP equals the one-device kernels' output."""
+    from dejavu_jax.predictors import init_low_rank
+    from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split
+    from dejavu_jax.sparsity import decode_predictor
+
+    tp = 4
+    mesh = parallel.tp_mesh(EIGHT_HEADS, tp)
+    mlp = eight_heads_params["layers_0"]["mlp"]
+    weights = (mlp["fc1_w"], mlp["fc1_b"], mlp["fc2_w_t"], mlp["fc2_b"])
+    bias = np.random.default_rng(9).normal(size=EIGHT_HEADS.ffn_dim)
+    p = init_low_rank(jax.random.PRNGKey(9), EIGHT_HEADS.hidden_size, 12, EIGHT_HEADS.ffn_dim, output_bias=bias)
+    predictor = decode_predictor(p, 0.0, int8_scores=True)
+    sharded = parallel.shard_sparse_weights(SparseWeights(mlp=(predictor,)), mesh).mlp[0]
+    for name in ("w2_t", "w2_scale"):
+        assert parallel.param_bytes_per_device(getattr(sharded, name)) == [getattr(predictor, name).nbytes // tp] * tp
+    x = jnp.asarray(np.random.default_rng(10).normal(size=(1, EIGHT_HEADS.hidden_size)), jnp.float32)
+    hidden = predictor.hidden(x)
+    split = NamedSharding(mesh, P("tp"))
+    sharded_weights = tuple(jax.device_put(w, split) for w in weights[:3]) + (weights[3],)
+    got = mlp_decode_rows_split(mesh, x, *sharded_weights, "threshold", hidden=hidden, predictor=sharded)
+    want = mlp_decode_rows(x, *weights, "threshold", hidden=hidden, predictor=predictor)
+    assert rel_max_err(got, want) < 1e-5
+    assert rel_max_err(want, mlp_decode_rows(x, *weights, "lossless")) > 1e-3  # the choice changed the output
+
+
 # ---- head-sparse decoding under tp: each shard computes the chosen heads it holds ----------------------------------
 
 SCHEDULE = head_schedule(11, EIGHT_HEADS.num_hidden_layers, EIGHT_HEADS.num_attention_heads)

@@ -12,7 +12,7 @@ from conftest import rel_max_err, small_config
 from dejavu_jax.generation import decode_step, prefill
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax.predictors import Predictors, init_low_rank
-from dejavu_jax.sparse_mlp import mlp_dense, mlp_per_token_rows
+from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import (
     MLPSparsity,
     Selection,
@@ -125,6 +125,29 @@ def test_decode_kernels_equal_the_per_token_path_and_differ_from_dense(policy, p
     assert rel_max_err(kernels, dense) > 1e-3
 
 
+def test_int8_scores_choose_alike_in_the_decode_kernel_and_the_per_token_path():
+    """With the scoring rows in int8 (one scale per neuron) the fc1 kernel of a decode step and the per-token path
+    score with the same codes and scales, so they compute the same MLP; float and int8 scores choose nearly alike."""
+    predictors = random_predictors(CONFIG, 48, 0.5, rank=16)
+    weights = sparse_weights_from_predictors(predictors, int8_scores=True)
+    floats = sparse_weights_from_predictors(predictors)
+    assert weights.mlp[0].w2_t.dtype == jnp.int8 and weights.heads[0].w2_scale is None  # heads stay float
+    rng = np.random.default_rng(3)
+    d, ffn = CONFIG.hidden_size, CONFIG.ffn_dim
+    x = jnp.asarray(rng.standard_normal((1, d)), jnp.float32)
+    w1, w2t = (jnp.asarray(rng.standard_normal((ffn, d)) * 0.3, jnp.float32) for _ in range(2))
+    b1, b2 = jnp.asarray(rng.standard_normal(ffn) * 0.1, jnp.float32), jnp.zeros((d,), jnp.float32)
+    p = weights.mlp[0]
+    hidden = p.hidden(x)
+    chosen = p.scores_from_hidden(hidden) >= p.threshold  # [1, ffn]
+    assert 0 < int(chosen.sum()) < ffn
+    kernel = mlp_decode_rows(x, w1, b1, w2t, b2, "threshold", hidden=hidden, predictor=p)
+    per_token = mlp_per_token_rows(x, w1, b1, w2t, b2, chosen)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(per_token), rtol=1e-5, atol=1e-5)
+    float_chosen = floats.mlp[0].scores_from_hidden(hidden) >= p.threshold
+    assert np.mean(np.asarray(float_chosen) != np.asarray(chosen)) < 0.05
+
+
 def test_lossless_and_everything_chosen_decode_equal_dense_and_batches_fall_back():
     params = init_params(CONFIG, jax.random.PRNGKey(7))
     continuation = jax.random.randint(jax.random.PRNGKey(9), (1, 3), 3, 64)
@@ -208,6 +231,7 @@ def test_eval_ppl_json_dense_vs_sparse(reference_model_dir, tmp_path, capsys):
         (["--head-k", "3"], "--head-k takes a positive count"),
         (["--head-sparsity", "predicted"], "needs --predictors"),
         (["--selection", "topk"], "applies to --mlp-sparsity predicted"),
+        (["--mlp-sparsity", "lossless", "--int8-scores"], "--int8-scores applies to --mlp-sparsity predicted"),
     ],
 )
 def test_sparsity_flag_errors_before_loading(flags, message, reference_model_dir, capsys):
