@@ -482,6 +482,8 @@ def main(argv=None) -> int:
         p.error(f"--fire-rate must be in (0, --mlp-density]. Got {args.fire_rate}")
     if args.head_density is not None and not 0 < args.head_density <= 1:
         p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
+    if args.int8_scores and (args.mlp_density is None or "predicted" not in set(variant_names) | set(tuned_names)):
+        p.error("--int8-scores adds predicted rows: it needs --mlp-density and the predicted variant")
     all_reduces = list(dict.fromkeys(m.strip() for m in args.all_reduce.split(",") if m.strip()))
     if not all_reduces or not set(all_reduces) <= set(ALL_REDUCE_MODES):
         p.error(f"--all-reduce takes a comma list of {', '.join(ALL_REDUCE_MODES)}. Got {args.all_reduce!r}")

@@ -231,10 +231,15 @@ class MLPPredictor:
     def scores_from_hidden(self, p):
         """p [..., r] (from `hidden`) -> fp32 scores [..., ffn]."""
         if self.w2_scale is None:
+            if jnp.issubdtype(self.w2_t.dtype, jnp.integer):
+                raise ValueError("int8 scoring rows need their w2_scale (see decode_predictor)")
             return jnp.einsum("...r,nr->...n", p, self.w2_t, preferred_element_type=jnp.float32) + self.b2
-        # int8 codes: the fp32 dot of p with a neuron's codes, times its scale (what the fc1 kernel computes)
+        # int8 codes: the fp32 dot of p with a neuron's codes, times its scale (what the fc1 kernel computes). The
+        # codes (|c| <= 127) are exact in p's dtype and their products with p exact in fp32, so the dot runs in p's
+        # dtype (no fp32 copy of the rows; full fp32 precision where p is fp32).
+        precision = jax.lax.Precision.HIGHEST if p.dtype == jnp.float32 else None
         dots = jnp.einsum(
-            "...r,nr->...n", p.astype(jnp.float32), self.w2_t.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+            "...r,nr->...n", p, self.w2_t.astype(p.dtype), preferred_element_type=jnp.float32, precision=precision
         )
         return dots * self.w2_scale + self.b2
 
@@ -260,8 +265,8 @@ def decode_predictor(
 ) -> MLPPredictor:
     """`p` in the decode layout (transposed, rank padded to a power of two, weights in `dtype`). `int8_scores`: the
     second matrix (w2_t, the scoring rows a decode step reads for every neuron: most of the predictor's bytes) as
-    int8 codes with one fp32 scale per neuron (`int8_rows`): half the bytes, scores within a rounding of the
-    weights of the float ones; the threshold is used as calibrated."""
+    int8 codes with one fp32 scale per neuron (`int8_rows`): r + 4 bytes a neuron against 2r in fp16, scores within
+    a rounding of the weights of the float ones; the threshold is used as calibrated."""
     dtype = dtype or p.w1.dtype
     r = p.rank
     r_pad = max(16, 1 << (r - 1).bit_length())

@@ -40,8 +40,9 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
         "--int8-scores",
         action="store_true",
         help="with --mlp-sparsity predicted: keep each MLP predictor's second matrix (the scoring rows a decode "
-        "step reads for every neuron, most of the predictor's bytes) as int8 with one scale per neuron: half "
-        "those bytes; the scores move by the weights' rounding and the calibrated thresholds are used as they are",
+        "step reads for every neuron, most of the predictor's bytes) as int8 with one fp32 scale per neuron: "
+        "about half those bytes (r + 4 a neuron against 2r); the scores move by the weights' rounding and the "
+        "calibrated thresholds are used as they are. Head predictors stay in the model's dtype",
     )
     p.add_argument(
         "--head-sparsity",

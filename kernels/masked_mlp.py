@@ -17,7 +17,7 @@ How `masked_fc1` chooses its rows (static `selection`):
   the kernel's prologue: score = p · w2_t[row] + b2[row], where p [B, r] is the predictor's hidden vector (its first
   matmul, done outside) and w2_t [ffn, r] the predictor's second matrix stored neuron-major. So the predictor's
   second matmul, the selection and fc1 are one launch, and the scores never reach memory. w2_t may hold int8 codes
-  with one fp32 scale per row (`w2_scale`): score = (p · codes[row]) * scale[row] + b2[row], half the score bytes.
+  with one fp32 scale per row (`w2_scale`): score = (p · codes[row]) * scale[row] + b2[row], r + 4 bytes a row against 2r in fp16.
 `nonzero_fc2` is exact on its own: a row whose h is 0 for every batch row adds exactly 0, so skipping it changes
 nothing. Fed by a dense fc1 it is the lossless sparse MLP (ReLU zeros skipped, no predictor).
 
@@ -315,7 +315,7 @@ def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, w2_scale=None, kno
 
     p [B, r] (the predictor's hidden vector), w2_t [ffn, r] (r a multiple of 16: pad with zero columns), b2 [ffn],
     threshold: a scalar (−inf chooses every row). `w2_scale` [ffn] fp32: w2_t holds int8 codes and row n's weights
-    are w2_t[n] * w2_scale[n] (the dot is taken over the codes in fp32, then scaled): half the score bytes of fp16.
+    are w2_t[n] * w2_scale[n] (the dot is taken over the codes in fp32, then scaled): r + 4 bytes a row, not 2r.
     """
     _check_weights(x, fc1_w, fc1_b, "fc1_w")
     ffn = fc1_w.shape[0]
@@ -326,6 +326,8 @@ def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, w2_scale=None, kno
         raise ValueError(f"the predictor rank must be a power of two here (pad w2_t and p with zeros). Got {r}")
     if b2.shape != (ffn,):
         raise ValueError(f"b2 must be [ffn] = [{ffn}]. Got {b2.shape}")
+    if w2_scale is None and jnp.issubdtype(w2_t.dtype, jnp.integer):
+        raise ValueError(f"int8 codes in w2_t need their w2_scale. Got w2_t of {w2_t.dtype} and no scale")
     scaled = () if w2_scale is None else (_checked_scale(w2_scale, w2_t),)
     plan = _plan(x.shape[0], x.shape[1], ffn, knobs, r)
     thr = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))

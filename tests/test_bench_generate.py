@@ -11,13 +11,14 @@ def test_rows_of_a_tiny_sparse_run(tmp_path):
     out = tmp_path / "g.md"
     argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --mlp-density 0.25 "
     argv += "--fire-rate 0.1 --predictor-rank 16 --selection threshold --variants fixed "
-    argv += "--tuned-variants predicted --tuning hidden=xla,fc1_segment=16"
+    argv += "--tuned-variants predicted --tuning hidden=xla,fc1_segment=16 --int8-scores"
     assert main(argv.split() + ["--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["variant"] for r in rows] == [
         "dense",
         "fixed rows",
         "predicted, threshold [hidden=xla,fc1_segment=16]",
+        "predicted, threshold, int8 scores [hidden=xla,fc1_segment=16]",
     ]
     assert rows[2]["tuning"] == "hidden=xla,fc1_segment=16" and rows[2]["rank"] == 16
     for r in rows:
@@ -30,7 +31,11 @@ def test_parse_tuning_and_bad_flags(capsys):
     for spec in ("fc1_segment", "hidden=cuda", "fc9=1"):
         with pytest.raises(ValueError):
             parse_tuning(spec)
-    for argv in (["--variants", "fixed,sometimes"], ["--tuning", "scores=gpu"]):
+    for argv in (
+        ["--variants", "fixed,sometimes"],
+        ["--tuning", "scores=gpu"],
+        ["--variants", "fixed", "--int8-scores"],
+    ):
         with pytest.raises(SystemExit) as e:
             main(["--shape", "tiny", "--mlp-density", "0.1", *argv])
         assert e.value.code == 2

@@ -178,6 +178,7 @@ def test_lowers_for_gpu(batch, d, ffn, rank):
         ("fc2", dict(b2=jnp.zeros((3,))), "fc2_b must be"),
         ("thr", dict(scale=jnp.ones((64,))), "goes with int8 codes"),
         ("thr", dict(pw=jnp.zeros((64, 16), jnp.int8), scale=jnp.ones((8,))), "w2_scale must be"),
+        ("thr", dict(pw=jnp.zeros((64, 16), jnp.int8)), "need their w2_scale"),
     ],
 )
 def test_bad_inputs_raise(call, args, match):
