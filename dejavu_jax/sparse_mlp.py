@@ -134,14 +134,11 @@ def mlp_decode_rows_split(
     split, replicated = P(TP_AXIS), P()
     # Only the leaves a kind reads cross into shard_map; the predictor's first layer stays outside (its output
     # `hidden` is the replicated input).
-    scorer = None if predictor is None else predictor.replace(w1_t=None, b1=None)
-    scorer_spec = (
-        None
-        if predictor is None
-        else scorer.replace(
-            w2_t=split, b2=split, threshold=replicated, w2_scale=None if scorer.w2_scale is None else split
-        )
-    )
+    scorer = scorer_spec = None
+    if predictor is not None:
+        scorer = predictor.replace(w1_t=None, b1=None)
+        scale_spec = None if scorer.w2_scale is None else split  # int8 codes' scales split with their rows
+        scorer_spec = scorer.replace(w2_t=split, b2=split, threshold=replicated, w2_scale=scale_spec)
 
     def local(x, fc1_w, fc1_b, fc2_w_t, mask, hidden, scorer):  # this device's neurons: fc1_w, fc2_w_t [ffn/tp, d]
         h = _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, scorer, k, knobs)

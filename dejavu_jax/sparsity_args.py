@@ -77,7 +77,7 @@ def check_sparsity_args(args) -> SparsityPolicy:
         )
     if mode != MLPSparsity.PREDICTED and args.selection:
         raise ValueError(f"--selection applies to --mlp-sparsity predicted. Got --mlp-sparsity {mode.value}")
-    if mode != MLPSparsity.PREDICTED and getattr(args, "int8_scores", False):
+    if mode != MLPSparsity.PREDICTED and args.int8_scores:
         raise ValueError(f"--int8-scores applies to --mlp-sparsity predicted. Got --mlp-sparsity {mode.value}")
     if head_k < 0 or (head_k and heads == HeadSparsity.NONE):
         raise ValueError(f"--head-k takes a positive count with --head-sparsity predicted|oracle. Got {head_k}")
@@ -100,7 +100,7 @@ def load_sparsity(policy: SparsityPolicy, args, model):
         dtype,
         selection=policy.selection,
         mlp=policy.mlp == MLPSparsity.PREDICTED,
-        int8_scores=getattr(args, "int8_scores", False),
+        int8_scores=args.int8_scores,
     )
     for layer, p in enumerate(predictors.heads):
         if policy.head_k > p.num_outputs:

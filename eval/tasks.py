@@ -81,7 +81,7 @@ def run_tasks(args) -> dict:
     from dejavu_jax.atomic import write_json_atomic
     from dejavu_jax.checkpoint import load_model
     from eval.harness import JaxOPT
-    from eval.local_tasks import TaskDataError, build_task, lm_eval_task_manager, parse_task_list
+    from eval.local_tasks import TaskDataError, build_task, parse_task_list
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on custom datasets are not for our users
     names = parse_task_list(args.tasks)
@@ -121,11 +121,10 @@ def run_tasks(args) -> dict:
     sparse_lm = (
         None if policy == DENSE else JaxOPT(model, policy, sparse_weights, args.batch_size, progress, desc="sparse")
     )
-    task_manager = lm_eval_task_manager()
     for name in names:
         if name in results:
             continue
-        task = build_task(name, args.tasks_dir, task_manager)
+        task = build_task(name, args.tasks_dir)  # lm-eval's task index: lm_eval_task_manager()
         dense_lm.desc = f"{name} dense"  # the progress bar names the task it scores
         entry = {"dense": evaluate_task(dense_lm, task, args.limit)}
         if sparse_lm is not None:

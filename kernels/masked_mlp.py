@@ -152,18 +152,13 @@ def _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref, scale_ref=None)
     scale = None if scale_ref is None else scale_ref[rows]
     best = None
     for b in range(plan.batch):
-        score = b2_ref[rows].astype(jnp.float32)
-        dots = None if scale is None else jnp.zeros((plan.seg1,), jnp.float32)
+        b2 = b2_ref[rows].astype(jnp.float32)
+        acc = b2 if scale is None else jnp.zeros((plan.seg1,), jnp.float32)  # float rows sum onto b2 directly
         for c0 in range(0, plan.rank, plan.score_chunk):  # static
             cols = pl.ds(c0, plan.score_chunk)
             w2 = w2t_ref[rows, cols].astype(jnp.float32)  # [seg1, chunk]
-            part = jnp.sum(w2 * p_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
-            if scale is None:
-                score = score + part
-            else:
-                dots = dots + part
-        if scale is not None:
-            score = score + dots * scale
+            acc = acc + jnp.sum(w2 * p_ref[b, cols].astype(jnp.float32)[None, :], axis=1)
+        score = acc if scale is None else b2 + acc * scale
         best = score if best is None else jnp.maximum(best, score)
     return best >= thr_ref[0]
 
@@ -301,12 +296,17 @@ def masked_fc1(x, fc1_w, fc1_b, row_mask, *, knobs=None, interpret=None):
     )
 
 
-def _checked_scale(w2_scale, w2_t):
+def _scale_args(w2_scale, w2_t) -> tuple:
+    """The kernel's extra input for int8 codes in w2_t: (their scale [ffn] fp32,), or () for float rows."""
+    if w2_scale is None:
+        if jnp.issubdtype(w2_t.dtype, jnp.integer):
+            raise ValueError(f"int8 codes in w2_t need their w2_scale. Got w2_t of {w2_t.dtype} and no scale")
+        return ()
     if w2_t.dtype != jnp.int8:
         raise ValueError(f"w2_scale goes with int8 codes in w2_t. Got w2_t of {w2_t.dtype}")
     if w2_scale.shape != (w2_t.shape[0],):
         raise ValueError(f"w2_scale must be [ffn] = [{w2_t.shape[0]}]. Got {w2_scale.shape}")
-    return w2_scale.astype(jnp.float32)
+    return (w2_scale.astype(jnp.float32),)
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
@@ -326,9 +326,7 @@ def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, w2_scale=None, kno
         raise ValueError(f"the predictor rank must be a power of two here (pad w2_t and p with zeros). Got {r}")
     if b2.shape != (ffn,):
         raise ValueError(f"b2 must be [ffn] = [{ffn}]. Got {b2.shape}")
-    if w2_scale is None and jnp.issubdtype(w2_t.dtype, jnp.integer):
-        raise ValueError(f"int8 codes in w2_t need their w2_scale. Got w2_t of {w2_t.dtype} and no scale")
-    scaled = () if w2_scale is None else (_checked_scale(w2_scale, w2_t),)
+    scaled = _scale_args(w2_scale, w2_t)
     plan = _plan(x.shape[0], x.shape[1], ffn, knobs, r)
     thr = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
     return _select_fc1_call(
