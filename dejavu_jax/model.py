@@ -36,7 +36,16 @@ from dejavu_jax.sparse_attention import (
     write_recent_inputs,
 )
 from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split, mlp_dense, mlp_per_token_rows
-from dejavu_jax.sparsity import DENSE, HeadRows, MLPRows, SparseWeights, SparsityPolicy, head_rows, mlp_rows, topk_mask
+from dejavu_jax.sparsity import (
+    DENSE,
+    HeadRows,
+    LayerChoice,
+    MLPRows,
+    SparseWeights,
+    SparsityPolicy,
+    head_rows,
+    topk_mask,
+)
 from kernels.decode_attention import decode_attention_append
 from kernels.head_sparse import DOT_MIN_BATCH, plan_flag
 from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH
@@ -274,25 +283,31 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(self.config, self.dtype)
         self.mlp = OPTMLP(self.config, self.dtype, self.mesh)
 
-    def __call__(self, h, allowed, layer_kv=None, cursor=None, rows_for=None, heads=HeadRows()):
-        """`rows_for(attn_input, mlp_input) -> MLPRows` chooses the MLP's neurons (None: dense); `heads` the heads
-        whose outputs reach out_proj (`sparsity.head_rows`)."""
+    def __call__(self, h, allowed, layer_kv=None, cursor=None, choice: Optional[LayerChoice] = None, heads=HeadRows()):
+        """`choice` chooses the MLP's neurons (`sparsity.LayerChoice`; None: dense); `heads` the heads whose outputs
+        reach out_proj (`sparsity.head_rows`)."""
         pre_ln = self.config.do_layer_norm_before
         self.sow("intermediates", "attn_input", h)
-        attn_input = h
+        attn_input, hidden = h, None
         with jax.named_scope("attention_block"):
             if pre_ln and self.self_attn.fuses_layernorm(h, layer_kv, heads):  # the q/k/v kernel normalises
                 ln = self.self_attn_layer_norm.affine()
                 attn_out, new_kv = self.self_attn(h, allowed, layer_kv, cursor, heads, layernorm=ln)
             else:
-                x = self.self_attn_layer_norm(h) if pre_ln else h
+                fused = None
+                if pre_ln and choice is not None:  # the predictor's kernel may write this LayerNorm too
+                    fused = choice.attention_layernorm(h, self.self_attn_layer_norm.affine())
+                if fused is not None:
+                    x, hidden = fused
+                else:
+                    x = self.self_attn_layer_norm(h) if pre_ln else h
                 attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, heads)
             h = h + attn_out
             if not pre_ln:
                 h = self.self_attn_layer_norm(h)
         self.sow("intermediates", "mlp_input", h)
         with jax.named_scope("mlp_block"):
-            rows = MLPRows() if rows_for is None else rows_for(attn_input, h)
+            rows = MLPRows() if choice is None else choice.rows(attn_input, h, hidden)
             x = self.final_layer_norm(h) if pre_ln else h
             h = h + self.mlp(x, rows)
             if not pre_ln:
@@ -382,14 +397,11 @@ class OPTForCausalLM(nn.Module):
         h = h + self.embed_positions(positions + c.POSITION_OFFSET)
 
         decode = cache is not None and T == 1
-        mlp_input = "attn_input" if sparse_weights is None else sparse_weights.mlp_input
 
-        def rows_for(i):
+        def choice(i):
             if policy == DENSE and (sparse_weights is None or sparse_weights.fixed_rows is None):
                 return None
-            return lambda attn_input, mlp_in: mlp_rows(
-                policy, sparse_weights, i, attn_input if mlp_input == "attn_input" else mlp_in, decode
-            )
+            return LayerChoice(policy, sparse_weights, i, decode)
 
         new_keys, new_values, new_recent = [], [], []
         first_slot = 0 if cache is None else cache.cursor
@@ -403,7 +415,7 @@ class OPTForCausalLM(nn.Module):
                 with jax.named_scope("attention_block"):  # the head choice is the attention block's cost
                     heads = head_rows(policy, sparse_weights, i, lookahead, c.num_attention_heads, first_slot)
                 lookahead = h
-                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, rows_for(i), heads)
+                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, choice(i), heads)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

@@ -81,6 +81,10 @@ class DecodeTuning:
     """How a batch-1 decode step computes what the policy chose (never what it chooses):
 
     - `hidden`: the predictor's first layer on the `predictor_hidden` Pallas kernel ("pallas") or in XLA ("xla");
+    - `hidden_layernorm`: 1 = where the MLP predictor reads the attention block's input (a pre-LayerNorm model,
+      `mlp_input="attn_input"`) and runs on the kernel, that launch also writes the attention LayerNorm of the same
+      input (`attention_layernorm_and_hidden`), so the step runs no LayerNorm kernels before the q/k/v projection;
+      0 = the LayerNorm and the predictor's first layer apart;
     - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1") or an XLA GEMV and a row mask ("xla");
     - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
     - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
@@ -97,6 +101,7 @@ class DecodeTuning:
     """
 
     hidden: str = "pallas"
+    hidden_layernorm: int = 1
     scores: str = "fc1"
     knobs: tuple = ()
     head_kv: str = "all"
@@ -106,11 +111,15 @@ class DecodeTuning:
 
     CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla"), "head_kv": HEAD_KV_MODES}
     INTS = ("head_window", "head_max_batch")
+    SWITCHES = ("hidden_layernorm",)  # 0 or 1
 
     def __post_init__(self):
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"tuning {name} must be one of {allowed}. Got {getattr(self, name)!r}")
+        for name in self.SWITCHES:
+            if getattr(self, name) not in (0, 1) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"tuning {name} must be 0 or 1. Got {getattr(self, name)!r}")
         for name in self.INTS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -124,19 +133,20 @@ class DecodeTuning:
         for name, value in pairs:
             if name in cls.CHOICES:
                 choices[name] = value  # checked by __post_init__
-            elif name in cls.INTS:
+            elif name in cls.INTS or name in cls.SWITCHES:
                 try:
                     choices[name] = int(value)
                 except (TypeError, ValueError):
-                    raise ValueError(f"tuning {name} must be a positive int. Got {value!r}") from None
+                    kind = "a positive int" if name in cls.INTS else "0 or 1"
+                    raise ValueError(f"tuning {name} must be {kind}. Got {value!r}") from None
             elif name in plan_fields:
                 knobs.append((name, int(value)))
             elif name.startswith("head_") and name[5:] in head_fields:
                 head_knobs.append((name[5:], int(value)))
             else:
                 raise ValueError(
-                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES) + list(cls.INTS)}, a MaskedMLPPlan field "
-                    f"{sorted(plan_fields)} or head_ + a HeadSparsePlan field {sorted(head_fields)}"
+                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES) + list(cls.INTS) + list(cls.SWITCHES)}, a "
+                    f"MaskedMLPPlan field {sorted(plan_fields)} or head_ + a HeadSparsePlan field {sorted(head_fields)}"
                 )
         return cls(knobs=tuple(knobs), head_knobs=tuple(head_knobs), **choices)
 
@@ -352,15 +362,27 @@ def topk_mask(scores, k: int):
     return scores >= kth
 
 
+def _decode_kernels(policy: SparsityPolicy, decode: bool, batch: int, tokens: int) -> bool:
+    """Whether a step of `batch` x `tokens` runs the row-masked decode kernels (else the per-token or dense path)."""
+    return policy.decode_kernels and decode and tokens == 1 and batch <= SPARSE_DECODE_MAX_BATCH
+
+
 def mlp_rows(
-    policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, predictor_input, decode: bool
+    policy: SparsityPolicy,
+    weights: Optional[SparseWeights],
+    layer: int,
+    predictor_input,
+    decode: bool,
+    hidden=None,
 ) -> MLPRows:
     """The rows layer `layer` computes for tokens whose predictor input is `predictor_input` [B, T, d].
 
     `decode`: a one-token step that may use the row-masked kernels (batch small enough); otherwise per-token masks.
+    `hidden`: the predictor's first layer of this decode step [B, r] where it was already computed
+    (`attention_layernorm_and_hidden`); None = computed here.
     """
     batch, tokens = predictor_input.shape[:2]
-    kernels = policy.decode_kernels and decode and tokens == 1 and batch <= SPARSE_DECODE_MAX_BATCH
+    kernels = _decode_kernels(policy, decode, batch, tokens)
     tuning = policy.tuning
     if weights is not None and weights.fixed_rows is not None:
         mask = weights.fixed_rows[layer]
@@ -380,7 +402,8 @@ def mlp_rows(
     if decode and not kernels and policy.decode_kernels:
         return MLPRows("dense")  # the batch's union would be nearly every row: dense is exact and faster
     if kernels:
-        hidden = predictor.decode_hidden(predictor_input[:, 0], tuning)  # [B, r]
+        if hidden is None:
+            hidden = predictor.decode_hidden(predictor_input[:, 0], tuning)  # [B, r]
         if policy.selection == Selection.THRESHOLD and tuning.scores == "fc1":
             return MLPRows("threshold", hidden=hidden, predictor=predictor, knobs=tuning.knobs)
         if policy.selection == Selection.TOPK:  # chosen where the neurons are (per shard under tp: sparse_mlp)
@@ -388,6 +411,63 @@ def mlp_rows(
         chosen = _choose(policy, predictor, predictor.scores_from_hidden(hidden))  # [B, ffn]
         return MLPRows("mask", mask=jnp.any(chosen, axis=0).astype(jnp.int32), knobs=tuning.knobs)
     return MLPRows("mask", mask=_choose(policy, predictor, predictor.scores(predictor_input)))
+
+
+def attention_layernorm_and_hidden(
+    policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, attn_input, layernorm, decode: bool
+):
+    """(LayerNorm(attn_input) [B, 1, d], the MLP predictor's first layer [B, r]) from one `predictor_hidden` launch,
+    where layer `layer`'s step runs the predicted decode kernels with a predictor that reads the attention block's
+    input `attn_input` [B, T, d] on the kernel, and `DecodeTuning.hidden_layernorm` is on; `layernorm` = the
+    attention LayerNorm's (scale, bias, eps). None elsewhere: the caller applies its LayerNorm and `mlp_rows` computes
+    the predictor's first layer. Both outputs equal the separate computations (the kernel's LayerNorm is the
+    model's formula), so this changes the kernels a step runs, not what it computes."""
+    batch, tokens = attn_input.shape[:2]
+    if not (
+        policy.mlp == MLPSparsity.PREDICTED
+        and policy.tuning.hidden == "pallas"
+        and policy.tuning.hidden_layernorm
+        and _decode_kernels(policy, decode, batch, tokens)
+        and weights is not None
+        and weights.fixed_rows is None
+        and weights.mlp is not None
+        and weights.mlp_input == "attn_input"
+    ):
+        return None
+    predictor = weights.mlp[layer]
+    scale, bias, eps = layernorm
+    hidden, x = predictor_hidden(
+        attn_input[:, 0],
+        predictor.w1_t,
+        predictor.b1,
+        normalize=predictor.normalize_input,
+        eps=NORM_EPS,
+        ln_scale=scale,
+        ln_bias=bias,
+        ln_eps=eps,
+    )
+    return x[:, None], hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """What chooses one layer's MLP neurons inside a forward pass (the model's handle on this module): `rows` gives
+    the layer's `MLPRows` (`mlp_rows`, from the input its predictors read), `attention_layernorm` the attention
+    LayerNorm fused with the predictor's first layer where that applies (`attention_layernorm_and_hidden`)."""
+
+    policy: SparsityPolicy
+    weights: Optional[SparseWeights]
+    layer: int
+    decode: bool  # a one-token step with a cache
+
+    def attention_layernorm(self, attn_input, layernorm):
+        return attention_layernorm_and_hidden(self.policy, self.weights, self.layer, attn_input, layernorm, self.decode)
+
+    def rows(self, attn_input, mlp_input, hidden=None) -> MLPRows:
+        """`attn_input` / `mlp_input` [B, T, d]: the residual before the attention / MLP LayerNorm."""
+        reads = "attn_input" if self.weights is None else self.weights.mlp_input
+        predictor_input = attn_input if reads == "attn_input" else mlp_input
+        return mlp_rows(self.policy, self.weights, self.layer, predictor_input, self.decode, hidden)
 
 
 def _choose(policy: SparsityPolicy, predictor: MLPPredictor, scores):

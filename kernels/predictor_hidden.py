@@ -11,6 +11,14 @@ weights are spread over many programs and the normalised x never reaches memory.
 Numerics follow `predictor_hidden_reference` (the runtime's `MLPPredictor.hidden`): the normalised x is rounded
 to w1_t's dtype, products are summed in fp32, b1 added in fp32, the result rounded to w1_t's dtype.
 
+With `ln_scale` and `ln_bias` the same launch also writes LN(x), the model's LayerNorm of x with its affine scale and
+bias: at decode x is also the input of the attention LayerNorm, so writing it here takes XLA's LayerNorm kernels
+(statistics, then normalisation) out of the step. Its numerics are `dejavu_jax.model.layer_norm`'s: one-pass fp32
+statistics (E[x], E[x^2] - E[x]^2, as `kernels.layernorm.row_stats`) with `ln_eps`, scale and bias applied in fp32,
+the result rounded to x's dtype. The statistics come from the x blocks the program loads for p; the output is split
+into column chunks of `LN_BLOCK` (capped to a power of two dividing d), chunk j written by program j mod the number
+of programs. p is the same with or without it.
+
 Shapes: batch 1..`MAX_BATCH` (unrolled per row); r and d multiples of 16; d is read in power-of-two column blocks
 that divide it. Triton lowering, with an `interpret` mode for CPU tests.
 """
@@ -24,7 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_math import pow2_divisor
+from kernels import layernorm as ln
+from kernels.block_math import cdiv, pow2_divisor
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
@@ -32,18 +41,31 @@ MAX_BATCH = 16
 # at d = 4096 and 5120 (rank 256) beat XLA on an H100; 16 rows at d = 5120 (rank 1024) made decoding slower than
 # XLA (bench/results/NOTES.md, "The predictor's first layer on a kernel, and tuning in the decode loop").
 STEP_ELEMENTS = 20480
+# Columns of the optional LayerNorm output per store: small, so that the chunks spread over the programs.
+LN_BLOCK = 128
 
 
-def _hidden_kernel(x_ref, w_ref, b_ref, p_ref, *, batch, d, block_r, block_d, normalize, eps):
-    # x_ref [B, d], w_ref [r, d], b_ref [r]; p_ref [B, r].
+def _hidden_kernel(
+    x_ref, w_ref, b_ref, *rest, batch, d, block_r, block_d, normalize, eps, ln_eps, ln_block, n_programs
+):
+    # x_ref [B, d], w_ref [r, d], b_ref [r]; with a LayerNorm (ln_eps) its scale_ref and bias_ref [d]; p_ref [B, r];
+    # with a LayerNorm, ln_ref [B, d].
+    if ln_eps is None:
+        (p_ref,) = rest
+    else:
+        scale_ref, bias_ref, p_ref, ln_ref = rest
     rows = pl.ds(pl.multiple_of(pl.program_id(0) * block_r, block_r), block_r)
     chunks = [pl.ds(c0, block_d) for c0 in range(0, d, block_d)]  # static
     w = [w_ref[rows, c].astype(jnp.float32) for c in chunks]  # issue every weight load first
     bias = b_ref[rows].astype(jnp.float32)
+    ln_stats = []
     for b in range(batch):
         xs = [x_ref[b, c].astype(jnp.float32) for c in chunks]
+        total = sum(jnp.sum(v) for v in xs)
+        if ln_eps is not None:  # the LayerNorm's one-pass statistics, from the blocks already loaded
+            ln_stats.append(_one_pass_stats(total, sum(jnp.sum(v * v) for v in xs), d, ln_eps))
         if normalize:
-            mean = sum(jnp.sum(v) for v in xs) / d
+            mean = total / d
             var = sum(jnp.sum(jnp.square(v - mean)) for v in xs) / d
             scale = jax.lax.rsqrt(var + eps)
             xs = [((v - mean) * scale).astype(w_ref.dtype).astype(jnp.float32) for v in xs]
@@ -53,15 +75,55 @@ def _hidden_kernel(x_ref, w_ref, b_ref, p_ref, *, batch, d, block_r, block_d, no
         for wc, xc in zip(w, xs):
             acc = acc + jnp.sum(wc * xc[None, :], axis=1)
         p_ref[b, rows] = acc.astype(p_ref.dtype)
+    if ln_eps is not None:
+        _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, ln_stats, batch, d, ln_block, n_programs)
 
 
-@functools.partial(jax.jit, static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret"))
-def predictor_hidden(x, w1_t, b1, *, normalize=True, eps=1e-5, block_r=None, block_d=2048, num_warps=4, interpret=None):
+def _one_pass_stats(total, squares, d, eps):
+    """(mean, 1 / std) from a row's sum and sum of squares: `kernels.layernorm.row_stats`'s formula."""
+    mean = total / d
+    return mean, jax.lax.rsqrt(jnp.maximum(squares / d - mean * mean, 0.0) + eps)
+
+
+def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_block, n_programs):
+    """Writes this program's chunks of LN(x): chunk j (of d / ln_block) belongs to program j mod the program count,
+    so every program stores at most cdiv(chunks, programs) of them and the chunks past the last are skipped."""
+    n_chunks = d // ln_block
+    for slot in range(cdiv(n_chunks, n_programs)):  # static
+        j = pl.program_id(0) + slot * n_programs
+
+        @pl.when(j < n_chunks)
+        def _():
+            cols = pl.ds(pl.multiple_of(j * ln_block, ln_block), ln_block)
+            for b in range(batch):  # the chunk is re-read from x (a few hundred bytes)
+                ln_ref[b, cols] = ln.normalized_block(x_ref, b, cols, stats, scale_ref, bias_ref).astype(ln_ref.dtype)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps")
+)
+def predictor_hidden(
+    x,
+    w1_t,
+    b1,
+    *,
+    normalize=True,
+    eps=1e-5,
+    block_r=None,
+    block_d=2048,
+    num_warps=4,
+    interpret=None,
+    ln_scale=None,
+    ln_bias=None,
+    ln_eps=1e-5,
+):
     """p [B, r] in w1_t.dtype = (standardize(x) if normalize else x) · w1_tᵀ + b1.
 
     x [B, d], w1_t [r, d], b1 [r]. `block_r`: rows of w1_t per program (None: r / 64, at least 1, at most 16);
     `block_d`: columns per load (capped to a power of two dividing d). `interpret` None = decided by the backend.
     The default block_r is r / 64 (64 programs), at most 16, and at most `STEP_ELEMENTS` / d.
+    With `ln_scale` and `ln_bias` [d] (both or neither), returns (p, ln_x): ln_x [B, d] in x.dtype is
+    `dejavu_jax.model.layer_norm(x, ln_scale, ln_bias, ln_eps)`, written by the same launch.
     """
     if x.ndim != 2 or w1_t.ndim != 2 or w1_t.shape[1] != x.shape[1]:
         raise ValueError(f"need x [batch, d] and w1_t [r, d]. Got {x.shape} and {w1_t.shape}")
@@ -73,19 +135,33 @@ def predictor_hidden(x, w1_t, b1, *, normalize=True, eps=1e-5, block_r=None, blo
         raise ValueError(f"b1 must be [r] = [{r}]. Got {b1.shape}")
     if d % 16 or r % 16:
         raise ValueError(f"d and r must be multiples of 16. Got d={d}, r={r}")
+    layernorm = ln.checked(ln_scale, ln_bias, ln_eps, d)
+    ln_eps, ln_args = ln.call_args(layernorm)
     block_r = pow2_divisor(r, block_r or max(1, min(16, r // 64, STEP_ELEMENTS // d)))
     block_d = pow2_divisor(d, block_d)
     kernel = functools.partial(
-        _hidden_kernel, batch=batch, d=d, block_r=block_r, block_d=block_d, normalize=normalize, eps=eps
+        _hidden_kernel,
+        batch=batch,
+        d=d,
+        block_r=block_r,
+        block_d=block_d,
+        normalize=normalize,
+        eps=eps,
+        ln_eps=ln_eps,
+        ln_block=pow2_divisor(d, LN_BLOCK),
+        n_programs=r // block_r,
     )
+    out_shape = jax.ShapeDtypeStruct((batch, r), w1_t.dtype)
+    if layernorm is not None:
+        out_shape = (out_shape, jax.ShapeDtypeStruct((batch, d), x.dtype))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, r), w1_t.dtype),
+        out_shape=out_shape,
         grid=(r // block_r,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=resolve_interpret(interpret),
         name="predictor_hidden",
-    )(x, w1_t, b1)
+    )(x, w1_t, b1, *ln_args)
 
 
 def predictor_hidden_reference(x, w1_t, b1, *, normalize=True, eps=1e-5):

@@ -1,12 +1,13 @@
-"""The predictor's first layer on its Pallas kernel (standardize fused) against a float64 reference; compiled on a
-GPU, in the interpreter on CPU."""
+"""The predictor's first layer on its Pallas kernel (standardize fused), and the LayerNorm it can write beside it,
+against float64 references; compiled on a GPU, in the interpreter on CPU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CompiledKernelCases, lowered_text_for_cuda
+from conftest import CompiledKernelCases, lowered_text_for_cuda, rel_max_err
+from dejavu_jax.model import layer_norm
 from kernels.predictor_hidden import predictor_hidden, predictor_hidden_reference
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
@@ -18,6 +19,22 @@ def float64_hidden(x, w1_t, b1, normalize):
     if normalize:
         x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + EPS)
     return x @ w.T + b
+
+
+def float64_layer_norm(x, scale, bias, eps):
+    """The model's LayerNorm formula (one pass: E[x], E[x^2] - E[x]^2) in float64."""
+    x, scale, bias = (np.asarray(a, np.float64) for a in (x, scale, bias))
+    mean = x.mean(-1, keepdims=True)
+    var = np.maximum(np.square(x).mean(-1, keepdims=True) - np.square(mean), 0.0)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def assert_within_one_rounding(out, ref, dtype):
+    """|out - ref| within one rounding of `dtype` (fp32: 1e-5 relative), plus fp32 error, which can push a value
+    just across a rounding boundary."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    rel = 1e-5 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
+    assert (np.abs(out - ref) <= rel * np.abs(ref) + 1e-5 * np.abs(ref).max()).all()
 
 
 class TestPredictorHidden(CompiledKernelCases):
@@ -49,6 +66,42 @@ class TestPredictorHidden(CompiledKernelCases):
         err = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(twin, np.float64), axis=-1)
         assert (err / np.linalg.norm(ref, axis=-1)).max() <= TOLERANCE[dtype]
 
+    @pytest.mark.parametrize(
+        "batch, d, r, block_r, normalize",
+        [
+            (1, 256, 16, 16, True),  # 1 program, 2 chunks of 128: one program writes both
+            (3, 512, 64, 16, True),  # 4 programs, 4 chunks: one each
+            (3, 256, 256, None, True),  # 64 programs, 2 chunks: most programs write none
+            (3, 640, 48, 16, False),  # 3 programs, 5 chunks of 128: the second slot skips its last chunk
+            (1, 160, 32, 16, True),  # d = 32 * 5: 5 chunks of 32 over 2 programs
+        ],
+    )
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+    def test_layernorm_output(self, batch, d, r, block_r, normalize, dtype):
+        rng = np.random.default_rng(batch * 1000 + d + r)
+        x = jnp.asarray(rng.standard_normal((batch, d)) * 4.0 + 2.5, dtype)
+        w1_t = jnp.asarray(rng.standard_normal((r, d)) / d**0.5, dtype)
+        b1 = jnp.asarray(rng.standard_normal(r), dtype)
+        scale = jnp.asarray(1.0 + 0.5 * rng.standard_normal(d), dtype)
+        bias = jnp.asarray(rng.standard_normal(d), dtype)
+        ln_eps = 1e-5
+        kw = dict(normalize=normalize, eps=EPS, block_r=block_r, interpret=self.INTERPRET)
+        p, ln_x = predictor_hidden(x, w1_t, b1, ln_scale=scale, ln_bias=bias, ln_eps=ln_eps, **kw)
+        assert ln_x.shape == (batch, d) and ln_x.dtype == jnp.dtype(dtype)
+        assert_within_one_rounding(ln_x, float64_layer_norm(x, scale, bias, ln_eps), dtype)
+        assert_within_one_rounding(ln_x, layer_norm(x, scale, bias, ln_eps), dtype)
+        # p is the same bits as without the LayerNorm, and still matches its reference.
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(predictor_hidden(x, w1_t, b1, **kw)))
+        twin = predictor_hidden_reference(x, w1_t, b1, normalize=normalize, eps=EPS)
+        assert rel_max_err(p, twin) <= TOLERANCE[dtype]
+
+    def test_layernorm_bad_input(self):
+        x, w1_t, b1 = jnp.zeros((1, 64)), jnp.zeros((16, 64)), jnp.zeros(16)
+        good, bad = jnp.ones(64), jnp.ones(80)
+        for scale, bias in [(bad, good), (good, bad), (good, None), (None, good), (good[None], good)]:
+            with pytest.raises(ValueError, match="LayerNorm needs scale and bias"):
+                predictor_hidden(x, w1_t, b1, ln_scale=scale, ln_bias=bias, interpret=self.INTERPRET)
+
     def test_bad_input(self):
         x = jnp.zeros((1, 64), jnp.float16)
         with pytest.raises(ValueError, match="need x"):
@@ -65,13 +118,16 @@ class TestPredictorHiddenInterpret(TestPredictorHidden):
     INTERPRET = True
 
 
+@pytest.mark.parametrize("layernorm", [False, True])
 @pytest.mark.parametrize("batch, d, r", [(1, 4096, 256), (4, 5120, 1024)])
-def test_lowers_for_gpu(batch, d, r):
+def test_lowers_for_gpu(batch, d, r, layernorm):
     s = jax.ShapeDtypeStruct
+    ln_args = (s((d,), jnp.float16), s((d,), jnp.float16)) if layernorm else ()
+
+    def call(x, w1_t, b1, *ln):
+        return predictor_hidden(x, w1_t, b1, interpret=False, **dict(zip(("ln_scale", "ln_bias"), ln)))
+
     text = lowered_text_for_cuda(
-        jax.jit(lambda *a: predictor_hidden(*a, interpret=False)),
-        s((batch, d), jnp.float16),
-        s((r, d), jnp.float16),
-        s((r,), jnp.float16),
+        jax.jit(call), s((batch, d), jnp.float16), s((r, d), jnp.float16), s((r,), jnp.float16), *ln_args
     )
     assert "predictor_hidden" in text

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import rel_max_err, small_config
 from dejavu_jax.generation import decode_step, prefill
-from dejavu_jax.model import OPTForCausalLM, init_params
+from dejavu_jax.model import OPTForCausalLM, init_params, layer_norm
 from dejavu_jax.predictors import Predictors, init_low_rank
 from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_dense, mlp_per_token_rows
 from dejavu_jax.sparsity import (
@@ -19,6 +19,7 @@ from dejavu_jax.sparsity import (
     SparseWeights,
     DENSE,
     SparsityPolicy,
+    attention_layernorm_and_hidden,
     check_sparsity,
     for_decode_batch,
     sparse_weights_from_predictors,
@@ -107,9 +108,13 @@ def decode_logits(params, prompt, continuation, policy, weights):
             dataclasses.replace(PREDICTED, tuning=(("scores", "xla"), ("fc1_segment", 16))),
             random_predictors(CONFIG, 48, 0.5),
         ),
+        (
+            dataclasses.replace(PREDICTED, tuning=(("hidden_layernorm", 0),)),
+            random_predictors(CONFIG, 48, 0.5),
+        ),
         (TOPK, random_predictors(CONFIG, 8)),
     ],
-    ids=["threshold", "threshold-xla-hidden", "threshold-xla-scores", "topk"],
+    ids=["threshold", "threshold-xla-hidden", "threshold-xla-scores", "threshold-layernorm-apart", "topk"],
 )
 def test_decode_kernels_equal_the_per_token_path_and_differ_from_dense(policy, predictors):
     """At batch 1 the row-masked kernels (interpret mode) in the compiled decode step give what the per-token
@@ -123,6 +128,39 @@ def test_decode_kernels_equal_the_per_token_path_and_differ_from_dense(policy, p
     dense = decode_logits(params, prompt, continuation, SparsityPolicy(), None)
     assert rel_max_err(kernels, per_token) <= 1e-5
     assert rel_max_err(kernels, dense) > 1e-3
+
+
+def test_the_attention_layernorm_rides_on_the_predictor_kernel_only_where_it_reads_the_same_input():
+    """At a predicted batch-1 decode step whose predictor reads the attention block's input, one `predictor_hidden`
+    launch gives the attention LayerNorm and the predictor's first layer, equal to the two computed apart; every
+    other step (and the tuning switch off) gets None, so the model runs its own LayerNorm."""
+    predictors = random_predictors(CONFIG, 48, 0.5)
+    weights = sparse_weights_from_predictors(predictors)
+    d = CONFIG.hidden_size
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((1, 1, d)) * 3 + 1, jnp.float32)
+    ln = (jnp.asarray(rng.standard_normal(d), jnp.float32), jnp.asarray(rng.standard_normal(d), jnp.float32), 1e-5)
+    fused = attention_layernorm_and_hidden(PREDICTED, weights, 1, x, ln, decode=True)
+    assert fused is not None
+    normed, hidden = fused
+    assert normed.shape == (1, 1, d)
+    assert rel_max_err(normed, layer_norm(x, *ln)) <= 1e-6
+    assert rel_max_err(hidden, weights.mlp[1].hidden(x[:, 0])) <= 1e-5
+    apart = dataclasses.replace(PREDICTED, tuning=(("hidden_layernorm", 0),))
+    xla_hidden = dataclasses.replace(PREDICTED, tuning=(("hidden", "xla"),))
+    fixed = SparseWeights(fixed_rows=(jnp.ones((48,), jnp.int32),) * CONFIG.num_hidden_layers)
+    reads_mlp_input = dataclasses.replace(weights, mlp_input="mlp_input")
+    for policy, w, inputs, decode in (
+        (apart, weights, x, True),
+        (xla_hidden, weights, x, True),
+        (LOSSLESS, None, x, True),
+        (PREDICTED, fixed, x, True),
+        (PREDICTED, reads_mlp_input, x, True),
+        (PREDICTED, weights, x, False),
+        (PREDICTED, weights, jnp.concatenate([x, x]), True),  # batch 2: the dense MLP
+        (dataclasses.replace(PREDICTED, decode_kernels=False), weights, x, True),
+    ):
+        assert attention_layernorm_and_hidden(policy, w, 1, inputs, ln, decode) is None
 
 
 def test_int8_scores_choose_alike_in_the_decode_kernel_and_the_per_token_path():
@@ -276,6 +314,9 @@ def test_decode_tuning_is_checked_and_batches_above_the_kernels_get_the_dense_pr
         SparsityPolicy(MLPSparsity.PREDICTED, tuning=(("hidden", "cuda"),))
     with pytest.raises(ValueError, match="unknown tuning 'fc3_segment'"):
         SparsityPolicy(tuning=(("fc3_segment", 64),))
+    for bad in ("2", "yes"):
+        with pytest.raises(ValueError, match="hidden_layernorm must be 0 or 1"):
+            SparsityPolicy(MLPSparsity.PREDICTED, tuning=(("hidden_layernorm", bad),))
     weights = sparse_weights_from_predictors(random_predictors(CONFIG, 48, 0.5))
     assert for_decode_batch(PREDICTED, weights, 1) == (PREDICTED, weights)
     assert for_decode_batch(PREDICTED, weights, 2) == (DENSE, None)
