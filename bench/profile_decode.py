@@ -1,8 +1,9 @@
 """Where a decode step's time goes: GPU kernels of the compiled generation program, from a JAX profiler trace.
 
     python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--attention xla|pallas]
-                            [--mlp-density D] [--head-density D [--heads fixed|predicted] [--head-kv repair|all]]
-                            [--tp N] [--hlo FILE] [--trace-dir DIR]
+                            [--mlp-density D [--mlp-variant predicted|fixed] [--int8-scores]]
+                            [--head-density D [--heads fixed|predicted] [--head-kv repair|all]]
+                            [--tuning NAME=VALUE,...] [--tp N] [--hlo FILE] [--trace-dir DIR]
 
 Runs one generation of random fp16 weights under `jax.profiler.trace(create_perfetto_trace=True)`, reads the
 perfetto JSON it writes, and prints per kernel name: count per decode step, total and mean time; then kernel time
@@ -38,7 +39,14 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.generate import plant_firing, planted_predictors, planted_rows, random_head_predictors, random_params
+from bench.generate import (
+    parse_tuning,
+    plant_firing,
+    planted_predictors,
+    planted_rows,
+    random_head_predictors,
+    random_params,
+)
 from dejavu_jax.config import OPT_SHAPES, shape_config
 from dejavu_jax.generation import generate_tokens
 from dejavu_jax.model import ATTENTION_IMPLS
@@ -139,6 +147,23 @@ def main(argv=None) -> int:
         help="profile predicted sparse-MLP decoding instead (as `bench generate` plants it): this fraction "
         "of the neurons chosen per token",
     )
+    p.add_argument(
+        "--mlp-variant",
+        default="predicted",
+        choices=["predicted", "fixed"],
+        help="with --mlp-density: the planted predictors (default) or the fixed row masks they choose (the ceiling)",
+    )
+    p.add_argument(
+        "--int8-scores",
+        action="store_true",
+        help="with --mlp-density (predicted): the predictors' scoring rows in int8 (dejavu_jax.generate --int8-scores)",
+    )
+    p.add_argument(
+        "--tuning",
+        default="",
+        metavar="NAME=VALUE,...",
+        help="decode-kernel overrides (dejavu_jax.sparsity.DecodeTuning, as bench generate --tuning)",
+    )
     p.add_argument("--fire-rate", type=float, default=0.05, help="with --mlp-density: the firing fraction")
     p.add_argument("--predictor-rank", type=int, default=256, help="with --mlp-density (default 256)")
     p.add_argument("--selection", default="threshold", choices=[s.value for s in Selection])
@@ -166,6 +191,12 @@ def main(argv=None) -> int:
         p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
     if args.head_density is not None and not 0 < args.head_density <= 1:
         p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
+    if args.int8_scores and (args.mlp_density is None or args.mlp_variant != "predicted"):
+        p.error("--int8-scores needs --mlp-density with the predicted variant")
+    try:
+        tuning = parse_tuning(args.tuning) if args.tuning else ()
+    except ValueError as e:
+        p.error(str(e))
 
     config = dataclasses.replace(shape_config(args.shape), eos_token_id=-1)
     try:
@@ -180,12 +211,17 @@ def main(argv=None) -> int:
     if args.mlp_density is not None:
         planted = planted_rows(config, args.mlp_density, args.fire_rate)
         params = shard_params(plant_firing(params, planted), mesh)
-        policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection(args.selection))
-        sparsity = shard_sparse_weights(planted_predictors(config, planted, args.predictor_rank, tp), mesh)
+        if args.mlp_variant == "fixed":
+            fixed_rows = tuple(jnp.asarray(c, jnp.int32) for _, c in planted)
+            sparsity = shard_sparse_weights(SparseWeights(fixed_rows=fixed_rows), mesh)
+        else:
+            policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection(args.selection))
+            predictors = planted_predictors(config, planted, args.predictor_rank, tp, args.int8_scores)
+            sparsity = shard_sparse_weights(predictors, mesh)
     if args.head_density is not None:
         k = max(1, round(args.head_density * config.num_attention_heads))
         heads = HeadSparsity.FIXED if args.heads == "fixed" else HeadSparsity.PREDICTED
-        policy = dataclasses.replace(policy, heads=heads, head_k=k, tuning=(("head_kv", args.head_kv),))
+        policy = dataclasses.replace(policy, heads=heads, head_k=k, tuning=(("head_kv", args.head_kv), *tuning))
         sparsity = sparsity or SparseWeights()
         if heads == HeadSparsity.FIXED:
             sparsity = sparsity.replace(
@@ -193,6 +229,8 @@ def main(argv=None) -> int:
             )
         else:
             sparsity = sparsity.replace(heads=random_head_predictors(config, args.predictor_rank))
+    elif tuning:
+        policy = dataclasses.replace(policy, tuning=tuning)
     static = dict(
         config=config,
         num_slots=args.prompt_len + args.new_tokens,

@@ -85,6 +85,7 @@ class DecodeTuning:
       `mlp_input="attn_input"`) and runs on the kernel, that launch also writes the attention LayerNorm of the same
       input (`attention_layernorm_and_hidden`), so the step runs no LayerNorm kernels before the q/k/v projection;
       0 = the LayerNorm and the predictor's first layer apart;
+    - `hidden_block_r`: rows of w1_t each `predictor_hidden` program reads (a power of two; 0 = the kernel's default);
     - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1") or an XLA GEMV and a row mask ("xla");
     - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
     - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
@@ -102,6 +103,7 @@ class DecodeTuning:
 
     hidden: str = "pallas"
     hidden_layernorm: int = 1
+    hidden_block_r: int = 0
     scores: str = "fc1"
     knobs: tuple = ()
     head_kv: str = "all"
@@ -110,20 +112,34 @@ class DecodeTuning:
     head_knobs: tuple = ()
 
     CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla"), "head_kv": HEAD_KV_MODES}
-    INTS = ("head_window", "head_max_batch")
-    SWITCHES = ("hidden_layernorm",)  # 0 or 1
+    # int fields: (least, most) value (None: no bound)
+    INTS = {
+        "head_window": (1, None),
+        "head_max_batch": (1, None),
+        "hidden_layernorm": (0, 1),
+        "hidden_block_r": (0, 64),
+    }
 
     def __post_init__(self):
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"tuning {name} must be one of {allowed}. Got {getattr(self, name)!r}")
-        for name in self.SWITCHES:
-            if getattr(self, name) not in (0, 1) or isinstance(getattr(self, name), bool):
-                raise ValueError(f"tuning {name} must be 0 or 1. Got {getattr(self, name)!r}")
         for name in self.INTS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"tuning {name} must be a positive int. Got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not self._in_range(name, value):
+                raise ValueError(f"tuning {name} must be {self._range_text(name)}. Got {value!r}")
+
+    @classmethod
+    def _in_range(cls, name: str, value: int) -> bool:
+        least, most = cls.INTS[name]
+        return value >= least and (most is None or value <= most)
+
+    @classmethod
+    def _range_text(cls, name: str) -> str:
+        least, most = cls.INTS[name]
+        if (least, most) == (1, None):
+            return "a positive int"
+        return "0 or 1" if (least, most) == (0, 1) else f"an int in [{least}, {most}]"
 
     @classmethod
     def parse(cls, pairs: tuple) -> "DecodeTuning":
@@ -133,20 +149,19 @@ class DecodeTuning:
         for name, value in pairs:
             if name in cls.CHOICES:
                 choices[name] = value  # checked by __post_init__
-            elif name in cls.INTS or name in cls.SWITCHES:
+            elif name in cls.INTS:
                 try:
                     choices[name] = int(value)
                 except (TypeError, ValueError):
-                    kind = "a positive int" if name in cls.INTS else "0 or 1"
-                    raise ValueError(f"tuning {name} must be {kind}. Got {value!r}") from None
+                    raise ValueError(f"tuning {name} must be {cls._range_text(name)}. Got {value!r}") from None
             elif name in plan_fields:
                 knobs.append((name, int(value)))
             elif name.startswith("head_") and name[5:] in head_fields:
                 head_knobs.append((name[5:], int(value)))
             else:
                 raise ValueError(
-                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES) + list(cls.INTS) + list(cls.SWITCHES)}, a "
-                    f"MaskedMLPPlan field {sorted(plan_fields)} or head_ + a HeadSparsePlan field {sorted(head_fields)}"
+                    f"unknown tuning {name!r}: use {sorted(cls.CHOICES) + list(cls.INTS)}, a MaskedMLPPlan field "
+                    f" {sorted(plan_fields)} or head_ + a HeadSparsePlan field {sorted(head_fields)}"
                 )
         return cls(knobs=tuple(knobs), head_knobs=tuple(head_knobs), **choices)
 
@@ -257,7 +272,9 @@ class MLPPredictor:
         """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA."""
         if tuning.hidden == "xla":
             return self.hidden(x)
-        return predictor_hidden(x, self.w1_t, self.b1, normalize=self.normalize_input, eps=NORM_EPS)
+        return predictor_hidden(
+            x, self.w1_t, self.b1, normalize=self.normalize_input, eps=NORM_EPS, block_r=tuning.hidden_block_r or None
+        )
 
 
 def int8_rows(w):
@@ -442,6 +459,7 @@ def attention_layernorm_and_hidden(
         predictor.b1,
         normalize=predictor.normalize_input,
         eps=NORM_EPS,
+        block_r=policy.tuning.hidden_block_r or None,
         ln_scale=scale,
         ln_bias=bias,
         ln_eps=eps,

@@ -17,7 +17,7 @@ bias: at decode x is also the input of the attention LayerNorm, so writing it he
 statistics (E[x], E[x^2] - E[x]^2, as `kernels.layernorm.row_stats`) with `ln_eps`, scale and bias applied in fp32,
 the result rounded to x's dtype. The statistics come from the x blocks the program loads for p; the output is split
 into column chunks of `LN_BLOCK` (capped to a power of two dividing d), chunk j written by program j mod the number
-of programs. p is the same with or without it.
+of programs. p follows the same numerics with or without it.
 
 Shapes: batch 1..`MAX_BATCH` (unrolled per row); r and d multiples of 16; d is read in power-of-two column blocks
 that divide it. Triton lowering, with an `interpret` mode for CPU tests.

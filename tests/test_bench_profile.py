@@ -65,3 +65,35 @@ def test_profile_builds_and_runs_a_tensor_parallel_program(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--shape", "tiny", "--tp", "3"])
     assert e.value.code == 2 and "must divide" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "--mlp-variant fixed",
+        "--int8-scores --tuning hidden_layernorm=0,hidden_block_r=2",
+    ],
+)
+def test_profile_builds_and_runs_fixed_rows_and_int8_predictors(extra, capsys):
+    from bench.profile_decode import main
+
+    argv = f"--shape tiny --mlp-density 0.25 --new-tokens 3 --prompt-len 8 {extra}".split()
+    assert main(argv) == 1  # runs; a CPU trace has no GPU kernels
+    assert "no device kernel events" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ("--int8-scores", "--int8-scores needs --mlp-density"),
+        ("--mlp-density 0.1 --mlp-variant fixed --int8-scores", "--int8-scores needs --mlp-density"),
+        ("--tuning hidden_block_r=100", "hidden_block_r must be an int in"),
+        ("--tuning fc3=1", "unknown tuning"),
+    ],
+)
+def test_profile_flag_errors(argv, message, capsys):
+    from bench.profile_decode import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--shape", "tiny", *argv.split()])
+    assert e.value.code == 2 and message in capsys.readouterr().err
