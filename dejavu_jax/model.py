@@ -294,12 +294,10 @@ class OPTDecoderLayer(nn.Module):
                 ln = self.self_attn_layer_norm.affine()
                 attn_out, new_kv = self.self_attn(h, allowed, layer_kv, cursor, heads, layernorm=ln)
             else:
-                fused = None
-                if pre_ln and choice is not None:  # the predictor's kernel may write this LayerNorm too
-                    fused = choice.attention_layernorm(h, self.self_attn_layer_norm.affine())
-                if fused is not None:
-                    x, hidden = fused
-                else:
+                x = None
+                if choice is not None:  # the predictor's first layer may come first (and write this LayerNorm)
+                    x, hidden = choice.before_attention(h, self.self_attn_layer_norm.affine() if pre_ln else None)
+                if x is None:
                     x = self.self_attn_layer_norm(h) if pre_ln else h
                 attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, heads)
             h = h + attn_out

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.experimental.compute_on import compute_on
 
 from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, standardize
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
@@ -86,6 +88,10 @@ class DecodeTuning:
       input (`attention_layernorm_and_hidden`), so the step runs no LayerNorm kernels before the q/k/v projection;
       0 = the LayerNorm and the predictor's first layer apart;
     - `hidden_block_r`: rows of w1_t each `predictor_hidden` program reads (a power of two; 0 = the kernel's default);
+    - `hidden_stream`: 0 = the predictor's first layer on the main stream; n > 0 = issued before the attention block
+      on GPU stream n (`jax.experimental.compute_on("gpu_stream:n")`; the fused LayerNorm is then off), so it can
+      overlap the attention block as DejaVu's side stream does. XLA honours it only with
+      `XLA_FLAGS=--xla_gpu_experimental_stream_annotation=true`; elsewhere it runs in order;
     - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1") or an XLA GEMV and a row mask ("xla");
     - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
     - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
@@ -104,6 +110,7 @@ class DecodeTuning:
     hidden: str = "pallas"
     hidden_layernorm: int = 1
     hidden_block_r: int = 0
+    hidden_stream: int = 0
     scores: str = "fc1"
     knobs: tuple = ()
     head_kv: str = "all"
@@ -118,6 +125,7 @@ class DecodeTuning:
         "head_max_batch": (1, None),
         "hidden_layernorm": (0, 1),
         "hidden_block_r": (0, 64),
+        "hidden_stream": (0, 8),
     }
 
     def __post_init__(self):
@@ -161,7 +169,7 @@ class DecodeTuning:
             else:
                 raise ValueError(
                     f"unknown tuning {name!r}: use {sorted(cls.CHOICES) + list(cls.INTS)}, a MaskedMLPPlan field "
-                    f" {sorted(plan_fields)} or head_ + a HeadSparsePlan field {sorted(head_fields)}"
+                    f"{sorted(plan_fields)} or head_ + a HeadSparsePlan field {sorted(head_fields)}"
                 )
         return cls(knobs=tuple(knobs), head_knobs=tuple(head_knobs), **choices)
 
@@ -269,12 +277,27 @@ class MLPPredictor:
         return dots * self.w2_scale + self.b2
 
     def decode_hidden(self, x, tuning: "DecodeTuning"):
-        """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA."""
+        """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA; issued on GPU
+        stream `tuning.hidden_stream` where that is set (see `DecodeTuning`)."""
         if tuning.hidden == "xla":
-            return self.hidden(x)
-        return predictor_hidden(
-            x, self.w1_t, self.b1, normalize=self.normalize_input, eps=NORM_EPS, block_r=tuning.hidden_block_r or None
-        )
+            compute = functools.partial(_hidden_in_xla, self)
+        else:
+            block_r = tuning.hidden_block_r or None
+            compute = functools.partial(
+                predictor_hidden,
+                w1_t=self.w1_t,
+                b1=self.b1,
+                normalize=self.normalize_input,
+                eps=NORM_EPS,
+                block_r=block_r,
+            )
+        if not tuning.hidden_stream:
+            return compute(x)
+        with compute_on(f"gpu_stream:{tuning.hidden_stream}"):  # a jitted call, which the annotation wraps
+            return compute(x)
+
+
+_hidden_in_xla = jax.jit(lambda predictor, x: predictor.hidden(x))
 
 
 def int8_rows(w):
@@ -430,25 +453,35 @@ def mlp_rows(
     return MLPRows("mask", mask=_choose(policy, predictor, predictor.scores(predictor_input)))
 
 
-def attention_layernorm_and_hidden(
-    policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, attn_input, layernorm, decode: bool
-):
-    """(LayerNorm(attn_input) [B, 1, d], the MLP predictor's first layer [B, r]) from one `predictor_hidden` launch,
-    where layer `layer`'s step runs the predicted decode kernels with a predictor that reads the attention block's
-    input `attn_input` [B, T, d] on the kernel, and `DecodeTuning.hidden_layernorm` is on; `layernorm` = the
-    attention LayerNorm's (scale, bias, eps). None elsewhere: the caller applies its LayerNorm and `mlp_rows` computes
-    the predictor's first layer. Both outputs equal the separate computations (the kernel's LayerNorm is the
-    model's formula), so this changes the kernels a step runs, not what it computes."""
+def _hidden_from_attn_input(policy: SparsityPolicy, weights: Optional[SparseWeights], attn_input, decode: bool):
+    """Whether this step's MLP predictor reads the attention block's input `attn_input` [B, T, d] for the predicted
+    decode kernels, so its first layer can run before (or beside) the attention block."""
     batch, tokens = attn_input.shape[:2]
-    if not (
+    return (
         policy.mlp == MLPSparsity.PREDICTED
-        and policy.tuning.hidden == "pallas"
-        and policy.tuning.hidden_layernorm
         and _decode_kernels(policy, decode, batch, tokens)
         and weights is not None
         and weights.fixed_rows is None
         and weights.mlp is not None
         and weights.mlp_input == "attn_input"
+    )
+
+
+def attention_layernorm_and_hidden(
+    policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, attn_input, layernorm, decode: bool
+):
+    """(LayerNorm(attn_input) [B, 1, d], the MLP predictor's first layer [B, r]) from one `predictor_hidden` launch,
+    where layer `layer`'s step runs the predicted decode kernels with a predictor that reads the attention block's
+    input `attn_input` [B, T, d] on the kernel (on the main stream), and `DecodeTuning.hidden_layernorm` is on;
+    `layernorm` = the attention LayerNorm's (scale, bias, eps). None elsewhere: the caller applies its LayerNorm and
+    `mlp_rows` computes the predictor's first layer. Both outputs equal the separate computations (the kernel's
+    LayerNorm is the model's formula), so this changes the kernels a step runs, not what it computes."""
+    tuning = policy.tuning
+    if not (
+        tuning.hidden == "pallas"
+        and tuning.hidden_layernorm
+        and not tuning.hidden_stream
+        and _hidden_from_attn_input(policy, weights, attn_input, decode)
     ):
         return None
     predictor = weights.mlp[layer]
@@ -459,7 +492,7 @@ def attention_layernorm_and_hidden(
         predictor.b1,
         normalize=predictor.normalize_input,
         eps=NORM_EPS,
-        block_r=policy.tuning.hidden_block_r or None,
+        block_r=tuning.hidden_block_r or None,
         ln_scale=scale,
         ln_bias=bias,
         ln_eps=eps,
@@ -469,17 +502,35 @@ def attention_layernorm_and_hidden(
 
 @dataclasses.dataclass(frozen=True)
 class LayerChoice:
-    """What chooses one layer's MLP neurons inside a forward pass (the model's handle on this module): `rows` gives
-    the layer's `MLPRows` (`mlp_rows`, from the input its predictors read), `attention_layernorm` the attention
-    LayerNorm fused with the predictor's first layer where that applies (`attention_layernorm_and_hidden`)."""
+    """What chooses one layer's MLP neurons inside a forward pass (the model's handle on this module):
+    `before_attention` runs what the policy computes ahead of the attention block (the attention LayerNorm fused with
+    the predictor's first layer, or that layer on a side stream), `rows` gives the layer's `MLPRows` (`mlp_rows`,
+    from the input its predictors read)."""
 
     policy: SparsityPolicy
     weights: Optional[SparseWeights]
     layer: int
     decode: bool  # a one-token step with a cache
 
-    def attention_layernorm(self, attn_input, layernorm):
-        return attention_layernorm_and_hidden(self.policy, self.weights, self.layer, attn_input, layernorm, self.decode)
+    def before_attention(self, attn_input, layernorm=None):
+        """(LayerNorm(attn_input) [B, T, d] or None, the MLP predictor's first layer [B, r] or None) for the
+        attention block's input `attn_input`; `layernorm`: the attention LayerNorm's (scale, bias, eps) where the
+        block applies one first (pre-LayerNorm models), else None. None parts are left to the caller (its
+        LayerNorm) and to `rows` (the predictor's first layer):
+        - `attention_layernorm_and_hidden` where it applies: both from one launch;
+        - with `DecodeTuning.hidden_stream` (and the predicted decode kernels reading `attn_input`): the first layer
+          issued here on that GPU stream, so it can run beside the attention block."""
+        if layernorm is not None:
+            fused = attention_layernorm_and_hidden(
+                self.policy, self.weights, self.layer, attn_input, layernorm, self.decode
+            )
+            if fused is not None:
+                return fused
+        if self.policy.tuning.hidden_stream and _hidden_from_attn_input(
+            self.policy, self.weights, attn_input, self.decode
+        ):
+            return None, self.weights.mlp[self.layer].decode_hidden(attn_input[:, 0], self.policy.tuning)
+        return None, None
 
     def rows(self, attn_input, mlp_input, hidden=None) -> MLPRows:
         """`attn_input` / `mlp_input` [B, T, d]: the residual before the attention / MLP LayerNorm."""

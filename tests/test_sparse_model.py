@@ -18,6 +18,7 @@ from dejavu_jax.sparsity import (
     Selection,
     SparseWeights,
     DENSE,
+    LayerChoice,
     SparsityPolicy,
     attention_layernorm_and_hidden,
     check_sparsity,
@@ -112,9 +113,20 @@ def decode_logits(params, prompt, continuation, policy, weights):
             dataclasses.replace(PREDICTED, tuning=(("hidden_layernorm", 0),)),
             random_predictors(CONFIG, 48, 0.5),
         ),
+        (
+            dataclasses.replace(PREDICTED, tuning=(("hidden_stream", 1), ("hidden_block_r", 2))),
+            random_predictors(CONFIG, 48, 0.5),
+        ),
         (TOPK, random_predictors(CONFIG, 8)),
     ],
-    ids=["threshold", "threshold-xla-hidden", "threshold-xla-scores", "threshold-layernorm-apart", "topk"],
+    ids=[
+        "threshold",
+        "threshold-xla-hidden",
+        "threshold-xla-scores",
+        "threshold-layernorm-apart",
+        "threshold-side-stream",
+        "topk",
+    ],
 )
 def test_decode_kernels_equal_the_per_token_path_and_differ_from_dense(policy, predictors):
     """At batch 1 the row-masked kernels (interpret mode) in the compiled decode step give what the per-token
@@ -161,6 +173,14 @@ def test_the_attention_layernorm_rides_on_the_predictor_kernel_only_where_it_rea
         (dataclasses.replace(PREDICTED, decode_kernels=False), weights, x, True),
     ):
         assert attention_layernorm_and_hidden(policy, w, 1, inputs, ln, decode) is None
+    # On a side stream the first layer comes before the attention block, without the LayerNorm (the block's own).
+    stream = dataclasses.replace(PREDICTED, tuning=(("hidden_stream", 1),))
+    normed, early = LayerChoice(stream, weights, 1, decode=True).before_attention(x, ln)
+    assert normed is None and rel_max_err(early, hidden) <= 1e-5
+    assert LayerChoice(stream, weights, 1, decode=False).before_attention(x, ln) == (None, None)
+    assert LayerChoice(PREDICTED, weights, 1, decode=True).before_attention(x, None) == (None, None)  # post-LN
+    lowered = jax.jit(lambda x: LayerChoice(stream, weights, 1, True).before_attention(x)[1]).lower(x).as_text()
+    assert '_xla_stream_annotation = "1"' in lowered
 
 
 def test_int8_scores_choose_alike_in_the_decode_kernel_and_the_per_token_path():
