@@ -67,16 +67,18 @@ class TestPredictorHidden(CompiledKernelCases):
         assert (err / np.linalg.norm(ref, axis=-1)).max() <= TOLERANCE[dtype]
 
     @pytest.mark.parametrize(
-        "batch, d, r, block_r, normalize",
+        "batch, d, r, block_r, normalize, dtype",
         [
-            (1, 256, 16, 16, True),  # 1 program, 2 chunks of 128: one program writes both
-            (3, 512, 64, 16, True),  # 4 programs, 4 chunks: one each
-            (3, 256, 256, None, True),  # 64 programs, 2 chunks: most programs write none
-            (3, 640, 48, 16, False),  # 3 programs, 5 chunks of 128: the second slot skips its last chunk
-            (1, 160, 32, 16, True),  # d = 32 * 5: 5 chunks of 32 over 2 programs
+            (1, 256, 16, 16, True, jnp.float32),  # 1 program, 2 chunks of 128: one program writes both
+            (3, 512, 64, 16, True, jnp.float32),  # 4 programs, 4 chunks: one each
+            (3, 256, 256, None, True, jnp.float32),  # 64 programs, 2 chunks: most programs write none
+            (3, 640, 48, 16, False, jnp.float32),  # 3 programs, 5 chunks: the second slot skips one
+            (1, 160, 32, 16, True, jnp.float32),  # d = 32 * 5: 5 chunks of 32 over 2 programs
+            (3, 640, 48, 16, True, jnp.float16),  # half precision: rounded as the model rounds
+            (3, 512, 64, 16, True, jnp.bfloat16),
+            (1, 160, 32, 16, True, jnp.float16),
         ],
     )
-    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
     def test_layernorm_output(self, batch, d, r, block_r, normalize, dtype):
         rng = np.random.default_rng(batch * 1000 + d + r)
         x = jnp.asarray(rng.standard_normal((batch, d)) * 4.0 + 2.5, dtype)
