@@ -13,8 +13,9 @@ It also sums the kernel time by block (`kernel_blocks`): each kernel name is loo
 instructions (XLA names a fusion's kernel after the instruction, '.' and '-' made '_'; a Pallas kernel keeps its
 `name`), whose op_name metadata carries the model's scopes: a decode layer's `attention_block` (its
 LayerNorm, projections, attention, the residual add; with head sparsity the head choice too) or `mlp_block` (its
-LayerNorm, the predictor, the selection, fc1, fc2), the rest of a decode step (embeddings, final LayerNorm, LM
-head, sampling), and the prefill. What no instruction names (cuBLAS's own kernels, copies) is "unattributed".
+LayerNorm, the predictor, the selection, fc1, fc2; the predictor's first-layer kernel too when it runs ahead of
+the attention block and writes the attention LayerNorm, `DecodeTuning.hidden_layernorm`), the rest of a decode step
+(embeddings, final LayerNorm, LM head, sampling), and the prefill. What no instruction names (cuBLAS's own kernels, copies) is "unattributed".
 
 With `--tp N` the weights (and the planted predictors) are made straight into their Megatron shardings over N
 devices, as `bench generate --tp` makes them, and the tables are those of the first device (`/device:GPU:0`). The
@@ -144,8 +145,8 @@ def main(argv=None) -> int:
         "--mlp-density",
         type=float,
         default=None,
-        help="profile predicted sparse-MLP decoding instead (as `bench generate` plants it): this fraction "
-        "of the neurons chosen per token",
+        help="profile sparse-MLP decoding instead (as `bench generate` plants it; --mlp-variant says which): this "
+        "fraction of the neurons chosen per token",
     )
     p.add_argument(
         "--mlp-variant",
@@ -166,7 +167,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--fire-rate", type=float, default=0.05, help="with --mlp-density: the firing fraction")
     p.add_argument("--predictor-rank", type=int, default=256, help="with --mlp-density (default 256)")
-    p.add_argument("--selection", default="threshold", choices=[s.value for s in Selection])
+    p.add_argument(
+        "--selection",
+        default="threshold",
+        choices=[s.value for s in Selection],
+        help="with --mlp-density (predicted): how the predictors choose (default threshold)",
+    )
     p.add_argument(
         "--head-density",
         type=float,
@@ -193,6 +199,8 @@ def main(argv=None) -> int:
         p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
     if args.int8_scores and (args.mlp_density is None or args.mlp_variant != "predicted"):
         p.error("--int8-scores needs --mlp-density with the predicted variant")
+    if args.mlp_variant != "predicted" and args.mlp_density is None:
+        p.error("--mlp-variant needs --mlp-density")
     try:
         tuning = parse_tuning(args.tuning) if args.tuning else ()
     except ValueError as e:

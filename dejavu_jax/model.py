@@ -288,15 +288,19 @@ class OPTDecoderLayer(nn.Module):
         reach out_proj (`sparsity.head_rows`)."""
         pre_ln = self.config.do_layer_norm_before
         self.sow("intermediates", "attn_input", h)
-        attn_input, hidden = h, None
+        attn_input = h
+        qkv_normalises = pre_ln and self.self_attn.fuses_layernorm(h, layer_kv, heads)  # the q/k/v kernel's LayerNorm
+        x, hidden = None, None
+        if choice is not None and not qkv_normalises:
+            # The MLP predictor's first layer may come first (and write the attention LayerNorm): counted in the MLP
+            # block by `bench profile`.
+            with jax.named_scope("mlp_block"):
+                x, hidden = choice.before_attention(h, self.self_attn_layer_norm.affine() if pre_ln else None)
         with jax.named_scope("attention_block"):
-            if pre_ln and self.self_attn.fuses_layernorm(h, layer_kv, heads):  # the q/k/v kernel normalises
+            if qkv_normalises:
                 ln = self.self_attn_layer_norm.affine()
                 attn_out, new_kv = self.self_attn(h, allowed, layer_kv, cursor, heads, layernorm=ln)
             else:
-                x = None
-                if choice is not None:  # the predictor's first layer may come first (and write this LayerNorm)
-                    x, hidden = choice.before_attention(h, self.self_attn_layer_norm.affine() if pre_ln else None)
                 if x is None:
                     x = self.self_attn_layer_norm(h) if pre_ln else h
                 attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, heads)

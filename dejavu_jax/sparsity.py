@@ -7,7 +7,9 @@ Two halves, kept apart so that changing a traced value never recompiles:
   (`MLPPredictor`) or a fixed row mask (benchmarks' ceiling).
 
 `mlp_rows` is the one function that turns them, and the layer's predictor input, into `MLPRows`: the rows a layer's
-MLP block computes. The blocks take `MLPRows` and nothing else, so the model holds no selection logic.
+MLP block computes. The blocks take `MLPRows` and nothing else, so the model holds no selection logic; the model's
+handle on a layer is `LayerChoice` (its `rows`, and `before_attention`: the predictor's first layer issued ahead of
+the attention block where the tuning fuses it with that block's LayerNorm or puts it on a side stream).
 
 Modes:
 - none: the dense MLP.
@@ -49,6 +51,7 @@ from jax.experimental.compute_on import compute_on
 
 from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, standardize
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
+from kernels import layernorm as kernel_layernorm
 from kernels.head_sparse import HeadSparsePlan
 from kernels.masked_mlp import MaskedMLPPlan
 from kernels.predictor_hidden import MAX_BATCH as HIDDEN_MAX_BATCH, predictor_hidden
@@ -86,12 +89,15 @@ class DecodeTuning:
     - `hidden_layernorm`: 1 = where the MLP predictor reads the attention block's input (a pre-LayerNorm model,
       `mlp_input="attn_input"`) and runs on the kernel, that launch also writes the attention LayerNorm of the same
       input (`attention_layernorm_and_hidden`), so the step runs no LayerNorm kernels before the q/k/v projection;
-      0 = the LayerNorm and the predictor's first layer apart;
-    - `hidden_block_r`: rows of w1_t each `predictor_hidden` program reads (a power of two; 0 = the kernel's default);
+      0 = the LayerNorm and the predictor's first layer apart. A head-sparse step whose q/k/v kernel applies the
+      LayerNorm itself (`head_qkv_layernorm`) keeps that fusion instead;
+    - `hidden_block_r`: rows of w1_t each `predictor_hidden` program reads (0 = the kernel's default; the kernel takes
+      the largest power of two that divides the rank and is at most this);
     - `hidden_stream`: 0 = the predictor's first layer on the main stream; n > 0 = issued before the attention block
       on GPU stream n (`jax.experimental.compute_on("gpu_stream:n")`; the fused LayerNorm is then off), so it can
       overlap the attention block as DejaVu's side stream does. XLA honours it only with
-      `XLA_FLAGS=--xla_gpu_experimental_stream_annotation=true`; elsewhere it runs in order;
+      `XLA_FLAGS=--xla_gpu_experimental_stream_annotation=true`; elsewhere it runs in order. Only the MLP predictor's
+      first layer at `LayerChoice.before_attention` goes there (a head predictor's output is needed at once);
     - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1") or an XLA GEMV and a row mask ("xla");
     - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
     - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
@@ -253,9 +259,7 @@ class MLPPredictor:
 
     def hidden(self, x):
         """x [..., d] -> [..., r] in the weights' dtype (the input of the second matmul)."""
-        h = standardize(x) if self.normalize_input else x.astype(jnp.float32)
-        h = jnp.einsum("...d,rd->...r", h.astype(self.w1_t.dtype), self.w1_t, preferred_element_type=jnp.float32)
-        return (h + self.b1.astype(jnp.float32)).astype(self.w1_t.dtype)
+        return _first_layer(self.w1_t, self.b1, x, normalize=self.normalize_input)
 
     def scores(self, x):
         """x [..., d] -> fp32 scores [..., ffn]."""
@@ -276,28 +280,37 @@ class MLPPredictor:
         )
         return dots * self.w2_scale + self.b2
 
-    def decode_hidden(self, x, tuning: "DecodeTuning"):
-        """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA; issued on GPU
-        stream `tuning.hidden_stream` where that is set (see `DecodeTuning`)."""
+    def decode_hidden(self, x, tuning: "DecodeTuning", stream: int = 0, layernorm=None):
+        """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA. `stream` > 0: issued
+        on that GPU stream (`DecodeTuning.hidden_stream`). `layernorm` = (scale, bias, eps) (Pallas kernel only):
+        returns (hidden, LayerNorm(x)) from the one launch (`attention_layernorm_and_hidden`)."""
         if tuning.hidden == "xla":
-            compute = functools.partial(_hidden_in_xla, self)
+            if layernorm is not None:
+                raise ValueError("only the predictor_hidden kernel writes a LayerNorm beside the hidden vector")
+            compute = functools.partial(_first_layer, self.w1_t, self.b1, normalize=self.normalize_input)
         else:
-            block_r = tuning.hidden_block_r or None
             compute = functools.partial(
                 predictor_hidden,
                 w1_t=self.w1_t,
                 b1=self.b1,
                 normalize=self.normalize_input,
                 eps=NORM_EPS,
-                block_r=block_r,
+                block_r=tuning.hidden_block_r or None,
+                **kernel_layernorm.wrapper_kwargs(layernorm),
             )
-        if not tuning.hidden_stream:
+        if not stream:
             return compute(x)
-        with compute_on(f"gpu_stream:{tuning.hidden_stream}"):  # a jitted call, which the annotation wraps
+        with compute_on(f"gpu_stream:{stream}"):  # a jitted call, which the annotation wraps
             return compute(x)
 
 
-_hidden_in_xla = jax.jit(lambda predictor, x: predictor.hidden(x))
+@functools.partial(jax.jit, static_argnames="normalize")
+def _first_layer(w1_t, b1, x, *, normalize: bool):
+    """The predictor's first layer in XLA: (standardize(x) if normalize else x) · w1_tᵀ + b1, in w1_t's dtype. One
+    jitted call, so that a stream annotation can wrap it."""
+    h = standardize(x) if normalize else x.astype(jnp.float32)
+    h = jnp.einsum("...d,rd->...r", h.astype(w1_t.dtype), w1_t, preferred_element_type=jnp.float32)
+    return (h + b1.astype(jnp.float32)).astype(w1_t.dtype)
 
 
 def int8_rows(w):
@@ -419,7 +432,7 @@ def mlp_rows(
 
     `decode`: a one-token step that may use the row-masked kernels (batch small enough); otherwise per-token masks.
     `hidden`: the predictor's first layer of this decode step [B, r] where it was already computed
-    (`attention_layernorm_and_hidden`); None = computed here.
+    (`LayerChoice.before_attention`: fused with the attention LayerNorm, or on a side stream); None = computed here.
     """
     batch, tokens = predictor_input.shape[:2]
     kernels = _decode_kernels(policy, decode, batch, tokens)
@@ -474,8 +487,9 @@ def attention_layernorm_and_hidden(
     where layer `layer`'s step runs the predicted decode kernels with a predictor that reads the attention block's
     input `attn_input` [B, T, d] on the kernel (on the main stream), and `DecodeTuning.hidden_layernorm` is on;
     `layernorm` = the attention LayerNorm's (scale, bias, eps). None elsewhere: the caller applies its LayerNorm and
-    `mlp_rows` computes the predictor's first layer. Both outputs equal the separate computations (the kernel's
-    LayerNorm is the model's formula), so this changes the kernels a step runs, not what it computes."""
+    `mlp_rows` computes the predictor's first layer. Both outputs equal the separate computations to a rounding (the
+    kernel's LayerNorm is the model's formula, summed in another order), so this changes the kernels a step runs, not
+    what it computes."""
     tuning = policy.tuning
     if not (
         tuning.hidden == "pallas"
@@ -484,19 +498,7 @@ def attention_layernorm_and_hidden(
         and _hidden_from_attn_input(policy, weights, attn_input, decode)
     ):
         return None
-    predictor = weights.mlp[layer]
-    scale, bias, eps = layernorm
-    hidden, x = predictor_hidden(
-        attn_input[:, 0],
-        predictor.w1_t,
-        predictor.b1,
-        normalize=predictor.normalize_input,
-        eps=NORM_EPS,
-        block_r=tuning.hidden_block_r or None,
-        ln_scale=scale,
-        ln_bias=bias,
-        ln_eps=eps,
-    )
+    hidden, x = weights.mlp[layer].decode_hidden(attn_input[:, 0], tuning, layernorm=layernorm)
     return x[:, None], hidden
 
 
@@ -529,11 +531,13 @@ class LayerChoice:
         if self.policy.tuning.hidden_stream and _hidden_from_attn_input(
             self.policy, self.weights, attn_input, self.decode
         ):
-            return None, self.weights.mlp[self.layer].decode_hidden(attn_input[:, 0], self.policy.tuning)
+            tuning = self.policy.tuning
+            return None, self.weights.mlp[self.layer].decode_hidden(attn_input[:, 0], tuning, tuning.hidden_stream)
         return None, None
 
     def rows(self, attn_input, mlp_input, hidden=None) -> MLPRows:
-        """`attn_input` / `mlp_input` [B, T, d]: the residual before the attention / MLP LayerNorm."""
+        """`attn_input` / `mlp_input` [B, T, d]: the residual before the attention / MLP LayerNorm; `hidden`: what
+        `before_attention` returned for the predictor's first layer."""
         reads = "attn_input" if self.weights is None else self.weights.mlp_input
         predictor_input = attn_input if reads == "attn_input" else mlp_input
         return mlp_rows(self.policy, self.weights, self.layer, predictor_input, self.decode, hidden)
@@ -559,9 +563,8 @@ def for_decode_batch(
         if policy.heads == HeadSparsity.NONE:
             return DENSE, None
         # the MLP's tuning back to its defaults (its MLP is dense), every head field kept
-        heads_tuning = dataclasses.replace(
-            policy.tuning, hidden=DecodeTuning.hidden, scores=DecodeTuning.scores, knobs=()
-        )
+        mlp_fields = ("hidden", "hidden_layernorm", "hidden_block_r", "hidden_stream", "scores", "knobs")
+        heads_tuning = dataclasses.replace(policy.tuning, **{name: getattr(DecodeTuning, name) for name in mlp_fields})
         return (
             dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=heads_tuning),
             weights,

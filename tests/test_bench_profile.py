@@ -89,6 +89,7 @@ def test_profile_builds_and_runs_fixed_rows_and_int8_predictors(extra, capsys):
         ("--mlp-density 0.1 --mlp-variant fixed --int8-scores", "--int8-scores needs --mlp-density"),
         ("--tuning hidden_block_r=100", "hidden_block_r must be an int in"),
         ("--tuning fc3=1", "unknown tuning"),
+        ("--mlp-variant fixed", "--mlp-variant needs --mlp-density"),
     ],
 )
 def test_profile_flag_errors(argv, message, capsys):

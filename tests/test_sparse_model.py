@@ -183,6 +183,42 @@ def test_the_attention_layernorm_rides_on_the_predictor_kernel_only_where_it_rea
     assert '_xla_stream_annotation = "1"' in lowered
 
 
+def _pallas_calls(jaxpr) -> list:
+    """(kernel name, outputs, grid) of every pallas_call in a jaxpr, nested calls included, in order."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append((eqn.params["name"], len(eqn.outvars), tuple(eqn.params["grid_mapping"].grid)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _pallas_calls(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _pallas_calls(sub)
+    return found
+
+
+def test_the_decode_step_runs_the_tuned_predictor_kernel():
+    """The decode step itself takes the fused path: one two-output `predictor_hidden` launch a layer with the
+    attention LayerNorm on it (pre-LayerNorm), one-output launches with it apart or for a post-LayerNorm model, and
+    `hidden_block_r` sets the kernel's grid (rank 8 padded to 16: 16 programs by default, 8 at two rows each)."""
+    weights = sparse_weights_from_predictors(random_predictors(CONFIG, 48, 0.5))
+    apart = dataclasses.replace(PREDICTED, tuning=(("hidden_layernorm", 0), ("hidden_block_r", 2)))
+    layers = CONFIG.num_hidden_layers
+    for config, policy, expected in (
+        (CONFIG, PREDICTED, [("predictor_hidden", 2, (16,))] * layers),
+        (CONFIG, apart, [("predictor_hidden", 1, (8,))] * layers),
+        (dataclasses.replace(CONFIG, do_layer_norm_before=False), PREDICTED, [("predictor_hidden", 1, (16,))] * layers),
+    ):
+        params = init_params(config, jax.random.PRNGKey(4))
+        prompt = jnp.full((1, 5), 7, jnp.int32)
+        _, cache = prefill(params, prompt, jnp.ones_like(prompt), config=config, num_slots=16)
+        jaxpr = jax.make_jaxpr(
+            lambda c, t: decode_step(params, c, t, weights, config=config, policy=policy)  # noqa: B023
+        )(cache, prompt[:, 0])
+        assert [call for call in _pallas_calls(jaxpr.jaxpr) if call[0] == "predictor_hidden"] == expected
+
+
 def test_int8_scores_choose_alike_in_the_decode_kernel_and_the_per_token_path():
     """With the scoring rows in int8 (one scale per neuron) the fc1 kernel of a decode step and the per-token path
     score with the same codes and scales, so they compute the same MLP; float and int8 scores choose nearly alike."""
