@@ -15,7 +15,8 @@ instructions (XLA names a fusion's kernel after the instruction, '.' and '-' mad
 LayerNorm, projections, attention, the residual add; with head sparsity the head choice too) or `mlp_block` (its
 LayerNorm, the predictor, the selection, fc1, fc2; the predictor's first-layer kernel too when it runs ahead of
 the attention block and writes the attention LayerNorm, `DecodeTuning.hidden_layernorm`), the rest of a decode step
-(embeddings, final LayerNorm, LM head, sampling), and the prefill. What no instruction names (cuBLAS's own kernels, copies) is "unattributed".
+(embeddings, final LayerNorm, LM head, sampling), and the prefill. What no instruction names (cuBLAS's own kernels,
+copies) is "unattributed".
 
 With `--tp N` the weights (and the planted predictors) are made straight into their Megatron shardings over N
 devices, as `bench generate --tp` makes them, and the tables are those of the first device (`/device:GPU:0`). The

@@ -20,9 +20,14 @@ def row_stats(x_ref, rows: int, d: int, block_d: int, eps: float) -> list:
         for c0 in range(0, d, block_d):  # static
             v = x_ref[b, pl.ds(c0, block_d)].astype(jnp.float32)
             total, squares = total + jnp.sum(v), squares + jnp.sum(v * v)
-        mean = total / d
-        stats.append((mean, lax.rsqrt(jnp.maximum(squares / d - mean * mean, 0.0) + eps)))
+        stats.append(stats_from_sums(total, squares, d, eps))
     return stats
+
+
+def stats_from_sums(total, squares, d: int, eps: float):
+    """(mean, 1 / std) of a row of d values from their sum and sum of squares: the model's one-pass formula."""
+    mean = total / d
+    return mean, lax.rsqrt(jnp.maximum(squares / d - mean * mean, 0.0) + eps)
 
 
 def normalized_block(x_ref, b: int, cols, stats: list, scale_ref, bias_ref):

@@ -63,7 +63,7 @@ def _hidden_kernel(
         xs = [x_ref[b, c].astype(jnp.float32) for c in chunks]
         total = sum(jnp.sum(v) for v in xs)
         if ln_eps is not None:  # the LayerNorm's one-pass statistics, from the blocks already loaded
-            ln_stats.append(_one_pass_stats(total, sum(jnp.sum(v * v) for v in xs), d, ln_eps))
+            ln_stats.append(ln.stats_from_sums(total, sum(jnp.sum(v * v) for v in xs), d, ln_eps))
         if normalize:
             mean = total / d
             var = sum(jnp.sum(jnp.square(v - mean)) for v in xs) / d
@@ -77,12 +77,6 @@ def _hidden_kernel(
         p_ref[b, rows] = acc.astype(p_ref.dtype)
     if ln_eps is not None:
         _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, ln_stats, batch, d, ln_block, n_programs)
-
-
-def _one_pass_stats(total, squares, d, eps):
-    """(mean, 1 / std) from a row's sum and sum of squares: `kernels.layernorm.row_stats`'s formula."""
-    mean = total / d
-    return mean, jax.lax.rsqrt(jnp.maximum(squares / d - mean * mean, 0.0) + eps)
 
 
 def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_block, n_programs):
