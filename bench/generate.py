@@ -418,7 +418,7 @@ def main(argv=None) -> int:
         metavar="NAME=VALUE,...",
         help="with --mlp-density: also time every --variants row with these decode-kernel overrides "
         "(dejavu_jax.sparsity.DecodeTuning: hidden=pallas|xla, hidden_layernorm=0|1, hidden_block_r=N, "
-        "hidden_stream=N, scores=fc1|xla, or MaskedMLPPlan fields such as fc1_segment=128); repeat for several",
+        "hidden_stream=N, scores=fc1|kernel|xla, or MaskedMLPPlan fields such as fc1_segment=128); repeat for several",
     )
     p.add_argument(
         "--tuned-variants",

@@ -290,12 +290,12 @@ class OPTDecoderLayer(nn.Module):
         self.sow("intermediates", "attn_input", h)
         attn_input = h
         qkv_normalises = pre_ln and self.self_attn.fuses_layernorm(h, layer_kv, heads)  # the q/k/v kernel's LayerNorm
-        x, hidden = None, None
+        x, ahead = None, None
         if choice is not None and not qkv_normalises:
-            # The MLP predictor's first layer may come first (and write the attention LayerNorm): counted in the MLP
-            # block by `bench profile`.
+            # Part of the MLP's choice may come first (and write the attention LayerNorm): counted in the MLP block by
+            # `bench profile`.
             with jax.named_scope("mlp_block"):
-                x, hidden = choice.before_attention(h, self.self_attn_layer_norm.affine() if pre_ln else None)
+                x, ahead = choice.before_attention(h, self.self_attn_layer_norm.affine() if pre_ln else None)
         with jax.named_scope("attention_block"):
             if qkv_normalises:
                 ln = self.self_attn_layer_norm.affine()
@@ -309,7 +309,7 @@ class OPTDecoderLayer(nn.Module):
                 h = self.self_attn_layer_norm(h)
         self.sow("intermediates", "mlp_input", h)
         with jax.named_scope("mlp_block"):
-            rows = MLPRows() if choice is None else choice.rows(attn_input, h, hidden)
+            rows = MLPRows() if choice is None else choice.rows(attn_input, h, ahead)
             x = self.final_layer_norm(h) if pre_ln else h
             h = h + self.mlp(x, rows)
             if not pre_ln:

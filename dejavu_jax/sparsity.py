@@ -53,7 +53,7 @@ from dejavu_jax.predictors import NORM_EPS, LowRankPredictor, Predictors, standa
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
 from kernels import layernorm as kernel_layernorm
 from kernels.head_sparse import HeadSparsePlan
-from kernels.masked_mlp import MaskedMLPPlan
+from kernels.masked_mlp import MaskedMLPPlan, threshold_mask
 from kernels.predictor_hidden import MAX_BATCH as HIDDEN_MAX_BATCH, predictor_hidden
 
 # Decode steps of at most this many sequences use the row-masked kernels; larger batches fall back to the dense MLP.
@@ -96,9 +96,12 @@ class DecodeTuning:
     - `hidden_stream`: 0 = the predictor's first layer on the main stream; n > 0 = issued before the attention block
       on GPU stream n (`jax.experimental.compute_on("gpu_stream:n")`; the fused LayerNorm is then off), so it can
       overlap the attention block as DejaVu's side stream does. XLA honours it only with
-      `XLA_FLAGS=--xla_gpu_experimental_stream_annotation=true`; elsewhere it runs in order. Only the MLP predictor's
-      first layer at `LayerChoice.before_attention` goes there (a head predictor's output is needed at once);
-    - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1") or an XLA GEMV and a row mask ("xla");
+      `XLA_FLAGS=--xla_gpu_experimental_stream_annotation=true`; elsewhere it runs in order. Only the MLP predictor
+      goes there, at `LayerChoice.before_attention` (a head predictor's output is needed at once): its first layer,
+      and with threshold selection and `scores` other than "fc1" its whole choice (the row mask), so that the fc1
+      kernel after attention only reads a mask, as with fixed rows;
+    - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1"), or apart from it as a row mask that the
+      fc1 kernel reads: by the `threshold_mask` Pallas kernel ("kernel") or an XLA GEMV ("xla");
     - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
     - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
       measured faster: `dejavu_jax/sparse_attention.py`) computes every head's K/V each step, "repair" recomputes a
@@ -124,7 +127,7 @@ class DecodeTuning:
     head_max_batch: int = 1
     head_knobs: tuple = ()
 
-    CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "xla"), "head_kv": HEAD_KV_MODES}
+    CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "kernel", "xla"), "head_kv": HEAD_KV_MODES}
     # int fields: (least, most) value (None: no bound)
     INTS = {
         "head_window": (1, None),
@@ -303,6 +306,14 @@ class MLPPredictor:
         with compute_on(f"gpu_stream:{stream}"):  # a jitted call, which the annotation wraps
             return compute(x)
 
+    def decode_mask(self, p, tuning: "DecodeTuning"):
+        """[ffn] int32 row mask of one decode step: 1 where the score from p [B, r] (`decode_hidden`) reaches the
+        threshold for some batch row. `tuning.scores` "kernel": the `threshold_mask` kernel; else XLA's scores."""
+        if tuning.scores == "kernel":
+            return threshold_mask(p, self.w2_t, self.b2, self.threshold, w2_scale=self.w2_scale, knobs=tuning.knobs)
+        chosen = self.scores_from_hidden(p) >= self.threshold
+        return jnp.any(chosen, axis=0).astype(jnp.int32)
+
 
 @functools.partial(jax.jit, static_argnames="normalize")
 def _first_layer(w1_t, b1, x, *, normalize: bool):
@@ -461,8 +472,7 @@ def mlp_rows(
             return MLPRows("threshold", hidden=hidden, predictor=predictor, knobs=tuning.knobs)
         if policy.selection == Selection.TOPK:  # chosen where the neurons are (per shard under tp: sparse_mlp)
             return MLPRows("topk", hidden=hidden, predictor=predictor, knobs=tuning.knobs)
-        chosen = _choose(policy, predictor, predictor.scores_from_hidden(hidden))  # [B, ffn]
-        return MLPRows("mask", mask=jnp.any(chosen, axis=0).astype(jnp.int32), knobs=tuning.knobs)
+        return MLPRows("mask", mask=predictor.decode_mask(hidden, tuning), knobs=tuning.knobs)
     return MLPRows("mask", mask=_choose(policy, predictor, predictor.scores(predictor_input)))
 
 
@@ -515,32 +525,46 @@ class LayerChoice:
     decode: bool  # a one-token step with a cache
 
     def before_attention(self, attn_input, layernorm=None):
-        """(LayerNorm(attn_input) [B, T, d] or None, the MLP predictor's first layer [B, r] or None) for the
-        attention block's input `attn_input`; `layernorm`: the attention LayerNorm's (scale, bias, eps) where the
+        """(LayerNorm(attn_input) [B, T, d] or None, `ahead`: what of the MLP's choice was made here, or None) for
+        the attention block's input `attn_input`; `layernorm`: the attention LayerNorm's (scale, bias, eps) where the
         block applies one first (pre-LayerNorm models), else None. None parts are left to the caller (its
-        LayerNorm) and to `rows` (the predictor's first layer):
-        - `attention_layernorm_and_hidden` where it applies: both from one launch;
+        LayerNorm) and to `rows`, which takes `ahead`:
+        - `attention_layernorm_and_hidden` where it applies: the LayerNorm and the predictor's first layer [B, r]
+          from one launch;
         - with `DecodeTuning.hidden_stream` (and the predicted decode kernels reading `attn_input`): the first layer
-          issued here on that GPU stream, so it can run beside the attention block."""
+          [B, r], or with threshold selection and `DecodeTuning.scores` other than "fc1" the whole choice (an
+          `MLPRows` of kind "mask"), issued here on that GPU stream, so it can run beside the attention block."""
         if layernorm is not None:
             fused = attention_layernorm_and_hidden(
                 self.policy, self.weights, self.layer, attn_input, layernorm, self.decode
             )
             if fused is not None:
                 return fused
-        if self.policy.tuning.hidden_stream and _hidden_from_attn_input(
-            self.policy, self.weights, attn_input, self.decode
-        ):
-            tuning = self.policy.tuning
-            return None, self.weights.mlp[self.layer].decode_hidden(attn_input[:, 0], tuning, tuning.hidden_stream)
+        tuning = self.policy.tuning
+        if tuning.hidden_stream and _hidden_from_attn_input(self.policy, self.weights, attn_input, self.decode):
+            predictor, x = self.weights.mlp[self.layer], attn_input[:, 0]
+            if self.policy.selection == Selection.THRESHOLD and tuning.scores != "fc1":
+                with compute_on(f"gpu_stream:{tuning.hidden_stream}"):
+                    mask = _decode_choice(predictor, x, tuning)
+                return None, MLPRows("mask", mask=mask, knobs=tuning.knobs)
+            return None, predictor.decode_hidden(x, tuning, tuning.hidden_stream)
         return None, None
 
-    def rows(self, attn_input, mlp_input, hidden=None) -> MLPRows:
-        """`attn_input` / `mlp_input` [B, T, d]: the residual before the attention / MLP LayerNorm; `hidden`: what
-        `before_attention` returned for the predictor's first layer."""
+    def rows(self, attn_input, mlp_input, ahead=None) -> MLPRows:
+        """`attn_input` / `mlp_input` [B, T, d]: the residual before the attention / MLP LayerNorm; `ahead`: what
+        `before_attention` returned (the predictor's first layer, or the whole choice)."""
+        if isinstance(ahead, MLPRows):
+            return ahead
         reads = "attn_input" if self.weights is None else self.weights.mlp_input
         predictor_input = attn_input if reads == "attn_input" else mlp_input
-        return mlp_rows(self.policy, self.weights, self.layer, predictor_input, self.decode, hidden)
+        return mlp_rows(self.policy, self.weights, self.layer, predictor_input, self.decode, ahead)
+
+
+@functools.partial(jax.jit, static_argnames="tuning")
+def _decode_choice(predictor: MLPPredictor, x, tuning: DecodeTuning):
+    """One decode step's row mask [ffn] from x [B, d]: the predictor's first layer, then its threshold scores. One
+    jitted call, so that a stream annotation can wrap the whole choice."""
+    return predictor.decode_mask(predictor.decode_hidden(x, tuning), tuning)
 
 
 def _choose(policy: SparsityPolicy, predictor: MLPPredictor, scores):

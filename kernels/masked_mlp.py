@@ -17,7 +17,9 @@ How `masked_fc1` chooses its rows (static `selection`):
   the kernel's prologue: score = p · w2_t[row] + b2[row], where p [B, r] is the predictor's hidden vector (its first
   matmul, done outside) and w2_t [ffn, r] the predictor's second matrix stored neuron-major. So the predictor's
   second matmul, the selection and fc1 are one launch, and the scores never reach memory. w2_t may hold int8 codes
-  with one fp32 scale per row (`w2_scale`): score = (p · codes[row]) * scale[row] + b2[row], r + 4 bytes a row against 2r in fp16.
+  with one fp32 scale per row (`w2_scale`): score = (p · codes[row]) * scale[row] + b2[row], r + 4 bytes a row
+  against 2r in fp16. `threshold_mask` is the same scoring as a launch of its own that writes the row mask for
+  "mask", so the choice can be made apart from fc1 (on a side stream, beside the attention block).
 `nonzero_fc2` is exact on its own: a row whose h is 0 for every batch row adds exactly 0, so skipping it changes
 nothing. Fed by a dense fc1 it is the lossless sparse MLP (ReLU zeros skipped, no predictor).
 
@@ -196,6 +198,14 @@ def _select_fc1_kernel(x_ref, w_ref, b_ref, *refs, plan: MaskedMLPPlan, selectio
         h_ref[b, pl.ds(base, seg)] = h_seg[b].astype(h_ref.dtype)
 
 
+def _threshold_mask_kernel(p_ref, w2t_ref, b2_ref, thr_ref, *refs, plan: MaskedMLPPlan):
+    # refs: (w2_scale [ffn] with int8 codes,) then mask_ref [ffn] int32. The segments of `_select_fc1_kernel`.
+    *scale_refs, mask_ref = refs
+    base = pl.multiple_of(pl.program_id(0) * plan.seg1, plan.seg1)
+    chosen = _threshold_rows(base, plan, p_ref, w2t_ref, b2_ref, thr_ref, *scale_refs)
+    mask_ref[pl.ds(base, plan.seg1)] = chosen.astype(jnp.int32)
+
+
 def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: bool):
     # h_ref [B, ffn], w_ref [ffn, d]; out_ref [groups, B, d] fp32: this segment's share of h · w.
     group, seg, bk, bd = pl.program_id(0), plan.seg2, plan.fc2_block_k, plan.bd2
@@ -234,6 +244,17 @@ def _select_fc1_call(x, fc1_w, fc1_b, sel_args, *, plan, selection, interpret):
         interpret=interpret,
         name=f"select_fc1_{selection}",
     )(x, fc1_w, fc1_b, *sel_args)
+
+
+def _threshold_mask_call(p, w2_t, b2, thr, scaled, *, plan, interpret):
+    return pl.pallas_call(
+        functools.partial(_threshold_mask_kernel, plan=plan),
+        out_shape=jax.ShapeDtypeStruct((plan.ffn,), jnp.int32),
+        grid=(plan.ffn // plan.seg1,),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.fc1_warps, num_stages=1),
+        interpret=interpret,
+        name="threshold_mask",
+    )(p, w2_t, b2, thr, *scaled)
 
 
 def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret):
@@ -319,25 +340,58 @@ def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, w2_scale=None, kno
     """
     _check_weights(x, fc1_w, fc1_b, "fc1_w")
     ffn = fc1_w.shape[0]
-    if w2_t.ndim != 2 or w2_t.shape[0] != ffn or p.shape != (x.shape[0], w2_t.shape[1]):
-        raise ValueError(f"need w2_t [ffn={ffn}, r] and p [batch={x.shape[0]}, r]. Got {w2_t.shape} and {p.shape}")
+    _check_scoring(p, w2_t, b2, x.shape[0], ffn)
+    plan = _plan(x.shape[0], x.shape[1], ffn, knobs, w2_t.shape[1])
+    return _select_fc1_call(
+        x,
+        fc1_w,
+        fc1_b.astype(x.dtype),
+        (p, w2_t, b2.astype(jnp.float32), _threshold_arg(threshold), *_scale_args(w2_scale, w2_t)),
+        plan=plan,
+        selection="threshold",
+        interpret=resolve_interpret(interpret),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def threshold_mask(p, w2_t, b2, threshold, *, w2_scale=None, knobs=None, interpret=None):
+    """[ffn] int32: 1 for the rows n with max_b (p[b] · w2_t[n] + b2[n]) >= threshold, else 0.
+
+    The rows `threshold_fc1` chooses (the same arguments, the same arithmetic), as a row mask for `masked_fc1`: the
+    scoring as its own launch, which can then run apart from fc1 (on a side stream, before the attention block).
+    """
+    if p.ndim != 2:
+        raise ValueError(f"p must be [batch, r]. Got shape {p.shape}")
+    ffn = w2_t.shape[0] if w2_t.ndim == 2 else -1
+    _check_scoring(p, w2_t, b2, p.shape[0], ffn)
+    _check_sizes(p.shape[0], p.dtype, 16, ffn)
+    plan = _plan(p.shape[0], 16, ffn, knobs, w2_t.shape[1])
+    if ffn % plan.seg1:
+        raise ValueError(f"ffn must be a multiple of the segment ({plan.seg1}). Got {ffn}")
+    scaled = _scale_args(w2_scale, w2_t)
+    return _threshold_mask_call(
+        p,
+        w2_t,
+        b2.astype(jnp.float32),
+        _threshold_arg(threshold),
+        scaled,
+        plan=plan,
+        interpret=resolve_interpret(interpret),
+    )
+
+
+def _check_scoring(p, w2_t, b2, batch: int, ffn: int):
+    if w2_t.ndim != 2 or w2_t.shape[0] != ffn or p.shape != (batch, w2_t.shape[1]):
+        raise ValueError(f"need w2_t [ffn={ffn}, r] and p [batch={batch}, r]. Got {w2_t.shape} and {p.shape}")
     r = w2_t.shape[1]
     if r & (r - 1):
         raise ValueError(f"the predictor rank must be a power of two here (pad w2_t and p with zeros). Got {r}")
     if b2.shape != (ffn,):
         raise ValueError(f"b2 must be [ffn] = [{ffn}]. Got {b2.shape}")
-    scaled = _scale_args(w2_scale, w2_t)
-    plan = _plan(x.shape[0], x.shape[1], ffn, knobs, r)
-    thr = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
-    return _select_fc1_call(
-        x,
-        fc1_w,
-        fc1_b.astype(x.dtype),
-        (p, w2_t, b2.astype(jnp.float32), thr, *scaled),
-        plan=plan,
-        selection="threshold",
-        interpret=resolve_interpret(interpret),
-    )
+
+
+def _threshold_arg(threshold):
+    return jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))

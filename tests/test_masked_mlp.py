@@ -1,5 +1,6 @@
 """Row-masked MLP kernels against float64 references: row masks (unsorted, none, all), threshold selection from a
-predictor (batch union), nonzero-only fc2, block sizes; compiled on a GPU, in the interpreter on CPU."""
+predictor (batch union; in the fc1 kernel or as a row mask of its own), nonzero-only fc2, block sizes; compiled on a
+GPU, in the interpreter on CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from kernels.masked_mlp import (
     masked_fc1,
     nonzero_fc2,
     threshold_fc1,
+    threshold_mask,
     threshold_rows_reference,
 )
 
@@ -122,6 +124,51 @@ class TestMaskedMLP(CompiledKernelCases):
         assert row_err(h[:, clear], ref_fc1(ref, chosen)[:, clear]) <= TOLERANCE[jnp.float16]
         ref_rows = threshold_rows_reference(cast["p"], codes, cast["pb"], threshold, w2_scale=scale)
         assert np.array_equal(np.asarray(ref_rows)[clear], chosen[clear])
+
+    @pytest.mark.parametrize(
+        "batch, threshold, dtype, int8",
+        [
+            (1, 0.5, jnp.float32, False),
+            (3, 1.0, jnp.bfloat16, False),
+            (2, 0.5, jnp.float16, True),
+            (1, -np.inf, jnp.float32, False),
+            (2, np.inf, jnp.float32, False),
+        ],
+    )
+    def test_threshold_mask_marks_the_rows_threshold_fc1_chooses(self, batch, threshold, dtype, int8):
+        """The mask kernel's rows against a float64 reference (clear rows), and masked_fc1 over that mask gives
+        exactly what threshold_fc1 gives (the same scoring arithmetic), float or int8 scoring rows."""
+        d, ffn, rank = 128, 384, 32
+        cast, ref, _ = data(batch + 31, batch, d, ffn, rank, dtype)
+        codes, scale = int8_rows(cast["pw"]) if int8 else (cast["pw"], None)
+        mask = threshold_mask(cast["p"], codes, cast["pb"], threshold, w2_scale=scale, interpret=self.INTERPRET)
+        assert mask.shape == (ffn,) and mask.dtype == jnp.int32
+        mask = np.asarray(mask)
+        w = np.asarray(codes, np.float64) * (1.0 if scale is None else np.asarray(scale, np.float64)[:, None])
+        scores = ref["p"] @ w.T + ref["pb"]
+        chosen = (scores >= threshold).any(axis=0)
+        clear = np.abs(scores.max(axis=0) - threshold) > 1e-2 if np.isfinite(threshold) else np.ones(ffn, bool)
+        assert set(np.unique(mask)) <= {0, 1}
+        assert np.array_equal(mask[clear] == 1, chosen[clear])
+        if np.isfinite(threshold):
+            assert 0 < chosen.sum() < ffn  # both kinds of row occur
+        args = (cast["x"], cast["w1"], cast["b1"])
+        fused = threshold_fc1(*args, cast["p"], codes, cast["pb"], threshold, w2_scale=scale, interpret=self.INTERPRET)
+        apart = masked_fc1(*args, jnp.asarray(mask), interpret=self.INTERPRET)
+        np.testing.assert_array_equal(np.asarray(apart), np.asarray(fused))
+
+    def test_threshold_mask_refuses_bad_shapes(self):
+        p, w2_t, b2 = jnp.zeros((1, 32)), jnp.zeros((384, 32)), jnp.zeros(384)
+        for bad, message in (
+            (dict(p=jnp.zeros((1, 16))), "need w2_t"),
+            (dict(w2_t=jnp.zeros((384, 24)), p=jnp.zeros((1, 24))), "power of two"),
+            (dict(b2=jnp.zeros(100)), "b2 must be"),
+            (dict(p=jnp.zeros(32)), "p must be"),
+            (dict(w2_scale=jnp.ones(384)), "int8 codes"),
+        ):
+            kwargs = {"p": p, "w2_t": w2_t, "b2": b2, **bad}
+            with pytest.raises(ValueError, match=message):
+                threshold_mask(threshold=0.0, interpret=self.INTERPRET, **kwargs)
 
 
 class TestMaskedMLPInterpret(TestMaskedMLP):

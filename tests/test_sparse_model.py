@@ -19,6 +19,7 @@ from dejavu_jax.sparsity import (
     SparseWeights,
     DENSE,
     LayerChoice,
+    MLPRows,
     SparsityPolicy,
     attention_layernorm_and_hidden,
     check_sparsity,
@@ -117,6 +118,10 @@ def decode_logits(params, prompt, continuation, policy, weights):
             dataclasses.replace(PREDICTED, tuning=(("hidden_stream", 1), ("hidden_block_r", 2))),
             random_predictors(CONFIG, 48, 0.5),
         ),
+        (
+            dataclasses.replace(PREDICTED, tuning=(("hidden_stream", 1), ("scores", "kernel"))),
+            random_predictors(CONFIG, 48, 0.5),
+        ),
         (TOPK, random_predictors(CONFIG, 8)),
     ],
     ids=[
@@ -125,6 +130,7 @@ def decode_logits(params, prompt, continuation, policy, weights):
         "threshold-xla-scores",
         "threshold-layernorm-apart",
         "threshold-side-stream",
+        "threshold-choice-on-side-stream",
         "topk",
     ],
 )
@@ -181,6 +187,17 @@ def test_the_attention_layernorm_rides_on_the_predictor_kernel_only_where_it_rea
     assert LayerChoice(PREDICTED, weights, 1, decode=True).before_attention(x, None) == (None, None)  # post-LN
     lowered = jax.jit(lambda x: LayerChoice(stream, weights, 1, True).before_attention(x)[1]).lower(x).as_text()
     assert '_xla_stream_annotation = "1"' in lowered
+    # With the scores apart from fc1, the whole choice comes before the block: the row mask the threshold gives.
+    for scores in ("kernel", "xla"):
+        whole = dataclasses.replace(PREDICTED, tuning=(("hidden_stream", 2), ("scores", scores)))
+        choice = LayerChoice(whole, weights, 1, decode=True)
+        normed, ahead = choice.before_attention(x, ln)
+        assert normed is None and isinstance(ahead, MLPRows) and ahead.kind == "mask"
+        want = weights.mlp[1].scores(x[:, 0]) >= weights.mlp[1].threshold
+        assert np.array_equal(np.asarray(ahead.mask), np.asarray(want[0], np.int32)) and 0 < want.sum() < 48
+        assert choice.rows(x, x, ahead) is ahead
+        lowered = jax.jit(lambda x, choice=choice: choice.before_attention(x)[1].mask).lower(x).as_text()
+        assert '_xla_stream_annotation = "2"' in lowered
 
 
 def _pallas_calls(jaxpr) -> list:
