@@ -49,9 +49,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def invoked_command(argv: list[str]) -> str:
+# Environment variables that change what a timed program compiles to, written before the command when set.
+COMMAND_ENV = ("XLA_FLAGS",)
+
+
+def invoked_command(argv: list[str], environ=None) -> str:
     """The command line as typed: `python -m bench ...` through bench/__main__.py, `python -m bench.NAME ...` when a
-    bench module ran directly, else the script path."""
+    bench module ran directly, else the script path; preceded by the `COMMAND_ENV` variables set in `environ`
+    (default: this process's), e.g. `XLA_FLAGS=... python -m bench generate ...`."""
     if not argv:
         return ""
     script = Path(argv[0])
@@ -59,7 +64,9 @@ def invoked_command(argv: list[str]) -> str:
         prefix = "python -m bench" if script.stem == "__main__" else f"python -m bench.{script.stem}"
     else:
         prefix = f"python {argv[0]}"
-    return " ".join([prefix, *argv[1:]])
+    environ = os.environ if environ is None else environ
+    env = [f"{name}={environ[name]}" for name in COMMAND_ENV if environ.get(name)]
+    return " ".join([*env, prefix, *argv[1:]])
 
 
 def provenance() -> dict:

@@ -39,9 +39,15 @@ def test_time_chained_without_a_first_call():
 def test_invoked_command_names_the_module_that_ran():
     from bench.common import invoked_command
 
-    assert invoked_command(["/repo/bench/__main__.py", "generate", "--shape", "opt-6.7b"]) == (
+    assert invoked_command(["/repo/bench/__main__.py", "generate", "--shape", "opt-6.7b"], {}) == (
         "python -m bench generate --shape opt-6.7b"
     )
-    assert invoked_command(["/repo/bench/generate.py", "--shape", "tiny"]) == "python -m bench.generate --shape tiny"
-    assert invoked_command(["tools/x.py", "-q"]) == "python tools/x.py -q"
-    assert invoked_command([]) == ""
+    assert (
+        invoked_command(["/repo/bench/generate.py", "--shape", "tiny"], {}) == "python -m bench.generate --shape tiny"
+    )
+    assert invoked_command(["tools/x.py", "-q"], {}) == "python tools/x.py -q"
+    assert invoked_command([], {}) == ""
+    flags = {"XLA_FLAGS": "--xla_gpu_enable_pdl=true", "HOME": "/root"}
+    assert invoked_command(["bench/__main__.py", "generate"], flags) == (
+        "XLA_FLAGS=--xla_gpu_enable_pdl=true python -m bench generate"
+    )
