@@ -101,7 +101,8 @@ class DecodeTuning:
       and with threshold selection and `scores` other than "fc1" its whole choice (the row mask), so that the fc1
       kernel after attention only reads a mask, as with fixed rows;
     - `scores`: threshold scores inside the fc1 kernel's prologue ("fc1"), or apart from it as a row mask that the
-      fc1 kernel reads: by the `threshold_mask` Pallas kernel ("kernel") or an XLA GEMV ("xla");
+      fc1 kernel reads: by the `threshold_mask` Pallas kernel ("kernel"; for one device: under tensor parallelism
+      XLA would gather the split scoring rows to every device for it) or an XLA GEMV ("xla");
     - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
     - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
       measured faster: `dejavu_jax/sparse_attention.py`) computes every head's K/V each step, "repair" recomputes a
