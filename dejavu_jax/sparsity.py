@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import inspect
 from typing import Optional
 
 import jax
@@ -302,10 +303,7 @@ class MLPPredictor:
                 block_r=tuning.hidden_block_r or None,
                 **kernel_layernorm.wrapper_kwargs(layernorm),
             )
-        if not stream:
-            return compute(x)
-        with compute_on(f"gpu_stream:{stream}"):  # a jitted call, which the annotation wraps
-            return compute(x)
+        return on_stream(stream, compute, x) if stream else compute(x)
 
     def decode_mask(self, p, tuning: "DecodeTuning"):
         """[ffn] int32 row mask of one decode step: 1 where the score from p [B, r] (`decode_hidden`) reaches the
@@ -314,6 +312,18 @@ class MLPPredictor:
             return threshold_mask(p, self.w2_t, self.b2, self.threshold, w2_scale=self.w2_scale, knobs=tuning.knobs)
         chosen = self.scores_from_hidden(p) >= self.threshold
         return jnp.any(chosen, axis=0).astype(jnp.int32)
+
+
+def on_stream(stream: int, fn, *args):
+    """fn(*args) issued on GPU stream `stream` (`jax.experimental.compute_on`, honoured by XLA with
+    `--xla_gpu_experimental_stream_annotation=true`). jax 0.10 takes it as a context manager around a jitted call;
+    jax 0.11 wraps the function and asks for its outputs' memory space (device memory here)."""
+    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+        from jax._src.core import MemorySpace  # no public name in jax 0.11
+
+        return compute_on(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=MemorySpace.Device)(*args)
+    with compute_on(f"gpu_stream:{stream}"):
+        return fn(*args)
 
 
 @functools.partial(jax.jit, static_argnames="normalize")
@@ -545,8 +555,7 @@ class LayerChoice:
         if tuning.hidden_stream and _hidden_from_attn_input(self.policy, self.weights, attn_input, self.decode):
             predictor, x = self.weights.mlp[self.layer], attn_input[:, 0]
             if self.policy.selection == Selection.THRESHOLD and tuning.scores != "fc1":
-                with compute_on(f"gpu_stream:{tuning.hidden_stream}"):
-                    mask = _decode_choice(predictor, x, tuning)
+                mask = on_stream(tuning.hidden_stream, functools.partial(_decode_choice, tuning=tuning), predictor, x)
                 return None, MLPRows("mask", mask=mask, knobs=tuning.knobs)
             return None, predictor.decode_hidden(x, tuning, tuning.hidden_stream)
         return None, None
