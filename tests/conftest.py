@@ -11,10 +11,28 @@ os.environ["XLA_FLAGS"] = " ".join(
     + ["--xla_force_host_platform_device_count=4"]
 )
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+# A persistent compilation cache for this run only, shared by the xdist workers (the controller makes it, the
+# workers inherit its path, the controller removes it at exit). Most of the suite's time is single-threaded XLA
+# compiles, and many programs compile again unchanged: in the other worker, or in the same one where a jit is keyed
+# on a new object (train/fit.py makes an optimizer per predictor, so a fit of the reference model compiles its two
+# step programs 16 times). The programs and their results are the same; only the compiles are skipped.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["DEJAVU_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="dejavu-jax-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DEJAVU_TEST_JAX_CACHE"], ignore_errors=True)
+if os.environ.get("DEJAVU_TEST_JAX_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["DEJAVU_TEST_JAX_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # the fit step takes ~0.8 s; default 1 s
+    # A size limit turns on the cache's file lock, so a worker never reads an entry the other is still writing.
+    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE_MODEL = SHARED / "models" / "opt-21m-wiki"

@@ -1,15 +1,8 @@
 """`python -m bench profile`'s attribution of kernels to blocks (the trace itself needs a GPU)."""
 
-import dataclasses
-
 import pytest
 
-import jax.numpy as jnp
-
-from bench.generate import random_params
-from bench.profile_decode import BLOCKS, block_of_scope, block_times, compile_generation, kernel_blocks
-from dejavu_jax.config import shape_config
-from dejavu_jax.sampling import SamplingConfig
+from bench.profile_decode import BLOCKS, block_of_scope, block_times, kernel_blocks
 
 
 def test_block_of_scope():
@@ -21,20 +14,6 @@ def test_block_of_scope():
     )
     prefill = "jit(_generate_tokens)/prefill/OPTForCausalLM/layer_0/layers_0/mlp_block/add"
     assert block_of_scope(prefill) == "prefill"
-
-
-def test_kernel_blocks_of_a_compiled_decode_program():
-    config = dataclasses.replace(shape_config("tiny"), eos_token_id=-1)
-    params = random_params(config, jnp.float32)
-    ids = jnp.ones((1, 8), jnp.int32)
-    compiled = compile_generation(params, ids, SamplingConfig().to_device(), None, dict(config=config, num_slots=16))
-    hlo = compiled.as_text()
-    blocks = kernel_blocks(hlo)
-    assert all("." not in name and "-" not in name for name in blocks)  # kernel names: '.' and '-' made '_'
-    assert {"attention block", "MLP block", "prefill"} <= set(blocks.values())
-    some_fusion = next(name for name, block in blocks.items() if block == "MLP block")
-    times = block_times({some_fusion: [2.0, 3.0], "nvjet_gemm": [7.0]}, blocks)
-    assert list(times) == list(BLOCKS) and times["MLP block"] == 5.0 and times["unattributed"] == 7.0
 
 
 # Lines in the syntax of a GPU program's optimized HLO (jax 0.11.2, H100; the Triton IR blob and operands cut): a
@@ -74,12 +53,21 @@ def test_profile_builds_and_runs_a_tensor_parallel_program(capsys):
         "--int8-scores --tuning hidden_layernorm=0,hidden_block_r=2",
     ],
 )
-def test_profile_builds_and_runs_fixed_rows_and_int8_predictors(extra, capsys):
+def test_profile_builds_and_runs_fixed_rows_and_int8_predictors(extra, capsys, tmp_path):
+    """Each program compiles and runs; `kernel_blocks` attributes the kernels of the compiled program (the HLO
+    `--hlo` writes: the program the tool times) to its blocks."""
     from bench.profile_decode import main
 
-    argv = f"--shape tiny --mlp-density 0.25 --new-tokens 3 --prompt-len 8 {extra}".split()
+    hlo = tmp_path / "program.hlo"
+    argv = f"--shape tiny --mlp-density 0.25 --new-tokens 3 --prompt-len 8 {extra} --hlo {hlo}".split()
     assert main(argv) == 1  # runs; a CPU trace has no GPU kernels
     assert "no device kernel events" in capsys.readouterr().out
+    blocks = kernel_blocks(hlo.read_text())
+    assert all("." not in name and "-" not in name for name in blocks)  # kernel names: '.' and '-' made '_'
+    assert {"attention block", "MLP block", "prefill"} <= set(blocks.values())
+    some_fusion = next(name for name, block in blocks.items() if block == "MLP block")
+    times = block_times({some_fusion: [2.0, 3.0], "nvjet_gemm": [7.0]}, blocks)
+    assert list(times) == list(BLOCKS) and times["MLP block"] == 5.0 and times["unattributed"] == 7.0
 
 
 @pytest.mark.parametrize(

@@ -343,6 +343,8 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     from dejavu_jax.config import OPTConfig
 
     work = tmp_path / "work"
+    # 2048 tokens in windows of 64: the held-out tenth (rows 1843-2047) spans windows 28-31, so the calibration
+    # has two windows (28 and 30), the fewest it takes as sampling units (with one it would count tokens).
     rc = train_main(
         [
             "--model",
@@ -352,11 +354,11 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
             "--work-dir",
             str(work),
             "--max-tokens",
-            "4096",
+            "2048",
             "--seq-len",
-            "128",
+            "64",
             "--shard-tokens",
-            "1024",
+            "512",
             "--epochs",
             "2",
             "--train-batch-size",
@@ -371,7 +373,7 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     assert rc == 0, captured.err
     summary = json.loads(captured.out)
     config = OPTConfig.from_json_file(converted_model / "config.json")
-    assert summary["collect"]["rows"] == 4096
+    assert summary["collect"]["rows"] == 2048
     assert summary["fit"]["rank"] == min(1000, config.hidden_size // 2)
     for name in ("report.json", "report.md", "report.png"):
         assert (work / name).stat().st_size > 0
@@ -388,7 +390,7 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
         assert list(predictors.head_k) == summary["calibrate"]["head_k"]
     meta = predictor_metadata(converted_model)
     assert meta["recall_target"] == 0.99 and meta["mlp_input"] == "attn_input"
-    assert meta["training_tokens"] == int(4096 * 0.9) and meta["stage"] == "calibrated"
+    assert meta["training_tokens"] == int(2048 * 0.9) and meta["stage"] == "calibrated"
     assert len(meta["calibration"]["layers"]) == config.num_hidden_layers
     # The stored predictor reproduces the calibrated recall: recompute layer 3's test recall by hand.
     store = ActivationStore(work / "activations")
@@ -430,7 +432,7 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
     assert report["recall_confidence"] == DEFAULT_RECALL_CONFIDENCE and report["sampling_unit"] == "window"
     n_rows = store.num_rows
     n_train = int(n_rows * 0.9)
-    window = np.arange(n_train, n_rows) // 128
+    window = np.arange(n_train, n_rows) // 64
     calib = window % 2 == 0
     assert report["calibration_units"] == len(np.unique(window[calib])) >= 2
     for layer, entry in enumerate(report["layers"]):
