@@ -315,21 +315,21 @@ class MLPPredictor:
 
 
 def on_stream(stream: int, fn, *args):
-    """fn(*args) issued on GPU stream `stream` (`jax.experimental.compute_on`, honoured by XLA with
-    `--xla_gpu_experimental_stream_annotation=true`). jax 0.10 takes it as a context manager around a jitted call;
-    jax 0.11 wraps the function and asks for its outputs' memory space (device memory here)."""
+    """fn(*args) issued on GPU stream `stream` as one call (`jax.experimental.compute_on`, honoured by XLA with
+    `--xla_gpu_experimental_stream_annotation=true`). fn must trace to no jitted call of its own (its kernels'
+    wrappers are `inline`): the annotation would reach those calls too, and XLA refuses an annotated call nested in
+    another. jax 0.10 takes compute_on as a context manager around a jitted call; jax 0.11 wraps the function and
+    asks for its outputs' memory space (device memory here)."""
     if "out_memory_spaces" in inspect.signature(compute_on).parameters:
         from jax._src.core import MemorySpace  # no public name in jax 0.11
 
         return compute_on(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=MemorySpace.Device)(*args)
     with compute_on(f"gpu_stream:{stream}"):
-        return fn(*args)
+        return jax.jit(fn)(*args)
 
 
-@functools.partial(jax.jit, static_argnames="normalize")
 def _first_layer(w1_t, b1, x, *, normalize: bool):
-    """The predictor's first layer in XLA: (standardize(x) if normalize else x) · w1_tᵀ + b1, in w1_t's dtype. One
-    jitted call, so that a stream annotation can wrap it."""
+    """The predictor's first layer in XLA: (standardize(x) if normalize else x) · w1_tᵀ + b1, in w1_t's dtype."""
     h = standardize(x) if normalize else x.astype(jnp.float32)
     h = jnp.einsum("...d,rd->...r", h.astype(w1_t.dtype), w1_t, preferred_element_type=jnp.float32)
     return (h + b1.astype(jnp.float32)).astype(w1_t.dtype)
@@ -570,10 +570,9 @@ class LayerChoice:
         return mlp_rows(self.policy, self.weights, self.layer, predictor_input, self.decode, ahead)
 
 
-@functools.partial(jax.jit, static_argnames="tuning")
 def _decode_choice(predictor: MLPPredictor, x, tuning: DecodeTuning):
-    """One decode step's row mask [ffn] from x [B, d]: the predictor's first layer, then its threshold scores. One
-    jitted call, so that a stream annotation can wrap the whole choice."""
+    """One decode step's row mask [ffn] from x [B, d]: the predictor's first layer, then its threshold scores (no
+    jitted call inside, so that `on_stream` issues the whole choice as one call)."""
     return predictor.decode_mask(predictor.decode_hidden(x, tuning), tuning)
 
 

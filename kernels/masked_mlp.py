@@ -353,7 +353,9 @@ def threshold_fc1(x, fc1_w, fc1_b, p, w2_t, b2, threshold, *, w2_scale=None, kno
     )
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+# inline: traced into the caller's program, so that a stream annotation around the caller covers one call (XLA
+# refuses an annotated call nested in another: `dejavu_jax.sparsity.on_stream`).
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"), inline=True)
 def threshold_mask(p, w2_t, b2, threshold, *, w2_scale=None, knobs=None, interpret=None):
     """[ffn] int32: 1 for the rows n with max_b (p[b] · w2_t[n] + b2[n]) >= threshold, else 0.
 

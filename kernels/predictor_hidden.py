@@ -93,8 +93,12 @@ def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_blo
                 ln_ref[b, cols] = ln.normalized_block(x_ref, b, cols, stats, scale_ref, bias_ref).astype(ln_ref.dtype)
 
 
+# inline: traced into the caller's program, so that a stream annotation around the caller covers one call (XLA
+# refuses an annotated call nested in another: `dejavu_jax.sparsity.on_stream`).
 @functools.partial(
-    jax.jit, static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps")
+    jax.jit,
+    static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps"),
+    inline=True,
 )
 def predictor_hidden(
     x,

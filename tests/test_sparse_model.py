@@ -187,6 +187,9 @@ def test_the_attention_layernorm_rides_on_the_predictor_kernel_only_where_it_rea
     assert LayerChoice(PREDICTED, weights, 1, decode=True).before_attention(x, None) == (None, None)  # post-LN
     lowered = jax.jit(lambda x: LayerChoice(stream, weights, 1, True).before_attention(x)[1]).lower(x).as_text()
     assert '_xla_stream_annotation = "1"' in lowered
+    for tuning in (stream.tuning, (("hidden_stream", 1), ("hidden", "xla"))):
+        choice = LayerChoice(dataclasses.replace(PREDICTED, tuning=tuning), weights, 1, decode=True)
+        assert _stream_calls(jax.make_jaxpr(lambda x, c=choice: c.before_attention(x)[1])(x).jaxpr) == [[]]
     # With the scores apart from fc1, the whole choice comes before the block: the row mask the threshold gives.
     for scores in ("kernel", "xla"):
         whole = dataclasses.replace(PREDICTED, tuning=(("hidden_stream", 2), ("scores", scores)))
@@ -198,6 +201,17 @@ def test_the_attention_layernorm_rides_on_the_predictor_kernel_only_where_it_rea
         assert choice.rows(x, x, ahead) is ahead
         lowered = jax.jit(lambda x, choice=choice: choice.before_attention(x)[1].mask).lower(x).as_text()
         assert '_xla_stream_annotation = "2"' in lowered
+        # One call on the stream, holding no call of its own: XLA refuses an annotated call nested in another.
+        assert _stream_calls(jax.make_jaxpr(lambda x, c=choice: c.before_attention(x)[1].mask)(x).jaxpr) == [[]]
+
+
+def _stream_calls(jaxpr) -> list:
+    """For every jitted call in a jaxpr (the one a stream annotation wraps), the jitted calls nested in it."""
+
+    def calls(jaxpr):
+        return [eqn.params["jaxpr"].jaxpr for eqn in jaxpr.eqns if eqn.primitive.name in ("jit", "pjit")]
+
+    return [[c for c in calls(inner)] for inner in calls(jaxpr)]
 
 
 def _pallas_calls(jaxpr) -> list:
