@@ -47,6 +47,9 @@ HF eager runs only at --tp 1. The rows of different --tp values are timed one va
 do not fit side by side), not interleaved. `--all-reduce` lists how the all-reduces run (generation.ALL_REDUCE_MODES):
 under tp every row is compiled once per mode, all timed in the same interleaved rounds, each row's "vs dense" against
 the dense row of its own mode.
+
+A `--tuning` row that fails to compile or to make its tokens (an experimental setting XLA refuses) is not timed: the
+error is printed and listed under the table, and the other rows go on.
 """
 
 from __future__ import annotations
@@ -507,6 +510,7 @@ def main(argv=None) -> int:
     bw = bandwidth["floor_bandwidth"]
     print(f"{info['card']}: copy bandwidth {bw / 1e12:.2f} TB/s ({bandwidth})", flush=True)
     rows = []
+    not_timed = []  # (row label, error) of the --tuning rows that failed
 
     def write_so_far():
         """Write every row measured so far, so a run cut off by a time limit keeps its finished groups."""
@@ -539,11 +543,13 @@ def main(argv=None) -> int:
                 f"{r.get('rank', '-')} | {r.get('heads_kept', 'all')} | {ms:.2f} | {r['speedup_vs_dense']:.2f}x | {1e3 * r['batch'] / ms:.1f} | {r['floor_ms']:.2f} | "
                 f"{ms / r['floor_ms']:.2f} | {hf_cell} | {jx['compile_s']:.1f} |"
             )
+        if not_timed:
+            lines += ["", "Not timed (the setting failed):"]
+            lines += [f"- {label}: {error}" for label, error in not_timed]
         markdown = "\n".join(lines) + "\n"
         card = info["card"].replace(" ", "-")
-        path = write_results(
-            f"generate_{card}_{info['date']}", markdown, {**info, "bandwidth": bandwidth, "rows": rows}, args.out
-        )
+        results = {**info, "bandwidth": bandwidth, "rows": rows, "not_timed": [list(n) for n in not_timed]}
+        path = write_results(f"generate_{card}_{info['date']}", markdown, results, args.out)
         return path, markdown
 
     for name in shapes:
@@ -620,23 +626,33 @@ def main(argv=None) -> int:
                 group = [(mode, variant) for mode in modes for variant in variants]
                 for impl in args.attention:
                     tags = [f" [{impl}]" + ("" if mode == "-" else f" [{mode}]") for mode, _ in group]
-                    prepared, compile_times = [], []
-                    for (mode, (label, policy, weights, extra)), how in zip(group, tags):
-                        run, compile_s = prepare_jax(
-                            config,
-                            batch,
-                            args.prompt_len,
-                            args.new_tokens,
-                            params,
-                            policy,
-                            weights,
-                            attention_impl=impl,
-                            autotune=args.autotune,
-                            all_reduce="nccl" if mode == "-" else mode,
-                        )
+                    prepared, compile_times, compiled = [], [], []
+                    for i, ((mode, (label, policy, weights, extra)), how) in enumerate(zip(group, tags)):
+                        try:
+                            run, compile_s = prepare_jax(
+                                config,
+                                batch,
+                                args.prompt_len,
+                                args.new_tokens,
+                                params,
+                                policy,
+                                weights,
+                                attention_impl=impl,
+                                autotune=args.autotune,
+                                all_reduce="nccl" if mode == "-" else mode,
+                            )
+                        except Exception as e:  # only a --tuning row may fail without ending the run
+                            if "tuning" not in extra:
+                                raise
+                            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                            not_timed.append((f"{name}{where} b{batch}{how} {label}", error))
+                            print(f"{name}{where} b{batch}{how} {label}: NOT TIMED, {error}", flush=True)
+                            continue
                         prepared.append(run)
                         compile_times.append(compile_s)
+                        compiled.append(i)
                         print(f"{name}{where} b{batch}{how} {label}: compiled in {compile_s:.1f} s", flush=True)
+                    group, tags = [group[i] for i in compiled], [tags[i] for i in compiled]
                     timings = time_interleaved(prepared, args.new_tokens, args.repeats)
                     dense_of = {m: t for (m, v), t in zip(group, timings) if v[0] == "dense"}
                     for (mode, (label, _, _, extra)), how, jx, compile_s in zip(group, tags, timings, compile_times):

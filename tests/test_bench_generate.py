@@ -7,13 +7,31 @@ import pytest
 from bench.generate import main, parse_tuning
 
 
-def test_rows_of_a_tiny_sparse_run(tmp_path):
+def test_rows_of_a_tiny_sparse_run(tmp_path, monkeypatch):
+    import bench.generate
+
+    def refused(config, batch, prompt_len, new_tokens, params, policy, *args, **kwargs):
+        if policy.tuning.hidden_block_r == 2:  # stands in for a setting the compiler refuses
+            raise RuntimeError("INTERNAL: refused\nsecond line")
+        return prepare(config, batch, prompt_len, new_tokens, params, policy, *args, **kwargs)
+
+    prepare = bench.generate.prepare_jax
+    monkeypatch.setattr(bench.generate, "prepare_jax", refused)
     out = tmp_path / "g.md"
     argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --mlp-density 0.25 "
     argv += "--fire-rate 0.1 --predictor-rank 16 --selection threshold --variants fixed "
-    argv += "--tuned-variants predicted --tuning hidden=xla,fc1_segment=16 --int8-scores"
+    argv += "--tuned-variants predicted --tuning hidden=xla,fc1_segment=16 --tuning hidden_block_r=2 --int8-scores"
     assert main(argv.split() + ["--out", str(out)]) == 0
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    results = json.loads(out.with_suffix(".json").read_text())
+    rows = results["rows"]
+    # the refused setting's two rows are listed, not timed; the others go on
+    assert [label for label, _ in results["not_timed"]] == [
+        "tiny b1 [xla] predicted, threshold [hidden_block_r=2]",
+        "tiny b1 [xla] predicted, threshold, int8 scores [hidden_block_r=2]",
+    ]
+    assert "- tiny b1 [xla] predicted, threshold [hidden_block_r=2]: RuntimeError: INTERNAL: refused" in (
+        out.read_text().splitlines()
+    )
     assert [r["variant"] for r in rows] == [
         "dense",
         "fixed rows",
