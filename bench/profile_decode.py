@@ -1,7 +1,7 @@
 """Where a decode step's time goes: GPU kernels of the compiled generation program, from a JAX profiler trace.
 
     python -m bench profile --shape opt-6.7b [--new-tokens 32] [--top 25] [--attention xla|pallas]
-                            [--mlp-density D [--mlp-variant predicted|fixed] [--int8-scores]]
+                            [--mlp-density D [--mlp-variant predicted|fixed|lossless] [--int8-scores]]
                             [--head-density D [--heads fixed|predicted] [--head-kv repair|all]]
                             [--tuning NAME=VALUE,...] [--tp N] [--hlo FILE] [--trace-dir DIR]
 
@@ -152,8 +152,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--mlp-variant",
         default="predicted",
-        choices=["predicted", "fixed"],
-        help="with --mlp-density: the planted predictors (default) or the fixed row masks they choose (the ceiling)",
+        choices=["predicted", "fixed", "lossless"],
+        help="with --mlp-density: the planted predictors (default), the fixed row masks they choose (the ceiling), "
+        "or the lossless mode (dense fc1, fc2 over the firing neurons; no predictor)",
     )
     p.add_argument(
         "--int8-scores",
@@ -220,7 +221,9 @@ def main(argv=None) -> int:
     if args.mlp_density is not None:
         planted = planted_rows(config, args.mlp_density, args.fire_rate)
         params = shard_params(plant_firing(params, planted), mesh)
-        if args.mlp_variant == "fixed":
+        if args.mlp_variant == "lossless":
+            policy = SparsityPolicy(MLPSparsity.LOSSLESS)
+        elif args.mlp_variant == "fixed":
             fixed_rows = tuple(jnp.asarray(c, jnp.int32) for _, c in planted)
             sparsity = shard_sparse_weights(SparseWeights(fixed_rows=fixed_rows), mesh)
         else:

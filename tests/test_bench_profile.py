@@ -50,6 +50,7 @@ def test_profile_builds_and_runs_a_tensor_parallel_program(capsys):
     "extra",
     [
         "--mlp-variant fixed",
+        "--mlp-variant lossless",
         "--int8-scores --tuning hidden_layernorm=0,hidden_block_r=2",
     ],
 )
@@ -65,6 +66,9 @@ def test_profile_builds_and_runs_fixed_rows_and_int8_predictors(extra, capsys, t
     blocks = kernel_blocks(hlo.read_text())
     assert all("." not in name and "-" not in name for name in blocks)  # kernel names: '.' and '-' made '_'
     assert {"attention block", "MLP block", "prefill"} <= set(blocks.values())
+    if "lossless" in extra:  # fc2 over the firing rows, no predictor
+        program = hlo.read_text()
+        assert "nonzero_fc2" in program and "predictor_hidden" not in program
     some_fusion = next(name for name, block in blocks.items() if block == "MLP block")
     times = block_times({some_fusion: [2.0, 3.0], "nvjet_gemm": [7.0]}, blocks)
     assert list(times) == list(BLOCKS) and times["MLP block"] == 5.0 and times["unattributed"] == 7.0
