@@ -31,7 +31,8 @@ sequences). Rows added:
 - fixed rows + fixed heads (with --mlp-density and the fixed variant);
 - predicted + predicted heads (with the predicted variant): random-weight head predictors of the row's rank, top-k
   on the previous layer's input (the lookahead), beside the MLP predictors.
-The table's "heads kept" column says k of the heads. Under `--tp`, each device computes the chosen heads it holds
+With --head-union each of these rows has a twin "(batch union)" at batches above 1: every sequence keeps the union of
+the batch's chosen heads (`SparsityPolicy.head_union`). The table's "heads kept" column says k of the heads. Under `--tp`, each device computes the chosen heads it holds
 (`sparse_attention.head_sparse_decode_split`), the same heads as on one device.
 
 With `--tp`, each value runs in turn (dense, and with --mlp-density the fixed-rows, lossless and predicted
@@ -194,9 +195,13 @@ def tunes_heads(tuning: tuple) -> bool:
     return any(_head_setting(name) for name, _ in tuning)
 
 
-def head_variants(config, density: float, tunings: list, ranks, selections, fixed, predictors) -> list:
+def head_variants(
+    config, density: float, tunings: list, ranks, selections, fixed, predictors, union: bool = False
+) -> list:
     """The --head-density rows: (label, policy, weights, extra) for each (tuning, the variant names it times).
-    `fixed`: the fixed-rows SparseWeights (None without --mlp-density); `predictors`: rank -> MLP SparseWeights."""
+    `fixed`: the fixed-rows SparseWeights (None without --mlp-density); `predictors`: rank -> MLP SparseWeights.
+    `union`: each row is followed by its twin whose decode steps give every sequence the batch's union of heads
+    (`SparsityPolicy.head_union`, labelled "(batch union)"; the same program as its twin at batch 1)."""
     n_heads = config.num_attention_heads
     k = max(1, round(density * n_heads))
     schedule = head_schedule(11, config.num_hidden_layers, config.num_attention_heads)
@@ -225,7 +230,13 @@ def head_variants(config, density: float, tunings: list, ranks, selections, fixe
                 )
                 label = f"predicted, {sel.value} + predicted heads{tag}"
                 out.append((label, policy, weights, {"rank": rank, **extra}))
-    return out
+    if not union:
+        return out
+    twins = []
+    for label, policy, weights, extra in out:
+        twins.append((label, policy, weights, extra))
+        twins.append((f"{label} (batch union)", dataclasses.replace(policy, head_union=True), weights, extra))
+    return twins
 
 
 def parse_tuning(spec: str) -> tuple:
@@ -399,6 +410,12 @@ def main(argv=None) -> int:
         "token (k = round(density x heads), at least 1)",
     )
     p.add_argument(
+        "--head-union",
+        action="store_true",
+        help="with --head-density: also time each head row with every sequence keeping the batch's union of heads "
+        "(dejavu_jax.generate --head-union), at batches above 1",
+    )
+    p.add_argument(
         "--predictor-rank",
         default="256,1000",
         help="with --mlp-density: comma list of predictor ranks (default 256,1000)",
@@ -485,6 +502,8 @@ def main(argv=None) -> int:
         p.error(f"--fire-rate must be in (0, --mlp-density]. Got {args.fire_rate}")
     if args.head_density is not None and not 0 < args.head_density <= 1:
         p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
+    if args.head_union and args.head_density is None:
+        p.error("--head-union needs --head-density")
     if args.int8_scores and (args.mlp_density is None or "predicted" not in set(variant_names) | set(tuned_names)):
         p.error("--int8-scores adds predicted rows: it needs --mlp-density and the predicted variant")
     all_reduces = list(dict.fromkeys(m.strip() for m in args.all_reduce.split(",") if m.strip()))
@@ -610,6 +629,7 @@ def main(argv=None) -> int:
                     selections,
                     fixed if args.mlp_density is not None else None,
                     predictors if args.mlp_density is not None else {},
+                    args.head_union,
                 )
             # Printed so that whoever budgets a device call's time sees what a shape costs before its first compile.
             print(
@@ -623,7 +643,9 @@ def main(argv=None) -> int:
                 hf = None if skip_hf else time_hf(config, batch, args.prompt_len, args.new_tokens, args.repeats)
                 # the all-reduce mode matters only with several devices
                 modes = all_reduces if tp_n > 1 else ["-"]
-                group = [(mode, variant) for mode in modes for variant in variants]
+                # a union row is its twin's program at batch 1
+                rows_here = [v for v in variants if batch > 1 or not v[1].head_union]
+                group = [(mode, variant) for mode in modes for variant in rows_here]
                 for impl in args.attention:
                     tags = [f" [{impl}]" + ("" if mode == "-" else f" [{mode}]") for mode, _ in group]
                     prepared, compile_times, compiled = [], [], []

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling: PRNG seed (default 0)")
     from dejavu_jax.sparsity_args import add_sparsity_args
 
-    add_sparsity_args(p)  # decode steps at batch 1 compute the sparse MLP with the row-masked kernels
+    add_sparsity_args(p, decoding=True)  # decode steps at batch 1 compute the sparse MLP with the row-masked kernels
     from dejavu_jax.model import ATTENTION_IMPLS
 
     p.add_argument(

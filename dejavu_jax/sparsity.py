@@ -201,6 +201,10 @@ class SparsityPolicy:
     # exact. `head_k`: heads kept per token in every layer (0 = each layer's calibrated K; oracle and fixed need it).
     heads: HeadSparsity = HeadSparsity.NONE
     head_k: int = 0
+    # Predicted or fixed heads at a decode step of several sequences: False, each sequence keeps its own heads; True,
+    # every sequence keeps the union of the batch's chosen heads (more heads each, for no more weight bytes where the
+    # step computes the union anyway: `dejavu_jax.sparse_attention`). Whole-sequence forwards choose per token.
+    head_union: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "mlp", MLPSparsity(self.mlp))
@@ -210,6 +214,8 @@ class SparsityPolicy:
             raise ValueError(f"head_k must be a non-negative int (0 = the calibrated K). Got {self.head_k!r}")
         if self.heads in (HeadSparsity.ORACLE, HeadSparsity.FIXED) and self.head_k == 0:
             raise ValueError(f"the {self.heads.value} head selection needs head_k (how many heads each token keeps)")
+        if self.head_union and self.heads not in (HeadSparsity.PREDICTED, HeadSparsity.FIXED):
+            raise ValueError(f"head_union applies to predicted or fixed heads. Got heads={self.heads.value}")
         if not isinstance(self.tuning, DecodeTuning):  # bad names or values fail here, not inside a trace
             object.__setattr__(self, "tuning", DecodeTuning.parse(self.tuning))
 
@@ -229,7 +235,8 @@ class SparsityPolicy:
         if self.heads == HeadSparsity.NONE:
             return mlp
         k = f"K={self.head_k}" if self.head_k else "calibrated K"
-        return f"MLP {mlp}, heads {self.heads.value} ({k})"
+        union = ", the batch's union at decode" if self.head_union else ""
+        return f"MLP {mlp}, heads {self.heads.value} ({k}{union})"
 
 
 DENSE = SparsityPolicy()
@@ -608,7 +615,7 @@ def for_decode_batch(
 @struct.dataclass
 class HeadRows:
     """Which heads' outputs reach out_proj. `kind` (static): "all"; "mask" (per token [B, T, heads] bool, at most
-    `k` heads per token); "oracle" (the `k` heads of largest output norm per token, decided inside attention).
+    `k` heads per token, or at most B·k under `SparsityPolicy.head_union`); "oracle" (the `k` heads of largest output norm per token, decided inside attention).
     `idx` [B, T, k] int32 or None: with "mask", the same choice as index lists (distinct heads, exactly the True
     entries of `mask`), which a batch-1 decode step uses directly instead of compacting the mask.
     `decode_kernels` (static: `SparsityPolicy.decode_kernels`, for batches of at most
@@ -638,7 +645,8 @@ def head_rows(
     before its attention LayerNorm; layer 0: its own) is `lookahead_input` [B, T, d], the chunk starting at cache
     slot `first_slot` (a scheduled choice depends on the slot, so a decode step and the whole-sequence forward
     choose alike). Predicted heads with K >= n_heads keep every head; scheduled ones still go through the mask
-    (the sparse decode path with every head chosen)."""
+    (the sparse decode path with every head chosen). With `policy.head_union`, a decode step (T = 1) of several
+    sequences gives every sequence the union of their heads (mask only: the rows no longer hold k heads each)."""
     if policy.heads == HeadSparsity.NONE:
         return HeadRows()
     if policy.heads == HeadSparsity.ORACLE:
@@ -655,12 +663,15 @@ def head_rows(
     if policy.heads == HeadSparsity.FIXED:
         k = min(policy.head_k, n_heads)
         mask, idx = scheduled_heads(weights.head_schedule, layer, first_slot, batch, tokens, n_heads, k)
-        return HeadRows("mask", mask=mask, k=k, idx=idx, **how)
-    predictor = weights.heads[layer]
-    k = policy.head_k or predictor.keep
-    if k >= predictor.num_outputs:
-        return HeadRows()
-    mask, idx = exactly_k(head_scores(predictor, lookahead_input, policy), k)
+    else:
+        predictor = weights.heads[layer]
+        k = policy.head_k or predictor.keep
+        if k >= predictor.num_outputs:
+            return HeadRows()
+        mask, idx = exactly_k(head_scores(predictor, lookahead_input, policy), k)
+    if policy.head_union and tokens == 1 and batch > 1:
+        # at most batch·k heads: the size the decode step's union list already has
+        mask, idx = jnp.broadcast_to(jnp.any(mask, axis=0, keepdims=True), mask.shape), None
     return HeadRows("mask", mask=mask, k=k, idx=idx, **how)
 
 

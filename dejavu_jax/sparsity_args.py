@@ -12,7 +12,8 @@ from dejavu_jax.sparsity import HeadSparsity, MLPSparsity, Selection, SparsityPo
 CLI_HEAD_SPARSITY = tuple(h.value for h in HeadSparsity if h != HeadSparsity.FIXED)
 
 
-def add_sparsity_args(p: argparse.ArgumentParser) -> None:
+def add_sparsity_args(p: argparse.ArgumentParser, decoding: bool = False) -> None:
+    """The shared flags; `decoding` (a command that generates) adds those that only decode steps use."""
     p.add_argument(
         "--predictors",
         default=None,
@@ -60,6 +61,14 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="with --head-sparsity: heads kept per token in every layer (default: each layer's calibrated K)",
     )
+    if decoding:
+        p.add_argument(
+            "--head-union",
+            action="store_true",
+            help="with --head-sparsity predicted and several prompts: every sequence's decode step keeps the union "
+            "of the batch's chosen heads (more heads each, no more weight bytes where the step computes the union) "
+            "instead of its own K; the prompts' prefill still chooses per token",
+        )
 
 
 def check_sparsity_args(args) -> SparsityPolicy:
@@ -83,7 +92,11 @@ def check_sparsity_args(args) -> SparsityPolicy:
         raise ValueError(f"--head-k takes a positive count with --head-sparsity predicted|oracle. Got {head_k}")
     if heads == HeadSparsity.ORACLE and not head_k:
         raise ValueError("--head-sparsity oracle needs --head-k N (how many heads each token keeps)")
-    return SparsityPolicy(mode, Selection(args.selection or "threshold"), heads=heads, head_k=head_k)
+    union = getattr(args, "head_union", False)
+    if union and heads != HeadSparsity.PREDICTED:
+        raise ValueError(f"--head-union applies to --head-sparsity predicted. Got --head-sparsity {heads.value}")
+    selection = Selection(args.selection or "threshold")
+    return SparsityPolicy(mode, selection, heads=heads, head_k=head_k, head_union=union)
 
 
 def load_sparsity(policy: SparsityPolicy, args, model):

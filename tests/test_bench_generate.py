@@ -53,6 +53,7 @@ def test_parse_tuning_and_bad_flags(capsys):
         ["--variants", "fixed,sometimes"],
         ["--tuning", "scores=gpu"],
         ["--variants", "fixed", "--int8-scores"],
+        ["--head-union"],
     ):
         with pytest.raises(SystemExit) as e:
             main(["--shape", "tiny", "--mlp-density", "0.1", *argv])
@@ -73,4 +74,11 @@ def test_head_rows_skip_the_heads_only_row_of_a_tuning_that_changes_only_the_mlp
         "fixed rows + fixed heads [fc1_segment=16]",  # its heads-only row would be the untuned one's program
         "fixed heads [head_kv=repair]",
         "fixed rows + fixed heads [head_kv=repair]",
+    ]
+    twins = head_variants(shape_config("tiny"), 0.5, tunings[:1], [], [], SparseWeights(), {}, union=True)
+    assert [(label, policy.head_union) for label, policy, *_ in twins] == [
+        ("fixed heads", False),
+        ("fixed heads (batch union)", True),
+        ("fixed rows + fixed heads", False),
+        ("fixed rows + fixed heads (batch union)", True),
     ]

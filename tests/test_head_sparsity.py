@@ -105,3 +105,38 @@ def test_heads_compose_with_the_mlp_policy_and_check_their_inputs():
         forward(params, ids, PREDICTED, None)
     with pytest.raises(ValueError):
         SparsityPolicy(heads="sometimes")
+
+
+def test_the_batch_union_gives_every_sequence_the_heads_any_of_them_chose():
+    """`head_union`: at a decode step of several sequences every row keeps the OR of the rows' chosen heads (one
+    sequence: its own), and the step computing only those heads (the head kernels) equals the one computing every
+    head and masking (the reference), and differs from each sequence keeping its own."""
+    import dataclasses
+
+    from dejavu_jax.sparsity import head_rows
+
+    weights = sparse_weights_from_predictors(head_predictors(1, seed=11), mlp=False)
+    union = dataclasses.replace(PREDICTED, head_k=1, head_union=True)
+    x = jax.random.normal(jax.random.PRNGKey(12), (3, 1, CONFIG.hidden_size))
+    own = head_rows(dataclasses.replace(union, head_union=False), weights, 1, x, H)
+    shared = head_rows(union, weights, 1, x, H)
+    want = np.broadcast_to(np.asarray(own.mask).any(axis=0, keepdims=True), own.mask.shape)
+    assert np.array_equal(np.asarray(shared.mask), want) and want[0, 0].sum() > 1 and shared.idx is None
+    one = head_rows(union, weights, 1, x[:1], H)
+    assert np.array_equal(np.asarray(one.mask), np.asarray(own.mask[:1])) and one.idx is not None
+    params = init_params(CONFIG, jax.random.PRNGKey(13))
+    ids = jax.random.randint(jax.random.PRNGKey(14), (3, 6), 3, 64)
+
+    def decode(policy):
+        cache = KVCache.create(CONFIG, 3, 8, jnp.float32, policy.recent_window)
+        steps = []
+        for t in range(ids.shape[1]):
+            logits, cache = decode_step(params, cache, ids[:, t], weights, config=CONFIG, policy=policy)
+            steps.append(np.asarray(logits))
+        return np.stack(steps, axis=1)
+
+    kernels = decode(dataclasses.replace(union, tuning=(("head_max_batch", 4),)))
+    assert rel_max_err(kernels, decode(union)) <= 1e-5
+    assert rel_max_err(kernels, decode(dataclasses.replace(union, head_union=False))) > 1e-3
+    with pytest.raises(ValueError, match="head_union applies to predicted or fixed heads"):
+        SparsityPolicy(heads=HeadSparsity.ORACLE, head_k=1, head_union=True)

@@ -357,6 +357,7 @@ def test_eval_ppl_json_dense_vs_sparse(reference_model_dir, tmp_path, capsys):
         (["--head-sparsity", "predicted"], "needs --predictors"),
         (["--selection", "topk"], "applies to --mlp-sparsity predicted"),
         (["--mlp-sparsity", "lossless", "--int8-scores"], "--int8-scores applies to --mlp-sparsity predicted"),
+        (["--head-union"], "--head-union applies to --head-sparsity predicted"),
     ],
 )
 def test_sparsity_flag_errors_before_loading(flags, message, reference_model_dir, capsys):
