@@ -44,6 +44,23 @@ def small_corpus(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_model(reference_model_dir, tmp_path_factory):
+    """A random 3-layer OPT (d 32, ffn 64) with the reference model's tokenizer and vocabulary, converted (fp32):
+    for the CLI tests that check bookkeeping, not the predictors' quality."""
+    from conftest import random_hf_model, tiny_hf_config
+    from dejavu_jax.checkpoint import convert_to_directory
+
+    hf = tmp_path_factory.mktemp("tiny-hf")
+    hf_config = tiny_hf_config(vocab_size=16384, num_hidden_layers=3, max_position_embeddings=128)
+    random_hf_model(hf_config, std=0.02).save_pretrained(hf)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(reference_model_dir / name, hf / name)
+    out = tmp_path_factory.mktemp("tiny-model") / "opt-tiny"
+    convert_to_directory(hf, out, dtype="float32")
+    return out
+
+
 def _rows(directory):
     store = ActivationStore(directory)
     fields = {"tokens": store.read(0, "tokens")}
@@ -621,14 +638,14 @@ def test_cli_corpus_too_small_to_fit_says_so(converted_model, tmp_path, capsys):
     assert store.complete and store.manifest["exhausted"] and store.num_rows < 20
 
 
-def test_resumed_fit_reports_reused_layers(converted_model, small_corpus, tmp_path, capsys):
+def test_resumed_fit_reports_reused_layers(tiny_model, small_corpus, tmp_path, capsys):
     work = tmp_path / "work"
     assert (
         train_main(
             [
                 "collect",
                 "--model",
-                str(converted_model),
+                str(tiny_model),
                 "--data",
                 str(small_corpus),
                 "--work-dir",
