@@ -133,7 +133,7 @@ def copy_bandwidth(nbytes: int | None = None, repeats: int = 10) -> dict:
     Measured with torch's device copy where torch sees the GPU (a plain memcpy), else with an XLA copy.
     """
     if nbytes is None:  # large enough to defeat the cache on a GPU; small on a CPU, where it is only a smoke test
-        nbytes = (2 << 30) if jax.default_backend() == "gpu" else (64 << 20)
+        nbytes = (2 << 30) if jax.default_backend() == "gpu" else (8 << 20)
     result = {}
     try:
         import torch
