@@ -32,8 +32,9 @@ sequences). Rows added:
 - predicted + predicted heads (with the predicted variant): random-weight head predictors of the row's rank, top-k
   on the previous layer's input (the lookahead), beside the MLP predictors.
 With --head-union each of these rows has a twin "(batch union)" at batches above 1: every sequence keeps the union of
-the batch's chosen heads (`SparsityPolicy.head_union`). The table's "heads kept" column says k of the heads. Under `--tp`, each device computes the chosen heads it holds
-(`sparse_attention.head_sparse_decode_split`), the same heads as on one device.
+the batch's chosen heads (`SparsityPolicy.head_union`). The table's "heads kept" column says k of the heads. Under
+`--tp`, each device computes the chosen heads it holds (`sparse_attention.head_sparse_decode_split`), the same heads
+as on one device.
 
 With `--tp`, each value runs in turn (dense, and with --mlp-density the fixed-rows, lossless and predicted
 variants: each device chooses among and runs the row-masked kernels over its own neurons, the fixed rows and the

@@ -144,7 +144,8 @@ def shard_head_list(chosen, chosen_idx, first, local_heads: int, k: int):
     `local_heads` heads [first, first + local_heads); used [B, n] bool: sequence b chose entry j's head, and the
     entry is no padding). chosen [B, H] bool (their union at most B·`k` heads: `k` per row, or the batch's union in
     every row); chosen_idx [B, k] int32 or None, as for `head_sparse_decode`. n = min(local_heads, B·k), static, so
-    a shard holding fewer of a token's heads (or none) pads; a padding entry computes head 0 and is zeroed before out_proj like an unchosen head of a batch's union.
+    a shard holding fewer of a token's heads (or none) pads; a padding entry computes head 0 and is zeroed before
+    out_proj like an unchosen head of a batch's union.
 
     - B·k >= local_heads: every local head, in order (no compaction);
     - B == 1 with chosen_idx: the k chosen heads as listed, the other shards' heads as padding (no compaction);
@@ -222,8 +223,9 @@ def head_sparse_decode(
     [B, H, S, hd]: the cache, exact for every head up to the rule above; recent [B, R, d]: the input ring buffer
     ("repair", in x's dtype; None for "all"); chosen [B, H] bool: each sequence's heads, at most `k` (static) per
     row or the batch's union (at most B·`k`) in every row, at least one; chosen_idx [B, k] int32 or None: the same
-    choice as index lists (k distinct heads per row, `sparsity.exactly_k`). At B == 1 a given chosen_idx is the step's head list as is (no compaction of the mask;
-    `chosen` may then be None); larger batches compute the union of `chosen`. allowed [B, S] bool: the slots the new
+    choice as index lists (k distinct heads per row, `sparsity.exactly_k`). At B == 1 a given chosen_idx is the
+    step's head list as is (no compaction of the mask; `chosen` may then be None); larger batches compute the union
+    of `chosen`. allowed [B, S] bool: the slots the new
     token may read (its own included). `attention_impl`: "xla" or "pallas" (kernels/decode_attention.py).
     `knobs`: `kernels.head_sparse.HeadSparsePlan` overrides for both projections. B <= MAX_BATCH. `layernorm`
     (scale [d], bias [d], eps; "all" only, B below `kernels.head_sparse.DOT_MIN_BATCH`): x is the pre-LayerNorm

@@ -615,7 +615,8 @@ def for_decode_batch(
 @struct.dataclass
 class HeadRows:
     """Which heads' outputs reach out_proj. `kind` (static): "all"; "mask" (per token [B, T, heads] bool, at most
-    `k` heads per token, or at most B·k under `SparsityPolicy.head_union`); "oracle" (the `k` heads of largest output norm per token, decided inside attention).
+    `k` heads per token, or at most B·k under `SparsityPolicy.head_union`); "oracle" (the `k` heads of largest
+    output norm per token, decided inside attention).
     `idx` [B, T, k] int32 or None: with "mask", the same choice as index lists (distinct heads, exactly the True
     entries of `mask`), which a batch-1 decode step uses directly instead of compacting the mask.
     `decode_kernels` (static: `SparsityPolicy.decode_kernels`, for batches of at most
