@@ -211,7 +211,7 @@ def _stream_calls(jaxpr) -> list:
     def calls(jaxpr):
         return [eqn.params["jaxpr"].jaxpr for eqn in jaxpr.eqns if eqn.primitive.name in ("jit", "pjit")]
 
-    return [[c for c in calls(inner)] for inner in calls(jaxpr)]
+    return [calls(inner) for inner in calls(jaxpr)]
 
 
 def _pallas_calls(jaxpr) -> list:
