@@ -94,6 +94,8 @@ class DecodeTuning:
       LayerNorm itself (`head_qkv_layernorm`) keeps that fusion instead;
     - `hidden_block_r`: rows of w1_t each `predictor_hidden` program reads (0 = the kernel's default; the kernel takes
       the largest power of two that divides the rank and is at most this);
+    - `hidden_sum_once`: 1 = `predictor_hidden` sums each of its dot products and statistics over d as one reduction
+      (its column blocks added elementwise first); 0 = one reduction per column block (`kernels.block_math`);
     - `hidden_stream`: 0 = the predictor's first layer on the main stream; n > 0 = issued before the attention block
       on GPU stream n (`jax.experimental.compute_on("gpu_stream:n")`; the fused LayerNorm is then off), so it can
       overlap the attention block as DejaVu's side stream does. XLA honours it only with
@@ -121,6 +123,7 @@ class DecodeTuning:
     hidden: str = "pallas"
     hidden_layernorm: int = 1
     hidden_block_r: int = 0
+    hidden_sum_once: int = 1
     hidden_stream: int = 0
     scores: str = "fc1"
     knobs: tuple = ()
@@ -136,6 +139,7 @@ class DecodeTuning:
         "head_max_batch": (1, None),
         "hidden_layernorm": (0, 1),
         "hidden_block_r": (0, 64),
+        "hidden_sum_once": (0, 1),
         "hidden_stream": (0, 8),
     }
 
@@ -308,6 +312,7 @@ class MLPPredictor:
                 normalize=self.normalize_input,
                 eps=NORM_EPS,
                 block_r=tuning.hidden_block_r or None,
+                sum_once=bool(tuning.hidden_sum_once),
                 **kernel_layernorm.wrapper_kwargs(layernorm),
             )
         return on_stream(stream, compute, x) if stream else compute(x)
@@ -603,7 +608,15 @@ def for_decode_batch(
         if policy.heads == HeadSparsity.NONE:
             return DENSE, None
         # the MLP's tuning back to its defaults (its MLP is dense), every head field kept
-        mlp_fields = ("hidden", "hidden_layernorm", "hidden_block_r", "hidden_stream", "scores", "knobs")
+        mlp_fields = (
+            "hidden",
+            "hidden_layernorm",
+            "hidden_block_r",
+            "hidden_sum_once",
+            "hidden_stream",
+            "scores",
+            "knobs",
+        )
         heads_tuning = dataclasses.replace(policy.tuning, **{name: getattr(DecodeTuning, name) for name in mlp_fields})
         return (
             dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=heads_tuning),

@@ -1,4 +1,10 @@
-"""Integer helpers for choosing power-of-two block sizes (Triton loads and stores need them)."""
+"""Integer helpers for choosing power-of-two block sizes (Triton loads and stores need them), and sums over column
+blocks inside a kernel."""
+
+import functools
+import operator
+
+import jax.numpy as jnp
 
 
 def next_pow2(n: int) -> int:
@@ -27,3 +33,23 @@ def pow2_pieces(n: int) -> tuple[tuple[int, int], ...]:
             pieces.append((start, size))
             start += size
     return tuple(pieces)
+
+
+# A reduction inside a Triton program is a barrier and a shared-memory round trip. A sum over d that arrives as
+# several column blocks (d = 5120 is five blocks of 1024) is cheaper added up elementwise first and reduced once
+# (`once=True`); `once=False` reduces every block and adds the results (the same fp32 sum in another order).
+
+
+def block_total(blocks, once: bool = True):
+    """The fp32 sum of every element of the equally shaped `blocks`."""
+    if once:
+        return jnp.sum(functools.reduce(operator.add, blocks))
+    return sum(jnp.sum(v) for v in blocks)
+
+
+def block_row_dots(w_blocks, x_blocks, once: bool = True):
+    """[rows]: sum over every block j of w_blocks[j] [rows, n] · x_blocks[j] [n]."""
+    products = [w * x[None, :] for w, x in zip(w_blocks, x_blocks)]
+    if once:
+        return jnp.sum(functools.reduce(operator.add, products), axis=1)
+    return sum(jnp.sum(v, axis=1) for v in products)

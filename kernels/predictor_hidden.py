@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import layernorm as ln
-from kernels.block_math import cdiv, pow2_divisor
+from kernels.block_math import block_row_dots, block_total, cdiv, pow2_divisor
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
@@ -46,7 +46,7 @@ LN_BLOCK = 128
 
 
 def _hidden_kernel(
-    x_ref, w_ref, b_ref, *rest, batch, d, block_r, block_d, normalize, eps, ln_eps, ln_block, n_programs
+    x_ref, w_ref, b_ref, *rest, batch, d, block_r, block_d, normalize, eps, ln_eps, ln_block, n_programs, sum_once
 ):
     # x_ref [B, d], w_ref [r, d], b_ref [r]; with a LayerNorm (ln_eps) its scale_ref and bias_ref [d]; p_ref [B, r];
     # with a LayerNorm, ln_ref [B, d].
@@ -61,20 +61,17 @@ def _hidden_kernel(
     ln_stats = []
     for b in range(batch):
         xs = [x_ref[b, c].astype(jnp.float32) for c in chunks]
-        total = sum(jnp.sum(v) for v in xs)
+        total = block_total(xs, sum_once)
         if ln_eps is not None:  # the LayerNorm's one-pass statistics, from the blocks already loaded
-            ln_stats.append(ln.stats_from_sums(total, sum(jnp.sum(v * v) for v in xs), d, ln_eps))
+            ln_stats.append(ln.stats_from_sums(total, block_total([v * v for v in xs], sum_once), d, ln_eps))
         if normalize:
             mean = total / d
-            var = sum(jnp.sum(jnp.square(v - mean)) for v in xs) / d
+            var = block_total([jnp.square(v - mean) for v in xs], sum_once) / d
             scale = jax.lax.rsqrt(var + eps)
             xs = [((v - mean) * scale).astype(w_ref.dtype).astype(jnp.float32) for v in xs]
         else:
             xs = [v.astype(w_ref.dtype).astype(jnp.float32) for v in xs]
-        acc = bias
-        for wc, xc in zip(w, xs):
-            acc = acc + jnp.sum(wc * xc[None, :], axis=1)
-        p_ref[b, rows] = acc.astype(p_ref.dtype)
+        p_ref[b, rows] = (bias + block_row_dots(w, xs, sum_once)).astype(p_ref.dtype)
     if ln_eps is not None:
         _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, ln_stats, batch, d, ln_block, n_programs)
 
@@ -97,7 +94,7 @@ def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_blo
 # refuses an annotated call nested in another: `dejavu_jax.sparsity.on_stream`).
 @functools.partial(
     jax.jit,
-    static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps"),
+    static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps", "sum_once"),
     inline=True,
 )
 def predictor_hidden(
@@ -114,11 +111,14 @@ def predictor_hidden(
     ln_scale=None,
     ln_bias=None,
     ln_eps=1e-5,
+    sum_once=True,
 ):
     """p [B, r] in w1_t.dtype = (standardize(x) if normalize else x) · w1_tᵀ + b1.
 
     x [B, d], w1_t [r, d], b1 [r]. `block_r`: rows of w1_t per program (None: r / 64, at least 1, at most 16);
     `block_d`: columns per load (capped to a power of two dividing d). `interpret` None = decided by the backend.
+    `sum_once`: each sum over d adds the column blocks elementwise and reduces once (False: one reduction per block;
+    `kernels.block_math.block_total`).
     The default block_r is r / 64 (64 programs), at most 16, and at most `STEP_ELEMENTS` / d.
     With `ln_scale` and `ln_bias` [d] (both or neither), returns (p, ln_x): ln_x [B, d] in x.dtype is
     `dejavu_jax.model.layer_norm(x, ln_scale, ln_bias, ln_eps)`, written by the same launch.
@@ -148,6 +148,7 @@ def predictor_hidden(
         ln_eps=ln_eps,
         ln_block=pow2_divisor(d, LN_BLOCK),
         n_programs=r // block_r,
+        sum_once=bool(sum_once),
     )
     out_shape = jax.ShapeDtypeStruct((batch, r), w1_t.dtype)
     if layernorm is not None:

@@ -61,6 +61,8 @@ class TestMaskedMLP(CompiledKernelCases):
             (3, 160, 96, 0.4, None),
             (2, 256, 512, 0.2, (("fc1_segment", 32), ("fc1_block_k", 8), ("fc1_block_d", 64))),
             (1, 80 * 4, 640, 0.3, (("fc1_segment", 128), ("fc1_block_k", 32))),
+            (1, 160, 256, 0.3, (("fc1_block_d", 32), ("sum_once", 0))),  # five column blocks, reduced one by one
+            (2, 160, 256, 0.3, (("fc1_block_d", 32),)),  # five column blocks, added up and reduced once
         ],
     )
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
@@ -77,13 +79,32 @@ class TestMaskedMLP(CompiledKernelCases):
         out_ref = np.asarray(h, np.float64) @ ref["w2t"] + ref["b2"]
         assert row_err(out, out_ref) <= TOLERANCE[dtype]
 
-    @pytest.mark.parametrize("batch, threshold", [(1, 0.5), (4, 1.0), (1, -np.inf), (2, np.inf)])
+    @pytest.mark.parametrize(
+        "batch, threshold, knobs",
+        [
+            (1, 0.5, None),
+            (4, 1.0, None),
+            (1, -np.inf, None),
+            (2, np.inf, None),
+            # scores over r = 32 in blocks of 8 (segment 1024 / 8192 elements), fc1 over d in blocks of 32
+            (1, 0.5, (("fc1_segment", 1024), ("fc1_block_d", 32))),
+            (2, 0.5, (("fc1_segment", 1024), ("fc1_block_d", 32), ("sum_once", 0))),
+        ],
+    )
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-    def test_threshold_fc1_chooses_the_batch_union(self, batch, threshold, dtype):
-        d, ffn, rank = 128, 384, 32
+    def test_threshold_fc1_chooses_the_batch_union(self, batch, threshold, knobs, dtype):
+        d, ffn, rank = 128, 2048, 32
         cast, ref, _ = data(batch + 11, batch, d, ffn, rank, dtype)
         h = threshold_fc1(
-            cast["x"], cast["w1"], cast["b1"], cast["p"], cast["pw"], cast["pb"], threshold, interpret=self.INTERPRET
+            cast["x"],
+            cast["w1"],
+            cast["b1"],
+            cast["p"],
+            cast["pw"],
+            cast["pb"],
+            threshold,
+            knobs=knobs,
+            interpret=self.INTERPRET,
         )
         scores = ref["p"] @ ref["pw"].T + ref["pb"]
         chosen = (scores >= threshold).any(axis=0)
@@ -96,6 +117,28 @@ class TestMaskedMLP(CompiledKernelCases):
             assert row_err(h[:, clear], expected[:, clear]) <= TOLERANCE[dtype]
         else:
             assert not h.any()
+
+    @pytest.mark.parametrize(
+        "batch, density, dtype",
+        [(1, 0.3, jnp.float32), (3, 0.3, jnp.float16), (1, 0.0, jnp.float32), (2, 1.0, jnp.bfloat16)],
+    )
+    def test_nonzero_fc2_applies_fc1_bias_and_relu(self, batch, density, dtype):
+        """With fc1_b, h is fc1's fp32 product: the kernel applies bias and ReLU as it reads it, reads the rows that
+        fire, and returns bit for bit what it returns on the h that XLA's bias and ReLU make."""
+        d, ffn = 128, 512
+        cast, ref, _ = data(batch + 23, batch, d, ffn, 16, dtype)
+        # biases that make about `density` of the neurons fire
+        b1 = jnp.asarray(np.where(np.random.default_rng(batch).random(ffn) < density, 5.0, -5.0), dtype)
+        pre = jnp.einsum("bd,fd->bf", cast["x"], cast["w1"], preferred_element_type=jnp.float32, precision="highest")
+        out = nonzero_fc2(pre, cast["w2t"], cast["b2"], fc1_b=b1, interpret=self.INTERPRET)
+        assert out.dtype == jnp.dtype(dtype)
+        h = jnp.maximum(pre + b1.astype(jnp.float32), 0.0).astype(dtype)
+        np.testing.assert_array_equal(
+            np.asarray(out, np.float32),
+            np.asarray(nonzero_fc2(h, cast["w2t"], cast["b2"], interpret=self.INTERPRET), np.float32),
+        )
+        out_ref = np.asarray(h, np.float64) @ ref["w2t"] + ref["b2"]
+        assert row_err(out, out_ref) <= TOLERANCE[dtype]
 
     @pytest.mark.parametrize("batch, threshold", [(1, 0.5), (3, 1.0), (1, -np.inf)])
     def test_threshold_fc1_with_int8_scores(self, batch, threshold):
@@ -212,6 +255,14 @@ def test_lowers_for_gpu(batch, d, ffn, rank):
         jax.jit(lambda *a: nonzero_fc2(*a, interpret=False)), s((batch, ffn), f16), s((ffn, d), f16), s((d,), f16)
     )
     assert "nonzero_fc2" in text
+    text = lowered_text_for_cuda(  # fc1's fp32 product and bias, the lossless mode's input
+        jax.jit(lambda h, w, b, b1: nonzero_fc2(h, w, b, fc1_b=b1, interpret=False)),
+        s((batch, ffn), jnp.float32),
+        s((ffn, d), f16),
+        s((d,), f16),
+        s((ffn,), f16),
+    )
+    assert "nonzero_fc2" in text
 
 
 @pytest.mark.parametrize(
@@ -223,6 +274,8 @@ def test_lowers_for_gpu(batch, d, ffn, rank):
         ("thr", dict(p=jnp.zeros((1, 24))), "need w2_t"),
         ("thr", dict(pw=jnp.zeros((64, 24)), p=jnp.zeros((1, 24))), "power of two"),
         ("fc2", dict(b2=jnp.zeros((3,))), "fc2_b must be"),
+        ("fc2", dict(fc1_b=jnp.zeros((64,)), h=jnp.zeros((1, 64), jnp.float16)), "fc1's fp32 product"),
+        ("fc2", dict(fc1_b=jnp.zeros((8,))), "fc1_b must be"),
         ("thr", dict(scale=jnp.ones((64,))), "goes with int8 codes"),
         ("thr", dict(pw=jnp.zeros((64, 16), jnp.int8), scale=jnp.ones((8,))), "w2_scale must be"),
         ("thr", dict(pw=jnp.zeros((64, 16), jnp.int8)), "need their w2_scale"),
@@ -246,7 +299,7 @@ def test_bad_inputs_raise(call, args, match):
         elif call == "thr":
             threshold_fc1(a["x"], a["w"], a["b"], a["p"], a["pw"], a["pb"], 0.0, w2_scale=a.get("scale"))
         else:
-            nonzero_fc2(jnp.zeros((1, 64)), a["w"], a["b2"])
+            nonzero_fc2(a.get("h", jnp.zeros((1, 64))), a["w"], a["b2"], fc1_b=a.get("fc1_b"))
 
 
 def test_plan_rejects_bad_blocks():
@@ -254,6 +307,8 @@ def test_plan_rejects_bad_blocks():
         MaskedMLPPlan(batch=1, d=64, ffn=64, fc1_segment=48)
     with pytest.raises(ValueError, match="power of two"):
         MaskedMLPPlan(batch=1, d=64, ffn=64, fc1_block_k=12)
+    with pytest.raises(ValueError, match="sum_once must be 0 or 1"):
+        MaskedMLPPlan(batch=1, d=64, ffn=64, sum_once=2)
 
 
 @pytest.mark.parametrize("d", [256, 768, 2048, 4096, 5120, 7168, 9216, 12288, 1 << 17])

@@ -66,6 +66,24 @@ class TestPredictorHidden(CompiledKernelCases):
         err = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(twin, np.float64), axis=-1)
         assert (err / np.linalg.norm(ref, axis=-1)).max() <= TOLERANCE[dtype]
 
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+    def test_sums_once_or_per_block_alike(self, dtype):
+        """d in five column blocks: summed elementwise and reduced once (the default) or reduced block by block, the
+        same function to fp32 rounding, the LayerNorm output too."""
+        rng = np.random.default_rng(5)
+        d, r = 160, 32
+        x = jnp.asarray(rng.standard_normal((2, d)) * 4.0 + 2.5, dtype)
+        w1_t = jnp.asarray(rng.standard_normal((r, d)) / d**0.5, dtype)
+        b1 = jnp.asarray(rng.standard_normal(r), dtype)
+        scale, bias = jnp.ones((d,), dtype), jnp.zeros((d,), dtype)
+        kw = dict(eps=EPS, block_d=32, ln_scale=scale, ln_bias=bias, interpret=self.INTERPRET)
+        once, per_block = (predictor_hidden(x, w1_t, b1, sum_once=flag, **kw) for flag in (True, False))
+        ref = float64_hidden(x, w1_t, b1, True)
+        for p, ln_x in (once, per_block):
+            assert rel_max_err(p, ref) <= TOLERANCE[dtype]
+            assert_within_one_rounding(ln_x, float64_layer_norm(x, scale, bias, 1e-5), dtype)
+        assert_within_one_rounding(once[0], per_block[0], dtype)
+
     @pytest.mark.parametrize(
         "batch, d, r, block_r, normalize, dtype",
         [
