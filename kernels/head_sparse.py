@@ -96,12 +96,18 @@ class HeadSparsePlan:
     # input and the LayerNorm, which the kernel applies (kernels/layernorm.py); read by the model through
     # `plan_flag`. On by default, measured with `qkv_cache_write`
     qkv_layernorm: int = 1
+    # 1: at batch 1, head_qkv carries its products over d as a [rows, block_d] tile and reduces them once at the end
+    # (a block reduction is a barrier; `kernels.block_math`), and a LayerNorm's statistics reduce once per sum;
+    # 0: one reduction per column block
+    sum_once: int = 1
 
     def __post_init__(self):
         for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
+        if self.sum_once not in (0, 1):
+            raise ValueError(f"sum_once must be 0 or 1. Got {self.sum_once!r}")
         zero_ok = ("out_groups", "qkv_step_blocks", "qkv_cache_write", "qkv_layernorm")
         for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", *zero_ok):
             value = getattr(self, name)
@@ -188,7 +194,7 @@ def _layernorm(x_ref, ln_refs, plan: HeadSparsePlan, eps):
     """(row stats, scale_ref, bias_ref) of the LayerNorm a kernel applies to x, or None."""
     if eps is None:
         return None
-    return (row_stats(x_ref, plan.batch, plan.d, plan.bd_qkv, eps), *ln_refs)
+    return (row_stats(x_ref, plan.batch, plan.d, plan.bd_qkv, eps, once=bool(plan.sum_once)), *ln_refs)
 
 
 def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan, layernorm=None):
@@ -203,6 +209,8 @@ def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan, layernor
         return normalized_block(x_ref, b, cols, *layernorm)
 
     per_step = plan.qkv_blocks_per_step
+    # one sequence: the products are carried as a [rb, bd] tile and reduced once after the loop
+    tile = not dot and plan.batch == 1 and plan.sum_once
 
     def step(s, acc):
         for i in range(per_step):  # static: the step's loads can all be in flight at once
@@ -213,12 +221,18 @@ def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan, layernor
                 acc = acc + plgpu.dot(x_ref[:, cols], w, trans_b=True, precision=_dot_precision(w.dtype))
                 continue
             w = w.astype(jnp.float32)
-            acc = tuple(a + jnp.sum(w * x_row(b, cols)[None, :], axis=1) for b, a in enumerate(acc))
+            if tile:
+                acc = tuple(a + w * x_row(b, cols)[None, :] for b, a in enumerate(acc))
+            else:
+                acc = tuple(a + jnp.sum(w * x_row(b, cols)[None, :], axis=1) for b, a in enumerate(acc))
         return acc
 
-    init = jnp.zeros((n_rows, rb), jnp.float32) if dot else tuple(jnp.zeros((rb,), jnp.float32) for _ in range(n_rows))
+    shape = (rb, bd) if tile else (rb,)
+    init = jnp.zeros((n_rows, rb), jnp.float32) if dot else tuple(jnp.zeros(shape, jnp.float32) for _ in range(n_rows))
     steps = plan.d // (bd * per_step)
     acc = step(0, init) if steps == 1 else lax.fori_loop(0, steps, step, init)
+    if tile:
+        acc = tuple(jnp.sum(a, axis=1) for a in acc)
     bias = b_ref[z, head, rows].astype(jnp.float32)  # [rb]
     return acc + bias[None, :] if dot else tuple(a + bias for a in acc)
 

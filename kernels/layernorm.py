@@ -11,15 +11,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels.block_math import block_total
 
-def row_stats(x_ref, rows: int, d: int, block_d: int, eps: float) -> list:
-    """[(mean, 1 / std)] per row of x_ref [rows, d] in fp32, walking d in blocks of `block_d` (which divides d)."""
+
+def row_stats(x_ref, rows: int, d: int, block_d: int, eps: float, once: bool = True) -> list:
+    """[(mean, 1 / std)] per row of x_ref [rows, d] in fp32, walking d in blocks of `block_d` (which divides d);
+    `once`: each sum reduces its blocks once (`kernels.block_math.block_total`)."""
     stats = []
     for b in range(rows):
-        total, squares = 0.0, 0.0
-        for c0 in range(0, d, block_d):  # static
-            v = x_ref[b, pl.ds(c0, block_d)].astype(jnp.float32)
-            total, squares = total + jnp.sum(v), squares + jnp.sum(v * v)
+        blocks = [x_ref[b, pl.ds(c0, block_d)].astype(jnp.float32) for c0 in range(0, d, block_d)]  # static
+        total, squares = block_total(blocks, once), block_total([v * v for v in blocks], once)
         stats.append(stats_from_sums(total, squares, d, eps))
     return stats
 

@@ -37,8 +37,19 @@ CASES = [
     (20, 4, 128, 128, [0, 1, 2, 3], jnp.float16, None),
     (2, 3, 80, 320, [2, 0], jnp.float16, STEPPED),
     (1, 3, 64, 320, [1], jnp.float32, ALL_BLOCKS_AT_ONCE),
+    (1, 3, 80, 320, [2, 0], jnp.float16, STEPPED),  # batch 1: products carried as a tile over 5 steps
+    (1, 3, 80, 320, [2, 0], jnp.float16, STEPPED + (("sum_once", 0),)),  # the same, reduced block by block
 ]
-PARTS = [(0, 1, 2), (1, 2), (0,), (0, 1, 2), (1, 2), (0,), (0, 1, 2), (0, 1, 2), (1, 2)]
+PARTS = [(0, 1, 2), (1, 2), (0,), (0, 1, 2), (1, 2), (0,), (0, 1, 2), (0, 1, 2), (1, 2), (0, 1, 2), (0, 2)]
+
+
+def assert_same_sums(out, other):
+    """Two kernels' results from the same per-row arithmetic: equal to a few roundings of their dtype. Not bit for bit: at
+    batch 1 the products are summed elementwise over d, which a compiler may contract into fused multiply-adds
+    differently in two programs (seen in the CPU interpreter: 1 ulp)."""
+    eps = float(jnp.finfo(out.dtype).eps)  # one rounding of the output dtype
+    out, other = np.asarray(out, np.float64), np.asarray(other, np.float64)
+    assert np.all(np.abs(out - other) <= 4 * eps * (np.abs(other) + np.abs(other).max()))
 
 
 def test_qkv_plan_steps_divide_the_column_blocks():
@@ -53,6 +64,8 @@ def test_qkv_plan_steps_divide_the_column_blocks():
     assert HeadSparsePlan(1, 4096, 128, 16, qkv_step_blocks=6).qkv_blocks_per_step == 4
     with pytest.raises(ValueError, match="qkv_stages must be a positive int"):
         HeadSparsePlan(1, 4096, 128, 16, qkv_stages=0)
+    with pytest.raises(ValueError, match="sum_once must be 0 or 1"):
+        HeadSparsePlan(1, 4096, 128, 16, sum_once=3)
     with pytest.raises(ValueError, match="qkv_step_blocks must be a non-negative int"):
         HeadSparsePlan(1, 4096, 128, 16, qkv_step_blocks=-1)
 
@@ -111,15 +124,15 @@ class TestHeadSparse(CompiledKernelCases):
         ref = np.einsum("bd,jkd->bjk", xs, w[parts, heads]) + b[parts, heads][None]
         assert row_err(out, ref) <= TOLERANCE[dtype]
         assert row_err(out, head_qkv_pairs_reference(x, qkv_w, qkv_b, part_idx, head_idx)) <= TOLERANCE[dtype]
-        # The same kernel as head_qkv: an entry equals head_qkv's for the same part and head, bit for bit.
+        # The same kernel as head_qkv: an entry equals head_qkv's for the same part and head.
         by_part = head_qkv(x, qkv_w, qkv_b, jnp.asarray(idx, jnp.int32), knobs=knobs, interpret=self.INTERPRET)
-        np.testing.assert_array_equal(np.asarray(out[:, : len(idx)]), np.asarray(by_part[1]))
-        np.testing.assert_array_equal(np.asarray(out[:, -1]), np.asarray(by_part[0, :, -1]))
+        assert_same_sums(out[:, : len(idx)], by_part[1])
+        assert_same_sums(out[:, -1], by_part[0, :, -1])
 
     @pytest.mark.parametrize("case", [c for c in CASES if c[0] < 16])
     def test_qkv_into_cache_writes_every_heads_kv_at_the_cursor(self, case):
         """K and V of every head land in the cache at the cursor slot (every other slot untouched) and Q of the
-        listed heads comes back: bit for bit what `head_qkv_pairs` gives for the same entries."""
+        listed heads comes back: what `head_qkv_pairs` gives for the same entries (`assert_same_sums`)."""
         batch, n_heads, hd, d, idx, dtype, knobs = case
         x, qkv_w, qkv_b, *_ = random_case(batch, n_heads, hd, d, len(idx), dtype, seed=batch * 5 + d + hd)
         rng = np.random.default_rng(d)
@@ -139,9 +152,9 @@ class TestHeadSparse(CompiledKernelCases):
             knobs=knobs,
             interpret=self.INTERPRET,
         )
-        np.testing.assert_array_equal(np.asarray(q), np.asarray(pairs[:, 2 * n_heads :]))
-        np.testing.assert_array_equal(np.asarray(new_keys[:, :, 4]), np.asarray(pairs[:, :n_heads]))
-        np.testing.assert_array_equal(np.asarray(new_values[:, :, 4]), np.asarray(pairs[:, n_heads : 2 * n_heads]))
+        assert_same_sums(np.asarray(q), np.asarray(pairs[:, 2 * n_heads :]))
+        assert_same_sums(np.asarray(new_keys[:, :, 4]), np.asarray(pairs[:, :n_heads]))
+        assert_same_sums(np.asarray(new_values[:, :, 4]), np.asarray(pairs[:, n_heads : 2 * n_heads]))
         others = np.arange(6) != 4
         np.testing.assert_array_equal(np.asarray(new_keys)[:, :, others], np.asarray(keys)[:, :, others])
         np.testing.assert_array_equal(np.asarray(new_values)[:, :, others], np.asarray(values)[:, :, others])
@@ -152,7 +165,7 @@ class TestHeadSparse(CompiledKernelCases):
     @pytest.mark.parametrize("case", [c for c in CASES if c[0] < 16])
     def test_qkv_kernels_apply_the_layernorm_of_their_input(self, case):
         """With ln_scale / ln_bias, x is the LayerNorm's input: both q/k/v kernels normalise it (one pass, fp32
-        statistics, rounded to x's dtype), against float64; the cache-writing kernel bit for bit like the other."""
+        statistics, rounded to x's dtype), against float64; the cache-writing kernel like the other (`assert_same_sums`)."""
         batch, n_heads, hd, d, idx, dtype, knobs = case
         _, qkv_w, qkv_b, *_ = random_case(batch, n_heads, hd, d, len(idx), dtype, seed=batch * 3 + d + hd)
         rng = np.random.default_rng(hd + d)
@@ -182,9 +195,9 @@ class TestHeadSparse(CompiledKernelCases):
             interpret=self.INTERPRET,
             **ln,
         )
-        np.testing.assert_array_equal(np.asarray(q), np.asarray(out[:, 2 * n_heads :]))
-        np.testing.assert_array_equal(np.asarray(new_keys[:, :, 1]), np.asarray(out[:, :n_heads]))
-        np.testing.assert_array_equal(np.asarray(new_values[:, :, 1]), np.asarray(out[:, n_heads : 2 * n_heads]))
+        assert_same_sums(np.asarray(q), np.asarray(out[:, 2 * n_heads :]))
+        assert_same_sums(np.asarray(new_keys[:, :, 1]), np.asarray(out[:, :n_heads]))
+        assert_same_sums(np.asarray(new_values[:, :, 1]), np.asarray(out[:, n_heads : 2 * n_heads]))
 
     @pytest.mark.parametrize("case", CASES)
     def test_out_proj_matches_float64(self, case):
