@@ -286,6 +286,9 @@ def main(argv=None) -> int:
         f"kernel time {busy / 1e3:.2f} ms, device span {span / 1e3:.2f} ms, host wall {wall * 1e3:.2f} ms "
         f"for {args.new_tokens} tokens + prefill"
     )
+    per_stream = collections.Counter(e["tid"] for e in kernels)
+    # a side stream (`DecodeTuning.hidden_stream`) shows as a second thread of kernel events
+    print("events per GPU stream (trace thread id): " + ", ".join(f"{t}: {n}" for t, n in sorted(per_stream.items())))
     print(f"{'total us':>10} {'share':>6} {'count':>6} {'mean us':>8}  kernel")
     for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         print(f"{sum(durs):10.0f} {sum(durs) / busy:6.1%} {len(durs):6d} {sum(durs) / len(durs):8.1f}  {name[:110]}")

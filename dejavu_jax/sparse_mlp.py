@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from dejavu_jax.parallel import TP_AXIS
 from dejavu_jax.sparsity import topk_mask
 
-from kernels.masked_mlp import MaskedMLPPlan, masked_fc1, nonzero_fc2, threshold_fc1
+from kernels.masked_mlp import masked_fc1, nonzero_fc2, threshold_fc1
 
 
 def _precision(dtype):
@@ -68,15 +68,10 @@ def mlp_decode_rows(
 
     kind "mask": the rows where mask [ffn] != 0; "threshold": the rows whose score from `hidden` [B, r] and
     `predictor` (a `sparsity.MLPPredictor`) reaches its threshold, chosen inside the fc1 kernel; "topk": the union
-    over the batch of each row's `predictor.k` best scores (`sparsity.topk_mask`); "lossless": dense fc1 (XLA), its
-    fp32 product handed to fc2, which applies the bias and ReLU as it reads it (knob `fc2_relu=0`: XLA applies them).
-    fc2 reads only the rows whose h is nonzero for some batch row. `knobs`: the kernels' plan overrides
+    over the batch of each row's `predictor.k` best scores (`sparsity.topk_mask`); "lossless": dense fc1 (XLA). fc2
+    reads only the rows whose h is nonzero for some batch row. `knobs`: the kernels' plan overrides
     (`kernels.masked_mlp.MaskedMLPPlan` fields; empty = its per-shape defaults).
     """
-    if kind == "lossless" and dict(knobs).get("fc2_relu", MaskedMLPPlan.fc2_relu):
-        # fc1's fp32 product straight into fc2, which applies the bias and ReLU as it reads it (one kernel fewer)
-        pre = jnp.einsum("bd,fd->bf", x, fc1_w, preferred_element_type=jnp.float32, precision=_precision(x.dtype))
-        return nonzero_fc2(pre, fc2_w_t, fc2_b, fc1_b=fc1_b, knobs=knobs)
     h = _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, predictor, predictor.k if kind == "topk" else 0, knobs)
     return nonzero_fc2(h, fc2_w_t, fc2_b, knobs=knobs)
 

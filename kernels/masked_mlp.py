@@ -21,8 +21,7 @@ How `masked_fc1` chooses its rows (static `selection`):
   against 2r in fp16. `threshold_mask` is the same scoring as a launch of its own that writes the row mask for
   "mask", so the choice can be made apart from fc1 (on a side stream, beside the attention block).
 `nonzero_fc2` is exact on its own: a row whose h is 0 for every batch row adds exactly 0, so skipping it changes
-nothing. Fed by a dense fc1 it is the lossless sparse MLP (ReLU zeros skipped, no predictor); it can then take fc1's
-fp32 product and bias instead of h and apply bias and ReLU itself (`fc1_b`), so that no kernel runs between the two.
+nothing. Fed by a dense fc1 it is the lossless sparse MLP (ReLU zeros skipped, no predictor).
 
 Numerics follow the dense model run in the activation dtype: fp32 accumulation, biases added in fp32, h rounded to
 x.dtype, the output rounded to x.dtype. fc2 sums fp32 partials over row groups (one per program row) outside the
@@ -77,14 +76,10 @@ class MaskedMLPPlan:
     # 1: fc1's dot products over d and the scores' over r add their column blocks elementwise and reduce once per
     # row block (`kernels.block_math.block_row_dots`); 0: one reduction per column block
     sum_once: int = 1
-    # 1: the lossless mode hands nonzero_fc2 fc1's fp32 product and bias, and the kernel applies bias and ReLU as it
-    # reads them (no XLA kernel between the two); 0: XLA applies them and nonzero_fc2 reads h
-    fc2_relu: int = 1
 
     def __post_init__(self):
-        for name in ("sum_once", "fc2_relu"):
-            if getattr(self, name) not in (0, 1):
-                raise ValueError(f"{name} must be 0 or 1. Got {getattr(self, name)!r}")
+        if self.sum_once not in (0, 1):
+            raise ValueError(f"sum_once must be 0 or 1. Got {self.sum_once!r}")
         for name in ("fc1_segment", "fc1_block_k", "fc1_block_d", "fc2_segment", "fc2_block_k", "fc2_block_d"):
             value = getattr(self, name)
             if name == "fc1_block_k" and value == 0:
@@ -212,33 +207,23 @@ def _threshold_mask_kernel(p_ref, w2t_ref, b2_ref, thr_ref, *refs, plan: MaskedM
     mask_ref[pl.ds(base, plan.seg1)] = chosen.astype(jnp.int32)
 
 
-def _nonzero_fc2_kernel(h_ref, w_ref, *refs, plan: MaskedMLPPlan, masked: bool, h_dtype):
-    # h_ref [B, ffn], w_ref [ffn, d]; refs: (b1_ref [ffn] when h_ref holds fc1's fp32 product,) out_ref [groups, B, d]
-    # fp32: this segment's share of h · w. With b1_ref the hidden activation is relu(h_ref + b1) rounded to h_dtype.
-    *b1_refs, out_ref = refs
+def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: bool):
+    # h_ref [B, ffn], w_ref [ffn, d]; out_ref [groups, B, d] fp32: this segment's share of h · w.
     group, seg, bk, bd = pl.program_id(0), plan.seg2, plan.fc2_block_k, plan.bd2
     base = pl.multiple_of(group * seg, seg)
     cols = pl.ds(pl.multiple_of(pl.program_id(1) * bd, bd), bd)
-
-    seg_rows = pl.ds(base, seg)
-    seg_bias = b1_refs[0][seg_rows].astype(jnp.float32) if b1_refs else None
-    chosen = None
-    for b in range(plan.batch):
-        h = h_ref[b, seg_rows]
-        fires = (h if not b1_refs else jnp.maximum(h.astype(jnp.float32) + seg_bias, 0.0).astype(h_dtype)) != 0
-        chosen = fires if chosen is None else chosen | fires
+    chosen = h_ref[0, pl.ds(base, seg)] != 0
+    for b in range(1, plan.batch):
+        chosen = chosen | (h_ref[b, pl.ds(base, seg)] != 0)
     count, pos = _number_rows(chosen)
 
     def step(t, acc):
         _, row, valid = _step_rows(t, bk, base, chosen, pos, count)
         w = _gather(w_ref.at[row, cols], jnp.broadcast_to(valid[:, None], (bk, bd)), masked)
         w = w.astype(jnp.float32)  # [bk, bd]
-        bias = _gather(b1_refs[0].at[row], valid, masked).astype(jnp.float32) if b1_refs else None
         out = []
         for b in range(plan.batch):
             h = _gather(h_ref.at[b, row], valid, masked).astype(jnp.float32)  # [bk]
-            if b1_refs:  # an empty slot reads 0 and a bias of 0: relu(0) adds nothing
-                h = jnp.maximum(h + bias, 0.0).astype(h_dtype).astype(jnp.float32)
             out.append(acc[b] + jnp.sum(h[:, None] * w, axis=0))
         return tuple(out)
 
@@ -273,15 +258,15 @@ def _threshold_mask_call(p, w2_t, b2, thr, scaled, *, plan, interpret):
     )(p, w2_t, b2, thr, *scaled)
 
 
-def _nonzero_fc2_call(h, fc2_w_t, fc1_b, *, plan, interpret):
+def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret):
     return pl.pallas_call(
-        functools.partial(_nonzero_fc2_kernel, plan=plan, masked=not interpret, h_dtype=fc2_w_t.dtype),
+        functools.partial(_nonzero_fc2_kernel, plan=plan, masked=not interpret),
         out_shape=jax.ShapeDtypeStruct((plan.fc2_groups, plan.batch, plan.d), jnp.float32),
         grid=(plan.fc2_groups, plan.d // plan.bd2),
         compiler_params=plgpu.CompilerParams(num_warps=plan.fc2_warps, num_stages=1),
         interpret=interpret,
         name="nonzero_fc2",
-    )(h, fc2_w_t, *(() if fc1_b is None else (fc1_b,)))
+    )(h, fc2_w_t)
 
 
 # ---- public wrappers -------------------------------------------------------------------------------------------
@@ -412,32 +397,21 @@ def _threshold_arg(threshold):
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
-def nonzero_fc2(h, fc2_w_t, fc2_b, *, fc1_b=None, knobs=None, interpret=None):
-    """h · fc2_w_t + fc2_b as [B, d], reading only the rows n where some h[b, n] != 0 (exact).
+def nonzero_fc2(h, fc2_w_t, fc2_b, *, knobs=None, interpret=None):
+    """h · fc2_w_t + fc2_b as [B, d] in h.dtype, reading only the rows n where some h[b, n] != 0 (exact).
 
-    h [B, ffn], fc2_w_t [ffn, d], fc2_b [d]; the result in h.dtype. With `fc1_b` [ffn], h is instead fc1's fp32
-    product x · fc1_wᵀ before its bias, and the hidden activation is relu(h + fc1_b) rounded to fc2_w_t.dtype (the
-    model's `mlp_hidden`), applied as the kernel reads h: a dense fc1 then needs no kernel of its own for its bias
-    and ReLU (the lossless mode); the result is in fc2_w_t.dtype.
+    h [B, ffn], fc2_w_t [ffn, d], fc2_b [d].
     """
     if h.ndim != 2 or fc2_w_t.ndim != 2 or h.shape[1] != fc2_w_t.shape[0]:
         raise ValueError(f"need h [batch, ffn] and fc2_w_t [ffn, d]. Got {h.shape} and {fc2_w_t.shape}")
     batch, ffn = h.shape
     d = fc2_w_t.shape[1]
-    out_dtype = h.dtype
-    if fc1_b is not None:
-        if h.dtype != jnp.float32:
-            raise ValueError(f"with fc1_b, h is fc1's fp32 product. Got h of {h.dtype}")
-        if fc1_b.shape != (ffn,):
-            raise ValueError(f"fc1_b must be [ffn] = [{ffn}]. Got {fc1_b.shape}")
-        out_dtype = fc2_w_t.dtype
-        fc1_b = fc1_b.astype(jnp.float32)
-    _check_sizes(batch, out_dtype, d, ffn)
+    _check_sizes(batch, h.dtype, d, ffn)
     if fc2_b.shape != (d,):
         raise ValueError(f"fc2_b must be [d] = [{d}]. Got {fc2_b.shape}")
     plan = _plan(batch, d, ffn, knobs)
-    partials = _nonzero_fc2_call(h, fc2_w_t, fc1_b, plan=plan, interpret=resolve_interpret(interpret))
-    return (jnp.sum(partials, axis=0) + fc2_b.astype(jnp.float32)).astype(out_dtype)
+    partials = _nonzero_fc2_call(h, fc2_w_t, plan=plan, interpret=resolve_interpret(interpret))
+    return (jnp.sum(partials, axis=0) + fc2_b.astype(jnp.float32)).astype(h.dtype)
 
 
 # ---- references ------------------------------------------------------------------------------------------------

@@ -118,28 +118,6 @@ class TestMaskedMLP(CompiledKernelCases):
         else:
             assert not h.any()
 
-    @pytest.mark.parametrize(
-        "batch, density, dtype",
-        [(1, 0.3, jnp.float32), (3, 0.3, jnp.float16), (1, 0.0, jnp.float32), (2, 1.0, jnp.bfloat16)],
-    )
-    def test_nonzero_fc2_applies_fc1_bias_and_relu(self, batch, density, dtype):
-        """With fc1_b, h is fc1's fp32 product: the kernel applies bias and ReLU as it reads it, reads the rows that
-        fire, and returns bit for bit what it returns on the h that XLA's bias and ReLU make."""
-        d, ffn = 128, 512
-        cast, ref, _ = data(batch + 23, batch, d, ffn, 16, dtype)
-        # biases that make about `density` of the neurons fire
-        b1 = jnp.asarray(np.where(np.random.default_rng(batch).random(ffn) < density, 5.0, -5.0), dtype)
-        pre = jnp.einsum("bd,fd->bf", cast["x"], cast["w1"], preferred_element_type=jnp.float32, precision="highest")
-        out = nonzero_fc2(pre, cast["w2t"], cast["b2"], fc1_b=b1, interpret=self.INTERPRET)
-        assert out.dtype == jnp.dtype(dtype)
-        h = jnp.maximum(pre + b1.astype(jnp.float32), 0.0).astype(dtype)
-        np.testing.assert_array_equal(
-            np.asarray(out, np.float32),
-            np.asarray(nonzero_fc2(h, cast["w2t"], cast["b2"], interpret=self.INTERPRET), np.float32),
-        )
-        out_ref = np.asarray(h, np.float64) @ ref["w2t"] + ref["b2"]
-        assert row_err(out, out_ref) <= TOLERANCE[dtype]
-
     @pytest.mark.parametrize("batch, threshold", [(1, 0.5), (3, 1.0), (1, -np.inf)])
     def test_threshold_fc1_with_int8_scores(self, batch, threshold):
         """int8 codes with a scale per row: the rows whose scaled fp32 dot reaches the threshold (float64
@@ -255,14 +233,6 @@ def test_lowers_for_gpu(batch, d, ffn, rank):
         jax.jit(lambda *a: nonzero_fc2(*a, interpret=False)), s((batch, ffn), f16), s((ffn, d), f16), s((d,), f16)
     )
     assert "nonzero_fc2" in text
-    text = lowered_text_for_cuda(  # fc1's fp32 product and bias, the lossless mode's input
-        jax.jit(lambda h, w, b, b1: nonzero_fc2(h, w, b, fc1_b=b1, interpret=False)),
-        s((batch, ffn), jnp.float32),
-        s((ffn, d), f16),
-        s((d,), f16),
-        s((ffn,), f16),
-    )
-    assert "nonzero_fc2" in text
 
 
 @pytest.mark.parametrize(
@@ -274,8 +244,6 @@ def test_lowers_for_gpu(batch, d, ffn, rank):
         ("thr", dict(p=jnp.zeros((1, 24))), "need w2_t"),
         ("thr", dict(pw=jnp.zeros((64, 24)), p=jnp.zeros((1, 24))), "power of two"),
         ("fc2", dict(b2=jnp.zeros((3,))), "fc2_b must be"),
-        ("fc2", dict(fc1_b=jnp.zeros((64,)), h=jnp.zeros((1, 64), jnp.float16)), "fc1's fp32 product"),
-        ("fc2", dict(fc1_b=jnp.zeros((8,))), "fc1_b must be"),
         ("thr", dict(scale=jnp.ones((64,))), "goes with int8 codes"),
         ("thr", dict(pw=jnp.zeros((64, 16), jnp.int8), scale=jnp.ones((8,))), "w2_scale must be"),
         ("thr", dict(pw=jnp.zeros((64, 16), jnp.int8)), "need their w2_scale"),
@@ -299,7 +267,7 @@ def test_bad_inputs_raise(call, args, match):
         elif call == "thr":
             threshold_fc1(a["x"], a["w"], a["b"], a["p"], a["pw"], a["pb"], 0.0, w2_scale=a.get("scale"))
         else:
-            nonzero_fc2(a.get("h", jnp.zeros((1, 64))), a["w"], a["b2"], fc1_b=a.get("fc1_b"))
+            nonzero_fc2(jnp.zeros((1, 64)), a["w"], a["b2"])
 
 
 def test_plan_rejects_bad_blocks():
