@@ -607,16 +607,8 @@ def for_decode_batch(
     if batch > SPARSE_DECODE_MAX_BATCH and policy.decode_kernels and not fixed:
         if policy.heads == HeadSparsity.NONE:
             return DENSE, None
-        # the MLP's tuning back to its defaults (its MLP is dense), every head field kept
-        mlp_fields = (
-            "hidden",
-            "hidden_layernorm",
-            "hidden_block_r",
-            "hidden_sum_once",
-            "hidden_stream",
-            "scores",
-            "knobs",
-        )
+        # the MLP's tuning back to its defaults (its MLP is dense), every head field (named head_*) kept
+        mlp_fields = [f.name for f in dataclasses.fields(DecodeTuning) if not f.name.startswith("head_")]
         heads_tuning = dataclasses.replace(policy.tuning, **{name: getattr(DecodeTuning, name) for name in mlp_fields})
         return (
             dataclasses.replace(policy, mlp=MLPSparsity.NONE, selection=Selection.THRESHOLD, tuning=heads_tuning),
