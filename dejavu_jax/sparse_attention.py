@@ -54,15 +54,17 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from dejavu_jax.parallel import TP_AXIS
-from kernels.block_math import cdiv
+from kernels.block_math import cdiv, pow2_divisor
 from kernels.decode_attention import decode_attention
 from kernels.layernorm import wrapper_kwargs
 from kernels.head_sparse import (
     DOT_MIN_BATCH,
     MAX_BATCH,
+    HeadSparsePlan,
     head_out_proj,
     head_qkv_into_cache,
     head_qkv_pairs,
+    head_window_into_cache,
     plan_flag,
 )
 
@@ -170,6 +172,21 @@ def _qkv_pairs_rows(rows, weights: AttentionWeights, part_idx, head_idx, knobs: 
         for i in range(0, rows.shape[0], MAX_BATCH)
     ]
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
+
+
+def window_kernel_applies(batch: int, window: int, slots: int, head_dim: int, knobs: tuple = ()) -> bool:
+    """Whether a "repair" step projects its window with `head_window_into_cache` (K/V written into the cache by the
+    projection launch): one sequence, R >= 16 a power of two (the window's rows go through `dot`), a cache of at least
+    R slots, row blocks of at least 16, and the `window_cache_write` knob on."""
+    rows = pow2_divisor(head_dim, dict(knobs or ()).get("qkv_block_rows", HeadSparsePlan.qkv_block_rows))
+    return (
+        batch == 1
+        and window >= DOT_MIN_BATCH
+        and not window & (window - 1)
+        and slots >= window
+        and rows >= 16
+        and bool(plan_flag(knobs, "window_cache_write"))
+    )
 
 
 def kv_q_pairs(kv_heads, q_heads):
@@ -322,10 +339,17 @@ def _decode_heads(
             recent = write_recent_inputs(recent, x[:, None], cursor)
             kv_heads = jnp.concatenate([q_heads, forced])
             m = kv_heads.shape[0]
-            rows = _qkv_pairs_rows(recent.reshape(batch * window, d), weights, *kv_q_pairs(kv_heads, q_heads), knobs)
-            rows = rows.reshape(batch, window, 2 * m + n, head_dim)
-            keys, values = write_window_kv(keys, values, kv_heads, rows[:, :, :m], rows[:, :, m : 2 * m], cursor)
-            q = lax.dynamic_index_in_dim(rows, cursor % window, axis=1, keepdims=False)[:, 2 * m :]
+            if window_kernel_applies(batch, window, keys.shape[2], head_dim, knobs):
+                # The same rows in one launch that writes the window's K/V into the cache itself.
+                q, keys, values = head_window_into_cache(
+                    x, recent[0], weights.qkv_w, weights.qkv_b, kv_heads, q_heads, keys, values, cursor, knobs=knobs
+                )
+            else:
+                pairs = kv_q_pairs(kv_heads, q_heads)
+                rows = _qkv_pairs_rows(recent.reshape(batch * window, d), weights, *pairs, knobs)
+                rows = rows.reshape(batch, window, 2 * m + n, head_dim)
+                keys, values = write_window_kv(keys, values, kv_heads, rows[:, :, :m], rows[:, :, m : 2 * m], cursor)
+                q = lax.dynamic_index_in_dim(rows, cursor % window, axis=1, keepdims=False)[:, 2 * m :]
         elif plan_flag(knobs, "qkv_cache_write") and batch < DOT_MIN_BATCH:
             # The same launch writing K/V into the cache itself (no cache writes after it).
             q, keys, values = head_qkv_into_cache(

@@ -5,6 +5,8 @@ rows in place (no gathered copy of the weights).
     head_out_proj: out[b]       = Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b
     head_qkv_pairs: out[b, j]   = x[b] · qkv_w[part_idx[j], head_idx[j]]ᵀ + qkv_b[part_idx[j], head_idx[j]]
     head_qkv_into_cache: K and V of every head written into the KV cache at one slot, and Q of head_idx, in one launch
+    head_window_into_cache: K and V of some heads over a window of R recent inputs written into the cache, and Q of
+                   others from the new token, in one launch (the K/V repair of dejavu_jax/sparse_attention.py)
 
 in the model's layout (dejavu_jax/model.py, `OPTAttention`): `qkv_w` [3, H, hd, d] and `out_w` [H, hd, d], so a head
 is a contiguous block of hd rows of d values in qkv_w[z] and in out_w. `x` [B, d]; `heads_out` [B, h, hd], the
@@ -96,6 +98,10 @@ class HeadSparsePlan:
     # input and the LayerNorm, which the kernel applies (kernels/layernorm.py); read by the model through
     # `plan_flag`. On by default, measured with `qkv_cache_write`
     qkv_layernorm: int = 1
+    # 1: a batch-1 decode step with the K/V repair (a window of R >= 16 inputs, a power of two) projects the window
+    # and writes it into the cache in one launch (`head_window_into_cache`); 0: `head_qkv_pairs` over the window's
+    # rows, then XLA scatters them into the cache. Read by the caller through `plan_flag`
+    window_cache_write: int = 1
     # 1: at batch 1, head_qkv carries its products over d as a [rows, block_d] tile and reduces them once at the end
     # (a block reduction is a barrier; `kernels.block_math`), and a LayerNorm's statistics reduce once per sum;
     # 0: one reduction per column block
@@ -108,7 +114,7 @@ class HeadSparsePlan:
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
         if self.sum_once not in (0, 1):
             raise ValueError(f"sum_once must be 0 or 1. Got {self.sum_once!r}")
-        zero_ok = ("out_groups", "qkv_step_blocks", "qkv_cache_write", "qkv_layernorm")
+        zero_ok = ("out_groups", "qkv_step_blocks", "qkv_cache_write", "qkv_layernorm", "window_cache_write")
         for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", *zero_ok):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in zero_ok else 1):
@@ -264,6 +270,61 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
     def _():
         for b, a in enumerate(acc):
             q_ref[b, j - 2 * n_heads, rows] = a.astype(q_ref.dtype)
+
+
+def _head_window_cache_kernel(kv_idx_ref, q_idx_ref, cursor_ref, x_ref, recent_ref, w_ref, b_ref, *rest, plans):
+    # kv_idx_ref [m] int32, q_idx_ref [n] int32, cursor_ref [1] int32; x_ref [1, d]: the new token's input;
+    # recent_ref [R, d]: the inputs of slots cursor-R+1 .. cursor at row slot mod R; w_ref [1, 3H, hd, d], b_ref
+    # [1, 3H, hd] (part z's head h is "head" z·H + h); k_ref / v_ref [1, H, S, hd] (aliased to the inputs); q_ref
+    # [1, n, hd]. Entry j < m: K of kv_idx[j]; m <= j < 2m: V of kv_idx[j - m]; then Q of q_idx[j - 2m].
+    _k_in, _v_in, q_ref, k_ref, v_ref = rest
+    window_plan, q_plan = plans
+    n_heads, window, m = k_ref.shape[1], recent_ref.shape[0], kv_idx_ref.shape[0]
+    j, cursor = pl.program_id(1), cursor_ref[0]
+    rb = window_plan.rows_qkv
+    rows = pl.ds(pl.multiple_of(pl.program_id(2) * rb, rb), rb)
+
+    @pl.when(j < 2 * m)
+    def _():
+        is_v = j >= m
+        head = kv_idx_ref[jnp.where(is_v, j - m, j)]
+        # The window as R consecutive slots from `start`, so the cache takes them as one contiguous store. Before
+        # slot R-1 exists the window reaches past the cursor: those slots get the buffer's stale rows, which no
+        # step reads before this head's next computation (at most R steps later) rewrites them.
+        start = jnp.maximum(cursor - (window - 1), 0)
+        buffer_rows = (start + lax.iota(jnp.int32, window)) % window
+        flat = (1 + is_v.astype(jnp.int32)) * n_heads + head
+        acc = _window_rows(recent_ref, buffer_rows, w_ref, b_ref, flat, rows, window_plan)
+        slots = pl.ds(start, window)
+
+        @pl.when(~is_v)
+        def _():
+            k_ref[0, head, slots, rows] = acc.astype(k_ref.dtype)
+
+        @pl.when(is_v)
+        def _():
+            v_ref[0, head, slots, rows] = acc.astype(v_ref.dtype)
+
+    @pl.when(j >= 2 * m)
+    def _():
+        q_entry = jnp.maximum(j - 2 * m, 0)
+        (acc,) = _qkv_rows(x_ref, w_ref, b_ref, 0, q_idx_ref[q_entry], rows, q_plan)
+        q_ref[0, q_entry, rows] = acc.astype(q_ref.dtype)
+
+
+def _window_rows(recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan: HeadSparsePlan):
+    """recent[buffer_rows] · w[0, flat, rows]ᵀ + b[0, flat, rows] in fp32 [R, rb], on the dot path (R >= 16 rows)."""
+    bd = plan.bd_qkv
+
+    def step(s, acc):
+        cols = pl.ds(pl.multiple_of(s * bd, bd), bd)
+        x = recent_ref[buffer_rows, cols]  # [R, bd]: the window in slot order (a gather of R rows)
+        w = w_ref[0, flat, rows, cols]  # [rb, bd]
+        return acc + plgpu.dot(x, w, trans_b=True, precision=_dot_precision(w.dtype))
+
+    init = jnp.zeros((recent_ref.shape[0], plan.rows_qkv), jnp.float32)
+    acc = lax.fori_loop(0, plan.d // bd, step, init)
+    return acc + b_ref[0, flat, rows].astype(jnp.float32)[None, :]
 
 
 def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSparsePlan):
@@ -492,6 +553,68 @@ def head_qkv_into_cache(
         qkv_w.reshape(1, 3 * n_heads, hd, d),
         qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),
         *ln_args,
+        keys,
+        values,
+    )
+    return q, keys, values
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def head_window_into_cache(
+    x, recent, qkv_w, qkv_b, kv_heads, q_heads, keys, values, cursor, *, knobs=None, interpret=None
+):
+    """(q [1, n, hd], keys, values) in one launch, one sequence: K and V of the m heads `kv_heads` recomputed over
+    the window of the R slots ending at `cursor` from their inputs and written into the cache keys / values
+    [1, H, S, hd] (in place where XLA can alias them; other heads and slots as they were), and Q of the n heads
+    `q_heads` from x [1, d], the input at `cursor`.
+
+    recent [R, d]: the ring buffer of inputs, slot s at row s mod R, already holding x at cursor mod R (R >= 16, a
+    power of two: the window's rows go through `dot`); S >= R. Slots cursor-R+1 .. cursor that exist are written
+    exactly; while cursor < R-1 the window is slots 0 .. R-1, and the slots past the cursor get the buffer's stale
+    rows (the caller's contract: nothing reads a slot past the cursor before it is written again, as the K/V repair
+    guarantees). A head listed twice in kv_heads writes the same values twice. `cursor` is not range-checked on GPU.
+    Numerics as `head_qkv_pairs` (fp32 sums, fp32 bias, one rounding); `knobs` as for `head_qkv`.
+    """
+    n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, q_heads)
+    window = recent.shape[0] if recent.ndim == 2 else 0
+    if x.shape[0] != 1:
+        raise ValueError(f"head_window_into_cache takes one sequence. Got x {x.shape}")
+    if recent.shape != (window, d) or window < DOT_MIN_BATCH or window & (window - 1) or recent.dtype != x.dtype:
+        raise ValueError(
+            f"recent must be [R, d={d}] in x's dtype with R >= {DOT_MIN_BATCH} a power of two. Got {recent.shape}, "
+            f"{recent.dtype}"
+        )
+    if kv_heads.ndim != 1 or kv_heads.shape[0] < 1:
+        raise ValueError(f"kv_heads must be a non-empty rank-1 int array. Got shape {kv_heads.shape}")
+    if keys.shape != values.shape or keys.shape[:2] != (1, n_heads) or keys.shape[3] != hd or keys.shape[2] < window:
+        raise ValueError(
+            f"keys and values must be [1, H={n_heads}, S >= R={window}, hd={hd}]. Got {keys.shape}, {values.shape}"
+        )
+    m, n = kv_heads.shape[0], q_heads.shape[0]
+    window_plan = _plan(window, d, hd, 2 * m + n, knobs)
+    if window_plan.rows_qkv < 16:
+        raise ValueError(f"the window's dots need row blocks of at least 16 (hd={hd}, knobs {knobs})")
+    q_plan = _plan(1, d, hd, 2 * m + n, knobs)
+    q, keys, values = pl.pallas_call(
+        functools.partial(_head_window_cache_kernel, plans=(window_plan, q_plan)),
+        out_shape=(
+            jax.ShapeDtypeStruct((1, n, hd), x.dtype),
+            jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+            jax.ShapeDtypeStruct(values.shape, values.dtype),
+        ),
+        grid=(1, 2 * m + n, hd // window_plan.rows_qkv),
+        input_output_aliases={7: 1, 8: 2},
+        compiler_params=plgpu.CompilerParams(num_warps=window_plan.qkv_warps, num_stages=window_plan.qkv_stages),
+        interpret=resolve_interpret(interpret),
+        name="head_window_cache",
+    )(
+        kv_heads.astype(jnp.int32),
+        q_heads.astype(jnp.int32),
+        jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,)),
+        x,
+        recent,
+        qkv_w.reshape(1, 3 * n_heads, hd, d),
+        qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),
         keys,
         values,
     )

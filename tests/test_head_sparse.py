@@ -16,6 +16,7 @@ from kernels.head_sparse import (
     head_qkv_pairs,
     head_qkv_pairs_reference,
     head_qkv_reference,
+    head_window_into_cache,
 )
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
@@ -216,6 +217,56 @@ class TestHeadSparse(CompiledKernelCases):
             dense = jnp.einsum("bhk,hkd->bd", heads_out, out_w, preferred_element_type=jnp.float32)
             assert row_err(out, (dense + out_b.astype(jnp.float32)).astype(dtype)) <= TOLERANCE[dtype]
 
+    # (R, H, hd, d, kv heads, q heads, cursor, dtype, knobs): a window past the cursor (cursor < R-1), one ending at
+    # slot R-1, one wrapped around the buffer; hd 80 (row blocks of 16), a repeated K/V head (written twice).
+    WINDOW_CASES = [
+        (16, 4, 80, 160, [2, 0], [3, 2], 6, jnp.float32, None),
+        (16, 3, 64, 128, [1, 1, 0], [0], 15, jnp.float16, None),
+        (32, 4, 128, 256, [3, 1], [1, 0, 2], 45, jnp.bfloat16, SMALL_BLOCKS),
+    ]
+
+    @pytest.mark.parametrize("case", WINDOW_CASES)
+    def test_window_into_cache_writes_the_windows_kv(self, case):
+        """K/V of the listed heads over the slots max(0, cursor-R+1) .. cursor, from the ring buffer of inputs, land
+        in the cache (other heads and slots before the window untouched), and Q of the other list comes from x:
+        against float64."""
+        window, n_heads, hd, d, kv_idx, q_idx, cursor, dtype, knobs = case
+        rng = np.random.default_rng(window + cursor)
+        slots = max(cursor, window) + 8
+        inputs = rng.standard_normal((slots, d))
+        recent = np.zeros((window, d))
+        for s in range(cursor + 1):
+            recent[s % window] = inputs[s]
+        _, qkv_w, qkv_b, *_ = random_case(1, n_heads, hd, d, 1, dtype, seed=window + d)
+        keys, values = (jnp.asarray(rng.standard_normal((1, n_heads, slots, hd)), dtype) for _ in range(2))
+        x, recent = jnp.asarray(inputs[cursor : cursor + 1], dtype), jnp.asarray(recent, dtype)
+        q, new_keys, new_values = head_window_into_cache(
+            x,
+            recent,
+            qkv_w,
+            qkv_b,
+            jnp.asarray(kv_idx, jnp.int32),
+            jnp.asarray(q_idx, jnp.int32),
+            keys,
+            values,
+            jnp.int32(cursor),
+            knobs=knobs,
+            interpret=self.INTERPRET,
+        )
+        assert q.shape == (1, len(q_idx), hd) and q.dtype == jnp.dtype(dtype)
+        xs, w, b = f64(jnp.asarray(inputs, dtype), qkv_w, qkv_b)
+        assert row_err(q[0], np.einsum("d,jkd->jk", xs[cursor], w[0, q_idx]) + b[0, q_idx]) <= TOLERANCE[dtype]
+        first = max(0, cursor - window + 1)
+        for cache, new, part in ((keys, new_keys, 1), (values, new_values, 2)):
+            cache, new = np.asarray(cache), np.asarray(new)
+            for h in range(n_heads):
+                if h in kv_idx:
+                    ref = np.einsum("sd,kd->sk", xs[first : cursor + 1], w[part, h]) + b[part, h]
+                    assert row_err(new[0, h, first : cursor + 1], ref) <= TOLERANCE[dtype]
+                    np.testing.assert_array_equal(new[0, h, :first], cache[0, h, :first])
+                else:
+                    np.testing.assert_array_equal(new[0, h], cache[0, h])
+
     def test_bad_input(self):
         kw = dict(interpret=self.INTERPRET)
         x, w, b = jnp.zeros((2, 64)), jnp.zeros((3, 4, 16, 64)), jnp.zeros((3, 4, 16))
@@ -259,6 +310,18 @@ class TestHeadSparse(CompiledKernelCases):
             head_out_proj(jnp.zeros((MAX_BATCH + 1, 2, 16)), ow, ob, idx, **kw)
         with pytest.raises(ValueError, match="multiple of 16"):
             head_out_proj(ho, jnp.zeros((4, 16, 40)), jnp.zeros(40), idx, **kw)
+        cache, x1 = jnp.zeros((1, 4, 32, 16)), jnp.zeros((1, 64))
+        args = (w, b, idx, idx, cache, cache, 3)
+        with pytest.raises(ValueError, match="one sequence"):
+            head_window_into_cache(x, jnp.zeros((16, 64)), *args, **kw)
+        with pytest.raises(ValueError, match="R >= 16 a power of two"):
+            head_window_into_cache(x1, jnp.zeros((8, 64)), *args, **kw)
+        with pytest.raises(ValueError, match="R >= 16 a power of two"):
+            head_window_into_cache(x1, jnp.zeros((24, 64)), *args, **kw)
+        with pytest.raises(ValueError, match="S >= R"):
+            head_window_into_cache(x1, jnp.zeros((64, 64)), *args, **kw)
+        with pytest.raises(ValueError, match="kv_heads must be a non-empty"):
+            head_window_into_cache(x1, jnp.zeros((16, 64)), w, b, idx[:0], idx, cache, cache, 3, **kw)
 
 
 class TestHeadSparseInterpret(TestHeadSparse):
@@ -316,6 +379,20 @@ def test_lowers_for_gpu(batch, n_heads, hd, d, h):
             s((d,), jnp.float16),
         )
         assert "head_qkv_cache" in text
+        if batch == 1:
+            text = lowered_text_for_cuda(
+                jax.jit(lambda *a: head_window_into_cache(*a, interpret=False)),
+                s((1, d), jnp.float16),
+                s((16, d), jnp.float16),
+                s((3, n_heads, hd, d), jnp.float16),
+                s((3, n_heads, hd), jnp.float16),
+                s((h + 2,), jnp.int32),
+                idx,
+                cache,
+                cache,
+                s((), jnp.int32),
+            )
+            assert "head_window_cache" in text
     else:
         with pytest.raises(ValueError, match="apply a LayerNorm below 16 rows"):
             one = jnp.ones((d,), jnp.float16)

@@ -95,12 +95,15 @@ def reference_step(w64, inputs, slot_mask, chosen, c):
 
 
 # (head_kv, R, batch, k, H, hd, attention, rows per kernel call): R = 4 and 3 force heads often (and R = 3 with
-# H = 4 forces two a step); 12 repair rows in calls of 8 take the path of more than MAX_BATCH rows; "all" computes
-# every head's K/V each step.
+# H = 4 forces two a step); 12 repair rows in calls of 8 take the path of more than MAX_BATCH rows; R = 16 at batch
+# 1 takes `head_window_into_cache` (the window written into the cache by the projection launch; the 5-slot prompt
+# makes its first windows reach past the cursor); "all" computes every head's K/V each step.
 LAYER_CASES = [
     ("repair", 4, 2, 1, 6, 8, "xla", None),
     ("repair", 3, 3, 2, 4, 16, "pallas", None),
     ("repair", 4, 3, 1, 4, 8, "xla", 8),
+    ("repair", 16, 1, 1, 4, 16, "pallas", None),
+    ("repair", 16, 1, 2, 6, 32, "xla", None),
     ("all", 0, 2, 2, 4, 8, "xla", None),
 ]
 
@@ -114,6 +117,13 @@ def test_every_computed_head_attends_over_exact_kv(
     head's K/V at every step."""
     if rows_per_call:
         monkeypatch.setattr(sparse_attention, "MAX_BATCH", rows_per_call)
+    window_launches = []
+    window_kernel = sparse_attention.head_window_into_cache
+    monkeypatch.setattr(
+        sparse_attention,
+        "head_window_into_cache",
+        lambda *a, **kw: window_launches.append(1) or window_kernel(*a, **kw),
+    )
     prompt, steps, d = 5, 64, n_heads * head_dim
     rng = np.random.default_rng(window * 100 + batch * 10 + k)
     weights = random_layer(rng, n_heads, head_dim, d)
@@ -156,6 +166,7 @@ def test_every_computed_head_attends_over_exact_kv(
                 worst_head = max(worst_head, np.linalg.norm(heads_out[t, b, j] - ref) / np.linalg.norm(ref))
             worst_out = max(worst_out, np.linalg.norm(outs[t, b] - ref_out[b]) / np.linalg.norm(ref_out[b]))
     assert worst_head <= 1e-5 and worst_out <= 1e-5, (worst_head, worst_out)
+    assert bool(window_launches) == (head_kv == "repair" and batch == 1 and window >= 16)
 
 
 def decode_layer(weights, inputs, slot_mask, prompt, head_kv, window, k, chosen, chosen_idx, attention="xla"):
