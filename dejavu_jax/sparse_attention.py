@@ -178,7 +178,7 @@ def window_kernel_applies(batch: int, window: int, slots: int, head_dim: int, kn
     """Whether a "repair" step projects its window with `head_window_into_cache` (K/V written into the cache by the
     projection launch): one sequence, R >= 16 a power of two (the window's rows go through `dot`), a cache of at least
     R slots, row blocks of at least 16, and the `window_cache_write` knob on."""
-    rows = pow2_divisor(head_dim, dict(knobs or ()).get("qkv_block_rows", HeadSparsePlan.qkv_block_rows))
+    rows = pow2_divisor(head_dim, dict(knobs or ()).get("window_block_rows", HeadSparsePlan.window_block_rows))
     return (
         batch == 1
         and window >= DOT_MIN_BATCH

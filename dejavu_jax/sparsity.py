@@ -82,6 +82,10 @@ class Selection(str, enum.Enum):
     TOPK = "topk"
 
 
+TOPK_METHODS = ("sort", "rank")
+RANK_MAX_ENTRIES = 256  # "rank" compares every pair of entries: heads, not neurons
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeTuning:
     """How a batch-1 decode step computes what the policy chose (never what it chooses):
@@ -107,9 +111,9 @@ class DecodeTuning:
       fc1 kernel reads: by the `threshold_mask` Pallas kernel ("kernel"; for one device: under tensor parallelism
       XLA would gather the split scoring rows to every device for it) or an XLA GEMV ("xla");
     - `knobs`: `kernels.masked_mlp.MaskedMLPPlan` fields (block sizes, warps) overriding its per-shape defaults;
-    - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "all" (the default,
-      measured faster: `dejavu_jax/sparse_attention.py`) computes every head's K/V each step, "repair" recomputes a
-      computed head's recent K/V from a ring buffer of inputs;
+    - `head_kv`: with head sparsity, how skipped heads' K/V stay exact (`HEAD_KV_MODES`): "repair" (the default,
+      measured faster since its window is one launch: `dejavu_jax/sparse_attention.py`) recomputes a computed head's
+      recent K/V from a ring buffer of inputs, "all" computes every head's K/V each step;
     - `head_window`: R, the ring buffer's length in tokens ("repair");
     - `head_max_batch`: the largest batch whose decode steps compute only the chosen heads (`kernels.head_sparse`);
       larger batches compute every head and zero the unchosen ones' outputs before out_proj (the same outputs, at
@@ -117,7 +121,9 @@ class DecodeTuning:
       union nearly every head) the head kernels decoded at 0.36x dense
       (bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-06_heads_prompt1024_opt-6.7b.md);
     - `head_knobs`: `kernels.head_sparse.HeadSparsePlan` fields overriding its defaults, named with a "head_" prefix
-      when parsed (`head_qkv_block_rows=8` sets `qkv_block_rows`).
+      when parsed (`head_qkv_block_rows=8` sets `qkv_block_rows`);
+    - `head_topk`: how predicted heads take their k best scores (`exactly_k`'s method, the same heads): "sort"
+      (`lax.top_k`) or "rank" (pairwise comparisons, no sort kernel).
     """
 
     hidden: str = "pallas"
@@ -127,12 +133,18 @@ class DecodeTuning:
     hidden_stream: int = 0
     scores: str = "fc1"
     knobs: tuple = ()
-    head_kv: str = "all"
+    head_kv: str = "repair"
     head_window: int = 16
     head_max_batch: int = 1
     head_knobs: tuple = ()
+    head_topk: str = "sort"
 
-    CHOICES = {"hidden": ("pallas", "xla"), "scores": ("fc1", "kernel", "xla"), "head_kv": HEAD_KV_MODES}
+    CHOICES = {
+        "hidden": ("pallas", "xla"),
+        "scores": ("fc1", "kernel", "xla"),
+        "head_kv": HEAD_KV_MODES,
+        "head_topk": TOPK_METHODS,
+    }
     # int fields: (least, most) value (None: no bound)
     INTS = {
         "head_window": (1, None),
@@ -674,7 +686,7 @@ def head_rows(
         k = policy.head_k or predictor.keep
         if k >= predictor.num_outputs:
             return HeadRows()
-        mask, idx = exactly_k(head_scores(predictor, lookahead_input, policy), k)
+        mask, idx = exactly_k(head_scores(predictor, lookahead_input, policy), k, tuning.head_topk)
     if policy.head_union and tokens == 1 and batch > 1:
         # at most batch·k heads: the size the decode step's union list already has
         mask, idx = jnp.broadcast_to(jnp.any(mask, axis=0, keepdims=True), mask.shape), None
@@ -692,12 +704,31 @@ def head_scores(predictor: MLPPredictor, x, policy: SparsityPolicy):
     return predictor.scores(x)
 
 
-def exactly_k(scores, k: int):
+def exactly_k(scores, k: int, method: str = "sort"):
     """[..., n] scores -> (mask [..., n] bool with exactly k True per row, idx [..., k] int32: the same k entries,
-    distinct, in `lax.top_k` order). Ties are broken by `lax.top_k`: a decode step sizes its head list from k, so a
-    tie must not choose more."""
-    idx = jax.lax.top_k(scores, k)[1].astype(jnp.int32)  # [..., k]
-    return mask_of(idx, scores.shape[-1]), idx
+    distinct, in `lax.top_k` order: by score, descending, ties to the lower index). A decode step sizes its head list
+    from k, so a tie must not choose more.
+
+    `method` (the same result, two programs): "sort" is `lax.top_k` (on a GPU a sort kernel per call); "rank"
+    (n <= `RANK_MAX_ENTRIES`) counts for each entry the entries ranked above it (a higher score, or an equal one at a
+    lower index) and takes the entries of rank 0 .. k-1: comparisons of every pair, elementwise work XLA fuses, no
+    sort. Scores must not be NaN."""
+    if method == "sort":
+        idx = jax.lax.top_k(scores, k)[1].astype(jnp.int32)  # [..., k]
+        return mask_of(idx, scores.shape[-1]), idx
+    n = scores.shape[-1]
+    if method != "rank" or n > RANK_MAX_ENTRIES:
+        raise ValueError(
+            f"method must be one of {TOPK_METHODS}, 'rank' for at most {RANK_MAX_ENTRIES} entries. "
+            f"Got {method!r} for {n}"
+        )
+    order = jnp.arange(n, dtype=jnp.int32)
+    mine, other = scores[..., :, None], scores[..., None, :]  # [..., n (entry), n (other entry)]
+    above = (other > mine) | ((other == mine) & (order[None, :] < order[:, None]))
+    rank = jnp.sum(above, axis=-1, dtype=jnp.int32)  # [..., n]: distinct, a permutation of 0 .. n-1
+    at_rank = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, n]: one True per row
+    idx = jnp.sum(jnp.where(at_rank, order, 0), axis=-1, dtype=jnp.int32)
+    return rank < k, idx
 
 
 def mask_of(idx, n: int):

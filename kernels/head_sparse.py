@@ -102,13 +102,16 @@ class HeadSparsePlan:
     # and writes it into the cache in one launch (`head_window_into_cache`); 0: `head_qkv_pairs` over the window's
     # rows, then XLA scatters them into the cache. Read by the caller through `plan_flag`
     window_cache_write: int = 1
+    # rows of a head one `head_window_into_cache` program owns (capped to a power of two dividing hd, at least 16 for
+    # the window's dots): 32 decoded faster than 16 on an H100 (bench/results/NOTES.md, "The K/V repair in one launch")
+    window_block_rows: int = 32
     # 1: at batch 1, head_qkv carries its products over d as a [rows, block_d] tile and reduces them once at the end
     # (a block reduction is a barrier; `kernels.block_math`), and a LayerNorm's statistics reduce once per sum;
     # 0: one reduction per column block
     sum_once: int = 1
 
     def __post_init__(self):
-        for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d"):
+        for name in ("qkv_block_rows", "qkv_block_d", "out_block_rows", "out_block_d", "window_block_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
@@ -591,10 +594,12 @@ def head_window_into_cache(
             f"keys and values must be [1, H={n_heads}, S >= R={window}, hd={hd}]. Got {keys.shape}, {values.shape}"
         )
     m, n = kv_heads.shape[0], q_heads.shape[0]
-    window_plan = _plan(window, d, hd, 2 * m + n, knobs)
+    # both entry kinds take the window's row blocks (one grid)
+    rows = dict(knobs or ()).get("window_block_rows", HeadSparsePlan.window_block_rows)
+    window_plan = _plan(window, d, hd, 2 * m + n, (*(knobs or ()), ("qkv_block_rows", rows)))
     if window_plan.rows_qkv < 16:
-        raise ValueError(f"the window's dots need row blocks of at least 16 (hd={hd}, knobs {knobs})")
-    q_plan = _plan(1, d, hd, 2 * m + n, knobs)
+        raise ValueError(f"the window's dots need row blocks of at least 16 (hd={hd}, window_block_rows={rows})")
+    q_plan = _plan(1, d, hd, 2 * m + n, (*(knobs or ()), ("qkv_block_rows", rows)))
     q, keys, values = pl.pallas_call(
         functools.partial(_head_window_cache_kernel, plans=(window_plan, q_plan)),
         out_shape=(

@@ -36,6 +36,7 @@ from dejavu_jax.sparsity import (
     for_decode_batch,
     head_schedule,
     head_scores,
+    mask_of,
     scheduled_heads,
 )
 from kernels.head_sparse import head_qkv_pairs
@@ -435,6 +436,24 @@ def test_batch1_decode_step_launches_one_projection_per_layer_and_compacts_no_ma
     assert _decode_step_primitives(policy, 2).count("cumsum") > dense.count("cumsum")
 
 
+@pytest.mark.parametrize("shape, k", [((3, 1, 32), 16), ((2, 5, 40), 1), ((4, 7), 7), ((6, 12), 3)])
+def test_exactly_k_by_rank_equals_top_k(shape, k):
+    """`exactly_k(method="rank")` (pairwise comparisons, no sort) chooses the entries `lax.top_k` does, in its order:
+    on random scores and on scores with many ties (broken towards the lower index)."""
+    rng = np.random.default_rng(k)
+    for scores in (rng.standard_normal(shape), rng.integers(0, 3, shape)):
+        scores = jnp.asarray(scores, jnp.float32)
+        top_idx = np.asarray(jax.lax.top_k(scores, k)[1])
+        for method in ("sort", "rank"):
+            mask, idx = exactly_k(scores, k, method)
+            np.testing.assert_array_equal(np.asarray(idx), top_idx)
+            np.testing.assert_array_equal(np.asarray(mask), np.asarray(mask_of(jnp.asarray(top_idx), shape[-1])))
+    with pytest.raises(ValueError, match="'rank' for at most 256 entries"):
+        exactly_k(jnp.zeros((1, 300)), 4, "rank")
+    with pytest.raises(ValueError, match="method must be one of"):
+        exactly_k(jnp.zeros((1, 30)), 4, "heap")
+
+
 def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without_a_top_k():
     """The seeded schedule (`sparsity.scheduled_heads`): exactly k distinct heads per token, a function of the
     schedule, layer, slot and row only (a decode step and a whole-sequence chunk starting elsewhere agree), changing
@@ -452,11 +471,12 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
     assert (mask[:, 1:] != mask[:, :-1]).any(-1).mean() > 0.9  # a new choice nearly every step
     assert np.abs(mask.mean(axis=(0, 1)) - k / n_heads).max() < 0.15
     assert not (np.asarray(scheduled_heads(key, 4, jnp.int32(5), 2, 200, n_heads, k)[0]) == mask).all()
-    prims = _decode_step_primitives(fixed_heads(2), 1)
+    assert not {"top_k", "sort", "random_bits", "threefry2x32"} & set(_decode_step_primitives(fixed_heads(2), 1))
+    # With every head's K/V, head_qkv_cache_write (the default): the projection kernel writes K/V, no cache writes
+    # after it (two per layer with the knob off)
+    prims = _decode_step_primitives(fixed_heads(2, head_kv="all"), 1)
     assert not {"top_k", "sort", "random_bits", "threefry2x32"} & set(prims), prims
-    # head_qkv_cache_write (the default): the projection kernel writes K/V, no cache writes after it (two per
-    # layer with the knob off)
-    unfused = _decode_step_primitives(fixed_heads(2, head_qkv_cache_write=0), 1)
+    unfused = _decode_step_primitives(fixed_heads(2, head_kv="all", head_qkv_cache_write=0), 1)
     layers = CONFIG.num_hidden_layers
     assert unfused.count("dynamic_update_slice") - prims.count("dynamic_update_slice") == 2 * layers
     assert prims.count("pallas_call:head_qkv_cache") == layers
@@ -470,7 +490,8 @@ def test_fixed_schedule_keeps_k_distinct_heads_that_change_with_the_slot_without
         step = jax.make_jaxpr(lambda c: decode_step(params, c, token, SCHEDULE, config=CONFIG, policy=policy))
         return primitives_outside_kernels(step(cache).jaxpr).count("rsqrt")
 
-    assert rsqrt_in_xla(fixed_heads(2, head_qkv_layernorm=0)) - rsqrt_in_xla(fixed_heads(2)) == layers
+    every_kv = fixed_heads(2, head_kv="all")
+    assert rsqrt_in_xla(fixed_heads(2, head_kv="all", head_qkv_layernorm=0)) - rsqrt_in_xla(every_kv) == layers
     with pytest.raises(ValueError, match=r"the head schedule is \(5, 32\), but layer 5 of a model with 32 heads"):
         scheduled_heads(key, 5, jnp.int32(0), 1, 1, n_heads, k)
 
@@ -505,7 +526,7 @@ def test_tuning_and_cache_errors():
         SparsityPolicy(heads=HeadSparsity.FIXED, head_k=1, tuning=(("head_window", "many"),))
     with pytest.raises(ValueError, match="fixed head selection needs head_k"):
         SparsityPolicy(heads=HeadSparsity.FIXED)
-    assert fixed_heads(1, head_kv="repair").recent_window == 16 and fixed_heads(1).recent_window == 0
+    assert fixed_heads(1).recent_window == 16 and fixed_heads(1, head_kv="all").recent_window == 0
     # A batch too large for the MLP kernels keeps its head policy, and how the heads' K/V are kept.
     policy, weights = for_decode_batch(fixed_heads(1, head_kv="all", head_window=4), SCHEDULE, 8)
     assert (policy.tuning.head_kv, policy.tuning.head_window, weights) == ("all", 4, SCHEDULE)
