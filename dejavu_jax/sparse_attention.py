@@ -5,29 +5,31 @@ The rule (GUIDE.md, sparse seams): a head, whenever it is computed, attends over
 A step computes Q, attention and the out_proj contribution of the chosen heads only (kernels/head_sparse.py reads
 their weight rows in place). For K/V, two exact ways, chosen by `DecodeTuning.head_kv` (static):
 
-- "repair": only the computed heads get K/V. The cache keeps, per layer, the last R attention inputs of every
-  sequence (`KVCache.recent_inputs` [B, R, d], row = slot mod R). Besides the chosen heads, f = ceil(H / R) heads
-  are forced each step by a rotation (`forced_heads`), so every head is computed at least once every R steps. A
-  computed head (chosen or forced) recomputes its K/V for the window of slots [c-R+1, c] from the buffer (the
-  window's R·B inputs are the batch rows of one `head_qkv_pairs`, which also gives the chosen heads' Q from the
-  current token's row) and writes them to the cache: its previous computation was at most R steps ago, so every slot
-  before the window is already exact. Per step it reads the K/V weights of
-  the chosen and forced heads only; the price is R times the arithmetic on those rows and a scatter of R slots.
+- "repair" (the default): only the computed heads get K/V. The cache keeps, per layer, the last R attention inputs
+  of every sequence (`KVCache.recent_inputs` [B, R, d], row = slot mod R). Besides the chosen heads, f = ceil(H / R)
+  heads are forced each step by a rotation (`forced_heads`), so every head is computed at least once every R steps.
+  A computed head (chosen or forced) recomputes its K/V for the window of slots [c-R+1, c] from the buffer and
+  writes them to the cache: its previous computation was at most R steps ago, so every slot before the window is
+  already exact. Per step it reads the K/V weights of the chosen and forced heads only; the price is R times the
+  arithmetic on those rows (on tensor cores) and R slots written per head. At batch 1 with R >= 16 (a power of two)
+  one launch does it all (`head_window_into_cache`: the window's rows through `dot`, K/V written into the cache by
+  the kernel, Q of the chosen heads from the new token); otherwise one `head_qkv_pairs` over the window's R·B rows
+  and XLA scatters into the cache (the `window_cache_write=0` knob forces this path).
 - "all": every head's K/V of the new token each step (in the same `head_qkv_pairs` launch as the chosen heads' Q);
-  Q, attention and out_proj stay sparse. No buffer, but it reads every head's K/V weights (2/3 of the QKV weights) every step.
-  Below 16 sequences that launch also writes the K/V into the cache (`head_qkv_into_cache`), replacing the two
-  cache writes after it, and applies the attention LayerNorm to the pre-LayerNorm input the model hands it: the
-  `qkv_cache_write` and `qkv_layernorm` knobs, on by default since they measured faster on an H100 (with 16 of 32
-  heads and 10% of the neurons at opt-6.7b, 2.71 -> 2.65 ms a token with fixed choices, 3.19 -> 3.11 predicted:
-  bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-06_knobs_opt-6.7b.md); `--tuning head_qkv_cache_write=0`
+  Q, attention and out_proj stay sparse. No buffer, but it reads every head's K/V weights (2/3 of the QKV weights)
+  every step. Below 16 sequences that launch also writes the K/V into the cache (`head_qkv_into_cache`), replacing
+  the two cache writes after it, and applies the attention LayerNorm to the pre-LayerNorm input the model hands it:
+  the `qkv_cache_write` and `qkv_layernorm` knobs, on by default since they measured faster on an H100
+  (bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-06_knobs_opt-6.7b.md); `--tuning head_qkv_cache_write=0`
   / `head_qkv_layernorm=0` turn them off.
 
-"all" is the default because it decodes faster, though it reads more weight bytes: on an H100 (opt-6.7b, batch 1,
-16 of 32 heads, bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-11-27_head-kv_opt-6.7b.md) every head's K/V took
-5.25 ms a token against 6.11 for the repair (dense 5.32), and 2.87 against 3.65 beside a 10%-row sparse MLP (2.94
-with every head). The repair's one projection launch ran at about 3x its weight bytes (53 µs a layer against 39 µs
-for XLA's dense QKV GEMV, `bench profile --head-density 0.5`): R times the rows, a scatter of R slots, and a
-gather-GEMV slower than XLA's.
+Why "repair" is the default: on an H100 (opt-6.7b, batch 1, prompt 128, 16 of 32 heads beside 10% fixed MLP rows,
+one process: bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-07_repair-window_opt-6.7b.md) the one-launch
+repair decoded at 2.56 ms a token with 16-row blocks and 2.50 with 32 (then set through `qkv_block_rows`; now the
+`window_block_rows` default) against
+2.68 for every head's K/V (dense 5.33); its window kernel took 29.5 µs a layer against 37.2 for the "all" launch
+(profiles of 2026-12-07). The same repair through `head_qkv_pairs` and XLA scatters ran at 3.50: that path's
+projection ran at ~3x its weight bytes, which is why "all" had been the default before the one-launch kernel.
 
 Batch: the step computes the union of the batch's chosen heads (a static list of min(H, B·k) entries, padded with
 repeats of a real head); each sequence's out_proj sums only the heads it chose (the others' outputs are zeroed

@@ -33,6 +33,10 @@ Design (Triton-lowered Pallas):
 * `head_out_proj`: grid (head group, column block of d). Program (g, c) walks its group's chosen heads (a
   `fori_loop`), reading out_w[head_idx[j], rows, cols] in row blocks, and writes an fp32 partial [B, block_d]; the
   wrapper sums the groups and adds out_b. Groups multiply the programs when d has few column blocks.
+* `head_window_into_cache` (one sequence): grid (1, entry, row block) over 2m K/V entries and n Q entries. A K/V
+  program gathers the R buffer rows of the window in slot order ([R, block_d] tiles), multiplies them with its
+  `window_block_rows` weight rows through `dot` and stores the [R, rows] result as one contiguous slice of the cache
+  (the window is R consecutive slots); a Q program runs the per-row path on the new token alone.
 * Batch: below `DOT_MIN_BATCH` rows both kernels multiply and sum on the CUDA cores, unrolled over the rows; from
   `DOT_MIN_BATCH` rows (and row blocks of at least 16) x / heads_out are padded to a power of two >= 16 rows and the
   tiles go through `dot` (Triton's dot needs >= 16 on each side). Up to `MAX_BATCH` rows.
