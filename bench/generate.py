@@ -23,11 +23,11 @@ The floor is (weight bytes + mean KV-cache bytes read per decode step) / the dev
 the same run.
 
 With --head-density, attention heads are sparse too: each decode step computes only k = round(density · heads)
-heads per layer (kernels/head_sparse.py), every head's K/V kept exact (every head's K/V each step by default;
-`--tuning head_kv=repair` for the ring-buffer repair; dejavu_jax/sparse_attention.py). Batches above 1 compute every
+heads per layer (kernels/head_sparse.py), every head's K/V kept exact (the ring-buffer repair by default;
+`--tuning head_kv=all` for every head's K/V each step; dejavu_jax/sparse_attention.py). Batches above 1 compute every
 head and zero the unchosen ones' outputs (measured faster; `--tuning head_max_batch=N` runs the head kernels up to N
 sequences). Rows added:
-- fixed heads: a seeded random k heads per token, layer and step (so a repair, when tuned in, runs), MLP dense;
+- fixed heads: a seeded random k heads per token, layer and step (so the repair runs), MLP dense;
 - fixed rows + fixed heads (with --mlp-density and the fixed variant);
 - predicted + predicted heads (with the predicted variant): random-weight head predictors of the row's rank, top-k
   on the previous layer's input (the lookahead), beside the MLP predictors.

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         help="with --head-density: a seeded random schedule (fixed) or random head predictors of --predictor-rank",
     )
     p.add_argument(
-        "--head-kv", default="all", choices=HEAD_KV_MODES, help="with --head-density (default all, as decoding)"
+        "--head-kv", default="repair", choices=HEAD_KV_MODES, help="with --head-density (default repair, as decoding)"
     )
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism over this many devices (default 1; see above)")
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")

@@ -33,6 +33,7 @@ from dejavu_jax.sparse_attention import (
     AttentionWeights,
     head_sparse_decode,
     head_sparse_decode_split,
+    window_kernel_applies,
     write_recent_inputs,
 )
 from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split, mlp_dense, mlp_per_token_rows
@@ -121,16 +122,22 @@ class OPTAttention(nn.Module):
         self.out_b = self.param("out_b", nn.initializers.zeros, (d,), self.dtype)
 
     def fuses_layernorm(self, x, layer_kv, heads: HeadRows) -> bool:
-        """Whether this call may hand the head-sparse decode step the pre-LayerNorm input and the LayerNorm (the
-        `qkv_layernorm` knob, every head's K/V, below the kernels' dot batch, no input ring buffer to keep)."""
+        """Whether this call may hand the head-sparse decode step the pre-LayerNorm input and the LayerNorm: the
+        `qkv_layernorm` knob with every head's K/V, below the kernels' dot batch, no input ring buffer to keep; the
+        `window_layernorm` knob with the repair on one device where its window kernel runs
+        (`sparse_attention.window_kernel_applies`; the kernel then writes the buffer's row too)."""
         B, T, _ = x.shape
-        return (
-            bool(plan_flag(heads.knobs, "qkv_layernorm"))
-            and self._sparse_decode(B, T, layer_kv, heads)
-            and heads.head_kv == "all"
-            and B < DOT_MIN_BATCH
-            and layer_kv[2] is None
-        )
+        if not self._sparse_decode(B, T, layer_kv, heads):
+            return False
+        if heads.head_kv == "repair":
+            keys, _, recent = layer_kv
+            return (
+                bool(plan_flag(heads.knobs, "window_layernorm"))
+                and self.mesh is None
+                and recent is not None
+                and window_kernel_applies(B, recent.shape[1], keys.shape[2], self.config.head_dim, heads.knobs)
+            )
+        return bool(plan_flag(heads.knobs, "qkv_layernorm")) and B < DOT_MIN_BATCH and layer_kv[2] is None
 
     @staticmethod
     def _sparse_decode(B: int, T: int, layer_kv, heads: HeadRows) -> bool:

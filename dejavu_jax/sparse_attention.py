@@ -247,8 +247,10 @@ def head_sparse_decode(
     of `chosen`. allowed [B, S] bool: the slots the new token may read (its own included). `attention_impl`: "xla"
     or "pallas" (kernels/decode_attention.py). `knobs`: `kernels.head_sparse.HeadSparsePlan` overrides for both
     projections. B <= MAX_BATCH. `layernorm`
-    (scale [d], bias [d], eps; "all" only, B below `kernels.head_sparse.DOT_MIN_BATCH`): x is the pre-LayerNorm
-    input and the projection kernel normalises it (the `qkv_layernorm` knob asks the model for this).
+    (scale [d], bias [d], eps; with "all" for B below `kernels.head_sparse.DOT_MIN_BATCH`, with "repair" where
+    `window_kernel_applies`): x is the pre-LayerNorm input and the projection kernel normalises it (the
+    `qkv_layernorm` / `window_layernorm` knobs ask the model for this; the repair's kernel then also writes the
+    normalised row into the buffer).
 
     Launches: one `head_qkv_pairs` (K/V and Q together, below) and one `head_out_proj` per step while the rows fit
     one kernel call (B·R <= MAX_BATCH in "repair", B <= MAX_BATCH in "all").
@@ -285,10 +287,10 @@ def head_sparse_decode(
 
 def _check_step(x, recent, chosen, chosen_idx, k: int, head_kv: str, layernorm=None) -> None:
     batch = x.shape[0]
-    if layernorm is not None and (head_kv != "all" or batch >= DOT_MIN_BATCH):
+    if layernorm is not None and (batch >= DOT_MIN_BATCH or (head_kv == "repair" and batch != 1)):
         raise ValueError(
-            f"the projection kernel applies the LayerNorm with head_kv='all' below {DOT_MIN_BATCH} sequences. "
-            f"Got head_kv={head_kv!r}, {batch} sequences"
+            f"the projection kernel applies the LayerNorm with head_kv='all' below {DOT_MIN_BATCH} sequences, with "
+            f"'repair' for one. Got head_kv={head_kv!r}, {batch} sequences"
         )
     if head_kv not in HEAD_KV_MODES:
         raise ValueError(f"head_kv must be one of {HEAD_KV_MODES}. Got {head_kv!r}")
@@ -338,15 +340,33 @@ def _decode_heads(
             # taken from the buffer row of the current token (it holds x once written, in x's dtype). Weight bytes:
             # K/V of n + f heads and Q of n, what separate K/V and Q launches read; Q costs R times the arithmetic.
             window = recent.shape[1]
-            recent = write_recent_inputs(recent, x[:, None], cursor)
             kv_heads = jnp.concatenate([q_heads, forced])
             m = kv_heads.shape[0]
             if window_kernel_applies(batch, window, keys.shape[2], head_dim, knobs):
-                # The same rows in one launch that writes the window's K/V into the cache itself.
-                q, keys, values = head_window_into_cache(
-                    x, recent[0], weights.qkv_w, weights.qkv_b, kv_heads, q_heads, keys, values, cursor, knobs=knobs
+                # The same rows in one launch that writes the window's K/V into the cache itself (and with a
+                # LayerNorm, normalises x and writes it into the buffer too).
+                if layernorm is None:
+                    recent = write_recent_inputs(recent, x[:, None], cursor)
+                q, keys, values, buffer = head_window_into_cache(
+                    x,
+                    recent[0],
+                    weights.qkv_w,
+                    weights.qkv_b,
+                    kv_heads,
+                    q_heads,
+                    keys,
+                    values,
+                    cursor,
+                    knobs=knobs,
+                    **wrapper_kwargs(layernorm),
                 )
+                recent = buffer[None]
             else:
+                if layernorm is not None:
+                    raise ValueError(
+                        "the repair applies the LayerNorm only in head_window_into_cache (window_kernel_applies)"
+                    )
+                recent = write_recent_inputs(recent, x[:, None], cursor)
                 pairs = kv_q_pairs(kv_heads, q_heads)
                 rows = _qkv_pairs_rows(recent.reshape(batch * window, d), weights, *pairs, knobs)
                 rows = rows.reshape(batch, window, 2 * m + n, head_dim)

@@ -109,6 +109,10 @@ class HeadSparsePlan:
     # rows of a head one `head_window_into_cache` program owns (capped to a power of two dividing hd, at least 16 for
     # the window's dots): 32 decoded faster than 16 on an H100 (bench/results/NOTES.md, "The K/V repair in one launch")
     window_block_rows: int = 32
+    # 1: a batch-1 repair step hands `head_window_into_cache` the pre-LayerNorm input and the LayerNorm, which the
+    # kernel applies, also writing the buffer's new row (no LayerNorm and no buffer write in XLA); read by the model
+    # through `plan_flag`. Off by default: not yet timed
+    window_layernorm: int = 0
     # 1: at batch 1, head_qkv carries its products over d as a [rows, block_d] tile and reduces them once at the end
     # (a block reduction is a barrier; `kernels.block_math`), and a LayerNorm's statistics reduce once per sum;
     # 0: one reduction per column block
@@ -121,7 +125,14 @@ class HeadSparsePlan:
                 raise ValueError(f"{name} must be a positive power of two. Got {value!r}")
         if self.sum_once not in (0, 1):
             raise ValueError(f"sum_once must be 0 or 1. Got {self.sum_once!r}")
-        zero_ok = ("out_groups", "qkv_step_blocks", "qkv_cache_write", "qkv_layernorm", "window_cache_write")
+        zero_ok = (
+            "out_groups",
+            "qkv_step_blocks",
+            "qkv_cache_write",
+            "qkv_layernorm",
+            "window_cache_write",
+            "window_layernorm",
+        )
         for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", *zero_ok):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in zero_ok else 1):
@@ -279,17 +290,25 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
             q_ref[b, j - 2 * n_heads, rows] = a.astype(q_ref.dtype)
 
 
-def _head_window_cache_kernel(kv_idx_ref, q_idx_ref, cursor_ref, x_ref, recent_ref, w_ref, b_ref, *rest, plans):
-    # kv_idx_ref [m] int32, q_idx_ref [n] int32, cursor_ref [1] int32; x_ref [1, d]: the new token's input;
-    # recent_ref [R, d]: the inputs of slots cursor-R+1 .. cursor at row slot mod R; w_ref [1, 3H, hd, d], b_ref
-    # [1, 3H, hd] (part z's head h is "head" z·H + h); k_ref / v_ref [1, H, S, hd] (aliased to the inputs); q_ref
-    # [1, n, hd]. Entry j < m: K of kv_idx[j]; m <= j < 2m: V of kv_idx[j - m]; then Q of q_idx[j - 2m].
-    _k_in, _v_in, q_ref, k_ref, v_ref = rest
+def _head_window_cache_kernel(kv_idx_ref, q_idx_ref, cursor_ref, x_ref, *rest, plans, eps=None):
+    # kv_idx_ref [m] int32, q_idx_ref [n] int32, cursor_ref [1] int32; x_ref [1, d]: the new token's input (with a
+    # LayerNorm (eps), its pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is
+    # "head" z·H + h), with a LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent
+    # [R, d], the inputs of slots cursor-R+1 .. cursor at row slot mod R (with a LayerNorm the row of `cursor` is
+    # written here: program (0, 0, 0) stores it, and every window takes it from x instead of the buffer), k / v
+    # [1, H, S, hd], then q [1, n, hd].
     window_plan, q_plan = plans
+    if eps is None:
+        w_ref, b_ref, recent_ref, _k_in, _v_in, q_ref, k_ref, v_ref = rest
+        layernorm = None
+    else:
+        w_ref, b_ref, scale_ref, bias_ref, _r_in, _k_in, _v_in, q_ref, recent_ref, k_ref, v_ref = rest
+        stats = row_stats(x_ref, 1, q_plan.d, q_plan.bd_qkv, eps, once=bool(q_plan.sum_once))
+        layernorm = (stats, scale_ref, bias_ref)
     n_heads, window, m = k_ref.shape[1], recent_ref.shape[0], kv_idx_ref.shape[0]
-    j, cursor = pl.program_id(1), cursor_ref[0]
+    j, row_block, cursor = pl.program_id(1), pl.program_id(2), cursor_ref[0]
     rb = window_plan.rows_qkv
-    rows = pl.ds(pl.multiple_of(pl.program_id(2) * rb, rb), rb)
+    rows = pl.ds(pl.multiple_of(row_block * rb, rb), rb)
 
     @pl.when(j < 2 * m)
     def _():
@@ -301,7 +320,11 @@ def _head_window_cache_kernel(kv_idx_ref, q_idx_ref, cursor_ref, x_ref, recent_r
         start = jnp.maximum(cursor - (window - 1), 0)
         buffer_rows = (start + lax.iota(jnp.int32, window)) % window
         flat = (1 + is_v.astype(jnp.int32)) * n_heads + head
-        acc = _window_rows(recent_ref, buffer_rows, w_ref, b_ref, flat, rows, window_plan)
+        new_row = None
+        if layernorm is not None:
+            writes = (j == 0) & (row_block == 0)
+            new_row = (cursor - start, cursor % window, writes, layernorm)
+        acc = _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, window_plan, new_row)
         slots = pl.ds(start, window)
 
         @pl.when(~is_v)
@@ -315,21 +338,33 @@ def _head_window_cache_kernel(kv_idx_ref, q_idx_ref, cursor_ref, x_ref, recent_r
     @pl.when(j >= 2 * m)
     def _():
         q_entry = jnp.maximum(j - 2 * m, 0)
-        (acc,) = _qkv_rows(x_ref, w_ref, b_ref, 0, q_idx_ref[q_entry], rows, q_plan)
+        (acc,) = _qkv_rows(x_ref, w_ref, b_ref, 0, q_idx_ref[q_entry], rows, q_plan, layernorm)
         q_ref[0, q_entry, rows] = acc.astype(q_ref.dtype)
 
 
-def _window_rows(recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan: HeadSparsePlan):
-    """recent[buffer_rows] · w[0, flat, rows]ᵀ + b[0, flat, rows] in fp32 [R, rb], on the dot path (R >= 16 rows)."""
+def _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan: HeadSparsePlan, new_row=None):
+    """recent[buffer_rows] · w[0, flat, rows]ᵀ + b[0, flat, rows] in fp32 [R, rb], on the dot path (R >= 16 rows).
+    `new_row` (the cursor's window row and buffer row, whether this program writes the buffer, the LayerNorm): that
+    window row is LayerNorm(x) instead of the buffer's, and the writing program stores it into the buffer."""
     bd = plan.bd_qkv
+    window = recent_ref.shape[0]
 
     def step(s, acc):
         cols = pl.ds(pl.multiple_of(s * bd, bd), bd)
         x = recent_ref[buffer_rows, cols]  # [R, bd]: the window in slot order (a gather of R rows)
+        if new_row is not None:
+            at, buffer_row, writes, layernorm = new_row
+            normed = normalized_block(x_ref, 0, cols, *layernorm).astype(x.dtype)  # [bd]
+            x = jnp.where((lax.iota(jnp.int32, window) == at)[:, None], normed[None, :], x)
+
+            @pl.when(writes)
+            def _():
+                recent_ref[buffer_row, cols] = normed
+
         w = w_ref[0, flat, rows, cols]  # [rb, bd]
         return acc + plgpu.dot(x, w, trans_b=True, precision=_dot_precision(w.dtype))
 
-    init = jnp.zeros((recent_ref.shape[0], plan.rows_qkv), jnp.float32)
+    init = jnp.zeros((window, plan.rows_qkv), jnp.float32)
     acc = lax.fori_loop(0, plan.d // bd, step, init)
     return acc + b_ref[0, flat, rows].astype(jnp.float32)[None, :]
 
@@ -566,21 +601,38 @@ def head_qkv_into_cache(
     return q, keys, values
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
 def head_window_into_cache(
-    x, recent, qkv_w, qkv_b, kv_heads, q_heads, keys, values, cursor, *, knobs=None, interpret=None
+    x,
+    recent,
+    qkv_w,
+    qkv_b,
+    kv_heads,
+    q_heads,
+    keys,
+    values,
+    cursor,
+    *,
+    knobs=None,
+    interpret=None,
+    ln_scale=None,
+    ln_bias=None,
+    ln_eps=1e-5,
 ):
-    """(q [1, n, hd], keys, values) in one launch, one sequence: K and V of the m heads `kv_heads` recomputed over
-    the window of the R slots ending at `cursor` from their inputs and written into the cache keys / values
-    [1, H, S, hd] (in place where XLA can alias them; other heads and slots as they were), and Q of the n heads
+    """(q [1, n, hd], keys, values, recent) in one launch, one sequence: K and V of the m heads `kv_heads`
+    recomputed over the window of the R slots ending at `cursor` from their inputs and written into the cache keys /
+    values [1, H, S, hd] (in place where XLA can alias them; other heads and slots as they were), and Q of the n heads
     `q_heads` from x [1, d], the input at `cursor`.
 
-    recent [R, d]: the ring buffer of inputs, slot s at row s mod R, already holding x at cursor mod R (R >= 16, a
-    power of two: the window's rows go through `dot`); S >= R. Slots cursor-R+1 .. cursor that exist are written
-    exactly; while cursor < R-1 the window is slots 0 .. R-1, and the slots past the cursor get the buffer's stale
-    rows (the caller's contract: nothing reads a slot past the cursor before it is written again, as the K/V repair
-    guarantees). A head listed twice in kv_heads writes the same values twice. `cursor` is not range-checked on GPU.
-    Numerics as `head_qkv_pairs` (fp32 sums, fp32 bias, one rounding); `knobs` as for `head_qkv`.
+    recent [R, d]: the ring buffer of inputs, slot s at row s mod R (R >= 16, a power of two: the window's rows go
+    through `dot`); S >= R. Without a LayerNorm it must already hold x at row cursor mod R, and comes back as given.
+    With `ln_scale` / `ln_bias` [d], x is the pre-LayerNorm input: the kernel normalises it (kernels/layernorm.py) and
+    writes the result into the buffer's row cursor mod R itself (returned updated), so the step runs neither a
+    LayerNorm nor a buffer write in XLA. Slots cursor-R+1 .. cursor that exist are written exactly; while cursor <
+    R-1 the window is slots 0 .. R-1, and the slots past the cursor get the buffer's stale rows (the caller's
+    contract: nothing reads a slot past the cursor before it is written again, as the K/V repair guarantees). A head
+    listed twice in kv_heads writes the same values twice. `cursor` is not range-checked on GPU. Numerics as
+    `head_qkv_pairs` (fp32 sums, fp32 bias, one rounding); `knobs` as for `head_qkv`.
     """
     n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, q_heads)
     window = recent.shape[0] if recent.ndim == 2 else 0
@@ -604,15 +656,21 @@ def head_window_into_cache(
     if window_plan.rows_qkv < 16:
         raise ValueError(f"the window's dots need row blocks of at least 16 (hd={hd}, window_block_rows={rows})")
     q_plan = _plan(1, d, hd, 2 * m + n, (*(knobs or ()), ("qkv_block_rows", rows)))
-    q, keys, values = pl.pallas_call(
-        functools.partial(_head_window_cache_kernel, plans=(window_plan, q_plan)),
-        out_shape=(
-            jax.ShapeDtypeStruct((1, n, hd), x.dtype),
-            jax.ShapeDtypeStruct(keys.shape, keys.dtype),
-            jax.ShapeDtypeStruct(values.shape, values.dtype),
-        ),
+    eps, ln_args = ln.call_args(ln.checked(ln_scale, ln_bias, ln_eps, d))
+    cache_shapes = (jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype))
+    first = 6 + len(ln_args)  # the aliased inputs: (recent,) keys, values
+    if eps is None:
+        out_shape = (jax.ShapeDtypeStruct((1, n, hd), x.dtype), *cache_shapes)
+        aliases = {first + 1: 1, first + 2: 2}
+    else:
+        out_shape = (jax.ShapeDtypeStruct((1, n, hd), x.dtype), jax.ShapeDtypeStruct(recent.shape, recent.dtype))
+        out_shape = (*out_shape, *cache_shapes)
+        aliases = {first: 1, first + 1: 2, first + 2: 3}
+    outs = pl.pallas_call(
+        functools.partial(_head_window_cache_kernel, plans=(window_plan, q_plan), eps=eps),
+        out_shape=out_shape,
         grid=(1, 2 * m + n, hd // window_plan.rows_qkv),
-        input_output_aliases={7: 1, 8: 2},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=window_plan.qkv_warps, num_stages=window_plan.qkv_stages),
         interpret=resolve_interpret(interpret),
         name="head_window_cache",
@@ -621,13 +679,18 @@ def head_window_into_cache(
         q_heads.astype(jnp.int32),
         jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,)),
         x,
-        recent,
         qkv_w.reshape(1, 3 * n_heads, hd, d),
         qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),
+        *ln_args,
+        recent,
         keys,
         values,
     )
-    return q, keys, values
+    if eps is None:
+        q, keys, values = outs
+    else:
+        q, recent, keys, values = outs
+    return q, keys, values, recent
 
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))

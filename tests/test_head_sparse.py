@@ -226,21 +226,29 @@ class TestHeadSparse(CompiledKernelCases):
     ]
 
     @pytest.mark.parametrize("case", WINDOW_CASES)
-    def test_window_into_cache_writes_the_windows_kv(self, case):
+    @pytest.mark.parametrize("layernorm", [False, True])
+    def test_window_into_cache_writes_the_windows_kv(self, case, layernorm):
         """K/V of the listed heads over the slots max(0, cursor-R+1) .. cursor, from the ring buffer of inputs, land
         in the cache (other heads and slots before the window untouched), and Q of the other list comes from x:
-        against float64."""
+        against float64. With a LayerNorm, x is the pre-LayerNorm input: the kernel normalises it, uses it for the
+        cursor's slot in place of the buffer's (stale) row and writes it into that row (the other rows untouched)."""
         window, n_heads, hd, d, kv_idx, q_idx, cursor, dtype, knobs = case
         rng = np.random.default_rng(window + cursor)
         slots = max(cursor, window) + 8
-        inputs = rng.standard_normal((slots, d))
+        raw = rng.standard_normal((slots, d)) * 2 + 0.5
+        scale, bias = rng.standard_normal(d) * 0.2 + 1, rng.standard_normal(d) * 0.3
+        normed = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, keepdims=True) + 1e-5) * scale + bias
+        inputs = normed if layernorm else raw  # the attention inputs the K/V are projected from
         recent = np.zeros((window, d))
         for s in range(cursor + 1):
             recent[s % window] = inputs[s]
+        if layernorm:
+            recent[cursor % window] = 99.0  # stale: the kernel writes this row
         _, qkv_w, qkv_b, *_ = random_case(1, n_heads, hd, d, 1, dtype, seed=window + d)
         keys, values = (jnp.asarray(rng.standard_normal((1, n_heads, slots, hd)), dtype) for _ in range(2))
-        x, recent = jnp.asarray(inputs[cursor : cursor + 1], dtype), jnp.asarray(recent, dtype)
-        q, new_keys, new_values = head_window_into_cache(
+        x, recent = jnp.asarray(raw[cursor : cursor + 1], dtype), jnp.asarray(recent, dtype)
+        ln = dict(ln_scale=jnp.asarray(scale, dtype), ln_bias=jnp.asarray(bias, dtype)) if layernorm else {}
+        q, new_keys, new_values, new_recent = head_window_into_cache(
             x,
             recent,
             qkv_w,
@@ -252,6 +260,7 @@ class TestHeadSparse(CompiledKernelCases):
             jnp.int32(cursor),
             knobs=knobs,
             interpret=self.INTERPRET,
+            **ln,
         )
         assert q.shape == (1, len(q_idx), hd) and q.dtype == jnp.dtype(dtype)
         xs, w, b = f64(jnp.asarray(inputs, dtype), qkv_w, qkv_b)
@@ -266,6 +275,12 @@ class TestHeadSparse(CompiledKernelCases):
                     np.testing.assert_array_equal(new[0, h, :first], cache[0, h, :first])
                 else:
                     np.testing.assert_array_equal(new[0, h], cache[0, h])
+        others = np.arange(window) != cursor % window
+        np.testing.assert_array_equal(np.asarray(new_recent)[others], np.asarray(recent)[others])
+        if layernorm:
+            assert row_err(new_recent[cursor % window], normed[cursor]) <= TOLERANCE[dtype]
+        else:
+            np.testing.assert_array_equal(np.asarray(new_recent), np.asarray(recent))
 
     def test_bad_input(self):
         kw = dict(interpret=self.INTERPRET)
@@ -380,11 +395,10 @@ def test_lowers_for_gpu(batch, n_heads, hd, d, h):
         )
         assert "head_qkv_cache" in text
         if batch == 1:
-            text = lowered_text_for_cuda(
-                jax.jit(lambda *a: head_window_into_cache(*a, interpret=False)),
-                s((1, d), jnp.float16),
-                s((16, d), jnp.float16),
-                s((3, n_heads, hd, d), jnp.float16),
+            one, zero = s((d,), jnp.float16), s((d,), jnp.float16)
+            args = (s((1, d), jnp.float16), s((16, d), jnp.float16), s((3, n_heads, hd, d), jnp.float16))
+            args = (
+                *args,
                 s((3, n_heads, hd), jnp.float16),
                 s((h + 2,), jnp.int32),
                 idx,
@@ -392,7 +406,12 @@ def test_lowers_for_gpu(batch, n_heads, hd, d, h):
                 cache,
                 s((), jnp.int32),
             )
-            assert "head_window_cache" in text
+            plain = jax.jit(lambda *a: head_window_into_cache(*a, interpret=False))
+            assert "head_window_cache" in lowered_text_for_cuda(plain, *args)
+            normalising = jax.jit(
+                lambda *a: head_window_into_cache(*a[:-2], interpret=False, ln_scale=a[-2], ln_bias=a[-1])
+            )
+            assert "head_window_cache" in lowered_text_for_cuda(normalising, *args, one, zero)
     else:
         with pytest.raises(ValueError, match="apply a LayerNorm below 16 rows"):
             one = jnp.ones((d,), jnp.float16)

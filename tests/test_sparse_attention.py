@@ -263,13 +263,13 @@ CONFIG = small_config(max_position_embeddings=96)
 SCHEDULE = SparseWeights(head_schedule=head_schedule(7, CONFIG.num_hidden_layers, CONFIG.num_attention_heads))
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "attention_impl"))
-def decode_logits(params, weights, ids, mask, continuation, *, policy, attention_impl="xla"):
+@functools.partial(jax.jit, static_argnames=("policy", "attention_impl", "config"))
+def decode_logits(params, weights, ids, mask, continuation, *, policy, attention_impl="xla", config=CONFIG):
     """Prefill the prompt [B, P] (every head), then decode `continuation` [B, N] one token a step in one compiled
     scan: logits [N, B, V]."""
-    model = OPTForCausalLM(CONFIG, jnp.float32, attention_impl)
+    model = OPTForCausalLM(config, jnp.float32, attention_impl)
     batch, num_slots = ids.shape[0], ids.shape[1] + continuation.shape[1]
-    cache = KVCache.create(CONFIG, batch, num_slots, jnp.float32, policy.recent_window)
+    cache = KVCache.create(config, batch, num_slots, jnp.float32, policy.recent_window)
     _, cache = model.apply({"params": params}, ids, mask, cache, logits_for="last")
 
     def step(cache, token):
@@ -316,6 +316,41 @@ def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, att
     assert rel_max_err(sparse, decode_logits(params, SCHEDULE, ids, mask, continuation, policy=every_head)) <= 1e-5
     # The skipped heads did change something.
     assert rel_max_err(sparse, whole_sequence_logits(params, ids, mask, continuation)) > 1e-3
+
+
+# head_dim 16: the repair's window kernel (`head_window_into_cache`) applies at batch 1
+WIDE = small_config(hidden_size=64, word_embed_proj_dim=64, max_position_embeddings=96)
+WIDE_SCHEDULE = SparseWeights(head_schedule=head_schedule(5, WIDE.num_hidden_layers, WIDE.num_attention_heads))
+
+
+@pytest.mark.parametrize("window_layernorm", [0, 1])
+def test_model_decode_with_the_window_kernel_equals_the_every_head_decode(window_layernorm):
+    """At batch 1 the repair's window goes through `head_window_into_cache` (one launch per layer, no XLA scatter);
+    with `window_layernorm` the kernel also applies the attention LayerNorm and writes the buffer's row (one rsqrt
+    and one buffer write a layer fewer in XLA). 40 decode steps after an 8-token prompt (the first windows reach
+    past the cursor) give the logits of the reference decode that computes every head."""
+    policy = fixed_heads(1, head_kv="repair", head_window=16, head_window_layernorm=window_layernorm)
+    layers = WIDE.num_hidden_layers
+    assert _decode_step_primitives(policy, 1, WIDE_SCHEDULE, WIDE).count("pallas_call:head_window_cache") == layers
+    params = init_params(WIDE, jax.random.PRNGKey(1))
+
+    def in_xla(policy):  # the decode step's primitives outside its kernels
+        cache = KVCache.create(WIDE, 1, 24, jnp.float32, policy.recent_window)
+        token = jnp.ones((1,), jnp.int32)
+        step = jax.make_jaxpr(lambda c: decode_step(params, c, token, WIDE_SCHEDULE, config=WIDE, policy=policy))
+        return primitives_outside_kernels(step(cache).jaxpr)
+
+    assert "scatter" not in in_xla(policy)
+    if window_layernorm:
+        fused, unfused = in_xla(policy), in_xla(fixed_heads(1, head_kv="repair", head_window=16))
+        assert unfused.count("rsqrt") - fused.count("rsqrt") == layers
+        assert unfused.count("dynamic_update_slice") - fused.count("dynamic_update_slice") == layers
+    ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
+    continuation = jax.random.randint(jax.random.PRNGKey(3), (1, 40), 3, 64)
+    run = functools.partial(decode_logits, params, WIDE_SCHEDULE, ids, jnp.ones_like(ids), continuation, config=WIDE)
+    sparse = run(policy=policy)
+    every_head = run(policy=dataclasses.replace(policy, decode_kernels=False))
+    assert rel_max_err(sparse, every_head) <= 1e-5
 
 
 @pytest.mark.parametrize("head_kv", ["all", "repair"])
@@ -403,13 +438,13 @@ def _kernel_name(eqn):
     return getattr(eqn.params.get("name_and_src_info"), "name", None) if name is None else name
 
 
-def _decode_step_primitives(policy, batch, weights=SCHEDULE):
+def _decode_step_primitives(policy, batch, weights=SCHEDULE, config=CONFIG):
     """Primitive names (pallas_call as "pallas_call:<kernel>") of one decode step's jaxpr, walked into every
     nested jaxpr."""
-    params = init_params(CONFIG, jax.random.PRNGKey(4))
-    cache = KVCache.create(CONFIG, batch, 16, jnp.float32, policy.recent_window)
+    params = init_params(config, jax.random.PRNGKey(4))
+    cache = KVCache.create(config, batch, 16, jnp.float32, policy.recent_window)
     tokens = jnp.ones((batch,), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda p, c, t, w: decode_step(p, c, t, w, config=CONFIG, policy=policy))(
+    jaxpr = jax.make_jaxpr(lambda p, c, t, w: decode_step(p, c, t, w, config=config, policy=policy))(
         params, cache, tokens, weights
     )
     return [
