@@ -16,6 +16,7 @@ from dejavu_jax.checkpoint import load_model, write_model_directory
 from dejavu_jax.config import OPTConfig, tiny_config
 from dejavu_jax.generation import generate_ids, generate_tokens
 from dejavu_jax.model import OPTForCausalLM, abstract_params
+from dejavu_jax.sparse_attention import window_kernel_applies
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparsity import (
     DENSE,
@@ -634,10 +635,17 @@ TP4_HEAD_CASES = {
         random_head_predictors(EIGHT_HEADS, 1),
     ),
     "fixed rows + fixed heads k=3": (FIXED_HEADS[3], fixed_rows_and_heads()),
-    # by default each shard's projection kernel writes its heads' K/V into its cache shard and applies the
-    # LayerNorm: each of the two off
-    "fixed heads k=3, cache writes after the kernel": (fixed_heads(3, head_qkv_cache_write=0), fixed_rows_and_heads()),
-    "fixed heads k=3, layernorm before the kernel": (fixed_heads(3, head_qkv_layernorm=0), fixed_rows_and_heads()),
+    # with every head's K/V, each shard's projection kernel writes its heads' K/V into its cache shard and applies
+    # the LayerNorm by default: that, and each of the two off
+    "fixed heads k=3, every head's K/V": (fixed_heads(3, head_kv="all"), fixed_rows_and_heads()),
+    "fixed heads k=3, cache writes after the kernel": (
+        fixed_heads(3, head_kv="all", head_qkv_cache_write=0),
+        fixed_rows_and_heads(),
+    ),
+    "fixed heads k=3, layernorm before the kernel": (
+        fixed_heads(3, head_kv="all", head_qkv_layernorm=0),
+        fixed_rows_and_heads(),
+    ),
     "fixed heads k=1, repair": (fixed_heads(1, head_kv="repair", head_window=4), SparseWeights(head_schedule=SCHEDULE)),
 }
 
@@ -649,6 +657,21 @@ def test_head_sparse_decoding_under_tp4_matches_one_device(eight_heads_params, c
     sparse_logits = check_heads_tp_match_one_device(eight_heads_params, EIGHT_HEADS, 4, policy, weights, prompts, 3)
     dense_logits, _ = greedy_steps(eight_heads_params, EIGHT_HEADS, None, DENSE, None, prompts, 2)
     assert rel_max_err(sparse_logits[:1], dense_logits) > 1e-2  # the heads' choice matters
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_repair_window_kernel_under_tp4_matches_one_device(k):
+    """head_dim 16 (the repair's window kernel applies at batch 1, R = 16): each shard runs `head_window_into_cache`
+    over the chosen and forced heads it holds (padding entries recompute head 0's window), with the single-device
+    logits and greedy tokens."""
+    config = tiny_config(num_attention_heads=8, hidden_size=128, vocab_size=256, max_position_embeddings=64)
+    leaves, tree = jax.tree.flatten(abstract_params(config))
+    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+    params = jax.tree.unflatten(tree, [0.2 * jax.random.normal(key, s.shape, s.dtype) for key, s in zip(keys, leaves)])
+    schedule = head_schedule(11, config.num_hidden_layers, config.num_attention_heads)
+    policy = fixed_heads(k, head_kv="repair", head_window=16)
+    assert window_kernel_applies(1, 16, 24, config.head_dim, policy.tuning.head_knobs)
+    check_heads_tp_match_one_device(params, config, 4, policy, SparseWeights(head_schedule=schedule), PROMPTS[:1], 4)
 
 
 def test_every_head_chosen_under_tp4_equals_dense(eight_heads_params):
