@@ -13,8 +13,9 @@ their weight rows in place). For K/V, two exact ways, chosen by `DecodeTuning.he
   already exact. Per step it reads the K/V weights of the chosen and forced heads only; the price is R times the
   arithmetic on those rows (on tensor cores) and R slots written per head. At batch 1 with R >= 16 (a power of two)
   one launch does it all (`head_window_into_cache`: the window's rows through `dot`, K/V written into the cache by
-  the kernel, Q of the chosen heads from the new token); otherwise one `head_qkv_pairs` over the window's R·B rows
-  and XLA scatters into the cache (the `window_cache_write=0` knob forces this path).
+  the kernel, the forced heads derived from the cursor in the kernel and skipped where chosen too, Q of the chosen
+  heads from the new token); otherwise one `head_qkv_pairs` over the window's R·B rows and XLA scatters into the
+  cache (the `window_cache_write=0` knob forces this path).
 - "all": every head's K/V of the new token each step (in the same `head_qkv_pairs` launch as the chosen heads' Q);
   Q, attention and out_proj stay sparse. No buffer, but it reads every head's K/V weights (2/3 of the QKV weights)
   every step. Below 16 sequences that launch also writes the K/V into the cache (`head_qkv_into_cache`), replacing
@@ -48,7 +49,7 @@ and one psum adds the out_proj partials. Both K/V modes run per device; "repair"
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,24 @@ def forced_heads(cursor, n_heads: int, window: int):
     """
     f = forced_count(n_heads, window)
     return ((cursor * f + jnp.arange(f, dtype=jnp.int32)) % n_heads).astype(jnp.int32)
+
+
+class ForcedRotation(NamedTuple):
+    """The repair's forced heads (`forced_heads`) as a step over the heads [first, first + H) of the model's `total`
+    sees them (one device: first 0, H = total; under tensor parallelism its slice)."""
+
+    total: int  # H of the whole model (static)
+    window: int  # R (static)
+    first: Any  # int32 scalar: the first head this step's weights and cache hold
+
+    @property
+    def count(self) -> int:
+        return forced_count(self.total, self.window)
+
+    def local_list(self, cursor, local_heads: int):
+        """[f] int32: the forced heads as local indices; those held elsewhere become local head 0 (a padding entry,
+        which recomputes head 0's window: exact values, harmless)."""
+        return shard_heads(forced_heads(cursor, self.total, self.window), self.first, local_heads)[0]
 
 
 def window_slots(cursor, window: int):
@@ -266,7 +285,7 @@ def head_sparse_decode(
     else:
         q_heads, real = head_list(jnp.any(chosen, axis=0), min(n_heads, batch * k))  # [n]
         used = jnp.take(chosen, q_heads, axis=1) & real[None, :]  # [B, n]
-    forced = forced_heads(cursor, n_heads, recent.shape[1]) if head_kv == "repair" else None
+    forced = ForcedRotation(n_heads, recent.shape[1], 0) if head_kv == "repair" else None
     return _decode_heads(
         x,
         weights,
@@ -328,23 +347,18 @@ def _decode_heads(
     layernorm=None,
 ) -> HeadSparseStep:
     """The step over the head list q_heads [n] (indices into the weights' and cache's heads); used [B, n] bool or
-    None (every entry used by every sequence); forced [f] int32: the heads "repair" also recomputes (None for
+    None (every entry used by every sequence); forced: the rotation of heads "repair" also recomputes (None for
     "all")."""
     batch, d = x.shape
     n_heads, head_dim = weights.qkv_w.shape[1], weights.qkv_w.shape[2]
     n = q_heads.shape[0]
     with jax.named_scope("qkv_proj"):
         if head_kv == "repair":
-            # One launch over the window's rows: K/V of the chosen ++ forced heads (a forced head that is also
-            # chosen is listed twice and writes identical K/V twice; no compaction), and Q of the chosen heads,
-            # taken from the buffer row of the current token (it holds x once written, in x's dtype). Weight bytes:
-            # K/V of n + f heads and Q of n, what separate K/V and Q launches read; Q costs R times the arithmetic.
             window = recent.shape[1]
-            kv_heads = jnp.concatenate([q_heads, forced])
-            m = kv_heads.shape[0]
             if window_kernel_applies(batch, window, keys.shape[2], head_dim, knobs):
-                # The same rows in one launch that writes the window's K/V into the cache itself (and with a
-                # LayerNorm, normalises x and writes it into the buffer too).
+                # One launch: the window's K/V of the chosen and the forced heads (a forced head that is chosen too,
+                # or held by another device, is skipped) written into the cache by the kernel, and Q of the chosen
+                # heads from x (with a LayerNorm, x is normalised there and written into the buffer too).
                 if layernorm is None:
                     recent = write_recent_inputs(recent, x[:, None], cursor)
                 q, keys, values, buffer = head_window_into_cache(
@@ -352,11 +366,13 @@ def _decode_heads(
                     recent[0],
                     weights.qkv_w,
                     weights.qkv_b,
-                    kv_heads,
                     q_heads,
                     keys,
                     values,
                     cursor,
+                    forced=forced.count,
+                    total_heads=forced.total,
+                    first_head=forced.first,
                     knobs=knobs,
                     **wrapper_kwargs(layernorm),
                 )
@@ -366,7 +382,12 @@ def _decode_heads(
                     raise ValueError(
                         "the repair applies the LayerNorm only in head_window_into_cache (window_kernel_applies)"
                     )
+                # One launch over the window's rows: K/V of the chosen ++ forced heads (a forced head that is also
+                # chosen is listed twice and writes identical K/V twice; no compaction), and Q of the chosen heads,
+                # taken from the buffer row of the current token (it holds x once written, in x's dtype).
                 recent = write_recent_inputs(recent, x[:, None], cursor)
+                kv_heads = jnp.concatenate([q_heads, forced.local_list(cursor, n_heads)])
+                m = kv_heads.shape[0]
                 pairs = kv_q_pairs(kv_heads, q_heads)
                 rows = _qkv_pairs_rows(recent.reshape(batch * window, d), weights, *pairs, knobs)
                 rows = rows.reshape(batch, window, 2 * m + n, head_dim)
@@ -456,7 +477,7 @@ def head_sparse_decode_split(
     def local(x, qkv_w, qkv_b, out_w, keys, values, recent, chosen, chosen_idx, cursor, allowed, ln):
         first = lax.axis_index(TP_AXIS) * local_heads
         q_heads, used = shard_head_list(chosen, chosen_idx, first, local_heads, k)
-        forced = shard_heads(forced_heads(cursor, n_heads, window), first, local_heads)[0] if repair else None
+        forced = ForcedRotation(n_heads, window, first) if repair else None
         no_bias = jnp.zeros((out_w.shape[-1],), out_w.dtype)
         step = _decode_heads(
             x,

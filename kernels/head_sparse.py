@@ -5,8 +5,9 @@ rows in place (no gathered copy of the weights).
     head_out_proj: out[b]       = Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b
     head_qkv_pairs: out[b, j]   = x[b] · qkv_w[part_idx[j], head_idx[j]]ᵀ + qkv_b[part_idx[j], head_idx[j]]
     head_qkv_into_cache: K and V of every head written into the KV cache at one slot, and Q of head_idx, in one launch
-    head_window_into_cache: K and V of some heads over a window of R recent inputs written into the cache, and Q of
-                   others from the new token, in one launch (the K/V repair of dejavu_jax/sparse_attention.py)
+    head_window_into_cache: K and V of the chosen heads and of a rotation of forced heads over a window of R recent
+                   inputs written into the cache, and Q of the chosen heads from the new token, in one launch (the
+                   K/V repair of dejavu_jax/sparse_attention.py)
 
 in the model's layout (dejavu_jax/model.py, `OPTAttention`): `qkv_w` [3, H, hd, d] and `out_w` [H, hd, d], so a head
 is a contiguous block of hd rows of d values in qkv_w[z] and in out_w. `x` [B, d]; `heads_out` [B, h, hd], the
@@ -33,10 +34,11 @@ Design (Triton-lowered Pallas):
 * `head_out_proj`: grid (head group, column block of d). Program (g, c) walks its group's chosen heads (a
   `fori_loop`), reading out_w[head_idx[j], rows, cols] in row blocks, and writes an fp32 partial [B, block_d]; the
   wrapper sums the groups and adds out_b. Groups multiply the programs when d has few column blocks.
-* `head_window_into_cache` (one sequence): grid (1, entry, row block) over 2m K/V entries and n Q entries. A K/V
-  program gathers the R buffer rows of the window in slot order ([R, block_d] tiles), multiplies them with its
+* `head_window_into_cache` (one sequence): grid (1, entry, row block) over 2(n + f) K/V entries and n Q entries. A
+  K/V program gathers the R buffer rows of the window in slot order ([R, block_d] tiles), multiplies them with its
   `window_block_rows` weight rows through `dot` and stores the [R, rows] result as one contiguous slice of the cache
-  (the window is R consecutive slots); a Q program runs the per-row path on the new token alone.
+  (the window is R consecutive slots); a forced entry derives its head from the cursor and returns at once where that
+  head is chosen too or held by another device; a Q program runs the per-row path on the new token alone.
 * Batch: below `DOT_MIN_BATCH` rows both kernels multiply and sum on the CUDA cores, unrolled over the rows; from
   `DOT_MIN_BATCH` rows (and row blocks of at least 16) x / heads_out are padded to a power of two >= 16 rows and the
   tiles go through `dot` (Triton's dot needs >= 16 on each side). Up to `MAX_BATCH` rows.
@@ -290,13 +292,15 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
             q_ref[b, j - 2 * n_heads, rows] = a.astype(q_ref.dtype)
 
 
-def _head_window_cache_kernel(kv_idx_ref, q_idx_ref, cursor_ref, x_ref, *rest, plans, eps=None):
-    # kv_idx_ref [m] int32, q_idx_ref [n] int32, cursor_ref [1] int32; x_ref [1, d]: the new token's input (with a
-    # LayerNorm (eps), its pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is
-    # "head" z·H + h), with a LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent
-    # [R, d], the inputs of slots cursor-R+1 .. cursor at row slot mod R (with a LayerNorm the row of `cursor` is
-    # written here: program (0, 0, 0) stores it, and every window takes it from x instead of the buffer), k / v
-    # [1, H, S, hd], then q [1, n, hd].
+def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, forced, total_heads, eps=None):
+    # q_idx_ref [n] int32: the chosen heads (K/V and Q); meta_ref [2] int32: the cursor and the first head this
+    # call's weights hold (of `total_heads`); x_ref [1, d]: the new token's input (with a LayerNorm (eps), its
+    # pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is "head" z·H + h), with a
+    # LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent [R, d], the inputs of slots
+    # cursor-R+1 .. cursor at row slot mod R (with a LayerNorm the row of `cursor` is written here: program (0, 0, 0)
+    # stores it, and every window takes it from x instead of the buffer), k / v [1, H, S, hd], then q [1, n, hd].
+    # Entries j < m = n + forced: K of chosen head j (j < n) or of forced head j - n; the next m: V of the same; then
+    # Q of chosen head j - 2m.
     window_plan, q_plan = plans
     if eps is None:
         w_ref, b_ref, recent_ref, _k_in, _v_in, q_ref, k_ref, v_ref = rest
@@ -305,15 +309,23 @@ def _head_window_cache_kernel(kv_idx_ref, q_idx_ref, cursor_ref, x_ref, *rest, p
         w_ref, b_ref, scale_ref, bias_ref, _r_in, _k_in, _v_in, q_ref, recent_ref, k_ref, v_ref = rest
         stats = row_stats(x_ref, 1, q_plan.d, q_plan.bd_qkv, eps, once=bool(q_plan.sum_once))
         layernorm = (stats, scale_ref, bias_ref)
-    n_heads, window, m = k_ref.shape[1], recent_ref.shape[0], kv_idx_ref.shape[0]
-    j, row_block, cursor = pl.program_id(1), pl.program_id(2), cursor_ref[0]
+    n_heads, window, n = k_ref.shape[1], recent_ref.shape[0], q_idx_ref.shape[0]
+    m = n + forced
+    j, row_block, cursor = pl.program_id(1), pl.program_id(2), meta_ref[0]
     rb = window_plan.rows_qkv
     rows = pl.ds(pl.multiple_of(row_block * rb, rb), rb)
+    is_v = (j >= m) & (j < 2 * m)
+    entry = jnp.where(is_v, j - m, j)
+    # A forced head: the rotation's (cursor·f + i) mod total_heads, skipped where it is not among this call's heads
+    # or is chosen too (the chosen entry computes the same window).
+    rotated = (cursor * forced + entry - n) % total_heads - meta_ref[1]
+    held = (rotated >= 0) & (rotated < n_heads)
+    chosen_too = lax.fori_loop(0, n, lambda i, found: found | (q_idx_ref[i] == rotated), False)
+    kv_head = jnp.where(entry < n, q_idx_ref[jnp.minimum(entry, n - 1)], jnp.clip(rotated, 0, n_heads - 1))
 
-    @pl.when(j < 2 * m)
+    @pl.when((j < 2 * m) & ((entry < n) | (held & ~chosen_too)))
     def _():
-        is_v = j >= m
-        head = kv_idx_ref[jnp.where(is_v, j - m, j)]
+        head = kv_head
         # The window as R consecutive slots from `start`, so the cache takes them as one contiguous store. Before
         # slot R-1 exists the window reaches past the cursor: those slots get the buffer's stale rows, which no
         # step reads before this head's next computation (at most R steps later) rewrites them.
@@ -601,40 +613,47 @@ def head_qkv_into_cache(
     return q, keys, values
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
+@functools.partial(jax.jit, static_argnames=("forced", "total_heads", "knobs", "interpret", "ln_eps"))
 def head_window_into_cache(
     x,
     recent,
     qkv_w,
     qkv_b,
-    kv_heads,
     q_heads,
     keys,
     values,
     cursor,
     *,
+    forced: int = 0,
+    total_heads: int = 0,
+    first_head=0,
     knobs=None,
     interpret=None,
     ln_scale=None,
     ln_bias=None,
     ln_eps=1e-5,
 ):
-    """(q [1, n, hd], keys, values, recent) in one launch, one sequence: K and V of the m heads `kv_heads`
-    recomputed over the window of the R slots ending at `cursor` from their inputs and written into the cache keys /
-    values [1, H, S, hd] (in place where XLA can alias them; other heads and slots as they were), and Q of the n heads
-    `q_heads` from x [1, d], the input at `cursor`.
+    """(q [1, n, hd], keys, values, recent) in one launch, one sequence: K and V recomputed over the window of the R
+    slots ending at `cursor` from their inputs and written into the cache keys / values [1, H, S, hd] (in place where
+    XLA can alias them; other heads and slots as they were) for the n heads `q_heads` and the `forced` heads of the
+    K/V repair's rotation, and Q of `q_heads` from x [1, d], the input at `cursor`.
 
-    recent [R, d]: the ring buffer of inputs, slot s at row s mod R (R >= 16, a power of two: the window's rows go
-    through `dot`); S >= R. Without a LayerNorm it must already hold x at row cursor mod R, and comes back as given.
-    With `ln_scale` / `ln_bias` [d], x is the pre-LayerNorm input: the kernel normalises it (kernels/layernorm.py) and
-    writes the result into the buffer's row cursor mod R itself (returned updated), so the step runs neither a
-    LayerNorm nor a buffer write in XLA. Slots cursor-R+1 .. cursor that exist are written exactly; while cursor <
-    R-1 the window is slots 0 .. R-1, and the slots past the cursor get the buffer's stale rows (the caller's
-    contract: nothing reads a slot past the cursor before it is written again, as the K/V repair guarantees). A head
-    listed twice in kv_heads writes the same values twice. `cursor` is not range-checked on GPU. Numerics as
-    `head_qkv_pairs` (fp32 sums, fp32 bias, one rounding); `knobs` as for `head_qkv`.
+    The rotation (`dejavu_jax.sparse_attention.forced_heads`): forced head i < f is (cursor·f + i) mod
+    `total_heads` (0: H) of the whole model, of which these weights and cache hold heads [first_head, first_head +
+    H) (under tensor parallelism a device holds a slice); a forced head outside them, or among q_heads (whose entry
+    computes the same window), is skipped, so it costs no weight bytes. recent [R, d]: the ring buffer of inputs, slot
+    s at row s mod R (R >= 16, a power of two: the window's rows go through `dot`); S >= R. Without a LayerNorm it
+    must already hold x at row cursor mod R, and comes back as given. With `ln_scale` / `ln_bias` [d], x is the
+    pre-LayerNorm input: the kernel normalises it (kernels/layernorm.py) and writes the result into the buffer's row
+    cursor mod R itself (returned updated), so the step runs neither a LayerNorm nor a buffer write in XLA. Slots
+    cursor-R+1 .. cursor that exist are written exactly; while cursor < R-1 the window is slots 0 .. R-1, and the
+    slots past the cursor get the buffer's stale rows (the caller's contract: nothing reads a slot past the cursor
+    before it is written again, as the K/V repair guarantees). A head listed twice in q_heads writes the same
+    values twice. `cursor` and q_heads are not range-checked on GPU. Numerics as `head_qkv_pairs` (fp32 sums, fp32
+    bias, one rounding); `knobs` as for `head_qkv`.
     """
     n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, q_heads)
+    total_heads = total_heads or n_heads
     window = recent.shape[0] if recent.ndim == 2 else 0
     if x.shape[0] != 1:
         raise ValueError(f"head_window_into_cache takes one sequence. Got x {x.shape}")
@@ -643,13 +662,14 @@ def head_window_into_cache(
             f"recent must be [R, d={d}] in x's dtype with R >= {DOT_MIN_BATCH} a power of two. Got {recent.shape}, "
             f"{recent.dtype}"
         )
-    if kv_heads.ndim != 1 or kv_heads.shape[0] < 1:
-        raise ValueError(f"kv_heads must be a non-empty rank-1 int array. Got shape {kv_heads.shape}")
+    if not 0 <= forced <= total_heads or total_heads < n_heads:
+        raise ValueError(f"need 0 <= forced <= total_heads >= H={n_heads}. Got forced={forced}, total={total_heads}")
     if keys.shape != values.shape or keys.shape[:2] != (1, n_heads) or keys.shape[3] != hd or keys.shape[2] < window:
         raise ValueError(
             f"keys and values must be [1, H={n_heads}, S >= R={window}, hd={hd}]. Got {keys.shape}, {values.shape}"
         )
-    m, n = kv_heads.shape[0], q_heads.shape[0]
+    n = q_heads.shape[0]
+    m = n + forced
     # both entry kinds take the window's row blocks (one grid)
     rows = dict(knobs or ()).get("window_block_rows", HeadSparsePlan.window_block_rows)
     window_plan = _plan(window, d, hd, 2 * m + n, (*(knobs or ()), ("qkv_block_rows", rows)))
@@ -658,7 +678,7 @@ def head_window_into_cache(
     q_plan = _plan(1, d, hd, 2 * m + n, (*(knobs or ()), ("qkv_block_rows", rows)))
     eps, ln_args = ln.call_args(ln.checked(ln_scale, ln_bias, ln_eps, d))
     cache_shapes = (jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype))
-    first = 6 + len(ln_args)  # the aliased inputs: (recent,) keys, values
+    first = 5 + len(ln_args)  # the aliased inputs: (recent,) keys, values
     if eps is None:
         out_shape = (jax.ShapeDtypeStruct((1, n, hd), x.dtype), *cache_shapes)
         aliases = {first + 1: 1, first + 2: 2}
@@ -666,8 +686,11 @@ def head_window_into_cache(
         out_shape = (jax.ShapeDtypeStruct((1, n, hd), x.dtype), jax.ShapeDtypeStruct(recent.shape, recent.dtype))
         out_shape = (*out_shape, *cache_shapes)
         aliases = {first: 1, first + 1: 2, first + 2: 3}
+    kernel = functools.partial(
+        _head_window_cache_kernel, plans=(window_plan, q_plan), forced=forced, total_heads=total_heads, eps=eps
+    )
     outs = pl.pallas_call(
-        functools.partial(_head_window_cache_kernel, plans=(window_plan, q_plan), eps=eps),
+        kernel,
         out_shape=out_shape,
         grid=(1, 2 * m + n, hd // window_plan.rows_qkv),
         input_output_aliases=aliases,
@@ -675,9 +698,8 @@ def head_window_into_cache(
         interpret=resolve_interpret(interpret),
         name="head_window_cache",
     )(
-        kv_heads.astype(jnp.int32),
         q_heads.astype(jnp.int32),
-        jnp.reshape(jnp.asarray(cursor, jnp.int32), (1,)),
+        jnp.stack([jnp.asarray(cursor, jnp.int32), jnp.asarray(first_head, jnp.int32)]),
         x,
         qkv_w.reshape(1, 3 * n_heads, hd, d),
         qkv_b.astype(x.dtype).reshape(1, 3 * n_heads, hd),

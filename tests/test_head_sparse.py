@@ -217,22 +217,25 @@ class TestHeadSparse(CompiledKernelCases):
             dense = jnp.einsum("bhk,hkd->bd", heads_out, out_w, preferred_element_type=jnp.float32)
             assert row_err(out, (dense + out_b.astype(jnp.float32)).astype(dtype)) <= TOLERANCE[dtype]
 
-    # (R, H, hd, d, kv heads, q heads, cursor, dtype, knobs): a window past the cursor (cursor < R-1), one ending at
-    # slot R-1, one wrapped around the buffer; hd 80 (row blocks of 16), a repeated K/V head (written twice).
+    # (R, H, hd, d, chosen heads, forced f, the model's heads, first held head, cursor, dtype, knobs): a window past
+    # the cursor (cursor < R-1), one ending at slot R-1, wrapped ones; hd 80 (row blocks of 16); forced heads that
+    # are computed, chosen too (skipped), or held elsewhere (a slice of a larger model, as under tensor parallelism).
     WINDOW_CASES = [
-        (16, 4, 80, 160, [2, 0], [3, 2], 6, jnp.float32, None),
-        (16, 3, 64, 128, [1, 1, 0], [0], 15, jnp.float16, None),
-        (32, 4, 128, 256, [3, 1], [1, 0, 2], 45, jnp.bfloat16, SMALL_BLOCKS),
+        (16, 4, 80, 160, [3, 2], 1, 4, 0, 6, jnp.float32, None),
+        (16, 3, 64, 128, [0], 2, 3, 0, 15, jnp.float16, None),
+        (32, 4, 128, 256, [1, 0, 2], 2, 8, 0, 47, jnp.bfloat16, SMALL_BLOCKS),
+        (16, 4, 64, 128, [2, 1], 2, 8, 4, 47, jnp.float32, None),
     ]
 
     @pytest.mark.parametrize("case", WINDOW_CASES)
     @pytest.mark.parametrize("layernorm", [False, True])
     def test_window_into_cache_writes_the_windows_kv(self, case, layernorm):
-        """K/V of the listed heads over the slots max(0, cursor-R+1) .. cursor, from the ring buffer of inputs, land
-        in the cache (other heads and slots before the window untouched), and Q of the other list comes from x:
-        against float64. With a LayerNorm, x is the pre-LayerNorm input: the kernel normalises it, uses it for the
-        cursor's slot in place of the buffer's (stale) row and writes it into that row (the other rows untouched)."""
-        window, n_heads, hd, d, kv_idx, q_idx, cursor, dtype, knobs = case
+        """K/V of the chosen heads and of the rotation's forced heads that the call holds, over the slots max(0,
+        cursor-R+1) .. cursor, from the ring buffer of inputs, land in the cache (other heads and slots before the
+        window untouched), and Q of the chosen heads comes from x: against float64. With a LayerNorm, x is the
+        pre-LayerNorm input: the kernel normalises it, uses it for the cursor's slot in place of the buffer's (stale)
+        row and writes it into that row (the other rows untouched)."""
+        window, n_heads, hd, d, chosen, forced, total, first_head, cursor, dtype, knobs = case
         rng = np.random.default_rng(window + cursor)
         slots = max(cursor, window) + 8
         raw = rng.standard_normal((slots, d)) * 2 + 0.5
@@ -253,23 +256,27 @@ class TestHeadSparse(CompiledKernelCases):
             recent,
             qkv_w,
             qkv_b,
-            jnp.asarray(kv_idx, jnp.int32),
-            jnp.asarray(q_idx, jnp.int32),
+            jnp.asarray(chosen, jnp.int32),
             keys,
             values,
             jnp.int32(cursor),
+            forced=forced,
+            total_heads=total,
+            first_head=jnp.int32(first_head),
             knobs=knobs,
             interpret=self.INTERPRET,
             **ln,
         )
-        assert q.shape == (1, len(q_idx), hd) and q.dtype == jnp.dtype(dtype)
+        assert q.shape == (1, len(chosen), hd) and q.dtype == jnp.dtype(dtype)
         xs, w, b = f64(jnp.asarray(inputs, dtype), qkv_w, qkv_b)
-        assert row_err(q[0], np.einsum("d,jkd->jk", xs[cursor], w[0, q_idx]) + b[0, q_idx]) <= TOLERANCE[dtype]
+        assert row_err(q[0], np.einsum("d,jkd->jk", xs[cursor], w[0, chosen]) + b[0, chosen]) <= TOLERANCE[dtype]
+        rotation = {(cursor * forced + i) % total - first_head for i in range(forced)}
+        computed = set(chosen) | {h for h in rotation if 0 <= h < n_heads}
         first = max(0, cursor - window + 1)
         for cache, new, part in ((keys, new_keys, 1), (values, new_values, 2)):
             cache, new = np.asarray(cache), np.asarray(new)
             for h in range(n_heads):
-                if h in kv_idx:
+                if h in computed:
                     ref = np.einsum("sd,kd->sk", xs[first : cursor + 1], w[part, h]) + b[part, h]
                     assert row_err(new[0, h, first : cursor + 1], ref) <= TOLERANCE[dtype]
                     np.testing.assert_array_equal(new[0, h, :first], cache[0, h, :first])
@@ -326,7 +333,7 @@ class TestHeadSparse(CompiledKernelCases):
         with pytest.raises(ValueError, match="multiple of 16"):
             head_out_proj(ho, jnp.zeros((4, 16, 40)), jnp.zeros(40), idx, **kw)
         cache, x1 = jnp.zeros((1, 4, 32, 16)), jnp.zeros((1, 64))
-        args = (w, b, idx, idx, cache, cache, 3)
+        args = (w, b, idx, cache, cache, 3)
         with pytest.raises(ValueError, match="one sequence"):
             head_window_into_cache(x, jnp.zeros((16, 64)), *args, **kw)
         with pytest.raises(ValueError, match="R >= 16 a power of two"):
@@ -335,8 +342,10 @@ class TestHeadSparse(CompiledKernelCases):
             head_window_into_cache(x1, jnp.zeros((24, 64)), *args, **kw)
         with pytest.raises(ValueError, match="S >= R"):
             head_window_into_cache(x1, jnp.zeros((64, 64)), *args, **kw)
-        with pytest.raises(ValueError, match="kv_heads must be a non-empty"):
-            head_window_into_cache(x1, jnp.zeros((16, 64)), w, b, idx[:0], idx, cache, cache, 3, **kw)
+        with pytest.raises(ValueError, match="at least one head"):
+            head_window_into_cache(x1, jnp.zeros((16, 64)), w, b, idx[:0], cache, cache, 3, **kw)
+        with pytest.raises(ValueError, match="forced <= total_heads"):
+            head_window_into_cache(x1, jnp.zeros((16, 64)), *args, forced=5, **kw)
 
 
 class TestHeadSparseInterpret(TestHeadSparse):
@@ -400,16 +409,15 @@ def test_lowers_for_gpu(batch, n_heads, hd, d, h):
             args = (
                 *args,
                 s((3, n_heads, hd), jnp.float16),
-                s((h + 2,), jnp.int32),
                 idx,
                 cache,
                 cache,
                 s((), jnp.int32),
             )
-            plain = jax.jit(lambda *a: head_window_into_cache(*a, interpret=False))
+            plain = jax.jit(lambda *a: head_window_into_cache(*a, forced=2, interpret=False))
             assert "head_window_cache" in lowered_text_for_cuda(plain, *args)
             normalising = jax.jit(
-                lambda *a: head_window_into_cache(*a[:-2], interpret=False, ln_scale=a[-2], ln_bias=a[-1])
+                lambda *a: head_window_into_cache(*a[:-2], forced=2, interpret=False, ln_scale=a[-2], ln_bias=a[-1])
             )
             assert "head_window_cache" in lowered_text_for_cuda(normalising, *args, one, zero)
     else:
