@@ -292,9 +292,9 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
             q_ref[b, j - 2 * n_heads, rows] = a.astype(q_ref.dtype)
 
 
-def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, forced, total_heads, eps=None):
-    # q_idx_ref [n] int32: the chosen heads (K/V and Q); meta_ref [2] int32: the cursor and the first head this
-    # call's weights hold (of `total_heads`); x_ref [1, d]: the new token's input (with a LayerNorm (eps), its
+def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, forced, total_heads, eps=None):
+    # q_idx_ref [>= n] int32: the n chosen heads (K/V and Q), padded with -1 to a power of two; meta_ref [2] int32:
+    # the cursor and the first head this call's weights hold (of `total_heads`); x_ref [1, d]: the new token's input (with a LayerNorm (eps), its
     # pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is "head" z·H + h), with a
     # LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent [R, d], the inputs of slots
     # cursor-R+1 .. cursor at row slot mod R (with a LayerNorm the row of `cursor` is written here: program (0, 0, 0)
@@ -309,23 +309,15 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, forced, 
         w_ref, b_ref, scale_ref, bias_ref, _r_in, _k_in, _v_in, q_ref, recent_ref, k_ref, v_ref = rest
         stats = row_stats(x_ref, 1, q_plan.d, q_plan.bd_qkv, eps, once=bool(q_plan.sum_once))
         layernorm = (stats, scale_ref, bias_ref)
-    n_heads, window, n = k_ref.shape[1], recent_ref.shape[0], q_idx_ref.shape[0]
+    n_heads, window = k_ref.shape[1], recent_ref.shape[0]
     m = n + forced
     j, row_block, cursor = pl.program_id(1), pl.program_id(2), meta_ref[0]
     rb = window_plan.rows_qkv
     rows = pl.ds(pl.multiple_of(row_block * rb, rb), rb)
     is_v = (j >= m) & (j < 2 * m)
     entry = jnp.where(is_v, j - m, j)
-    # A forced head: the rotation's (cursor·f + i) mod total_heads, skipped where it is not among this call's heads
-    # or is chosen too (the chosen entry computes the same window).
-    rotated = (cursor * forced + entry - n) % total_heads - meta_ref[1]
-    held = (rotated >= 0) & (rotated < n_heads)
-    chosen_too = lax.fori_loop(0, n, lambda i, found: found | (q_idx_ref[i] == rotated), False)
-    kv_head = jnp.where(entry < n, q_idx_ref[jnp.minimum(entry, n - 1)], jnp.clip(rotated, 0, n_heads - 1))
 
-    @pl.when((j < 2 * m) & ((entry < n) | (held & ~chosen_too)))
-    def _():
-        head = kv_head
+    def window_kv(head):
         # The window as R consecutive slots from `start`, so the cache takes them as one contiguous store. Before
         # slot R-1 exists the window reaches past the cursor: those slots get the buffer's stale rows, which no
         # step reads before this head's next computation (at most R steps later) rewrites them.
@@ -346,6 +338,22 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, forced, 
         @pl.when(is_v)
         def _():
             v_ref[0, head, slots, rows] = acc.astype(v_ref.dtype)
+
+    @pl.when((j < 2 * m) & (entry < n))
+    def _():
+        window_kv(q_idx_ref[jnp.minimum(entry, n - 1)])
+
+    @pl.when((j < 2 * m) & (entry >= n))
+    def _():
+        # A forced head: the rotation's (cursor·f + i) mod total_heads, skipped where it is not among this call's
+        # heads, or is chosen too (the chosen entry computes the same window). q_idx_ref is padded with -1 to a
+        # power of two, so the check is one vector load.
+        rotated = (cursor * forced + entry - n) % total_heads - meta_ref[1]
+        chosen_too = jnp.sum((q_idx_ref[...] == rotated).astype(jnp.int32)) > 0  # (Triton lowers no reduce_or)
+
+        @pl.when((rotated >= 0) & (rotated < n_heads) & ~chosen_too)
+        def _():
+            window_kv(jnp.clip(rotated, 0, n_heads - 1))
 
     @pl.when(j >= 2 * m)
     def _():
@@ -687,7 +695,7 @@ def head_window_into_cache(
         out_shape = (*out_shape, *cache_shapes)
         aliases = {first: 1, first + 1: 2, first + 2: 3}
     kernel = functools.partial(
-        _head_window_cache_kernel, plans=(window_plan, q_plan), forced=forced, total_heads=total_heads, eps=eps
+        _head_window_cache_kernel, plans=(window_plan, q_plan), n=n, forced=forced, total_heads=total_heads, eps=eps
     )
     outs = pl.pallas_call(
         kernel,
@@ -698,7 +706,7 @@ def head_window_into_cache(
         interpret=resolve_interpret(interpret),
         name="head_window_cache",
     )(
-        q_heads.astype(jnp.int32),
+        jnp.pad(q_heads.astype(jnp.int32), (0, next_pow2(n) - n), constant_values=-1),
         jnp.stack([jnp.asarray(cursor, jnp.int32), jnp.asarray(first_head, jnp.int32)]),
         x,
         qkv_w.reshape(1, 3 * n_heads, hd, d),
