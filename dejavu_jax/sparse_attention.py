@@ -26,11 +26,11 @@ their weight rows in place). For K/V, two exact ways, chosen by `DecodeTuning.he
 
 Why "repair" is the default: on an H100 (opt-6.7b, batch 1, prompt 128, 16 of 32 heads beside 10% fixed MLP rows,
 one process: bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-07_repair-window_opt-6.7b.md) the one-launch
-repair decoded at 2.56 ms a token with 16-row blocks and 2.50 with 32 (then set through `qkv_block_rows`; now the
-`window_block_rows` default) against
-2.68 for every head's K/V (dense 5.33); its window kernel took 29.5 µs a layer against 37.2 for the "all" launch
-(profiles of 2026-12-07). The same repair through `head_qkv_pairs` and XLA scatters ran at 3.50: that path's
-projection ran at ~3x its weight bytes, which is why "all" had been the default before the one-launch kernel.
+repair decoded at 2.56 ms a token with 16-row blocks and 2.50 with 32 (then set through `qkv_block_rows`, now the
+`window_block_rows` default) against 2.68 for every head's K/V (dense 5.33); its window kernel took 29.5 µs a layer
+against 37.2 for the "all" launch (profiles of 2026-12-07). The same repair through `head_qkv_pairs` and XLA
+scatters ran at 3.50: that path's projection ran at ~3x its weight bytes, which is why "all" had been the default
+before the one-launch kernel.
 
 Batch: the step computes the union of the batch's chosen heads (a static list of min(H, B·k) entries, padded with
 repeats of a real head); each sequence's out_proj sums only the heads it chose (the others' outputs are zeroed
