@@ -46,42 +46,73 @@ LN_BLOCK = 128
 
 
 def _hidden_kernel(
-    x_ref, w_ref, b_ref, *rest, batch, d, block_r, block_d, normalize, eps, ln_eps, ln_block, n_programs, sum_once
+    x_ref,
+    *refs,
+    batch,
+    d,
+    block_r,
+    block_d,
+    normalize,
+    eps,
+    ln_eps,
+    ln_block,
+    n_programs,
+    sum_once,
+    first_programs,
 ):
-    # x_ref [B, d], w_ref [r, d], b_ref [r]; with a LayerNorm (ln_eps) its scale_ref and bias_ref [d]; p_ref [B, r];
-    # with a LayerNorm, ln_ref [B, d].
-    if ln_eps is None:
-        (p_ref,) = rest
-    else:
-        scale_ref, bias_ref, p_ref, ln_ref = rest
-    rows = pl.ds(pl.multiple_of(pl.program_id(0) * block_r, block_r), block_r)
-    chunks = [pl.ds(c0, block_d) for c0 in range(0, d, block_d)]  # static
-    w = [w_ref[rows, c].astype(jnp.float32) for c in chunks]  # issue every weight load first
-    bias = b_ref[rows].astype(jnp.float32)
-    ln_stats = []
-    for b in range(batch):
-        xs = [x_ref[b, c].astype(jnp.float32) for c in chunks]
-        total = block_total(xs, sum_once)
-        if ln_eps is not None:  # the LayerNorm's one-pass statistics, from the blocks already loaded
-            ln_stats.append(ln.stats_from_sums(total, block_total([v * v for v in xs], sum_once), d, ln_eps))
-        if normalize:
-            mean = total / d
-            var = block_total([jnp.square(v - mean) for v in xs], sum_once) / d
-            scale = jax.lax.rsqrt(var + eps)
-            xs = [((v - mean) * scale).astype(w_ref.dtype).astype(jnp.float32) for v in xs]
-        else:
-            xs = [v.astype(w_ref.dtype).astype(jnp.float32) for v in xs]
-        p_ref[b, rows] = (bias + block_row_dots(w, xs, sum_once)).astype(p_ref.dtype)
-    if ln_eps is not None:
-        _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, ln_stats, batch, d, ln_block, n_programs)
+    # x_ref [B, d]; w_ref [r, d], b_ref [r]; with a second predictor (first_programs: the programs of the first),
+    # its w_ref [r2, d] and b_ref [r2]; with a LayerNorm (ln_eps) its scale_ref and bias_ref [d]; then the outputs
+    # p_ref [B, r], with a second predictor its p_ref [B, r2], with a LayerNorm ln_ref [B, d].
+    refs = list(refs)
+    sets = [(refs.pop(0), refs.pop(0))]
+    if first_programs:
+        sets.append((refs.pop(0), refs.pop(0)))
+    scale_ref, bias_ref = (refs.pop(0), refs.pop(0)) if ln_eps is not None else (None, None)
+    outs = [refs.pop(0) for _ in sets]
+    ln_ref = refs.pop(0) if ln_eps is not None else None
+    program = pl.program_id(0)
+
+    def body(w_ref, b_ref, p_ref, block):
+        rows = pl.ds(pl.multiple_of(block * block_r, block_r), block_r)
+        chunks = [pl.ds(c0, block_d) for c0 in range(0, d, block_d)]  # static
+        w = [w_ref[rows, c].astype(jnp.float32) for c in chunks]  # issue every weight load first
+        bias = b_ref[rows].astype(jnp.float32)
+        ln_stats = []
+        for b in range(batch):
+            xs = [x_ref[b, c].astype(jnp.float32) for c in chunks]
+            total = block_total(xs, sum_once)
+            if ln_eps is not None:  # the LayerNorm's one-pass statistics, from the blocks already loaded
+                ln_stats.append(ln.stats_from_sums(total, block_total([v * v for v in xs], sum_once), d, ln_eps))
+            if normalize:
+                mean = total / d
+                var = block_total([jnp.square(v - mean) for v in xs], sum_once) / d
+                scale = jax.lax.rsqrt(var + eps)
+                xs = [((v - mean) * scale).astype(w_ref.dtype).astype(jnp.float32) for v in xs]
+            else:
+                xs = [v.astype(w_ref.dtype).astype(jnp.float32) for v in xs]
+            p_ref[b, rows] = (bias + block_row_dots(w, xs, sum_once)).astype(p_ref.dtype)
+        if ln_eps is not None:
+            _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, ln_stats, batch, d, ln_block, n_programs, program)
+
+    if not first_programs:
+        body(*sets[0], outs[0], program)
+        return
+
+    @pl.when(program < first_programs)
+    def _():
+        body(*sets[0], outs[0], program)
+
+    @pl.when(program >= first_programs)
+    def _():
+        body(*sets[1], outs[1], program - first_programs)
 
 
-def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_block, n_programs):
+def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_block, n_programs, program):
     """Writes this program's chunks of LN(x): chunk j (of d / ln_block) belongs to program j mod the program count,
     so every program stores at most cdiv(chunks, programs) of them and the chunks past the last are skipped."""
     n_chunks = d // ln_block
     for slot in range(cdiv(n_chunks, n_programs)):  # static
-        j = pl.program_id(0) + slot * n_programs
+        j = program + slot * n_programs
 
         @pl.when(j < n_chunks)
         def _():
@@ -112,6 +143,8 @@ def predictor_hidden(
     ln_bias=None,
     ln_eps=1e-5,
     sum_once=True,
+    w1_t_second=None,
+    b1_second=None,
 ):
     """p [B, r] in w1_t.dtype = (standardize(x) if normalize else x) · w1_tᵀ + b1.
 
@@ -122,6 +155,9 @@ def predictor_hidden(
     The default block_r is r / 64 (64 programs), at most 16, and at most `STEP_ELEMENTS` / d.
     With `ln_scale` and `ln_bias` [d] (both or neither), returns (p, ln_x): ln_x [B, d] in x.dtype is
     `dejavu_jax.model.layer_norm(x, ln_scale, ln_bias, ln_eps)`, written by the same launch.
+    With `w1_t_second` [r2, d] and `b1_second` [r2] (a second predictor reading the same x with the same
+    `normalize`, e.g. the next layer's head predictor beside this layer's MLP predictor), the same launch also gives
+    its p2 [B, r2] (programs past the first predictor's take its rows): returns (p, p2) or (p, p2, ln_x).
     """
     if x.ndim != 2 or w1_t.ndim != 2 or w1_t.shape[1] != x.shape[1]:
         raise ValueError(f"need x [batch, d] and w1_t [r, d]. Got {x.shape} and {w1_t.shape}")
@@ -136,6 +172,20 @@ def predictor_hidden(
     layernorm = ln.checked(ln_scale, ln_bias, ln_eps, d)
     ln_eps, ln_args = ln.call_args(layernorm)
     block_r = pow2_divisor(r, block_r or max(1, min(16, r // 64, STEP_ELEMENTS // d)))
+    second = ()
+    if w1_t_second is not None:
+        r2 = w1_t_second.shape[0]
+        if w1_t_second.shape != (r2, d) or b1_second is None or b1_second.shape != (r2,) or r2 % 16:
+            raise ValueError(
+                f"the second predictor needs w1_t [r2, d={d}] (r2 a multiple of 16) and b1 [r2]. Got "
+                f"{w1_t_second.shape} and {None if b1_second is None else b1_second.shape}"
+            )
+        if w1_t_second.dtype != w1_t.dtype:
+            raise ValueError(f"both predictors need one dtype. Got {w1_t.dtype} and {w1_t_second.dtype}")
+        block_r = pow2_divisor(r2, block_r)  # one row block for both
+        second = (w1_t_second, b1_second)
+    first_programs = r // block_r if second else 0
+    n_programs = r // block_r + (second[0].shape[0] // block_r if second else 0)
     block_d = pow2_divisor(d, block_d)
     kernel = functools.partial(
         _hidden_kernel,
@@ -147,20 +197,24 @@ def predictor_hidden(
         eps=eps,
         ln_eps=ln_eps,
         ln_block=pow2_divisor(d, LN_BLOCK),
-        n_programs=r // block_r,
+        n_programs=n_programs,
         sum_once=bool(sum_once),
+        first_programs=first_programs,
     )
-    out_shape = jax.ShapeDtypeStruct((batch, r), w1_t.dtype)
+    out_shape = [jax.ShapeDtypeStruct((batch, r), w1_t.dtype)]
+    if second:
+        out_shape.append(jax.ShapeDtypeStruct((batch, second[0].shape[0]), w1_t.dtype))
     if layernorm is not None:
-        out_shape = (out_shape, jax.ShapeDtypeStruct((batch, d), x.dtype))
-    return pl.pallas_call(
+        out_shape.append(jax.ShapeDtypeStruct((batch, d), x.dtype))
+    out = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
-        grid=(r // block_r,),
+        out_shape=tuple(out_shape),
+        grid=(n_programs,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=resolve_interpret(interpret),
         name="predictor_hidden",
-    )(x, w1_t, b1, *ln_args)
+    )(x, w1_t, b1, *second, *ln_args)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def predictor_hidden_reference(x, w1_t, b1, *, normalize=True, eps=1e-5):

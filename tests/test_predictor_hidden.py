@@ -116,6 +116,37 @@ class TestPredictorHidden(CompiledKernelCases):
         twin = predictor_hidden_reference(x, w1_t, b1, normalize=normalize, eps=EPS)
         assert rel_max_err(p, twin) <= TOLERANCE[dtype]
 
+    @pytest.mark.parametrize("layernorm", [False, True])
+    @pytest.mark.parametrize("batch, d, r, r2, dtype", [(1, 256, 64, 32, jnp.float32), (2, 640, 48, 96, jnp.float16)])
+    def test_second_predictor_in_the_same_launch(self, batch, d, r, r2, dtype, layernorm):
+        """Two predictors reading the same x (the next layer's head predictor beside this layer's MLP predictor):
+        one launch gives each p what its own launch gives (to a rounding) and its float64 reference; with a
+        LayerNorm also LN(x)."""
+        rng = np.random.default_rng(d + r2)
+        x = jnp.asarray(rng.standard_normal((batch, d)) * 3.0 + 1.0, dtype)
+        w1_t, w2_t = (jnp.asarray(rng.standard_normal((n, d)) / d**0.5, dtype) for n in (r, r2))
+        b1, b2 = (jnp.asarray(rng.standard_normal(n), dtype) for n in (r, r2))
+        kw = dict(eps=EPS, interpret=self.INTERPRET)
+        ln = {}
+        if layernorm:
+            scale, bias = (
+                jnp.asarray(1.0 + 0.3 * rng.standard_normal(d), dtype),
+                jnp.asarray(rng.standard_normal(d), dtype),
+            )
+            ln = dict(ln_scale=scale, ln_bias=bias, ln_eps=1e-5)
+        out = predictor_hidden(x, w1_t, b1, w1_t_second=w2_t, b1_second=b2, **kw, **ln)
+        assert len(out) == (3 if layernorm else 2)
+        for p, w, b in ((out[0], w1_t, b1), (out[1], w2_t, b2)):
+            assert p.shape == (batch, w.shape[0]) and p.dtype == jnp.dtype(dtype)
+            assert_within_one_rounding(p, predictor_hidden(x, w, b, **kw), dtype)
+            assert rel_max_err(p, predictor_hidden_reference(x, w, b, eps=EPS)) <= TOLERANCE[dtype]
+        if layernorm:
+            assert_within_one_rounding(out[2], float64_layer_norm(x, scale, bias, 1e-5), dtype)
+        with pytest.raises(ValueError, match="the second predictor needs"):
+            predictor_hidden(x, w1_t, b1, w1_t_second=w2_t[:, :16], b1_second=b2, **kw)
+        with pytest.raises(ValueError, match="one dtype"):
+            predictor_hidden(x, w1_t, b1, w1_t_second=w2_t.astype(jnp.bfloat16), b1_second=b2, **kw)
+
     def test_layernorm_bad_input(self):
         x, w1_t, b1 = jnp.zeros((1, 64)), jnp.zeros((16, 64)), jnp.zeros(16)
         good, bad = jnp.ones(64), jnp.ones(80)
@@ -152,3 +183,11 @@ def test_lowers_for_gpu(batch, d, r, layernorm):
         jax.jit(call), s((batch, d), jnp.float16), s((r, d), jnp.float16), s((r,), jnp.float16), *ln_args
     )
     assert "predictor_hidden" in text
+
+    def call_two(x, w1_t, b1, w2_t, b2, *ln):
+        ln_kw = dict(zip(("ln_scale", "ln_bias"), ln))
+        return predictor_hidden(x, w1_t, b1, w1_t_second=w2_t, b1_second=b2, interpret=False, **ln_kw)
+
+    second = (s((64, d), jnp.float16), s((64,), jnp.float16))
+    weights = (s((batch, d), jnp.float16), s((r, d), jnp.float16), s((r,), jnp.float16))
+    assert "predictor_hidden" in lowered_text_for_cuda(jax.jit(call_two), *weights, *second, *ln_args)
