@@ -297,12 +297,13 @@ class OPTDecoderLayer(nn.Module):
         self.sow("intermediates", "attn_input", h)
         attn_input = h
         qkv_normalises = pre_ln and self.self_attn.fuses_layernorm(h, layer_kv, heads)  # the q/k/v kernel's LayerNorm
-        x, ahead = None, None
+        x, ahead, head_ahead = None, None, None
         if choice is not None and not qkv_normalises:
-            # Part of the MLP's choice may come first (and write the attention LayerNorm): counted in the MLP block by
-            # `bench profile`.
+            # Part of the MLP's choice may come first (and write the attention LayerNorm; and the next layer's head
+            # predictor's first layer): counted in the MLP block by `bench profile`.
             with jax.named_scope("mlp_block"):
-                x, ahead = choice.before_attention(h, self.self_attn_layer_norm.affine() if pre_ln else None)
+                ln = self.self_attn_layer_norm.affine() if pre_ln else None
+                x, ahead, head_ahead = choice.before_attention_with_heads(h, ln)
         with jax.named_scope("attention_block"):
             if qkv_normalises:
                 ln = self.self_attn_layer_norm.affine()
@@ -321,7 +322,7 @@ class OPTDecoderLayer(nn.Module):
             h = h + self.mlp(x, rows)
             if not pre_ln:
                 h = self.final_layer_norm(h)
-        return h, new_kv
+        return h, new_kv, head_ahead
 
 
 def chunk_positions(chunk_mask, next_position):
@@ -415,6 +416,7 @@ class OPTForCausalLM(nn.Module):
         new_keys, new_values, new_recent = [], [], []
         first_slot = 0 if cache is None else cache.cursor
         lookahead = h  # layer l's head predictor reads layer l-1's input (layer 0: its own)
+        head_ahead = None  # [B, r]: layer l's head predictor's first layer, where layer l-1's launch computed it
         for i, layer in enumerate(self.layers):
             layer_kv = None
             if cache is not None:
@@ -422,9 +424,12 @@ class OPTForCausalLM(nn.Module):
                 layer_kv = (cache.keys[i], cache.values[i], recent)
             with jax.named_scope(f"layer_{i}"):
                 with jax.named_scope("attention_block"):  # the head choice is the attention block's cost
-                    heads = head_rows(policy, sparse_weights, i, lookahead, c.num_attention_heads, first_slot)
+                    heads = head_rows(
+                        policy, sparse_weights, i, lookahead, c.num_attention_heads, first_slot, hidden=head_ahead
+                    )
                 lookahead = h
-                h, kv = layer(h, allowed, layer_kv, None if cache is None else cache.cursor, choice(i), heads)
+                cursor = None if cache is None else cache.cursor
+                h, kv, head_ahead = layer(h, allowed, layer_kv, cursor, choice(i), heads)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

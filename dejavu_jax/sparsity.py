@@ -123,7 +123,11 @@ class DecodeTuning:
     - `head_knobs`: `kernels.head_sparse.HeadSparsePlan` fields overriding its defaults, named with a "head_" prefix
       when parsed (`head_qkv_block_rows=8` sets `qkv_block_rows`);
     - `head_topk`: how predicted heads take their k best scores (`exactly_k`'s method, the same heads): "sort"
-      (`lax.top_k`) or "rank" (pairwise comparisons, no sort kernel).
+      (`lax.top_k`) or "rank" (pairwise comparisons, no sort kernel);
+    - `head_hidden_ahead`: 1 = where layer l's MLP predictor runs on the kernel with the attention LayerNorm
+      (`attention_layernorm_and_hidden`), the same launch also computes the first layer of layer l+1's head predictor,
+      which reads the same input (the lookahead), and layer l+1's head choice takes it (`head_predictor_ahead`): one
+      `predictor_hidden` launch a layer instead of two; 0 = each apart.
     """
 
     hidden: str = "pallas"
@@ -138,6 +142,7 @@ class DecodeTuning:
     head_max_batch: int = 1
     head_knobs: tuple = ()
     head_topk: str = "sort"
+    head_hidden_ahead: int = 0
 
     CHOICES = {
         "hidden": ("pallas", "xla"),
@@ -153,6 +158,7 @@ class DecodeTuning:
         "hidden_block_r": (0, 64),
         "hidden_sum_once": (0, 1),
         "hidden_stream": (0, 8),
+        "head_hidden_ahead": (0, 1),
     }
 
     def __post_init__(self):
@@ -308,13 +314,15 @@ class MLPPredictor:
         )
         return dots * self.w2_scale + self.b2
 
-    def decode_hidden(self, x, tuning: "DecodeTuning", stream: int = 0, layernorm=None):
+    def decode_hidden(self, x, tuning: "DecodeTuning", stream: int = 0, layernorm=None, second=None):
         """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA. `stream` > 0: issued
         on that GPU stream (`DecodeTuning.hidden_stream`). `layernorm` = (scale, bias, eps) (Pallas kernel only):
-        returns (hidden, LayerNorm(x)) from the one launch (`attention_layernorm_and_hidden`)."""
+        returns (hidden, LayerNorm(x)) from the one launch (`attention_layernorm_and_hidden`). `second` (Pallas
+        kernel only): another predictor reading the same x (same `normalize_input`), whose hidden comes from the
+        same launch: returns (hidden, its hidden[, LayerNorm(x)])."""
         if tuning.hidden == "xla":
-            if layernorm is not None:
-                raise ValueError("only the predictor_hidden kernel writes a LayerNorm beside the hidden vector")
+            if layernorm is not None or second is not None:
+                raise ValueError("only the predictor_hidden kernel writes a LayerNorm or a second hidden vector")
             compute = functools.partial(_first_layer, self.w1_t, self.b1, normalize=self.normalize_input)
         else:
             compute = functools.partial(
@@ -326,6 +334,7 @@ class MLPPredictor:
                 block_r=tuning.hidden_block_r or None,
                 sum_once=bool(tuning.hidden_sum_once),
                 **kernel_layernorm.wrapper_kwargs(layernorm),
+                **({} if second is None else dict(w1_t_second=second.w1_t, b1_second=second.b1)),
             )
         return on_stream(stream, compute, x) if stream else compute(x)
 
@@ -525,8 +534,41 @@ def _hidden_from_attn_input(policy: SparsityPolicy, weights: Optional[SparseWeig
     )
 
 
+def head_predictor_ahead(policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, attn_input):
+    """The head predictor of layer `layer` + 1 whose first layer rides on layer `layer`'s MLP predictor launch
+    (`DecodeTuning.head_hidden_ahead`), or None: where that layer's heads are predicted and scored on the kernel
+    (`head_scores`' decode path, K below every head) from the lookahead input, which is `attn_input` [B, T, d], and
+    the two predictors standardize alike."""
+    batch, tokens = attn_input.shape[:2]
+    if not (
+        policy.tuning.head_hidden_ahead
+        and policy.heads == HeadSparsity.PREDICTED
+        and weights is not None
+        and weights.heads is not None
+        and weights.mlp is not None
+        and layer + 1 < len(weights.heads)
+        and tokens == 1
+        and policy.decode_kernels
+        and batch <= HIDDEN_MAX_BATCH
+        and policy.tuning.hidden == "pallas"
+    ):
+        return None
+    head, mlp = weights.heads[layer + 1], weights.mlp[layer]
+    if (policy.head_k or head.keep) >= head.num_outputs:
+        return None  # every head kept: nothing to score
+    if head.normalize_input != mlp.normalize_input or head.w1_t.dtype != mlp.w1_t.dtype:
+        return None
+    return head
+
+
 def attention_layernorm_and_hidden(
-    policy: SparsityPolicy, weights: Optional[SparseWeights], layer: int, attn_input, layernorm, decode: bool
+    policy: SparsityPolicy,
+    weights: Optional[SparseWeights],
+    layer: int,
+    attn_input,
+    layernorm,
+    decode: bool,
+    head_ahead: Optional["MLPPredictor"] = None,
 ):
     """(LayerNorm(attn_input) [B, 1, d], the MLP predictor's first layer [B, r]) from one `predictor_hidden` launch,
     where layer `layer`'s step runs the predicted decode kernels with a predictor that reads the attention block's
@@ -543,6 +585,11 @@ def attention_layernorm_and_hidden(
         and _hidden_from_attn_input(policy, weights, attn_input, decode)
     ):
         return None
+    if head_ahead is not None:  # `head_predictor_ahead`: also the next layer's head predictor's first layer
+        hidden, head_hidden, x = weights.mlp[layer].decode_hidden(
+            attn_input[:, 0], tuning, layernorm=layernorm, second=head_ahead
+        )
+        return x[:, None], hidden, head_hidden
     hidden, x = weights.mlp[layer].decode_hidden(attn_input[:, 0], tuning, layernorm=layernorm)
     return x[:, None], hidden
 
@@ -583,6 +630,18 @@ class LayerChoice:
                 return None, MLPRows("mask", mask=mask, knobs=tuning.knobs)
             return None, predictor.decode_hidden(x, tuning, tuning.hidden_stream)
         return None, None
+
+    def before_attention_with_heads(self, attn_input, layernorm=None):
+        """`before_attention` plus the first layer of the next layer's head predictor [B, r] where
+        `head_predictor_ahead` lets it ride on this launch (None elsewhere): (LayerNorm or None, ahead, head hidden)."""
+        head = None if layernorm is None else head_predictor_ahead(self.policy, self.weights, self.layer, attn_input)
+        if head is not None:
+            fused = attention_layernorm_and_hidden(
+                self.policy, self.weights, self.layer, attn_input, layernorm, self.decode, head_ahead=head
+            )
+            if fused is not None:
+                return fused
+        return (*self.before_attention(attn_input, layernorm), None)
 
     def rows(self, attn_input, mlp_input, ahead=None) -> MLPRows:
         """`attn_input` / `mlp_input` [B, T, d]: the residual before the attention / MLP LayerNorm; `ahead`: what
@@ -658,13 +717,16 @@ def head_rows(
     lookahead_input,
     n_heads: int,
     first_slot=0,
+    hidden=None,
 ) -> HeadRows:
     """The heads layer `layer` (of `n_heads` heads) keeps for tokens whose lookahead input (layer l-1's residual
     before its attention LayerNorm; layer 0: its own) is `lookahead_input` [B, T, d], the chunk starting at cache
     slot `first_slot` (a scheduled choice depends on the slot, so a decode step and the whole-sequence forward
     choose alike). Predicted heads with K >= n_heads keep every head; scheduled ones still go through the mask
     (the sparse decode path with every head chosen). With `policy.head_union`, a decode step (T = 1) of several
-    sequences gives every sequence the union of their heads (mask only: the rows no longer hold k heads each)."""
+    sequences gives every sequence the union of their heads (mask only: the rows no longer hold k heads each).
+    `hidden` [B, r]: the predictor's first layer of this step, where the previous layer's launch computed it
+    (`head_predictor_ahead`); None computes it here."""
     if policy.heads == HeadSparsity.NONE:
         return HeadRows()
     if policy.heads == HeadSparsity.ORACLE:
@@ -686,7 +748,11 @@ def head_rows(
         k = policy.head_k or predictor.keep
         if k >= predictor.num_outputs:
             return HeadRows()
-        mask, idx = exactly_k(head_scores(predictor, lookahead_input, policy), k, tuning.head_topk)
+        if hidden is not None:  # its first layer, computed by the previous layer's predictor launch
+            scores = predictor.scores_from_hidden(hidden)[:, None]
+        else:
+            scores = head_scores(predictor, lookahead_input, policy)
+        mask, idx = exactly_k(scores, k, tuning.head_topk)
     if policy.head_union and tokens == 1 and batch > 1:
         # at most batch·k heads: the size the decode step's union list already has
         mask, idx = jnp.broadcast_to(jnp.any(mask, axis=0, keepdims=True), mask.shape), None

@@ -16,7 +16,7 @@ from dejavu_jax.generation import _generate_tokens, decode_step, prefill
 from dejavu_jax.kv_cache import KVCache
 from dejavu_jax.model import OPTForCausalLM, init_params
 from dejavu_jax import sparse_attention
-from dejavu_jax.predictors import init_low_rank, predictor_scores
+from dejavu_jax.predictors import Predictors, init_low_rank, predictor_scores
 from dejavu_jax.sampling import SamplingConfig
 from dejavu_jax.sparse_attention import (
     AttentionWeights,
@@ -29,6 +29,7 @@ from dejavu_jax.sparse_attention import (
 from dejavu_jax.sparsity import (
     DecodeTuning,
     HeadSparsity,
+    MLPSparsity,
     SparseWeights,
     SparsityPolicy,
     decode_predictor,
@@ -38,6 +39,7 @@ from dejavu_jax.sparsity import (
     head_scores,
     mask_of,
     scheduled_heads,
+    sparse_weights_from_predictors,
 )
 from kernels.head_sparse import head_qkv_pairs
 
@@ -550,6 +552,29 @@ def test_decode_step_scores_heads_on_the_predictor_kernel():
     whole = jax.random.normal(jax.random.PRNGKey(23), (2, 5, d))
     for p, q in zip(trained, decode):
         assert rel_max_err(head_scores(q, whole, policy), predictor_scores(p, whole)) <= 1e-5
+
+
+def test_next_layers_head_predictor_rides_on_the_mlp_predictor_launch():
+    """`head_hidden_ahead`: layer l's MLP predictor launch (with the attention LayerNorm) also computes the first layer
+    of layer l+1's head predictor, which reads the same input: L + 1 `predictor_hidden` launches a decode step (layer
+    0's head predictor apart) instead of 2L, and the decode's logits are those of the predictors apart."""
+    layers, d = CONFIG.num_hidden_layers, CONFIG.hidden_size
+    keys = jax.random.split(jax.random.PRNGKey(31), 2 * layers)
+    mlp = tuple(init_low_rank(keys[i], d, 16, CONFIG.ffn_dim) for i in range(layers))
+    heads = tuple(init_low_rank(keys[layers + i], d, 16, CONFIG.num_attention_heads) for i in range(layers))
+    weights = sparse_weights_from_predictors(Predictors(mlp=mlp, heads=heads, mlp_threshold=(0.0,) * layers))
+    apart = SparsityPolicy(MLPSparsity.PREDICTED, heads=HeadSparsity.PREDICTED, head_k=2)
+    ahead = dataclasses.replace(apart, tuning=(("head_hidden_ahead", 1),))
+    kernel = "pallas_call:predictor_hidden"
+    assert _decode_step_primitives(apart, 1, weights).count(kernel) == 2 * layers
+    assert _decode_step_primitives(ahead, 1, weights).count(kernel) == layers + 1
+    params = init_params(CONFIG, jax.random.PRNGKey(1))
+    ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
+    continuation = jax.random.randint(jax.random.PRNGKey(3), (1, 24), 3, 64)
+    run = functools.partial(decode_logits, params, weights, ids, jnp.ones_like(ids), continuation)
+    assert rel_max_err(run(policy=ahead), run(policy=apart)) <= 1e-5
+    with pytest.raises(ValueError, match="head_hidden_ahead must be 0 or 1"):
+        DecodeTuning(head_hidden_ahead=2)
 
 
 def test_tuning_and_cache_errors():
