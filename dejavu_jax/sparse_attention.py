@@ -57,18 +57,18 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from dejavu_jax.parallel import TP_AXIS
-from kernels.block_math import cdiv, pow2_divisor
+from kernels.block_math import cdiv
 from kernels.decode_attention import decode_attention
 from kernels.layernorm import wrapper_kwargs
 from kernels.head_sparse import (
     DOT_MIN_BATCH,
     MAX_BATCH,
-    HeadSparsePlan,
     head_out_proj,
     head_qkv_into_cache,
     head_qkv_pairs,
     head_window_into_cache,
     plan_flag,
+    window_row_block,
 )
 
 HEAD_KV_MODES = ("repair", "all")
@@ -199,13 +199,12 @@ def window_kernel_applies(batch: int, window: int, slots: int, head_dim: int, kn
     """Whether a "repair" step projects its window with `head_window_into_cache` (K/V written into the cache by the
     projection launch): one sequence, R >= 16 a power of two (the window's rows go through `dot`), a cache of at least
     R slots, row blocks of at least 16, and the `window_cache_write` knob on."""
-    rows = pow2_divisor(head_dim, dict(knobs or ()).get("window_block_rows", HeadSparsePlan.window_block_rows))
     return (
         batch == 1
         and window >= DOT_MIN_BATCH
         and not window & (window - 1)
         and slots >= window
-        and rows >= 16
+        and window_row_block(head_dim, knobs) >= 16
         and bool(plan_flag(knobs, "window_cache_write"))
     )
 

@@ -539,7 +539,6 @@ def head_predictor_ahead(policy: SparsityPolicy, weights: Optional[SparseWeights
     (`DecodeTuning.head_hidden_ahead`), or None: where that layer's heads are predicted and scored on the kernel
     (`head_scores`' decode path, K below every head) from the lookahead input, which is `attn_input` [B, T, d], and
     the two predictors standardize alike."""
-    batch, tokens = attn_input.shape[:2]
     if not (
         policy.tuning.head_hidden_ahead
         and policy.heads == HeadSparsity.PREDICTED
@@ -547,14 +546,11 @@ def head_predictor_ahead(policy: SparsityPolicy, weights: Optional[SparseWeights
         and weights.heads is not None
         and weights.mlp is not None
         and layer + 1 < len(weights.heads)
-        and tokens == 1
-        and policy.decode_kernels
-        and batch <= HIDDEN_MAX_BATCH
-        and policy.tuning.hidden == "pallas"
+        and _head_hidden_on_kernel(policy, attn_input)
     ):
         return None
     head, mlp = weights.heads[layer + 1], weights.mlp[layer]
-    if (policy.head_k or head.keep) >= head.num_outputs:
+    if _predicted_head_k(policy, head) >= head.num_outputs:
         return None  # every head kept: nothing to score
     if head.normalize_input != mlp.normalize_input or head.w1_t.dtype != mlp.w1_t.dtype:
         return None
@@ -745,7 +741,7 @@ def head_rows(
         mask, idx = scheduled_heads(weights.head_schedule, layer, first_slot, batch, tokens, n_heads, k)
     else:
         predictor = weights.heads[layer]
-        k = policy.head_k or predictor.keep
+        k = _predicted_head_k(policy, predictor)
         if k >= predictor.num_outputs:
             return HeadRows()
         if hidden is not None:  # its first layer, computed by the previous layer's predictor launch
@@ -764,10 +760,20 @@ def head_scores(predictor: MLPPredictor, x, policy: SparsityPolicy):
     kernel's batch bound) computes the first layer on the `predictor_hidden` kernel, as the MLP predictor does (XLA
     read the training layout's [d, r] weight for one token at a fraction of bandwidth); whole sequences are scored by
     XLA."""
-    batch, tokens = x.shape[:2]
-    if tokens == 1 and policy.decode_kernels and batch <= HIDDEN_MAX_BATCH:
+    if _head_hidden_on_kernel(policy, x):
         return predictor.scores_from_hidden(predictor.decode_hidden(x[:, 0], policy.tuning))[:, None]
     return predictor.scores(x)
+
+
+def _head_hidden_on_kernel(policy: SparsityPolicy, x) -> bool:
+    """Whether a head predictor's first layer on x [B, T, d] runs on the `predictor_hidden` kernel (`head_scores`)."""
+    batch, tokens = x.shape[:2]
+    return tokens == 1 and policy.decode_kernels and batch <= HIDDEN_MAX_BATCH
+
+
+def _predicted_head_k(policy: SparsityPolicy, predictor: MLPPredictor) -> int:
+    """The heads a predicted layer keeps: the policy's `head_k`, else the predictor's calibrated K."""
+    return policy.head_k or predictor.keep
 
 
 def exactly_k(scores, k: int, method: str = "sort"):

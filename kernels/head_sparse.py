@@ -294,8 +294,8 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
 
 def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, forced, total_heads, eps=None):
     # q_idx_ref [>= n] int32: the n chosen heads (K/V and Q), padded with -1 to a power of two; meta_ref [2] int32:
-    # the cursor and the first head this call's weights hold (of `total_heads`); x_ref [1, d]: the new token's input (with a LayerNorm (eps), its
-    # pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is "head" z·H + h), with a
+    # the cursor and the first head this call's weights hold (of `total_heads`); x_ref [1, d]: the new token's input
+    # (with a LayerNorm (eps), its pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is "head" z·H + h), with a
     # LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent [R, d], the inputs of slots
     # cursor-R+1 .. cursor at row slot mod R (with a LayerNorm the row of `cursor` is written here: program (0, 0, 0)
     # stores it, and every window takes it from x instead of the buffer), k / v [1, H, S, hd], then q [1, n, hd].
@@ -484,6 +484,12 @@ def _check_qkv(x, qkv_w, qkv_b, head_idx):
 
 def _plan(batch, d, hd, heads, knobs) -> HeadSparsePlan:
     return HeadSparsePlan(batch=batch, d=d, head_dim=hd, heads=heads, **dict(knobs or ()))
+
+
+def window_row_block(head_dim: int, knobs=None) -> int:
+    """Rows of a head one `head_window_into_cache` program owns: `window_block_rows` (from `knobs`, else the plan's
+    default) capped to a power of two dividing head_dim. The window's dots need at least 16."""
+    return pow2_divisor(head_dim, dict(knobs or ()).get("window_block_rows", HeadSparsePlan.window_block_rows))
 
 
 def plan_flag(knobs, name: str) -> int:
@@ -679,10 +685,10 @@ def head_window_into_cache(
     n = q_heads.shape[0]
     m = n + forced
     # both entry kinds take the window's row blocks (one grid)
-    rows = dict(knobs or ()).get("window_block_rows", HeadSparsePlan.window_block_rows)
+    rows = window_row_block(hd, knobs)
+    if rows < 16:
+        raise ValueError(f"the window's dots need row blocks of at least 16 (hd={hd}: blocks of {rows})")
     window_plan = _plan(window, d, hd, 2 * m + n, (*(knobs or ()), ("qkv_block_rows", rows)))
-    if window_plan.rows_qkv < 16:
-        raise ValueError(f"the window's dots need row blocks of at least 16 (hd={hd}, window_block_rows={rows})")
     q_plan = _plan(1, d, hd, 2 * m + n, (*(knobs or ()), ("qkv_block_rows", rows)))
     eps, ln_args = ln.call_args(ln.checked(ln_scale, ln_bias, ln_eps, d))
     cache_shapes = (jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype))

@@ -44,13 +44,17 @@ def forward_logits(params, config, ids):
     return jax.jit(lambda p, i: model.apply({"params": p}, i)[0])(params, ids)
 
 
-@pytest.fixture(scope="module")
-def eight_heads_params():
+def scaled_random_params(config, seed: int):
     """Random weights (std 0.2, biases and LayerNorms too), large enough that every block matters and greedy choices
     are far from ties."""
-    leaves, tree = jax.tree.flatten(abstract_params(EIGHT_HEADS))
-    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    leaves, tree = jax.tree.flatten(abstract_params(config))
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module")
+def eight_heads_params():
+    return scaled_random_params(EIGHT_HEADS, 3)
 
 
 @pytest.fixture(scope="module")
@@ -665,9 +669,7 @@ def test_repair_window_kernel_under_tp4_matches_one_device(k):
     over the chosen and forced heads it holds (padding entries recompute head 0's window), with the single-device
     logits and greedy tokens."""
     config = tiny_config(num_attention_heads=8, hidden_size=128, vocab_size=256, max_position_embeddings=64)
-    leaves, tree = jax.tree.flatten(abstract_params(config))
-    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
-    params = jax.tree.unflatten(tree, [0.2 * jax.random.normal(key, s.shape, s.dtype) for key, s in zip(keys, leaves)])
+    params = scaled_random_params(config, 5)
     schedule = head_schedule(11, config.num_hidden_layers, config.num_attention_heads)
     policy = fixed_heads(k, head_kv="repair", head_window=16)
     assert window_kernel_applies(1, 16, 24, config.head_dim, policy.tuning.head_knobs)
