@@ -27,7 +27,8 @@ heads per layer (kernels/head_sparse.py), every head's K/V kept exact (the ring-
 `--tuning head_kv=all` for every head's K/V each step; dejavu_jax/sparse_attention.py). Batches above 1 compute every
 head and zero the unchosen ones' outputs (measured faster; `--tuning head_max_batch=N` runs the head kernels up to N
 sequences). Rows added:
-- fixed heads: a seeded random k heads per token, layer and step (so the repair runs), MLP dense;
+- fixed heads: a seeded random k heads per token, layer and step (so the repair runs), MLP dense (its tuned twins
+  only without --mlp-density: beside the MLP rows the tuned "fixed rows + fixed heads" rows say the same);
 - fixed rows + fixed heads (with --mlp-density and the fixed variant);
 - predicted + predicted heads (with the predicted variant): random-weight head predictors of the row's rank, top-k
   on the previous layer's input (the lookahead), beside the MLP predictors.
@@ -213,7 +214,9 @@ def head_variants(
         extra = {"heads_kept": f"{k}/{n_heads}", **tuned}
         fixed_heads = SparsityPolicy(heads=HeadSparsity.FIXED, head_k=k, tuning=tuning)
         if "fixed" in names:
-            if not tuning or tunes_heads(tuning):  # else the untuned row's program
+            # A tuned heads-alone row only without MLP rows: beside them it costs a compile and says what the
+            # "fixed rows + fixed heads" twin says (an untuned tuning is the untuned row's program).
+            if not tuning or (tunes_heads(tuning) and fixed is None):
                 out.append((f"fixed heads{tag}", fixed_heads, SparseWeights(head_schedule=schedule), extra))
             if fixed is not None:
                 out.append(

@@ -61,7 +61,7 @@ def test_parse_tuning_and_bad_flags(capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_head_rows_skip_the_heads_only_row_of_a_tuning_that_changes_only_the_mlp():
+def test_head_rows_skip_heads_only_rows_that_repeat_another_row():
     from bench.generate import head_variants
     from dejavu_jax.config import shape_config
     from dejavu_jax.sparsity import SparseWeights
@@ -72,9 +72,10 @@ def test_head_rows_skip_the_heads_only_row_of_a_tuning_that_changes_only_the_mlp
         "fixed heads",
         "fixed rows + fixed heads",
         "fixed rows + fixed heads [fc1_segment=16]",  # its heads-only row would be the untuned one's program
-        "fixed heads [head_kv=repair]",
-        "fixed rows + fixed heads [head_kv=repair]",
+        "fixed rows + fixed heads [head_kv=repair]",  # beside MLP rows a tuning gets no heads-only twin
     ]
+    alone = head_variants(shape_config("tiny"), 0.5, tunings, [], [], None, {})  # no MLP rows
+    assert [label for label, *_ in alone] == ["fixed heads", "fixed heads [head_kv=repair]"]
     twins = head_variants(shape_config("tiny"), 0.5, tunings[:1], [], [], SparseWeights(), {}, union=True)
     assert [(label, policy.head_union) for label, policy, *_ in twins] == [
         ("fixed heads", False),
