@@ -351,6 +351,9 @@ def _decode_heads(
     batch, d = x.shape
     n_heads, head_dim = weights.qkv_w.shape[1], weights.qkv_w.shape[2]
     n = q_heads.shape[0]
+    # HF scales the query after q_proj, bias included. The one-launch projections apply the scale in fp32 before
+    # their rounding (no XLA multiply after them); the others return q unscaled, multiplied below.
+    q_scale, scaled = head_dim**-0.5, False
     with jax.named_scope("qkv_proj"):
         if head_kv == "repair":
             window = recent.shape[1]
@@ -373,9 +376,10 @@ def _decode_heads(
                     total_heads=forced.total,
                     first_head=forced.first,
                     knobs=knobs,
+                    q_scale=q_scale,
                     **wrapper_kwargs(layernorm),
                 )
-                recent = buffer[None]
+                recent, scaled = buffer[None], True
             else:
                 if layernorm is not None:
                     raise ValueError(
@@ -395,8 +399,18 @@ def _decode_heads(
         elif plan_flag(knobs, "qkv_cache_write") and batch < DOT_MIN_BATCH:
             # The same launch writing K/V into the cache itself (no cache writes after it).
             q, keys, values = head_qkv_into_cache(
-                x, weights.qkv_w, weights.qkv_b, q_heads, keys, values, cursor, knobs=knobs, **wrapper_kwargs(layernorm)
+                x,
+                weights.qkv_w,
+                weights.qkv_b,
+                q_heads,
+                keys,
+                values,
+                cursor,
+                knobs=knobs,
+                q_scale=q_scale,
+                **wrapper_kwargs(layernorm),
             )
+            scaled = True
         else:
             # One launch: K/V of every head and Q of the chosen ones (2H + n heads' rows). Projecting Q, K and V of
             # all heads would read H - n more heads' Q rows; all-heads ++ chosen with parts (0, 1, 2) would read
@@ -407,11 +421,12 @@ def _decode_heads(
             keys = lax.dynamic_update_slice(keys, rows[:, :n_heads, None].astype(keys.dtype), start)
             values = lax.dynamic_update_slice(values, rows[:, n_heads : 2 * n_heads, None].astype(values.dtype), start)
             q = rows[:, 2 * n_heads :]
-        # HF scales the query after q_proj, bias included; q is already in x's dtype, so this is one multiply.
-        q = (q * head_dim**-0.5).astype(x.dtype)  # [B, n, hd]
+        if not scaled:  # q is already in x's dtype, so this is one multiply
+            q = (q * q_scale).astype(x.dtype)  # [B, n, hd]
     with jax.named_scope("attention"):
         if attention_impl == "pallas":
-            heads_out = decode_attention(q, keys, values, allowed, q_heads)
+            split = plan_flag(knobs, "attention_split") or None  # None: the kernel's own plan
+            heads_out = decode_attention(q, keys, values, allowed, q_heads, split_s=split)
         else:
             heads_out = _attention_xla(q, keys, values, allowed, q_heads)
     if used is None:

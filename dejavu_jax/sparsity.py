@@ -122,12 +122,13 @@ class DecodeTuning:
       (bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-06_heads_prompt1024_opt-6.7b.md);
     - `head_knobs`: `kernels.head_sparse.HeadSparsePlan` fields overriding its defaults, named with a "head_" prefix
       when parsed (`head_qkv_block_rows=8` sets `qkv_block_rows`);
-    - `head_topk`: how predicted heads take their k best scores (`exactly_k`'s method, the same heads): "sort"
-      (`lax.top_k`) or "rank" (pairwise comparisons, no sort kernel);
+    - `head_topk`: how predicted heads take their k best scores (`exactly_k`'s method, the same heads): "rank" (the
+      default: pairwise comparisons, no sort kernel; measured faster with `head_hidden_ahead`, bench/results/NOTES.md,
+      "The window kernel pipelined") or "sort" (`lax.top_k`);
     - `head_hidden_ahead`: 1 = where layer l's MLP predictor runs on the kernel with the attention LayerNorm
       (`attention_layernorm_and_hidden`), the same launch also computes the first layer of layer l+1's head predictor,
       which reads the same input (the lookahead), and layer l+1's head choice takes it (`head_predictor_ahead`): one
-      `predictor_hidden` launch a layer instead of two; 0 = each apart.
+      `predictor_hidden` launch a layer instead of two (the default, measured with "rank" above); 0 = each apart.
     """
 
     hidden: str = "pallas"
@@ -141,8 +142,8 @@ class DecodeTuning:
     head_window: int = 16
     head_max_batch: int = 1
     head_knobs: tuple = ()
-    head_topk: str = "sort"
-    head_hidden_ahead: int = 0
+    head_topk: str = "rank"
+    head_hidden_ahead: int = 1
 
     CHOICES = {
         "hidden": ("pallas", "xla"),

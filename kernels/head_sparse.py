@@ -111,10 +111,16 @@ class HeadSparsePlan:
     # rows of a head one `head_window_into_cache` program owns (capped to a power of two dividing hd, at least 16 for
     # the window's dots): 32 decoded faster than 16 on an H100 (bench/results/NOTES.md, "The K/V repair in one launch")
     window_block_rows: int = 32
+    # Triton software-pipelining stages of `head_window_into_cache`'s column loop: 2 decoded faster than 1, 3 and 4
+    # on an H100 (bench/results/NOTES.md, "The window kernel pipelined")
+    window_stages: int = 2
     # 1: a batch-1 repair step hands `head_window_into_cache` the pre-LayerNorm input and the LayerNorm, which the
     # kernel applies, also writing the buffer's new row (no LayerNorm and no buffer write in XLA); read by the model
-    # through `plan_flag`. Off by default: not yet timed
-    window_layernorm: int = 0
+    # through `plan_flag`. On by default: measured faster (the same section)
+    window_layernorm: int = 1
+    # split_s of the head path's Pallas decode attention (kernels/decode_attention.py): 0 = that kernel's own plan;
+    # 1 = no flash-decoding merge after it (one program per head over every slot). Read by the caller (`plan_flag`)
+    attention_split: int = 0
     # 1: at batch 1, head_qkv carries its products over d as a [rows, block_d] tile and reduces them once at the end
     # (a block reduction is a barrier; `kernels.block_math`), and a LayerNorm's statistics reduce once per sum;
     # 0: one reduction per column block
@@ -134,8 +140,9 @@ class HeadSparsePlan:
             "qkv_layernorm",
             "window_cache_write",
             "window_layernorm",
+            "attention_split",
         )
-        for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", *zero_ok):
+        for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", "window_stages", *zero_ok):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name in zero_ok else 1):
                 raise ValueError(
@@ -263,7 +270,7 @@ def _qkv_rows(x_ref, w_ref, b_ref, z, head, rows, plan: HeadSparsePlan, layernor
     return acc + bias[None, :] if dot else tuple(a + bias for a in acc)
 
 
-def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest, plan, eps=None):
+def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest, plan, q_scale, eps=None):
     # head_idx_ref [n] int32, cursor_ref [1] int32, x_ref [B, d], w_ref [1, 3H, hd, d] (part z's head h is "head"
     # z·H + h), b_ref [1, 3H, hd]; k_ref / v_ref [B, H, S, hd] (aliased to the inputs: written at the cursor only);
     # q_ref [B, n, hd]. Entry j < H: K of head j; H <= j < 2H: V of head j - H; then Q of head_idx[j - 2H]. With a
@@ -289,10 +296,10 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
     @pl.when(j >= 2 * n_heads)
     def _():
         for b, a in enumerate(acc):
-            q_ref[b, j - 2 * n_heads, rows] = a.astype(q_ref.dtype)
+            q_ref[b, j - 2 * n_heads, rows] = (a * q_scale).astype(q_ref.dtype)
 
 
-def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, forced, total_heads, eps=None):
+def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, forced, total_heads, q_scale, eps=None):
     # q_idx_ref [>= n] int32: the n chosen heads (K/V and Q), padded with -1 to a power of two; meta_ref [2] int32:
     # the cursor and the first head this call's weights hold (of `total_heads`); x_ref [1, d]: the new token's input
     # (with a LayerNorm (eps), its pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is "head" z·H + h), with a
@@ -359,7 +366,7 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, force
     def _():
         q_entry = jnp.maximum(j - 2 * m, 0)
         (acc,) = _qkv_rows(x_ref, w_ref, b_ref, 0, q_idx_ref[q_entry], rows, q_plan, layernorm)
-        q_ref[0, q_entry, rows] = acc.astype(q_ref.dtype)
+        q_ref[0, q_entry, rows] = (acc * q_scale).astype(q_ref.dtype)
 
 
 def _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan: HeadSparsePlan, new_row=None):
@@ -568,7 +575,7 @@ def head_qkv_pairs(
     return out[0, : plan.batch]
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps"))
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret", "ln_eps", "q_scale"))
 def head_qkv_into_cache(
     x,
     qkv_w,
@@ -583,13 +590,15 @@ def head_qkv_into_cache(
     ln_scale=None,
     ln_bias=None,
     ln_eps=1e-5,
+    q_scale: float = 1.0,
 ):
     """(q [B, n, hd], keys, values) in one launch: K and V of every head for the new token, written into the cache
     keys / values [B, H, S, hd] at slot `cursor` (in place where XLA can alias them; every other slot as it was),
     and Q of the n heads `head_idx`, as `head_qkv_pairs` computes them. Batch below `DOT_MIN_BATCH` (the per-row
     path); `cursor` is not range-checked on GPU (0 <= cursor < S is the caller's contract). Replaces, per layer and
     decode step, `head_qkv_pairs` over every head's K/V and the chosen Q plus the two cache writes after it.
-    `ln_*` as for `head_qkv_pairs`.
+    `ln_*` as for `head_qkv_pairs`. `q_scale` (static) multiplies Q in fp32 before its one rounding (the model's
+    hd**-0.5, so that no XLA multiply follows the launch).
     """
     n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, head_idx)
     batch = x.shape[0]
@@ -603,7 +612,7 @@ def head_qkv_into_cache(
     plan = _plan(batch, d, hd, 2 * n_heads + n, knobs)
     eps, ln_args = ln.call_args(_checked_layernorm(ln_scale, ln_bias, ln_eps, d, plan))
     q, keys, values = pl.pallas_call(
-        functools.partial(_head_qkv_cache_kernel, plan=plan, eps=eps),
+        functools.partial(_head_qkv_cache_kernel, plan=plan, q_scale=float(q_scale), eps=eps),
         out_shape=(
             jax.ShapeDtypeStruct((batch, n, hd), x.dtype),
             jax.ShapeDtypeStruct(keys.shape, keys.dtype),
@@ -627,7 +636,7 @@ def head_qkv_into_cache(
     return q, keys, values
 
 
-@functools.partial(jax.jit, static_argnames=("forced", "total_heads", "knobs", "interpret", "ln_eps"))
+@functools.partial(jax.jit, static_argnames=("forced", "total_heads", "knobs", "interpret", "ln_eps", "q_scale"))
 def head_window_into_cache(
     x,
     recent,
@@ -646,6 +655,7 @@ def head_window_into_cache(
     ln_scale=None,
     ln_bias=None,
     ln_eps=1e-5,
+    q_scale: float = 1.0,
 ):
     """(q [1, n, hd], keys, values, recent) in one launch, one sequence: K and V recomputed over the window of the R
     slots ending at `cursor` from their inputs and written into the cache keys / values [1, H, S, hd] (in place where
@@ -664,7 +674,7 @@ def head_window_into_cache(
     slots past the cursor get the buffer's stale rows (the caller's contract: nothing reads a slot past the cursor
     before it is written again, as the K/V repair guarantees). A head listed twice in q_heads writes the same
     values twice. `cursor` and q_heads are not range-checked on GPU. Numerics as `head_qkv_pairs` (fp32 sums, fp32
-    bias, one rounding); `knobs` as for `head_qkv`.
+    bias, one rounding), Q multiplied by `q_scale` (static) in fp32 before its rounding; `knobs` as for `head_qkv`.
     """
     n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, q_heads)
     total_heads = total_heads or n_heads
@@ -701,14 +711,20 @@ def head_window_into_cache(
         out_shape = (*out_shape, *cache_shapes)
         aliases = {first: 1, first + 1: 2, first + 2: 3}
     kernel = functools.partial(
-        _head_window_cache_kernel, plans=(window_plan, q_plan), n=n, forced=forced, total_heads=total_heads, eps=eps
+        _head_window_cache_kernel,
+        plans=(window_plan, q_plan),
+        n=n,
+        forced=forced,
+        total_heads=total_heads,
+        q_scale=float(q_scale),
+        eps=eps,
     )
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(1, 2 * m + n, hd // window_plan.rows_qkv),
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=window_plan.qkv_warps, num_stages=window_plan.qkv_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=window_plan.qkv_warps, num_stages=window_plan.window_stages),
         interpret=resolve_interpret(interpret),
         name="head_window_cache",
     )(

@@ -304,6 +304,8 @@ def whole_sequence_logits(params, ids, mask, continuation):
         (fixed_heads(2, head_kv="all", head_qkv_cache_write=0), "xla"),
         (fixed_heads(2, head_kv="all", head_qkv_layernorm=0), "xla"),
         (fixed_heads(2, head_kv="all", head_qkv_layernorm=0, head_qkv_cache_write=0), "pallas"),
+        # the Pallas attention in one split (it normalises its output itself: no merge after it)
+        (fixed_heads(2, head_kv="all", head_attention_split=1), "pallas"),
     ],
 )
 def test_model_decode_with_chosen_heads_equals_the_every_head_decode(policy, attention_impl):
@@ -344,7 +346,8 @@ def test_model_decode_with_the_window_kernel_equals_the_every_head_decode(window
 
     assert "scatter" not in in_xla(policy)
     if window_layernorm:
-        fused, unfused = in_xla(policy), in_xla(fixed_heads(1, head_kv="repair", head_window=16))
+        fused = in_xla(policy)
+        unfused = in_xla(fixed_heads(1, head_kv="repair", head_window=16, head_window_layernorm=0))
         assert unfused.count("rsqrt") - fused.count("rsqrt") == layers
         assert unfused.count("dynamic_update_slice") - fused.count("dynamic_update_slice") == layers
     ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
@@ -563,8 +566,10 @@ def test_next_layers_head_predictor_rides_on_the_mlp_predictor_launch():
     mlp = tuple(init_low_rank(keys[i], d, 16, CONFIG.ffn_dim) for i in range(layers))
     heads = tuple(init_low_rank(keys[layers + i], d, 16, CONFIG.num_attention_heads) for i in range(layers))
     weights = sparse_weights_from_predictors(Predictors(mlp=mlp, heads=heads, mlp_threshold=(0.0,) * layers))
-    apart = SparsityPolicy(MLPSparsity.PREDICTED, heads=HeadSparsity.PREDICTED, head_k=2)
-    ahead = dataclasses.replace(apart, tuning=(("head_hidden_ahead", 1),))
+    apart = SparsityPolicy(
+        MLPSparsity.PREDICTED, heads=HeadSparsity.PREDICTED, head_k=2, tuning=(("head_hidden_ahead", 0),)
+    )
+    ahead = dataclasses.replace(apart, tuning=())  # the default
     kernel = "pallas_call:predictor_hidden"
     assert _decode_step_primitives(apart, 1, weights).count(kernel) == 2 * layers
     assert _decode_step_primitives(ahead, 1, weights).count(kernel) == layers + 1
