@@ -298,9 +298,11 @@ class OPTDecoderLayer(nn.Module):
         attn_input = h
         qkv_normalises = pre_ln and self.self_attn.fuses_layernorm(h, layer_kv, heads)  # the q/k/v kernel's LayerNorm
         x, ahead, head_ahead = None, None, None
-        if choice is not None and not qkv_normalises:
+        if choice is not None and (not qkv_normalises or choice.carries_head_ahead(h)):
             # Part of the MLP's choice may come first (and write the attention LayerNorm; and the next layer's head
-            # predictor's first layer): counted in the MLP block by `bench profile`.
+            # predictor's first layer): counted in the MLP block by `bench profile`. Where the q/k/v kernel normalises
+            # its input itself, this launch runs only to carry the next layer's head predictor (one launch a layer
+            # instead of two), and its LayerNorm output goes unused.
             with jax.named_scope("mlp_block"):
                 ln = self.self_attn_layer_norm.affine() if pre_ln else None
                 x, ahead, head_ahead = choice.before_attention_with_heads(h, ln)

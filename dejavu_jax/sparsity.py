@@ -640,6 +640,12 @@ class LayerChoice:
                 return fused
         return (*self.before_attention(attn_input, layernorm), None)
 
+    def carries_head_ahead(self, attn_input) -> bool:
+        """Whether this layer's MLP predictor launch would also compute the next layer's head predictor's first layer
+        (`head_predictor_ahead`), so that `before_attention_with_heads` is worth calling even where the attention's
+        q/k/v kernel applies the LayerNorm itself."""
+        return head_predictor_ahead(self.policy, self.weights, self.layer, attn_input) is not None
+
     def rows(self, attn_input, mlp_input, ahead=None) -> MLPRows:
         """`attn_input` / `mlp_input` [B, T, d]: the residual before the attention / MLP LayerNorm; `ahead`: what
         `before_attention` returned (the predictor's first layer, or the whole choice)."""

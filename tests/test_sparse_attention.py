@@ -557,26 +557,32 @@ def test_decode_step_scores_heads_on_the_predictor_kernel():
         assert rel_max_err(head_scores(q, whole, policy), predictor_scores(p, whole)) <= 1e-5
 
 
-def test_next_layers_head_predictor_rides_on_the_mlp_predictor_launch():
-    """`head_hidden_ahead`: layer l's MLP predictor launch (with the attention LayerNorm) also computes the first layer
-    of layer l+1's head predictor, which reads the same input: L + 1 `predictor_hidden` launches a decode step (layer
-    0's head predictor apart) instead of 2L, and the decode's logits are those of the predictors apart."""
-    layers, d = CONFIG.num_hidden_layers, CONFIG.hidden_size
+@pytest.mark.parametrize("config", [CONFIG, WIDE], ids=["head_dim_8", "window_kernel"])
+def test_next_layers_head_predictor_rides_on_the_mlp_predictor_launch(config):
+    """`head_hidden_ahead` (the default): layer l's MLP predictor launch (with the attention LayerNorm) also computes
+    the first layer of layer l+1's head predictor, which reads the same input: L + 1 `predictor_hidden` launches a
+    decode step (layer 0's head predictor apart) instead of 2L, and the decode's logits are those of the predictors
+    apart. Also where the repair's window kernel applies the attention LayerNorm itself (head_dim 16): the launch then
+    runs ahead of the attention only to carry the head predictor."""
+    layers, d = config.num_hidden_layers, config.hidden_size
     keys = jax.random.split(jax.random.PRNGKey(31), 2 * layers)
-    mlp = tuple(init_low_rank(keys[i], d, 16, CONFIG.ffn_dim) for i in range(layers))
-    heads = tuple(init_low_rank(keys[layers + i], d, 16, CONFIG.num_attention_heads) for i in range(layers))
+    mlp = tuple(init_low_rank(keys[i], d, 16, config.ffn_dim) for i in range(layers))
+    heads = tuple(init_low_rank(keys[layers + i], d, 16, config.num_attention_heads) for i in range(layers))
     weights = sparse_weights_from_predictors(Predictors(mlp=mlp, heads=heads, mlp_threshold=(0.0,) * layers))
     apart = SparsityPolicy(
         MLPSparsity.PREDICTED, heads=HeadSparsity.PREDICTED, head_k=2, tuning=(("head_hidden_ahead", 0),)
     )
     ahead = dataclasses.replace(apart, tuning=())  # the default
     kernel = "pallas_call:predictor_hidden"
-    assert _decode_step_primitives(apart, 1, weights).count(kernel) == 2 * layers
-    assert _decode_step_primitives(ahead, 1, weights).count(kernel) == layers + 1
-    params = init_params(CONFIG, jax.random.PRNGKey(1))
+    for policy, launches in ((apart, 2 * layers), (ahead, layers + 1)):
+        primitives = _decode_step_primitives(policy, 1, weights, config)
+        assert primitives.count(kernel) == launches
+        window_kernels = primitives.count("pallas_call:head_window_cache")
+        assert window_kernels == (layers if config is WIDE else 0)
+    params = init_params(config, jax.random.PRNGKey(1))
     ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
     continuation = jax.random.randint(jax.random.PRNGKey(3), (1, 24), 3, 64)
-    run = functools.partial(decode_logits, params, weights, ids, jnp.ones_like(ids), continuation)
+    run = functools.partial(decode_logits, params, weights, ids, jnp.ones_like(ids), continuation, config=config)
     assert rel_max_err(run(policy=ahead), run(policy=apart)) <= 1e-5
     with pytest.raises(ValueError, match="head_hidden_ahead must be 0 or 1"):
         DecodeTuning(head_hidden_ahead=2)
