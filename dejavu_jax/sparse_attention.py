@@ -30,7 +30,10 @@ repair decoded at 2.56 ms a token with 16-row blocks and 2.50 with 32 (then set 
 `window_block_rows` default) against 2.68 for every head's K/V (dense 5.33); its window kernel took 29.5 µs a layer
 against 37.2 for the "all" launch (profiles of 2026-12-07). The same repair through `head_qkv_pairs` and XLA
 scatters ran at 3.50: that path's projection ran at ~3x its weight bytes, which is why "all" had been the default
-before the one-launch kernel.
+before the one-launch kernel. With the window kernel's column loop pipelined over two stages and the attention
+LayerNorm applied in the kernel (both defaults since, measured in one process at 2.27 against 2.40 without them,
+bench/results/generate_NVIDIA-H100-80GB-HBM3_2026-12-07_heads-combined_opt-6.7b.md) "all" ran at 2.62 in the plan
+sweep beside 2.46 (…_head-plans_opt-6.7b.md).
 
 Batch: the step computes the union of the batch's chosen heads (a static list of min(H, B·k) entries, padded with
 repeats of a real head); each sequence's out_proj sums only the heads it chose (the others' outputs are zeroed
