@@ -123,12 +123,13 @@ class DecodeTuning:
     - `head_knobs`: `kernels.head_sparse.HeadSparsePlan` fields overriding its defaults, named with a "head_" prefix
       when parsed (`head_qkv_block_rows=8` sets `qkv_block_rows`);
     - `head_topk`: how predicted heads take their k best scores (`exactly_k`'s method, the same heads): "rank" (the
-      default: pairwise comparisons, no sort kernel; measured faster with `head_hidden_ahead`, bench/results/NOTES.md,
-      "The window kernel pipelined") or "sort" (`lax.top_k`);
+      default: pairwise comparisons, no sort kernel; measured faster, bench/results/NOTES.md, "The window kernel
+      pipelined") or "sort" (`lax.top_k`);
     - `head_hidden_ahead`: 1 = where layer l's MLP predictor runs on the kernel with the attention LayerNorm
       (`attention_layernorm_and_hidden`), the same launch also computes the first layer of layer l+1's head predictor,
       which reads the same input (the lookahead), and layer l+1's head choice takes it (`head_predictor_ahead`): one
-      `predictor_hidden` launch a layer instead of two (the default, measured with "rank" above); 0 = each apart.
+      `predictor_hidden` launch a layer instead of two (the default; also where the repair's window kernel applies
+      the attention LayerNorm, `LayerChoice.carries_head_ahead`); 0 = each apart.
     """
 
     hidden: str = "pallas"
