@@ -170,8 +170,9 @@ def shard_head_list(chosen, chosen_idx, first, local_heads: int, k: int):
     `local_heads` heads [first, first + local_heads); used [B, n] bool: sequence b chose entry j's head, and the
     entry is no padding). chosen [B, H] bool (their union at most B·`k` heads: `k` per row, or the batch's union in
     every row); chosen_idx [B, k] int32 or None, as for `head_sparse_decode`. n = min(local_heads, B·k), static, so
-    a shard holding fewer of a token's heads (or none) pads; a padding entry computes head 0 and is zeroed before
-    out_proj like an unchosen head of a batch's union.
+    a shard holding fewer of a token's heads (or none) pads; a padding entry names head 0 with `used` False: the
+    step's window kernel, Pallas attention and out_proj skip it (they read no bytes for it), other paths compute
+    head 0 and zero it before out_proj like an unchosen head of a batch's union.
 
     - B·k >= local_heads: every local head, in order (no compaction);
     - B == 1 with chosen_idx: the k chosen heads as listed, the other shards' heads as padding (no compaction);
@@ -354,6 +355,9 @@ def _decode_heads(
     batch, d = x.shape
     n_heads, head_dim = weights.qkv_w.shape[1], weights.qkv_w.shape[2]
     n = q_heads.shape[0]
+    # The kernels skip negative entries (no weight or cache bytes read, zero outputs): padding entries, which no
+    # sequence uses (another device's heads under tensor parallelism, a short batch union), become -1 for them.
+    listed = q_heads if used is None else jnp.where(jnp.any(used, axis=0), q_heads, -1)
     # HF scales the query after q_proj, bias included. The one-launch projections apply the scale in fp32 before
     # their rounding (no XLA multiply after them); the others return q unscaled, multiplied below.
     q_scale, scaled = head_dim**-0.5, False
@@ -371,7 +375,7 @@ def _decode_heads(
                     recent[0],
                     weights.qkv_w,
                     weights.qkv_b,
-                    q_heads,
+                    listed,
                     keys,
                     values,
                     cursor,
@@ -429,7 +433,7 @@ def _decode_heads(
     with jax.named_scope("attention"):
         if attention_impl == "pallas":
             split = plan_flag(knobs, "attention_split") or None  # None: the kernel's own plan
-            heads_out = decode_attention(q, keys, values, allowed, q_heads, split_s=split)
+            heads_out = decode_attention(q, keys, values, allowed, listed, split_s=split)
         else:
             heads_out = _attention_xla(q, keys, values, allowed, q_heads)
     if used is None:
@@ -438,7 +442,7 @@ def _decode_heads(
     else:
         heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
     with jax.named_scope("out_proj"):
-        out = head_out_proj(heads_out, weights.out_w, weights.out_b, q_heads, knobs=knobs)
+        out = head_out_proj(heads_out, weights.out_w, weights.out_b, listed, knobs=knobs)
     return HeadSparseStep(out, keys, values, recent, q_heads, used, heads_out)
 
 
@@ -470,8 +474,8 @@ def head_sparse_decode_split(
     (`shard_head_list`: a static min(H / tp, B·k) entries per device, padding zeroed before out_proj, so a device
     holding none of a token's heads adds zero). Each device writes its own heads' K/V into its own shard of the cache:
     "all" every local head's K/V of the new token; "repair" the window K/V of its chosen heads and of the globally
-    forced heads (`forced_heads`) that live on it (padding entries recompute head 0's window from the buffer: exact
-    values, harmless). The out_proj bias is added once, after the psum; partials are summed in fp32 after rounding
+    forced heads (`forced_heads`) that live on it (the window kernel skips padding entries; the path through
+    `head_qkv_pairs` recomputes head 0's window for them from the buffer: exact values, harmless). The out_proj bias is added once, after the psum; partials are summed in fp32 after rounding
     to x.dtype, so in half precision this differs from one device by rounding.
 
     Returns the step with keys / values split on heads as they came; head_idx [tp·n] (global head indices),

@@ -47,8 +47,10 @@ default therefore stays XLA (`attention_impl="xla"`).
 `interpret=None` (the default) runs the Pallas interpreter unless the default backend is a GPU
 (kernels/platform.py).
 
-Index contract: head_idx is not range-checked inside the kernel (on GPU an out-of-range head reads
-outside the cache; in interpret mode it is clamped). Duplicates are fine (each copy is computed).
+Index contract: head_idx is not range-checked inside the kernel (on GPU a head >= H reads outside the
+cache; in interpret mode it is clamped). Duplicates are fine (each copy is computed). A negative entry is
+padding: its program reads no slot, its output row is zeros (and the append variant writes nothing for it), so a
+list of static length can carry fewer heads without reading the bytes of any.
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ def _decode_attention_kernel(*refs, plan: DecodeAttentionPlan, append: bool):
     else:
         head_idx_ref, q_ref, k_ref, v_ref, allowed_ref, *out_refs = refs
     b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    head = head_idx_ref[j]  # scalar
+    live = head_idx_ref[j] >= 0  # a negative entry is padding: no slot read, zeros out
+    head = jnp.maximum(head_idx_ref[j], 0)  # scalar
     cursor = cursor_ref[0] if append else None  # scalar
     bs, pieces = plan.block_s, plan.hd_pieces
     ragged = plan.seq % bs != 0
@@ -215,6 +218,7 @@ def _decode_attention_kernel(*refs, plan: DecodeAttentionPlan, append: bool):
     hi = lo + plan.blocks_per_split
     if plan.n_blocks % plan.blocks_per_split != 0:
         hi = jnp.minimum(hi, plan.n_blocks)
+    hi = jnp.where(live, hi, lo)
     init = (jnp.float32(_NEG), jnp.float32(0.0), tuple(jnp.zeros((w,), jnp.float32) for _, w in pieces))
     m, l, acc = lax.fori_loop(lo, hi, body, init)
 
@@ -223,14 +227,14 @@ def _decode_attention_kernel(*refs, plan: DecodeAttentionPlan, append: bool):
         k_new = tuple(k_new_ref[b, j, pl.ds(c0, w)] for c0, w in pieces)  # [w] each
         v_new = tuple(v_new_ref[b, j, pl.ds(c0, w)] for c0, w in pieces)
         score = sum(jnp.sum(kp.astype(jnp.float32) * qp) for kp, qp in zip(k_new, qs))
-        include = (split == 0) & (allowed_ref[b, cursor] != 0)
+        include = (split == 0) & (allowed_ref[b, cursor] != 0) & live
         m_new = jnp.where(include, jnp.maximum(m, score), m)
         alpha = jnp.exp(m - m_new)
         p = jnp.where(include, jnp.exp(score - m_new), 0.0)
         acc = tuple(a * alpha + p * vp.astype(jnp.float32) for a, vp in zip(acc, v_new))
         m, l = m_new, l * alpha + p
 
-        @pl.when(split == 0)
+        @pl.when((split == 0) & live)
         def _write_new_token():
             for (c0, w), kp, vp in zip(pieces, k_new, v_new):
                 k_out_ref[b, head, cursor, pl.ds(c0, w)] = kp.astype(k_out_ref.dtype)
@@ -456,17 +460,20 @@ def decode_attention_append(
 def decode_attention_append_reference(q, k_new, v_new, keys, values, allowed, cursor, head_idx=None):
     """Pure-jnp twin of `decode_attention_append`: scatter the new K/V, then `decode_attention_reference`."""
     heads = jnp.arange(keys.shape[1]) if head_idx is None else head_idx.astype(jnp.int32)
-    keys = keys.at[:, heads, cursor].set(k_new.astype(keys.dtype))
-    values = values.at[:, heads, cursor].set(v_new.astype(values.dtype))
+    heads = jnp.where(heads >= 0, heads, keys.shape[1])  # padding: out of range, dropped
+    keys = keys.at[:, heads, cursor].set(k_new.astype(keys.dtype), mode="drop")
+    values = values.at[:, heads, cursor].set(v_new.astype(values.dtype), mode="drop")
     return decode_attention_reference(q, keys, values, allowed, head_idx), keys, values
 
 
 def decode_attention_reference(q, keys, values, allowed, head_idx=None):
     """Pure-jnp twin of `decode_attention`: gather heads, scores, masked softmax, probs · V, fp32 math."""
+    live = None
     if head_idx is not None:
         idx = head_idx.astype(jnp.int32)
-        keys = jnp.take(keys, idx, axis=1)  # [B, h, S, hd]
-        values = jnp.take(values, idx, axis=1)
+        live = idx >= 0  # negative entries are padding: zeros
+        keys = jnp.take(keys, jnp.maximum(idx, 0), axis=1)  # [B, h, S, hd]
+        values = jnp.take(values, jnp.maximum(idx, 0), axis=1)
     scores = jnp.einsum(
         "bhk,bhsk->bhs", q.astype(jnp.float32), keys.astype(jnp.float32), precision=lax.Precision.HIGHEST
     )  # [B, h, S]
@@ -478,4 +485,6 @@ def decode_attention_reference(q, keys, values, allowed, head_idx=None):
     l = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bhs,bhsk->bhk", p, values.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     out = jnp.where(l > 0.0, out / jnp.where(l > 0.0, l, 1.0), 0.0)  # no allowed slot: zeros
+    if live is not None:
+        out = jnp.where(live[None, :, None], out, 0.0)
     return out.astype(q.dtype)

@@ -346,9 +346,21 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, force
         def _():
             v_ref[0, head, slots, rows] = acc.astype(v_ref.dtype)
 
-    @pl.when((j < 2 * m) & (entry < n))
+    @pl.when((j < 2 * m) & (entry < n) & (q_idx_ref[jnp.minimum(entry, n - 1)] >= 0))  # a negative entry: padding
     def _():
         window_kv(q_idx_ref[jnp.minimum(entry, n - 1)])
+
+    if layernorm is not None:
+
+        @pl.when((j == 0) & (row_block == 0) & (q_idx_ref[0] < 0))
+        def _():
+            # Entry 0 is padding, so no window of this program stores the buffer's new row: it does so alone.
+            bd = q_plan.bd_qkv
+            for s in range(q_plan.d // bd):  # static
+                cols = pl.ds(s * bd, bd)
+                recent_ref[cursor % window, cols] = normalized_block(x_ref, 0, cols, *layernorm).astype(
+                    recent_ref.dtype
+                )
 
     @pl.when((j < 2 * m) & (entry >= n))
     def _():
@@ -362,11 +374,16 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, force
         def _():
             window_kv(jnp.clip(rotated, 0, n_heads - 1))
 
-    @pl.when(j >= 2 * m)
+    q_entry = jnp.maximum(j - 2 * m, 0)
+
+    @pl.when((j >= 2 * m) & (q_idx_ref[q_entry] >= 0))
     def _():
-        q_entry = jnp.maximum(j - 2 * m, 0)
         (acc,) = _qkv_rows(x_ref, w_ref, b_ref, 0, q_idx_ref[q_entry], rows, q_plan, layernorm)
         q_ref[0, q_entry, rows] = (acc * q_scale).astype(q_ref.dtype)
+
+    @pl.when((j >= 2 * m) & (q_idx_ref[q_entry] < 0))
+    def _():
+        q_ref[0, q_entry, rows] = jnp.zeros((window_plan.rows_qkv,), q_ref.dtype)
 
 
 def _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan: HeadSparsePlan, new_row=None):
@@ -403,8 +420,7 @@ def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSpar
     cols = pl.ds(pl.multiple_of(pl.program_id(1) * bd, bd), bd)
     n_rows = plan.batch_rows(dot)
 
-    def step(j, acc):
-        head = head_idx_ref[j]  # scalar
+    def add_head(head, j, acc):
         for r0 in range(0, plan.head_dim, rb):  # static
             rows = pl.ds(r0, rb)
             w = w_ref[head, rows, cols]  # [rb, bd]
@@ -416,6 +432,10 @@ def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSpar
                     a + jnp.sum(h_ref[b, j, rows].astype(jnp.float32)[:, None] * w, axis=0) for b, a in enumerate(acc)
                 )
         return acc
+
+    def step(j, acc):
+        head = head_idx_ref[j]  # scalar; a negative entry is padding: its weight rows are not read
+        return lax.cond(head >= 0, lambda a: add_head(head, j, a), lambda a: a, acc)
 
     init = jnp.zeros((n_rows, bd), jnp.float32) if dot else tuple(jnp.zeros((bd,), jnp.float32) for _ in range(n_rows))
     acc = lax.fori_loop(g * hpg, jnp.minimum((g + 1) * hpg, plan.heads), step, init)
@@ -672,7 +692,8 @@ def head_window_into_cache(
     cursor mod R itself (returned updated), so the step runs neither a LayerNorm nor a buffer write in XLA. Slots
     cursor-R+1 .. cursor that exist are written exactly; while cursor < R-1 the window is slots 0 .. R-1, and the
     slots past the cursor get the buffer's stale rows (the caller's contract: nothing reads a slot past the cursor
-    before it is written again, as the K/V repair guarantees). A head listed twice in q_heads writes the same
+    before it is written again, as the K/V repair guarantees). A negative q_heads entry is padding: no K/V is
+    written for it, its weights are not read, its Q comes back zeros. A head listed twice in q_heads writes the same
     values twice. `cursor` and q_heads are not range-checked on GPU. Numerics as `head_qkv_pairs` (fp32 sums, fp32
     bias, one rounding), Q multiplied by `q_scale` (static) in fp32 before its rounding; `knobs` as for `head_qkv`.
     """
@@ -749,7 +770,8 @@ def head_window_into_cache(
 def head_out_proj(heads_out, out_w, out_b, head_idx, *, knobs=None, interpret=None):
     """[B, d] in heads_out.dtype: Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b.
 
-    heads_out [B, h, hd], out_w [H, hd, d], out_b [d], head_idx [h] int.
+    heads_out [B, h, hd], out_w [H, hd, d], out_b [d], head_idx [h] int. A negative head_idx entry is padding: it
+    adds nothing and its weight rows are not read.
     """
     if heads_out.ndim != 3:
         raise ValueError(f"heads_out must be [batch, h, hd]. Got shape {heads_out.shape}")
@@ -795,10 +817,11 @@ def head_qkv_pairs_reference(x, qkv_w, qkv_b, part_idx, head_idx):
 
 
 def head_out_proj_reference(heads_out, out_w, out_b, head_idx):
+    live = (head_idx >= 0)[None, :, None]  # negative entries are padding: nothing added
     out = jnp.einsum(
         "bhk,hkd->bd",
-        heads_out,
-        out_w[head_idx],
+        jnp.where(live, heads_out, 0),
+        out_w[jnp.maximum(head_idx, 0)],
         preferred_element_type=jnp.float32,
         precision=_dot_precision(heads_out.dtype),
     )

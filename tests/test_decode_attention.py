@@ -43,6 +43,8 @@ def _heads(spec, n_heads):
         )
     if spec == "single":
         return jnp.asarray([n_heads - 1], jnp.int32)
+    if spec == "padded":  # negative entries are padding: zeros, nothing read or written
+        return jnp.asarray([-1, 2, -1, 0], jnp.int32)
     return jnp.asarray(spec, jnp.int32)
 
 
@@ -68,9 +70,11 @@ def _inputs(key, batch, n_heads, seq, hd, heads, dtype, allowed=None):
 def _reference_f64(q, keys, values, allowed, head_idx):
     f64 = lambda a: np.asarray(a.astype(jnp.float32)).astype(np.float64)  # noqa: E731
     q, keys, values, allowed = f64(q), f64(keys), f64(values), np.asarray(allowed)
+    live = None
     if head_idx is not None:
         idx = np.asarray(head_idx)
-        keys, values = keys[:, idx], values[:, idx]
+        live = idx >= 0
+        keys, values = keys[:, np.maximum(idx, 0)], values[:, np.maximum(idx, 0)]
     scores = np.einsum("bhk,bhsk->bhs", q, keys)
     scores = np.where(allowed[:, None], scores, -np.inf)
     m = scores.max(axis=-1, keepdims=True)
@@ -78,13 +82,17 @@ def _reference_f64(q, keys, values, allowed, head_idx):
     p = np.where(allowed[:, None], np.exp(scores - m), 0.0)
     l = p.sum(axis=-1, keepdims=True)
     out = np.einsum("bhs,bhsk->bhk", p, values)
-    return np.where(l > 0, out / np.where(l > 0, l, 1.0), 0.0)
+    out = np.where(l > 0, out / np.where(l > 0, l, 1.0), 0.0)
+    return out if live is None else np.where(live[None, :, None], out, 0.0)
 
 
 def _row_rel_err(out, ref):
+    """Per-row relative error; a zero reference row (padding) must come back exactly zero (error 0, else inf)."""
     out = np.asarray(out.astype(jnp.float32)).astype(np.float64)
     assert out.shape == ref.shape, (out.shape, ref.shape)
-    return np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+    norm = np.linalg.norm(ref, axis=-1)
+    diff = np.linalg.norm(out - ref, axis=-1)
+    return np.where(norm > 0, diff / np.where(norm > 0, norm, 1.0), np.where(diff > 0, np.inf, 0.0))
 
 
 # (batch, H, S, hd, heads, split_s): S = 1 / not a block multiple / the model's 24 / 256, hd = 80 (not a
@@ -97,6 +105,8 @@ SHAPES = [
     (1, 4, 256, 128, "subset", None),
     (3, 4, 256, 64, None, 1),
     (1, 4, 256, 80, None, 4),
+    (2, 4, 37, 64, "padded", None),
+    (1, 4, 24, 80, "padded", 1),
 ]
 
 
@@ -196,9 +206,10 @@ class TestDecodeAttention:
         )
         # The expected caches, computed before the kernel takes (donates) its inputs.
         heads_np = np.arange(n_heads) if head_idx is None else np.asarray(head_idx)
+        live = heads_np >= 0  # padding entries write nothing
         want_keys, want_values = np.array(keys), np.array(values)
-        want_keys[:, heads_np, cursor] = np.asarray(k_new)
-        want_values[:, heads_np, cursor] = np.asarray(v_new)
+        want_keys[:, heads_np[live], cursor] = np.asarray(k_new)[:, live]
+        want_values[:, heads_np[live], cursor] = np.asarray(v_new)[:, live]
         ref = _reference_f64(q, jnp.asarray(want_keys), jnp.asarray(want_values), allowed, head_idx)
         out, new_keys, new_values = decode_attention_append(
             q, k_new, v_new, keys, values, allowed, jnp.int32(cursor), head_idx, interpret=self.INTERPRET, **knobs
@@ -218,6 +229,7 @@ class TestDecodeAttention:
             (3, 4, 37, 128, None, 1, 0),  # cursor in the first block, one split
             (3, 4, 37, 80, "single", 3, 36),  # cursor in the ragged last block, several splits
             (1, 4, 256, 64, None, None, 130),  # cursor in a later split than split 0
+            (2, 4, 37, 64, "padded", 3, 20),  # padding entries: zeros, no cache write
         ],
     )
     def test_append_fp32_matches_float64(self, batch, n_heads, seq, hd, heads, split_s, cursor):

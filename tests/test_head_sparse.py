@@ -201,6 +201,19 @@ class TestHeadSparse(CompiledKernelCases):
         assert_same_sums(np.asarray(new_keys[:, :, 1]), np.asarray(out[:, :n_heads]))
         assert_same_sums(np.asarray(new_values[:, :, 1]), np.asarray(out[:, n_heads : 2 * n_heads]))
 
+    @pytest.mark.parametrize("batch", [1, 20])
+    def test_out_proj_skips_padding_entries(self, batch):
+        """A negative head_idx entry is padding: its heads_out row (nonzero here) adds nothing, as if it were not
+        listed (the per-row path and the dots)."""
+        idx = [-1, 2, -1, 0]
+        *_, heads_out, out_w, out_b = random_case(batch, 4, 64, 128, len(idx), jnp.float32, seed=batch + 7)
+        out = head_out_proj(heads_out, out_w, out_b, jnp.asarray(idx, jnp.int32), interpret=self.INTERPRET)
+        h, w, b = f64(heads_out, out_w, out_b)
+        ref = np.einsum("bhk,hkd->bd", h[:, [1, 3]], w[[2, 0]]) + b
+        assert row_err(out, ref) <= TOLERANCE[jnp.float32]
+        twin = head_out_proj_reference(heads_out, out_w, out_b, jnp.asarray(idx, jnp.int32))
+        assert row_err(out, twin) <= TOLERANCE[jnp.float32]
+
     @pytest.mark.parametrize("case", CASES)
     def test_out_proj_matches_float64(self, case):
         batch, n_heads, hd, d, idx, dtype, knobs = case
@@ -226,6 +239,8 @@ class TestHeadSparse(CompiledKernelCases):
         (16, 3, 64, 128, [0], 2, 3, 0, 15, jnp.float16, None),
         (32, 4, 128, 256, [1, 0, 2], 2, 8, 0, 47, jnp.bfloat16, SMALL_BLOCKS),
         (16, 4, 64, 128, [2, 1], 2, 8, 4, 47, jnp.float32, None),
+        # padding entries (-1), entry 0 among them: no K/V for them, zero Q, the buffer row still written
+        (16, 4, 64, 128, [-1, 2, -1, 1], 1, 4, 0, 20, jnp.float32, None),
     ]
 
     @pytest.mark.parametrize("case", WINDOW_CASES)
@@ -273,10 +288,14 @@ class TestHeadSparse(CompiledKernelCases):
         )
         assert q.shape == (1, len(chosen), hd) and q.dtype == jnp.dtype(dtype)
         xs, w, b = f64(jnp.asarray(inputs, dtype), qkv_w, qkv_b)
-        ref_q = (np.einsum("d,jkd->jk", xs[cursor], w[0, chosen]) + b[0, chosen]) * q_scale
-        assert row_err(q[0], ref_q) <= TOLERANCE[dtype]
+        live = [j for j, h in enumerate(chosen) if h >= 0]
+        listed = [chosen[j] for j in live]
+        ref_q = (np.einsum("d,jkd->jk", xs[cursor], w[0, listed]) + b[0, listed]) * q_scale
+        assert row_err(q[0, live], ref_q) <= TOLERANCE[dtype]
+        padding = [j for j, h in enumerate(chosen) if h < 0]
+        np.testing.assert_array_equal(np.asarray(q[0, padding]), 0)
         rotation = {(cursor * forced + i) % total - first_head for i in range(forced)}
-        computed = set(chosen) | {h for h in rotation if 0 <= h < n_heads}
+        computed = set(listed) | {h for h in rotation if 0 <= h < n_heads}
         first = max(0, cursor - window + 1)
         for cache, new, part in ((keys, new_keys, 1), (values, new_values, 2)):
             cache, new = np.asarray(cache), np.asarray(new)

@@ -666,7 +666,7 @@ def test_head_sparse_decoding_under_tp4_matches_one_device(eight_heads_params, c
 @pytest.mark.parametrize("k", [1, 3])
 def test_repair_window_kernel_under_tp4_matches_one_device(k):
     """head_dim 16 (the repair's window kernel applies at batch 1, R = 16): each shard runs `head_window_into_cache`
-    over the chosen and forced heads it holds (padding entries recompute head 0's window), with the single-device
+    over the chosen and forced heads it holds (padding entries skipped), with the single-device
     logits and greedy tokens."""
     config = tiny_config(num_attention_heads=8, hidden_size=128, vocab_size=256, max_position_embeddings=64)
     params = scaled_random_params(config, 5)

@@ -631,3 +631,52 @@ def test_head_sparse_decode_errors():
         head_sparse_decode(x, weights, keys, keys, recent, chosen, 1, 5, allowed, chosen_idx=jnp.zeros((2, 2), int))
     with pytest.raises(ValueError, match="chosen .* is needed unless B == 1"):
         head_sparse_decode(x, weights, keys, keys, recent, None, 1, 5, allowed, chosen_idx=jnp.zeros((2, 1), int))
+
+
+@pytest.mark.parametrize("attention_impl", ["pallas", "xla"])
+def test_padding_entries_reach_the_kernels_as_skipped_entries(attention_impl, monkeypatch):
+    """A head-list entry no sequence uses (another device's head under tensor parallelism) reaches the window kernel,
+    the Pallas attention and out_proj as -1, which they skip (no bytes read): the step equals the one whose list
+    holds only the used heads (window kernel, batch 1, R = 16)."""
+    seen = {}
+    for name in ("head_window_into_cache", "decode_attention", "head_out_proj"):
+        real = getattr(sparse_attention, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen[_name] = np.asarray(args[4] if _name != "head_out_proj" else args[3])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(sparse_attention, name, spy)
+    n_heads, hd, window = 4, 16, 16
+    d = n_heads * hd
+    rng = np.random.default_rng(3)
+    weights = random_layer(rng, n_heads, hd, d)
+    keys, values = (jnp.asarray(rng.standard_normal((1, n_heads, 24, hd)), jnp.float32) for _ in range(2))
+    recent = jnp.asarray(rng.standard_normal((1, window, d)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, d)), jnp.float32)
+    allowed = jnp.arange(24)[None] <= 20
+    forced = sparse_attention.ForcedRotation(n_heads, window, 0)
+
+    def step(q_heads, used):
+        return sparse_attention._decode_heads(
+            x,
+            weights,
+            keys,
+            values,
+            recent,
+            jnp.asarray(q_heads, jnp.int32),
+            used,
+            forced,
+            20,
+            allowed,
+            "repair",
+            attention_impl,
+        )
+
+    padded = step([2, 0], jnp.asarray([[True, False]]))
+    assert seen["head_window_into_cache"].tolist() == [2, -1] and seen["head_out_proj"].tolist() == [2, -1]
+    if attention_impl == "pallas":
+        assert seen["decode_attention"].tolist() == [2, -1]
+    alone = step([2], None)
+    assert rel_max_err(padded.out, alone.out) <= 1e-6
+    assert rel_max_err(padded.keys, alone.keys) == 0 and rel_max_err(padded.values, alone.values) == 0
