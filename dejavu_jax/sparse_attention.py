@@ -355,8 +355,9 @@ def _decode_heads(
     batch, d = x.shape
     n_heads, head_dim = weights.qkv_w.shape[1], weights.qkv_w.shape[2]
     n = q_heads.shape[0]
-    # The kernels skip negative entries (no weight or cache bytes read, zero outputs): padding entries, which no
-    # sequence uses (another device's heads under tensor parallelism, a short batch union), become -1 for them.
+    # The one-launch projections, the Pallas attention and out_proj skip negative entries (no weight or cache bytes
+    # read, zero outputs): padding entries, which no sequence uses (another device's heads under tensor parallelism,
+    # a short batch union), become -1 for them.
     listed = q_heads if used is None else jnp.where(jnp.any(used, axis=0), q_heads, -1)
     # HF scales the query after q_proj, bias included. The one-launch projections apply the scale in fp32 before
     # their rounding (no XLA multiply after them); the others return q unscaled, multiplied below.
@@ -409,7 +410,7 @@ def _decode_heads(
                 x,
                 weights.qkv_w,
                 weights.qkv_b,
-                q_heads,
+                listed,
                 keys,
                 values,
                 cursor,

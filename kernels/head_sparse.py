@@ -280,23 +280,32 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
     j, cursor = pl.program_id(1), cursor_ref[0]
     rows = pl.ds(pl.multiple_of(pl.program_id(2) * plan.rows_qkv, plan.rows_qkv), plan.rows_qkv)
     q_head = head_idx_ref[jnp.maximum(j - 2 * n_heads, 0)]
-    flat = jnp.where(j < 2 * n_heads, n_heads + j, q_head)
-    acc = _qkv_rows(x_ref, w_ref, b_ref, 0, flat, rows, plan, _layernorm(x_ref, ln_refs, plan, eps))
+    live = (j < 2 * n_heads) | (q_head >= 0)  # a negative Q entry is padding: no weights read, zero Q
+    flat = jnp.where(j < 2 * n_heads, n_heads + j, jnp.maximum(q_head, 0))
 
-    @pl.when(j < n_heads)
+    @pl.when(live)
     def _():
-        for b, a in enumerate(acc):
-            k_ref[b, j, cursor, rows] = a.astype(k_ref.dtype)
+        acc = _qkv_rows(x_ref, w_ref, b_ref, 0, flat, rows, plan, _layernorm(x_ref, ln_refs, plan, eps))
 
-    @pl.when((j >= n_heads) & (j < 2 * n_heads))
-    def _():
-        for b, a in enumerate(acc):
-            v_ref[b, j - n_heads, cursor, rows] = a.astype(v_ref.dtype)
+        @pl.when(j < n_heads)
+        def _():
+            for b, a in enumerate(acc):
+                k_ref[b, j, cursor, rows] = a.astype(k_ref.dtype)
 
-    @pl.when(j >= 2 * n_heads)
+        @pl.when((j >= n_heads) & (j < 2 * n_heads))
+        def _():
+            for b, a in enumerate(acc):
+                v_ref[b, j - n_heads, cursor, rows] = a.astype(v_ref.dtype)
+
+        @pl.when(j >= 2 * n_heads)
+        def _():
+            for b, a in enumerate(acc):
+                q_ref[b, j - 2 * n_heads, rows] = (a * q_scale).astype(q_ref.dtype)
+
+    @pl.when(~live)
     def _():
-        for b, a in enumerate(acc):
-            q_ref[b, j - 2 * n_heads, rows] = (a * q_scale).astype(q_ref.dtype)
+        for b in range(plan.batch):
+            q_ref[b, j - 2 * n_heads, rows] = jnp.zeros((plan.rows_qkv,), q_ref.dtype)
 
 
 def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, forced, total_heads, q_scale, eps=None):
@@ -618,7 +627,8 @@ def head_qkv_into_cache(
     path); `cursor` is not range-checked on GPU (0 <= cursor < S is the caller's contract). Replaces, per layer and
     decode step, `head_qkv_pairs` over every head's K/V and the chosen Q plus the two cache writes after it.
     `ln_*` as for `head_qkv_pairs`. `q_scale` (static) multiplies Q in fp32 before its one rounding (the model's
-    hd**-0.5, so that no XLA multiply follows the launch).
+    hd**-0.5, so that no XLA multiply follows the launch). A negative head_idx entry is padding: its Q comes back
+    zeros and its weights are not read.
     """
     n_heads, hd, d = _check_qkv(x, qkv_w, qkv_b, head_idx)
     batch = x.shape[0]

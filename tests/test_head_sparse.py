@@ -1,6 +1,8 @@
 """The head-sparse q/k/v and out projection kernels against float64 references (gathered heads), and against the
 dense projections with every head chosen; compiled on a GPU, in the interpreter on CPU."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,6 +165,19 @@ class TestHeadSparse(CompiledKernelCases):
         xs, w, b = f64(x, qkv_w, qkv_b)
         ref_q = np.einsum("bd,jkd->bjk", xs, w[0, idx]) + b[0, idx][None]
         assert row_err(q, ref_q * 0.5) <= TOLERANCE[dtype]
+
+    def test_qkv_into_cache_skips_padding_q_entries(self):
+        """A negative Q entry is padding: zeros come back for it, the other entries and every head's K/V as without
+        it."""
+        x, qkv_w, qkv_b, *_ = random_case(2, 4, 64, 128, 3, jnp.float32, seed=17)
+        keys = values = jnp.zeros((2, 4, 6, 64), jnp.float32)
+        run = functools.partial(head_qkv_into_cache, x, qkv_w, qkv_b, keys=keys, values=values, cursor=jnp.int32(2))
+        q, k, v = run(jnp.asarray([-1, 3, -1], jnp.int32), interpret=self.INTERPRET)
+        q_alone, k_alone, v_alone = run(jnp.asarray([3], jnp.int32), interpret=self.INTERPRET)
+        np.testing.assert_array_equal(np.asarray(q[:, [0, 2]]), 0)
+        np.testing.assert_array_equal(np.asarray(q[:, 1]), np.asarray(q_alone[:, 0]))
+        np.testing.assert_array_equal(np.asarray(k), np.asarray(k_alone))
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(v_alone))
 
     @pytest.mark.parametrize("case", [c for c in CASES if c[0] < 16])
     def test_qkv_kernels_apply_the_layernorm_of_their_input(self, case):

@@ -633,17 +633,19 @@ def test_head_sparse_decode_errors():
         head_sparse_decode(x, weights, keys, keys, recent, None, 1, 5, allowed, chosen_idx=jnp.zeros((2, 1), int))
 
 
-@pytest.mark.parametrize("attention_impl", ["pallas", "xla"])
-def test_padding_entries_reach_the_kernels_as_skipped_entries(attention_impl, monkeypatch):
-    """A head-list entry no sequence uses (another device's head under tensor parallelism) reaches the window kernel,
-    the Pallas attention and out_proj as -1, which they skip (no bytes read): the step equals the one whose list
-    holds only the used heads (window kernel, batch 1, R = 16)."""
+@pytest.mark.parametrize("head_kv, attention_impl", [("repair", "pallas"), ("repair", "xla"), ("all", "pallas")])
+def test_padding_entries_reach_the_kernels_as_skipped_entries(head_kv, attention_impl, monkeypatch):
+    """A head-list entry no sequence uses (another device's head under tensor parallelism) reaches the one-launch
+    projection (the repair's window kernel, or every head's K/V with the chosen Q), the Pallas attention and out_proj
+    as -1, which they skip (no bytes read): the step equals the one whose list holds only the used heads (batch 1,
+    R = 16)."""
     seen = {}
-    for name in ("head_window_into_cache", "decode_attention", "head_out_proj"):
+    where = {"head_window_into_cache": 4, "head_qkv_into_cache": 3, "decode_attention": 4, "head_out_proj": 3}
+    for name, arg in where.items():
         real = getattr(sparse_attention, name)
 
-        def spy(*args, _real=real, _name=name, **kwargs):
-            seen[_name] = np.asarray(args[4] if _name != "head_out_proj" else args[3])
+        def spy(*args, _real=real, _name=name, _arg=arg, **kwargs):
+            seen[_name] = np.asarray(args[_arg]).tolist()
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(sparse_attention, name, spy)
@@ -652,10 +654,10 @@ def test_padding_entries_reach_the_kernels_as_skipped_entries(attention_impl, mo
     rng = np.random.default_rng(3)
     weights = random_layer(rng, n_heads, hd, d)
     keys, values = (jnp.asarray(rng.standard_normal((1, n_heads, 24, hd)), jnp.float32) for _ in range(2))
-    recent = jnp.asarray(rng.standard_normal((1, window, d)), jnp.float32)
+    recent = jnp.asarray(rng.standard_normal((1, window, d)), jnp.float32) if head_kv == "repair" else None
     x = jnp.asarray(rng.standard_normal((1, d)), jnp.float32)
     allowed = jnp.arange(24)[None] <= 20
-    forced = sparse_attention.ForcedRotation(n_heads, window, 0)
+    forced = sparse_attention.ForcedRotation(n_heads, window, 0) if head_kv == "repair" else None
 
     def step(q_heads, used):
         return sparse_attention._decode_heads(
@@ -669,14 +671,15 @@ def test_padding_entries_reach_the_kernels_as_skipped_entries(attention_impl, mo
             forced,
             20,
             allowed,
-            "repair",
+            head_kv,
             attention_impl,
         )
 
     padded = step([2, 0], jnp.asarray([[True, False]]))
-    assert seen["head_window_into_cache"].tolist() == [2, -1] and seen["head_out_proj"].tolist() == [2, -1]
+    projection = "head_window_into_cache" if head_kv == "repair" else "head_qkv_into_cache"
+    assert seen[projection] == [2, -1] and seen["head_out_proj"] == [2, -1]
     if attention_impl == "pallas":
-        assert seen["decode_attention"].tolist() == [2, -1]
+        assert seen["decode_attention"] == [2, -1]
     alone = step([2], None)
     assert rel_max_err(padded.out, alone.out) <= 1e-6
     assert rel_max_err(padded.keys, alone.keys) == 0 and rel_max_err(padded.values, alone.values) == 0
