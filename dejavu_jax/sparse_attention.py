@@ -45,7 +45,8 @@ At batch 1 the chosen heads' index list (`sparsity.exactly_k`'s top-k indices) i
 mask to compact, no padding and nothing to zero.
 
 Tensor parallelism (`head_sparse_decode_split`): with the weights and the cache split on heads, each device runs this
-step over the chosen heads it holds (`shard_head_list`: a static bound per device, padding zeroed before out_proj),
+step over the chosen heads it holds (`shard_head_list`: a static bound per device; the padding entries reach the
+batch-1 launches as -1, which they skip, and are zeroed before out_proj elsewhere),
 and one psum adds the out_proj partials. Both K/V modes run per device; "repair" keeps the global forced rotation
 (each device recomputes the forced heads it holds), so every head is still computed at least once every R steps.
 """
