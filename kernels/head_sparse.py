@@ -314,7 +314,7 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, force
     # (with a LayerNorm (eps), its pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is "head" z·H + h), with a
     # LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent [R, d], the inputs of slots
     # cursor-R+1 .. cursor at row slot mod R (with a LayerNorm the row of `cursor` is written here: program (0, 0, 0)
-    # stores it, and every window takes it from x instead of the buffer), k / v [1, H, S, hd], then q [1, n, hd].
+    # stores it apart from its window, and every window takes it from x instead of the buffer), k / v [1, H, S, hd], then q [1, n, hd].
     # Entries j < m = n + forced: K of chosen head j (j < n) or of forced head j - n; the next m: V of the same; then
     # Q of chosen head j - 2m.
     window_plan, q_plan = plans
@@ -340,10 +340,7 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, force
         start = jnp.maximum(cursor - (window - 1), 0)
         buffer_rows = (start + lax.iota(jnp.int32, window)) % window
         flat = (1 + is_v.astype(jnp.int32)) * n_heads + head
-        new_row = None
-        if layernorm is not None:
-            writes = (j == 0) & (row_block == 0)
-            new_row = (cursor - start, cursor % window, writes, layernorm)
+        new_row = None if layernorm is None else (cursor - start, layernorm)
         acc = _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, window_plan, new_row)
         slots = pl.ds(start, window)
 
@@ -361,9 +358,10 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, force
 
     if layernorm is not None:
 
-        @pl.when((j == 0) & (row_block == 0) & (q_idx_ref[0] < 0))
+        @pl.when((j == 0) & (row_block == 0))
         def _():
-            # Entry 0 is padding, so no window of this program stores the buffer's new row: it does so alone.
+            # One program stores the buffer's new row (whether or not its entry is padding); the windows take that
+            # row from x, never from the buffer.
             bd = q_plan.bd_qkv
             for s in range(q_plan.d // bd):  # static
                 cols = pl.ds(s * bd, bd)
@@ -397,8 +395,7 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, force
 
 def _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan: HeadSparsePlan, new_row=None):
     """recent[buffer_rows] · w[0, flat, rows]ᵀ + b[0, flat, rows] in fp32 [R, rb], on the dot path (R >= 16 rows).
-    `new_row` (the cursor's window row and buffer row, whether this program writes the buffer, the LayerNorm): that
-    window row is LayerNorm(x) instead of the buffer's, and the writing program stores it into the buffer."""
+    `new_row` (the cursor's window row, the LayerNorm): that window row is LayerNorm(x) instead of the buffer's."""
     bd = plan.bd_qkv
     window = recent_ref.shape[0]
 
@@ -406,13 +403,9 @@ def _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan:
         cols = pl.ds(pl.multiple_of(s * bd, bd), bd)
         x = recent_ref[buffer_rows, cols]  # [R, bd]: the window in slot order (a gather of R rows)
         if new_row is not None:
-            at, buffer_row, writes, layernorm = new_row
+            at, layernorm = new_row
             normed = normalized_block(x_ref, 0, cols, *layernorm).astype(x.dtype)  # [bd]
             x = jnp.where((lax.iota(jnp.int32, window) == at)[:, None], normed[None, :], x)
-
-            @pl.when(writes)
-            def _():
-                recent_ref[buffer_row, cols] = normed
 
         w = w_ref[0, flat, rows, cols]  # [rb, bd]
         return acc + plgpu.dot(x, w, trans_b=True, precision=_dot_precision(w.dtype))
