@@ -225,6 +225,7 @@ class OPTAttention(nn.Module):
             attention_impl=str(self.attention_impl),
             knobs=heads.knobs,
             layernorm=layernorm,
+            padded=heads.padded,
         )
         if not repair and recent is not None:  # a buffer the policy does not use is still kept current
             recent = write_recent_inputs(recent, x, cursor)

@@ -55,6 +55,7 @@ def _structure_metadata(predictors: Predictors) -> dict:
         "mlp_calibrated": all(p.k > 0 for p in predictors.mlp),
         "mlp_threshold": None if predictors.mlp_threshold is None else list(predictors.mlp_threshold),
         "heads_calibrated": all(p.k > 0 for p in predictors.heads),
+        "head_threshold": None if predictors.head_threshold is None else list(predictors.head_threshold),
         "normalize_input": first.normalize_input,
         "mlp_input": predictors.mlp_input,
         "head_input": HEAD_INPUT,
@@ -159,12 +160,16 @@ def load_predictors(path: str | os.PathLike, config: Any = None) -> Predictors:
             LowRankPredictor(**tree[group][f"layers_{i}"], k=ks[i], normalize_input=normalize) for i in range(L)
         )
 
-    thresholds = meta.get("mlp_threshold")
-    if thresholds is not None and len(thresholds) != L:
-        raise PredictorError(f"{directory / METADATA_FILE} has {len(thresholds)} MLP thresholds for {L} layers")
+    def thresholds(key, what):
+        values = meta.get(key)
+        if values is not None and len(values) != L:
+            raise PredictorError(f"{directory / METADATA_FILE} has {len(values)} {what} thresholds for {L} layers")
+        return None if values is None else tuple(float(t) for t in values)
+
     return Predictors(
         mlp=build("mlp", mlp_k),
         heads=build("heads", head_k),
         mlp_input=meta.get("mlp_input", "attn_input"),
-        mlp_threshold=None if thresholds is None else tuple(float(t) for t in thresholds),
+        mlp_threshold=thresholds("mlp_threshold", "MLP"),
+        head_threshold=thresholds("head_threshold", "head"),
     )

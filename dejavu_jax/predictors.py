@@ -10,8 +10,9 @@ LayerNorm(residual), whose scale grows with depth, and a scale-free input trains
 positions. It costs O(d) per token.
 
 Calibration (`python -m train calibrate`, on held-out tokens, for a recall target) gives each layer two ways to
-choose: `k`, the count kept per token by top-K selection (a static field), and `Predictors.mlp_threshold`, the score
-a neuron must reach under threshold selection (no sort; the count varies per token). `dejavu_jax.sparsity` applies
+choose: `k`, the count kept per token by top-K selection (a static field; threshold selection's bound), and
+`Predictors.mlp_threshold` / `head_threshold`, the score a neuron / head must reach under threshold selection (no
+sort; the count varies per token). `dejavu_jax.sparsity` applies
 them. Saving and loading: `dejavu_jax/predictor_store.py`.
 """
 
@@ -66,8 +67,9 @@ class Predictors:
     mlp: tuple  # tuple[LowRankPredictor, ...], one per layer
     heads: tuple  # tuple[LowRankPredictor, ...], one per layer
     mlp_input: str = struct.field(pytree_node=False, default="attn_input")
-    # Per layer, the score a neuron must reach under threshold selection; None = not calibrated.
+    # Per layer, the score a neuron (a head) must reach under threshold selection; None = not calibrated.
     mlp_threshold: Optional[tuple] = struct.field(pytree_node=False, default=None)
+    head_threshold: Optional[tuple] = struct.field(pytree_node=False, default=None)
 
     @property
     def num_layers(self) -> int:
@@ -81,11 +83,11 @@ class Predictors:
     def head_k(self) -> tuple[int, ...]:
         return tuple(p.keep for p in self.heads)
 
-    def with_threshold(self, thresholds) -> "Predictors":
-        thresholds = tuple(float(t) for t in thresholds)
-        if len(thresholds) != self.num_layers:
-            raise ValueError(f"need one threshold per layer ({self.num_layers}). Got {len(thresholds)}")
-        return self.replace(mlp_threshold=thresholds)
+    def with_threshold(self, thresholds, head_thresholds=None) -> "Predictors":
+        """The MLP thresholds (and the heads', where given) replaced: one per layer each."""
+        thresholds = _per_layer(thresholds, self.num_layers)
+        heads = self.head_threshold if head_thresholds is None else _per_layer(head_thresholds, self.num_layers)
+        return self.replace(mlp_threshold=thresholds, head_threshold=heads)
 
     def with_k(self, mlp_k, head_k) -> "Predictors":
         if len(mlp_k) != self.num_layers or len(head_k) != self.num_layers:
@@ -95,6 +97,13 @@ class Predictors:
         mlp = tuple(_with_k(p, k) for p, k in zip(self.mlp, mlp_k))
         heads = tuple(_with_k(p, k) for p, k in zip(self.heads, head_k))
         return self.replace(mlp=mlp, heads=heads)
+
+
+def _per_layer(thresholds, num_layers: int) -> tuple:
+    thresholds = tuple(float(t) for t in thresholds)
+    if len(thresholds) != num_layers:
+        raise ValueError(f"need one threshold per layer ({num_layers}). Got {len(thresholds)}")
+    return thresholds
 
 
 def _with_k(p: LowRankPredictor, k: int) -> LowRankPredictor:

@@ -258,6 +258,7 @@ def head_sparse_decode(
     attention_impl: str = "xla",
     knobs: tuple = (),
     layernorm=None,
+    padded: bool = False,
 ) -> HeadSparseStep:
     """One decode step of the attention block over the chosen heads.
 
@@ -265,9 +266,9 @@ def head_sparse_decode(
     [B, H, S, hd]: the cache, exact for every head up to the rule above; recent [B, R, d]: the input ring buffer
     ("repair", in x's dtype; None for "all"); chosen [B, H] bool: each sequence's heads, at most `k` (static) per
     row or the batch's union (at most B·`k`) in every row, at least one; chosen_idx [B, k] int32 or None: the same
-    choice as index lists (k distinct heads per row, `sparsity.exactly_k`). At B == 1 a given chosen_idx is the
-    step's head list as is (no compaction of the mask; `chosen` may then be None); larger batches compute the union
-    of `chosen`. allowed [B, S] bool: the slots the new token may read (its own included). `attention_impl`: "xla"
+    choice as index lists (k distinct heads per row, `sparsity.exactly_k`; with `padded` (static) also -1 entries,
+    no head: `sparsity.threshold_k`). At B == 1 a given chosen_idx is the step's head list as is (no compaction of
+    the mask; `chosen` may then be None); larger batches compute the union of `chosen`. allowed [B, S] bool: the slots the new token may read (its own included). `attention_impl`: "xla"
     or "pallas" (kernels/decode_attention.py). `knobs`: `kernels.head_sparse.HeadSparsePlan` overrides for both
     projections. B <= MAX_BATCH. `layernorm`
     (scale [d], bias [d], eps; with "all" for B below `kernels.head_sparse.DOT_MIN_BATCH`, with "repair" where
@@ -284,8 +285,10 @@ def head_sparse_decode(
     if chosen is None and not as_list:
         raise ValueError("chosen [B, H] is needed unless B == 1 and chosen_idx is given. Got chosen=None")
     if as_list:
-        # k distinct heads, each used by the one sequence: no compaction, no padding, nothing to zero.
+        # k distinct heads, each used by the one sequence: no compaction; with `padded`, -1 entries as padding.
         q_heads, used = chosen_idx[0].astype(jnp.int32), None
+        if padded:
+            q_heads, used = jnp.maximum(q_heads, 0), (q_heads >= 0)[None, :]
     else:
         q_heads, real = head_list(jnp.any(chosen, axis=0), min(n_heads, batch * k))  # [n]
         used = jnp.take(chosen, q_heads, axis=1) & real[None, :]  # [B, n]
@@ -441,6 +444,8 @@ def _decode_heads(
     if used is None:
         used = jnp.ones((batch, n), bool)  # every entry is a head every sequence chose: nothing to zero
         heads_out = heads_out.astype(x.dtype)
+    elif batch == 1 and attention_impl == "pallas":
+        heads_out = heads_out.astype(x.dtype)  # one sequence's unused entries are -1 in `listed`: zeros already
     else:
         heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
     with jax.named_scope("out_proj"):
@@ -465,13 +470,15 @@ def head_sparse_decode_split(
     attention_impl: str = "xla",
     knobs: tuple = (),
     layernorm=None,
+    padded: bool = False,
 ) -> HeadSparseStep:
     """`head_sparse_decode` for weights and cache split on heads over `mesh`'s tp axis (the Megatron layout,
     `dejavu_jax.parallel`): inside `jax.shard_map` each device computes the chosen heads that live on it, over its own
     weight rows and cache shard, and one psum adds the devices' out_proj partials: the one all-reduce the attention
     block needs anyway, no other collective.
 
-    The choice is the single-device one: `chosen` [B, H] (needed here, with chosen_idx [B, k] optional as there), x,
+    The choice is the single-device one: `chosen` [B, H] (needed here, with chosen_idx [B, k] optional as there;
+    its -1 entries, where `padded`, name no device's head and so are padding on every device), x,
     `recent`, `cursor` and `allowed` are replicated, so every device sees the whole choice and takes its share
     (`shard_head_list`: a static min(H / tp, B·k) entries per device, padding zeroed before out_proj, so a device
     holding none of a token's heads adds zero). Each device writes its own heads' K/V into its own shard of the cache:

@@ -30,7 +30,10 @@ Two ways of applying the choice, by the shape of the forward pass:
 
 Heads (`HeadSparsity`, `head_rows`): each token keeps K heads per layer, chosen by the layer's head predictor from
 layer l-1's input (lookahead), by a seeded random schedule (benchmarks' stand-in for predictors) or by an oracle
-(largest output norm); only the kept heads' outputs reach out_proj. A whole-sequence forward computes every head and
+(largest output norm); predicted heads follow the policy's selection too: top-K keeps the K best, threshold the
+heads whose score reaches the layer's calibrated threshold, at most K (`threshold_k`: the count varies, the decode
+step's head list keeps its static length K with -1 entries, which the kernels skip); only the kept heads' outputs
+reach out_proj. A whole-sequence forward computes every head and
 masks the outputs; a decode step of a small batch computes only the chosen heads (`dejavu_jax.sparse_attention`),
 keeping every head's K/V exact, so it equals the whole-sequence forward. `DecodeTuning` says how a decode step
 computes what the policy chose (kernel choices, block sizes, how skipped heads' K/V are kept), never what it chooses.
@@ -229,10 +232,15 @@ class SparsityPolicy:
     # every sequence keeps the union of the batch's chosen heads (more heads each, for no more weight bytes where the
     # step computes the union anyway: `dejavu_jax.sparse_attention`). Whole-sequence forwards choose per token.
     head_union: bool = False
+    # How predicted heads are chosen, where it should differ from the MLP's `selection` (benchmarks, studies); None:
+    # as `selection` (the command line's one --selection flag sets both).
+    head_selection: Optional[Selection] = None
 
     def __post_init__(self):
         object.__setattr__(self, "mlp", MLPSparsity(self.mlp))
         object.__setattr__(self, "selection", Selection(self.selection))
+        if self.head_selection is not None:
+            object.__setattr__(self, "head_selection", Selection(self.head_selection))
         object.__setattr__(self, "heads", HeadSparsity(self.heads))
         if not isinstance(self.head_k, int) or self.head_k < 0:
             raise ValueError(f"head_k must be a non-negative int (0 = the calibrated K). Got {self.head_k!r}")
@@ -242,6 +250,11 @@ class SparsityPolicy:
             raise ValueError(f"head_union applies to predicted or fixed heads. Got heads={self.heads.value}")
         if not isinstance(self.tuning, DecodeTuning):  # bad names or values fail here, not inside a trace
             object.__setattr__(self, "tuning", DecodeTuning.parse(self.tuning))
+
+    @property
+    def head_selection_rule(self) -> Selection:
+        """How predicted heads are chosen: `head_selection`, else `selection`."""
+        return self.head_selection or self.selection
 
     @property
     def needs_weights(self) -> bool:
@@ -259,6 +272,9 @@ class SparsityPolicy:
         if self.heads == HeadSparsity.NONE:
             return mlp
         k = f"K={self.head_k}" if self.head_k else "calibrated K"
+        if self.heads == HeadSparsity.PREDICTED:
+            rule = self.head_selection_rule
+            k = f"threshold, at most {k}" if rule == Selection.THRESHOLD else f"top-K, {k}"
         union = ", the batch's union at decode" if self.head_union else ""
         return f"MLP {mlp}, heads {self.heads.value} ({k}{union})"
 
@@ -283,6 +299,9 @@ class MLPPredictor:
     w2_scale: Optional[jax.Array] = None
     k: int = struct.field(pytree_node=False, default=0)  # top-K count
     normalize_input: bool = struct.field(pytree_node=False, default=True)
+    # False: `threshold` is −inf for want of a calibrated one (`decode_predictor` with None); a head predictor then
+    # chooses top-K under either selection
+    calibrated_threshold: bool = struct.field(pytree_node=False, default=True)
 
     @property
     def num_outputs(self) -> int:
@@ -405,6 +424,7 @@ def decode_predictor(
         w2_scale=w2_scale,
         k=p.keep,
         normalize_input=p.normalize_input,
+        calibrated_threshold=threshold is not None,
     )
 
 
@@ -430,8 +450,10 @@ def sparse_weights_from_predictors(
 ) -> SparseWeights:
     """Decode-layout MLP predictors (unless `mlp` is False) and head predictors; `thresholds` (one per layer)
     override the calibrated ones (e.g. −inf = all). Top-K selection needs no threshold. `int8_scores`: the MLP
-    predictors' scoring rows as int8 (`decode_predictor`)."""
-    heads = tuple(decode_predictor(p, None, dtype) for p in predictors.heads)
+    predictors' scoring rows as int8 (`decode_predictor`). The head predictors carry their calibrated thresholds
+    (`Predictors.head_threshold`; where there are none, heads are chosen top-K under either selection)."""
+    head_thresholds = predictors.head_threshold or [None] * predictors.num_layers
+    heads = tuple(decode_predictor(p, t, dtype) for p, t in zip(predictors.heads, head_thresholds))
     if not mlp:
         return SparseWeights(heads=heads, mlp_input=predictors.mlp_input)
     if Selection(selection) == Selection.TOPK and thresholds is None and predictors.mlp_threshold is None:
@@ -552,7 +574,7 @@ def head_predictor_ahead(policy: SparsityPolicy, weights: Optional[SparseWeights
     ):
         return None
     head, mlp = weights.heads[layer + 1], weights.mlp[layer]
-    if _predicted_head_k(policy, head) >= head.num_outputs:
+    if not _scores_heads(policy, head):
         return None  # every head kept: nothing to score
     if head.normalize_input != mlp.normalize_input or head.w1_t.dtype != mlp.w1_t.dtype:
         return None
@@ -698,7 +720,8 @@ class HeadRows:
     `k` heads per token, or at most B·k under `SparsityPolicy.head_union`); "oracle" (the `k` heads of largest
     output norm per token, decided inside attention).
     `idx` [B, T, k] int32 or None: with "mask", the same choice as index lists (distinct heads, exactly the True
-    entries of `mask`), which a batch-1 decode step uses directly instead of compacting the mask.
+    entries of `mask`), which a batch-1 decode step uses directly instead of compacting the mask; with `padded`
+    (static: threshold selection, whose count varies under the bound k) some entries may be -1 (no head).
     `decode_kernels` (static: `SparsityPolicy.decode_kernels`, for batches of at most
     `DecodeTuning.head_max_batch`): a decode step computes only the masked heads (False: every head, outputs masked:
     the reference, and the path of larger batches); `head_kv` and `window` (static, from `DecodeTuning`)
@@ -712,6 +735,7 @@ class HeadRows:
     head_kv: str = struct.field(pytree_node=False, default="all")
     window: int = struct.field(pytree_node=False, default=16)
     knobs: tuple = struct.field(pytree_node=False, default=())  # `DecodeTuning.head_knobs`
+    padded: bool = struct.field(pytree_node=False, default=False)
 
 
 def head_rows(
@@ -750,13 +774,17 @@ def head_rows(
     else:
         predictor = weights.heads[layer]
         k = _predicted_head_k(policy, predictor)
-        if k >= predictor.num_outputs:
+        if not _scores_heads(policy, predictor):
             return HeadRows()
         if hidden is not None:  # its first layer, computed by the previous layer's predictor launch
             scores = predictor.scores_from_hidden(hidden)[:, None]
         else:
             scores = head_scores(predictor, lookahead_input, policy)
-        mask, idx = exactly_k(scores, k, tuning.head_topk)
+        if _head_threshold_applies(policy, predictor):
+            mask, idx = threshold_k(scores, predictor.threshold, k, tuning.head_topk)
+            how["padded"] = True
+        else:
+            mask, idx = exactly_k(scores, k, tuning.head_topk)
     if policy.head_union and tokens == 1 and batch > 1:
         # at most batch·k heads: the size the decode step's union list already has
         mask, idx = jnp.broadcast_to(jnp.any(mask, axis=0, keepdims=True), mask.shape), None
@@ -780,8 +808,29 @@ def _head_hidden_on_kernel(policy: SparsityPolicy, x) -> bool:
 
 
 def _predicted_head_k(policy: SparsityPolicy, predictor: MLPPredictor) -> int:
-    """The heads a predicted layer keeps: the policy's `head_k`, else the predictor's calibrated K."""
+    """The heads a predicted layer keeps (top-K), or at most keeps (threshold): the policy's `head_k`, else the
+    predictor's calibrated K."""
     return policy.head_k or predictor.keep
+
+
+def _head_threshold_applies(policy: SparsityPolicy, predictor: MLPPredictor) -> bool:
+    """Threshold selection of heads, by a calibrated threshold (without one a layer chooses top-K)."""
+    return policy.head_selection_rule == Selection.THRESHOLD and predictor.calibrated_threshold
+
+
+def head_selection_used(policy: SparsityPolicy, weights: SparseWeights) -> str:
+    """ "threshold" or "topk": how `policy`'s predicted heads are chosen with these weights (threshold selection needs
+    calibrated head thresholds; without them a layer chooses top-K)."""
+    by_threshold = [_head_threshold_applies(policy, p) for p in weights.heads]
+    return Selection.THRESHOLD.value if all(by_threshold) else Selection.TOPK.value
+
+
+def _scores_heads(policy: SparsityPolicy, predictor: MLPPredictor) -> bool:
+    """Whether a predicted layer's heads need its predictor's scores: top-K below every head, or a threshold (which
+    may drop heads even under a bound of every head)."""
+    if _head_threshold_applies(policy, predictor):
+        return True
+    return _predicted_head_k(policy, predictor) < predictor.num_outputs
 
 
 def exactly_k(scores, k: int, method: str = "sort"):
@@ -809,6 +858,21 @@ def exactly_k(scores, k: int, method: str = "sort"):
     at_rank = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, n]: one True per row
     idx = jnp.sum(jnp.where(at_rank, order, 0), axis=-1, dtype=jnp.int32)
     return rank < k, idx
+
+
+def threshold_k(scores, threshold, k: int, method: str = "sort"):
+    """Threshold selection under a bound: [..., n] scores -> (mask [..., n] bool: the entries whose score reaches
+    `threshold` among the k best, idx [..., k] int32: `exactly_k`'s k best in its order, -1 where the score is below
+    `threshold`). A row whose count of passing entries exceeds k keeps its k best passing ones (the static bound a
+    decode step's head list is compiled for); a threshold of -inf keeps exactly the k best. Scores must not be
+    NaN."""
+    if k >= scores.shape[-1]:  # no bound to apply: no ranking either
+        mask = scores >= threshold
+        n = scores.shape[-1]
+        return mask, jnp.where(mask, jnp.arange(n, dtype=jnp.int32), -1)
+    top, idx = exactly_k(scores, k, method)
+    passed = jnp.take_along_axis(scores, idx, axis=-1) >= threshold
+    return top & (scores >= threshold), jnp.where(passed, idx, -1)
 
 
 def mask_of(idx, n: int):

@@ -33,9 +33,9 @@ def add_sparsity_args(p: argparse.ArgumentParser, decoding: bool = False) -> Non
         "--selection",
         default=None,
         choices=[s.value for s in Selection],
-        help="with predicted: threshold (default) keeps the neurons whose score reaches the layer's "
-        "calibrated threshold (no sort, the count varies per token); topk keeps the layer's "
-        "calibrated K best",
+        help="with predicted neurons or heads: threshold (default) keeps the neurons (heads) whose score reaches "
+        "the layer's calibrated threshold (no sort, the count varies per token; heads at most the layer's K, or "
+        "--head-k); topk keeps the layer's calibrated K best (heads: K, or --head-k)",
     )
     p.add_argument(
         "--int8-scores",
@@ -49,8 +49,9 @@ def add_sparsity_args(p: argparse.ArgumentParser, decoding: bool = False) -> Non
         "--head-sparsity",
         default="none",
         choices=CLI_HEAD_SPARSITY,
-        help="attention heads whose outputs reach out_proj, per token: none (default, every head); predicted: the "
-        "K best by the layer's head predictor (needs --predictors; reads layer l-1's input); oracle: the K heads "
+        help="attention heads whose outputs reach out_proj, per token: none (default, every head); predicted: "
+        "those the layer's head predictor chooses by --selection (needs --predictors; reads layer l-1's input; "
+        "predictors calibrated without head thresholds choose the K best either way); oracle: the K heads "
         "of largest output norm (a study's bound, needs --head-k; every head is still computed). Every head's K/V "
         "stays exact; with predicted, batch-1 decode steps compute only the chosen heads (larger batches compute "
         "every head and zero the unchosen ones' outputs: measured faster)",
@@ -59,7 +60,8 @@ def add_sparsity_args(p: argparse.ArgumentParser, decoding: bool = False) -> Non
         "--head-k",
         type=int,
         default=0,
-        help="with --head-sparsity: heads kept per token in every layer (default: each layer's calibrated K)",
+        help="with --head-sparsity: heads kept per token in every layer (default: each layer's calibrated K); "
+        "under threshold selection the most a token keeps",
     )
     if decoding:
         p.add_argument(
@@ -84,8 +86,11 @@ def check_sparsity_args(args) -> SparsityPolicy:
             f"--predictors goes with --mlp-sparsity predicted or --head-sparsity predicted. Got --mlp-sparsity "
             f"{mode.value} and --head-sparsity {heads.value}"
         )
-    if mode != MLPSparsity.PREDICTED and args.selection:
-        raise ValueError(f"--selection applies to --mlp-sparsity predicted. Got --mlp-sparsity {mode.value}")
+    if mode != MLPSparsity.PREDICTED and heads != HeadSparsity.PREDICTED and args.selection:
+        raise ValueError(
+            f"--selection applies to --mlp-sparsity predicted or --head-sparsity predicted. Got --mlp-sparsity "
+            f"{mode.value} and --head-sparsity {heads.value}"
+        )
     if mode != MLPSparsity.PREDICTED and args.int8_scores:
         raise ValueError(f"--int8-scores applies to --mlp-sparsity predicted. Got --mlp-sparsity {mode.value}")
     if head_k < 0 or (head_k and heads == HeadSparsity.NONE):

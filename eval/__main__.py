@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='print {"ppl": ..., "tokens": ..., "tp": ..., "param_bytes_per_device": [...]}; with a sparse MLP also "sparse_ppl", "ppl_change", '
         '"mlp_sparsity", "selection" and "mlp_density" (per layer, the measured mean fraction of '
-        "MLP rows computed per token on these windows; lossless: of fc2 rows read)",
+        "MLP rows computed per token on these windows; lossless: of fc2 rows read); with sparse heads "
+        '"head_sparsity", "head_selection" (predicted: threshold or topk, as applied) and "head_density" (per '
+        "layer, the measured mean fraction of heads kept)",
     )
     from eval.local_tasks import LOCAL_TASKS
 
@@ -87,7 +89,7 @@ def run_ppl(args) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1. Got {args.batch_size}")
     corpus_kind(args.data)  # a missing, unknown or non-xz corpus fails before the model loads
-    from dejavu_jax.sparsity import DENSE, MLPSparsity
+    from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity, head_selection_used
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
     from dejavu_jax.parallel_args import check_parallel_args, placement_report
@@ -126,6 +128,8 @@ def run_ppl(args) -> dict:
                 result.update(int8_scores=True)
         if "head_density" in sparse:
             result.update(head_sparsity=policy.heads.value, head_density=sparse["head_density"])
+            if policy.heads == HeadSparsity.PREDICTED:
+                result.update(head_selection=head_selection_used(policy, sparse_weights))
     return result
 
 
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         keys = ("ppl", "tokens", "sparse_ppl", "ppl_change", "mlp_sparsity", "selection", "mlp_density", "mlp_k")
-        keys += ("head_sparsity", "head_density", "tp", "param_bytes_per_device")
+        keys += ("head_sparsity", "head_selection", "head_density", "tp", "param_bytes_per_device")
         print(json.dumps({k: result[k] for k in keys if k in result}))
     else:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens ({result['windows']} windows)")
@@ -167,7 +171,8 @@ def main(argv=None) -> int:
                 parts.append(f"MLP {how}, measured density per layer {density}")
             if "head_density" in result:
                 heads = ", ".join(f"{v:.1%}" for v in result["head_density"])
-                parts.append(f"heads {result['head_sparsity']}, kept per layer {heads}")
+                how = result["head_sparsity"] + (f", {result['head_selection']}" if "head_selection" in result else "")
+                parts.append(f"heads {how}, kept per layer {heads}")
             print(
                 f"sparse ({'; '.join(parts)}): perplexity {result['sparse_ppl']:.3f} "
                 f"({result['ppl_change']:+.2%} vs dense)"

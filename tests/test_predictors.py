@@ -101,11 +101,12 @@ def test_save_load_roundtrip_into_model_dir(tmp_path):
     assert meta["recall_target"] == 0.99 and meta["training_tokens"] == 123 and meta["rank"] == 4
     # Replacing is atomic too: the old contents are gone, nothing else is left.
     assert load_predictors(model_dir).mlp_threshold is None  # uncalibrated thresholds stay absent
-    save_predictors(
-        p.with_k([40, 40, 40], [1, 1, 1]).with_threshold([0.25, -1.5, float("-inf")]), model_dir / "predictors", {}
-    )
+    assert load_predictors(model_dir).head_threshold is None
+    calibrated = p.with_k([40, 40, 40], [1, 1, 1]).with_threshold([0.25, -1.5, float("-inf")], [0.5, 2.0, -0.25])
+    save_predictors(calibrated, model_dir / "predictors", {})
     q = load_predictors(model_dir)
     assert q.mlp_k == (40, 40, 40) and q.mlp_threshold == (0.25, -1.5, float("-inf"))
+    assert q.head_threshold == (0.5, 2.0, -0.25)
     assert sorted(e.name for e in model_dir.iterdir()) == ["predictors"]
 
 

@@ -40,6 +40,7 @@ from dejavu_jax.sparsity import (
     mask_of,
     scheduled_heads,
     sparse_weights_from_predictors,
+    threshold_k,
 )
 from kernels.head_sparse import head_qkv_pairs
 
@@ -683,3 +684,78 @@ def test_padding_entries_reach_the_kernels_as_skipped_entries(head_kv, attention
     alone = step([2], None)
     assert rel_max_err(padded.out, alone.out) <= 1e-6
     assert rel_max_err(padded.keys, alone.keys) == 0 and rel_max_err(padded.values, alone.values) == 0
+
+
+def _threshold_k_reference(scores, threshold, k):
+    """numpy: per row, the entries scored >= threshold among the k best (descending, ties to the lower index); the
+    index list in that order with -1 for the entries below the threshold (k >= n: index order)."""
+    scores = np.asarray(scores, np.float64)
+    n = scores.shape[-1]
+    flat = scores.reshape(-1, n)
+    masks, lists = [], []
+    for row in flat:
+        order = sorted(range(n), key=lambda i: (-row[i], i))[: min(k, n)]
+        if k >= n:
+            order = list(range(n))
+        masks.append([i in order and row[i] >= threshold for i in range(n)])
+        lists.append([i if row[i] >= threshold else -1 for i in order])
+    return np.array(masks).reshape(scores.shape), np.array(lists).reshape(*scores.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("shape, k", [((3, 1, 32), 16), ((2, 5, 12), 3), ((4, 6), 6), ((4, 6), 9)])
+def test_threshold_k_keeps_the_heads_that_pass_among_the_k_best(shape, k):
+    """Threshold selection of heads under the static bound k (`threshold_k`): unsorted random scores and scores with
+    ties, thresholds of -inf (exactly the k best), +inf (nothing: every entry -1) and between (counts that vary per
+    row, some above k: the k best passing ones kept), by both top-k methods, against a numpy reference."""
+    rng = np.random.default_rng(k)
+    for scores in (rng.standard_normal(shape), rng.integers(0, 4, shape)):
+        scores = jnp.asarray(scores, jnp.float32)
+        counts = []
+        for threshold in (-np.inf, np.inf, 0.0, 1.0, 2.5):
+            want_mask, want_idx = _threshold_k_reference(scores, threshold, k)
+            counts.append(want_mask.sum(-1))
+            for method in ("sort", "rank"):
+                mask, idx = threshold_k(scores, jnp.float32(threshold), k, method)
+                np.testing.assert_array_equal(np.asarray(mask), want_mask)
+                np.testing.assert_array_equal(np.asarray(idx), want_idx)
+        assert (counts[0] == min(k, shape[-1])).all() and (counts[1] == 0).all()
+        assert len(np.unique(np.concatenate([c.ravel() for c in counts[2:]]))) > 1  # counts vary
+
+
+def _threshold_head_weights(config, threshold, seed=41):
+    """Random head predictors calibrated with one `threshold` for every layer (MLP dense)."""
+    layers, d = config.num_hidden_layers, config.hidden_size
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2 * layers)
+    mlp = tuple(init_low_rank(keys[i], d, 8, config.ffn_dim) for i in range(layers))
+    heads = tuple(init_low_rank(keys[layers + i], d, 8, config.num_attention_heads) for i in range(layers))
+    predictors = Predictors(mlp=mlp, heads=heads, head_threshold=(threshold,) * layers)
+    return sparse_weights_from_predictors(predictors, mlp=False)
+
+
+@pytest.mark.parametrize(
+    "config, attention_impl",
+    [(CONFIG, "xla"), (CONFIG, "pallas"), (WIDE, "pallas")],
+    ids=["xla_attention", "pallas_attention", "window_kernel"],
+)
+def test_threshold_heads_decode_at_batch_one_equals_the_every_head_decode(config, attention_impl):
+    """Batch 1 with threshold-selected heads (at most k = 3 of 4, the count varying from step to step and layer to
+    layer, some steps none): the step's head list carries -1 entries, and the decode computing only the listed heads
+    (the kernels skip -1; XLA's attention gets them zeroed) equals the reference decode that computes every head and
+    masks, and differs from top-K's."""
+    weights = _threshold_head_weights(config, 0.3)
+    policy = SparsityPolicy(heads=HeadSparsity.PREDICTED, head_k=3)
+    params = init_params(config, jax.random.PRNGKey(42))
+    ids = jax.random.randint(jax.random.PRNGKey(43), (1, 8), 3, 64)
+    continuation = jax.random.randint(jax.random.PRNGKey(44), (1, 40), 3, 64)
+    run = functools.partial(decode_logits, params, weights, ids, jnp.ones_like(ids), continuation, config=config)
+    sparse = run(policy=policy, attention_impl=attention_impl)
+    every_head = run(policy=dataclasses.replace(policy, decode_kernels=False))
+    assert rel_max_err(sparse, every_head) <= 1e-5
+    top_k = run(policy=dataclasses.replace(policy, head_selection="topk"), attention_impl=attention_impl)
+    assert rel_max_err(sparse, top_k) > 1e-3
+    # the counts the steps saw: from the whole sequence's choice of the same heads
+    from dejavu_jax.sparsity import head_rows
+
+    x = jax.random.normal(jax.random.PRNGKey(45), (64, 1, config.hidden_size))
+    counts = np.asarray(head_rows(policy, weights, 1, x, config.num_attention_heads).mask).sum(-1)
+    assert counts.min() == 0 and counts.max() == 3 and len(np.unique(counts)) == 4

@@ -345,6 +345,30 @@ def test_eval_ppl_json_dense_vs_sparse(reference_model_dir, tmp_path, capsys):
     lossless = json.loads(capsys.readouterr().out)
     assert abs(lossless["sparse_ppl"] - lossless["ppl"]) / lossless["ppl"] <= 1e-5
     assert 0 < min(lossless["mlp_density"]) and max(lossless["mlp_density"]) < 0.6  # ReLU zeros skipped
+    # Heads by threshold: a -inf head threshold keeps every head (dense perplexity), a high one fewer; predictors
+    # without head thresholds choose top-K (and say so).
+    heads = {}
+    for name, head_threshold, head_k in (
+        ("heads_all", -np.inf, 6),
+        ("heads_few", 1.0, 6),
+        ("heads_uncalibrated", None, 5),
+    ):
+        p = random_predictors(config, k=config.ffn_dim, threshold=-np.inf).with_k(
+            [config.ffn_dim] * config.num_hidden_layers, [config.num_attention_heads - 1] * config.num_hidden_layers
+        )
+        if head_threshold is not None:
+            p = p.with_threshold(p.mlp_threshold, [head_threshold] * config.num_hidden_layers)
+        save_predictors(p, tmp_path / name)
+        flags = ["--predictors", str(tmp_path / name), "--head-sparsity", "predicted", "--head-k", str(head_k)]
+        assert eval_main(base + flags) == 0
+        heads[name] = json.loads(capsys.readouterr().out)
+    assert abs(heads["heads_all"]["sparse_ppl"] - full["ppl"]) / full["ppl"] <= 1e-5
+    assert heads["heads_all"]["head_density"] == [1.0] * config.num_hidden_layers
+    few = heads["heads_few"]
+    assert few["head_selection"] == "threshold" and few["ppl_change"] > 0.01 and max(few["head_density"]) < 0.9
+    uncalibrated = heads["heads_uncalibrated"]
+    assert uncalibrated["head_selection"] == "topk" and np.allclose(uncalibrated["head_density"], 5 / 6, rtol=1e-5)
+    assert heads["heads_all"]["head_selection"] == "threshold"
 
 
 @pytest.mark.parametrize(
@@ -374,7 +398,11 @@ def test_sparse_generation_choosing_everything_equals_dense(reference_model_dir,
     from dejavu_jax.predictor_store import save_predictors
 
     config = load_model(reference_model_dir, "float32").config
-    save_predictors(random_predictors(config, k=config.ffn_dim, threshold=-np.inf), tmp_path / "all")
+    everything = random_predictors(config, k=config.ffn_dim, threshold=-np.inf)
+    save_predictors(everything, tmp_path / "all")
+    # heads by threshold too, -inf: every head chosen, through the head-sparse decode step
+    layers = config.num_hidden_layers
+    save_predictors(everything.with_threshold(everything.mlp_threshold, [-np.inf] * layers), tmp_path / "heads")
     argv = [
         "--model",
         str(reference_model_dir),
@@ -392,6 +420,7 @@ def test_sparse_generation_choosing_everything_equals_dense(reference_model_dir,
         ["--predictors", str(tmp_path / "all")],
         ["--predictors", str(tmp_path / "all"), "--selection", "topk"],
         ["--mlp-sparsity", "lossless"],
+        ["--predictors", str(tmp_path / "heads"), "--mlp-sparsity", "predicted", "--head-sparsity", "predicted"],
     ):
         assert generate_main(argv + extra) == 0
         assert capsys.readouterr().out == dense, extra

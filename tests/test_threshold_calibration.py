@@ -223,3 +223,40 @@ def test_ordering_only_the_tail_gives_the_full_orders_threshold(seed, confidence
     fast = cal.score_at(target, confidence)
     monkeypatch.setattr(metrics, "_top_weight_under", lambda s, w, need: np.zeros(len(s), bool))
     assert cal.score_at(target, confidence) == fast
+
+
+@pytest.mark.parametrize("seed, confidence, target", [(6, 0.5, 0.9), (7, 0.95, 0.9), (8, 0.99, 0.95)])
+def test_mass_threshold_is_the_largest_whose_mass_recall_bound_reaches_the_target(seed, confidence, target):
+    """Heads' threshold selection: a token's recall at t is the norm of its heads scored >= t over all its heads'
+    norm (1 with none). Brute force over every candidate threshold against `update_mass`, in chunks as calibrate
+    feeds it; zero-norm heads and all-zero tokens included; `ThresholdCounts.update_mass` measures the same recall."""
+    rng = np.random.default_rng(seed)
+    n, m = 360, 12
+    windows = np.repeat(np.arange(8), 45)
+    norms = rng.gamma(0.6, 1.0, (n, m)) * (rng.random((n, m)) < 0.8)
+    norms[:6] = 0.0  # nothing to keep: recall 1 at any threshold
+    scores = np.round(np.log(norms + 0.05) + rng.standard_normal((n, m)), 1).astype(np.float32)  # ties
+
+    def per_token(t):
+        total = norms.sum(1)
+        kept = np.where(scores >= t, norms, 0.0).sum(1)
+        return np.where(total > 0, kept / np.where(total > 0, total, 1.0), 1.0)
+
+    def bound_at(t):
+        return per_token(t).mean() if confidence == 0.5 else _brute_force_bound(per_token(t), windows, confidence)
+
+    cal = ThresholdCalibration()
+    for chunk in range(0, n, 100):
+        rows = slice(chunk, chunk + 100)
+        cal.update_mass(scores[rows], norms[rows], windows[rows])
+    s = cal.score_at(target, confidence)
+    assert bound_at(s) >= target - 1e-12
+    higher = np.sort(np.unique(scores[(norms > 0) & (scores > s)]))
+    assert len(higher) and all(bound_at(h) < target for h in higher)  # every larger candidate misses
+    counts = ThresholdCounts(s, num_outputs=m, k=4)
+    counts.update_mass(scores[:200], norms[:200])
+    counts.update_mass(scores[200:], norms[200:])
+    result = counts.result()
+    assert result["recall"] == pytest.approx(per_token(s).mean(), rel=1e-12)
+    assert result["density"] == pytest.approx((scores >= s).mean(), rel=1e-12)
+    assert result["above_k_fraction"] == pytest.approx(((scores >= s).sum(1) > 4).mean(), rel=1e-12)

@@ -396,6 +396,7 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
         assert (work / name).stat().st_size > 0
     report = json.loads((work / "report.json").read_text())
     assert len(report["layers"]) == config.num_hidden_layers
+    assert "### Heads, threshold selection" in (work / "report.md").read_text()
     for entry in report["layers"]:
         mlp, heads = entry["mlp"], entry["heads"]
         assert mlp["k"] == mlp["k_raw"]  # --block 1: no rounding
@@ -477,6 +478,12 @@ def test_cli_end_to_end(converted_model, tmp_path, capsys):
         )
         k_raw = entry["heads"]["k_raw"]
         assert mass[k_raw - 1] >= 0.99 - 1e-9 and (k_raw == 1 or mass[k_raw - 2] < 0.99), (layer, k_raw, mass)
+        # the heads' threshold: its mass recall bound reaches the target on the calibration tokens too
+        kept = np.where(head_scores >= predictors.head_threshold[layer], norms, 0.0).sum(1)
+        total = norms.sum(1)
+        t_mass = np.where(total > 0, kept / np.where(total > 0, total, 1.0), 1.0)
+        assert window_lower_bound(t_mass, window[calib], DEFAULT_RECALL_CONFIDENCE) >= 0.99 - 1e-9
+        assert entry["heads"]["threshold"] == predictors.head_threshold[layer]
 
     # Rerunning calibrate alone with another target rewrites K (fit and collect are not repeated).
     rc = train_main(["calibrate", "--work-dir", str(work), "--recall-target", "0.5", "--quiet"])

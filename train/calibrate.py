@@ -4,10 +4,11 @@ The held-out rows (`train/heldout.py`: the last `holdout` fraction of the collec
 training row, read from the activation store; or the sample the streaming trainer keeps in memory) are split by
 window: even windows calibrate, odd windows test. Per layer, K is the smallest count of top-scored outputs whose
 mean recall reaches the target with confidence `recall_confidence` (MLP: of the truly active neurons; heads: of the
-head-norm mass), rounded up to a multiple of `block` / `head_block` and capped at the layer's width. The
-MLP's threshold is the largest score threshold whose mean recall reaches the same target with the same confidence
-(threshold selection: no sort, the count varies per token). Test-half metrics at that K and threshold (recall,
-density, and how often a token's count exceeds K) are what the report shows.
+head-norm mass), rounded up to a multiple of `block` / `head_block` and capped at the layer's width. Each
+predictor's threshold is the largest score threshold whose mean recall (MLP: of the active neurons; heads: of the
+head-norm mass) reaches the same target with the same confidence (threshold selection: no sort, the count varies
+per token; K stays its static bound). Test-half metrics at that K and threshold (recall, density, and how often a
+token's count exceeds K) are what the report shows.
 
 "Reaches the target with confidence c" means the one-sided lower c-confidence bound on the mean recall over unseen
 text reaches it (`train/metrics.py`, `cluster_lower_bound`): the calibration windows are the sampling units (a
@@ -160,7 +161,9 @@ def calibrate_held_out(
                 log(_layer_line(entry, config))
 
     calibrated = predictors.with_k([e["mlp"]["k"] for e in layers], [e["heads"]["k"] for e in layers])
-    calibrated = calibrated.with_threshold([e["mlp"]["threshold"] for e in layers])
+    calibrated = calibrated.with_threshold(
+        [e["mlp"]["threshold"] for e in layers], [e["heads"]["threshold"] for e in layers]
+    )
     calibration = {
         "recall_target": opts.recall_target,
         "head_recall_target": opts.head_recall_target,
@@ -255,6 +258,13 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
     oracle.update_mass(test_norms, test_norms, head_labels(test_norms, label_mass))
     head_bound = head_curves["calibration"].recall_lower_bound(opts.recall_confidence)
     head_raw, head_k = smallest_k(head_bound, opts.head_recall_target, opts.head_block)
+    head_cal = ThresholdCalibration()
+    if calib.any():
+        head_cal.update_mass(scores[calib], norms[calib], cal_units)
+    head_threshold = head_cal.threshold(opts.head_recall_target, opts.recall_confidence)
+    head_threshold_test = ThresholdCounts(head_threshold, config.num_attention_heads, head_k)
+    if len(test_norms):
+        head_threshold_test.update_mass(scores[test], test_norms)
     clock.lap("heads")
     entry = {
         "layer": layer,
@@ -275,6 +285,8 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
                 "recall_bound": float(head_bound[head_k - 1]),
             },
             "test": head_curves["test"].at(head_k),
+            "threshold": head_threshold,
+            "threshold_test": head_threshold_test.result(),
             "mass_recall_curve": [round(float(v), 5) for v in head_curves["test"].recall()],
             "oracle_mass_recall_curve": [round(float(v), 5) for v in oracle.recall()],
         },
@@ -285,11 +297,13 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
 
 def _layer_line(entry: dict, config) -> str:
     m, h, t = entry["mlp"]["test"], entry["heads"]["test"], entry["mlp"]["threshold_test"]
+    ht = entry["heads"]["threshold_test"]
     return (
         f"  layer {entry['layer']}: MLP K {entry['mlp']['k']:5d}/{config.ffn_dim} ({m['predicted_density']:.1%}, "
         f"true {m['true_density']:.1%}) recall {m['recall']:.4f}; threshold {entry['mlp']['threshold']:.3f}: "
         f"density {t['density']:.1%} recall {t['recall']:.4f} | heads K {entry['heads']['k']}/"
-        f"{config.num_attention_heads} mass recall {h['recall']:.4f} ({sum(entry['seconds'].values()):.1f} s)"
+        f"{config.num_attention_heads} mass recall {h['recall']:.4f}; threshold: density {ht['density']:.1%} "
+        f"mass recall {ht['recall']:.4f} ({sum(entry['seconds'].values()):.1f} s)"
     )
 
 

@@ -208,7 +208,8 @@ class ThresholdCalibration:
 
     A token's recall at t is (its active outputs with score >= t) / (its active outputs), 1 with none active, so the
     mean over tokens is a weighted count of active (token, output) pairs above t, each pair weighing 1 / (its
-    token's active count): `threshold(target)` is a weighted quantile of the active pairs' scores. With `units`
+    token's active count): `threshold(target)` is a weighted quantile of the active pairs' scores. `update_mass`
+    feeds mass recall instead (the heads': each pair weighs its share of the token's total norm). With `units`
     (each token's sampling unit) passed to every update, `threshold(target, confidence)` is the largest threshold
     whose lower confidence bound on the mean recall (`cluster_lower_bound`) reaches the target.
     """
@@ -222,20 +223,35 @@ class ThresholdCalibration:
     def update(self, scores: np.ndarray, labels: np.ndarray, units: np.ndarray | None = None) -> None:
         labels = np.asarray(labels, bool)
         n_pos = labels.sum(axis=1)
-        self.n_tokens += labels.shape[0]
-        self.n_empty += int((n_pos == 0).sum())
         rows, _ = np.nonzero(labels)
-        self.scores.append(np.asarray(scores, np.float32)[labels])
-        self.weights.append(1.0 / n_pos[rows])
+        self._add(np.asarray(scores, np.float32)[labels], 1.0 / n_pos[rows], rows, n_pos == 0, units)
+
+    def update_mass(self, scores: np.ndarray, norms: np.ndarray, units: np.ndarray | None = None) -> None:
+        """Mass recall (the heads' measure): a token's recall at t is the norm of its outputs with score >= t over
+        the norm of all its outputs (1 when that is 0), so each (token, output) pair of nonzero norm weighs its
+        share of the token's total."""
+        norms = np.asarray(norms, np.float64)
+        total = norms.sum(axis=1)
+        has_mass = norms > 0
+        rows, _ = np.nonzero(has_mass)
+        weights = norms[has_mass] / total[rows]
+        self._add(np.asarray(scores, np.float32)[has_mass], weights, rows, total == 0, units)
+
+    def _add(self, pair_scores, pair_weights, pair_rows, empty, units) -> None:
+        """One chunk's pairs (score, weight, token row) and its tokens' emptiness (recall 1 at any threshold)."""
+        self.n_tokens += len(empty)
+        self.n_empty += int(empty.sum())
+        self.scores.append(pair_scores)
+        self.weights.append(pair_weights)
         if units is not None:
             units = np.asarray(units, np.int64)
-            self.pair_units.append(units[rows])
+            self.pair_units.append(units[pair_rows])
             unit_ids, local = np.unique(units, return_inverse=True)
             tokens = np.bincount(local, minlength=len(unit_ids))
-            empty = np.bincount(local, weights=(n_pos == 0), minlength=len(unit_ids))
+            empty_in_unit = np.bincount(local, weights=empty, minlength=len(unit_ids))
             for i, unit in enumerate(unit_ids.tolist()):
                 self.unit_tokens[unit] = self.unit_tokens.get(unit, 0) + int(tokens[i])
-                self.unit_empty[unit] = self.unit_empty.get(unit, 0) + int(empty[i])
+                self.unit_empty[unit] = self.unit_empty.get(unit, 0) + int(empty_in_unit[i])
 
     # The threshold sits this far (relative) below the score that reaches the target, so the same scores computed
     # in another batch shape or precision (a few fp32 ulps apart) still clear it.
@@ -338,6 +354,14 @@ class ThresholdCounts:
         n_pos = labels.sum(axis=1)
         hits = (chosen & labels).sum(axis=1)
         self.recall_sum += float(np.where(n_pos > 0, hits / np.maximum(n_pos, 1), 1.0).sum())
+        self.counts.append(chosen.sum(axis=1))
+
+    def update_mass(self, scores: np.ndarray, norms: np.ndarray) -> None:
+        """Mass recall (`ThresholdCalibration.update_mass`) from norms [N, M]."""
+        chosen = np.asarray(scores) >= self.t
+        norms = np.asarray(norms, np.float64)
+        total, kept = norms.sum(axis=1), np.where(chosen, norms, 0.0).sum(axis=1)
+        self.recall_sum += float(np.where(total > 0, kept / np.where(total > 0, total, 1.0), 1.0).sum())
         self.counts.append(chosen.sum(axis=1))
 
     def result(self) -> dict:

@@ -120,6 +120,20 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
             f"{h['test']['precision']:.3f} | {f.get('recall', float('nan')):.3f} | "
             f"{f.get('precision', float('nan')):.3f} |"
         )
+    if "threshold_test" in result["layers"][0]["heads"]:
+        lines += [
+            "",
+            "### Heads, threshold selection (test tokens; at most K a token at decode)",
+            "",
+            "| layer | threshold | mass recall | mean density | p99 density | max density | tokens above K |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in result["layers"]:
+            t = e["heads"]["threshold_test"]
+            lines.append(
+                f"| {e['layer']} | {e['heads']['threshold']:.3f} | {t['recall']:.4f} | {t['density']:.3f} | "
+                f"{t['p99_density']:.3f} | {t['max_density']:.3f} | {t['above_k_fraction']:.1%} |"
+            )
     heads = result["layers"][0]["heads"].get("mass_recall_curve", [])
     if 0 < len(heads) <= 16:
         lines += [
