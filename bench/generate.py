@@ -31,7 +31,8 @@ sequences). Rows added:
   only without --mlp-density: beside the MLP rows the tuned "fixed rows + fixed heads" rows say the same);
 - fixed rows + fixed heads (with --mlp-density and the fixed variant);
 - predicted + predicted heads (with the predicted variant): random-weight head predictors of the row's rank, top-k
-  on the previous layer's input (the lookahead), beside the MLP predictors.
+  on the previous layer's input (the lookahead), beside the MLP predictors; with --head-threshold also heads chosen
+  by a threshold that keeps about k of them a token (up to every head).
 With --head-union each of these rows has a twin "(batch union)" at batches above 1: every sequence keeps the union of
 the batch's chosen heads (`SparsityPolicy.head_union`). The table's "heads kept" column says k of the heads. Under
 `--tp`, each device computes the chosen heads it holds (`sparse_attention.head_sparse_decode_split`), the same heads
@@ -58,6 +59,7 @@ error is printed and listed under the table, and the other rows go on.
 from __future__ import annotations
 
 import argparse
+import statistics
 import dataclasses
 import gc
 import time
@@ -172,15 +174,24 @@ def planted_predictors(config, rows, rank: int, tp: int = 1, int8_scores: bool =
 SPARSE_VARIANTS = ("fixed", "lossless", "predicted")
 
 
-def random_head_predictors(config, rank: int) -> tuple:
+def random_head_predictors(config, rank: int, threshold=None) -> tuple:
     """Random rank-`rank` head predictors in the decode layout, one per layer (layer l reads layer l-1's input):
     their top-k heads change from token to token, so a timed row's K/V repair runs as it would with trained
-    predictors."""
+    predictors. With `threshold`, calibrated at that score (threshold selection); without, top-K only. A head's score
+    is close to a standard normal (standardized input, weights N(0, 1/d) and N(0, 1/r)), so a threshold of
+    `head_threshold_for(density)` keeps about that fraction of the heads."""
     keys = jax.random.split(jax.random.PRNGKey(7), config.num_hidden_layers)
     return tuple(
-        decode_predictor(init_low_rank(key, config.hidden_size, rank, config.num_attention_heads), None, jnp.float16)
+        decode_predictor(
+            init_low_rank(key, config.hidden_size, rank, config.num_attention_heads), threshold, jnp.float16
+        )
         for key in keys
     )
+
+
+def head_threshold_for(density: float) -> float:
+    """The standard normal's score above which a `density` fraction lies (`random_head_predictors`)."""
+    return float(statistics.NormalDist().inv_cdf(1.0 - density)) if density < 1 else float("-inf")
 
 
 def _head_setting(name: str) -> bool:
@@ -198,12 +209,22 @@ def tunes_heads(tuning: tuple) -> bool:
 
 
 def head_variants(
-    config, density: float, tunings: list, ranks, selections, fixed, predictors, union: bool = False
+    config,
+    density: float,
+    tunings: list,
+    ranks,
+    selections,
+    fixed,
+    predictors,
+    union: bool = False,
+    head_threshold: bool = False,
 ) -> list:
     """The --head-density rows: (label, policy, weights, extra) for each (tuning, the variant names it times).
     `fixed`: the fixed-rows SparseWeights (None without --mlp-density); `predictors`: rank -> MLP SparseWeights.
     `union`: each row is followed by its twin whose decode steps give every sequence the batch's union of heads
-    (`SparsityPolicy.head_union`, labelled "(batch union)"; the same program as its twin at batch 1)."""
+    (`SparsityPolicy.head_union`, labelled "(batch union)"; the same program as its twin at batch 1).
+    `head_threshold`: each threshold-selection predicted row also with heads chosen by threshold (about `density` of
+    them a token, at most every head: `head_threshold_for`), labelled "predicted heads by threshold"."""
     n_heads = config.num_attention_heads
     k = max(1, round(density * n_heads))
     schedule = head_schedule(11, config.num_hidden_layers, config.num_attention_heads)
@@ -234,6 +255,21 @@ def head_variants(
                 )
                 label = f"predicted, {sel.value} + predicted heads{tag}"
                 out.append((label, policy, weights, {"rank": rank, **extra}))
+                if head_threshold and sel == Selection.THRESHOLD:
+                    key = (rank, "threshold")
+                    if key not in head_predictors:
+                        head_predictors[key] = random_head_predictors(config, rank, head_threshold_for(density))
+                    by_threshold = dataclasses.replace(policy, head_k=n_heads)
+                    label = f"predicted, threshold + predicted heads by threshold{tag}"
+                    kept = {"heads_kept": f"~{k}/{n_heads} (at most {n_heads})"}
+                    out.append(
+                        (
+                            label,
+                            by_threshold,
+                            weights.replace(heads=head_predictors[key]),
+                            {"rank": rank, **extra, **kept},
+                        )
+                    )
     if not union:
         return out
     twins = []
@@ -420,6 +456,13 @@ def main(argv=None) -> int:
         "(dejavu_jax.generate --head-union), at batches above 1",
     )
     p.add_argument(
+        "--head-threshold",
+        action="store_true",
+        help="with --head-density and the predicted variant: also time each threshold-selection row with its heads "
+        "chosen by threshold too (random head predictors calibrated to keep about --head-density of the heads a "
+        "token, up to every head; the count varies per token and layer)",
+    )
+    p.add_argument(
         "--predictor-rank",
         default="256,1000",
         help="with --mlp-density: comma list of predictor ranks (default 256,1000)",
@@ -508,6 +551,8 @@ def main(argv=None) -> int:
         p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
     if args.head_union and args.head_density is None:
         p.error("--head-union needs --head-density")
+    if args.head_threshold and args.head_density is None:
+        p.error("--head-threshold needs --head-density")
     if args.int8_scores and (args.mlp_density is None or "predicted" not in set(variant_names) | set(tuned_names)):
         p.error("--int8-scores adds predicted rows: it needs --mlp-density and the predicted variant")
     all_reduces = list(dict.fromkeys(m.strip() for m in args.all_reduce.split(",") if m.strip()))
@@ -634,6 +679,7 @@ def main(argv=None) -> int:
                     fixed if args.mlp_density is not None else None,
                     predictors if args.mlp_density is not None else {},
                     args.head_union,
+                    args.head_threshold,
                 )
             # Printed so that whoever budgets a device call's time sees what a shape costs before its first compile.
             print(

@@ -54,6 +54,7 @@ def test_parse_tuning_and_bad_flags(capsys):
         ["--tuning", "scores=gpu"],
         ["--variants", "fixed", "--int8-scores"],
         ["--head-union"],
+        ["--head-threshold"],
     ):
         with pytest.raises(SystemExit) as e:
             main(["--shape", "tiny", "--mlp-density", "0.1", *argv])
@@ -83,3 +84,35 @@ def test_head_rows_skip_heads_only_rows_that_repeat_another_row():
         ("fixed rows + fixed heads", False),
         ("fixed rows + fixed heads (batch union)", True),
     ]
+
+
+def test_threshold_head_rows_keep_about_the_density_of_heads():
+    """`--head-threshold`: the threshold-selection predicted row gets a twin whose random head predictors carry a
+    threshold that keeps about `density` of the heads a token (bounded by every head), so the count varies."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from bench.generate import head_threshold_for, head_variants, random_head_predictors
+    from dejavu_jax.config import shape_config
+    from dejavu_jax.sparsity import MLPSparsity, Selection, SparseWeights, head_rows
+
+    config = shape_config("tiny")
+    n = config.num_attention_heads
+    rows = head_variants(
+        config, 0.5, [((), ["predicted"])], [16], [Selection.THRESHOLD], None, {16: SparseWeights()}, False, True
+    )
+    assert [label for label, *_ in rows] == [
+        "predicted, threshold + predicted heads",
+        "predicted, threshold + predicted heads by threshold",
+    ]
+    (_, top_k, *_), (_, by_threshold, weights, extra) = rows
+    assert top_k.head_k == n // 2 and by_threshold.head_k == n and extra["heads_kept"].startswith(f"~{n // 2}/{n}")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2000, 1, config.hidden_size))
+    heads_alone = dataclasses.replace(by_threshold, mlp=MLPSparsity.NONE)  # the MLP predictors are not needed here
+    kept = np.asarray(head_rows(heads_alone, weights, 1, x, n).mask).sum(-1)
+    assert abs(kept.mean() / n - 0.5) < 0.05 and len(np.unique(kept)) > 2
+    assert head_threshold_for(0.5) == 0.0 and head_threshold_for(1.0) == float("-inf")
+    assert abs(head_threshold_for(0.25) - 0.6745) < 1e-3
+    assert not random_head_predictors(config, 16)[0].calibrated_threshold  # top-K heads, as before
