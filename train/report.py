@@ -19,6 +19,26 @@ def mean_mlp_density(result: dict, first_layer: int = 1) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _threshold_table(result: dict, group: str, title: str, recall_name: str) -> list:
+    """The markdown lines of a group's ("mlp" or "heads") threshold-selection table, or none (not calibrated)."""
+    if "threshold_test" not in result["layers"][0][group]:
+        return []
+    lines = [
+        "",
+        title,
+        "",
+        f"| layer | threshold | {recall_name} | mean density | p99 density | max density | tokens above K |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in result["layers"]:
+        t = e[group]["threshold_test"]
+        lines.append(
+            f"| {e['layer']} | {e[group]['threshold']:.3f} | {t['recall']:.4f} | {t['density']:.3f} | "
+            f"{t['p99_density']:.3f} | {t['max_density']:.3f} | {t['above_k_fraction']:.1%} |"
+        )
+    return lines
+
+
 def mean_threshold_density(result: dict, first_layer: int = 1) -> float:
     """Mean measured density under threshold selection over layers first_layer.. (test tokens)."""
     values = [e["mlp"]["threshold_test"]["density"] for e in result["layers"][first_layer:]]
@@ -89,20 +109,7 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
             f"{f.get('recall', float('nan')):.3f} | {f.get('precision', float('nan')):.3f} | "
             f"{f.get('predicted_density', float('nan')):.3f} |"
         )
-    if "threshold_test" in result["layers"][0]["mlp"]:
-        lines += [
-            "",
-            "### MLP, threshold selection (test tokens)",
-            "",
-            "| layer | threshold | recall | mean density | p99 density | max density | tokens above K |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for e in result["layers"]:
-            t = e["mlp"]["threshold_test"]
-            lines.append(
-                f"| {e['layer']} | {e['mlp']['threshold']:.3f} | {t['recall']:.4f} | {t['density']:.3f} | "
-                f"{t['p99_density']:.3f} | {t['max_density']:.3f} | {t['above_k_fraction']:.1%} |"
-            )
+    lines += _threshold_table(result, "mlp", "### MLP, threshold selection (test tokens)", "recall")
     lines += [
         "",
         "## Heads",
@@ -120,20 +127,8 @@ def markdown(result: dict, title: str = "Predictor calibration") -> str:
             f"{h['test']['precision']:.3f} | {f.get('recall', float('nan')):.3f} | "
             f"{f.get('precision', float('nan')):.3f} |"
         )
-    if "threshold_test" in result["layers"][0]["heads"]:
-        lines += [
-            "",
-            "### Heads, threshold selection (test tokens; at most K a token at decode)",
-            "",
-            "| layer | threshold | mass recall | mean density | p99 density | max density | tokens above K |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for e in result["layers"]:
-            t = e["heads"]["threshold_test"]
-            lines.append(
-                f"| {e['layer']} | {e['heads']['threshold']:.3f} | {t['recall']:.4f} | {t['density']:.3f} | "
-                f"{t['p99_density']:.3f} | {t['max_density']:.3f} | {t['above_k_fraction']:.1%} |"
-            )
+    title = "### Heads, threshold selection (test tokens; at most K a token at decode)"
+    lines += _threshold_table(result, "heads", title, "mass recall")
     heads = result["layers"][0]["heads"].get("mass_recall_curve", [])
     if 0 < len(heads) <= 16:
         lines += [
