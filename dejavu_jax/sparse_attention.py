@@ -268,8 +268,9 @@ def head_sparse_decode(
     row or the batch's union (at most B·`k`) in every row, at least one; chosen_idx [B, k] int32 or None: the same
     choice as index lists (k distinct heads per row, `sparsity.exactly_k`; with `padded` (static) also -1 entries,
     no head: `sparsity.threshold_k`). At B == 1 a given chosen_idx is the step's head list as is (no compaction of
-    the mask; `chosen` may then be None); larger batches compute the union of `chosen`. allowed [B, S] bool: the slots the new token may read (its own included). `attention_impl`: "xla"
-    or "pallas" (kernels/decode_attention.py). `knobs`: `kernels.head_sparse.HeadSparsePlan` overrides for both
+    the mask; `chosen` may then be None); larger batches compute the union of `chosen`. allowed [B, S] bool: the
+    slots the new token may read (its own included). `attention_impl`: "xla" or "pallas"
+    (kernels/decode_attention.py). `knobs`: `kernels.head_sparse.HeadSparsePlan` overrides for both
     projections. B <= MAX_BATCH. `layernorm`
     (scale [d], bias [d], eps; with "all" for B below `kernels.head_sparse.DOT_MIN_BATCH`, with "repair" where
     `window_kernel_applies`): x is the pre-LayerNorm input and the projection kernel normalises it (the

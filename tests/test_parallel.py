@@ -607,14 +607,15 @@ def fixed_rows_and_heads(mesh=None, config=EIGHT_HEADS, seed=4):
     return parallel.shard_sparse_weights(SparseWeights(fixed_rows=masks, head_schedule=schedule), mesh)
 
 
-def random_head_predictors(config, k: int, seed: int = 9) -> SparseWeights:
-    """Random rank-8 head predictors keeping `k` heads per token: their choice changes from token to token."""
+def random_head_predictors(config, k: int, seed: int = 9, threshold=None) -> SparseWeights:
+    """Random rank-8 head predictors keeping `k` heads per token (at most k, by `threshold` where given): their
+    choice changes from token to token."""
     from dejavu_jax.predictors import init_low_rank
     from dejavu_jax.sparsity import decode_predictor
 
     keys = jax.random.split(jax.random.PRNGKey(seed), config.num_hidden_layers)
     heads = tuple(init_low_rank(key, config.hidden_size, 8, config.num_attention_heads).replace(k=k) for key in keys)
-    return SparseWeights(heads=tuple(decode_predictor(p, None) for p in heads))
+    return SparseWeights(heads=tuple(decode_predictor(p, threshold) for p in heads))
 
 
 def check_heads_tp_match_one_device(params, config, tp, policy, weights, prompts, new_tokens=5):
@@ -637,6 +638,11 @@ TP4_HEAD_CASES = {
     "predicted heads k=1": (
         SparsityPolicy(heads=HeadSparsity.PREDICTED, head_k=1),
         random_head_predictors(EIGHT_HEADS, 1),
+    ),
+    # threshold selection, at most 3: the single-device list carries -1 entries, padding on every shard
+    "predicted heads by threshold, at most 3": (
+        SparsityPolicy(heads=HeadSparsity.PREDICTED, head_k=3),
+        random_head_predictors(EIGHT_HEADS, 3, threshold=0.5),
     ),
     "fixed rows + fixed heads k=3": (FIXED_HEADS[3], fixed_rows_and_heads()),
     # with every head's K/V, each shard's projection kernel writes its heads' K/V into its cache shard and applies
