@@ -47,9 +47,11 @@ def add_sparsity_args(p: argparse.ArgumentParser, decoding: bool = False) -> Non
     )
     p.add_argument(
         "--head-sparsity",
-        default="none",
+        default=None,
         choices=CLI_HEAD_SPARSITY,
-        help="attention heads whose outputs reach out_proj, per token: none (default, every head); predicted: "
+        help="attention heads whose outputs reach out_proj, per token: none (every head; the default, except with "
+        "--predictors whose calibrated head K is below every head in some layer, or with --predictors and "
+        "--head-k, where predicted is); predicted: "
         "those the layer's head predictor chooses by --selection (needs --predictors; reads layer l-1's input; "
         "predictors calibrated without head thresholds choose the K best either way); oracle: the K heads "
         "of largest output norm (a study's bound, needs --head-k; every head is still computed). Every head's K/V "
@@ -73,10 +75,34 @@ def add_sparsity_args(p: argparse.ArgumentParser, decoding: bool = False) -> Non
         )
 
 
+def default_head_sparsity(predictors) -> HeadSparsity:
+    """--head-sparsity when not given: predicted where the predictors' calibrated head K (their metadata, read
+    before the model loads) is below every head in some layer, else none. Unreadable predictors give none here;
+    loading them reports why."""
+    if not predictors:
+        return HeadSparsity.NONE
+    from dejavu_jax.predictor_store import PredictorError, predictor_metadata
+
+    try:
+        meta = predictor_metadata(predictors)
+    except (OSError, PredictorError):
+        return HeadSparsity.NONE
+    heads, head_k = meta.get("num_heads"), meta.get("head_k") or []
+    calibrated = meta.get("heads_calibrated", False)
+    below = calibrated and heads is not None and any(0 < int(k) < int(heads) for k in head_k)
+    return HeadSparsity.PREDICTED if below else HeadSparsity.NONE
+
+
 def check_sparsity_args(args) -> SparsityPolicy:
     """The policy the flags ask for; a ValueError (before anything loads) for contradicting flags."""
-    heads, head_k = HeadSparsity(args.head_sparsity), args.head_k
-    default_mlp = "predicted" if args.predictors and heads != HeadSparsity.PREDICTED else "none"
+    head_k = args.head_k
+    if args.head_sparsity is not None:
+        heads = HeadSparsity(args.head_sparsity)
+        default_mlp = "predicted" if args.predictors and heads != HeadSparsity.PREDICTED else "none"
+    else:  # heads by the predictors' calibration (or --head-k), beside their MLP choice
+        given_k = args.predictors and head_k > 0
+        heads = HeadSparsity.PREDICTED if given_k else default_head_sparsity(args.predictors)
+        default_mlp = "predicted" if args.predictors else "none"
     mode = MLPSparsity(args.mlp_sparsity or default_mlp)
     needs = mode == MLPSparsity.PREDICTED or heads == HeadSparsity.PREDICTED
     if needs and not args.predictors:

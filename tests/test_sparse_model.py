@@ -440,3 +440,39 @@ def test_decode_tuning_is_checked_and_batches_above_the_kernels_get_the_dense_pr
     assert for_decode_batch(LOSSLESS, None, 4) == (DENSE, None)
     fixed = SparseWeights(fixed_rows=(jnp.ones((48,), jnp.int32),) * 2)
     assert for_decode_batch(DENSE, fixed, 4) == (DENSE, fixed)  # the benchmarks' ceiling stays as given
+
+
+def test_predictors_with_a_calibrated_head_k_below_every_head_default_to_predicted_heads(tmp_path):
+    """Without --head-sparsity, --predictors whose calibrated head K is below every head in some layer make the
+    heads predicted (beside the predicted MLP); K = every head (or uncalibrated heads) keeps them dense; --head-k
+    with --predictors asks for predicted heads; an explicit --head-sparsity wins."""
+    import argparse
+
+    from dejavu_jax.predictor_store import save_predictors
+    from dejavu_jax.sparsity import HeadSparsity
+    from dejavu_jax.sparsity_args import add_sparsity_args, check_sparsity_args
+
+    parser = argparse.ArgumentParser()
+    add_sparsity_args(parser, decoding=True)
+    layers, heads = CONFIG.num_hidden_layers, CONFIG.num_attention_heads
+    base = random_predictors(CONFIG, k=CONFIG.ffn_dim, threshold=0.0)
+    for name, head_k in (("below", [heads - 1] + [heads] * (layers - 1)), ("all", [heads] * layers)):
+        save_predictors(base.with_k([CONFIG.ffn_dim] * layers, head_k), tmp_path / name)
+    save_predictors(base, tmp_path / "uncalibrated")
+
+    def policy(*argv):
+        return check_sparsity_args(parser.parse_args(list(argv)))
+
+    below = policy("--predictors", str(tmp_path / "below"))
+    assert below.heads == HeadSparsity.PREDICTED and below.mlp == MLPSparsity.PREDICTED
+    for name in ("all", "uncalibrated"):
+        p = policy("--predictors", str(tmp_path / name))
+        assert p.heads == HeadSparsity.NONE and p.mlp == MLPSparsity.PREDICTED
+    with_k = policy("--predictors", str(tmp_path / "all"), "--head-k", "2")
+    assert with_k.heads == HeadSparsity.PREDICTED and with_k.head_k == 2 and with_k.mlp == MLPSparsity.PREDICTED
+    assert policy("--predictors", str(tmp_path / "below"), "--head-sparsity", "none").heads == HeadSparsity.NONE
+    heads_only = policy("--predictors", str(tmp_path / "below"), "--head-sparsity", "predicted")
+    assert heads_only.mlp == MLPSparsity.NONE  # as before: explicit predicted heads alone
+    lossless = policy("--predictors", str(tmp_path / "below"), "--mlp-sparsity", "lossless")
+    assert lossless.mlp == MLPSparsity.LOSSLESS and lossless.heads == HeadSparsity.PREDICTED
+    assert policy("--predictors", str(tmp_path / "missing")).heads == HeadSparsity.NONE  # loading says why
