@@ -93,18 +93,20 @@ def run_tasks(args) -> dict:
         raise TaskDataError(
             f"--tasks-dir {args.tasks_dir} is not a directory; point it at the local splits (../shared/data/tasks)"
         )
-    from dejavu_jax.sparsity import DENSE, MLPSparsity
+    from dejavu_jax.sparsity import DENSE, HeadSparsity, MLPSparsity
     from dejavu_jax.sparsity_args import check_sparsity_args, load_sparsity
 
     from dejavu_jax.parallel_args import check_parallel_args, placement_report
 
     policy = check_sparsity_args(args)
     tp = check_parallel_args(args)
+    heads_predicted = policy.heads == HeadSparsity.PREDICTED
     settings = {
         "model": str(args.model),
         "predictors": args.predictors,
         "mlp_sparsity": policy.mlp.value,
-        "selection": policy.selection.value if policy.mlp == MLPSparsity.PREDICTED else None,
+        # the MLP's and the predicted heads' selection (one flag): results of another one are not resumed
+        "selection": policy.selection.value if policy.mlp == MLPSparsity.PREDICTED or heads_predicted else None,
         "head_sparsity": policy.heads.value,
         "head_k": policy.head_k or None,
         "dtype": args.dtype,
