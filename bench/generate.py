@@ -59,9 +59,9 @@ error is printed and listed under the table, and the other rows go on.
 from __future__ import annotations
 
 import argparse
-import statistics
 import dataclasses
 import gc
+import statistics
 import time
 
 import jax
