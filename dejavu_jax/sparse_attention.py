@@ -485,8 +485,9 @@ def head_sparse_decode_split(
     holding none of a token's heads adds zero). Each device writes its own heads' K/V into its own shard of the cache:
     "all" every local head's K/V of the new token; "repair" the window K/V of its chosen heads and of the globally
     forced heads (`forced_heads`) that live on it (the window kernel skips padding entries; the path through
-    `head_qkv_pairs` recomputes head 0's window for them from the buffer: exact values, harmless). The out_proj bias is added once, after the psum; partials are summed in fp32 after rounding
-    to x.dtype, so in half precision this differs from one device by rounding.
+    `head_qkv_pairs` recomputes head 0's window for them from the buffer: exact values, harmless). The out_proj bias
+    is added once, after the psum; partials are summed in fp32 after rounding to x.dtype, so in half precision this
+    differs from one device by rounding.
 
     Returns the step with keys / values split on heads as they came; head_idx [tp·n] (global head indices),
     head_used [B, tp·n] and heads_out [B, tp·n, hd] are the devices' lists side by side, padding included.

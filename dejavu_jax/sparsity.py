@@ -33,9 +33,9 @@ layer l-1's input (lookahead), by a seeded random schedule (benchmarks' stand-in
 (largest output norm); predicted heads follow the policy's selection too: top-K keeps the K best, threshold the
 heads whose score reaches the layer's calibrated threshold, at most K (`threshold_k`: the count varies, the decode
 step's head list keeps its static length K with -1 entries, which the kernels skip); only the kept heads' outputs
-reach out_proj. A whole-sequence forward computes every head and
-masks the outputs; a decode step of a small batch computes only the chosen heads (`dejavu_jax.sparse_attention`),
-keeping every head's K/V exact, so it equals the whole-sequence forward. `DecodeTuning` says how a decode step
+reach out_proj. A whole-sequence forward computes every head and masks the outputs; a decode step of a small batch
+computes only the chosen heads (`dejavu_jax.sparse_attention`), keeping every head's K/V exact, so it equals the
+whole-sequence forward. `DecodeTuning` says how a decode step
 computes what the policy chose (kernel choices, block sizes, how skipped heads' K/V are kept), never what it chooses.
 """
 

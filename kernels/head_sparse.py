@@ -311,10 +311,11 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
 def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, forced, total_heads, q_scale, eps=None):
     # q_idx_ref [>= n] int32: the n chosen heads (K/V and Q), padded with -1 to a power of two; meta_ref [2] int32:
     # the cursor and the first head this call's weights hold (of `total_heads`); x_ref [1, d]: the new token's input
-    # (with a LayerNorm (eps), its pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head h is "head" z·H + h), with a
-    # LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent [R, d], the inputs of slots
-    # cursor-R+1 .. cursor at row slot mod R (with a LayerNorm the row of `cursor` is written here: program (0, 0, 0)
-    # stores it apart from its window, and every window takes it from x instead of the buffer), k / v [1, H, S, hd], then q [1, n, hd].
+    # (with a LayerNorm (eps), its pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head
+    # h is "head" z·H + h), with a LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent
+    # [R, d], the inputs of slots cursor-R+1 .. cursor at row slot mod R (with a LayerNorm the row of `cursor` is
+    # written here: program (0, 0, 0) stores it apart from its window, and every window takes it from x instead of
+    # the buffer), k / v [1, H, S, hd], then q [1, n, hd].
     # Entries j < m = n + forced: K of chosen head j (j < n) or of forced head j - n; the next m: V of the same; then
     # Q of chosen head j - 2m.
     window_plan, q_plan = plans

@@ -248,10 +248,11 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
     scores = _layer_scores(predictors.heads[layer], x_head)
     del x_head
     targets = head_labels(norms, label_mass)
-    test_norms = norms[test]
+    # each half's rows gathered once: the curves, the threshold search and the test counts share them
+    cal_scores, cal_norms, test_scores, test_norms = scores[calib], norms[calib], scores[test], norms[test]
     halves = {
-        "calibration": (scores[calib], targets[calib], cal_units, norms[calib]),
-        "test": (scores[test], targets[test], None, test_norms),
+        "calibration": (cal_scores, targets[calib], cal_units, cal_norms),
+        "test": (test_scores, targets[test], None, test_norms),
     }
     head_curves = _curves(halves, config.num_attention_heads)
     oracle = TopKCurve(config.num_attention_heads)  # the heads with the largest true norms
@@ -260,11 +261,11 @@ def _calibrate_layer(held_out: HeldOut, predictors, opts: CalibrateOptions, labe
     head_raw, head_k = smallest_k(head_bound, opts.head_recall_target, opts.head_block)
     head_cal = ThresholdCalibration()
     if calib.any():
-        head_cal.update_mass(scores[calib], norms[calib], cal_units)
+        head_cal.update_mass(cal_scores, cal_norms, cal_units)
     head_threshold = head_cal.threshold(opts.head_recall_target, opts.recall_confidence)
     head_threshold_test = ThresholdCounts(head_threshold, config.num_attention_heads, head_k)
     if len(test_norms):
-        head_threshold_test.update_mass(scores[test], test_norms)
+        head_threshold_test.update_mass(test_scores, test_norms)
     clock.lap("heads")
     entry = {
         "layer": layer,
