@@ -36,7 +36,13 @@ from dejavu_jax.sparse_attention import (
     window_kernel_applies,
     write_recent_inputs,
 )
-from dejavu_jax.sparse_mlp import mlp_decode_rows, mlp_decode_rows_split, mlp_dense, mlp_per_token_rows
+from dejavu_jax.sparse_mlp import (
+    fc2_finishes,
+    mlp_decode_rows,
+    mlp_decode_rows_split,
+    mlp_dense,
+    mlp_per_token_rows,
+)
 from dejavu_jax.sparsity import (
     DENSE,
     HeadRows,
@@ -50,6 +56,7 @@ from dejavu_jax.sparsity import (
 from kernels.decode_attention import decode_attention_append
 from kernels.head_sparse import DOT_MIN_BATCH, plan_flag
 from kernels.head_sparse import MAX_BATCH as HEAD_SPARSE_MAX_BATCH
+from kernels.split_sum import new_sync
 
 
 class AttentionImpl(str, enum.Enum):
@@ -139,6 +146,16 @@ class OPTAttention(nn.Module):
             )
         return bool(plan_flag(heads.knobs, "qkv_layernorm")) and B < DOT_MIN_BATCH and layer_kv[2] is None
 
+    def finishes_block(self, x, layer_kv, heads: HeadRows) -> bool:
+        """Whether this call's out_proj launch may also add the residual and apply the MLP's LayerNorm (the
+        `out_residual` knob, the head-sparse decode step on one device): see `__call__`'s `finish`."""
+        B, T, _ = x.shape
+        return (
+            self.mesh is None
+            and self._sparse_decode(B, T, layer_kv, heads)
+            and bool(plan_flag(heads.knobs, "out_residual"))
+        )
+
     @staticmethod
     def _sparse_decode(B: int, T: int, layer_kv, heads: HeadRows) -> bool:
         return (
@@ -149,7 +166,9 @@ class OPTAttention(nn.Module):
             and B <= HEAD_SPARSE_MAX_BATCH
         )
 
-    def __call__(self, x, allowed, layer_kv=None, cursor=None, heads: HeadRows = HeadRows(), layernorm=None):
+    def __call__(
+        self, x, allowed, layer_kv=None, cursor=None, heads: HeadRows = HeadRows(), layernorm=None, finish=None
+    ):
         """x [B, T, d] (after the LayerNorm; with `layernorm` = (scale, bias, eps), where `fuses_layernorm`, its
         input); allowed [B, T, S] bool: query t may read key slot s.
 
@@ -161,12 +180,18 @@ class OPTAttention(nn.Module):
         (`sparse_attention.head_sparse_decode`; under tp each device its own: `head_sparse_decode_split`); every other
         forward computes every head and masks the outputs.
         K/V stay exact either way.
-        Returns (out [B, T, d], new layer_kv or None).
+        Returns (out [B, T, d], new layer_kv or None). `finish` (residual [B, T, d], sync, the MLP's LayerNorm or
+        None), only where `finishes_block`: out is the new residual (residual + the block's output) and a third
+        element (that LayerNorm of it or None, sync) follows.
         """
         c = self.config
         B, T, _ = x.shape
+        if finish is not None and not self.finishes_block(x, layer_kv, heads):
+            raise ValueError(
+                "only a head-sparse decode step with the out_residual knob finishes the block (finishes_block)"
+            )
         if self._sparse_decode(B, T, layer_kv, heads):
-            return self._decode_chosen_heads(x, allowed, layer_kv, cursor, heads, layernorm)
+            return self._decode_chosen_heads(x, allowed, layer_kv, cursor, heads, layernorm, finish)
         if layernorm is not None:
             raise ValueError("only a head-sparse decode step applies the LayerNorm in its kernel (see fuses_layernorm)")
         recent = None if layer_kv is None or layer_kv[2] is None else write_recent_inputs(layer_kv[2], x, cursor)
@@ -195,7 +220,7 @@ class OPTAttention(nn.Module):
             heads_out = jnp.einsum("bhts,bhsk->bthk", probs, values, preferred_element_type=jnp.float32)
         return self._project_out(heads_out, x.dtype, heads), new_kv
 
-    def _decode_chosen_heads(self, x, allowed, layer_kv, cursor, heads: HeadRows, layernorm=None):
+    def _decode_chosen_heads(self, x, allowed, layer_kv, cursor, heads: HeadRows, layernorm=None, finish=None):
         """The head-sparse decode step: only the chosen heads' weights are read (see `head_sparse_decode`)."""
         keys, values, recent = layer_kv
         repair = heads.head_kv == "repair"
@@ -226,10 +251,15 @@ class OPTAttention(nn.Module):
             knobs=heads.knobs,
             layernorm=layernorm,
             padded=heads.padded,
+            finish=None if finish is None else (finish[0][:, 0], *finish[1:]),
         )
         if not repair and recent is not None:  # a buffer the policy does not use is still kept current
             recent = write_recent_inputs(recent, x, cursor)
-        return step.out[:, None], (step.keys, step.values, step.recent if repair else recent)
+        new_kv = (step.keys, step.values, step.recent if repair else recent)
+        if finish is None:
+            return step.out[:, None], new_kv
+        normed = None if step.normed is None else step.normed[:, None]
+        return step.out[:, None], new_kv, (normed, step.sync)
 
     def _project_out(self, heads_out, dtype, heads: HeadRows = HeadRows()):
         """heads_out [B, T, h, hd] -> out_proj(...) [B, T, d] in dtype, over the heads `heads` keeps per token."""
@@ -257,10 +287,30 @@ class OPTMLP(nn.Module):
         self.fc2_w_t = self.param("fc2_w_t", _init(), (c.ffn_dim, c.hidden_size), self.dtype)
         self.fc2_b = self.param("fc2_b", nn.initializers.zeros, (c.hidden_size,), self.dtype)
 
-    def __call__(self, x, rows: MLPRows = MLPRows()):
-        """x [B, T, d] (after the LayerNorm) -> [B, T, d]; `rows` says which neurons to compute."""
+    def finishes_block(self, x, rows: MLPRows) -> bool:
+        """Whether this call's fc2 launch may also add the residual (the `fc2_residual` knob, a decode step on the
+        row-masked kernels on one device): see `__call__`'s `finish`."""
+        return self.mesh is None and self._decode_rows(x, rows) and fc2_finishes(rows.knobs)
+
+    @staticmethod
+    def _decode_rows(x, rows: MLPRows) -> bool:
+        T = x.shape[1]
+        return not (
+            rows.kind == "dense" or (rows.kind == "lossless" and T > 1) or (rows.kind == "mask" and rows.mask.ndim == 3)
+        )
+
+    def __call__(self, x, rows: MLPRows = MLPRows(), finish=None):
+        """x [B, T, d] (after the LayerNorm) -> [B, T, d]; `rows` says which neurons to compute. `finish` (residual
+        [B, T, d], sync), only where `finishes_block`: returns (residual + the MLP's output, sync) instead."""
         B, T, d = x.shape
         weights = (self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b)
+        if finish is not None:
+            if not self.finishes_block(x, rows):
+                raise ValueError("only a decode step with the fc2_residual knob finishes the block (finishes_block)")
+            residual, sync = finish
+            args = (rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs)
+            out, sync = mlp_decode_rows(x.reshape(B * T, d), *weights, *args, finish=(residual.reshape(B * T, d), sync))
+            return out.reshape(B, T, d), sync
         if rows.kind == "dense":
             out, hidden = mlp_dense(x, *weights, return_hidden=True)
             self.sow("intermediates", "fc1_active", hidden > 0)  # [B, T, ffn]
@@ -291,9 +341,13 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(self.config, self.dtype)
         self.mlp = OPTMLP(self.config, self.dtype, self.mesh)
 
-    def __call__(self, h, allowed, layer_kv=None, cursor=None, choice: Optional[LayerChoice] = None, heads=HeadRows()):
+    def __call__(
+        self, h, allowed, layer_kv=None, cursor=None, choice: Optional[LayerChoice] = None, heads=HeadRows(), sync=None
+    ):
         """`choice` chooses the MLP's neurons (`sparsity.LayerChoice`; None: dense); `heads` the heads whose outputs
-        reach out_proj (`sparsity.head_rows`)."""
+        reach out_proj (`sparsity.head_rows`). `sync`: a decode step's counters (kernels/split_sum.py) for the
+        kernels that finish a block themselves (the `out_residual` and `fc2_residual` knobs), or None.
+        Returns (h, new layer_kv, the next layer's head predictor's first layer or None, sync)."""
         pre_ln = self.config.do_layer_norm_before
         self.sow("intermediates", "attn_input", h)
         attn_input = h
@@ -307,25 +361,38 @@ class OPTDecoderLayer(nn.Module):
             with jax.named_scope("mlp_block"):
                 ln = self.self_attn_layer_norm.affine() if pre_ln else None
                 x, ahead, head_ahead = choice.before_attention_with_heads(h, ln)
+        # The out_proj launch adds the residual and applies the MLP's LayerNorm (pre-LN layers, see finishes_block).
+        finish = None
+        if sync is not None and pre_ln and self.self_attn.finishes_block(h, layer_kv, heads):
+            finish = (h, sync, self.final_layer_norm.affine())
+        mlp_x = None
         with jax.named_scope("attention_block"):
             if qkv_normalises:
                 ln = self.self_attn_layer_norm.affine()
-                attn_out, new_kv = self.self_attn(h, allowed, layer_kv, cursor, heads, layernorm=ln)
+                attended = self.self_attn(h, allowed, layer_kv, cursor, heads, layernorm=ln, finish=finish)
             else:
                 if x is None:
                     x = self.self_attn_layer_norm(h) if pre_ln else h
-                attn_out, new_kv = self.self_attn(x, allowed, layer_kv, cursor, heads)
-            h = h + attn_out
-            if not pre_ln:
-                h = self.self_attn_layer_norm(h)
+                attended = self.self_attn(x, allowed, layer_kv, cursor, heads, finish=finish)
+            if finish is None:
+                attn_out, new_kv = attended
+                h = h + attn_out
+                if not pre_ln:
+                    h = self.self_attn_layer_norm(h)
+            else:
+                h, new_kv, (mlp_x, sync) = attended
         self.sow("intermediates", "mlp_input", h)
         with jax.named_scope("mlp_block"):
             rows = MLPRows() if choice is None else choice.rows(attn_input, h, ahead)
-            x = self.final_layer_norm(h) if pre_ln else h
-            h = h + self.mlp(x, rows)
-            if not pre_ln:
-                h = self.final_layer_norm(h)
-        return h, new_kv, head_ahead
+            if mlp_x is None:
+                mlp_x = self.final_layer_norm(h) if pre_ln else h
+            if sync is not None and pre_ln and self.mlp.finishes_block(mlp_x, rows):
+                h, sync = self.mlp(mlp_x, rows, finish=(h, sync))
+            else:
+                h = h + self.mlp(mlp_x, rows)
+                if not pre_ln:
+                    h = self.final_layer_norm(h)
+        return h, new_kv, head_ahead, sync
 
 
 def chunk_positions(chunk_mask, next_position):
@@ -420,6 +487,9 @@ class OPTForCausalLM(nn.Module):
         first_slot = 0 if cache is None else cache.cursor
         lookahead = h  # layer l's head predictor reads layer l-1's input (layer 0: its own)
         head_ahead = None  # [B, r]: layer l's head predictor's first layer, where layer l-1's launch computed it
+        # A decode step's counters for the kernels that finish their block (kernels/split_sum.py): one zeroed buffer,
+        # handed from launch to launch (unused: dropped by XLA).
+        sync = new_sync(c.hidden_size) if decode else None
         for i, layer in enumerate(self.layers):
             layer_kv = None
             if cache is not None:
@@ -432,7 +502,7 @@ class OPTForCausalLM(nn.Module):
                     )
                 lookahead = h
                 cursor = None if cache is None else cache.cursor
-                h, kv, head_ahead = layer(h, allowed, layer_kv, cursor, choice(i), heads)
+                h, kv, head_ahead, sync = layer(h, allowed, layer_kv, cursor, choice(i), heads, sync)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

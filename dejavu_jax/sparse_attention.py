@@ -68,6 +68,7 @@ from kernels.head_sparse import (
     DOT_MIN_BATCH,
     MAX_BATCH,
     head_out_proj,
+    head_out_proj_residual,
     head_qkv_into_cache,
     head_qkv_pairs,
     head_window_into_cache,
@@ -93,6 +94,10 @@ class HeadSparseStep(NamedTuple):
     head_idx: jax.Array  # [n] int32: the heads whose attention was computed (the batch's union, padded)
     head_used: jax.Array  # [B, n] bool: sequence b's out_proj summed entry j (it chose the head; not a padding copy)
     heads_out: jax.Array  # [B, n, hd]: attention outputs of head_idx, zero where not head_used
+    # With `finish` (`head_sparse_decode`): `out` is the new residual, `normed` its LayerNorm (or None), `sync` the
+    # counters to hand on
+    normed: Optional[jax.Array] = None
+    sync: Optional[jax.Array] = None
 
 
 def forced_count(n_heads: int, window: int) -> int:
@@ -259,6 +264,7 @@ def head_sparse_decode(
     knobs: tuple = (),
     layernorm=None,
     padded: bool = False,
+    finish=None,
 ) -> HeadSparseStep:
     """One decode step of the attention block over the chosen heads.
 
@@ -275,7 +281,9 @@ def head_sparse_decode(
     (scale [d], bias [d], eps; with "all" for B below `kernels.head_sparse.DOT_MIN_BATCH`, with "repair" where
     `window_kernel_applies`): x is the pre-LayerNorm input and the projection kernel normalises it (the
     `qkv_layernorm` / `window_layernorm` knobs ask the model for this; the repair's kernel then also writes the
-    normalised row into the buffer).
+    normalised row into the buffer). `finish` (residual [B, d], sync, the MLP's LayerNorm or None): out_proj's
+    launch also adds the residual and applies that LayerNorm (`kernels.head_sparse.head_out_proj_residual`, the
+    `out_residual` knob): the step's `out` is then the new residual, `normed` its LayerNorm, `sync` the counters.
 
     Launches: one `head_qkv_pairs` (K/V and Q together, below) and one `head_out_proj` per step while the rows fit
     one kernel call (B·R <= MAX_BATCH in "repair", B <= MAX_BATCH in "all").
@@ -309,6 +317,7 @@ def head_sparse_decode(
         attention_impl,
         knobs,
         layernorm,
+        finish,
     )
 
 
@@ -353,6 +362,7 @@ def _decode_heads(
     attention_impl,
     knobs: tuple = (),
     layernorm=None,
+    finish=None,
 ) -> HeadSparseStep:
     """The step over the head list q_heads [n] (indices into the weights' and cache's heads); used [B, n] bool or
     None (every entry used by every sequence); forced: the rotation of heads "repair" also recomputes (None for
@@ -450,6 +460,19 @@ def _decode_heads(
     else:
         heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
     with jax.named_scope("out_proj"):
+        if finish is not None:
+            residual, sync, mlp_layernorm = finish
+            out, normed, sync = head_out_proj_residual(
+                heads_out,
+                weights.out_w,
+                weights.out_b,
+                listed,
+                residual,
+                sync,
+                knobs=knobs,
+                **wrapper_kwargs(mlp_layernorm),
+            )
+            return HeadSparseStep(out, keys, values, recent, q_heads, used, heads_out, normed, sync)
         out = head_out_proj(heads_out, weights.out_w, weights.out_b, listed, knobs=knobs)
     return HeadSparseStep(out, keys, values, recent, q_heads, used, heads_out)
 

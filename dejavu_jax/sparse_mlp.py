@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from dejavu_jax.parallel import TP_AXIS
 from dejavu_jax.sparsity import topk_mask
 
-from kernels.masked_mlp import masked_fc1, nonzero_fc2, threshold_fc1
+from kernels.masked_mlp import MaskedMLPPlan, masked_fc1, nonzero_fc2, nonzero_fc2_residual, threshold_fc1
 
 
 def _precision(dtype):
@@ -61,8 +61,13 @@ def mlp_per_token_rows(x, fc1_w, fc1_b, fc2_w_t, fc2_b, chosen):
     return mlp_output(h, fc2_w_t, fc2_b)
 
 
+def fc2_finishes(knobs: tuple) -> bool:
+    """Whether the decode kernels' `knobs` ask fc2 to add the residual itself (`MaskedMLPPlan.fc2_residual`)."""
+    return bool(dict(knobs or ()).get("fc2_residual", MaskedMLPPlan.fc2_residual))
+
+
 def mlp_decode_rows(
-    x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, hidden=None, predictor=None, knobs: tuple = ()
+    x, fc1_w, fc1_b, fc2_w_t, fc2_b, kind: str, mask=None, hidden=None, predictor=None, knobs: tuple = (), finish=None
 ):
     """x [B, d] (one decode step) -> out [B, d] on the row-masked kernels.
 
@@ -70,9 +75,12 @@ def mlp_decode_rows(
     `predictor` (a `sparsity.MLPPredictor`) reaches its threshold, chosen inside the fc1 kernel; "topk": the union
     over the batch of each row's `predictor.k` best scores (`sparsity.topk_mask`); "lossless": dense fc1 (XLA). fc2
     reads only the rows whose h is nonzero for some batch row. `knobs`: the kernels' plan overrides
-    (`kernels.masked_mlp.MaskedMLPPlan` fields; empty = its per-shape defaults).
+    (`kernels.masked_mlp.MaskedMLPPlan` fields; empty = its per-shape defaults). `finish` (residual [B, d], sync):
+    fc2's launch also adds the residual (`nonzero_fc2_residual`); returns (residual + out, sync) instead.
     """
     h = _decode_hidden(x, fc1_w, fc1_b, kind, mask, hidden, predictor, predictor.k if kind == "topk" else 0, knobs)
+    if finish is not None:
+        return nonzero_fc2_residual(h, fc2_w_t, fc2_b, *finish, knobs=knobs)
     return nonzero_fc2(h, fc2_w_t, fc2_b, knobs=knobs)
 
 

@@ -64,6 +64,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import cdiv, next_pow2, pow2_divisor
 from kernels import layernorm as ln
+from kernels import split_sum
 from kernels.layernorm import normalized_block, row_stats
 from kernels.platform import resolve_interpret
 
@@ -121,6 +122,10 @@ class HeadSparsePlan:
     # split_s of the head path's Pallas decode attention (kernels/decode_attention.py): 0 = that kernel's own plan;
     # 1 = no flash-decoding merge after it (one program per head over every slot). Read by the caller (`plan_flag`)
     attention_split: int = 0
+    # 1: a decode step's `head_out_proj` also adds out_proj's bias and the residual and applies the MLP's LayerNorm,
+    # its last programs summing the head groups' partials (`head_out_proj_residual`, kernels/split_sum.py): no XLA
+    # reduction, residual add or LayerNorm after it. Read by the model through `plan_flag`
+    out_residual: int = 0
     # 1: at batch 1, head_qkv carries its products over d as a [rows, block_d] tile and reduces them once at the end
     # (a block reduction is a barrier; `kernels.block_math`), and a LayerNorm's statistics reduce once per sum;
     # 0: one reduction per column block
@@ -141,6 +146,7 @@ class HeadSparsePlan:
             "window_cache_write",
             "window_layernorm",
             "attention_split",
+            "out_residual",
         )
         for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", "window_stages", *zero_ok):
             value = getattr(self, name)
@@ -416,8 +422,18 @@ def _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan:
     return acc + b_ref[0, flat, rows].astype(jnp.float32)[None, :]
 
 
-def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSparsePlan):
-    # head_idx_ref [h] int32, h_ref [Bp, h, hd], w_ref [H, hd, d]; out_ref [groups, Bp, d] fp32.
+def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, *rest, plan: HeadSparsePlan, finish=None):
+    # head_idx_ref [h] int32, h_ref [Bp, h, hd], w_ref [H, hd, d]; out_ref [groups, Bp, d] fp32. With `finish`
+    # (gpu, eps or None): then out_b [d], the residual [B, d], with eps the LayerNorm's scale and bias [d], the sync
+    # counters (aliased); the outputs partials, the new residual [B, d], with eps its LayerNorm [B, d], sync.
+    if finish is None:
+        (out_ref,) = rest
+    else:
+        gpu, eps = finish
+        if eps is None:
+            bias_ref, res_ref, _sync_in, out_ref, new_ref, sync_ref = rest
+        else:
+            bias_ref, res_ref, scale_ref, shift_ref, _sync_in, out_ref, new_ref, normed_ref, sync_ref = rest
     g = pl.program_id(0)
     rb, bd, dot, hpg = plan.rows_out, plan.bd_out, plan.out_dot, plan.heads_per_group
     cols = pl.ds(pl.multiple_of(pl.program_id(1) * bd, bd), bd)
@@ -447,6 +463,35 @@ def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, out_ref, *, plan: HeadSpar
     else:
         for b in range(n_rows):
             out_ref[g, b, cols] = acc[b]
+    if finish is not None:
+        col_block, col_blocks = pl.program_id(1), plan.d // bd
+
+        @pl.when(split_sum.last_to_arrive(sync_ref, col_block, plan.groups, gpu))
+        def _():
+            for b in range(plan.batch):
+                total = split_sum.group_total(out_ref, plan.groups, b, cols, gpu)
+                new_ref[b, cols] = split_sum.add_residual(total, bias_ref, res_ref, b, cols, new_ref.dtype)
+            split_sum.reset(sync_ref, col_block)
+            if eps is not None:
+
+                @pl.when(split_sum.last_to_arrive(sync_ref, col_blocks, col_blocks, gpu))
+                def _():
+                    _normalize_rows(new_ref, normed_ref, scale_ref, shift_ref, plan, eps, gpu)
+                    split_sum.reset(sync_ref, col_blocks)
+
+
+def _normalize_rows(x_ref, out_ref, scale_ref, shift_ref, plan: HeadSparsePlan, eps: float, gpu: bool):
+    """out = LayerNorm(x) over whole rows, x stored by other programs of this launch (one program runs this)."""
+    bd = pow2_divisor(plan.d, 2048)
+
+    def load(ref_at):
+        return split_sum.load_shared(ref_at, gpu)
+
+    stats = row_stats(x_ref, plan.batch, plan.d, bd, eps, once=bool(plan.sum_once), load=load)
+    for b in range(plan.batch):
+        for c0 in range(0, plan.d, bd):  # static
+            cols = pl.ds(c0, bd)
+            out_ref[b, cols] = normalized_block(x_ref, b, cols, stats, scale_ref, shift_ref, load).astype(out_ref.dtype)
 
 
 # ---- pallas_call layer -----------------------------------------------------------------------------------------
@@ -465,15 +510,28 @@ def _head_qkv_call(part_idx, head_idx, x, qkv_w, qkv_b, *, plan, interpret, laye
     )(part_idx, head_idx, x, qkv_w, qkv_b, *ln_args)
 
 
-def _head_out_proj_call(head_idx, heads_out, out_w, *, plan, interpret):
+def _head_out_proj_call(head_idx, heads_out, out_w, *, plan, interpret, finish_args=None, eps=None):
+    """The partials [groups, Bp, d] fp32; with `finish_args` (out_b, residual, (ln scale, bias) or (), sync) also
+    the finished rows: (partials, new residual, [its LayerNorm,] sync)."""
+    partials = jax.ShapeDtypeStruct((plan.groups, heads_out.shape[0], plan.d), jnp.float32)
+    if finish_args is None:
+        kernel, out_shape, extra, aliases = functools.partial(_head_out_proj_kernel, plan=plan), partials, (), {}
+    else:
+        out_b, residual, ln_args, sync = finish_args
+        kernel = functools.partial(_head_out_proj_kernel, plan=plan, finish=(not interpret, eps))
+        row = jax.ShapeDtypeStruct(residual.shape, residual.dtype)
+        out_shape = (partials, row, *([row] if ln_args else []), jax.ShapeDtypeStruct(sync.shape, sync.dtype))
+        extra = (out_b, residual, *ln_args, sync)
+        aliases = {3 + len(extra) - 1: len(out_shape) - 1}
     return pl.pallas_call(
-        functools.partial(_head_out_proj_kernel, plan=plan),
-        out_shape=jax.ShapeDtypeStruct((plan.groups, heads_out.shape[0], plan.d), jnp.float32),
+        kernel,
+        out_shape=out_shape,
         grid=(plan.groups, plan.d // plan.bd_out),
         compiler_params=plgpu.CompilerParams(num_warps=plan.out_warps, num_stages=plan.out_stages),
+        input_output_aliases=aliases,
         interpret=interpret,
         name="head_out_proj",
-    )(head_idx, heads_out, out_w)
+    )(head_idx, heads_out, out_w, *extra)
 
 
 # ---- public wrappers -------------------------------------------------------------------------------------------
@@ -770,13 +828,7 @@ def head_window_into_cache(
     return q, keys, values, recent
 
 
-@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
-def head_out_proj(heads_out, out_w, out_b, head_idx, *, knobs=None, interpret=None):
-    """[B, d] in heads_out.dtype: Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b.
-
-    heads_out [B, h, hd], out_w [H, hd, d], out_b [d], head_idx [h] int. A negative head_idx entry is padding: it
-    adds nothing and its weight rows are not read.
-    """
+def _check_out_proj(heads_out, out_w, out_b, head_idx) -> None:
     if heads_out.ndim != 3:
         raise ValueError(f"heads_out must be [batch, h, hd]. Got shape {heads_out.shape}")
     if out_w.ndim != 3 or out_w.shape[1] != heads_out.shape[2]:
@@ -791,6 +843,17 @@ def head_out_proj(heads_out, out_w, out_b, head_idx, *, knobs=None, interpret=No
         )
     if out_b.shape != (d,):
         raise ValueError(f"out_b must be [d] = [{d}]. Got {out_b.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
+def head_out_proj(heads_out, out_w, out_b, head_idx, *, knobs=None, interpret=None):
+    """[B, d] in heads_out.dtype: Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b.
+
+    heads_out [B, h, hd], out_w [H, hd, d], out_b [d], head_idx [h] int. A negative head_idx entry is padding: it
+    adds nothing and its weight rows are not read.
+    """
+    _check_out_proj(heads_out, out_w, out_b, head_idx)
+    n_heads, hd, d = out_w.shape
     plan = _plan(heads_out.shape[0], d, hd, head_idx.shape[0], knobs)
     partials = _head_out_proj_call(
         head_idx.astype(jnp.int32),
@@ -801,6 +864,52 @@ def head_out_proj(heads_out, out_w, out_b, head_idx, *, knobs=None, interpret=No
     )
     out = jnp.sum(partials[:, : plan.batch], axis=0) + out_b.astype(jnp.float32)
     return out.astype(heads_out.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("ln_eps", "knobs", "interpret"), donate_argnames=("sync",))
+def head_out_proj_residual(
+    heads_out,
+    out_w,
+    out_b,
+    head_idx,
+    residual,
+    sync,
+    *,
+    ln_scale=None,
+    ln_bias=None,
+    ln_eps=None,
+    knobs=None,
+    interpret=None,
+):
+    """`head_out_proj` finishing the attention block in the same launch: (new residual, its LayerNorm or None, sync).
+
+    new residual [B, d] = residual + head_out_proj(...) with the model's roundings (out_proj's output rounded to
+    residual.dtype, then the add rounded); with the LayerNorm (ln_scale, ln_bias [d], ln_eps) also
+    LayerNorm(new residual), the MLP's input in a pre-LN layer. `sync`: the int32 counters of kernels/split_sum.py,
+    zero on entry, returned zero (donated: thread the returned buffer to the next such launch).
+    """
+    if residual.ndim != 2 or residual.shape != (heads_out.shape[0], out_w.shape[-1]):
+        raise ValueError(f"residual must be [B, d] = {(heads_out.shape[0], out_w.shape[-1])}. Got {residual.shape}")
+    _check_out_proj(heads_out, out_w, out_b, head_idx)
+    d = out_w.shape[-1]
+    plan = _plan(heads_out.shape[0], d, out_w.shape[1], head_idx.shape[0], knobs)
+    split_sum.check_sync(sync, d, plan.bd_out)
+    layernorm = ln.checked(ln_scale, ln_bias, ln_eps, d)
+    eps, ln_args = ln.call_args(layernorm)
+    outs = _head_out_proj_call(
+        head_idx.astype(jnp.int32),
+        _pad_rows(heads_out, plan.batch_rows(plan.out_dot)),
+        out_w,
+        plan=plan,
+        interpret=resolve_interpret(interpret),
+        finish_args=(out_b, residual, ln_args, sync),
+        eps=eps,
+    )
+    if layernorm is None:
+        _, new, sync = outs
+        return new, None, sync
+    _, new, normed, sync = outs
+    return new, normed, sync
 
 
 # ---- references ------------------------------------------------------------------------------------------------

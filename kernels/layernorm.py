@@ -14,12 +14,16 @@ from jax.experimental import pallas as pl
 from kernels.block_math import block_total
 
 
-def row_stats(x_ref, rows: int, d: int, block_d: int, eps: float, once: bool = True) -> list:
+def _plain_load(ref_at):
+    return ref_at[...]
+
+
+def row_stats(x_ref, rows: int, d: int, block_d: int, eps: float, once: bool = True, load=_plain_load) -> list:
     """[(mean, 1 / std)] per row of x_ref [rows, d] in fp32, walking d in blocks of `block_d` (which divides d);
-    `once`: each sum reduces its blocks once (`kernels.block_math.block_total`)."""
+    `once`: each sum reduces its blocks once (`kernels.block_math.block_total`); `load(ref_at)` reads a block."""
     stats = []
     for b in range(rows):
-        blocks = [x_ref[b, pl.ds(c0, block_d)].astype(jnp.float32) for c0 in range(0, d, block_d)]  # static
+        blocks = [load(x_ref.at[b, pl.ds(c0, block_d)]).astype(jnp.float32) for c0 in range(0, d, block_d)]  # static
         total, squares = block_total(blocks, once), block_total([v * v for v in blocks], once)
         stats.append(stats_from_sums(total, squares, d, eps))
     return stats
@@ -31,10 +35,10 @@ def stats_from_sums(total, squares, d: int, eps: float):
     return mean, lax.rsqrt(jnp.maximum(squares / d - mean * mean, 0.0) + eps)
 
 
-def normalized_block(x_ref, b: int, cols, stats: list, scale_ref, bias_ref):
+def normalized_block(x_ref, b: int, cols, stats: list, scale_ref, bias_ref, load=_plain_load):
     """LayerNorm(x)[b, cols] as fp32 values of x's dtype (rounded as the model rounds them)."""
     mean, rstd = stats[b]
-    v = x_ref[b, cols].astype(jnp.float32)
+    v = load(x_ref.at[b, cols]).astype(jnp.float32)
     y = (v - mean) * rstd * scale_ref[cols].astype(jnp.float32) + bias_ref[cols].astype(jnp.float32)
     return y.astype(x_ref.dtype).astype(jnp.float32)
 

@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_math import block_row_dots, pow2_divisor, prev_pow2
+from kernels import split_sum
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
@@ -76,10 +77,15 @@ class MaskedMLPPlan:
     # 1: fc1's dot products over d and the scores' over r add their column blocks elementwise and reduce once per
     # row block (`kernels.block_math.block_row_dots`); 0: one reduction per column block
     sum_once: int = 1
+    # 1: a decode step's fc2 adds its bias and the residual in the same launch, its last programs summing the row
+    # segments' partials (`nonzero_fc2_residual`, kernels/split_sum.py): no XLA reduction or residual add after it.
+    # Read by the caller (`dejavu_jax.sparse_mlp`)
+    fc2_residual: int = 0
 
     def __post_init__(self):
-        if self.sum_once not in (0, 1):
-            raise ValueError(f"sum_once must be 0 or 1. Got {self.sum_once!r}")
+        for name in ("sum_once", "fc2_residual"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"{name} must be 0 or 1. Got {getattr(self, name)!r}")
         for name in ("fc1_segment", "fc1_block_k", "fc1_block_d", "fc2_segment", "fc2_block_k", "fc2_block_d"):
             value = getattr(self, name)
             if name == "fc1_block_k" and value == 0:
@@ -207,8 +213,14 @@ def _threshold_mask_kernel(p_ref, w2t_ref, b2_ref, thr_ref, *refs, plan: MaskedM
     mask_ref[pl.ds(base, plan.seg1)] = chosen.astype(jnp.int32)
 
 
-def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: bool):
-    # h_ref [B, ffn], w_ref [ffn, d]; out_ref [groups, B, d] fp32: this segment's share of h · w.
+def _nonzero_fc2_kernel(h_ref, w_ref, *rest, plan: MaskedMLPPlan, masked: bool, finish: bool = False):
+    # h_ref [B, ffn], w_ref [ffn, d]; out_ref [groups, B, d] fp32: this segment's share of h · w. With `finish`:
+    # inputs fc2_b [d], the residual [B, d] and the sync counters (aliased) before it, the new residual [B, d] and
+    # sync after it.
+    if finish:
+        bias_ref, res_ref, _sync_in, out_ref, new_ref, sync_ref = rest
+    else:
+        (out_ref,) = rest
     group, seg, bk, bd = pl.program_id(0), plan.seg2, plan.fc2_block_k, plan.bd2
     base = pl.multiple_of(group * seg, seg)
     cols = pl.ds(pl.multiple_of(pl.program_id(1) * bd, bd), bd)
@@ -231,6 +243,15 @@ def _nonzero_fc2_kernel(h_ref, w_ref, out_ref, *, plan: MaskedMLPPlan, masked: b
     acc = lax.fori_loop(0, (count + bk - 1) // bk, step, init)
     for b in range(plan.batch):
         out_ref[group, b, cols] = acc[b]
+    if finish:
+        col_block = pl.program_id(1)
+
+        @pl.when(split_sum.last_to_arrive(sync_ref, col_block, plan.fc2_groups, masked))
+        def _():
+            for b in range(plan.batch):
+                total = split_sum.group_total(out_ref, plan.fc2_groups, b, cols, masked)
+                new_ref[b, cols] = split_sum.add_residual(total, bias_ref, res_ref, b, cols, new_ref.dtype)
+            split_sum.reset(sync_ref, col_block)
 
 
 # ---- pallas_call layer -----------------------------------------------------------------------------------------
@@ -258,15 +279,26 @@ def _threshold_mask_call(p, w2_t, b2, thr, scaled, *, plan, interpret):
     )(p, w2_t, b2, thr, *scaled)
 
 
-def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret):
+def _nonzero_fc2_call(h, fc2_w_t, *, plan, interpret, finish_args=None):
+    """The partials [groups, B, d] fp32; with `finish_args` (fc2_b, residual, sync) (partials, new residual, sync)."""
+    partials = jax.ShapeDtypeStruct((plan.fc2_groups, plan.batch, plan.d), jnp.float32)
+    out_shape, extra, aliases = partials, (), {}
+    if finish_args is not None:
+        _, residual, sync = finish_args
+        row, counters = (
+            jax.ShapeDtypeStruct(residual.shape, residual.dtype),
+            jax.ShapeDtypeStruct(sync.shape, sync.dtype),
+        )
+        out_shape, extra, aliases = (partials, row, counters), finish_args, {4: 2}
     return pl.pallas_call(
-        functools.partial(_nonzero_fc2_kernel, plan=plan, masked=not interpret),
-        out_shape=jax.ShapeDtypeStruct((plan.fc2_groups, plan.batch, plan.d), jnp.float32),
+        functools.partial(_nonzero_fc2_kernel, plan=plan, masked=not interpret, finish=finish_args is not None),
+        out_shape=out_shape,
         grid=(plan.fc2_groups, plan.d // plan.bd2),
         compiler_params=plgpu.CompilerParams(num_warps=plan.fc2_warps, num_stages=1),
+        input_output_aliases=aliases,
         interpret=interpret,
         name="nonzero_fc2",
-    )(h, fc2_w_t)
+    )(h, fc2_w_t, *extra)
 
 
 # ---- public wrappers -------------------------------------------------------------------------------------------
@@ -404,14 +436,36 @@ def nonzero_fc2(h, fc2_w_t, fc2_b, *, knobs=None, interpret=None):
     """
     if h.ndim != 2 or fc2_w_t.ndim != 2 or h.shape[1] != fc2_w_t.shape[0]:
         raise ValueError(f"need h [batch, ffn] and fc2_w_t [ffn, d]. Got {h.shape} and {fc2_w_t.shape}")
-    batch, ffn = h.shape
-    d = fc2_w_t.shape[1]
-    _check_sizes(batch, h.dtype, d, ffn)
-    if fc2_b.shape != (d,):
-        raise ValueError(f"fc2_b must be [d] = [{d}]. Got {fc2_b.shape}")
-    plan = _plan(batch, d, ffn, knobs)
+    _check_fc2(h, fc2_w_t, fc2_b)
+    plan = _plan(h.shape[0], fc2_w_t.shape[1], h.shape[1], knobs)
     partials = _nonzero_fc2_call(h, fc2_w_t, plan=plan, interpret=resolve_interpret(interpret))
     return (jnp.sum(partials, axis=0) + fc2_b.astype(jnp.float32)).astype(h.dtype)
+
+
+def _check_fc2(h, fc2_w_t, fc2_b) -> None:
+    if h.ndim != 2 or fc2_w_t.ndim != 2 or h.shape[1] != fc2_w_t.shape[0]:
+        raise ValueError(f"need h [batch, ffn] and fc2_w_t [ffn, d]. Got {h.shape} and {fc2_w_t.shape}")
+    d = fc2_w_t.shape[1]
+    _check_sizes(h.shape[0], h.dtype, d, h.shape[1])
+    if fc2_b.shape != (d,):
+        raise ValueError(f"fc2_b must be [d] = [{d}]. Got {fc2_b.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("knobs", "interpret"), donate_argnames=("sync",))
+def nonzero_fc2_residual(h, fc2_w_t, fc2_b, residual, sync, *, knobs=None, interpret=None):
+    """(residual + `nonzero_fc2`(h, fc2_w_t, fc2_b), sync) in one launch, with the model's roundings (fc2's output
+    rounded to h.dtype, then the add rounded to residual.dtype). `sync`: the int32 counters of kernels/split_sum.py,
+    zero on entry, returned zero (donated: thread the returned buffer to the next such launch)."""
+    _check_fc2(h, fc2_w_t, fc2_b)
+    d = fc2_w_t.shape[1]
+    if residual.shape != (h.shape[0], d):
+        raise ValueError(f"residual must be [B, d] = {(h.shape[0], d)}. Got {residual.shape}")
+    plan = _plan(h.shape[0], d, h.shape[1], knobs)
+    split_sum.check_sync(sync, d, plan.bd2)
+    _, new, sync = _nonzero_fc2_call(
+        h, fc2_w_t, plan=plan, interpret=resolve_interpret(interpret), finish_args=(fc2_b, residual, sync)
+    )
+    return new, sync
 
 
 # ---- references ------------------------------------------------------------------------------------------------
