@@ -251,7 +251,7 @@ class OPTAttention(nn.Module):
             knobs=heads.knobs,
             layernorm=layernorm,
             padded=heads.padded,
-            finish=None if finish is None else (finish[0][:, 0], *finish[1:]),
+            **({} if finish is None else {"finish": (finish[0][:, 0], *finish[1:])}),
         )
         if not repair and recent is not None:  # a buffer the policy does not use is still kept current
             recent = write_recent_inputs(recent, x, cursor)

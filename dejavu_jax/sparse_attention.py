@@ -62,7 +62,7 @@ from jax.sharding import PartitionSpec as P
 
 from dejavu_jax.parallel import TP_AXIS
 from kernels.block_math import cdiv
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import decode_attention, decode_attention_unmerged
 from kernels.layernorm import wrapper_kwargs
 from kernels.head_sparse import (
     DOT_MIN_BATCH,
@@ -93,7 +93,9 @@ class HeadSparseStep(NamedTuple):
     recent: Optional[jax.Array]  # [B, R, d]: the ring buffer after this step ("repair"), else None
     head_idx: jax.Array  # [n] int32: the heads whose attention was computed (the batch's union, padded)
     head_used: jax.Array  # [B, n] bool: sequence b's out_proj summed entry j (it chose the head; not a padding copy)
-    heads_out: jax.Array  # [B, n, hd]: attention outputs of head_idx, zero where not head_used
+    # [B, n, hd]: attention outputs of head_idx, zero where not head_used; None where out_proj merged the attention's
+    # splits itself (the `out_merge` knob)
+    heads_out: Optional[jax.Array]
     # With `finish` (`head_sparse_decode`): `out` is the new residual, `normed` its LayerNorm (or None), `sync` the
     # counters to hand on
     normed: Optional[jax.Array] = None
@@ -446,24 +448,38 @@ def _decode_heads(
             q = rows[:, 2 * n_heads :]
         if not scaled:  # q is already in x's dtype, so this is one multiply
             q = (q * q_scale).astype(x.dtype)  # [B, n, hd]
+    merged_by_out_proj = (
+        attention_impl == "pallas"
+        and plan_flag(knobs, "out_merge")
+        and batch < DOT_MIN_BATCH
+        and (used is None or batch == 1)
+    )
     with jax.named_scope("attention"):
         if attention_impl == "pallas":
             split = plan_flag(knobs, "attention_split") or None  # None: the kernel's own plan
-            heads_out = decode_attention(q, keys, values, allowed, listed, split_s=split)
+            if merged_by_out_proj:
+                # out_proj's launch merges the flash-decoding splits (`out_merge`): no merge kernel between them.
+                splits = decode_attention_unmerged(q, keys, values, allowed, listed, split_s=split)
+                heads_out = splits if not isinstance(splits, tuple) else None
+            else:
+                heads_out = decode_attention(q, keys, values, allowed, listed, split_s=split)
         else:
             heads_out = _attention_xla(q, keys, values, allowed, q_heads)
-    if used is None:
+    if heads_out is None:  # out_proj merges the splits; the step records no merged output
+        used = jnp.ones((batch, n), bool) if used is None else used
+    elif used is None:
         used = jnp.ones((batch, n), bool)  # every entry is a head every sequence chose: nothing to zero
         heads_out = heads_out.astype(x.dtype)
     elif batch == 1 and attention_impl == "pallas":
         heads_out = heads_out.astype(x.dtype)  # one sequence's unused entries are -1 in `listed`: zeros already
     else:
         heads_out = jnp.where(used[..., None], heads_out, 0).astype(x.dtype)
+    proj_in = splits if heads_out is None else heads_out
     with jax.named_scope("out_proj"):
         if finish is not None:
             residual, sync, mlp_layernorm = finish
             out, normed, sync = head_out_proj_residual(
-                heads_out,
+                proj_in,
                 weights.out_w,
                 weights.out_b,
                 listed,
@@ -473,7 +489,7 @@ def _decode_heads(
                 **wrapper_kwargs(mlp_layernorm),
             )
             return HeadSparseStep(out, keys, values, recent, q_heads, used, heads_out, normed, sync)
-        out = head_out_proj(heads_out, weights.out_w, weights.out_b, listed, knobs=knobs)
+        out = head_out_proj(proj_in, weights.out_w, weights.out_b, listed, knobs=knobs)
     return HeadSparseStep(out, keys, values, recent, q_heads, used, heads_out)
 
 

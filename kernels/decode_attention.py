@@ -377,6 +377,49 @@ def decode_attention(
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("block_s", "split_s", "num_warps", "num_stages", "interpret"))
+def decode_attention_unmerged(
+    q,
+    keys,
+    values,
+    allowed,
+    head_idx=None,
+    *,
+    block_s: int | None = None,
+    split_s: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+):
+    """`decode_attention` without the flash-decoding merge after it, for a consumer that merges the splits itself
+    (`kernels.head_sparse.head_out_proj`): with one split per head, the output [B, h, hd] in q.dtype as
+    `decode_attention` gives it; else `(o [B, h, split, hd] unnormalised, m, l [B, h, split])` fp32, which
+    `merge_splits` turns into that output. At least one head."""
+    _check_inputs(q, keys, values, allowed, head_idx)
+    if q.shape[1] == 0:
+        raise ValueError("decode_attention_unmerged needs at least one head")
+    batch, n_heads, seq, hd = keys.shape
+    knobs = dict(block_s=block_s, split_s=split_s, num_warps=num_warps, num_stages=num_stages)
+    plan = plan_decode_attention(batch, q.shape[1], seq, hd, **knobs)
+    if head_idx is None:
+        head_idx = jnp.arange(n_heads, dtype=jnp.int32)
+    outs = _decode_attention_call(
+        head_idx.astype(jnp.int32),
+        q,
+        keys,
+        values,
+        allowed.astype(jnp.int8),
+        plan=plan,
+        interpret=resolve_interpret(interpret),
+    )
+    return outs[0] if plan.split_s == 1 else outs
+
+
+def merge_splits(o, m, l, dtype):
+    """The flash-decoding merge of `decode_attention_unmerged`'s splits: [B, h, hd] in dtype."""
+    return _merge_splits(o, m, l, dtype)
+
+
 def _launch(q, keys, values, allowed, head_idx, knobs, interpret, new_kv=None, cursor=None):
     """Plan, launch and finish one call of the kernel (inputs already checked, at least one head).
 

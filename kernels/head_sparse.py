@@ -126,6 +126,9 @@ class HeadSparsePlan:
     # its last programs summing the head groups' partials (`head_out_proj_residual`, kernels/split_sum.py): no XLA
     # reduction, residual add or LayerNorm after it. Read by the model through `plan_flag`
     out_residual: int = 0
+    # 1: at batch 1 with the Pallas decode attention, `head_out_proj` merges that kernel's flash-decoding splits
+    # itself (each program for the heads it reads): no merge kernel between them. Read by the caller (`plan_flag`)
+    out_merge: int = 0
     # 1: at batch 1, head_qkv carries its products over d as a [rows, block_d] tile and reduces them once at the end
     # (a block reduction is a barrier; `kernels.block_math`), and a LayerNorm's statistics reduce once per sum;
     # 0: one reduction per column block
@@ -147,6 +150,7 @@ class HeadSparsePlan:
             "window_layernorm",
             "attention_split",
             "out_residual",
+            "out_merge",
         )
         for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", "window_stages", *zero_ok):
             value = getattr(self, name)
@@ -422,10 +426,15 @@ def _window_rows(x_ref, recent_ref, buffer_rows, w_ref, b_ref, flat, rows, plan:
     return acc + b_ref[0, flat, rows].astype(jnp.float32)[None, :]
 
 
-def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, *rest, plan: HeadSparsePlan, finish=None):
-    # head_idx_ref [h] int32, h_ref [Bp, h, hd], w_ref [H, hd, d]; out_ref [groups, Bp, d] fp32. With `finish`
+def _head_out_proj_kernel(head_idx_ref, h_ref, *rest, plan: HeadSparsePlan, finish=None, splits=False):
+    # head_idx_ref [h] int32, h_ref [Bp, h, hd] (with `splits`: h_ref o [B, h, S, hd] fp32 and then m, l [B, h, S]
+    # fp32, the attention's unmerged splits), w_ref [H, hd, d]; out_ref [groups, Bp, d] fp32. With `finish`
     # (gpu, eps or None): then out_b [d], the residual [B, d], with eps the LayerNorm's scale and bias [d], the sync
     # counters (aliased); the outputs partials, the new residual [B, d], with eps its LayerNorm [B, d], sync.
+    if splits:
+        m_ref, l_ref, w_ref, *rest = rest
+    else:
+        w_ref, *rest = rest
     if finish is None:
         (out_ref,) = rest
     else:
@@ -447,10 +456,21 @@ def _head_out_proj_kernel(head_idx_ref, h_ref, w_ref, *rest, plan: HeadSparsePla
                 acc = acc + plgpu.dot(h_ref[:, j, rows], w, precision=_dot_precision(w.dtype))
             else:
                 w = w.astype(jnp.float32)
-                acc = tuple(
-                    a + jnp.sum(h_ref[b, j, rows].astype(jnp.float32)[:, None] * w, axis=0) for b, a in enumerate(acc)
-                )
+                acc = tuple(a + jnp.sum(head_rows(b, j, r0)[:, None] * w, axis=0) for b, a in enumerate(acc))
         return acc
+
+    def head_rows(b, j, r0):  # fp32 [rb]: entry j's attention output rows, in the activation dtype's values
+        rows = pl.ds(r0, rb)
+        if not splits:
+            return h_ref[b, j, rows].astype(jnp.float32)
+        n_splits = m_ref.shape[2]
+        m = [m_ref[b, j, s] for s in range(n_splits)]  # static
+        top = functools.reduce(jnp.maximum, m)
+        weights = [jnp.exp(v - top) for v in m]
+        num = sum(wt * h_ref[b, j, s, rows] for s, wt in enumerate(weights))
+        den = sum(wt * l_ref[b, j, s] for s, wt in enumerate(weights))
+        inv = jnp.where(den > 0.0, 1.0 / jnp.maximum(den, 1e-30), 0.0)
+        return (num * inv).astype(w_ref.dtype).astype(jnp.float32)
 
     def step(j, acc):
         head = head_idx_ref[j]  # scalar; a negative entry is padding: its weight rows are not read
@@ -512,17 +532,21 @@ def _head_qkv_call(part_idx, head_idx, x, qkv_w, qkv_b, *, plan, interpret, laye
 
 def _head_out_proj_call(head_idx, heads_out, out_w, *, plan, interpret, finish_args=None, eps=None):
     """The partials [groups, Bp, d] fp32; with `finish_args` (out_b, residual, (ln scale, bias) or (), sync) also
-    the finished rows: (partials, new residual, [its LayerNorm,] sync)."""
-    partials = jax.ShapeDtypeStruct((plan.groups, heads_out.shape[0], plan.d), jnp.float32)
+    the finished rows: (partials, new residual, [its LayerNorm,] sync). `heads_out`: [Bp, h, hd], or the attention's
+    unmerged splits (o, m, l)."""
+    splits = isinstance(heads_out, tuple)
+    heads_in = heads_out if splits else (heads_out,)
+    partials = jax.ShapeDtypeStruct((plan.groups, heads_in[0].shape[0], plan.d), jnp.float32)
+    kernel = functools.partial(_head_out_proj_kernel, plan=plan, splits=splits)
     if finish_args is None:
-        kernel, out_shape, extra, aliases = functools.partial(_head_out_proj_kernel, plan=plan), partials, (), {}
+        out_shape, extra, aliases = partials, (), {}
     else:
         out_b, residual, ln_args, sync = finish_args
-        kernel = functools.partial(_head_out_proj_kernel, plan=plan, finish=(not interpret, eps))
+        kernel = functools.partial(kernel, finish=(not interpret, eps))
         row = jax.ShapeDtypeStruct(residual.shape, residual.dtype)
         out_shape = (partials, row, *([row] if ln_args else []), jax.ShapeDtypeStruct(sync.shape, sync.dtype))
         extra = (out_b, residual, *ln_args, sync)
-        aliases = {3 + len(extra) - 1: len(out_shape) - 1}
+        aliases = {2 + len(heads_in) + len(extra) - 1: len(out_shape) - 1}
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -531,7 +555,7 @@ def _head_out_proj_call(head_idx, heads_out, out_w, *, plan, interpret, finish_a
         input_output_aliases=aliases,
         interpret=interpret,
         name="head_out_proj",
-    )(head_idx, heads_out, out_w, *extra)
+    )(head_idx, *heads_in, out_w, *extra)
 
 
 # ---- public wrappers -------------------------------------------------------------------------------------------
@@ -847,23 +871,37 @@ def _check_out_proj(heads_out, out_w, out_b, head_idx) -> None:
 
 @functools.partial(jax.jit, static_argnames=("knobs", "interpret"))
 def head_out_proj(heads_out, out_w, out_b, head_idx, *, knobs=None, interpret=None):
-    """[B, d] in heads_out.dtype: Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b.
+    """[B, d] in out_w.dtype: Σ_j heads_out[b, j] · out_w[head_idx[j]] + out_b.
 
-    heads_out [B, h, hd], out_w [H, hd, d], out_b [d], head_idx [h] int. A negative head_idx entry is padding: it
-    adds nothing and its weight rows are not read.
+    heads_out [B, h, hd] (out_w's dtype), or below `DOT_MIN_BATCH` rows the Pallas decode attention's unmerged
+    splits (o, m, l) (`kernels.decode_attention.decode_attention_unmerged`), merged by the kernel as `merge_splits`
+    merges them; out_w [H, hd, d], out_b [d], head_idx [h] int. A negative head_idx entry is padding: it adds
+    nothing and its weight rows are not read.
     """
-    _check_out_proj(heads_out, out_w, out_b, head_idx)
-    n_heads, hd, d = out_w.shape
-    plan = _plan(heads_out.shape[0], d, hd, head_idx.shape[0], knobs)
+    plan, heads_in = _out_proj_input(heads_out, out_w, out_b, head_idx, knobs)
     partials = _head_out_proj_call(
-        head_idx.astype(jnp.int32),
-        _pad_rows(heads_out, plan.batch_rows(plan.out_dot)),
-        out_w,
-        plan=plan,
-        interpret=resolve_interpret(interpret),
+        head_idx.astype(jnp.int32), heads_in, out_w, plan=plan, interpret=resolve_interpret(interpret)
     )
     out = jnp.sum(partials[:, : plan.batch], axis=0) + out_b.astype(jnp.float32)
-    return out.astype(heads_out.dtype)
+    return out.astype(out_w.dtype)
+
+
+def _out_proj_input(heads_out, out_w, out_b, head_idx, knobs):
+    """(plan, the kernel's attention input) of `head_out_proj`: heads_out [B, h, hd] padded to the plan's rows, or
+    the Pallas decode attention's unmerged splits (o [B, h, S, hd], m, l [B, h, S]: `decode_attention_unmerged`),
+    which the kernel merges, below `DOT_MIN_BATCH` rows."""
+    if not isinstance(heads_out, tuple):
+        _check_out_proj(heads_out, out_w, out_b, head_idx)
+        plan = _plan(heads_out.shape[0], out_w.shape[2], out_w.shape[1], head_idx.shape[0], knobs)
+        return plan, _pad_rows(heads_out, plan.batch_rows(plan.out_dot))
+    o, m, l = heads_out
+    if o.ndim != 4 or m.shape != o.shape[:3] or l.shape != o.shape[:3]:
+        raise ValueError(f"splits must be o [B, h, S, hd] with m, l [B, h, S]. Got {o.shape}, {m.shape}, {l.shape}")
+    _check_out_proj(jax.ShapeDtypeStruct(o.shape[:2] + o.shape[3:], out_w.dtype), out_w, out_b, head_idx)
+    plan = _plan(o.shape[0], out_w.shape[2], out_w.shape[1], head_idx.shape[0], knobs)
+    if plan.out_dot:
+        raise ValueError(f"out_proj merges the attention's splits below {DOT_MIN_BATCH} rows. Got {o.shape[0]}")
+    return plan, (o.astype(jnp.float32), m.astype(jnp.float32), l.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("ln_eps", "knobs", "interpret"), donate_argnames=("sync",))
@@ -888,17 +926,16 @@ def head_out_proj_residual(
     LayerNorm(new residual), the MLP's input in a pre-LN layer. `sync`: the int32 counters of kernels/split_sum.py,
     zero on entry, returned zero (donated: thread the returned buffer to the next such launch).
     """
-    if residual.ndim != 2 or residual.shape != (heads_out.shape[0], out_w.shape[-1]):
-        raise ValueError(f"residual must be [B, d] = {(heads_out.shape[0], out_w.shape[-1])}. Got {residual.shape}")
-    _check_out_proj(heads_out, out_w, out_b, head_idx)
+    plan, heads_in = _out_proj_input(heads_out, out_w, out_b, head_idx, knobs)
     d = out_w.shape[-1]
-    plan = _plan(heads_out.shape[0], d, out_w.shape[1], head_idx.shape[0], knobs)
+    if residual.shape != (plan.batch, d):
+        raise ValueError(f"residual must be [B, d] = {(plan.batch, d)}. Got {residual.shape}")
     split_sum.check_sync(sync, d, plan.bd_out)
     layernorm = ln.checked(ln_scale, ln_bias, ln_eps, d)
     eps, ln_args = ln.call_args(layernorm)
     outs = _head_out_proj_call(
         head_idx.astype(jnp.int32),
-        _pad_rows(heads_out, plan.batch_rows(plan.out_dot)),
+        heads_in,
         out_w,
         plan=plan,
         interpret=resolve_interpret(interpret),

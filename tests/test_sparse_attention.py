@@ -359,30 +359,37 @@ def test_model_decode_with_the_window_kernel_equals_the_every_head_decode(window
     assert rel_max_err(sparse, every_head) <= 1e-5
 
 
-@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
-def test_kernels_that_finish_their_blocks_decode_like_the_xla_steps(attention_impl):
+@pytest.mark.parametrize("attention_impl, merge", [("xla", 0), ("pallas", 0), ("pallas", 1)])
+def test_kernels_that_finish_their_blocks_decode_like_the_xla_steps(attention_impl, merge):
     """With `head_out_residual` (out_proj's launch adds the residual and applies the MLP's LayerNorm) and
     `fc2_residual` (fc2's launch adds the residual), a batch-1 decode step of fixed heads and fixed MLP rows runs no
-    reduction or LayerNorm in XLA, and 40 steps give the logits of the same steps summed and normalised by XLA."""
+    reduction or LayerNorm in XLA, and 40 steps give the logits of the same steps summed and normalised by XLA; with
+    `head_out_merge` out_proj also merges the Pallas attention's splits (no exp left in XLA)."""
     rng = np.random.default_rng(0)
     rows = tuple(
         jnp.asarray(rng.permutation(WIDE.ffn_dim) < WIDE.ffn_dim // 3, jnp.int32) for _ in range(WIDE.num_hidden_layers)
     )
     weights = dataclasses.replace(WIDE_SCHEDULE, fixed_rows=rows)
     plain = fixed_heads(2, head_kv="repair", head_window=16)
-    finished = fixed_heads(2, head_kv="repair", head_window=16, head_out_residual=1, fc2_residual=1)
+    finished = fixed_heads(
+        2, head_kv="repair", head_window=16, head_out_residual=1, fc2_residual=1, head_out_merge=merge
+    )
     params = init_params(WIDE, jax.random.PRNGKey(1))
 
     def in_xla(policy):  # the decode step's primitives outside its kernels
         cache = KVCache.create(WIDE, 1, 24, jnp.float32, policy.recent_window)
         token = jnp.ones((1,), jnp.int32)
-        step = jax.make_jaxpr(lambda c: decode_step(params, c, token, weights, config=WIDE, policy=policy))
+        step = jax.make_jaxpr(
+            lambda c: decode_step(params, c, token, weights, config=WIDE, policy=policy, attention_impl=attention_impl)
+        )
         return primitives_outside_kernels(step(cache).jaxpr)
 
     layers = WIDE.num_hidden_layers
     # per layer: the MLP LayerNorm's rsqrt, and three sums (out_proj's groups, the LayerNorm's statistics, fc2's)
     assert in_xla(plain).count("rsqrt") - in_xla(finished).count("rsqrt") == layers
     assert in_xla(plain).count("reduce_sum") - in_xla(finished).count("reduce_sum") >= 3 * layers
+    if attention_impl == "pallas":  # the merge's exp: one a layer in XLA, none with out_proj merging
+        assert in_xla(finished).count("exp") == (0 if merge else layers)
     ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
     continuation = jax.random.randint(jax.random.PRNGKey(3), (1, 40), 3, 64)
     run = functools.partial(

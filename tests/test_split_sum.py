@@ -1,6 +1,6 @@
 """Kernels that finish their split sum themselves (kernels/split_sum.py): `head_out_proj_residual` and
 `nonzero_fc2_residual` against float64 references and against the unfinished kernels plus the model's XLA steps;
-the counters come back zero and serve the next launch. Compiled on a GPU (where the last program to arrive is a
+the counters come back zero and serve the next launch; `head_out_proj` merging the decode attention's splits. Compiled on a GPU (where the last program to arrive is a
 race, run many times), in the interpreter on CPU."""
 
 import jax
@@ -10,6 +10,7 @@ import pytest
 
 from conftest import CompiledKernelCases
 from dejavu_jax.model import layer_norm
+from kernels.decode_attention import decode_attention, decode_attention_unmerged, merge_splits
 from kernels.head_sparse import head_out_proj, head_out_proj_residual
 from kernels.masked_mlp import nonzero_fc2, nonzero_fc2_residual
 from kernels.split_sum import MIN_BLOCK_D, new_sync, sync_slots
@@ -114,6 +115,39 @@ class TestSplitSum(CompiledKernelCases):
             assert new.dtype == jnp.dtype(dtype) and ulps_apart(new, expected, dtype, floor=0.1)
         ref = f64(residual) + f64(h) @ f64(fc2_w_t) + f64(fc2_b)
         assert np.abs(f64(new) - ref).max() <= TOLERANCE[dtype] * 4 * np.abs(ref).max()
+
+    @pytest.mark.parametrize("split_s", [1, 3, 5])
+    @pytest.mark.parametrize("finish", [False, True])
+    def test_out_proj_merges_the_attention_splits(self, split_s, finish):
+        """Handed the Pallas decode attention's unmerged splits, out_proj merges them as `merge_splits` does: the
+        same output as out_proj after the merged attention (padding entries included: no weight rows read)."""
+        rng = np.random.default_rng(split_s)
+        batch, n_heads, hd, slots, d, dtype = 1, 4, 16, 80, 128, jnp.float16
+        idx = jnp.asarray([2, -1, 0], jnp.int32)
+        q = jnp.asarray(rng.standard_normal((batch, 3, hd)) / hd**0.5, dtype)
+        keys = jnp.asarray(rng.standard_normal((batch, n_heads, slots, hd)), dtype)
+        values = jnp.asarray(rng.standard_normal((batch, n_heads, slots, hd)), dtype)
+        allowed = jnp.arange(slots)[None, :] < 61
+        heads_out, out_w, out_b, _, residual, *_ = out_proj_case(split_s, batch, n_heads, hd, d, [2, -1, 0], dtype)
+        attend = dict(split_s=split_s, block_s=16, interpret=self.INTERPRET)
+        splits = decode_attention_unmerged(q, keys, values, allowed, idx, **attend)
+        assert isinstance(splits, tuple) == (split_s > 1)
+        merged = decode_attention(q, keys, values, allowed, idx, **attend)
+        if split_s > 1:
+            assert ulps_apart(merge_splits(*splits, dtype), merged, dtype, floor=0.1)
+        knobs = (("out_block_d", 32),)
+        if finish:
+            sync = new_sync(d)
+            out, _, sync = head_out_proj_residual(
+                splits, out_w, out_b, idx, residual, sync, knobs=knobs, interpret=self.INTERPRET
+            )
+            ref, _, sync = head_out_proj_residual(
+                merged, out_w, out_b, idx, residual, sync, knobs=knobs, interpret=self.INTERPRET
+            )
+        else:
+            out = head_out_proj(splits, out_w, out_b, idx, knobs=knobs, interpret=self.INTERPRET)
+            ref = head_out_proj(merged, out_w, out_b, idx, knobs=knobs, interpret=self.INTERPRET)
+        assert out.dtype == jnp.dtype(dtype) and ulps_apart(out, ref, dtype, floor=0.1)
 
     def test_one_buffer_serves_launches_in_turn(self):
         """The counters handed from launch to launch (as a decode step threads them through its layers) finish
