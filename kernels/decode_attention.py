@@ -398,20 +398,8 @@ def decode_attention_unmerged(
     _check_inputs(q, keys, values, allowed, head_idx)
     if q.shape[1] == 0:
         raise ValueError("decode_attention_unmerged needs at least one head")
-    batch, n_heads, seq, hd = keys.shape
     knobs = dict(block_s=block_s, split_s=split_s, num_warps=num_warps, num_stages=num_stages)
-    plan = plan_decode_attention(batch, q.shape[1], seq, hd, **knobs)
-    if head_idx is None:
-        head_idx = jnp.arange(n_heads, dtype=jnp.int32)
-    outs = _decode_attention_call(
-        head_idx.astype(jnp.int32),
-        q,
-        keys,
-        values,
-        allowed.astype(jnp.int8),
-        plan=plan,
-        interpret=resolve_interpret(interpret),
-    )
+    plan, outs = _plan_and_call(q, keys, values, allowed, head_idx, knobs, resolve_interpret(interpret))
     return outs[0] if plan.split_s == 1 else outs
 
 
@@ -420,11 +408,8 @@ def merge_splits(o, m, l, dtype):
     return _merge_splits(o, m, l, dtype)
 
 
-def _launch(q, keys, values, allowed, head_idx, knobs, interpret, new_kv=None, cursor=None):
-    """Plan, launch and finish one call of the kernel (inputs already checked, at least one head).
-
-    Returns (out [B, h, hd] in q.dtype, the kernel's extra outputs: the updated caches with new_kv, else ()).
-    """
+def _plan_and_call(q, keys, values, allowed, head_idx, knobs, interpret, new_kv=None, cursor=None):
+    """(plan, the kernel's outputs) of one launch (inputs already checked, at least one head)."""
     batch, n_heads, seq, hd = keys.shape
     plan = plan_decode_attention(batch, q.shape[1], seq, hd, **knobs)
     if head_idx is None:
@@ -440,6 +425,15 @@ def _launch(q, keys, values, allowed, head_idx, knobs, interpret, new_kv=None, c
         new_kv=new_kv,
         cursor=cursor,
     )
+    return plan, outs
+
+
+def _launch(q, keys, values, allowed, head_idx, knobs, interpret, new_kv=None, cursor=None):
+    """Plan, launch and finish one call of the kernel (inputs already checked, at least one head).
+
+    Returns (out [B, h, hd] in q.dtype, the kernel's extra outputs: the updated caches with new_kv, else ()).
+    """
+    plan, outs = _plan_and_call(q, keys, values, allowed, head_idx, knobs, interpret, new_kv, cursor)
     n_attention_outs = 1 if plan.split_s == 1 else 3
     attention, extra = outs[:n_attention_outs], outs[n_attention_outs:]
     out = attention[0] if plan.split_s == 1 else _merge_splits(*attention, q.dtype)

@@ -484,20 +484,25 @@ def _head_out_proj_kernel(head_idx_ref, h_ref, *rest, plan: HeadSparsePlan, fini
         for b in range(n_rows):
             out_ref[g, b, cols] = acc[b]
     if finish is not None:
-        col_block, col_blocks = pl.program_id(1), plan.d // bd
+        col_blocks = plan.d // bd
 
-        @pl.when(split_sum.last_to_arrive(sync_ref, col_block, plan.groups, gpu))
-        def _():
-            for b in range(plan.batch):
-                total = split_sum.group_total(out_ref, plan.groups, b, cols, gpu)
-                new_ref[b, cols] = split_sum.add_residual(total, bias_ref, res_ref, b, cols, new_ref.dtype)
-            split_sum.reset(sync_ref, col_block)
-            if eps is not None:
+        def layernorm_row():  # the last column block's finisher normalises the whole new row
+            @pl.when(split_sum.last_to_arrive(sync_ref, col_blocks, col_blocks, gpu))
+            def _():
+                _normalize_rows(new_ref, normed_ref, scale_ref, shift_ref, plan, eps, gpu)
+                split_sum.reset(sync_ref, col_blocks)
 
-                @pl.when(split_sum.last_to_arrive(sync_ref, col_blocks, col_blocks, gpu))
-                def _():
-                    _normalize_rows(new_ref, normed_ref, scale_ref, shift_ref, plan, eps, gpu)
-                    split_sum.reset(sync_ref, col_blocks)
+        split_sum.finish_column_block(
+            sync_ref,
+            out_ref,
+            bias_ref,
+            res_ref,
+            new_ref,
+            cols=cols,
+            groups=plan.groups,
+            gpu=gpu,
+            after=None if eps is None else layernorm_row,
+        )
 
 
 def _normalize_rows(x_ref, out_ref, scale_ref, shift_ref, plan: HeadSparsePlan, eps: float, gpu: bool):

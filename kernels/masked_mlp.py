@@ -244,14 +244,9 @@ def _nonzero_fc2_kernel(h_ref, w_ref, *rest, plan: MaskedMLPPlan, masked: bool, 
     for b in range(plan.batch):
         out_ref[group, b, cols] = acc[b]
     if finish:
-        col_block = pl.program_id(1)
-
-        @pl.when(split_sum.last_to_arrive(sync_ref, col_block, plan.fc2_groups, masked))
-        def _():
-            for b in range(plan.batch):
-                total = split_sum.group_total(out_ref, plan.fc2_groups, b, cols, masked)
-                new_ref[b, cols] = split_sum.add_residual(total, bias_ref, res_ref, b, cols, new_ref.dtype)
-            split_sum.reset(sync_ref, col_block)
+        split_sum.finish_column_block(
+            sync_ref, out_ref, bias_ref, res_ref, new_ref, cols=cols, groups=plan.fc2_groups, gpu=masked
+        )
 
 
 # ---- pallas_call layer -----------------------------------------------------------------------------------------

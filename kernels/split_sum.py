@@ -19,6 +19,7 @@ barrier needed.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # The narrowest column block a finishing kernel uses: `sync_slots` counts one counter per block of d plus the row's.
@@ -77,3 +78,21 @@ def add_residual(total, bias_ref, residual_ref, b: int, cols, dtype):
     """The block's output as the model rounds it: out = round(total + bias), then round(residual + out)."""
     out = (total + bias_ref[cols].astype(jnp.float32)).astype(dtype)
     return (residual_ref[b, cols].astype(jnp.float32) + out.astype(jnp.float32)).astype(dtype)
+
+
+def finish_column_block(
+    sync_ref, partials_ref, bias_ref, residual_ref, new_ref, *, cols, groups: int, gpu: bool, after=None
+):
+    """Every program of a column block calls this once its partial is stored: the block's last program writes
+    new_ref[:, cols] = residual + (Σ_g partials + bias) (`add_residual`), resets the block's counter, then runs
+    `after()` (e.g. a whole-row step that takes tickets of its own)."""
+    col_block = pl.program_id(1)
+
+    @pl.when(last_to_arrive(sync_ref, col_block, groups, gpu))
+    def _():
+        for b in range(new_ref.shape[0]):
+            total = group_total(partials_ref, groups, b, cols, gpu)
+            new_ref[b, cols] = add_residual(total, bias_ref, residual_ref, b, cols, new_ref.dtype)
+        reset(sync_ref, col_block)
+        if after is not None:
+            after()
