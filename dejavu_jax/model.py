@@ -294,39 +294,43 @@ class OPTMLP(nn.Module):
 
     @staticmethod
     def _decode_rows(x, rows: MLPRows) -> bool:
+        """Whether this call is a decode step on the row-masked kernels; otherwise `_whole_sequence` serves it."""
         T = x.shape[1]
         return not (
             rows.kind == "dense" or (rows.kind == "lossless" and T > 1) or (rows.kind == "mask" and rows.mask.ndim == 3)
         )
+
+    def _whole_sequence(self, x, rows: MLPRows, weights):
+        """The calls `_decode_rows` turns away: dense, or a whole sequence (lossless, or per-token masks)."""
+        if rows.kind == "dense":
+            out, hidden = mlp_dense(x, *weights, return_hidden=True)
+            self.sow("intermediates", "fc1_active", hidden > 0)  # [B, T, ffn]
+            return out
+        if rows.kind == "lossless":  # the dense function, reporting fc2's nonzero rows
+            out, hidden = mlp_dense(x, *weights, return_hidden=True)
+            self.sow("intermediates", "mlp_density", jnp.mean(hidden != 0, axis=-1))
+            return out
+        out = mlp_per_token_rows(x, *weights, rows.mask)  # per-token masks [B, T, ffn]
+        self.sow("intermediates", "mlp_density", jnp.mean(rows.mask, axis=-1))
+        return out
 
     def __call__(self, x, rows: MLPRows = MLPRows(), finish=None):
         """x [B, T, d] (after the LayerNorm) -> [B, T, d]; `rows` says which neurons to compute. `finish` (residual
         [B, T, d], sync), only where `finishes_block`: returns (residual + the MLP's output, sync) instead."""
         B, T, d = x.shape
         weights = (self.fc1_w, self.fc1_b, self.fc2_w_t, self.fc2_b)
+        if finish is not None and not self.finishes_block(x, rows):
+            raise ValueError("only a decode step with the fc2_residual knob finishes the block (finishes_block)")
+        if not self._decode_rows(x, rows):
+            return self._whole_sequence(x, rows, weights)
+        args = (rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs)
         if finish is not None:
-            if not self.finishes_block(x, rows):
-                raise ValueError("only a decode step with the fc2_residual knob finishes the block (finishes_block)")
             residual, sync = finish
-            args = (rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs)
             out, sync = mlp_decode_rows(x.reshape(B * T, d), *weights, *args, finish=(residual.reshape(B * T, d), sync))
             return out.reshape(B, T, d), sync
-        if rows.kind == "dense":
-            out, hidden = mlp_dense(x, *weights, return_hidden=True)
-            self.sow("intermediates", "fc1_active", hidden > 0)  # [B, T, ffn]
-            return out
-        if rows.kind == "lossless" and T > 1:  # whole sequence: the dense function, reporting fc2's nonzero rows
-            out, hidden = mlp_dense(x, *weights, return_hidden=True)
-            self.sow("intermediates", "mlp_density", jnp.mean(hidden != 0, axis=-1))
-            return out
-        if rows.kind == "mask" and rows.mask.ndim == 3:  # whole sequence, per token
-            out = mlp_per_token_rows(x, *weights, rows.mask)
-            self.sow("intermediates", "mlp_density", jnp.mean(rows.mask, axis=-1))
-            return out
         # Under tp, each device chooses among and computes its own neurons, then one all-reduce.
         decode_rows = mlp_decode_rows if self.mesh is None else functools.partial(mlp_decode_rows_split, self.mesh)
-        out = decode_rows(x.reshape(B * T, d), *weights, rows.kind, rows.mask, rows.hidden, rows.predictor, rows.knobs)
-        return out.reshape(B, T, d)
+        return decode_rows(x.reshape(B * T, d), *weights, *args).reshape(B, T, d)
 
 
 class OPTDecoderLayer(nn.Module):
