@@ -12,7 +12,7 @@ blocks' last programs take tickets on one more counter, and the last of them fin
 The counters: an int32 buffer `sync` [`sync_slots(d)`] the caller passes aliased to an output and gets back, all
 zero before the call and again after it (every counter is reset by the program that drew its last ticket), so one
 buffer created once per decode step serves every such launch of the step in turn. Loads of other programs' results
-bypass L1 (".cg"). In the interpreter programs run one after another: the tickets come out the same way, with no
+are volatile (never a stale L1 line). In the interpreter programs run one after another: the tickets come out the same way, with no
 barrier needed.
 """
 
@@ -60,9 +60,10 @@ def reset(sync_ref, slot) -> None:
 
 
 def load_shared(ref_at, gpu: bool):
-    """A load of values other programs of this launch stored: from L2 on GPU (not a stale L1 line)."""
+    """A load of values other programs of this launch stored: volatile on GPU (never a stale L1 line). Volatile, not
+    the ".cg" cache modifier: jax's Triton lowering (0.10) rejects every cache modifier its own check admits."""
     if gpu:
-        return plgpu.load(ref_at, cache_modifier=".cg")
+        return plgpu.load(ref_at, volatile=True)
     return ref_at[...]
 
 

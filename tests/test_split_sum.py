@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CompiledKernelCases
+from conftest import CompiledKernelCases, lowered_text_for_cuda
 from dejavu_jax.model import layer_norm
 from kernels.decode_attention import decode_attention, decode_attention_unmerged, merge_splits
 from kernels.head_sparse import head_out_proj, head_out_proj_residual
@@ -183,6 +183,43 @@ class TestSplitSum(CompiledKernelCases):
 
 class TestSplitSumInterpret(TestSplitSum):
     INTERPRET = True
+
+
+# opt-6.7b's widths at batch 1 (CUDA-core sums) and 8; with the attention's splits and the LayerNorm at batch 1.
+@pytest.mark.parametrize("batch", [1, 8])
+def test_finishing_kernels_lower_for_gpu(batch):
+    """Pallas -> Triton from any host: the atomics, barrier and volatile loads are accepted by the lowering."""
+    s = jax.ShapeDtypeStruct
+    H, hd, d, ffn, h, f16 = 32, 128, 4096, 16384, 16, jnp.float16
+    sync, row, vector = s((sync_slots(d),), jnp.int32), s((batch, d), f16), s((d,), f16)
+    heads_out = s((batch, h, hd), f16)
+    if batch == 1:  # the splits (o, m, l) of the unmerged decode attention
+        heads_out = (s((batch, h, 4, hd), jnp.float32), s((batch, h, 4), jnp.float32), s((batch, h, 4), jnp.float32))
+    text = lowered_text_for_cuda(
+        jax.jit(
+            lambda ho, w, b, idx, res, sync, ln_s, ln_b: head_out_proj_residual(
+                ho, w, b, idx, res, sync, ln_scale=ln_s, ln_bias=ln_b, ln_eps=1e-5, interpret=False
+            )
+        ),
+        heads_out,
+        s((H, hd, d), f16),
+        vector,
+        s((h,), jnp.int32),
+        row,
+        sync,
+        vector,
+        vector,
+    )
+    assert "head_out_proj" in text
+    text = lowered_text_for_cuda(
+        jax.jit(lambda *a: nonzero_fc2_residual(*a, interpret=False)),
+        s((batch, ffn), f16),
+        s((ffn, d), f16),
+        vector,
+        row,
+        sync,
+    )
+    assert "nonzero_fc2" in text
 
 
 def test_sync_buffers_are_checked():
