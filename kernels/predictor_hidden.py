@@ -19,6 +19,13 @@ the result rounded to x's dtype. The statistics come from the x blocks the progr
 into column chunks of `LN_BLOCK` (capped to a power of two dividing d), chunk j written by program j mod the number
 of programs. p follows the same numerics with or without it.
 
+`predictor_hidden_choosing`: with a second predictor that scores heads (the next layer's head predictor), the same
+launch also finishes it: each of the second predictor's programs, once its rows of p2 are stored, takes a ticket
+(kernels/split_sum.py); the last to arrive computes the heads' fp32 scores p2 · w2_tᵀ + b2 and chooses the k best
+by rank (`dejavu_jax.sparsity.exactly_k`'s "rank" method: by score, descending, ties to the lower index), or with a
+threshold `threshold_k`'s list (-1 where the score is below it). So no XLA kernel runs between this launch and the
+head kernels that read the list.
+
 Shapes: batch 1..`MAX_BATCH` (unrolled per row); r and d multiples of 16; d is read in power-of-two column blocks
 that divide it. Triton lowering, with an `interpret` mode for CPU tests.
 """
@@ -33,10 +40,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import layernorm as ln
-from kernels.block_math import block_row_dots, block_total, cdiv, pow2_divisor
+from kernels import split_sum
+from kernels.block_math import block_row_dots, block_total, cdiv, next_pow2, pow2_divisor
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
+# The most heads `predictor_hidden_choosing` ranks: its last program compares every pair (opt-175b has 96).
+CHOOSE_MAX_HEADS = 128
 # Every program issues all its weight loads before reducing, so its tile [block_r, d] must fit its registers: 4 rows
 # at d = 4096 and 5120 (rank 256) beat XLA on an H100; 16 rows at d = 5120 (rank 1024) made decoding slower than
 # XLA (bench/results/NOTES.md, "The predictor's first layer on a kernel, and tuning in the decode loop").
@@ -59,17 +69,24 @@ def _hidden_kernel(
     n_programs,
     sum_once,
     first_programs,
+    choose=None,
 ):
     # x_ref [B, d]; w_ref [r, d], b_ref [r]; with a second predictor (first_programs: the programs of the first),
-    # its w_ref [r2, d] and b_ref [r2]; with a LayerNorm (ln_eps) its scale_ref and bias_ref [d]; then the outputs
-    # p_ref [B, r], with a second predictor its p_ref [B, r2], with a LayerNorm ln_ref [B, d].
+    # its w_ref [r2, d] and b_ref [r2]; with a LayerNorm (ln_eps) its scale_ref and bias_ref [d]; with `choose`
+    # (k, threshold or None, gpu): the second predictor's w2_t [H, r2], b2 [H] and the sync counters (aliased); then
+    # the outputs p_ref [B, r], with a second predictor its p_ref [B, r2], with a LayerNorm ln_ref [B, d], with
+    # `choose` idx_ref [B, k'] and sync.
     refs = list(refs)
     sets = [(refs.pop(0), refs.pop(0))]
     if first_programs:
         sets.append((refs.pop(0), refs.pop(0)))
     scale_ref, bias_ref = (refs.pop(0), refs.pop(0)) if ln_eps is not None else (None, None)
+    if choose is not None:
+        w2_ref, b2_ref, _sync_in = refs.pop(0), refs.pop(0), refs.pop(0)
     outs = [refs.pop(0) for _ in sets]
     ln_ref = refs.pop(0) if ln_eps is not None else None
+    if choose is not None:
+        idx_ref, sync_ref = refs.pop(0), refs.pop(0)
     program = pl.program_id(0)
 
     def body(w_ref, b_ref, p_ref, block):
@@ -105,6 +122,46 @@ def _hidden_kernel(
     @pl.when(program >= first_programs)
     def _():
         body(*sets[1], outs[1], program - first_programs)
+        if choose is not None:
+            k, threshold, gpu = choose
+
+            @pl.when(split_sum.last_to_arrive(sync_ref, 0, n_programs - first_programs, gpu))
+            def _():
+                _choose_heads(outs[1], w2_ref, b2_ref, idx_ref, batch, k, threshold, gpu)
+                split_sum.reset(sync_ref, 0)
+
+
+def _choose_heads(p_ref, w2_ref, b2_ref, idx_ref, batch, k, threshold, gpu):
+    """idx_ref[b] = the heads chosen from scores p_ref[b] · w2_refᵀ + b2 (p_ref stored by other programs): the k best
+    by rank, -1 where below `threshold`; with k >= H (threshold only) head j at entry j, -1 where below it. Blocks are
+    padded to powers of two (masked loads; padding heads score -inf and rank last)."""
+    n_heads, r = w2_ref.shape
+    hp, rp, kp = next_pow2(n_heads), next_pow2(r), next_pow2(idx_ref.shape[1])
+    heads, ranks = jnp.arange(hp, dtype=jnp.int32), jnp.arange(rp, dtype=jnp.int32)
+    real, in_rank = heads < n_heads, ranks < r
+    w2 = plgpu.load(w2_ref.at[pl.ds(0, hp), pl.ds(0, rp)], mask=real[:, None] & in_rank[None, :], other=0.0).astype(
+        jnp.float32
+    )
+    b2 = plgpu.load(b2_ref.at[pl.ds(0, hp)], mask=real, other=0.0).astype(jnp.float32)
+    entries = jnp.arange(kp, dtype=jnp.int32)
+    for b in range(batch):  # static
+        row = pl.ds(b, 1)
+        p = plgpu.load(p_ref.at[row, pl.ds(0, rp)], mask=in_rank[None, :], other=0.0, volatile=gpu)  # split_sum
+        scores = jnp.sum(w2 * p.astype(jnp.float32), axis=1) + b2  # [hp] fp32
+        scores = jnp.where(real, scores, -jnp.inf)
+        if k >= n_heads:  # no bound: every head in its own entry
+            idx, score_at = heads, scores
+        else:
+            mine, other = scores[:, None], scores[None, :]
+            above = (other > mine) | ((other == mine) & (heads[None, :] < heads[:, None]))
+            rank = jnp.sum(above.astype(jnp.int32), axis=1)  # [hp], a permutation of 0 .. hp-1
+            at_rank = rank[None, :] == entries[:, None]  # [kp, hp]
+            idx = jnp.sum(jnp.where(at_rank, heads[None, :], 0), axis=1)
+            score_at = jnp.sum(jnp.where(at_rank, scores[None, :], 0.0), axis=1)
+        if threshold is not None:
+            idx = jnp.where(score_at >= threshold, idx, -1)
+        kept = (entries < idx_ref.shape[1])[None, :]
+        plgpu.store(idx_ref.at[row, pl.ds(0, kp)], idx.astype(jnp.int32)[None, :], mask=kept)
 
 
 def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_block, n_programs, program):
@@ -121,13 +178,12 @@ def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_blo
                 ln_ref[b, cols] = ln.normalized_block(x_ref, b, cols, stats, scale_ref, bias_ref).astype(ln_ref.dtype)
 
 
+_STATIC = ("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps", "sum_once")
+
+
 # inline: traced into the caller's program, so that a stream annotation around the caller covers one call (XLA
 # refuses an annotated call nested in another: `dejavu_jax.sparsity.on_stream`).
-@functools.partial(
-    jax.jit,
-    static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps", "sum_once"),
-    inline=True,
-)
+@functools.partial(jax.jit, static_argnames=_STATIC, inline=True)
 def predictor_hidden(
     x,
     w1_t,
@@ -159,6 +215,79 @@ def predictor_hidden(
     `normalize`, e.g. the next layer's head predictor beside this layer's MLP predictor), the same launch also gives
     its p2 [B, r2] (programs past the first predictor's take its rows): returns (p, p2) or (p, p2, ln_x).
     """
+    second = None if w1_t_second is None else (w1_t_second, b1_second)
+    kw = dict(normalize=normalize, eps=eps, block_r=block_r, block_d=block_d, num_warps=num_warps)
+    kw.update(interpret=interpret, ln_scale=ln_scale, ln_bias=ln_bias, ln_eps=ln_eps, sum_once=sum_once)
+    out = _launch(x, w1_t, b1, second=second, **kw)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "k", "threshold"), inline=True)
+def predictor_hidden_choosing(
+    x,
+    w1_t,
+    b1,
+    w1_t_second,
+    b1_second,
+    w2_t_second,
+    b2_second,
+    sync,
+    *,
+    k,
+    threshold=None,
+    normalize=True,
+    eps=1e-5,
+    block_r=None,
+    block_d=2048,
+    num_warps=4,
+    interpret=None,
+    ln_scale=None,
+    ln_bias=None,
+    ln_eps=1e-5,
+    sum_once=True,
+):
+    """`predictor_hidden` with a second predictor that scores heads (w1_t_second [r2, d], b1_second [r2],
+    w2_t_second [H, r2], b2_second [H], H <= `CHOOSE_MAX_HEADS`), whose heads the same launch chooses: returns (p,
+    idx, [ln_x,] sync). idx [B, min(k, H)] int32 is `dejavu_jax.sparsity.exactly_k(scores, k, "rank")`'s list, or
+    with `threshold` (static) `threshold_k(scores, threshold, k)`'s (-1 where the score is below it), of the scores
+    p2 · w2_tᵀ + b2 in fp32 (p2 as `predictor_hidden` rounds it), summed in another order than XLA's. `sync`: the
+    int32 counters of kernels/split_sum.py (zero on entry, returned zero; donated)."""
+    n_heads, r2 = w2_t_second.shape
+    if not 1 <= n_heads <= CHOOSE_MAX_HEADS or r2 != w1_t_second.shape[0] or b2_second.shape != (n_heads,):
+        raise ValueError(
+            f"the chooser needs w2_t [H <= {CHOOSE_MAX_HEADS}, r2={w1_t_second.shape[0]}] and b2 [H]. Got "
+            f"{w2_t_second.shape} and {b2_second.shape}"
+        )
+    if not 1 <= k:
+        raise ValueError(f"k must be positive. Got {k}")
+    if sync.dtype != jnp.int32 or sync.ndim != 1 or sync.shape[0] < 1:
+        raise ValueError(f"sync must be an int32 vector (split_sum.new_sync). Got {sync.dtype} {sync.shape}")
+    kw = dict(normalize=normalize, eps=eps, block_r=block_r, block_d=block_d, num_warps=num_warps)
+    kw.update(interpret=interpret, ln_scale=ln_scale, ln_bias=ln_bias, ln_eps=ln_eps, sum_once=sum_once)
+    choose = (min(k, n_heads), None if threshold is None else float(threshold), w2_t_second, b2_second, sync)
+    p, _p2, *ln_x, idx, sync = _launch(x, w1_t, b1, second=(w1_t_second, b1_second), choose=choose, **kw)
+    return (p, idx, *ln_x, sync)
+
+
+def _launch(
+    x,
+    w1_t,
+    b1,
+    *,
+    normalize,
+    eps,
+    block_r,
+    block_d,
+    num_warps,
+    interpret,
+    ln_scale,
+    ln_bias,
+    ln_eps,
+    sum_once,
+    second=None,
+    choose=None,
+):
+    """The pallas_call's outputs: p, [p2,] [ln_x,] [idx, sync] (`choose`: (k, threshold, w2_t, b2, sync))."""
     if x.ndim != 2 or w1_t.ndim != 2 or w1_t.shape[1] != x.shape[1]:
         raise ValueError(f"need x [batch, d] and w1_t [r, d]. Got {x.shape} and {w1_t.shape}")
     batch, d = x.shape
@@ -172,8 +301,8 @@ def predictor_hidden(
     layernorm = ln.checked(ln_scale, ln_bias, ln_eps, d)
     ln_eps, ln_args = ln.call_args(layernorm)
     block_r = pow2_divisor(r, block_r or max(1, min(16, r // 64, STEP_ELEMENTS // d)))
-    second = ()
-    if w1_t_second is not None:
+    if second is not None:
+        w1_t_second, b1_second = second
         r2 = w1_t_second.shape[0]
         if w1_t_second.shape != (r2, d) or b1_second is None or b1_second.shape != (r2,) or r2 % 16:
             raise ValueError(
@@ -183,10 +312,11 @@ def predictor_hidden(
         if w1_t_second.dtype != w1_t.dtype:
             raise ValueError(f"both predictors need one dtype. Got {w1_t.dtype} and {w1_t_second.dtype}")
         block_r = pow2_divisor(r2, block_r)  # one row block for both
-        second = (w1_t_second, b1_second)
+    second = () if second is None else second
     first_programs = r // block_r if second else 0
     n_programs = r // block_r + (second[0].shape[0] // block_r if second else 0)
     block_d = pow2_divisor(d, block_d)
+    interpret = resolve_interpret(interpret)
     kernel = functools.partial(
         _hidden_kernel,
         batch=batch,
@@ -200,21 +330,29 @@ def predictor_hidden(
         n_programs=n_programs,
         sum_once=bool(sum_once),
         first_programs=first_programs,
+        choose=None if choose is None else (*choose[:2], not interpret),
     )
     out_shape = [jax.ShapeDtypeStruct((batch, r), w1_t.dtype)]
     if second:
         out_shape.append(jax.ShapeDtypeStruct((batch, second[0].shape[0]), w1_t.dtype))
     if layernorm is not None:
         out_shape.append(jax.ShapeDtypeStruct((batch, d), x.dtype))
-    out = pl.pallas_call(
+    inputs = [x, w1_t, b1, *second, *ln_args]
+    aliases = {}
+    if choose is not None:
+        k, _, w2_t, b2, sync = choose
+        inputs += [w2_t, b2, sync]
+        out_shape += [jax.ShapeDtypeStruct((batch, k), jnp.int32), jax.ShapeDtypeStruct(sync.shape, sync.dtype)]
+        aliases = {len(inputs) - 1: len(out_shape) - 1}
+    return pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
         grid=(n_programs,),
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=resolve_interpret(interpret),
+        interpret=interpret,
         name="predictor_hidden",
-    )(x, w1_t, b1, *second, *ln_args)
-    return out[0] if len(out) == 1 else tuple(out)
+    )(*inputs)
 
 
 def predictor_hidden_reference(x, w1_t, b1, *, normalize=True, eps=1e-5):

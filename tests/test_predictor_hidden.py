@@ -8,7 +8,9 @@ import pytest
 
 from conftest import CompiledKernelCases, lowered_text_for_cuda, rel_max_err
 from dejavu_jax.model import layer_norm
-from kernels.predictor_hidden import predictor_hidden, predictor_hidden_reference
+from dejavu_jax.sparsity import exactly_k, threshold_k
+from kernels.predictor_hidden import predictor_hidden, predictor_hidden_choosing, predictor_hidden_reference
+from kernels.split_sum import new_sync
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
 EPS = 1e-5
@@ -147,6 +149,66 @@ class TestPredictorHidden(CompiledKernelCases):
         with pytest.raises(ValueError, match="one dtype"):
             predictor_hidden(x, w1_t, b1, w1_t_second=w2_t.astype(jnp.bfloat16), b1_second=b2, **kw)
 
+    # (batch, H, r2, k, threshold): opt-6.7b's heads and rank; opt-13b's 40 heads, k 20 (neither a power of two) and a
+    # rank that is not one either; a threshold under a bound; a threshold with no bound (k >= H); two sequences
+    @pytest.mark.parametrize(
+        "batch, n_heads, r2, k, threshold",
+        [
+            (1, 32, 256, 16, None),
+            (1, 40, 80, 20, None),
+            (1, 32, 64, 16, 0.3),
+            (1, 12, 48, 12, 0.0),
+            (2, 6, 32, 3, None),
+        ],
+    )
+    @pytest.mark.parametrize("layernorm", [False, True])
+    def test_choosing_heads_in_the_same_launch(self, batch, n_heads, r2, k, threshold, layernorm):
+        """The launch that computes the next layer's head predictor's first layer also chooses its heads: the list
+        `exactly_k` (or `threshold_k`) makes of the float64 scores of the launch's own p2, and p and LN(x) as
+        without choosing; the counters come back zero."""
+        d, r, dtype = 256, 64, jnp.float16
+        rng = np.random.default_rng(n_heads * 7 + r2 + batch)
+        x = jnp.asarray(rng.standard_normal((batch, d)) * 3.0 + 1.0, dtype)
+        w1_t, w1_t2 = (jnp.asarray(rng.standard_normal((n, d)) / d**0.5, dtype) for n in (r, r2))
+        b1, b1_2 = (jnp.asarray(rng.standard_normal(n), dtype) for n in (r, r2))
+        w2_t = jnp.asarray(rng.standard_normal((n_heads, r2)) / r2**0.5, dtype)
+        b2 = jnp.asarray(rng.standard_normal(n_heads) * 0.1, jnp.float32)
+        ln = {}
+        if layernorm:
+            ln = dict(ln_scale=jnp.ones(d, dtype), ln_bias=jnp.zeros(d, dtype), ln_eps=1e-5)
+        kw = dict(eps=EPS, interpret=self.INTERPRET, **ln)
+        plain = predictor_hidden(x, w1_t, b1, w1_t_second=w1_t2, b1_second=b1_2, **kw)
+        sync = new_sync(d)
+        for repeat in range(1 if self.INTERPRET else 20):  # on a GPU the last program differs from run to run
+            out = predictor_hidden_choosing(x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, k=k, threshold=threshold, **kw)
+            p, idx, *rest = out
+            sync = rest[-1]
+            assert not np.any(np.asarray(sync)), "the counter is reset for the next launch"
+            assert len(rest) == (2 if layernorm else 1) and idx.shape == (batch, min(k, n_heads))
+            assert idx.dtype == jnp.int32 and np.array_equal(p, plain[0])
+            if layernorm:
+                assert np.array_equal(rest[0], plain[2])
+            scores = jnp.asarray(np.asarray(plain[1], np.float64) @ np.asarray(w2_t, np.float64).T + np.asarray(b2))
+            if threshold is None:
+                expected = exactly_k(scores, k, "rank")[1]
+            else:
+                expected = threshold_k(scores, threshold, k, "rank")[1]
+            assert np.array_equal(idx, expected), (np.asarray(idx), np.asarray(expected))
+        if threshold is not None:  # the threshold drops some heads and keeps others
+            assert 0 < np.sum(np.asarray(idx) < 0) < idx.size
+
+    def test_choosing_breaks_ties_to_the_lower_head(self):
+        """Equal scores (every head's scoring row zero, equal biases in pairs) rank as `exactly_k` ranks them."""
+        d, r, n_heads, dtype = 128, 32, 8, jnp.float32
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((1, d)), dtype)
+        w1_t, b1 = jnp.ones((r, d), dtype) / d, jnp.zeros(r, dtype)
+        b2 = jnp.asarray([0.0, 1.0, 1.0, 0.5, 0.5, 2.0, 0.0, 1.0], jnp.float32)
+        for k in (1, 3, 5, 7):
+            _, idx, _ = predictor_hidden_choosing(
+                x, w1_t, b1, w1_t, b1, jnp.zeros((n_heads, r), dtype), b2, new_sync(d), k=k, interpret=self.INTERPRET
+            )
+            assert np.array_equal(idx, exactly_k(b2[None], k, "rank")[1]), idx
+
     def test_layernorm_bad_input(self):
         x, w1_t, b1 = jnp.zeros((1, 64)), jnp.zeros((16, 64)), jnp.zeros(16)
         good, bad = jnp.ones(64), jnp.ones(80)
@@ -164,6 +226,15 @@ class TestPredictorHidden(CompiledKernelCases):
             predictor_hidden(x, jnp.zeros((16, 64), jnp.float16), jnp.zeros(8), interpret=self.INTERPRET)
         with pytest.raises(ValueError, match="multiples of 16"):
             predictor_hidden(x, jnp.zeros((24, 64), jnp.float16), jnp.zeros(24), interpret=self.INTERPRET)
+        w, b, sync = jnp.zeros((16, 64), jnp.float16), jnp.zeros(16, jnp.float16), new_sync(64)
+        with pytest.raises(ValueError, match="the chooser needs"):
+            predictor_hidden_choosing(x, w, b, w, b, jnp.zeros((4, 32)), jnp.zeros(4), sync, k=2, interpret=True)
+        with pytest.raises(ValueError, match="k must be positive"):
+            predictor_hidden_choosing(x, w, b, w, b, jnp.zeros((4, 16)), jnp.zeros(4), sync, k=0, interpret=True)
+        with pytest.raises(ValueError, match="sync must be"):
+            predictor_hidden_choosing(
+                x, w, b, w, b, jnp.zeros((4, 16)), jnp.zeros(4), sync[:, None], k=2, interpret=True
+            )
 
 
 class TestPredictorHiddenInterpret(TestPredictorHidden):
@@ -191,3 +262,15 @@ def test_lowers_for_gpu(batch, d, r, layernorm):
     second = (s((64, d), jnp.float16), s((64,), jnp.float16))
     weights = (s((batch, d), jnp.float16), s((r, d), jnp.float16), s((r,), jnp.float16))
     assert "predictor_hidden" in lowered_text_for_cuda(jax.jit(call_two), *weights, *second, *ln_args)
+
+    # opt-6.7b's 32 heads choosing 16, opt-13b's 40 choosing 20 with a threshold (the ranks' padding to powers of two)
+    n_heads, k, threshold = (32, 16, None) if d == 4096 else (40, 20, 0.5)
+
+    def call_choosing(x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, *ln):
+        ln_kw = dict(zip(("ln_scale", "ln_bias"), ln))
+        return predictor_hidden_choosing(
+            x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, k=k, threshold=threshold, interpret=False, **ln_kw
+        )
+
+    chooser = (s((n_heads, 64), jnp.float16), s((n_heads,), jnp.float32), s((d // 16 + 1,), jnp.int32))
+    assert "predictor_hidden" in lowered_text_for_cuda(jax.jit(call_choosing), *weights, *second, *chooser, *ln_args)
