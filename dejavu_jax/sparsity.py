@@ -58,7 +58,12 @@ from dejavu_jax.sparse_attention import HEAD_KV_MODES
 from kernels import layernorm as kernel_layernorm
 from kernels.head_sparse import HeadSparsePlan
 from kernels.masked_mlp import MaskedMLPPlan, threshold_mask
-from kernels.predictor_hidden import MAX_BATCH as HIDDEN_MAX_BATCH, predictor_hidden
+from kernels.predictor_hidden import (
+    CHOOSE_MAX_HEADS,
+    MAX_BATCH as HIDDEN_MAX_BATCH,
+    predictor_hidden,
+    predictor_hidden_choosing,
+)
 
 # Decode steps of at most this many sequences use the row-masked kernels; larger batches fall back to the dense MLP.
 SPARSE_DECODE_MAX_BATCH = 1
@@ -132,7 +137,11 @@ class DecodeTuning:
       (`attention_layernorm_and_hidden`), the same launch also computes the first layer of layer l+1's head predictor,
       which reads the same input (the lookahead), and layer l+1's head choice takes it (`head_predictor_ahead`): one
       `predictor_hidden` launch a layer instead of two (the default; also where the repair's window kernel applies
-      the attention LayerNorm, `LayerChoice.carries_head_ahead`); 0 = each apart.
+      the attention LayerNorm, `LayerChoice.carries_head_ahead`); 0 = each apart;
+    - `head_choose_ahead`: 1 = where `head_hidden_ahead` applies on one device, that launch also scores layer l+1's
+      heads and chooses them (`kernels.predictor_hidden.predictor_hidden_choosing`: its last program to arrive), so
+      no XLA kernel runs between it and the head kernels; 0 = the scores and the choice in XLA (the default until an
+      H100 run times it).
     """
 
     hidden: str = "pallas"
@@ -148,6 +157,7 @@ class DecodeTuning:
     head_knobs: tuple = ()
     head_topk: str = "rank"
     head_hidden_ahead: int = 1
+    head_choose_ahead: int = 0
 
     CHOICES = {
         "hidden": ("pallas", "xla"),
@@ -164,6 +174,7 @@ class DecodeTuning:
         "hidden_sum_once": (0, 1),
         "hidden_stream": (0, 8),
         "head_hidden_ahead": (0, 1),
+        "head_choose_ahead": (0, 1),
     }
 
     def __post_init__(self):
@@ -335,12 +346,33 @@ class MLPPredictor:
         )
         return dots * self.w2_scale + self.b2
 
-    def decode_hidden(self, x, tuning: "DecodeTuning", stream: int = 0, layernorm=None, second=None):
+    def decode_hidden(self, x, tuning: "DecodeTuning", stream: int = 0, layernorm=None, second=None, choose=None):
         """`hidden` of one decode step's x [B, d], on the Pallas kernel unless `tuning` says XLA. `stream` > 0: issued
         on that GPU stream (`DecodeTuning.hidden_stream`). `layernorm` = (scale, bias, eps) (Pallas kernel only):
         returns (hidden, LayerNorm(x)) from the one launch (`attention_layernorm_and_hidden`). `second` (Pallas
         kernel only): another predictor reading the same x (same `normalize_input`), whose hidden comes from the
-        same launch: returns (hidden, its hidden[, LayerNorm(x)])."""
+        same launch: returns (hidden, its hidden[, LayerNorm(x)]). `choose` = (k, threshold or None, sync), with a
+        `second` that scores heads: the launch also chooses them (`predictor_hidden_choosing`): returns (hidden, the
+        heads idx [B, min(k, H)][, LayerNorm(x)], sync)."""
+        if choose is not None:
+            k, threshold, sync = choose
+            return predictor_hidden_choosing(
+                x,
+                self.w1_t,
+                self.b1,
+                second.w1_t,
+                second.b1,
+                second.w2_t,
+                second.b2,
+                sync,
+                k=k,
+                threshold=threshold,
+                normalize=self.normalize_input,
+                eps=NORM_EPS,
+                block_r=tuning.hidden_block_r or None,
+                sum_once=bool(tuning.hidden_sum_once),
+                **kernel_layernorm.wrapper_kwargs(layernorm),
+            )
         if tuning.hidden == "xla":
             if layernorm is not None or second is not None:
                 raise ValueError("only the predictor_hidden kernel writes a LayerNorm or a second hidden vector")
@@ -589,6 +621,7 @@ def attention_layernorm_and_hidden(
     layernorm,
     decode: bool,
     head_ahead: Optional["MLPPredictor"] = None,
+    sync=None,
 ):
     """(LayerNorm(attn_input) [B, 1, d], the MLP predictor's first layer [B, r]) from one `predictor_hidden` launch,
     where layer `layer`'s step runs the predicted decode kernels with a predictor that reads the attention block's
@@ -596,7 +629,8 @@ def attention_layernorm_and_hidden(
     `layernorm` = the attention LayerNorm's (scale, bias, eps). None elsewhere: the caller applies its LayerNorm and
     `mlp_rows` computes the predictor's first layer. Both outputs equal the separate computations to a rounding (the
     kernel's LayerNorm is the model's formula, summed in another order), so this changes the kernels a step runs, not
-    what it computes."""
+    what it computes. With `head_ahead` (`head_predictor_ahead`): (..., its first layer [B, r2] or, where
+    `chooses_heads_ahead` and given the step's `sync` counters, its layer's `HeadsChosenAhead`, sync)."""
     tuning = policy.tuning
     if not (
         tuning.hidden == "pallas"
@@ -605,11 +639,18 @@ def attention_layernorm_and_hidden(
         and _hidden_from_attn_input(policy, weights, attn_input, decode)
     ):
         return None
+    if head_ahead is not None and sync is not None and chooses_heads_ahead(policy, head_ahead):
+        threshold = head_ahead.threshold if _head_threshold_applies(policy, head_ahead) else None
+        choose = (_predicted_head_k(policy, head_ahead), threshold, sync)
+        hidden, idx, x, sync = weights.mlp[layer].decode_hidden(
+            attn_input[:, 0], tuning, layernorm=layernorm, second=head_ahead, choose=choose
+        )
+        return x[:, None], hidden, HeadsChosenAhead(idx), sync
     if head_ahead is not None:  # `head_predictor_ahead`: also the next layer's head predictor's first layer
         hidden, head_hidden, x = weights.mlp[layer].decode_hidden(
             attn_input[:, 0], tuning, layernorm=layernorm, second=head_ahead
         )
-        return x[:, None], hidden, head_hidden
+        return x[:, None], hidden, head_hidden, sync
     hidden, x = weights.mlp[layer].decode_hidden(attn_input[:, 0], tuning, layernorm=layernorm)
     return x[:, None], hidden
 
@@ -651,17 +692,19 @@ class LayerChoice:
             return None, predictor.decode_hidden(x, tuning, tuning.hidden_stream)
         return None, None
 
-    def before_attention_with_heads(self, attn_input, layernorm=None):
+    def before_attention_with_heads(self, attn_input, layernorm=None, sync=None):
         """`before_attention` plus the first layer of the next layer's head predictor [B, r] where
-        `head_predictor_ahead` lets it ride on this launch (None elsewhere): (LayerNorm or None, ahead, head hidden)."""
+        `head_predictor_ahead` lets it ride on this launch, or that layer's chosen heads (`HeadsChosenAhead`) where
+        `chooses_heads_ahead` and the step's counters `sync` (kernels/split_sum.py; None: not on one device) are
+        given; None elsewhere: (LayerNorm or None, ahead, head hidden or choice, sync)."""
         head = None if layernorm is None else head_predictor_ahead(self.policy, self.weights, self.layer, attn_input)
         if head is not None:
             fused = attention_layernorm_and_hidden(
-                self.policy, self.weights, self.layer, attn_input, layernorm, self.decode, head_ahead=head
+                self.policy, self.weights, self.layer, attn_input, layernorm, self.decode, head_ahead=head, sync=sync
             )
             if fused is not None:
                 return fused
-        return (*self.before_attention(attn_input, layernorm), None)
+        return (*self.before_attention(attn_input, layernorm), None, sync)
 
     def carries_head_ahead(self, attn_input) -> bool:
         """Whether this layer's MLP predictor launch would also compute the next layer's head predictor's first layer
@@ -738,6 +781,19 @@ class HeadRows:
     padded: bool = struct.field(pytree_node=False, default=False)
 
 
+@struct.dataclass
+class HeadsChosenAhead:
+    """A layer's predicted heads as the previous layer's predictor launch chose them (`chooses_heads_ahead`)."""
+
+    idx: jax.Array  # [B, k] int32: `exactly_k`'s list, or `threshold_k`'s (-1 below the threshold)
+
+
+def chooses_heads_ahead(policy: SparsityPolicy, head: MLPPredictor) -> bool:
+    """Whether the launch that computes head predictor `head`'s first layer ahead (`head_predictor_ahead`) also
+    chooses its heads (`DecodeTuning.head_choose_ahead`; fp16/bf16 scoring rows, at most `CHOOSE_MAX_HEADS`)."""
+    return bool(policy.tuning.head_choose_ahead) and head.w2_scale is None and head.num_outputs <= CHOOSE_MAX_HEADS
+
+
 def head_rows(
     policy: SparsityPolicy,
     weights: Optional[SparseWeights],
@@ -754,7 +810,7 @@ def head_rows(
     (the sparse decode path with every head chosen). With `policy.head_union`, a decode step (T = 1) of several
     sequences gives every sequence the union of their heads (mask only: the rows no longer hold k heads each).
     `hidden` [B, r]: the predictor's first layer of this step, where the previous layer's launch computed it
-    (`head_predictor_ahead`); None computes it here."""
+    (`head_predictor_ahead`), or its chosen heads (`HeadsChosenAhead`); None computes it here."""
     if policy.heads == HeadSparsity.NONE:
         return HeadRows()
     if policy.heads == HeadSparsity.ORACLE:
@@ -776,15 +832,20 @@ def head_rows(
         k = _predicted_head_k(policy, predictor)
         if not _scores_heads(policy, predictor):
             return HeadRows()
-        if hidden is not None:  # its first layer, computed by the previous layer's predictor launch
-            scores = predictor.scores_from_hidden(hidden)[:, None]
+        if isinstance(hidden, HeadsChosenAhead):  # chosen by the previous layer's predictor launch
+            idx = hidden.idx[:, None]  # [B, 1, k]
+            mask = mask_of(idx, n_heads)  # -1 entries match no head
+            how["padded"] = _head_threshold_applies(policy, predictor)
         else:
-            scores = head_scores(predictor, lookahead_input, policy)
-        if _head_threshold_applies(policy, predictor):
-            mask, idx = threshold_k(scores, predictor.threshold, k, tuning.head_topk)
-            how["padded"] = True
-        else:
-            mask, idx = exactly_k(scores, k, tuning.head_topk)
+            if hidden is not None:  # its first layer, computed by the previous layer's predictor launch
+                scores = predictor.scores_from_hidden(hidden)[:, None]
+            else:
+                scores = head_scores(predictor, lookahead_input, policy)
+            if _head_threshold_applies(policy, predictor):
+                mask, idx = threshold_k(scores, predictor.threshold, k, tuning.head_topk)
+                how["padded"] = True
+            else:
+                mask, idx = exactly_k(scores, k, tuning.head_topk)
     if policy.head_union and tokens == 1 and batch > 1:
         # at most batch·k heads: the size the decode step's union list already has
         mask, idx = jnp.broadcast_to(jnp.any(mask, axis=0, keepdims=True), mask.shape), None

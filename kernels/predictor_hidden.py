@@ -73,7 +73,8 @@ def _hidden_kernel(
 ):
     # x_ref [B, d]; w_ref [r, d], b_ref [r]; with a second predictor (first_programs: the programs of the first),
     # its w_ref [r2, d] and b_ref [r2]; with a LayerNorm (ln_eps) its scale_ref and bias_ref [d]; with `choose`
-    # (k, threshold or None, gpu): the second predictor's w2_t [H, r2], b2 [H] and the sync counters (aliased); then
+    # (k, by_threshold, gpu): the second predictor's w2_t [H, r2], b2 [H], with by_threshold its threshold [1] fp32,
+    # and the sync counters (aliased); then
     # the outputs p_ref [B, r], with a second predictor its p_ref [B, r2], with a LayerNorm ln_ref [B, d], with
     # `choose` idx_ref [B, k'] and sync.
     refs = list(refs)
@@ -82,7 +83,9 @@ def _hidden_kernel(
         sets.append((refs.pop(0), refs.pop(0)))
     scale_ref, bias_ref = (refs.pop(0), refs.pop(0)) if ln_eps is not None else (None, None)
     if choose is not None:
-        w2_ref, b2_ref, _sync_in = refs.pop(0), refs.pop(0), refs.pop(0)
+        w2_ref, b2_ref = refs.pop(0), refs.pop(0)
+        threshold_ref = refs.pop(0) if choose[1] else None
+        refs.pop(0)  # the sync counters' input (aliased to the output)
     outs = [refs.pop(0) for _ in sets]
     ln_ref = refs.pop(0) if ln_eps is not None else None
     if choose is not None:
@@ -123,17 +126,17 @@ def _hidden_kernel(
     def _():
         body(*sets[1], outs[1], program - first_programs)
         if choose is not None:
-            k, threshold, gpu = choose
+            k, _, gpu = choose
 
             @pl.when(split_sum.last_to_arrive(sync_ref, 0, n_programs - first_programs, gpu))
             def _():
-                _choose_heads(outs[1], w2_ref, b2_ref, idx_ref, batch, k, threshold, gpu)
+                _choose_heads(outs[1], w2_ref, b2_ref, threshold_ref, idx_ref, batch, k, gpu)
                 split_sum.reset(sync_ref, 0)
 
 
-def _choose_heads(p_ref, w2_ref, b2_ref, idx_ref, batch, k, threshold, gpu):
+def _choose_heads(p_ref, w2_ref, b2_ref, threshold_ref, idx_ref, batch, k, gpu):
     """idx_ref[b] = the heads chosen from scores p_ref[b] · w2_refᵀ + b2 (p_ref stored by other programs): the k best
-    by rank, -1 where below `threshold`; with k >= H (threshold only) head j at entry j, -1 where below it. Blocks are
+    by rank, -1 where below threshold_ref[0] (if given); with k >= H (threshold only) head j at entry j, -1 where below it. Blocks are
     padded to powers of two (masked loads; padding heads score -inf and rank last)."""
     n_heads, r = w2_ref.shape
     hp, rp, kp = next_pow2(n_heads), next_pow2(r), next_pow2(idx_ref.shape[1])
@@ -144,6 +147,7 @@ def _choose_heads(p_ref, w2_ref, b2_ref, idx_ref, batch, k, threshold, gpu):
     )
     b2 = plgpu.load(b2_ref.at[pl.ds(0, hp)], mask=real, other=0.0).astype(jnp.float32)
     entries = jnp.arange(kp, dtype=jnp.int32)
+    threshold = None if threshold_ref is None else threshold_ref[0]
     for b in range(batch):  # static
         row = pl.ds(b, 1)
         p = plgpu.load(p_ref.at[row, pl.ds(0, rp)], mask=in_rank[None, :], other=0.0, volatile=gpu)  # split_sum
@@ -222,7 +226,7 @@ def predictor_hidden(
     return out[0] if len(out) == 1 else tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "k", "threshold"), inline=True)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "k"), inline=True)
 def predictor_hidden_choosing(
     x,
     w1_t,
@@ -249,7 +253,7 @@ def predictor_hidden_choosing(
     """`predictor_hidden` with a second predictor that scores heads (w1_t_second [r2, d], b1_second [r2],
     w2_t_second [H, r2], b2_second [H], H <= `CHOOSE_MAX_HEADS`), whose heads the same launch chooses: returns (p,
     idx, [ln_x,] sync). idx [B, min(k, H)] int32 is `dejavu_jax.sparsity.exactly_k(scores, k, "rank")`'s list, or
-    with `threshold` (static) `threshold_k(scores, threshold, k)`'s (-1 where the score is below it), of the scores
+    with `threshold` (a scalar, traced or not) `threshold_k(scores, threshold, k)`'s (-1 where the score is below it), of the scores
     p2 · w2_tᵀ + b2 in fp32 (p2 as `predictor_hidden` rounds it), summed in another order than XLA's. `sync`: the
     int32 counters of kernels/split_sum.py (zero on entry, returned zero; donated)."""
     n_heads, r2 = w2_t_second.shape
@@ -264,7 +268,9 @@ def predictor_hidden_choosing(
         raise ValueError(f"sync must be an int32 vector (split_sum.new_sync). Got {sync.dtype} {sync.shape}")
     kw = dict(normalize=normalize, eps=eps, block_r=block_r, block_d=block_d, num_warps=num_warps)
     kw.update(interpret=interpret, ln_scale=ln_scale, ln_bias=ln_bias, ln_eps=ln_eps, sum_once=sum_once)
-    choose = (min(k, n_heads), None if threshold is None else float(threshold), w2_t_second, b2_second, sync)
+    if threshold is not None:
+        threshold = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
+    choose = (min(k, n_heads), threshold, w2_t_second, b2_second, sync)
     p, _p2, *ln_x, idx, sync = _launch(x, w1_t, b1, second=(w1_t_second, b1_second), choose=choose, **kw)
     return (p, idx, *ln_x, sync)
 
@@ -330,7 +336,7 @@ def _launch(
         n_programs=n_programs,
         sum_once=bool(sum_once),
         first_programs=first_programs,
-        choose=None if choose is None else (*choose[:2], not interpret),
+        choose=None if choose is None else (choose[0], choose[1] is not None, not interpret),
     )
     out_shape = [jax.ShapeDtypeStruct((batch, r), w1_t.dtype)]
     if second:
@@ -340,8 +346,8 @@ def _launch(
     inputs = [x, w1_t, b1, *second, *ln_args]
     aliases = {}
     if choose is not None:
-        k, _, w2_t, b2, sync = choose
-        inputs += [w2_t, b2, sync]
+        k, threshold, w2_t, b2, sync = choose
+        inputs += [w2_t, b2, *([] if threshold is None else [threshold]), sync]
         out_shape += [jax.ShapeDtypeStruct((batch, k), jnp.int32), jax.ShapeDtypeStruct(sync.shape, sync.dtype)]
         aliases = {len(inputs) - 1: len(out_shape) - 1}
     return pl.pallas_call(

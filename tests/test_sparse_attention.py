@@ -32,6 +32,7 @@ from dejavu_jax.sparsity import (
     MLPSparsity,
     SparseWeights,
     SparsityPolicy,
+    Selection,
     decode_predictor,
     exactly_k,
     for_decode_batch,
@@ -633,6 +634,44 @@ def test_next_layers_head_predictor_rides_on_the_mlp_predictor_launch(config):
     assert rel_max_err(run(policy=ahead), run(policy=apart)) <= 1e-5
     with pytest.raises(ValueError, match="head_hidden_ahead must be 0 or 1"):
         DecodeTuning(head_hidden_ahead=2)
+
+
+@pytest.mark.parametrize("config", [CONFIG, WIDE], ids=["head_dim_8", "window_kernel"])
+@pytest.mark.parametrize("by_threshold", [False, True])
+def test_next_layers_heads_are_chosen_in_the_predictor_launch(config, by_threshold):
+    """`head_choose_ahead`: the launch that carries layer l+1's head predictor also scores and chooses its heads, so
+    the step scores and ranks only layer 0's heads in XLA (one head-score matmul instead of L, the ranking's
+    comparisons once), and decodes the logits of the choice made in XLA (top-K, and a threshold under a bound)."""
+    layers, d, n_heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    keys = jax.random.split(jax.random.PRNGKey(41), 2 * layers)
+    mlp = tuple(init_low_rank(keys[i], d, 16, config.ffn_dim) for i in range(layers))
+    heads = tuple(init_low_rank(keys[layers + i], d, 16, n_heads) for i in range(layers))
+    predictors = Predictors(mlp=mlp, heads=heads, mlp_threshold=(0.0,) * layers)
+    if by_threshold:  # about half the heads pass, under a bound of 3
+        predictors = predictors.with_threshold((0.0,) * layers, (0.0,) * layers)
+    weights = sparse_weights_from_predictors(predictors)
+    selection = Selection.THRESHOLD if by_threshold else Selection.TOPK
+    in_xla = SparsityPolicy(MLPSparsity.PREDICTED, selection, heads=HeadSparsity.PREDICTED, head_k=3)
+    in_kernel = dataclasses.replace(in_xla, tuning=(("head_choose_ahead", 1),))
+    assert _decode_step_primitives(in_kernel, 1, weights, config).count("pallas_call:predictor_hidden") == layers + 1
+    params = init_params(config, jax.random.PRNGKey(1))
+    cache = KVCache.create(config, 1, 16, jnp.float32, in_xla.recent_window)
+    token = jnp.ones((1,), jnp.int32)
+    steps = {
+        policy: primitives_outside_kernels(
+            jax.make_jaxpr(lambda c: decode_step(params, c, token, weights, config=config, policy=policy))(c).jaxpr
+        )
+        for policy, c in ((in_xla, cache), (in_kernel, cache))
+    }
+    # per layer after the first: the head scores' matmul, and the ranking's comparison of every pair of heads
+    for primitive in ("dot_general", "gt"):
+        assert steps[in_xla].count(primitive) - steps[in_kernel].count(primitive) == layers - 1, primitive
+    ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
+    continuation = jax.random.randint(jax.random.PRNGKey(3), (1, 24), 3, 64)
+    run = functools.partial(decode_logits, params, weights, ids, jnp.ones_like(ids), continuation, config=config)
+    assert rel_max_err(run(policy=in_kernel), run(policy=in_xla)) <= 1e-5
+    with pytest.raises(ValueError, match="head_choose_ahead must be 0 or 1"):
+        DecodeTuning(head_choose_ahead=2)
 
 
 def test_tuning_and_cache_errors():
