@@ -58,12 +58,7 @@ from dejavu_jax.sparse_attention import HEAD_KV_MODES
 from kernels import layernorm as kernel_layernorm
 from kernels.head_sparse import HeadSparsePlan
 from kernels.masked_mlp import MaskedMLPPlan, threshold_mask
-from kernels.predictor_hidden import (
-    CHOOSE_MAX_HEADS,
-    MAX_BATCH as HIDDEN_MAX_BATCH,
-    predictor_hidden,
-    predictor_hidden_choosing,
-)
+from kernels.predictor_hidden import CHOOSE_MAX_HEADS, MAX_BATCH as HIDDEN_MAX_BATCH, HeadChooser, predictor_hidden
 
 # Decode steps of at most this many sequences use the row-masked kernels; larger batches fall back to the dense MLP.
 SPARSE_DECODE_MAX_BATCH = 1
@@ -139,7 +134,7 @@ class DecodeTuning:
       `predictor_hidden` launch a layer instead of two (the default; also where the repair's window kernel applies
       the attention LayerNorm, `LayerChoice.carries_head_ahead`); 0 = each apart;
     - `head_choose_ahead`: 1 = where `head_hidden_ahead` applies on one device, that launch also scores layer l+1's
-      heads and chooses them (`kernels.predictor_hidden.predictor_hidden_choosing`: its last program to arrive), so
+      heads and chooses them (`kernels.predictor_hidden.HeadChooser`: its last program to arrive), so
       no XLA kernel runs between it and the head kernels; 0 = the scores and the choice in XLA (the default until an
       H100 run times it).
     """
@@ -352,25 +347,22 @@ class MLPPredictor:
         returns (hidden, LayerNorm(x)) from the one launch (`attention_layernorm_and_hidden`). `second` (Pallas
         kernel only): another predictor reading the same x (same `normalize_input`), whose hidden comes from the
         same launch: returns (hidden, its hidden[, LayerNorm(x)]). `choose` = (k, threshold or None, sync), with a
-        `second` that scores heads: the launch also chooses them (`predictor_hidden_choosing`): returns (hidden, the
+        `second` that scores heads: the launch also chooses them (`HeadChooser`): returns (hidden, the
         heads idx [B, min(k, H)][, LayerNorm(x)], sync)."""
         if choose is not None:
             k, threshold, sync = choose
-            return predictor_hidden_choosing(
+            chooser = HeadChooser(second.w2_t, second.b2, threshold, sync, k)
+            return predictor_hidden(
                 x,
                 self.w1_t,
                 self.b1,
-                second.w1_t,
-                second.b1,
-                second.w2_t,
-                second.b2,
-                sync,
-                k=k,
-                threshold=threshold,
                 normalize=self.normalize_input,
                 eps=NORM_EPS,
                 block_r=tuning.hidden_block_r or None,
                 sum_once=bool(tuning.hidden_sum_once),
+                w1_t_second=second.w1_t,
+                b1_second=second.b1,
+                chooser=chooser,
                 **kernel_layernorm.wrapper_kwargs(layernorm),
             )
         if tuning.hidden == "xla":

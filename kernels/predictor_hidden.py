@@ -19,12 +19,12 @@ the result rounded to x's dtype. The statistics come from the x blocks the progr
 into column chunks of `LN_BLOCK` (capped to a power of two dividing d), chunk j written by program j mod the number
 of programs. p follows the same numerics with or without it.
 
-`predictor_hidden_choosing`: with a second predictor that scores heads (the next layer's head predictor), the same
-launch also finishes it: each of the second predictor's programs, once its rows of p2 are stored, takes a ticket
-(kernels/split_sum.py); the last to arrive computes the heads' fp32 scores p2 · w2_tᵀ + b2 and chooses the k best
-by rank (`dejavu_jax.sparsity.exactly_k`'s "rank" method: by score, descending, ties to the lower index), or with a
-threshold `threshold_k`'s list (-1 where the score is below it). So no XLA kernel runs between this launch and the
-head kernels that read the list.
+`predictor_hidden(..., chooser=HeadChooser(...))`: with a second predictor that scores heads (the next layer's head
+predictor), the same launch also finishes it: each of the second predictor's programs, once its rows of p2 are
+stored, takes a ticket (kernels/split_sum.py); the last to arrive computes the heads' fp32 scores p2 · w2_tᵀ + b2
+and chooses the k best by rank (`dejavu_jax.sparsity.exactly_k`'s "rank" method: by score, descending, ties to the
+lower index), or with a threshold `threshold_k`'s list (-1 where the score is below it). So no XLA kernel runs
+between this launch and the head kernels that read the list.
 
 Shapes: batch 1..`MAX_BATCH` (unrolled per row); r and d multiples of 16; d is read in power-of-two column blocks
 that divide it. Triton lowering, with an `interpret` mode for CPU tests.
@@ -32,7 +32,9 @@ that divide it. Triton lowering, with an `interpret` mode for CPU tests.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +47,7 @@ from kernels.block_math import block_row_dots, block_total, cdiv, next_pow2, pow
 from kernels.platform import resolve_interpret
 
 MAX_BATCH = 16
-# The most heads `predictor_hidden_choosing` ranks: its last program compares every pair (opt-175b has 96).
+# The most heads a `HeadChooser` ranks: its last program compares every pair (opt-175b has 96).
 CHOOSE_MAX_HEADS = 128
 # Every program issues all its weight loads before reducing, so its tile [block_r, d] must fit its registers: 4 rows
 # at d = 4096 and 5120 (rank 256) beat XLA on an H100; 16 rows at d = 5120 (rank 1024) made decoding slower than
@@ -182,12 +184,28 @@ def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_blo
                 ln_ref[b, cols] = ln.normalized_block(x_ref, b, cols, stats, scale_ref, bias_ref).astype(ln_ref.dtype)
 
 
-_STATIC = ("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps", "sum_once")
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w2_t", "b2", "threshold", "sync"], meta_fields=["k"])
+@dataclasses.dataclass(frozen=True)
+class HeadChooser:
+    """The second predictor's scoring layer, for a launch that also chooses its heads: w2_t [H, r2] (H <=
+    `CHOOSE_MAX_HEADS`), b2 [H], k (static; the list keeps min(k, H) entries), threshold: None for top-K, else a
+    scalar (traced or not) below which an entry is -1; sync: the int32 counters of kernels/split_sum.py (zero on
+    entry, returned zero; donated)."""
+
+    w2_t: jax.Array
+    b2: jax.Array
+    threshold: Optional[jax.Array]
+    sync: jax.Array
+    k: int
 
 
 # inline: traced into the caller's program, so that a stream annotation around the caller covers one call (XLA
 # refuses an annotated call nested in another: `dejavu_jax.sparsity.on_stream`).
-@functools.partial(jax.jit, static_argnames=_STATIC, inline=True)
+@functools.partial(
+    jax.jit,
+    static_argnames=("normalize", "eps", "block_r", "block_d", "num_warps", "interpret", "ln_eps", "sum_once"),
+    inline=True,
+)
 def predictor_hidden(
     x,
     w1_t,
@@ -205,6 +223,7 @@ def predictor_hidden(
     sum_once=True,
     w1_t_second=None,
     b1_second=None,
+    chooser: Optional[HeadChooser] = None,
 ):
     """p [B, r] in w1_t.dtype = (standardize(x) if normalize else x) · w1_tᵀ + b1.
 
@@ -218,61 +237,49 @@ def predictor_hidden(
     With `w1_t_second` [r2, d] and `b1_second` [r2] (a second predictor reading the same x with the same
     `normalize`, e.g. the next layer's head predictor beside this layer's MLP predictor), the same launch also gives
     its p2 [B, r2] (programs past the first predictor's take its rows): returns (p, p2) or (p, p2, ln_x).
+    With a second predictor that scores heads and its `chooser`, the launch chooses them instead: returns (p, idx[,
+    ln_x], sync). idx [B, min(k, H)] int32 is `dejavu_jax.sparsity.exactly_k(scores, k, "rank")`'s list, or with a
+    threshold `threshold_k(scores, threshold, k)`'s (-1 where the score is below it), of the scores p2 · w2_tᵀ + b2
+    in fp32 (p2 as rounded above, summed in another order than XLA's).
     """
     second = None if w1_t_second is None else (w1_t_second, b1_second)
-    kw = dict(normalize=normalize, eps=eps, block_r=block_r, block_d=block_d, num_warps=num_warps)
-    kw.update(interpret=interpret, ln_scale=ln_scale, ln_bias=ln_bias, ln_eps=ln_eps, sum_once=sum_once)
-    out = _launch(x, w1_t, b1, second=second, **kw)
+    if chooser is not None:
+        _check_chooser(chooser, second)
+    out = _launch(
+        x,
+        w1_t,
+        b1,
+        normalize=normalize,
+        eps=eps,
+        block_r=block_r,
+        block_d=block_d,
+        num_warps=num_warps,
+        interpret=interpret,
+        layernorm=ln.checked(ln_scale, ln_bias, ln_eps, x.shape[-1]),
+        sum_once=sum_once,
+        second=second,
+        chooser=chooser,
+    )
+    if chooser is not None:
+        p, _p2, *ln_x, idx, sync = out
+        return (p, idx, *ln_x, sync)
     return out[0] if len(out) == 1 else tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "k"), inline=True)
-def predictor_hidden_choosing(
-    x,
-    w1_t,
-    b1,
-    w1_t_second,
-    b1_second,
-    w2_t_second,
-    b2_second,
-    sync,
-    *,
-    k,
-    threshold=None,
-    normalize=True,
-    eps=1e-5,
-    block_r=None,
-    block_d=2048,
-    num_warps=4,
-    interpret=None,
-    ln_scale=None,
-    ln_bias=None,
-    ln_eps=1e-5,
-    sum_once=True,
-):
-    """`predictor_hidden` with a second predictor that scores heads (w1_t_second [r2, d], b1_second [r2],
-    w2_t_second [H, r2], b2_second [H], H <= `CHOOSE_MAX_HEADS`), whose heads the same launch chooses: returns (p,
-    idx, [ln_x,] sync). idx [B, min(k, H)] int32 is `dejavu_jax.sparsity.exactly_k(scores, k, "rank")`'s list, or
-    with `threshold` (a scalar, traced or not) `threshold_k(scores, threshold, k)`'s (-1 where the score is below it), of the scores
-    p2 · w2_tᵀ + b2 in fp32 (p2 as `predictor_hidden` rounds it), summed in another order than XLA's. `sync`: the
-    int32 counters of kernels/split_sum.py (zero on entry, returned zero; donated)."""
-    n_heads, r2 = w2_t_second.shape
-    if not 1 <= n_heads <= CHOOSE_MAX_HEADS or r2 != w1_t_second.shape[0] or b2_second.shape != (n_heads,):
+def _check_chooser(chooser: HeadChooser, second) -> None:
+    n_heads, r2 = chooser.w2_t.shape
+    if second is None:
+        raise ValueError("choosing heads needs the second predictor (w1_t_second, b1_second)")
+    if not 1 <= n_heads <= CHOOSE_MAX_HEADS or r2 != second[0].shape[0] or chooser.b2.shape != (n_heads,):
         raise ValueError(
-            f"the chooser needs w2_t [H <= {CHOOSE_MAX_HEADS}, r2={w1_t_second.shape[0]}] and b2 [H]. Got "
-            f"{w2_t_second.shape} and {b2_second.shape}"
+            f"the chooser needs w2_t [H <= {CHOOSE_MAX_HEADS}, r2={second[0].shape[0]}] and b2 [H]. Got "
+            f"{chooser.w2_t.shape} and {chooser.b2.shape}"
         )
-    if not 1 <= k:
-        raise ValueError(f"k must be positive. Got {k}")
+    if chooser.k < 1:
+        raise ValueError(f"k must be positive. Got {chooser.k}")
+    sync = chooser.sync
     if sync.dtype != jnp.int32 or sync.ndim != 1 or sync.shape[0] < 1:
         raise ValueError(f"sync must be an int32 vector (split_sum.new_sync). Got {sync.dtype} {sync.shape}")
-    kw = dict(normalize=normalize, eps=eps, block_r=block_r, block_d=block_d, num_warps=num_warps)
-    kw.update(interpret=interpret, ln_scale=ln_scale, ln_bias=ln_bias, ln_eps=ln_eps, sum_once=sum_once)
-    if threshold is not None:
-        threshold = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
-    choose = (min(k, n_heads), threshold, w2_t_second, b2_second, sync)
-    p, _p2, *ln_x, idx, sync = _launch(x, w1_t, b1, second=(w1_t_second, b1_second), choose=choose, **kw)
-    return (p, idx, *ln_x, sync)
 
 
 def _launch(
@@ -286,14 +293,12 @@ def _launch(
     block_d,
     num_warps,
     interpret,
-    ln_scale,
-    ln_bias,
-    ln_eps,
+    layernorm,
     sum_once,
     second=None,
-    choose=None,
+    chooser: Optional[HeadChooser] = None,
 ):
-    """The pallas_call's outputs: p, [p2,] [ln_x,] [idx, sync] (`choose`: (k, threshold, w2_t, b2, sync))."""
+    """The pallas_call's outputs: p, [p2,] [ln_x,] [idx, sync] (with `chooser`)."""
     if x.ndim != 2 or w1_t.ndim != 2 or w1_t.shape[1] != x.shape[1]:
         raise ValueError(f"need x [batch, d] and w1_t [r, d]. Got {x.shape} and {w1_t.shape}")
     batch, d = x.shape
@@ -304,7 +309,6 @@ def _launch(
         raise ValueError(f"b1 must be [r] = [{r}]. Got {b1.shape}")
     if d % 16 or r % 16:
         raise ValueError(f"d and r must be multiples of 16. Got d={d}, r={r}")
-    layernorm = ln.checked(ln_scale, ln_bias, ln_eps, d)
     ln_eps, ln_args = ln.call_args(layernorm)
     block_r = pow2_divisor(r, block_r or max(1, min(16, r // 64, STEP_ELEMENTS // d)))
     if second is not None:
@@ -336,7 +340,7 @@ def _launch(
         n_programs=n_programs,
         sum_once=bool(sum_once),
         first_programs=first_programs,
-        choose=None if choose is None else (choose[0], choose[1] is not None, not interpret),
+        choose=None if chooser is None else (chooser.k, chooser.threshold is not None, not interpret),
     )
     out_shape = [jax.ShapeDtypeStruct((batch, r), w1_t.dtype)]
     if second:
@@ -345,9 +349,12 @@ def _launch(
         out_shape.append(jax.ShapeDtypeStruct((batch, d), x.dtype))
     inputs = [x, w1_t, b1, *second, *ln_args]
     aliases = {}
-    if choose is not None:
-        k, threshold, w2_t, b2, sync = choose
-        inputs += [w2_t, b2, *([] if threshold is None else [threshold]), sync]
+    if chooser is not None:
+        threshold = (
+            [] if chooser.threshold is None else [jnp.reshape(jnp.asarray(chooser.threshold, jnp.float32), (1,))]
+        )
+        inputs += [chooser.w2_t, chooser.b2, *threshold, chooser.sync]
+        k, sync = min(chooser.k, chooser.w2_t.shape[0]), chooser.sync
         out_shape += [jax.ShapeDtypeStruct((batch, k), jnp.int32), jax.ShapeDtypeStruct(sync.shape, sync.dtype)]
         aliases = {len(inputs) - 1: len(out_shape) - 1}
     return pl.pallas_call(

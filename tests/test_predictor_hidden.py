@@ -9,7 +9,7 @@ import pytest
 from conftest import CompiledKernelCases, lowered_text_for_cuda, rel_max_err
 from dejavu_jax.model import layer_norm
 from dejavu_jax.sparsity import exactly_k, threshold_k
-from kernels.predictor_hidden import predictor_hidden, predictor_hidden_choosing, predictor_hidden_reference
+from kernels.predictor_hidden import HeadChooser, predictor_hidden, predictor_hidden_reference
 from kernels.split_sum import new_sync
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
@@ -37,6 +37,12 @@ def assert_within_one_rounding(out, ref, dtype):
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     rel = 1e-5 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
     assert (np.abs(out - ref) <= rel * np.abs(ref) + 1e-5 * np.abs(ref).max()).all()
+
+
+def choosing(x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, *, k, threshold=None, **kw):
+    """`predictor_hidden` with the second predictor (w1_t2, b1_2) choosing heads by w2_t, b2."""
+    chooser = HeadChooser(w2_t, b2, threshold, sync, k)
+    return predictor_hidden(x, w1_t, b1, w1_t_second=w1_t2, b1_second=b1_2, chooser=chooser, **kw)
 
 
 class TestPredictorHidden(CompiledKernelCases):
@@ -180,7 +186,7 @@ class TestPredictorHidden(CompiledKernelCases):
         plain = predictor_hidden(x, w1_t, b1, w1_t_second=w1_t2, b1_second=b1_2, **kw)
         sync = new_sync(d)
         for repeat in range(1 if self.INTERPRET else 20):  # on a GPU the last program differs from run to run
-            out = predictor_hidden_choosing(x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, k=k, threshold=threshold, **kw)
+            out = choosing(x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, k=k, threshold=threshold, **kw)
             p, idx, *rest = out
             sync = rest[-1]
             assert not np.any(np.asarray(sync)), "the counter is reset for the next launch"
@@ -204,7 +210,7 @@ class TestPredictorHidden(CompiledKernelCases):
         w1_t, b1 = jnp.ones((r, d), dtype) / d, jnp.zeros(r, dtype)
         b2 = jnp.asarray([0.0, 1.0, 1.0, 0.5, 0.5, 2.0, 0.0, 1.0], jnp.float32)
         for k in (1, 3, 5, 7):
-            _, idx, _ = predictor_hidden_choosing(
+            _, idx, _ = choosing(
                 x, w1_t, b1, w1_t, b1, jnp.zeros((n_heads, r), dtype), b2, new_sync(d), k=k, interpret=self.INTERPRET
             )
             assert np.array_equal(idx, exactly_k(b2[None], k, "rank")[1]), idx
@@ -228,13 +234,14 @@ class TestPredictorHidden(CompiledKernelCases):
             predictor_hidden(x, jnp.zeros((24, 64), jnp.float16), jnp.zeros(24), interpret=self.INTERPRET)
         w, b, sync = jnp.zeros((16, 64), jnp.float16), jnp.zeros(16, jnp.float16), new_sync(64)
         with pytest.raises(ValueError, match="the chooser needs"):
-            predictor_hidden_choosing(x, w, b, w, b, jnp.zeros((4, 32)), jnp.zeros(4), sync, k=2, interpret=True)
+            choosing(x, w, b, w, b, jnp.zeros((4, 32)), jnp.zeros(4), sync, k=2, interpret=True)
         with pytest.raises(ValueError, match="k must be positive"):
-            predictor_hidden_choosing(x, w, b, w, b, jnp.zeros((4, 16)), jnp.zeros(4), sync, k=0, interpret=True)
+            choosing(x, w, b, w, b, jnp.zeros((4, 16)), jnp.zeros(4), sync, k=0, interpret=True)
+        with pytest.raises(ValueError, match="needs the second predictor"):
+            chooser = HeadChooser(jnp.zeros((4, 16)), jnp.zeros(4), None, sync, 2)
+            predictor_hidden(x, w, b, chooser=chooser, interpret=True)
         with pytest.raises(ValueError, match="sync must be"):
-            predictor_hidden_choosing(
-                x, w, b, w, b, jnp.zeros((4, 16)), jnp.zeros(4), sync[:, None], k=2, interpret=True
-            )
+            choosing(x, w, b, w, b, jnp.zeros((4, 16)), jnp.zeros(4), sync[:, None], k=2, interpret=True)
 
 
 class TestPredictorHiddenInterpret(TestPredictorHidden):
@@ -268,9 +275,7 @@ def test_lowers_for_gpu(batch, d, r, layernorm):
 
     def call_choosing(x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, *ln):
         ln_kw = dict(zip(("ln_scale", "ln_bias"), ln))
-        return predictor_hidden_choosing(
-            x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, k=k, threshold=threshold, interpret=False, **ln_kw
-        )
+        return choosing(x, w1_t, b1, w1_t2, b1_2, w2_t, b2, sync, k=k, threshold=threshold, interpret=False, **ln_kw)
 
     chooser = (s((n_heads, 64), jnp.float16), s((n_heads,), jnp.float32), s((d // 16 + 1,), jnp.int32))
     assert "predictor_hidden" in lowered_text_for_cuda(jax.jit(call_choosing), *weights, *second, *chooser, *ln_args)

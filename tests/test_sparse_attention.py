@@ -605,6 +605,13 @@ def test_decode_step_scores_heads_on_the_predictor_kernel():
         assert rel_max_err(head_scores(q, whole, policy), predictor_scores(p, whole)) <= 1e-5
 
 
+def decode_24_steps(config, params, weights):
+    """`decode_logits` of one sequence (an 8-token prompt, 24 steps), given the policy."""
+    ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
+    continuation = jax.random.randint(jax.random.PRNGKey(3), (1, 24), 3, 64)
+    return functools.partial(decode_logits, params, weights, ids, jnp.ones_like(ids), continuation, config=config)
+
+
 @pytest.mark.parametrize("config", [CONFIG, WIDE], ids=["head_dim_8", "window_kernel"])
 def test_next_layers_head_predictor_rides_on_the_mlp_predictor_launch(config):
     """`head_hidden_ahead` (the default): layer l's MLP predictor launch (with the attention LayerNorm) also computes
@@ -627,10 +634,7 @@ def test_next_layers_head_predictor_rides_on_the_mlp_predictor_launch(config):
         assert primitives.count(kernel) == launches
         window_kernels = primitives.count("pallas_call:head_window_cache")
         assert window_kernels == (layers if config is WIDE else 0)
-    params = init_params(config, jax.random.PRNGKey(1))
-    ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
-    continuation = jax.random.randint(jax.random.PRNGKey(3), (1, 24), 3, 64)
-    run = functools.partial(decode_logits, params, weights, ids, jnp.ones_like(ids), continuation, config=config)
+    run = decode_24_steps(config, init_params(config, jax.random.PRNGKey(1)), weights)
     assert rel_max_err(run(policy=ahead), run(policy=apart)) <= 1e-5
     with pytest.raises(ValueError, match="head_hidden_ahead must be 0 or 1"):
         DecodeTuning(head_hidden_ahead=2)
@@ -666,9 +670,7 @@ def test_next_layers_heads_are_chosen_in_the_predictor_launch(config, by_thresho
     # per layer after the first: the head scores' matmul, and the ranking's comparison of every pair of heads
     for primitive in ("dot_general", "gt"):
         assert steps[in_xla].count(primitive) - steps[in_kernel].count(primitive) == layers - 1, primitive
-    ids = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 3, 64)
-    continuation = jax.random.randint(jax.random.PRNGKey(3), (1, 24), 3, 64)
-    run = functools.partial(decode_logits, params, weights, ids, jnp.ones_like(ids), continuation, config=config)
+    run = decode_24_steps(config, params, weights)
     assert rel_max_err(run(policy=in_kernel), run(policy=in_xla)) <= 1e-5
     with pytest.raises(ValueError, match="head_choose_ahead must be 0 or 1"):
         DecodeTuning(head_choose_ahead=2)
