@@ -364,11 +364,11 @@ class OPTDecoderLayer(nn.Module):
             # instead of two), and its LayerNorm output goes unused.
             with jax.named_scope("mlp_block"):
                 ln = self.self_attn_layer_norm.affine() if pre_ln else None
-                # The counters let that launch also choose the next layer's heads (one device only; a split
-                # step uses none of them).
-                x, ahead, head_ahead, sync = choice.before_attention_with_heads(
-                    h, ln, sync if self.mesh is None else None
-                )
+                # The counters let that launch also choose the next layer's heads (one device only).
+                if self.mesh is None:
+                    x, ahead, head_ahead, sync = choice.before_attention_with_heads(h, ln, sync)
+                else:
+                    x, ahead, head_ahead, _ = choice.before_attention_with_heads(h, ln)
         # The out_proj launch adds the residual and applies the MLP's LayerNorm (pre-LN layers, see finishes_block).
         finish = None
         if sync is not None and pre_ln and self.self_attn.finishes_block(h, layer_kv, heads):

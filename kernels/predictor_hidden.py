@@ -49,6 +49,8 @@ from kernels.platform import resolve_interpret
 MAX_BATCH = 16
 # The most heads a `HeadChooser` ranks: its last program compares every pair (opt-175b has 96).
 CHOOSE_MAX_HEADS = 128
+# fp32 elements of the scoring weights the choosing program holds at once (a [heads, rank columns] tile).
+CHOOSE_TILE = 8192
 # Every program issues all its weight loads before reducing, so its tile [block_r, d] must fit its registers: 4 rows
 # at d = 4096 and 5120 (rank 256) beat XLA on an H100; 16 rows at d = 5120 (rank 1024) made decoding slower than
 # XLA (bench/results/NOTES.md, "The predictor's first layer on a kernel, and tuning in the decode loop").
@@ -138,36 +140,38 @@ def _hidden_kernel(
 
 def _choose_heads(p_ref, w2_ref, b2_ref, threshold_ref, idx_ref, batch, k, gpu):
     """idx_ref[b] = the heads chosen from scores p_ref[b] · w2_refᵀ + b2 (p_ref stored by other programs): the k best
-    by rank, -1 where below threshold_ref[0] (if given); with k >= H (threshold only) head j at entry j, -1 where below it. Blocks are
-    padded to powers of two (masked loads; padding heads score -inf and rank last)."""
+    by rank, -1 where below threshold_ref[0] (if given); with a threshold and k >= H, head j at entry j, -1 where
+    below it. Blocks are padded to powers of two (masked loads; padding heads score -inf and rank last); w2 is read
+    in column chunks of at most `CHOOSE_TILE` elements, so the tile stays in registers at any rank."""
     n_heads, r = w2_ref.shape
-    hp, rp, kp = next_pow2(n_heads), next_pow2(r), next_pow2(idx_ref.shape[1])
-    heads, ranks = jnp.arange(hp, dtype=jnp.int32), jnp.arange(rp, dtype=jnp.int32)
-    real, in_rank = heads < n_heads, ranks < r
-    w2 = plgpu.load(w2_ref.at[pl.ds(0, hp), pl.ds(0, rp)], mask=real[:, None] & in_rank[None, :], other=0.0).astype(
-        jnp.float32
-    )
+    hp, kp = next_pow2(n_heads), next_pow2(idx_ref.shape[1])
+    chunk = min(next_pow2(r), max(16, CHOOSE_TILE // hp))
+    heads, entries = jnp.arange(hp, dtype=jnp.int32), jnp.arange(kp, dtype=jnp.int32)
+    real = heads < n_heads
     b2 = plgpu.load(b2_ref.at[pl.ds(0, hp)], mask=real, other=0.0).astype(jnp.float32)
-    entries = jnp.arange(kp, dtype=jnp.int32)
+    scores = [b2] * batch  # [hp] fp32 each
+    for c0 in range(0, r, chunk):  # static
+        in_rank = (c0 + jnp.arange(chunk, dtype=jnp.int32)) < r
+        cols = pl.ds(c0, chunk)
+        w2 = plgpu.load(w2_ref.at[pl.ds(0, hp), cols], mask=real[:, None] & in_rank[None, :], other=0.0)
+        for b in range(batch):  # static; volatile: p was stored by other programs (split_sum)
+            p = plgpu.load(p_ref.at[pl.ds(b, 1), cols], mask=in_rank[None, :], other=0.0, volatile=gpu)
+            scores[b] = scores[b] + jnp.sum(w2.astype(jnp.float32) * p.astype(jnp.float32), axis=1)
     threshold = None if threshold_ref is None else threshold_ref[0]
     for b in range(batch):  # static
-        row = pl.ds(b, 1)
-        p = plgpu.load(p_ref.at[row, pl.ds(0, rp)], mask=in_rank[None, :], other=0.0, volatile=gpu)  # split_sum
-        scores = jnp.sum(w2 * p.astype(jnp.float32), axis=1) + b2  # [hp] fp32
-        scores = jnp.where(real, scores, -jnp.inf)
-        if k >= n_heads:  # no bound: every head in its own entry
-            idx, score_at = heads, scores
+        s = jnp.where(real, scores[b], -jnp.inf)
+        if threshold is not None and k >= n_heads:  # no bound: every head in its own entry
+            idx, score_at = heads, s
         else:
-            mine, other = scores[:, None], scores[None, :]
-            above = (other > mine) | ((other == mine) & (heads[None, :] < heads[:, None]))
+            above = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (heads[None, :] < heads[:, None]))
             rank = jnp.sum(above.astype(jnp.int32), axis=1)  # [hp], a permutation of 0 .. hp-1
             at_rank = rank[None, :] == entries[:, None]  # [kp, hp]
             idx = jnp.sum(jnp.where(at_rank, heads[None, :], 0), axis=1)
-            score_at = jnp.sum(jnp.where(at_rank, scores[None, :], 0.0), axis=1)
+            score_at = jnp.sum(jnp.where(at_rank, s[None, :], 0.0), axis=1)
         if threshold is not None:
             idx = jnp.where(score_at >= threshold, idx, -1)
         kept = (entries < idx_ref.shape[1])[None, :]
-        plgpu.store(idx_ref.at[row, pl.ds(0, kp)], idx.astype(jnp.int32)[None, :], mask=kept)
+        plgpu.store(idx_ref.at[pl.ds(b, 1), pl.ds(0, kp)], idx.astype(jnp.int32)[None, :], mask=kept)
 
 
 def _store_layernorm(x_ref, scale_ref, bias_ref, ln_ref, stats, batch, d, ln_block, n_programs, program):
@@ -190,7 +194,7 @@ class HeadChooser:
     """The second predictor's scoring layer, for a launch that also chooses its heads: w2_t [H, r2] (H <=
     `CHOOSE_MAX_HEADS`), b2 [H], k (static; the list keeps min(k, H) entries), threshold: None for top-K, else a
     scalar (traced or not) below which an entry is -1; sync: the int32 counters of kernels/split_sum.py (zero on
-    entry, returned zero; donated)."""
+    entry, returned zero; aliased to the returned buffer: thread that one to the next such launch)."""
 
     w2_t: jax.Array
     b2: jax.Array
@@ -277,6 +281,10 @@ def _check_chooser(chooser: HeadChooser, second) -> None:
         )
     if chooser.k < 1:
         raise ValueError(f"k must be positive. Got {chooser.k}")
+    if not jnp.issubdtype(chooser.w2_t.dtype, jnp.floating):
+        raise ValueError(f"the chooser scores with floating-point w2_t (not int8 codes). Got {chooser.w2_t.dtype}")
+    if chooser.threshold is not None and jnp.size(chooser.threshold) != 1:
+        raise ValueError(f"the chooser's threshold must be a scalar. Got shape {jnp.shape(chooser.threshold)}")
     sync = chooser.sync
     if sync.dtype != jnp.int32 or sync.ndim != 1 or sync.shape[0] < 1:
         raise ValueError(f"sync must be an int32 vector (split_sum.new_sync). Got {sync.dtype} {sync.shape}")

@@ -162,8 +162,10 @@ class TestPredictorHidden(CompiledKernelCases):
         [
             (1, 32, 256, 16, None),
             (1, 40, 80, 20, None),
+            (3, 40, 1024, 20, 0.2),  # rank 1024: w2 read in column chunks
             (1, 32, 64, 16, 0.3),
             (1, 12, 48, 12, 0.0),
+            (1, 12, 48, 12, None),  # every head, ranked
             (2, 6, 32, 3, None),
         ],
     )
@@ -240,6 +242,10 @@ class TestPredictorHidden(CompiledKernelCases):
         with pytest.raises(ValueError, match="needs the second predictor"):
             chooser = HeadChooser(jnp.zeros((4, 16)), jnp.zeros(4), None, sync, 2)
             predictor_hidden(x, w, b, chooser=chooser, interpret=True)
+        with pytest.raises(ValueError, match="floating-point w2_t"):
+            choosing(x, w, b, w, b, jnp.zeros((4, 16), jnp.int8), jnp.zeros(4), sync, k=2, interpret=True)
+        with pytest.raises(ValueError, match="threshold must be a scalar"):
+            choosing(x, w, b, w, b, jnp.zeros((4, 16)), jnp.zeros(4), sync, k=2, threshold=jnp.zeros(2), interpret=True)
         with pytest.raises(ValueError, match="sync must be"):
             choosing(x, w, b, w, b, jnp.zeros((4, 16)), jnp.zeros(4), sync[:, None], k=2, interpret=True)
 
