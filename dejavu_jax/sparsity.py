@@ -134,9 +134,9 @@ class DecodeTuning:
       `predictor_hidden` launch a layer instead of two (the default; also where the repair's window kernel applies
       the attention LayerNorm, `LayerChoice.carries_head_ahead`); 0 = each apart;
     - `head_choose_ahead`: 1 = where `head_hidden_ahead` applies on one device, that launch also scores layer l+1's
-      heads and chooses them (`kernels.predictor_hidden.HeadChooser`: its last program to arrive), so
-      no XLA kernel runs between it and the head kernels; 0 = the scores and the choice in XLA (the default until an
-      H100 run times it).
+      heads and chooses them (`kernels.predictor_hidden.HeadChooser`: its last program to arrive), so no XLA kernel
+      runs between it and the head kernels; 0 = the scores and the choice in XLA (the default until an H100 run
+      times it).
     """
 
     hidden: str = "pallas"
@@ -347,8 +347,8 @@ class MLPPredictor:
         returns (hidden, LayerNorm(x)) from the one launch (`attention_layernorm_and_hidden`). `second` (Pallas
         kernel only): another predictor reading the same x (same `normalize_input`), whose hidden comes from the
         same launch: returns (hidden, its hidden[, LayerNorm(x)]). `choose` = (k, threshold or None, sync), with a
-        `second` that scores heads: the launch also chooses them (`HeadChooser`): returns (hidden, the
-        heads idx [B, min(k, H)][, LayerNorm(x)], sync)."""
+        `second` that scores heads: the launch also chooses them (`HeadChooser`): returns (hidden, the heads idx
+        [B, min(k, H)][, LayerNorm(x)], sync)."""
         if choose is not None:
             k, threshold, sync = choose
             chooser = HeadChooser(second.w2_t, second.b2, threshold, sync, k)

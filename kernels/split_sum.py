@@ -12,8 +12,8 @@ blocks' last programs take tickets on one more counter, and the last of them fin
 The counters: an int32 buffer `sync` [`sync_slots(d)`] the caller passes aliased to an output and gets back, all
 zero before the call and again after it (every counter is reset by the program that drew its last ticket), so one
 buffer created once per decode step serves every such launch of the step in turn. Loads of other programs' results
-are volatile (never a stale L1 line). In the interpreter programs run one after another: the tickets come out the same way, with no
-barrier needed.
+are volatile (never a stale L1 line). In the interpreter programs run one after another: the tickets come out the
+same way, with no barrier needed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Kernels that finish their split sum themselves (kernels/split_sum.py): `head_out_proj_residual` and
 `nonzero_fc2_residual` against float64 references and against the unfinished kernels plus the model's XLA steps;
-the counters come back zero and serve the next launch; `head_out_proj` merging the decode attention's splits. Compiled on a GPU (where the last program to arrive is a
-race, run many times), in the interpreter on CPU."""
+the counters come back zero and serve the next launch; `head_out_proj` merging the decode attention's splits; both
+lowered for CUDA. Compiled on a GPU (where the last program to arrive is a race, run many times), in the
+interpreter on CPU."""
 
 import jax
 import jax.numpy as jnp
