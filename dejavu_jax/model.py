@@ -369,10 +369,12 @@ class OPTDecoderLayer(nn.Module):
                     x, ahead, head_ahead, sync = choice.before_attention_with_heads(h, ln, sync)
                 else:
                     x, ahead, head_ahead, _ = choice.before_attention_with_heads(h, ln)
-        # The out_proj launch adds the residual and applies the MLP's LayerNorm (pre-LN layers, see finishes_block).
+        # The out_proj launch adds the residual, and with `out_layernorm` applies the MLP's LayerNorm (pre-LN layers,
+        # see finishes_block).
         finish = None
         if sync is not None and pre_ln and self.self_attn.finishes_block(h, layer_kv, heads):
-            finish = (h, sync, self.final_layer_norm.affine())
+            mlp_ln = self.final_layer_norm.affine() if plan_flag(heads.knobs, "out_layernorm") else None
+            finish = (h, sync, mlp_ln)
         mlp_x = None
         with jax.named_scope("attention_block"):
             if qkv_normalises:

@@ -122,10 +122,13 @@ class HeadSparsePlan:
     # split_s of the head path's Pallas decode attention (kernels/decode_attention.py): 0 = that kernel's own plan;
     # 1 = no flash-decoding merge after it (one program per head over every slot). Read by the caller (`plan_flag`)
     attention_split: int = 0
-    # 1: a decode step's `head_out_proj` also adds out_proj's bias and the residual and applies the MLP's LayerNorm,
-    # its last programs summing the head groups' partials (`head_out_proj_residual`, kernels/split_sum.py): no XLA
-    # reduction, residual add or LayerNorm after it. Read by the model through `plan_flag`
+    # 1: a decode step's `head_out_proj` also adds out_proj's bias and the residual, its last programs summing the
+    # head groups' partials (`head_out_proj_residual`, kernels/split_sum.py): no XLA reduction or residual add after
+    # it. Read by the model through `plan_flag`
     out_residual: int = 0
+    # 1 (with out_residual): the last of those programs also applies the MLP's LayerNorm to the new row (one program
+    # reads the whole row: a serial tail, against XLA's two LayerNorm kernels). Read by the model (`plan_flag`)
+    out_layernorm: int = 0
     # 1: at batch 1 with the Pallas decode attention, `head_out_proj` merges that kernel's flash-decoding splits
     # itself (each program for the heads it reads): no merge kernel between them. Read by the caller (`plan_flag`)
     out_merge: int = 0
@@ -150,6 +153,7 @@ class HeadSparsePlan:
             "window_layernorm",
             "attention_split",
             "out_residual",
+            "out_layernorm",
             "out_merge",
         )
         for name in ("qkv_warps", "out_warps", "qkv_stages", "out_stages", "window_stages", *zero_ok):
