@@ -323,7 +323,7 @@ def _head_qkv_cache_kernel(head_idx_ref, cursor_ref, x_ref, w_ref, b_ref, *rest,
 
 
 def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, forced, total_heads, q_scale, eps=None):
-    # q_idx_ref [>= n] int32: the n chosen heads (K/V and Q), padded with -1 to a power of two; meta_ref [2] int32:
+    # q_idx_ref [n] int32: the n chosen heads (K/V and Q), -1 for padding; meta_ref [2] int32:
     # the cursor and the first head this call's weights hold (of `total_heads`); x_ref [1, d]: the new token's input
     # (with a LayerNorm (eps), its pre-LayerNorm input); then w_ref [1, 3H, hd, d], b_ref [1, 3H, hd] (part z's head
     # h is "head" z·H + h), with a LayerNorm its scale and bias [d]; then the aliased inputs and the outputs: recent
@@ -387,10 +387,12 @@ def _head_window_cache_kernel(q_idx_ref, meta_ref, x_ref, *rest, plans, n, force
     @pl.when((j < 2 * m) & (entry >= n))
     def _():
         # A forced head: the rotation's (cursor·f + i) mod total_heads, skipped where it is not among this call's
-        # heads, or is chosen too (the chosen entry computes the same window). q_idx_ref is padded with -1 to a
-        # power of two, so the check is one vector load.
+        # heads, or is chosen too (the chosen entry computes the same window): one vector load of the list, masked
+        # to a power of two (-1 past n), so the caller pads nothing in XLA.
         rotated = (cursor * forced + entry - n) % total_heads - meta_ref[1]
-        chosen_too = jnp.sum((q_idx_ref[...] == rotated).astype(jnp.int32)) > 0  # (Triton lowers no reduce_or)
+        width = next_pow2(n)
+        listed = plgpu.load(q_idx_ref.at[pl.ds(0, width)], mask=lax.iota(jnp.int32, width) < n, other=-1)
+        chosen_too = jnp.sum((listed == rotated).astype(jnp.int32)) > 0  # (Triton lowers no reduce_or)
 
         @pl.when((rotated >= 0) & (rotated < n_heads) & ~chosen_too)
         def _():
@@ -844,7 +846,7 @@ def head_window_into_cache(
         interpret=resolve_interpret(interpret),
         name="head_window_cache",
     )(
-        jnp.pad(q_heads.astype(jnp.int32), (0, next_pow2(n) - n), constant_values=-1),
+        q_heads.astype(jnp.int32),
         jnp.stack([jnp.asarray(cursor, jnp.int32), jnp.asarray(first_head, jnp.int32)]),
         x,
         qkv_w.reshape(1, 3 * n_heads, hd, d),

@@ -256,6 +256,9 @@ class TestHeadSparse(CompiledKernelCases):
         (16, 4, 64, 128, [2, 1], 2, 8, 4, 47, jnp.float32, None),
         # padding entries (-1), entry 0 among them: no K/V for them, zero Q, the buffer row still written
         (16, 4, 64, 128, [-1, 2, -1, 1], 1, 4, 0, 20, jnp.float32, None),
+        # three chosen heads (the list is read masked to four): the forced head chosen too (cursor 7: head 3), or not
+        (16, 4, 64, 128, [1, 3, 0], 1, 4, 0, 7, jnp.float16, None),
+        (16, 4, 64, 128, [1, 3, 0], 1, 4, 0, 6, jnp.float16, None),
     ]
 
     @pytest.mark.parametrize("case", WINDOW_CASES)
