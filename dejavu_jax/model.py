@@ -147,8 +147,8 @@ class OPTAttention(nn.Module):
         return bool(plan_flag(heads.knobs, "qkv_layernorm")) and B < DOT_MIN_BATCH and layer_kv[2] is None
 
     def finishes_block(self, x, layer_kv, heads: HeadRows) -> bool:
-        """Whether this call's out_proj launch may also add the residual and apply the MLP's LayerNorm (the
-        `out_residual` knob, the head-sparse decode step on one device): see `__call__`'s `finish`."""
+        """Whether this call's out_proj launch may also add the residual, and with `out_layernorm` apply the MLP's
+        LayerNorm (the `out_residual` knob, the head-sparse decode step on one device): see `__call__`'s `finish`."""
         B, T, _ = x.shape
         return (
             self.mesh is None

@@ -349,22 +349,6 @@ class MLPPredictor:
         same launch: returns (hidden, its hidden[, LayerNorm(x)]). `choose` = (k, threshold or None, sync), with a
         `second` that scores heads: the launch also chooses them (`HeadChooser`): returns (hidden, the heads idx
         [B, min(k, H)][, LayerNorm(x)], sync)."""
-        if choose is not None:
-            k, threshold, sync = choose
-            chooser = HeadChooser(second.w2_t, second.b2, threshold, sync, k)
-            return predictor_hidden(
-                x,
-                self.w1_t,
-                self.b1,
-                normalize=self.normalize_input,
-                eps=NORM_EPS,
-                block_r=tuning.hidden_block_r or None,
-                sum_once=bool(tuning.hidden_sum_once),
-                w1_t_second=second.w1_t,
-                b1_second=second.b1,
-                chooser=chooser,
-                **kernel_layernorm.wrapper_kwargs(layernorm),
-            )
         if tuning.hidden == "xla":
             if layernorm is not None or second is not None:
                 raise ValueError("only the predictor_hidden kernel writes a LayerNorm or a second hidden vector")
@@ -380,6 +364,7 @@ class MLPPredictor:
                 sum_once=bool(tuning.hidden_sum_once),
                 **kernel_layernorm.wrapper_kwargs(layernorm),
                 **({} if second is None else dict(w1_t_second=second.w1_t, b1_second=second.b1)),
+                **({} if choose is None else dict(chooser=_head_chooser(second, *choose))),
             )
         return on_stream(stream, compute, x) if stream else compute(x)
 
@@ -390,6 +375,11 @@ class MLPPredictor:
             return threshold_mask(p, self.w2_t, self.b2, self.threshold, w2_scale=self.w2_scale, knobs=tuning.knobs)
         chosen = self.scores_from_hidden(p) >= self.threshold
         return jnp.any(chosen, axis=0).astype(jnp.int32)
+
+
+def _head_chooser(head: MLPPredictor, k: int, threshold, sync) -> HeadChooser:
+    """The `predictor_hidden` chooser of head predictor `head`'s k heads (threshold None: top-K)."""
+    return HeadChooser(head.w2_t, head.b2, threshold, sync, k)
 
 
 def on_stream(stream: int, fn, *args):

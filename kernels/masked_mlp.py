@@ -429,8 +429,6 @@ def nonzero_fc2(h, fc2_w_t, fc2_b, *, knobs=None, interpret=None):
 
     h [B, ffn], fc2_w_t [ffn, d], fc2_b [d].
     """
-    if h.ndim != 2 or fc2_w_t.ndim != 2 or h.shape[1] != fc2_w_t.shape[0]:
-        raise ValueError(f"need h [batch, ffn] and fc2_w_t [ffn, d]. Got {h.shape} and {fc2_w_t.shape}")
     _check_fc2(h, fc2_w_t, fc2_b)
     plan = _plan(h.shape[0], fc2_w_t.shape[1], h.shape[1], knobs)
     partials = _nonzero_fc2_call(h, fc2_w_t, plan=plan, interpret=resolve_interpret(interpret))

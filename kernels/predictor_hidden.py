@@ -248,7 +248,7 @@ def predictor_hidden(
     """
     second = None if w1_t_second is None else (w1_t_second, b1_second)
     if chooser is not None:
-        _check_chooser(chooser, second)
+        _check_chooser(chooser, second, x.shape[-1])
     out = _launch(
         x,
         w1_t,
@@ -270,7 +270,7 @@ def predictor_hidden(
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def _check_chooser(chooser: HeadChooser, second) -> None:
+def _check_chooser(chooser: HeadChooser, second, d: int) -> None:
     n_heads, r2 = chooser.w2_t.shape
     if second is None:
         raise ValueError("choosing heads needs the second predictor (w1_t_second, b1_second)")
@@ -285,9 +285,7 @@ def _check_chooser(chooser: HeadChooser, second) -> None:
         raise ValueError(f"the chooser scores with floating-point w2_t (not int8 codes). Got {chooser.w2_t.dtype}")
     if chooser.threshold is not None and jnp.size(chooser.threshold) != 1:
         raise ValueError(f"the chooser's threshold must be a scalar. Got shape {jnp.shape(chooser.threshold)}")
-    sync = chooser.sync
-    if sync.dtype != jnp.int32 or sync.ndim != 1 or sync.shape[0] < 1:
-        raise ValueError(f"sync must be an int32 vector (split_sum.new_sync). Got {sync.dtype} {sync.shape}")
+    split_sum.check_sync(chooser.sync, d, split_sum.MIN_BLOCK_D)
 
 
 def _launch(
