@@ -246,65 +246,6 @@ def predictor_hidden(
     threshold `threshold_k(scores, threshold, k)`'s (-1 where the score is below it), of the scores p2 · w2_tᵀ + b2
     in fp32 (p2 as rounded above, summed in another order than XLA's).
     """
-    second = None if w1_t_second is None else (w1_t_second, b1_second)
-    if chooser is not None:
-        _check_chooser(chooser, second, x.shape[-1])
-    out = _launch(
-        x,
-        w1_t,
-        b1,
-        normalize=normalize,
-        eps=eps,
-        block_r=block_r,
-        block_d=block_d,
-        num_warps=num_warps,
-        interpret=interpret,
-        layernorm=ln.checked(ln_scale, ln_bias, ln_eps, x.shape[-1]),
-        sum_once=sum_once,
-        second=second,
-        chooser=chooser,
-    )
-    if chooser is not None:
-        p, _p2, *ln_x, idx, sync = out
-        return (p, idx, *ln_x, sync)
-    return out[0] if len(out) == 1 else tuple(out)
-
-
-def _check_chooser(chooser: HeadChooser, second, d: int) -> None:
-    n_heads, r2 = chooser.w2_t.shape
-    if second is None:
-        raise ValueError("choosing heads needs the second predictor (w1_t_second, b1_second)")
-    if not 1 <= n_heads <= CHOOSE_MAX_HEADS or r2 != second[0].shape[0] or chooser.b2.shape != (n_heads,):
-        raise ValueError(
-            f"the chooser needs w2_t [H <= {CHOOSE_MAX_HEADS}, r2={second[0].shape[0]}] and b2 [H]. Got "
-            f"{chooser.w2_t.shape} and {chooser.b2.shape}"
-        )
-    if chooser.k < 1:
-        raise ValueError(f"k must be positive. Got {chooser.k}")
-    if not jnp.issubdtype(chooser.w2_t.dtype, jnp.floating):
-        raise ValueError(f"the chooser scores with floating-point w2_t (not int8 codes). Got {chooser.w2_t.dtype}")
-    if chooser.threshold is not None and jnp.size(chooser.threshold) != 1:
-        raise ValueError(f"the chooser's threshold must be a scalar. Got shape {jnp.shape(chooser.threshold)}")
-    split_sum.check_sync(chooser.sync, d, split_sum.MIN_BLOCK_D)
-
-
-def _launch(
-    x,
-    w1_t,
-    b1,
-    *,
-    normalize,
-    eps,
-    block_r,
-    block_d,
-    num_warps,
-    interpret,
-    layernorm,
-    sum_once,
-    second=None,
-    chooser: Optional[HeadChooser] = None,
-):
-    """The pallas_call's outputs: p, [p2,] [ln_x,] [idx, sync] (with `chooser`)."""
     if x.ndim != 2 or w1_t.ndim != 2 or w1_t.shape[1] != x.shape[1]:
         raise ValueError(f"need x [batch, d] and w1_t [r, d]. Got {x.shape} and {w1_t.shape}")
     batch, d = x.shape
@@ -315,10 +256,13 @@ def _launch(
         raise ValueError(f"b1 must be [r] = [{r}]. Got {b1.shape}")
     if d % 16 or r % 16:
         raise ValueError(f"d and r must be multiples of 16. Got d={d}, r={r}")
+    if chooser is not None:
+        _check_chooser(chooser, None if w1_t_second is None else w1_t_second.shape[0], d)
+    layernorm = ln.checked(ln_scale, ln_bias, ln_eps, d)
     ln_eps, ln_args = ln.call_args(layernorm)
     block_r = pow2_divisor(r, block_r or max(1, min(16, r // 64, STEP_ELEMENTS // d)))
-    if second is not None:
-        w1_t_second, b1_second = second
+    second = ()
+    if w1_t_second is not None:
         r2 = w1_t_second.shape[0]
         if w1_t_second.shape != (r2, d) or b1_second is None or b1_second.shape != (r2,) or r2 % 16:
             raise ValueError(
@@ -328,7 +272,7 @@ def _launch(
         if w1_t_second.dtype != w1_t.dtype:
             raise ValueError(f"both predictors need one dtype. Got {w1_t.dtype} and {w1_t_second.dtype}")
         block_r = pow2_divisor(r2, block_r)  # one row block for both
-    second = () if second is None else second
+        second = (w1_t_second, b1_second)
     first_programs = r // block_r if second else 0
     n_programs = r // block_r + (second[0].shape[0] // block_r if second else 0)
     block_d = pow2_divisor(d, block_d)
@@ -363,7 +307,7 @@ def _launch(
         k, sync = min(chooser.k, chooser.w2_t.shape[0]), chooser.sync
         out_shape += [jax.ShapeDtypeStruct((batch, k), jnp.int32), jax.ShapeDtypeStruct(sync.shape, sync.dtype)]
         aliases = {len(inputs) - 1: len(out_shape) - 1}
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
         grid=(n_programs,),
@@ -372,6 +316,29 @@ def _launch(
         interpret=interpret,
         name="predictor_hidden",
     )(*inputs)
+    if chooser is not None:
+        p, _p2, *ln_x, idx, sync = out
+        return (p, idx, *ln_x, sync)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _check_chooser(chooser: HeadChooser, r2_second, d: int) -> None:
+    """`r2_second`: the second predictor's rank (None: no second predictor)."""
+    n_heads, r2 = chooser.w2_t.shape
+    if r2_second is None:
+        raise ValueError("choosing heads needs the second predictor (w1_t_second, b1_second)")
+    if not 1 <= n_heads <= CHOOSE_MAX_HEADS or r2 != r2_second or chooser.b2.shape != (n_heads,):
+        raise ValueError(
+            f"the chooser needs w2_t [H <= {CHOOSE_MAX_HEADS}, r2={r2_second}] and b2 [H]. Got "
+            f"{chooser.w2_t.shape} and {chooser.b2.shape}"
+        )
+    if chooser.k < 1:
+        raise ValueError(f"k must be positive. Got {chooser.k}")
+    if not jnp.issubdtype(chooser.w2_t.dtype, jnp.floating):
+        raise ValueError(f"the chooser scores with floating-point w2_t (not int8 codes). Got {chooser.w2_t.dtype}")
+    if chooser.threshold is not None and jnp.size(chooser.threshold) != 1:
+        raise ValueError(f"the chooser's threshold must be a scalar. Got shape {jnp.shape(chooser.threshold)}")
+    split_sum.check_sync(chooser.sync, d, split_sum.MIN_BLOCK_D)
 
 
 def predictor_hidden_reference(x, w1_t, b1, *, normalize=True, eps=1e-5):
