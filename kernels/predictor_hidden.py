@@ -154,8 +154,8 @@ def _choose_heads(p_ref, w2_ref, b2_ref, threshold_ref, idx_ref, batch, k, gpu):
         in_rank = (c0 + jnp.arange(chunk, dtype=jnp.int32)) < r
         cols = pl.ds(c0, chunk)
         w2 = plgpu.load(w2_ref.at[pl.ds(0, hp), cols], mask=real[:, None] & in_rank[None, :], other=0.0)
-        for b in range(batch):  # static; volatile: p was stored by other programs (split_sum)
-            p = plgpu.load(p_ref.at[pl.ds(b, 1), cols], mask=in_rank[None, :], other=0.0, volatile=gpu)
+        for b in range(batch):  # static; p was stored by other programs
+            p = split_sum.load_shared(p_ref.at[pl.ds(b, 1), cols], gpu, mask=in_rank[None, :], other=0.0)
             scores[b] = scores[b] + jnp.sum(w2.astype(jnp.float32) * p.astype(jnp.float32), axis=1)
     threshold = None if threshold_ref is None else threshold_ref[0]
     for b in range(batch):  # static

@@ -59,11 +59,12 @@ def reset(sync_ref, slot) -> None:
     sync_ref[slot] = jnp.int32(0)
 
 
-def load_shared(ref_at, gpu: bool):
-    """A load of values other programs of this launch stored: volatile on GPU (never a stale L1 line). Volatile, not
-    the ".cg" cache modifier: jax's Triton lowering (0.10) rejects every cache modifier its own check admits."""
-    if gpu:
-        return plgpu.load(ref_at, volatile=True)
+def load_shared(ref_at, gpu: bool, mask=None, other=None):
+    """A load of values other programs of this launch stored: volatile on GPU (never a stale L1 line); `mask` and
+    `other` as `plgpu.load`'s. Volatile, not the ".cg" cache modifier: jax's Triton lowering (0.10) rejects every
+    cache modifier its own check admits."""
+    if gpu or mask is not None:
+        return plgpu.load(ref_at, mask=mask, other=other, volatile=gpu)
     return ref_at[...]
 
 
