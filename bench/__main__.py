@@ -1,10 +1,12 @@
-"""python -m bench {generate,kernels,select,profile,allreduce,convert-memory,train-stream} ...  (each has --help)"""
+"""python -m bench {generate,kernels,select,profile,compile-kernels,allreduce,convert-memory,train-stream} ...
+(each has --help)"""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bench {generate,kernels,select,profile,allreduce,convert-memory,train-stream} [options]
+USAGE = """usage: python -m bench {generate,kernels,select,profile,compile-kernels,allreduce,convert-memory,
+                       train-stream} [options]
 
   generate            decode latency: JAX dense and sparse (fixed rows, lossless, predicted) vs HF eager vs
                       the bandwidth floor
@@ -16,6 +18,8 @@ USAGE = """usage: python -m bench {generate,kernels,select,profile,allreduce,con
   select              what choosing a decode step's neurons costs: predictor matmuls by rank, top-K
                       selection alternatives (GPU)
   profile             kernel-by-kernel time of the compiled decode program (GPU, from a profiler trace)
+  compile-kernels     every Pallas kernel of a decode program compiled for an H100 by Triton on any host (no
+                      GPU): compile errors, registers, spills, shared memory, programs per SM
   allreduce           per-call latency of the [batch, d] all-reduce tensor-parallel decoding makes twice a layer,
                       chained under shard_map, optionally under XLA / NCCL flag variants
   convert-memory      peak host memory of converting a random-weight HF checkpoint of a real shape
@@ -42,6 +46,10 @@ def main(argv=None) -> int:
         return run(rest)
     if command == "profile":
         from bench.profile_decode import main as run
+
+        return run(rest)
+    if command == "compile-kernels":
+        from bench.compile_kernels import main as run
 
         return run(rest)
     if command == "allreduce":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
 import glob
 import gzip
 import json
@@ -41,29 +40,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.generate import (
-    parse_tuning,
-    plant_firing,
-    planted_predictors,
-    planted_rows,
-    random_head_predictors,
-    random_params,
-)
-from dejavu_jax.config import OPT_SHAPES, shape_config
+from bench.decode_setup import add_decode_args, check_decode_args, decode_setup
+from dejavu_jax.config import shape_config
 from dejavu_jax.generation import generate_tokens
-from dejavu_jax.model import ATTENTION_IMPLS
-from dejavu_jax.parallel import TP_AXIS, shard_params, shard_sparse_weights, tp_mesh
+from dejavu_jax.parallel import TP_AXIS, tp_mesh
 from dejavu_jax.sampling import SamplingConfig
-from dejavu_jax.sparse_attention import HEAD_KV_MODES
-from dejavu_jax.sparsity import (
-    DENSE,
-    HeadSparsity,
-    MLPSparsity,
-    Selection,
-    SparseWeights,
-    SparsityPolicy,
-    head_schedule,
-)
 
 
 def device_kernel_events(trace_dir: str, device: str = "/device:GPU:0") -> list[dict]:
@@ -137,112 +118,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--shape", default="opt-6.7b", choices=sorted(OPT_SHAPES))
-    p.add_argument("--prompt-len", type=int, default=128)
+    add_decode_args(p)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS, help="decode-step attention (default xla)")
-    p.add_argument(
-        "--mlp-density",
-        type=float,
-        default=None,
-        help="profile sparse-MLP decoding instead (as `bench generate` plants it; --mlp-variant says which): this "
-        "fraction of the neurons chosen per token",
-    )
-    p.add_argument(
-        "--mlp-variant",
-        default="predicted",
-        choices=["predicted", "fixed", "lossless"],
-        help="with --mlp-density: the planted predictors (default), the fixed row masks they choose (the ceiling), "
-        "or the lossless mode (dense fc1, fc2 over the firing neurons; no predictor)",
-    )
-    p.add_argument(
-        "--int8-scores",
-        action="store_true",
-        help="with --mlp-density (predicted): the predictors' scoring rows in int8 (dejavu_jax.generate --int8-scores)",
-    )
-    p.add_argument(
-        "--tuning",
-        default="",
-        metavar="NAME=VALUE,...",
-        help="decode-kernel overrides (dejavu_jax.sparsity.DecodeTuning, as bench generate --tuning)",
-    )
-    p.add_argument("--fire-rate", type=float, default=0.05, help="with --mlp-density: the firing fraction")
-    p.add_argument("--predictor-rank", type=int, default=256, help="with --mlp-density (default 256)")
-    p.add_argument(
-        "--selection",
-        default="threshold",
-        choices=[s.value for s in Selection],
-        help="with --mlp-density (predicted): how the predictors choose (default threshold)",
-    )
-    p.add_argument(
-        "--head-density",
-        type=float,
-        default=None,
-        help="also profile head-sparse decoding (as `bench generate` sets it up): this fraction of each layer's heads "
-        "computed per token",
-    )
-    p.add_argument(
-        "--heads",
-        default="fixed",
-        choices=["fixed", "predicted"],
-        help="with --head-density: a seeded random schedule (fixed) or random head predictors of --predictor-rank",
-    )
-    p.add_argument(
-        "--head-kv", default="repair", choices=HEAD_KV_MODES, help="with --head-density (default repair, as decoding)"
-    )
-    p.add_argument("--tp", type=int, default=1, help="tensor parallelism over this many devices (default 1; see above)")
     p.add_argument("--hlo", default=None, help="write the optimized HLO text here")
     p.add_argument("--trace-dir", default=None, help="keep the profiler trace in this directory (default: a temp dir)")
     args = p.parse_args(argv)
-    if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
-        p.error(f"--mlp-density must be in (0, 1]. Got {args.mlp_density}")
-    if args.head_density is not None and not 0 < args.head_density <= 1:
-        p.error(f"--head-density must be in (0, 1]. Got {args.head_density}")
-    if args.int8_scores and (args.mlp_density is None or args.mlp_variant != "predicted"):
-        p.error("--int8-scores needs --mlp-density with the predicted variant")
-    if args.mlp_variant != "predicted" and args.mlp_density is None:
-        p.error("--mlp-variant needs --mlp-density")
+    tuning = check_decode_args(p, args)
     try:
-        tuning = parse_tuning(args.tuning) if args.tuning else ()
+        tp_mesh(shape_config(args.shape), args.tp)
     except ValueError as e:
         p.error(str(e))
-
-    config = dataclasses.replace(shape_config(args.shape), eos_token_id=-1)
-    try:
-        mesh = tp_mesh(config, args.tp)
-    except ValueError as e:
-        p.error(str(e))
+    setup = decode_setup(args, tuning)
+    config, mesh, params, policy, sparsity = setup.config, setup.mesh, setup.params, setup.policy, setup.sparsity
     tp = 1 if mesh is None else mesh.shape[TP_AXIS]
-    params = random_params(config, jnp.float16, mesh)
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, args.prompt_len), 3, config.vocab_size)
     sampling = SamplingConfig().to_device()
-    policy, sparsity = DENSE, None
-    if args.mlp_density is not None:
-        planted = planted_rows(config, args.mlp_density, args.fire_rate)
-        params = shard_params(plant_firing(params, planted), mesh)
-        if args.mlp_variant == "lossless":
-            policy = SparsityPolicy(MLPSparsity.LOSSLESS)
-        elif args.mlp_variant == "fixed":
-            fixed_rows = tuple(jnp.asarray(c, jnp.int32) for _, c in planted)
-            sparsity = shard_sparse_weights(SparseWeights(fixed_rows=fixed_rows), mesh)
-        else:
-            policy = SparsityPolicy(MLPSparsity.PREDICTED, Selection(args.selection))
-            predictors = planted_predictors(config, planted, args.predictor_rank, tp, args.int8_scores)
-            sparsity = shard_sparse_weights(predictors, mesh)
-    if args.head_density is not None:
-        k = max(1, round(args.head_density * config.num_attention_heads))
-        heads = HeadSparsity.FIXED if args.heads == "fixed" else HeadSparsity.PREDICTED
-        policy = dataclasses.replace(policy, heads=heads, head_k=k, tuning=(("head_kv", args.head_kv), *tuning))
-        sparsity = sparsity or SparseWeights()
-        if heads == HeadSparsity.FIXED:
-            sparsity = sparsity.replace(
-                head_schedule=head_schedule(11, config.num_hidden_layers, config.num_attention_heads)
-            )
-        else:
-            sparsity = sparsity.replace(heads=random_head_predictors(config, args.predictor_rank))
-    elif tuning:
-        policy = dataclasses.replace(policy, tuning=tuning)
     static = dict(
         config=config,
         num_slots=args.prompt_len + args.new_tokens,
