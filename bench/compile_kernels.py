@@ -179,7 +179,11 @@ def main(argv=None) -> int:
         traced = generate_tokens.trace(
             setup.params, ids, ids, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparsity, **static
         )
-        kernels = triton_kernels(traced.lower(lowering_platforms=("cuda",)))
+        try:
+            kernels = triton_kernels(traced.lower(lowering_platforms=("cuda",)))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if not kernels:
         print("the program has no Pallas kernels (dense decoding with --attention xla runs XLA's own)")
         return 0
