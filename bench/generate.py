@@ -198,14 +198,42 @@ def _head_setting(name: str) -> bool:
     return name.startswith("head_")  # `DecodeTuning.head_*`
 
 
-def heads_only(tuning: tuple) -> bool:
-    """The tuning overrides only head-sparse settings (`DecodeTuning.head_*`)."""
-    return all(_head_setting(name) for name, _ in tuning)
-
-
 def tunes_heads(tuning: tuple) -> bool:
     """The tuning overrides some head-sparse setting."""
     return any(_head_setting(name) for name, _ in tuning)
+
+
+def mlp_tuning(tuning: tuple) -> tuple:
+    """The settings of `tuning` an MLP-only row uses (every head setting dropped)."""
+    return tuple((name, value) for name, value in tuning if not _head_setting(name))
+
+
+def mlp_variants(tunings: list, ranks, selections, fixed, predictors: dict, int8_predictors: dict) -> list:
+    """The --mlp-density rows: (label, policy, weights, extra) for each (tuning, the variant names it times). A
+    tuned row carries only the tuning's MLP settings (`mlp_tuning`), and is left out where those equal an earlier
+    tuning's (the same program: e.g. a heads-only tuning repeats the untuned row). `fixed`: the fixed-rows
+    SparseWeights; `predictors` / `int8_predictors`: rank -> MLP SparseWeights (int8: only the ranks it has)."""
+    out, seen = [], set()
+    for tuning, names in tunings:
+        tuning = mlp_tuning(tuning)
+        if tuning in seen:
+            continue
+        seen.add(tuning)
+        tag, extra = tuning_label(tuning)
+        if "fixed" in names:
+            out.append((f"fixed rows{tag}", SparsityPolicy(tuning=tuning), fixed, extra))
+        if "lossless" in names:
+            out.append((f"lossless{tag}", SparsityPolicy(MLPSparsity.LOSSLESS, tuning=tuning), None, extra))
+        if "predicted" not in names:
+            continue
+        for rank in ranks:
+            for sel in selections:
+                policy = SparsityPolicy(MLPSparsity.PREDICTED, sel, tuning=tuning)
+                out.append((f"predicted, {sel.value}{tag}", policy, predictors[rank], {"rank": rank, **extra}))
+                if rank in int8_predictors:
+                    label = f"predicted, {sel.value}, int8 scores{tag}"
+                    out.append((label, policy, int8_predictors[rank], {"rank": rank, **extra}))
+    return out
 
 
 def head_variants(
@@ -485,7 +513,9 @@ def main(argv=None) -> int:
         metavar="NAME=VALUE,...",
         help="with --mlp-density: also time every --variants row with these decode-kernel overrides "
         "(dejavu_jax.sparsity.DecodeTuning: hidden=pallas|xla, hidden_layernorm=0|1, hidden_block_r=N, "
-        "hidden_stream=N, scores=fc1|kernel|xla, or MaskedMLPPlan fields such as fc1_segment=128); repeat for several",
+        "hidden_stream=N, scores=fc1|kernel|xla, or MaskedMLPPlan fields such as fc1_segment=128; head_ + a "
+        "HeadSparsePlan field for the --head-density rows); repeat for several. An MLP-only row takes the tuning's "
+        "MLP settings, and is not repeated for a tuning whose MLP settings an earlier one had",
     )
     p.add_argument(
         "--tuned-variants",
@@ -647,28 +677,14 @@ def main(argv=None) -> int:
                     for rank in ranks
                     if wants_predictors and args.int8_scores
                 }
-                for tuning in tunings:
-                    if tuning and heads_only(tuning):
-                        continue  # changes nothing in an MLP-only row
-                    names = tuned_names if tuning else variant_names
-                    tag, extra = tuning_label(tuning)
-                    if "fixed" in names:
-                        variants.append((f"fixed rows{tag}", SparsityPolicy(tuning=tuning), fixed, extra))
-                    if "lossless" in names:
-                        variants.append(
-                            (f"lossless{tag}", SparsityPolicy(MLPSparsity.LOSSLESS, tuning=tuning), None, extra)
-                        )
-                    if "predicted" not in names:
-                        continue
-                    for rank in ranks:
-                        for sel in selections:
-                            policy = SparsityPolicy(MLPSparsity.PREDICTED, sel, tuning=tuning)
-                            variants.append(
-                                (f"predicted, {sel.value}{tag}", policy, predictors[rank], {"rank": rank, **extra})
-                            )
-                            if rank in int8_predictors:
-                                label = f"predicted, {sel.value}, int8 scores{tag}"
-                                variants.append((label, policy, int8_predictors[rank], {"rank": rank, **extra}))
+                variants += mlp_variants(
+                    [(t, tuned_names if t else variant_names) for t in tunings],
+                    ranks,
+                    selections,
+                    fixed,
+                    predictors,
+                    int8_predictors,
+                )
             if args.head_density is not None:
                 variants += head_variants(
                     config,

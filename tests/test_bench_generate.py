@@ -86,6 +86,35 @@ def test_head_rows_skip_heads_only_rows_that_repeat_another_row():
     ]
 
 
+def test_mlp_rows_carry_only_mlp_settings_and_skip_repeated_programs():
+    """A tuned MLP-only row drops the tuning's head settings; a tuning whose MLP settings an earlier one had (a
+    heads-only tuning: the untuned row's) adds no MLP row."""
+    from bench.generate import mlp_variants
+    from dejavu_jax.sparsity import MLPSparsity, Selection, SparseWeights
+
+    fixed, predicted = SparseWeights(), {16: SparseWeights()}
+    both = ["fixed", "lossless", "predicted"]
+    tunings = [
+        ((), both),
+        ((("head_out_residual", 1), ("fc2_residual", 1)), both),
+        ((("head_out_residual", 1), ("head_out_layernorm", 1), ("fc2_residual", 1)), both),  # MLP part repeats
+        ((("head_kv", "all"),), both),  # heads only: the untuned programs
+    ]
+    rows = mlp_variants(tunings, [16], [Selection.THRESHOLD], fixed, predicted, {})
+    assert [label for label, *_ in rows] == [
+        "fixed rows",
+        "lossless",
+        "predicted, threshold",
+        "fixed rows [fc2_residual=1]",
+        "lossless [fc2_residual=1]",
+        "predicted, threshold [fc2_residual=1]",
+    ]
+    tuned = [policy for label, policy, *_ in rows if "fc2_residual" in label]
+    assert all(dict(policy.tuning.knobs)["fc2_residual"] == 1 for policy in tuned)
+    assert [policy.mlp for policy in tuned] == [MLPSparsity.NONE, MLPSparsity.LOSSLESS, MLPSparsity.PREDICTED]
+    assert rows[-1][3] == {"rank": 16, "tuning": "fc2_residual=1"}
+
+
 def test_threshold_head_rows_keep_about_the_density_of_heads():
     """`--head-threshold`: the threshold-selection predicted row gets a twin whose random head predictors carry a
     threshold that keeps about `density` of the heads a token (bounded by every head), so the count varies."""
