@@ -15,7 +15,8 @@ triton`). A kernel that fails there would fail at its first compile on the GPU; 
 What it cannot say: the GPU compiles with the Triton that its jaxlib bundles, which may differ from the pip
 package's version (the table names the one used); and nothing here runs a kernel. Occupancy is the H100's limits
 (65,536 registers and 228 KiB of shared memory an SM, 1 KiB of it reserved per program, 32 programs, 64 warps),
-registers allocated per warp in units of 256; waves: programs over 132 SMs times the programs an SM holds.
+registers allocated per warp in units of 256; waves: programs over 132 SMs times the programs an SM holds. On the GPU
+itself, `tools/ptx_report.py` reads what the real compile emitted for the sparse-MLP kernels (PTX, SASS, ncu).
 """
 
 from __future__ import annotations
