@@ -11,6 +11,8 @@ Pallas kernel's Triton IR is read from the lowered program (the `__gpu$xla.gpu.t
 emits, with their warps, stages and grid), and Triton's own compiler turns it into PTX and a cubin for sm_90
 (`bench/triton_compile_worker.py`, run by `--triton-python`, default this Python; it needs only `pip install
 triton`). A kernel that fails there would fail at its first compile on the GPU; the table says which and why.
+Exit status: 0 when every kernel compiled (or with --lower-only), 1 when one failed, 2 for bad flags or a worker or
+lowering this tool cannot use.
 
 What it cannot say: the GPU compiles with the Triton that its jaxlib bundles, which may differ from the pip
 package's version (the table names the one used); and nothing here runs a kernel. Occupancy is the H100's limits
