@@ -59,6 +59,7 @@ error is printed and listed under the table, and the other rows go on.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import gc
 import statistics
@@ -342,8 +343,10 @@ def prepare_jax(
     attention_impl="xla",
     autotune="default",
     all_reduce="nccl",
+    check: bool = True,
 ):
-    """Compile one generation program and check it makes `new_tokens` tokens: (run(n) -> blocks, compile seconds)."""
+    """Compile one generation program and (with `check`; else call `check_run` later) check it makes `new_tokens`
+    tokens: (run(n) -> blocks, compile seconds)."""
     if params is None:
         params = random_params(config, jnp.float16)
     jax.block_until_ready(params)
@@ -368,9 +371,34 @@ def prepare_jax(
     start = time.perf_counter()
     program.lower(params, ids, mask, jnp.int32(1), jax.random.PRNGKey(2), sampling, sparse_weights, **static).compile()
     compile_s = time.perf_counter() - start
+    if check:
+        check_run(run, new_tokens)
+    return run, compile_s
+
+
+def check_run(run, new_tokens: int) -> None:
+    """Runs a prepared program once (its first run, outside any timing) and checks it made `new_tokens` tokens."""
     counts = run(new_tokens)
     assert int(np.min(counts)) == new_tokens, f"generated {counts}, wanted {new_tokens}"
-    return run, compile_s
+
+
+def compile_rows(compile_one, items: list, threads: int) -> list:
+    """compile_one(item) for every item, in order: its result, or the exception it raised. With `threads` > 1 the
+    first item compiles alone (a group's dense row: XLA autotunes its GEMMs with the GPU to itself, and later
+    programs find them in the process's autotuning cache), then the rest on that many threads: XLA compiles with the
+    GIL released, and a row's compile is mostly XLA's."""
+
+    def attempt(item):
+        try:
+            return compile_one(item)
+        except Exception as e:  # returned, so the caller decides which rows may fail
+            return e
+
+    if threads <= 1 or len(items) <= 2:
+        return [attempt(item) for item in items]
+    first = attempt(items[0])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        return [first, *pool.map(attempt, items[1:])]
 
 
 def time_interleaved(runs: list, new_tokens: int, repeats: int) -> list[dict]:
@@ -524,6 +552,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("--batches", default=None, help="comma list of batch sizes to time in this run (default --batch)")
     p.add_argument(
+        "--compile-threads",
+        type=int,
+        default=1,
+        help="compile a group's rows on this many threads, the first (dense) alone before the others (default 1: "
+        "one after another). A row's 'compile s' is then its own compile beside the others'; XLA autotunes the GEMMs "
+        "the dense program lacks while other rows compile",
+    )
+    p.add_argument(
         "--attention",
         type=attention_list,
         default=list(ATTENTION_IMPLS),
@@ -573,8 +609,8 @@ def main(argv=None) -> int:
         tunings = [()] + [parse_tuning(spec) for spec in args.tuning]
     except ValueError as e:
         p.error(f"--tuning: {e}")
-    if min(ranks) < 1 or min(batches) < 1:
-        p.error("ranks and batches must be >= 1")
+    if min(ranks) < 1 or min(batches) < 1 or args.compile_threads < 1:
+        p.error("ranks, batches and --compile-threads must be >= 1")
     if args.mlp_density is not None and not 0 < args.fire_rate <= args.mlp_density:
         p.error(f"--fire-rate must be in (0, --mlp-density]. Got {args.fire_rate}")
     if args.head_density is not None and not 0 < args.head_density <= 1:
@@ -715,20 +751,30 @@ def main(argv=None) -> int:
                 for impl in args.attention:
                     tags = [f" [{impl}]" + ("" if mode == "-" else f" [{mode}]") for mode, _ in group]
                     prepared, compile_times, compiled = [], [], []
-                    for i, ((mode, (label, policy, weights, extra)), how) in enumerate(zip(group, tags)):
+
+                    def compile_row(entry, impl=impl):
+                        mode, (_, policy, weights, _) = entry
+                        return prepare_jax(
+                            config,
+                            batch,
+                            args.prompt_len,
+                            args.new_tokens,
+                            params,
+                            policy,
+                            weights,
+                            attention_impl=impl,
+                            autotune=args.autotune,
+                            all_reduce="nccl" if mode == "-" else mode,
+                            check=False,
+                        )
+
+                    outcomes = compile_rows(compile_row, group, args.compile_threads)
+                    for i, ((mode, (label, _, _, extra)), how, outcome) in enumerate(zip(group, tags, outcomes)):
                         try:
-                            run, compile_s = prepare_jax(
-                                config,
-                                batch,
-                                args.prompt_len,
-                                args.new_tokens,
-                                params,
-                                policy,
-                                weights,
-                                attention_impl=impl,
-                                autotune=args.autotune,
-                                all_reduce="nccl" if mode == "-" else mode,
-                            )
+                            if isinstance(outcome, Exception):
+                                raise outcome
+                            run, compile_s = outcome
+                            check_run(run, args.new_tokens)
                         except Exception as e:  # only a --tuning row may fail without ending the run
                             if "tuning" not in extra:
                                 raise

@@ -7,7 +7,9 @@ import pytest
 from bench.generate import main, parse_tuning
 
 
-def test_rows_of_a_tiny_sparse_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rows_of_a_tiny_sparse_run(threads, tmp_path, monkeypatch):
+    """The same rows, refusals and table whether the rows compile one after another or on threads."""
     import bench.generate
 
     def refused(config, batch, prompt_len, new_tokens, params, policy, *args, **kwargs):
@@ -21,6 +23,7 @@ def test_rows_of_a_tiny_sparse_run(tmp_path, monkeypatch):
     argv = "--shape tiny --no-hf --attention xla --repeats 1 --new-tokens 3 --prompt-len 8 --mlp-density 0.25 "
     argv += "--fire-rate 0.1 --predictor-rank 16 --selection threshold --variants fixed "
     argv += "--tuned-variants predicted --tuning hidden=xla,fc1_segment=16 --tuning hidden_block_r=2 --int8-scores"
+    argv += f" --compile-threads {threads}"
     assert main(argv.split() + ["--out", str(out)]) == 0
     results = json.loads(out.with_suffix(".json").read_text())
     rows = results["rows"]
@@ -44,6 +47,34 @@ def test_rows_of_a_tiny_sparse_run(tmp_path, monkeypatch):
     assert "| tiny | 1 | replicated | - | 1 | xla | fixed rows |" in out.read_text()
 
 
+def test_compile_rows_keeps_order_and_errors_and_compiles_the_first_alone():
+    import threading
+    import time
+
+    from bench.generate import compile_rows
+
+    events, lock = [], threading.Lock()
+
+    def compile_one(item):
+        with lock:
+            events.append(("start", item))
+        time.sleep(0.05)
+        with lock:
+            events.append(("end", item))
+        if item == 3:
+            raise RuntimeError("refused")
+        return item * 10
+
+    for threads in (1, 4):
+        events.clear()
+        out = compile_rows(compile_one, [0, 1, 2, 3, 4], threads)
+        assert out[:3] == [0, 10, 20] and isinstance(out[3], RuntimeError) and out[4] == 40
+        assert events[:2] == [("start", 0), ("end", 0)]  # the first (dense) row compiles alone
+    starts = [i for i, (kind, _) in enumerate(events) if kind == "start"]
+    ends = [i for i, (kind, _) in enumerate(events) if kind == "end"]
+    assert starts[2] < ends[1]  # on 4 threads, the others overlap
+
+
 def test_parse_tuning_and_bad_flags(capsys):
     assert parse_tuning("fc1_segment=128, hidden=xla") == (("fc1_segment", 128), ("hidden", "xla"))
     for spec in ("fc1_segment", "hidden=cuda", "fc9=1"):
@@ -55,6 +86,7 @@ def test_parse_tuning_and_bad_flags(capsys):
         ["--variants", "fixed", "--int8-scores"],
         ["--head-union"],
         ["--head-threshold"],
+        ["--compile-threads", "0"],
     ):
         with pytest.raises(SystemExit) as e:
             main(["--shape", "tiny", "--mlp-density", "0.1", *argv])
