@@ -132,10 +132,10 @@ def programs_per_sm(registers: int | None, shared: int, num_warps: int) -> int |
 
 def compile_with_triton(kernels: list[TritonKernel], workdir: Path, python: str) -> tuple[str, list[dict]]:
     """(triton version, one result per kernel) from the worker run by `python` over `workdir`."""
-    for i, k in enumerate(kernels):
-        stem = workdir / f"{i:02d}_{k.name}"
-        stem.with_suffix(".ttir").write_text(k.ir)
-        stem.with_suffix(".json").write_text(json.dumps({"num_warps": k.num_warps, "num_stages": k.num_stages}))
+    stems = [f"{i:04d}_{k.name}" for i, k in enumerate(kernels)]
+    for stem, k in zip(stems, kernels):
+        (workdir / f"{stem}.ttir").write_text(k.ir)
+        (workdir / f"{stem}.json").write_text(json.dumps({"num_warps": k.num_warps, "num_stages": k.num_stages}))
     try:  # -I: the script's directory (bench/, whose select.py shadows the standard module) not on sys.path
         done = subprocess.run([python, "-I", str(WORKER), str(workdir)], capture_output=True, text=True)
     except OSError as e:
@@ -144,7 +144,8 @@ def compile_with_triton(kernels: list[TritonKernel], workdir: Path, python: str)
     if done.returncode != 0 or not lines or "triton" not in lines[0]:
         why = lines[0].get("error") if lines else (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise ValueError(f"the Triton compile worker failed ({why})")
-    return lines[0]["triton"], lines[1:]
+    by_stem = {r["name"]: r for r in lines[1:]}  # the worker names each result by its file
+    return lines[0]["triton"], [by_stem.get(stem, {"name": stem, "ok": False, "error": "no result"}) for stem in stems]
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bench.compile_kernels import TRITON_CALL, TritonKernel, compile_with_triton, main, programs_per_sm
+from bench.compile_kernels import (
+    TRITON_CALL,
+    TritonKernel,
+    compile_with_triton,
+    main,
+    programs_per_sm,
+    triton_kernels,
+)
 from kernels.head_sparse import HeadSparsePlan
 from kernels.masked_mlp import nonzero_fc2
 from kernels.platform import compiled_kernels, resolve_interpret
@@ -145,3 +152,15 @@ def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
     )
     version, results = compile_with_triton([broken], tmp_path, python)
     assert version and results[0]["ok"] is False and results[0]["error"]
+
+
+def test_results_follow_the_kernels_order_past_ten(tmp_path):
+    """Twelve kernels, two of them broken: each result is its own kernel's, in the kernels' order."""
+    python = triton_python()
+    h, w, b = jnp.ones((1, 64), jnp.float16), jnp.ones((64, 32), jnp.float16), jnp.zeros(32, jnp.float16)
+    with compiled_kernels():
+        (good,) = triton_kernels(jax.jit(nonzero_fc2).trace(h, w, b).lower(lowering_platforms=("cuda",)))
+    broken = dataclasses.replace(good, name="broken", ir='"builtin.module"() ({ "not.an_op"() : () -> () }) : () -> ()')
+    kernels = [broken if i in (1, 10) else good for i in range(12)]
+    _, results = compile_with_triton(kernels, tmp_path, python)
+    assert [r["ok"] for r in results] == [i not in (1, 10) for i in range(12)]
