@@ -211,8 +211,16 @@ def main(argv=None) -> int:
         failed += r.get("ok") is False
         status = "-" if not r else ("ok" if r["ok"] else f"FAILED: {r['error'][:160]}")
         compiled = {key: value for key, value in r.items() if key != "name"}  # the worker's name is the file's
-        rows.append({**dataclasses.asdict(k), "ir": None, **compiled, "programs_per_sm": per_sm, "waves": waves})
-        rows[-1]["status"] = status
+        rows.append(
+            {
+                **dataclasses.asdict(k),
+                "ir": None,
+                **compiled,
+                "programs_per_sm": per_sm,
+                "waves": waves,
+                "status": status,
+            }
+        )
 
     def cell(value):
         return "-" if value is None else str(value)

@@ -19,7 +19,7 @@ from bench.generate import (
 )
 from dejavu_jax.config import OPT_SHAPES, OPTConfig, shape_config
 from dejavu_jax.model import ATTENTION_IMPLS, abstract_params
-from dejavu_jax.parallel import TP_AXIS, shard_params, shard_sparse_weights, tp_mesh
+from dejavu_jax.parallel import TP_AXIS, shard_params, shard_sparse_weights
 from dejavu_jax.sparse_attention import HEAD_KV_MODES
 from dejavu_jax.sparsity import (
     DENSE,
@@ -113,17 +113,17 @@ def check_decode_args(p: argparse.ArgumentParser, args) -> tuple:
 @dataclasses.dataclass
 class DecodeSetup:
     config: OPTConfig  # EOS disabled: a fixed token count
-    mesh: object  # the tp mesh, or None
     params: dict
     policy: SparsityPolicy
     sparsity: SparseWeights | None
 
 
-def decode_setup(args, tuning: tuple, abstract: bool = False) -> DecodeSetup:
-    """The weights, policy and sparse weights the flags ask for. `abstract`: every array a ShapeDtypeStruct
-    (nothing allocated; for lowering only), on one device."""
+def decode_setup(args, tuning: tuple, mesh=None, abstract: bool = False) -> DecodeSetup:
+    """The weights, policy and sparse weights the flags ask for, on the tp `mesh` (`parallel.tp_mesh`; None: one
+    device). `abstract`: every array a ShapeDtypeStruct (nothing allocated; for lowering only), on one device."""
+    if abstract and mesh is not None:
+        raise ValueError("abstract weights are made for one device (mesh=None)")
     config = dataclasses.replace(shape_config(args.shape), eos_token_id=-1)
-    mesh = None if abstract else tp_mesh(config, getattr(args, "tp", 1))
     tp = 1 if mesh is None else mesh.shape[TP_AXIS]
 
     def make(fn):
@@ -157,4 +157,4 @@ def decode_setup(args, tuning: tuple, abstract: bool = False) -> DecodeSetup:
             sparsity = sparsity.replace(heads=make(lambda: random_head_predictors(config, args.predictor_rank)))
     elif tuning:
         policy = dataclasses.replace(policy, tuning=tuning)
-    return DecodeSetup(config, mesh, params, policy, sparsity)
+    return DecodeSetup(config, params, policy, sparsity)

@@ -126,11 +126,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tuning = check_decode_args(p, args)
     try:
-        tp_mesh(shape_config(args.shape), args.tp)
+        mesh = tp_mesh(shape_config(args.shape), args.tp)
     except ValueError as e:
         p.error(str(e))
-    setup = decode_setup(args, tuning)
-    config, mesh, params, policy, sparsity = setup.config, setup.mesh, setup.params, setup.policy, setup.sparsity
+    setup = decode_setup(args, tuning, mesh)
+    config, params, policy, sparsity = setup.config, setup.params, setup.policy, setup.sparsity
     tp = 1 if mesh is None else mesh.shape[TP_AXIS]
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, args.prompt_len), 3, config.vocab_size)
     sampling = SamplingConfig().to_device()
