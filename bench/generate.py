@@ -382,23 +382,29 @@ def check_run(run, new_tokens: int) -> None:
     assert int(np.min(counts)) == new_tokens, f"generated {counts}, wanted {new_tokens}"
 
 
-def compile_rows(compile_one, items: list, threads: int) -> list:
-    """compile_one(item) for every item, in order: its result, or the exception it raised. With `threads` > 1 the
-    first item compiles alone (a group's dense row: XLA autotunes its GEMMs with the GPU to itself, and later
-    programs find them in the process's autotuning cache), then the rest on that many threads: XLA compiles with the
-    GIL released, and a row's compile is mostly XLA's."""
+def compile_rows(compile_one, items: list, threads: int, may_fail=lambda item: True) -> list:
+    """compile_one(item) for every item, in order: its result, or the exception it raised where `may_fail(item)`;
+    any other exception ends the call at once (no further item starts). With `threads` > 1 the first item compiles
+    alone (a group's dense row: XLA autotunes its GEMMs with the GPU to itself, and later programs find them in the
+    process's autotuning cache), then the rest on that many threads: XLA compiles with the GIL released, and a row's
+    compile is mostly XLA's."""
 
     def attempt(item):
         try:
             return compile_one(item)
-        except Exception as e:  # returned, so the caller decides which rows may fail
-            return e
+        except Exception as e:
+            if not may_fail(item):
+                raise
+            return e  # returned: the caller lists the row as not timed
 
     if threads <= 1 or len(items) <= 2:
         return [attempt(item) for item in items]
     first = attempt(items[0])
-    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+    try:
         return [first, *pool.map(attempt, items[1:])]
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, the items not yet started never start
 
 
 def time_interleaved(runs: list, new_tokens: int, repeats: int) -> list[dict]:
@@ -768,15 +774,19 @@ def main(argv=None) -> int:
                             check=False,
                         )
 
-                    outcomes = compile_rows(compile_row, group, args.compile_threads)
-                    for i, ((mode, (label, _, _, extra)), how, outcome) in enumerate(zip(group, tags, outcomes)):
+                    def tuned(entry):  # only a --tuning row may fail without ending the run
+                        return "tuning" in entry[1][3]
+
+                    outcomes = compile_rows(compile_row, group, args.compile_threads, may_fail=tuned)
+                    for i, (entry, how, outcome) in enumerate(zip(group, tags, outcomes)):
+                        label = entry[1][0]
                         try:
                             if isinstance(outcome, Exception):
                                 raise outcome
                             run, compile_s = outcome
                             check_run(run, args.new_tokens)
-                        except Exception as e:  # only a --tuning row may fail without ending the run
-                            if "tuning" not in extra:
+                        except Exception as e:
+                            if not tuned(entry):
                                 raise
                             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
                             not_timed.append((f"{name}{where} b{batch}{how} {label}", error))

@@ -73,6 +73,11 @@ def test_compile_rows_keeps_order_and_errors_and_compiles_the_first_alone():
     starts = [i for i, (kind, _) in enumerate(events) if kind == "start"]
     ends = [i for i, (kind, _) in enumerate(events) if kind == "end"]
     assert starts[2] < ends[1]  # on 4 threads, the others overlap
+    # an item that may not fail ends the call: one after another, no later item starts
+    events.clear()
+    with pytest.raises(RuntimeError, match="refused"):
+        compile_rows(compile_one, [0, 3, 4], 1, may_fail=lambda item: item != 3)
+    assert ("start", 4) not in events
 
 
 def test_parse_tuning_and_bad_flags(capsys):
